@@ -1,0 +1,1 @@
+//! End-to-end tests: the test kernel, the host-kernel harness and benchmarks.

@@ -1,0 +1,1 @@
+//! The paravirtual IOMMU: hypercall dispatcher, device domains and backends.

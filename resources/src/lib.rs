@@ -1,0 +1,1 @@
+//! Guest physical layout and allocators (MMIO, GSI, PCI slot, device id).

@@ -1,0 +1,1 @@
+//! The pvmm virtual machine monitor: KVM VM, vCPUs, boot, ACPI, CLI.
