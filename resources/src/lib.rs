@@ -1,1 +1,48 @@
 //! Guest physical layout and allocators (MMIO, GSI, PCI slot, device id).
+//!
+//! [`layout`] says where everything lives in the guest; [`alloc`] hands out
+//! what devices need at run time ([`SystemAllocator`]).
+
+pub mod alloc;
+pub mod layout;
+
+pub use alloc::{BarKind, IdPool, RangeAllocator, SystemAllocator};
+pub use layout::{memory_map, ram_regions, MemoryMapEntry, MemoryType, RamRegion};
+
+/// Errors of the layout and the allocators.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// Guest memory below the minimum.
+    #[error("Memory size {size:#x} is too small: pvmm needs at least {min:#x} bytes")]
+    MemoryTooSmall {
+        /// Requested size.
+        size: u64,
+        /// Minimum.
+        min: u64,
+    },
+    /// Guest memory above the maximum.
+    #[error("Memory size {size:#x} is too large: the guest layout holds at most {max:#x} bytes")]
+    MemoryTooLarge {
+        /// Requested size.
+        size: u64,
+        /// Maximum.
+        max: u64,
+    },
+    /// Guest memory not a whole number of pages.
+    #[error("Memory size {0:#x} is not a multiple of 4 KiB")]
+    MemoryNotPageAligned(u64),
+    /// A range that wraps or is empty.
+    #[error("Invalid range: base {base:#x}, size {size:#x}")]
+    InvalidRange {
+        /// Base.
+        base: u64,
+        /// Size.
+        size: u64,
+    },
+    /// An allocator refused (exhausted, overlap, double free...).
+    #[error("{0} allocator")]
+    Allocator(&'static str, #[source] vm_allocator::Error),
+}
+
+/// Result of this crate.
+pub type Result<T> = std::result::Result<T, Error>;
