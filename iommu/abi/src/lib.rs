@@ -1,3 +1,1298 @@
 //! pvIOMMU guest ABI: typed, no_std definitions of the Hyper-V-compatible hypercall interface.
+//!
+//! One definition per wire format (the contract is `shared/pviommu-abi.md`):
+//! call codes and statuses are newtypes over their integer, register words and
+//! packed id/flag words are `bitfield-struct` types, and memory blocks are
+//! `#[repr(C)]` zerocopy structs built from little-endian byte-order integers,
+//! so every struct is packed (alignment 1, no padding) and little-endian
+//! whatever the host. Layout tests at the end check the size and every field
+//! offset against the contract.
+//!
+//! This crate is shared by the VMM (host) and the test kernel (guest): it has
+//! no `std`, no unsafe code and no dependency beyond zerocopy and
+//! bitfield-struct.
 #![no_std]
 #![forbid(unsafe_code)]
+
+use bitfield_struct::bitfield;
+use core::fmt;
+use core::num::NonZeroU16;
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// Hypercall pages are 4 KiB whatever the guest's page size (HV_HYP_PAGE_SHIFT).
+pub const HV_PAGE_SHIFT: u32 = 12;
+/// Size of a hypercall page in bytes.
+pub const HV_PAGE_SIZE: u64 = 1 << HV_PAGE_SHIFT;
+/// The only partition id accepted: the caller's own partition.
+pub const HV_PARTITION_ID_SELF: u64 = u64::MAX;
+
+/// VMM choice (transport): the port whose `out` is the hypercall.
+pub const HYPERCALL_PORT: u16 = 0xE4;
+/// VMM choice (transport): the bytes overlaid on the hypercall page:
+/// `out 0xE4, al ; ret`.
+pub const HYPERCALL_PAGE_CODE: [u8; 3] = [0xE6, 0xE4, 0xC3];
+/// Length of the `out imm8, al` instruction: the VMM rewinds RIP by this much
+/// to make the guest re-issue a time-sliced rep call.
+pub const HYPERCALL_INSTRUCTION_LEN: u64 = 2;
+
+/// Most MAP_DEVICE_GPA_PAGES reps whose input fits one page:
+/// (4096 - 40) / 8.
+pub const MAP_MAX_REPS_PER_PAGE: u16 = 507;
+/// Most FLUSH_DEVICE_DOMAIN_LIST entries whose input fits one page:
+/// (4096 - 32) / 8.
+pub const FLUSH_LIST_MAX_REPS_PER_PAGE: u16 = 508;
+
+/// CPUID leaves and bits of the Hyper-V discovery interface (contract section 1).
+pub mod cpuid {
+    /// Highest leaf and vendor signature.
+    pub const LEAF_VENDOR: u32 = 0x4000_0000;
+    /// Interface signature.
+    pub const LEAF_INTERFACE: u32 = 0x4000_0001;
+    /// Partition privileges and features.
+    pub const LEAF_FEATURES: u32 = 0x4000_0003;
+    /// Hardware features in use.
+    pub const LEAF_HARDWARE_FEATURES: u32 = 0x4000_0006;
+    /// The lowest value EAX of leaf 0x40000000 may report.
+    pub const MIN_MAX_LEAF: u32 = 0x4000_0006;
+    /// VMM choice: where KVM's own leaves move to.
+    pub const KVM_LEAVES_BASE: u32 = 0x4000_0100;
+    /// "Microsoft Hv" in EBX, ECX, EDX of leaf 0x40000000.
+    pub const VENDOR_EBX: u32 = 0x7263_694d;
+    /// See [`VENDOR_EBX`].
+    pub const VENDOR_ECX: u32 = 0x666f_736f;
+    /// See [`VENDOR_EBX`].
+    pub const VENDOR_EDX: u32 = 0x7648_2074;
+    /// "Hv#1" in EAX of leaf 0x40000001.
+    pub const INTERFACE_EAX: u32 = 0x3123_7648;
+    /// Leaf 0x40000003 EAX: hypercall MSRs available.
+    pub const FEATURES_EAX_HYPERCALL_MSRS: u32 = 1 << 5;
+    /// Leaf 0x40000003 EAX: VP index MSR available.
+    pub const FEATURES_EAX_VP_INDEX: u32 = 1 << 6;
+    /// Leaf 0x40000003 EDX: device domains (S2) available.
+    pub const FEATURES_EDX_DEVICE_DOMAINS: u32 = 1 << 24;
+    /// Leaf 0x40000003 EDX: S1 device domains available.
+    pub const FEATURES_EDX_S1_DEVICE_DOMAINS: u32 = 1 << 25;
+    /// Leaf 0x40000006 EAX: DMA remapping in use.
+    pub const HARDWARE_EAX_DMA_REMAPPING: u32 = 1 << 4;
+}
+
+/// Synthetic MSRs (contract section 2).
+pub mod msr {
+    /// Guest OS id; must be non-zero before the hypercall page is enabled.
+    pub const GUEST_OS_ID: u32 = 0x4000_0000;
+    /// Hypercall page control, see [`super::HypercallMsr`].
+    pub const HYPERCALL: u32 = 0x4000_0001;
+    /// Read-only index of the vCPU.
+    pub const VP_INDEX: u32 = 0x4000_0002;
+}
+
+/// Value of the HYPERCALL MSR.
+#[bitfield(u64)]
+#[derive(PartialEq, Eq)]
+pub struct HypercallMsr {
+    /// Bit 0: the hypercall page is enabled.
+    pub enable: bool,
+    /// Bit 1: the MSR is locked.
+    pub locked: bool,
+    /// Bits 11:2, reserved.
+    #[bits(10)]
+    pub reserved: u16,
+    /// Bits 63:12: guest physical page number of the hypercall page.
+    #[bits(52)]
+    pub gpn: u64,
+}
+
+/// A hypercall call code (input value bits 15:0).
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(transparent)]
+pub struct HypercallCode(pub u16);
+
+impl HypercallCode {
+    /// HvCallCreateDeviceDomain.
+    pub const CREATE_DEVICE_DOMAIN: Self = Self(0x00B1);
+    /// HvCallAttachDeviceDomain.
+    pub const ATTACH_DEVICE_DOMAIN: Self = Self(0x00B2);
+    /// HvCallMapDeviceGpaPages (rep).
+    pub const MAP_DEVICE_GPA_PAGES: Self = Self(0x00B3);
+    /// HvCallUnmapDeviceGpaPages (rep).
+    pub const UNMAP_DEVICE_GPA_PAGES: Self = Self(0x00B4);
+    /// HvCallDetachDeviceDomain.
+    pub const DETACH_DEVICE_DOMAIN: Self = Self(0x00C4);
+    /// HvCallDeleteDeviceDomain.
+    pub const DELETE_DEVICE_DOMAIN: Self = Self(0x00C5);
+    /// HvCallConfigureDeviceDomain.
+    pub const CONFIGURE_DEVICE_DOMAIN: Self = Self(0x00CE);
+    /// HvCallFlushDeviceDomain.
+    pub const FLUSH_DEVICE_DOMAIN: Self = Self(0x00D0);
+    /// HvCallFlushDeviceDomainList (rep).
+    pub const FLUSH_DEVICE_DOMAIN_LIST: Self = Self(0x00D1);
+    /// HvCallGetIommuCapabilities.
+    pub const GET_IOMMU_CAPABILITIES: Self = Self(0x0125);
+    /// HvCallGetLogicalDeviceProperty.
+    pub const GET_LOGICAL_DEVICE_PROPERTY: Self = Self(0x0127);
+
+    /// Every call of the contract.
+    pub const ALL: [Self; 11] = [
+        Self::CREATE_DEVICE_DOMAIN,
+        Self::ATTACH_DEVICE_DOMAIN,
+        Self::MAP_DEVICE_GPA_PAGES,
+        Self::UNMAP_DEVICE_GPA_PAGES,
+        Self::DETACH_DEVICE_DOMAIN,
+        Self::DELETE_DEVICE_DOMAIN,
+        Self::CONFIGURE_DEVICE_DOMAIN,
+        Self::FLUSH_DEVICE_DOMAIN,
+        Self::FLUSH_DEVICE_DOMAIN_LIST,
+        Self::GET_IOMMU_CAPABILITIES,
+        Self::GET_LOGICAL_DEVICE_PROPERTY,
+    ];
+
+    /// The call's name, or `None` for a code the contract does not define.
+    pub const fn name(self) -> Option<&'static str> {
+        Some(match self {
+            Self::CREATE_DEVICE_DOMAIN => "CREATE_DEVICE_DOMAIN",
+            Self::ATTACH_DEVICE_DOMAIN => "ATTACH_DEVICE_DOMAIN",
+            Self::MAP_DEVICE_GPA_PAGES => "MAP_DEVICE_GPA_PAGES",
+            Self::UNMAP_DEVICE_GPA_PAGES => "UNMAP_DEVICE_GPA_PAGES",
+            Self::DETACH_DEVICE_DOMAIN => "DETACH_DEVICE_DOMAIN",
+            Self::DELETE_DEVICE_DOMAIN => "DELETE_DEVICE_DOMAIN",
+            Self::CONFIGURE_DEVICE_DOMAIN => "CONFIGURE_DEVICE_DOMAIN",
+            Self::FLUSH_DEVICE_DOMAIN => "FLUSH_DEVICE_DOMAIN",
+            Self::FLUSH_DEVICE_DOMAIN_LIST => "FLUSH_DEVICE_DOMAIN_LIST",
+            Self::GET_IOMMU_CAPABILITIES => "GET_IOMMU_CAPABILITIES",
+            Self::GET_LOGICAL_DEVICE_PROPERTY => "GET_LOGICAL_DEVICE_PROPERTY",
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Debug for HypercallCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => f.write_str(name),
+            None => write!(f, "HypercallCode({:#06x})", self.0),
+        }
+    }
+}
+
+/// A guest-visible hypercall status (result bits 15:0), SUCCESS included.
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, FromBytes, IntoBytes, Immutable, KnownLayout,
+)]
+#[repr(transparent)]
+pub struct HvStatus(pub u16);
+
+macro_rules! statuses {
+    ($($(#[$doc:meta])* $name:ident = $value:expr,)*) => {
+        impl HvStatus {
+            /// The call succeeded.
+            pub const SUCCESS: Self = Self(0);
+            $($(#[$doc])* pub const $name: Self = Self($value);)*
+
+            /// The status's name, or `None` for a value the contract does not define.
+            pub const fn name(self) -> Option<&'static str> {
+                Some(match self.0 {
+                    0 => "SUCCESS",
+                    $($value => stringify!($name),)*
+                    _ => return None,
+                })
+            }
+        }
+
+        impl HvError {
+            $($(#[$doc])* pub const $name: Self = Self(match NonZeroU16::new($value) {
+                Some(v) => v,
+                None => panic!("error statuses are non-zero"),
+            });)*
+
+            /// Every error status of the contract.
+            pub const ALL: &'static [Self] = &[$(Self::$name,)*];
+        }
+    };
+}
+
+statuses! {
+    /// The call code is not a known hypercall.
+    INVALID_HYPERCALL_CODE = 0x0002,
+    /// The input value (control word) is malformed.
+    INVALID_HYPERCALL_INPUT = 0x0003,
+    /// An input or output block is misaligned or crosses a page.
+    INVALID_ALIGNMENT = 0x0004,
+    /// A parameter is invalid.
+    INVALID_PARAMETER = 0x0005,
+    /// The caller is not allowed to do this.
+    ACCESS_DENIED = 0x0006,
+    /// The partition is not in a state that allows this.
+    INVALID_PARTITION_STATE = 0x0007,
+    /// The operation is not allowed now.
+    OPERATION_DENIED = 0x0008,
+    /// Not enough memory for the request.
+    INSUFFICIENT_MEMORY = 0x000B,
+    /// The partition id is not HV_PARTITION_ID_SELF.
+    INVALID_PARTITION_ID = 0x000D,
+    /// An object was not found.
+    NOT_FOUND = 0x0010,
+    /// Not enough buffers.
+    INSUFFICIENT_BUFFERS = 0x0013,
+    /// The host has no resources left for the request.
+    NO_RESOURCES = 0x001D,
+    /// No more device domains can be created.
+    INSUFFICIENT_DEVICE_DOMAINS = 0x0038,
+    /// The device id is not known.
+    INVALID_DEVICE_ID = 0x0057,
+    /// The device is not in a state that allows this.
+    INVALID_DEVICE_STATE = 0x0058,
+    /// The device is already attached to a domain other than the default.
+    DEVICE_ALREADY_IN_DOMAIN = 0x0066,
+}
+
+impl HvStatus {
+    /// Whether this is SUCCESS.
+    pub const fn is_success(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl fmt::Debug for HvStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => f.write_str(name),
+            None => write!(f, "HvStatus({:#06x})", self.0),
+        }
+    }
+}
+
+impl fmt::Display for HvStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A guest-visible error status: an [`HvStatus`] that is not SUCCESS.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HvError(NonZeroU16);
+
+impl HvError {
+    /// The error as a status word.
+    pub const fn status(self) -> HvStatus {
+        HvStatus(self.0.get())
+    }
+
+    /// The error of a non-success status, `None` for SUCCESS.
+    pub const fn from_status(status: HvStatus) -> Option<Self> {
+        match NonZeroU16::new(status.0) {
+            Some(v) => Some(Self(v)),
+            None => None,
+        }
+    }
+}
+
+impl fmt::Debug for HvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.status(), f)
+    }
+}
+
+impl fmt::Display for HvError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.status(), f)
+    }
+}
+
+impl From<HvError> for HvStatus {
+    fn from(e: HvError) -> Self {
+        e.status()
+    }
+}
+
+impl<T> From<Result<T, HvError>> for HvStatus {
+    fn from(r: Result<T, HvError>) -> Self {
+        match r {
+            Ok(_) => Self::SUCCESS,
+            Err(e) => e.status(),
+        }
+    }
+}
+
+/// The hypercall input value, RCX (contract section 3).
+#[bitfield(u64)]
+#[derive(PartialEq, Eq)]
+pub struct Control {
+    /// Bits 15:0: call code.
+    pub code: u16,
+    /// Bit 16: fast call, input in RDX and R8.
+    pub fast: bool,
+    /// Bits 26:17: variable header size in qwords.
+    #[bits(10)]
+    pub variable_header_size: u16,
+    /// Bits 30:27, reserved.
+    #[bits(4)]
+    pub reserved0: u8,
+    /// Bit 31: nested hypercall.
+    pub nested: bool,
+    /// Bits 43:32: rep count.
+    #[bits(12)]
+    pub rep_count: u16,
+    /// Bits 47:44, reserved.
+    #[bits(4)]
+    pub reserved1: u8,
+    /// Bits 59:48: rep start index.
+    #[bits(12)]
+    pub rep_start: u16,
+    /// Bits 63:60, reserved.
+    #[bits(4)]
+    pub reserved2: u8,
+}
+
+impl Control {
+    /// Mask of the reserved bits (30:27, 47:44, 63:60).
+    pub const RESERVED_MASK: u64 = (0xF << Self::RESERVED0_OFFSET)
+        | (0xF << Self::RESERVED1_OFFSET)
+        | (0xF << Self::RESERVED2_OFFSET);
+
+    /// Whether every reserved bit is zero.
+    pub const fn reserved_clear(self) -> bool {
+        self.0 & Self::RESERVED_MASK == 0
+    }
+
+    /// The call code as a typed value.
+    pub const fn call_code(self) -> HypercallCode {
+        HypercallCode(self.code())
+    }
+}
+
+/// The hypercall result value, RAX (contract section 3).
+#[bitfield(u64)]
+#[derive(PartialEq, Eq)]
+pub struct HypercallOutput {
+    /// Bits 15:0: status.
+    pub status: u16,
+    /// Bits 31:16, reserved.
+    pub reserved0: u16,
+    /// Bits 43:32: reps completed, a total (not relative to rep start).
+    #[bits(12)]
+    pub reps_completed: u16,
+    /// Bits 63:44, reserved.
+    #[bits(20)]
+    pub reserved1: u32,
+}
+
+impl HypercallOutput {
+    /// A result word from a status and a rep total.
+    pub const fn from_status(status: HvStatus, reps_completed: u16) -> Self {
+        Self::new()
+            .with_status(status.0)
+            .with_reps_completed(reps_completed)
+    }
+
+    /// The status as a typed value.
+    pub const fn hv_status(self) -> HvStatus {
+        HvStatus(self.status())
+    }
+}
+
+/// Domain types of [`DeviceDomainId::domain_type`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceDomainType(pub u8);
+
+impl DeviceDomainType {
+    /// Second-stage (guest maps IOVA pages to GPAs with hypercalls).
+    pub const S2: Self = Self(0);
+    /// First-stage (guest-owned x86-64 page table).
+    pub const S1: Self = Self(1);
+    /// SoC domain (not offered by this VMM).
+    pub const SOC: Self = Self(2);
+
+    /// bitfield-struct conversion.
+    pub const fn from_bits(v: u8) -> Self {
+        Self(v)
+    }
+    /// bitfield-struct conversion.
+    pub const fn into_bits(self) -> u8 {
+        self.0
+    }
+}
+
+impl fmt::Debug for DeviceDomainType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Self::S2 => f.write_str("S2"),
+            Self::S1 => f.write_str("S1"),
+            Self::SOC => f.write_str("SOC"),
+            Self(v) => write!(f, "DeviceDomainType({v})"),
+        }
+    }
+}
+
+/// `hv_device_domain_id` (contract section 4).
+#[bitfield(u64)]
+#[derive(PartialEq, Eq, Hash)]
+pub struct DeviceDomainId {
+    /// Bits 3:0: domain type.
+    #[bits(4)]
+    pub domain_type: DeviceDomainType,
+    /// Bits 31:4, reserved.
+    #[bits(28)]
+    pub reserved: u32,
+    /// Bits 63:32: domain id.
+    pub id: u32,
+}
+
+impl DeviceDomainId {
+    /// Id of the default (identity) domain.
+    pub const ID_DEFAULT: u32 = 0;
+    /// Id of the null (blocking) domain.
+    pub const ID_NULL: u32 = 0xFFFF_FFFF;
+
+    /// A domain id word from its type and id.
+    pub const fn with(domain_type: DeviceDomainType, id: u32) -> Self {
+        Self::new().with_domain_type(domain_type).with_id(id)
+    }
+}
+
+/// Device types of [`DeviceId::device_type`].
+pub mod device_type {
+    /// Logical device.
+    pub const LOGICAL: u8 = 0;
+    /// PCI device (the form this VMM uses).
+    pub const PCI: u8 = 1;
+    /// IOAPIC.
+    pub const IOAPIC: u8 = 2;
+    /// ACPI device.
+    pub const ACPI: u8 = 3;
+}
+
+/// PCI requester id (bus/device/function).
+#[bitfield(u16)]
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PciRid {
+    /// Bits 2:0: function.
+    #[bits(3)]
+    pub function: u8,
+    /// Bits 7:3: device.
+    #[bits(5)]
+    pub device: u8,
+    /// Bits 15:8: bus.
+    pub bus: u8,
+}
+
+/// `hv_device_id` in its PCI form (contract section 4). VMM choice: devices
+/// are named by this form with every other field zero.
+#[bitfield(u64)]
+#[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DeviceId {
+    /// Bits 15:0: requester id.
+    #[bits(16)]
+    pub rid: PciRid,
+    /// Bits 31:16: PCI segment.
+    pub segment: u16,
+    /// Bits 47:32: shadow bus range (unused here, zero).
+    pub shadow_bus_range: u16,
+    /// Bits 49:48: phantom function bits (unused here, zero).
+    #[bits(2)]
+    pub phantom_function_bits: u8,
+    /// Bit 50: source shadow (unused here, zero).
+    pub source_shadow: bool,
+    /// Bits 61:51, reserved.
+    #[bits(11)]
+    pub reserved: u16,
+    /// Bits 63:62: device type, see [`device_type`].
+    #[bits(2)]
+    pub device_type: u8,
+}
+
+impl DeviceId {
+    /// The PCI form of a device id.
+    pub const fn pci(segment: u16, bus: u8, device: u8, function: u8) -> Self {
+        Self::new()
+            .with_device_type(device_type::PCI)
+            .with_segment(segment)
+            .with_rid(
+                PciRid::new()
+                    .with_bus(bus)
+                    .with_device(device & 0x1F)
+                    .with_function(function & 0x7),
+            )
+    }
+}
+
+/// `iommu_cap` bits of [`OutputGetIommuCapabilities`].
+#[bitfield(u64)]
+#[derive(PartialEq, Eq)]
+pub struct IommuCapabilities {
+    /// Bit 0: an IOMMU is present.
+    pub present: bool,
+    /// Bit 1: S2 device domains.
+    pub s2: bool,
+    /// Bit 2: S1 device domains.
+    pub s1: bool,
+    /// Bit 3: 5-level S1 page tables.
+    pub s1_5lvl: bool,
+    /// Bit 4: PASID.
+    pub pasid: bool,
+    /// Bit 5: ATS.
+    pub ats: bool,
+    /// Bit 6: PRI.
+    pub pri: bool,
+    /// Bits 63:7, reserved.
+    #[bits(57)]
+    pub reserved: u64,
+}
+
+/// Property codes of GET_LOGICAL_DEVICE_PROPERTY.
+pub mod device_property {
+    /// Whether the device is behind the pvIOMMU.
+    pub const PVIOMMU: u32 = 10;
+}
+
+/// `device_iommu` of [`OutputGetLogicalDeviceProperty`].
+#[bitfield(u64)]
+#[derive(PartialEq, Eq)]
+pub struct DeviceIommuProperty {
+    /// Bit 0: the device is behind the pvIOMMU.
+    pub enabled: bool,
+    /// Bits 63:1, reserved.
+    #[bits(63)]
+    pub reserved: u64,
+}
+
+/// `hv_input_vtl`, as in owner_vtl and target_vtl.
+#[bitfield(u8)]
+#[derive(PartialEq, Eq)]
+pub struct InputVtl {
+    /// Bits 3:0: target VTL.
+    #[bits(4)]
+    pub target_vtl: u8,
+    /// Bit 4: use target_vtl rather than the caller's VTL.
+    pub use_target_vtl: bool,
+    /// Bits 7:5, reserved.
+    #[bits(3)]
+    pub reserved: u8,
+}
+
+impl InputVtl {
+    /// Whether this names VTL 0, the only VTL of this VMM: either "the
+    /// caller's VTL" (zero) or an explicit target VTL 0.
+    pub const fn is_vtl0(self) -> bool {
+        self.0 == 0 || self.0 == Self::new().with_use_target_vtl(true).0
+    }
+}
+
+/// Flags of CREATE_DEVICE_DOMAIN.
+#[bitfield(u32)]
+#[derive(PartialEq, Eq)]
+pub struct CreateDeviceDomainFlags {
+    /// Bit 0: forward progress required.
+    pub forward_progress_required: bool,
+    /// Bit 1: inherit the owning VTL.
+    pub inherit_owning_vtl: bool,
+    /// Bits 31:2, reserved.
+    #[bits(30)]
+    pub reserved: u32,
+}
+
+/// Flags of CONFIGURE_DEVICE_DOMAIN.
+#[bitfield(u64)]
+#[derive(PartialEq, Eq)]
+pub struct DeviceDomainSettingsFlags {
+    /// Bit 0: first-stage translation enabled.
+    pub translation_enabled: bool,
+    /// Bit 1: all DMA blocked.
+    pub blocked: bool,
+    /// Bit 2: first-stage paging mode, 0 = 4-level, 1 = 5-level.
+    pub first_stage_paging_mode: bool,
+    /// Bits 63:3, reserved.
+    #[bits(61)]
+    pub reserved: u64,
+}
+
+/// `map_flags` of MAP_DEVICE_GPA_PAGES.
+#[bitfield(u32)]
+#[derive(PartialEq, Eq)]
+pub struct MapFlags {
+    /// 0x1: the device may read.
+    pub readable: bool,
+    /// 0x2: the device may write.
+    pub writable: bool,
+    /// 0x4: kernel execute (accepted, no meaning for DMA).
+    pub kernel_exec: bool,
+    /// 0x8: user execute (accepted, no meaning for DMA).
+    pub user_exec: bool,
+    /// Bits 31:4, reserved.
+    #[bits(28)]
+    pub reserved: u32,
+}
+
+/// Flags of FLUSH_DEVICE_DOMAIN_LIST.
+#[bitfield(u32)]
+#[derive(PartialEq, Eq)]
+pub struct FlushListFlags {
+    /// Bit 0: entries are in IOMMU format.
+    pub iommu_format: bool,
+    /// Bits 31:1, reserved.
+    #[bits(31)]
+    pub reserved: u32,
+}
+
+/// One FLUSH_DEVICE_DOMAIN_LIST entry: a naturally aligned block of
+/// 2^page_mask_shift pages.
+#[bitfield(u64)]
+#[derive(PartialEq, Eq)]
+pub struct FlushListEntry {
+    /// Bits 11:0: log2 of the block's page count.
+    #[bits(12)]
+    pub page_mask_shift: u16,
+    /// Bits 63:12: first page number of the block.
+    #[bits(52)]
+    pub page_number: u64,
+}
+
+/// `hv_input_device_domain`, the header of most calls (24 bytes).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputDeviceDomain {
+    /// Must be [`HV_PARTITION_ID_SELF`].
+    pub partition_id: U64,
+    /// [`InputVtl`] of the owner.
+    pub owner_vtl: u8,
+    /// Must be zero.
+    pub padding: [u8; 7],
+    /// [`DeviceDomainId`].
+    pub domain_id: U64,
+}
+
+impl InputDeviceDomain {
+    /// A header for the caller's own partition and VTL.
+    pub fn new(domain: DeviceDomainId) -> Self {
+        Self {
+            partition_id: U64::new(HV_PARTITION_ID_SELF),
+            owner_vtl: 0,
+            padding: [0; 7],
+            domain_id: U64::new(domain.into_bits()),
+        }
+    }
+
+    /// The domain id word.
+    pub fn domain(&self) -> DeviceDomainId {
+        DeviceDomainId::from_bits(self.domain_id.get())
+    }
+
+    /// The owner VTL byte.
+    pub fn owner_vtl(&self) -> InputVtl {
+        InputVtl::from_bits(self.owner_vtl)
+    }
+}
+
+/// GET_IOMMU_CAPABILITIES input (16 bytes).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputGetIommuCapabilities {
+    /// Must be [`HV_PARTITION_ID_SELF`].
+    pub partition_id: U64,
+    /// Must be zero.
+    pub reserved: U64,
+}
+
+/// GET_IOMMU_CAPABILITIES output (24 bytes).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct OutputGetIommuCapabilities {
+    /// Size of this structure in bytes.
+    pub size: U32,
+    /// Zero.
+    pub reserved: U16,
+    /// Width of the device address space (IOVA) in bits.
+    pub max_iova_width: u8,
+    /// Width of PASIDs in bits (0: no PASID).
+    pub max_pasid_width: u8,
+    /// [`IommuCapabilities`].
+    pub iommu_cap: U64,
+    /// Supported page sizes (bit n: 2^n bytes).
+    pub pgsize_bitmap: U64,
+}
+
+/// GET_LOGICAL_DEVICE_PROPERTY input (24 bytes).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputGetLogicalDeviceProperty {
+    /// Must be [`HV_PARTITION_ID_SELF`].
+    pub partition_id: U64,
+    /// [`DeviceId`].
+    pub logical_device_id: U64,
+    /// Property code, see [`device_property`].
+    pub code: U32,
+    /// Must be zero.
+    pub reserved: U32,
+}
+
+/// GET_LOGICAL_DEVICE_PROPERTY output (16 bytes).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct OutputGetLogicalDeviceProperty {
+    /// [`DeviceIommuProperty`].
+    pub device_iommu: U64,
+    /// Zero.
+    pub reserved: U64,
+}
+
+/// CREATE_DEVICE_DOMAIN input (28 bytes).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputCreateDeviceDomain {
+    /// Partition, owner VTL and the new domain's id.
+    pub device_domain: InputDeviceDomain,
+    /// [`CreateDeviceDomainFlags`].
+    pub create_device_domain_flags: U32,
+}
+
+/// DELETE_DEVICE_DOMAIN input (24 bytes).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputDeleteDeviceDomain {
+    /// Partition, owner VTL and domain.
+    pub device_domain: InputDeviceDomain,
+}
+
+/// ATTACH_DEVICE_DOMAIN input (32 bytes).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputAttachDeviceDomain {
+    /// Partition, owner VTL and domain.
+    pub device_domain: InputDeviceDomain,
+    /// [`DeviceId`].
+    pub device_id: U64,
+}
+
+/// DETACH_DEVICE_DOMAIN input (16 bytes).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputDetachDeviceDomain {
+    /// Must be [`HV_PARTITION_ID_SELF`].
+    pub partition_id: U64,
+    /// [`DeviceId`].
+    pub device_id: U64,
+}
+
+/// `hv_device_domain_settings` (16 bytes).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct DeviceDomainSettings {
+    /// [`DeviceDomainSettingsFlags`].
+    pub flags: U64,
+    /// GPA of the top-level first-stage table.
+    pub page_table_root: U64,
+}
+
+/// CONFIGURE_DEVICE_DOMAIN input (40 bytes).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputConfigureDeviceDomain {
+    /// Partition, owner VTL and domain.
+    pub device_domain: InputDeviceDomain,
+    /// Flags and page-table root.
+    pub settings: DeviceDomainSettings,
+}
+
+/// MAP_DEVICE_GPA_PAGES input header (40 bytes), followed by one u64 guest
+/// page number per rep.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputMapDeviceGpaPages {
+    /// Partition, owner VTL and domain.
+    pub device_domain: InputDeviceDomain,
+    /// [`InputVtl`] of the mapping.
+    pub target_vtl: u8,
+    /// Must be zero.
+    pub padding: [u8; 3],
+    /// [`MapFlags`].
+    pub map_flags: U32,
+    /// IOVA of rep 0; rep i maps base + i * 4 KiB.
+    pub target_device_va_base: U64,
+}
+
+/// UNMAP_DEVICE_GPA_PAGES input (32 bytes); the rep count is the page count.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputUnmapDeviceGpaPages {
+    /// Partition, owner VTL and domain.
+    pub device_domain: InputDeviceDomain,
+    /// IOVA of rep 0; rep i unmaps base + i * 4 KiB.
+    pub target_device_va_base: U64,
+}
+
+/// FLUSH_DEVICE_DOMAIN input (32 bytes).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputFlushDeviceDomain {
+    /// Partition, owner VTL and domain.
+    pub device_domain: InputDeviceDomain,
+    /// No flags are defined: must be zero.
+    pub flags: U32,
+    /// Must be zero.
+    pub reserved: U32,
+}
+
+/// FLUSH_DEVICE_DOMAIN_LIST input header (32 bytes), followed by one
+/// [`FlushListEntry`] per rep.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputFlushDeviceDomainList {
+    /// Partition, owner VTL and domain.
+    pub device_domain: InputDeviceDomain,
+    /// [`FlushListFlags`].
+    pub flags: U32,
+    /// Must be zero.
+    pub reserved: U32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::{offset_of, size_of};
+    use zerocopy::FromZeros;
+
+    #[test]
+    fn struct_layouts_match_the_contract() {
+        assert_eq!(size_of::<InputDeviceDomain>(), 24);
+        assert_eq!(offset_of!(InputDeviceDomain, partition_id), 0);
+        assert_eq!(offset_of!(InputDeviceDomain, owner_vtl), 8);
+        assert_eq!(offset_of!(InputDeviceDomain, padding), 9);
+        assert_eq!(offset_of!(InputDeviceDomain, domain_id), 16);
+
+        assert_eq!(size_of::<InputGetIommuCapabilities>(), 16);
+        assert_eq!(offset_of!(InputGetIommuCapabilities, partition_id), 0);
+        assert_eq!(offset_of!(InputGetIommuCapabilities, reserved), 8);
+
+        assert_eq!(size_of::<OutputGetIommuCapabilities>(), 24);
+        assert_eq!(offset_of!(OutputGetIommuCapabilities, size), 0);
+        assert_eq!(offset_of!(OutputGetIommuCapabilities, reserved), 4);
+        assert_eq!(offset_of!(OutputGetIommuCapabilities, max_iova_width), 6);
+        assert_eq!(offset_of!(OutputGetIommuCapabilities, max_pasid_width), 7);
+        assert_eq!(offset_of!(OutputGetIommuCapabilities, iommu_cap), 8);
+        assert_eq!(offset_of!(OutputGetIommuCapabilities, pgsize_bitmap), 16);
+
+        assert_eq!(size_of::<InputGetLogicalDeviceProperty>(), 24);
+        assert_eq!(offset_of!(InputGetLogicalDeviceProperty, partition_id), 0);
+        assert_eq!(
+            offset_of!(InputGetLogicalDeviceProperty, logical_device_id),
+            8
+        );
+        assert_eq!(offset_of!(InputGetLogicalDeviceProperty, code), 16);
+        assert_eq!(offset_of!(InputGetLogicalDeviceProperty, reserved), 20);
+
+        assert_eq!(size_of::<OutputGetLogicalDeviceProperty>(), 16);
+        assert_eq!(offset_of!(OutputGetLogicalDeviceProperty, device_iommu), 0);
+        assert_eq!(offset_of!(OutputGetLogicalDeviceProperty, reserved), 8);
+
+        assert_eq!(size_of::<InputCreateDeviceDomain>(), 28);
+        assert_eq!(offset_of!(InputCreateDeviceDomain, device_domain), 0);
+        assert_eq!(
+            offset_of!(InputCreateDeviceDomain, create_device_domain_flags),
+            24
+        );
+
+        assert_eq!(size_of::<InputDeleteDeviceDomain>(), 24);
+        assert_eq!(offset_of!(InputDeleteDeviceDomain, device_domain), 0);
+
+        assert_eq!(size_of::<InputAttachDeviceDomain>(), 32);
+        assert_eq!(offset_of!(InputAttachDeviceDomain, device_domain), 0);
+        assert_eq!(offset_of!(InputAttachDeviceDomain, device_id), 24);
+
+        assert_eq!(size_of::<InputDetachDeviceDomain>(), 16);
+        assert_eq!(offset_of!(InputDetachDeviceDomain, partition_id), 0);
+        assert_eq!(offset_of!(InputDetachDeviceDomain, device_id), 8);
+
+        assert_eq!(size_of::<DeviceDomainSettings>(), 16);
+        assert_eq!(offset_of!(DeviceDomainSettings, flags), 0);
+        assert_eq!(offset_of!(DeviceDomainSettings, page_table_root), 8);
+
+        assert_eq!(size_of::<InputConfigureDeviceDomain>(), 40);
+        assert_eq!(offset_of!(InputConfigureDeviceDomain, device_domain), 0);
+        assert_eq!(offset_of!(InputConfigureDeviceDomain, settings), 24);
+        assert_eq!(
+            offset_of!(InputConfigureDeviceDomain, settings)
+                + offset_of!(DeviceDomainSettings, page_table_root),
+            32
+        );
+
+        assert_eq!(size_of::<InputMapDeviceGpaPages>(), 40);
+        assert_eq!(offset_of!(InputMapDeviceGpaPages, device_domain), 0);
+        assert_eq!(offset_of!(InputMapDeviceGpaPages, target_vtl), 24);
+        assert_eq!(offset_of!(InputMapDeviceGpaPages, padding), 25);
+        assert_eq!(offset_of!(InputMapDeviceGpaPages, map_flags), 28);
+        assert_eq!(
+            offset_of!(InputMapDeviceGpaPages, target_device_va_base),
+            32
+        );
+
+        assert_eq!(size_of::<InputUnmapDeviceGpaPages>(), 32);
+        assert_eq!(offset_of!(InputUnmapDeviceGpaPages, device_domain), 0);
+        assert_eq!(
+            offset_of!(InputUnmapDeviceGpaPages, target_device_va_base),
+            24
+        );
+
+        assert_eq!(size_of::<InputFlushDeviceDomain>(), 32);
+        assert_eq!(offset_of!(InputFlushDeviceDomain, device_domain), 0);
+        assert_eq!(offset_of!(InputFlushDeviceDomain, flags), 24);
+        assert_eq!(offset_of!(InputFlushDeviceDomain, reserved), 28);
+
+        assert_eq!(size_of::<InputFlushDeviceDomainList>(), 32);
+        assert_eq!(offset_of!(InputFlushDeviceDomainList, device_domain), 0);
+        assert_eq!(offset_of!(InputFlushDeviceDomainList, flags), 24);
+        assert_eq!(offset_of!(InputFlushDeviceDomainList, reserved), 28);
+    }
+
+    #[test]
+    fn rep_lists_fill_exactly_one_page() {
+        let map = size_of::<InputMapDeviceGpaPages>() as u64 + MAP_MAX_REPS_PER_PAGE as u64 * 8;
+        assert_eq!(map, HV_PAGE_SIZE);
+        let flush = size_of::<InputFlushDeviceDomainList>() as u64
+            + FLUSH_LIST_MAX_REPS_PER_PAGE as u64 * 8;
+        assert_eq!(flush, HV_PAGE_SIZE);
+    }
+
+    #[test]
+    fn structs_are_packed_and_little_endian() {
+        let mut input = InputMapDeviceGpaPages::new_zeroed();
+        input.device_domain = InputDeviceDomain::new(DeviceDomainId::with(DeviceDomainType::S1, 7));
+        input.map_flags = U32::new(0x0302_0100);
+        input.target_device_va_base = U64::new(0x1122_3344_5566_7788);
+        let bytes = input.as_bytes();
+        assert_eq!(&bytes[0..8], &[0xFF; 8]);
+        assert_eq!(&bytes[16..24], &[1, 0, 0, 0, 7, 0, 0, 0]);
+        assert_eq!(&bytes[28..32], &[0, 1, 2, 3]);
+        assert_eq!(
+            &bytes[32..40],
+            &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]
+        );
+        assert_eq!(core::mem::align_of::<InputMapDeviceGpaPages>(), 1);
+        assert_eq!(core::mem::align_of::<InputCreateDeviceDomain>(), 1);
+    }
+
+    #[test]
+    fn control_word_fields() {
+        let c = Control::new()
+            .with_code(0x00B3)
+            .with_fast(true)
+            .with_variable_header_size(0x3FF)
+            .with_nested(true)
+            .with_rep_count(0xABC)
+            .with_rep_start(0x123);
+        assert_eq!(
+            c.into_bits(),
+            0x00B3 | 1 << 16 | 0x3FF << 17 | 1 << 31 | 0xABC << 32 | 0x123 << 48
+        );
+        assert!(c.reserved_clear());
+        assert_eq!(c.call_code(), HypercallCode::MAP_DEVICE_GPA_PAGES);
+        for bit in (27..=30).chain(44..=47).chain(60..=63) {
+            assert!(!Control::from_bits(1 << bit).reserved_clear(), "bit {bit}");
+        }
+        assert_eq!(
+            Control::RESERVED_MASK,
+            0xF << 27 | 0xF << 44 | 0xF << 60,
+            "reserved bits are 30:27, 47:44, 63:60"
+        );
+    }
+
+    #[test]
+    fn result_word_fields() {
+        let r = HypercallOutput::from_status(HvStatus::INVALID_PARAMETER, 0xFFF);
+        assert_eq!(r.into_bits(), 5 | 0xFFF << 32);
+        assert_eq!(r.hv_status(), HvStatus::INVALID_PARAMETER);
+    }
+
+    #[test]
+    fn id_words() {
+        let d = DeviceDomainId::with(DeviceDomainType::S1, 0xFFFF_FFFF);
+        assert_eq!(d.into_bits(), 0xFFFF_FFFF_0000_0001);
+        assert_eq!(DeviceDomainId::from_bits(0x10).reserved(), 1);
+        assert_eq!(
+            DeviceDomainId::from_bits(0xF).domain_type(),
+            DeviceDomainType(0xF)
+        );
+
+        let dev = DeviceId::pci(0x1234, 0xAB, 0x1F, 7);
+        assert_eq!(
+            dev.into_bits(),
+            1 << 62 | 0x1234 << 16 | 0xAB << 8 | 0x1F << 3 | 7
+        );
+        assert_eq!(dev.rid().bus(), 0xAB);
+        assert_eq!(dev.rid().device(), 0x1F);
+        assert_eq!(dev.rid().function(), 7);
+        assert_eq!(
+            DeviceId::from_bits(3 << 62).device_type(),
+            device_type::ACPI
+        );
+
+        let e = FlushListEntry::new()
+            .with_page_mask_shift(9)
+            .with_page_number(0x200);
+        assert_eq!(e.into_bits(), 0x200 << 12 | 9);
+    }
+
+    #[test]
+    fn flag_words() {
+        assert_eq!(MapFlags::new().with_readable(true).into_bits(), 0x1);
+        assert_eq!(MapFlags::new().with_writable(true).into_bits(), 0x2);
+        assert_eq!(MapFlags::new().with_kernel_exec(true).into_bits(), 0x4);
+        assert_eq!(MapFlags::new().with_user_exec(true).into_bits(), 0x8);
+        assert_eq!(MapFlags::from_bits(0x10).reserved(), 1);
+        let s = DeviceDomainSettingsFlags::new()
+            .with_translation_enabled(true)
+            .with_blocked(true)
+            .with_first_stage_paging_mode(true);
+        assert_eq!(s.into_bits(), 0b111);
+        let caps = IommuCapabilities::new()
+            .with_present(true)
+            .with_s2(true)
+            .with_s1(true)
+            .with_s1_5lvl(true)
+            .with_pasid(true)
+            .with_ats(true)
+            .with_pri(true);
+        assert_eq!(caps.into_bits(), 0x7F);
+        assert_eq!(CreateDeviceDomainFlags::from_bits(0b11).reserved(), 0);
+        assert_eq!(CreateDeviceDomainFlags::from_bits(0b100).reserved(), 1);
+        assert_eq!(FlushListFlags::from_bits(1).reserved(), 0);
+        assert_eq!(DeviceIommuProperty::new().with_enabled(true).into_bits(), 1);
+        let msr = HypercallMsr::new().with_enable(true).with_gpn(0x1234);
+        assert_eq!(msr.into_bits(), 0x1234 << 12 | 1);
+        assert!(InputVtl::from_bits(0).is_vtl0());
+        assert!(InputVtl::from_bits(0x10).is_vtl0());
+        assert!(!InputVtl::from_bits(0x11).is_vtl0());
+        assert!(!InputVtl::from_bits(0x20).is_vtl0());
+    }
+
+    #[test]
+    fn codes_and_statuses() {
+        assert_eq!(HypercallCode::GET_IOMMU_CAPABILITIES.0, 0x0125);
+        assert_eq!(HypercallCode::GET_LOGICAL_DEVICE_PROPERTY.0, 0x0127);
+        assert_eq!(HypercallCode::CREATE_DEVICE_DOMAIN.0, 0x00B1);
+        assert_eq!(HypercallCode::DELETE_DEVICE_DOMAIN.0, 0x00C5);
+        assert_eq!(HypercallCode::ATTACH_DEVICE_DOMAIN.0, 0x00B2);
+        assert_eq!(HypercallCode::DETACH_DEVICE_DOMAIN.0, 0x00C4);
+        assert_eq!(HypercallCode::CONFIGURE_DEVICE_DOMAIN.0, 0x00CE);
+        assert_eq!(HypercallCode::MAP_DEVICE_GPA_PAGES.0, 0x00B3);
+        assert_eq!(HypercallCode::UNMAP_DEVICE_GPA_PAGES.0, 0x00B4);
+        assert_eq!(HypercallCode::FLUSH_DEVICE_DOMAIN.0, 0x00D0);
+        assert_eq!(HypercallCode::FLUSH_DEVICE_DOMAIN_LIST.0, 0x00D1);
+        for code in HypercallCode::ALL {
+            assert!(code.name().is_some());
+        }
+        assert_eq!(HypercallCode(0x0001).name(), None);
+
+        let expected: [(HvStatus, u16); 17] = [
+            (HvStatus::SUCCESS, 0),
+            (HvStatus::INVALID_HYPERCALL_CODE, 2),
+            (HvStatus::INVALID_HYPERCALL_INPUT, 3),
+            (HvStatus::INVALID_ALIGNMENT, 4),
+            (HvStatus::INVALID_PARAMETER, 5),
+            (HvStatus::ACCESS_DENIED, 6),
+            (HvStatus::INVALID_PARTITION_STATE, 7),
+            (HvStatus::OPERATION_DENIED, 8),
+            (HvStatus::INSUFFICIENT_MEMORY, 0xB),
+            (HvStatus::INVALID_PARTITION_ID, 0xD),
+            (HvStatus::NOT_FOUND, 0x10),
+            (HvStatus::INSUFFICIENT_BUFFERS, 0x13),
+            (HvStatus::NO_RESOURCES, 0x1D),
+            (HvStatus::INSUFFICIENT_DEVICE_DOMAINS, 0x38),
+            (HvStatus::INVALID_DEVICE_ID, 0x57),
+            (HvStatus::INVALID_DEVICE_STATE, 0x58),
+            (HvStatus::DEVICE_ALREADY_IN_DOMAIN, 0x66),
+        ];
+        for (status, value) in expected {
+            assert_eq!(status.0, value);
+            assert!(status.name().is_some());
+        }
+        assert_eq!(HvError::ALL.len(), 16);
+        for e in HvError::ALL {
+            assert_eq!(HvError::from_status(e.status()), Some(*e));
+            assert_eq!(e.status().name(), HvStatus::from(Err::<(), _>(*e)).name());
+        }
+        assert_eq!(HvError::from_status(HvStatus::SUCCESS), None);
+        assert_eq!(HvError::NO_RESOURCES.status(), HvStatus::NO_RESOURCES);
+    }
+}
