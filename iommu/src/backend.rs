@@ -1,0 +1,270 @@
+//! The interface between the domain layer and whatever really translates DMA:
+//! the software model (emulated devices), IOMMUFD (passthrough devices), or a
+//! test double.
+//!
+//! # Who holds what
+//!
+//! The domain layer ([`crate::Iommu`]) keeps the authoritative state of every
+//! guest domain (its runs, its S1 settings, its devices) and validates every
+//! guest request before a backend hears of it. A backend only mirrors the
+//! domains that one of *its* devices is attached to:
+//!
+//! - every device is registered with exactly one backend (emulated devices
+//!   with the software backend, VFIO devices with the IOMMUFD backend);
+//! - when the first device of backend B attaches to guest domain D, the domain
+//!   layer calls `B.create_domain(D)`, replays D's state into it (one
+//!   [`Backend::map`] per run, or [`Backend::set_s1`]) and then
+//!   [`Backend::attach`]es the device; when B's last device leaves D, it calls
+//!   `B.destroy_domain(D)`;
+//! - while D is instantiated in several backends, every map, unmap, S1 change
+//!   and invalidation fans out to each of them, in the order the guest asked.
+//!
+//! So a VM with both emulated and passthrough devices, even in the same guest
+//! domain, needs nothing special, and a domain no device uses costs no host
+//! work at all.
+//!
+//! # Runs
+//!
+//! A [`MapRun`] is a range contiguous in IOVA and in GPA with one set of
+//! permissions, lying inside one guest RAM region (so a backend that maps host
+//! virtual memory can map it with one host call). The domain layer issues one
+//! `map` per run: a MAP_DEVICE_GPA_PAGES of 507 pages contiguous in IOVA and
+//! GPA is one `map` call per backend instance.
+//!
+//! Backends never split mappings (IOMMUFD's IOAS_UNMAP cannot: it answers
+//! ENOENT on a partial overlap). `unmap` is only ever given a run exactly as it
+//! was given to `map`. When the guest unmaps part of a run, the domain layer
+//! calls [`Backend::unmap_keep`] with the whole run and the pieces that stay
+//! mapped; its default implementation unmaps the run and maps the pieces
+//! again, a backend that can split atomically overrides it. Either way, when
+//! the call returns no page the guest unmapped is mapped and every page it
+//! still maps is.
+//!
+//! # Calls and concurrency
+//!
+//! The domain layer calls a backend with its own lock held, so calls about one
+//! VM are serialized and ordered; a backend needs interior mutability only for
+//! the state it shares with its data path (the software backend's translate).
+//! Backend methods must not call back into [`crate::Iommu`].
+//!
+//! # Errors
+//!
+//! A backend error reaches the guest as NO_RESOURCES (the host could not do
+//! it). A failed `map` leaves the run unmapped in every backend (the domain
+//! layer undoes the instances that succeeded) and the rep that started the run
+//! is the failing rep. A failed `unmap`, `unmap_keep`, `invalidate`, `attach`
+//! or `destroy_domain` cannot be undone: the domain layer records it in
+//! [`crate::IommuStats::backend_errors`], logs it, still applies the guest's
+//! request to its own state and reports NO_RESOURCES; the backend is expected
+//! to fail closed (leave the device blocked rather than mapped).
+
+use pviommu_abi::DeviceId;
+
+/// A guest domain as backends name it: the 32-bit id of `hv_device_domain_id`.
+/// Ids 0 (default) and 0xFFFF_FFFF (null) never reach a backend as a domain;
+/// they are [`AttachTarget::Identity`] and [`AttachTarget::Blocked`].
+pub type DomainId = u32;
+
+/// Host-side failure of a backend operation.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The host ran out of a resource (memory, IOAS, domain ids).
+    #[error("Host IOMMU resources exhausted")]
+    NoResources,
+    /// The domain is not instantiated in this backend.
+    #[error("Domain {0} is not known to this backend")]
+    UnknownDomain(DomainId),
+    /// The device is not registered with this backend.
+    #[error("Device {0:#x} is not known to this backend")]
+    UnknownDevice(u64),
+    /// The operation is not supported by this backend (for example S1 on a
+    /// host without nesting).
+    #[error("Operation not supported by this backend")]
+    Unsupported,
+    /// A host call failed.
+    #[error("Host IOMMU operation failed")]
+    Host(#[source] std::io::Error),
+}
+
+/// The kind of a guest device domain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DomainKind {
+    /// The guest maps IOVA pages to GPAs with MAP/UNMAP hypercalls.
+    S2,
+    /// The guest owns a first-stage x86-64 page table (CONFIGURE).
+    S1,
+}
+
+/// DMA permissions of a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Perms {
+    /// The device may read.
+    pub read: bool,
+    /// The device may write.
+    pub write: bool,
+}
+
+impl Perms {
+    /// Read-only.
+    pub const R: Self = Self {
+        read: true,
+        write: false,
+    };
+    /// Read and write.
+    pub const RW: Self = Self {
+        read: true,
+        write: true,
+    };
+}
+
+/// A mapping contiguous in IOVA and GPA with one set of permissions, inside
+/// one guest RAM region. `iova`, `gpa` and `len` are multiples of 4 KiB,
+/// `len > 0`, and neither range wraps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct MapRun {
+    /// First device address.
+    pub iova: u64,
+    /// First guest physical address.
+    pub gpa: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// What the device may do.
+    pub perms: Perms,
+}
+
+impl MapRun {
+    /// One past the last IOVA.
+    pub fn iova_end(&self) -> u64 {
+        self.iova + self.len
+    }
+
+    /// Number of 4 KiB pages.
+    pub fn pages(&self) -> u64 {
+        self.len >> pviommu_abi::HV_PAGE_SHIFT
+    }
+}
+
+/// First-stage paging depth.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PagingLevels {
+    /// 4-level, 48-bit IOVA.
+    Four,
+    /// 5-level, 57-bit IOVA.
+    Five,
+}
+
+/// The S1 settings of a domain (CONFIGURE_DEVICE_DOMAIN), already validated:
+/// if `translation_enabled`, `root` is a page-aligned GPA in guest RAM.
+/// A domain that is blocked or has translation disabled blocks all DMA.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct S1Config {
+    /// GPA of the top-level table.
+    pub root: u64,
+    /// 4- or 5-level.
+    pub levels: PagingLevels,
+    /// Translation through the guest's table is on.
+    pub translation_enabled: bool,
+    /// All DMA is blocked.
+    pub blocked: bool,
+}
+
+impl S1Config {
+    /// The settings of an S1 domain the guest has not configured yet: blocked.
+    pub const UNCONFIGURED: Self = Self {
+        root: 0,
+        levels: PagingLevels::Four,
+        translation_enabled: false,
+        blocked: false,
+    };
+
+    /// Whether DMA through this domain can succeed at all.
+    pub fn translates(&self) -> bool {
+        self.translation_enabled && !self.blocked
+    }
+}
+
+/// Where a device's DMA goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AttachTarget {
+    /// The default domain (id 0): IOVA = GPA, guest RAM only.
+    Identity,
+    /// The null domain (id 0xFFFF_FFFF): everything blocked.
+    Blocked,
+    /// A guest device domain instantiated in this backend.
+    Domain(DomainId),
+}
+
+/// What to invalidate in a domain's IOTLB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Invalidation {
+    /// Every cached translation of the domain.
+    All,
+    /// The cached translations of `[iova, iova + len)`; page-aligned, no wrap.
+    Range {
+        /// First device address.
+        iova: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+/// What the domain layer drives. See the module documentation for the
+/// contract (runs, whole-run unmaps, fan-out, ordering, errors).
+pub trait Backend: Send + Sync {
+    /// A short name for logs and statistics ("software", "iommufd").
+    fn name(&self) -> &'static str;
+
+    /// A device joins this backend; it starts attached to
+    /// [`AttachTarget::Identity`].
+    fn add_device(&self, device: DeviceId) -> Result<(), BackendError>;
+
+    /// A device leaves this backend. The domain layer has attached it back to
+    /// [`AttachTarget::Identity`] first; the backend returns it to the state
+    /// the host expects of a device the VM no longer uses and forgets it.
+    fn remove_device(&self, device: DeviceId) -> Result<(), BackendError>;
+
+    /// Instantiates guest domain `domain` (empty: no runs; S1: blocked until
+    /// [`Backend::set_s1`]).
+    fn create_domain(&self, domain: DomainId, kind: DomainKind) -> Result<(), BackendError>;
+
+    /// Destroys a domain no device of this backend is attached to, with every
+    /// mapping and cached translation it still has.
+    fn destroy_domain(&self, domain: DomainId) -> Result<(), BackendError>;
+
+    /// Points `device`'s DMA at `target` (replacing its current attachment).
+    fn attach(&self, device: DeviceId, target: AttachTarget) -> Result<(), BackendError>;
+
+    /// Maps a run in an S2 domain. The run overlaps no mapped IOVA.
+    fn map(&self, domain: DomainId, run: MapRun) -> Result<(), BackendError>;
+
+    /// Unmaps a run exactly as it was passed to [`Backend::map`], and
+    /// invalidates its cached translations.
+    fn unmap(&self, domain: DomainId, run: MapRun) -> Result<(), BackendError>;
+
+    /// Unmaps `run` (exactly as mapped) while `keep`, sub-runs of it in
+    /// ascending IOVA order, stay mapped. The default unmaps the whole run and
+    /// maps the pieces again; a backend that can split in place overrides it
+    /// so that the pieces never become unmapped.
+    fn unmap_keep(
+        &self,
+        domain: DomainId,
+        run: MapRun,
+        keep: &[MapRun],
+    ) -> Result<(), BackendError> {
+        self.unmap(domain, run)?;
+        for piece in keep {
+            self.map(domain, *piece)?;
+        }
+        Ok(())
+    }
+
+    /// Sets the S1 settings of an S1 domain; cached translations of the
+    /// domain are dropped.
+    fn set_s1(&self, domain: DomainId, config: S1Config) -> Result<(), BackendError>;
+
+    /// Invalidates cached translations (the guest's FLUSH_DEVICE_DOMAIN and
+    /// FLUSH_DEVICE_DOMAIN_LIST). The domain layer issues one call per merged
+    /// range: a range is a maximal union of the guest's entries, exact (it
+    /// covers no page outside them).
+    fn invalidate(&self, domain: DomainId, what: Invalidation) -> Result<(), BackendError>;
+}
