@@ -1,0 +1,276 @@
+/*
+ * Test kernel entry points (AT&T syntax, assembled by rustc's global_asm!).
+ *
+ * - pvh_start: PVH entry (XEN_ELFNOTE_PHYS32_ENTRY), 32-bit protected mode,
+ *   paging off, EBX = physical address of hvm_start_info.
+ * - _start (ELF entry): Linux 64-bit boot protocol, long mode with the
+ *   loader's identity map, RSI = boot_params (zero page).
+ * - ap_tramp_start..ap_tramp_end: the application processor trampoline,
+ *   copied to a page below 1 MiB and started by INIT-SIPI-SIPI; it goes from
+ *   real mode straight to long mode (CR0.PE and CR0.PG in one write).
+ *
+ * Ring 0 is emulated instruction by instruction on the development machines,
+ * so this code does the least it can: the page tables are built at link time.
+ */
+
+    .set KERNEL_CS, 0x08
+    .set KERNEL_DS, 0x10
+    .set BOOT_PVH, 1
+    .set BOOT_LINUX64, 2
+
+/* ---------------------------------------------------------------- PVH note */
+    .section .note.Xen, "a"
+    .balign 4
+    .long 4                 /* n_namesz: "Xen\0" */
+    .long 8                 /* n_descsz */
+    .long 18                /* n_type: XEN_ELFNOTE_PHYS32_ENTRY */
+    .asciz "Xen"
+    .balign 4
+    .quad pvh_start         /* 8 bytes, as Linux writes it; readers take 32 bits or 64 */
+    .balign 4
+
+/* ------------------------------------------------------------- boot code */
+    .section .text.boot, "ax"
+
+    .code64
+    .globl _start
+_start:
+    cli
+    cld
+    mov %rsi, %r12                      /* boot_params */
+    mov $BOOT_LINUX64, %r13d
+    lea boot_stack_top(%rip), %rsp
+    lgdt boot_gdtr(%rip)
+    pushq $KERNEL_CS
+    lea 1f(%rip), %rax
+    pushq %rax
+    lretq
+1:
+    mov $boot_pml4, %eax
+    mov %rax, %cr3                      /* our own 0-4 GiB identity map */
+    jmp common_long
+
+    .code32
+    .globl pvh_start
+pvh_start:
+    cli
+    cld
+    mov %ebx, %esi                      /* hvm_start_info */
+    lgdt boot_gdtr
+    mov $boot_pml4, %eax
+    mov %eax, %cr3
+    mov %cr4, %eax
+    or $0x20, %eax                      /* CR4.PAE */
+    mov %eax, %cr4
+    mov $0xC0000080, %ecx               /* EFER */
+    rdmsr
+    or $0x100, %eax                     /* EFER.LME */
+    wrmsr
+    mov %cr0, %eax
+    or $0x80000001, %eax                /* CR0.PG | CR0.PE */
+    mov %eax, %cr0
+    ljmp $KERNEL_CS, $pvh_long
+
+    .code64
+pvh_long:
+    mov %esi, %r12d
+    mov $BOOT_PVH, %r13d
+    mov $boot_stack_top, %esp
+
+common_long:
+    mov $KERNEL_DS, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    mov %eax, %fs
+    mov %eax, %gs
+    /* Zero .bss (small: stacks and page-table pool live in .noinit). */
+    mov $__bss_start, %edi
+    mov $__bss_end, %ecx
+    sub %edi, %ecx
+    shr $3, %ecx
+    xor %eax, %eax
+    rep stosq
+    mov %r12, %rdi
+    mov %r13, %rsi
+    call kernel_start
+2:  cli
+    hlt
+    jmp 2b
+
+/* -------------------------------------------------- AP trampoline (copied) */
+    .code16
+    .globl ap_tramp_start
+ap_tramp_start:
+    cli
+    cld
+    mov %cs, %ax
+    mov %ax, %ds
+    lgdtl (ap_tramp_gdtr - ap_tramp_start)
+    movl $0x20, %eax                    /* CR4.PAE */
+    mov %eax, %cr4
+    movl (ap_tramp_cr3 - ap_tramp_start), %eax
+    mov %eax, %cr3
+    movl $0xC0000080, %ecx
+    rdmsr
+    orl $0x100, %eax                    /* EFER.LME */
+    wrmsr
+    movl $0x80000001, %eax              /* CR0.PG | CR0.PE: real -> long mode */
+    mov %eax, %cr0
+    ljmpl *(ap_tramp_farptr - ap_tramp_start)
+    .balign 8
+ap_tramp_gdtr:
+    .word boot_gdt_end - boot_gdt - 1
+    .long boot_gdt
+    .word 0
+ap_tramp_cr3:
+    .long boot_pml4
+ap_tramp_farptr:
+    .long ap_long
+    .word KERNEL_CS
+    .globl ap_tramp_end
+ap_tramp_end:
+
+    .code64
+ap_long:
+    mov $KERNEL_DS, %eax
+    mov %eax, %ds
+    mov %eax, %es
+    mov %eax, %ss
+    mov %eax, %fs
+    mov %eax, %gs
+    mov AP_STACK_TOP(%rip), %rsp
+    mov AP_CPU_INDEX(%rip), %rdi
+    call ap_main
+3:  cli
+    hlt
+    jmp 3b
+
+/* ---------------------------------------------------- exception stubs */
+    .macro ISR_NOERR n
+isr\n:
+    pushq $0
+    pushq $\n
+    jmp isr_common
+    .endm
+    .macro ISR_ERR n
+isr\n:
+    pushq $\n
+    jmp isr_common
+    .endm
+
+    ISR_NOERR 0
+    ISR_NOERR 1
+    ISR_NOERR 2
+    ISR_NOERR 3
+    ISR_NOERR 4
+    ISR_NOERR 5
+    ISR_NOERR 6
+    ISR_NOERR 7
+    ISR_ERR 8
+    ISR_NOERR 9
+    ISR_ERR 10
+    ISR_ERR 11
+    ISR_ERR 12
+    ISR_ERR 13
+    ISR_ERR 14
+    ISR_NOERR 15
+    ISR_NOERR 16
+    ISR_ERR 17
+    ISR_NOERR 18
+    ISR_NOERR 19
+    ISR_NOERR 20
+    ISR_ERR 21
+    ISR_NOERR 22
+    ISR_NOERR 23
+    ISR_NOERR 24
+    ISR_NOERR 25
+    ISR_NOERR 26
+    ISR_NOERR 27
+    ISR_NOERR 28
+    ISR_ERR 29
+    ISR_ERR 30
+    ISR_NOERR 31
+
+isr_common:
+    push %rax
+    push %rbx
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %rbp
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    push %r12
+    push %r13
+    push %r14
+    push %r15
+    mov %rsp, %rdi
+    call exception_handler
+4:  cli
+    hlt
+    jmp 4b
+
+    .section .rodata.isr_table, "a"
+    .balign 8
+    .globl ISR_TABLE
+ISR_TABLE:
+    .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+    .quad isr\n
+    .endr
+
+/* ------------------------------------------------------------- GDT */
+    .section .data.gdt, "aw"
+    .balign 16
+boot_gdt:
+    .quad 0
+    .quad 0x00AF9A000000FFFF            /* 0x08: 64-bit code, DPL 0 */
+    .quad 0x00CF92000000FFFF            /* 0x10: data, DPL 0 */
+boot_gdt_end:
+    .balign 8
+boot_gdtr:
+    .word boot_gdt_end - boot_gdt - 1
+    .quad boot_gdt
+
+/* --------------------------------------------------- page tables */
+/* 0-4 GiB identity mapped with 2 MiB pages, built by the assembler. */
+    .section .data.pagetables, "aw"
+    .balign 4096
+    .globl boot_pml4
+boot_pml4:
+    .quad boot_pdpt + 0x3
+    .fill 511, 8, 0
+    .globl boot_pdpt
+boot_pdpt:
+    .quad boot_pd + 0x0000 + 0x3
+    .quad boot_pd + 0x1000 + 0x3
+    .quad boot_pd + 0x2000 + 0x3
+    .quad boot_pd + 0x3000 + 0x3
+    .fill 508, 8, 0
+boot_pd:
+    .set tk_pd_addr, 0
+    .rept 2048
+    .quad tk_pd_addr + 0x83             /* present, writable, 2 MiB page */
+    .set tk_pd_addr, tk_pd_addr + 0x200000
+    .endr
+
+/* ---------------------------------------------------- stacks, pool */
+    .section .noinit, "aw", @nobits
+    .balign 4096
+boot_stack:
+    .skip 65536
+    .globl boot_stack_top
+boot_stack_top:
+    .globl AP_STACKS
+AP_STACKS:
+    .skip 16384 * 64                    /* MAX_CPUS stacks of 16 KiB */
+    .globl AP_STACKS_END
+AP_STACKS_END:
+    .globl PT_POOL
+PT_POOL:
+    .skip 4096 * 32                     /* page tables for RAM above 4 GiB */
+    .globl PT_POOL_END
+PT_POOL_END:

@@ -1,0 +1,165 @@
+//! pvmm's test kernel: a small x86-64 guest that checks what the VMM gives
+//! it (memory map, command line, CPUs, PCI) and reports TAP on COM1, then
+//! powers off through ACPI.
+//!
+//! Boots through PVH (32-bit entry from the ELF note) or the Linux 64-bit
+//! boot protocol (the ELF entry point); both end in [`kmain`]. Ring 0 is
+//! emulated instruction by instruction on the development machines
+//! (~250 ns each), so the kernel keeps its work small.
+//!
+//! Command line keys (all optional):
+//! - `tk.tests=mem,cmdline,smp,pci`: tests to run, in this order (default all)
+//! - `tk.mem=<size>`: memory size the VM was given (bytes, or K/M/G suffix)
+//! - `tk.echo=<token>`: printed back as `# echo: <token>`
+//! - `tk.cpus=<n>`: number of vCPUs expected
+//! - `tk.cf8=1`: PCI configuration mechanism #1 (0xcf8/0xcfc) must work
+
+#![no_std]
+#![no_main]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+mod acpi;
+mod bootinfo;
+mod console;
+mod idt;
+mod paging;
+mod power;
+mod rules;
+mod smp;
+mod suites;
+mod tap;
+mod x86;
+
+use acpi::Acpi;
+use bootinfo::{BootInfo, Protocol, BOOT_LINUX64, BOOT_PVH};
+use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicBool, Ordering};
+use tap::{Msg, Tap};
+
+core::arch::global_asm!(include_str!("boot.S"), options(att_syntax));
+
+/// What every test gets.
+pub struct Ctx<'a> {
+    pub boot: &'a BootInfo,
+    pub acpi: Result<&'a Acpi, &'static str>,
+}
+
+impl Ctx<'_> {
+    /// A command line value.
+    pub fn arg(&self, key: &str) -> Option<&str> {
+        rules::cmdline_arg(self.boot.cmdline(), key)
+    }
+}
+
+type TestFn = fn(&Ctx) -> Result<(), Msg>;
+
+/// Every test, in the default order.
+const TESTS: &[(&str, TestFn)] = &[
+    ("mem", suites::mem::run),
+    ("cmdline", suites::cmdline::run),
+];
+
+/// The ACPI tables, found once by the boot CPU (poweroff needs them from
+/// anywhere, including the exception handler).
+struct AcpiCell(UnsafeCell<Option<Acpi>>);
+// SAFETY: written once by the boot CPU before ACPI_READY is set; only read
+// after that.
+unsafe impl Sync for AcpiCell {}
+static ACPI: AcpiCell = AcpiCell(UnsafeCell::new(None));
+static ACPI_READY: AtomicBool = AtomicBool::new(false);
+
+fn acpi() -> Option<&'static Acpi> {
+    if ACPI_READY.load(Ordering::Acquire) {
+        // SAFETY: set once before ACPI_READY; never written again.
+        unsafe { (*ACPI.0.get()).as_ref() }
+    } else {
+        None
+    }
+}
+
+/// Powers off (ACPI, else reset, else halt).
+pub fn shutdown() -> ! {
+    power::poweroff(acpi())
+}
+
+/// Called by boot.S on the boot CPU, in long mode with the kernel's own
+/// identity map and stack.
+#[no_mangle]
+extern "C" fn kernel_start(info: u64, kind: u64) -> ! {
+    console::init();
+    idt::init();
+    let boot = match kind {
+        BOOT_PVH => BootInfo::from_pvh(info),
+        BOOT_LINUX64 => BootInfo::from_linux(info),
+        _ => Err("unknown entry kind"),
+    };
+    match boot {
+        Ok(b) => kmain(b),
+        Err(e) => {
+            println!("Bail out! boot information: {}", e);
+            shutdown()
+        }
+    }
+}
+
+/// The kernel proper: both boot paths end here.
+fn kmain(boot: BootInfo) -> ! {
+    diag!(
+        "pvmm test kernel: booted through {} (info at {:#x})",
+        match boot.protocol {
+            Protocol::Pvh => "PVH (hvm_start_info)",
+            Protocol::Linux64 => "the Linux 64-bit boot protocol (boot_params)",
+        },
+        boot.info_addr
+    );
+    let end = boot.ram_end();
+    if end > paging::mapped_end() && paging::map_up_to(end) < end {
+        diag!("RAM above {:#x} is not mapped (page-table pool too small)", paging::mapped_end());
+    }
+    let found = match Acpi::discover(boot.rsdp) {
+        Ok(a) => {
+            // SAFETY: only the boot CPU runs, and nothing reads ACPI before
+            // ACPI_READY is set.
+            unsafe { *ACPI.0.get() = Some(a) };
+            ACPI_READY.store(true, Ordering::Release);
+            acpi().ok_or("ACPI tables lost")
+        }
+        Err(e) => {
+            diag!("ACPI: {}", e);
+            Err(e)
+        }
+    };
+    let ctx = Ctx { boot: &boot, acpi: found };
+
+    // The plan: the selected tests in the order given, unknown names included
+    // (they fail), or all of them.
+    let mut planned = 0;
+    match rules::selected(boot.cmdline()) {
+        Some(names) => names.for_each(|_| planned += 1),
+        None => planned = TESTS.len() as u32,
+    }
+    let mut tap = Tap::start(planned);
+    let mut run = |name: &str| match TESTS.iter().find(|(n, _)| *n == name) {
+        Some((n, f)) => tap.report(n, f(&ctx)),
+        None => tap.report(
+            name,
+            Err(Msg::new(format_args!("unknown test (known: mem, cmdline, smp, pci)"))),
+        ),
+    };
+    match rules::selected(boot.cmdline()) {
+        Some(names) => names.for_each(&mut run),
+        None => TESTS.iter().for_each(|(n, _)| run(n)),
+    }
+    tap.finish();
+    shutdown()
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    use core::fmt::Write;
+    let mut c = console::Console::force();
+    let _ = writeln!(c, "Bail out! panic: {}", info);
+    drop(c);
+    shutdown()
+}

@@ -1,0 +1,4 @@
+//! The tests, one module each; each `run` returns Ok or a failure reason.
+
+pub mod cmdline;
+pub mod mem;
