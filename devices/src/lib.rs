@@ -1,1 +1,15 @@
 //! Devices the guest talks to: serial, i8042, PCI, DMA test device, VFIO passthrough.
+//!
+//! Every device sits on a [`bus::Bus`] (port I/O or MMIO) as a
+//! [`bus::BusDevice`]; PCI devices also implement [`pci::PciDevice`] and are
+//! plugged into the [`pci::PciRoot`]. Guest accesses are validated by the
+//! device (width, offset) and never panic.
+
+pub mod bus;
+pub mod interrupt;
+pub mod legacy;
+pub mod lock;
+pub mod pci;
+pub mod ratelimit;
+
+pub use bus::{Bus, BusDevice, BusError, SharedBusDevice};
