@@ -65,12 +65,19 @@ fn rsdp_valid(addr: u64) -> bool {
 fn scan_rsdp() -> Option<u64> {
     // SAFETY: the BDA is in the first page, mapped.
     let ebda = u64::from(unsafe { phys_read::<u16>(0x40e) }) << 4;
-    let ebda_range = if (0x8_0000..0xa_0000).contains(&ebda) { ebda..ebda + 1024 } else { 0..0 };
-    ebda_range.chain(0xe_0000..0x10_0000).step_by(16).find(|&a| {
-        // SAFETY: low memory is mapped.
-        let sig: [u8; 8] = unsafe { phys_read(a) };
-        &sig == b"RSD PTR " && rsdp_valid(a)
-    })
+    let ebda_range = if (0x8_0000..0xa_0000).contains(&ebda) {
+        ebda..ebda + 1024
+    } else {
+        0..0
+    };
+    ebda_range
+        .chain(0xe_0000..0x10_0000)
+        .step_by(16)
+        .find(|&a| {
+            // SAFETY: low memory is mapped.
+            let sig: [u8; 8] = unsafe { phys_read(a) };
+            &sig == b"RSD PTR " && rsdp_valid(a)
+        })
 }
 
 impl Acpi {
@@ -106,12 +113,20 @@ impl Acpi {
             revision,
             root_sig: root_t.sig,
             root,
-            tables: [Table { sig: [0; 4], addr: 0, len: 0 }; MAX_TABLES],
+            tables: [Table {
+                sig: [0; 4],
+                addr: 0,
+                len: 0,
+            }; MAX_TABLES],
             count: 0,
         };
         let body = &root_t.bytes()[36..];
         for chunk in body.chunks_exact(entry_size) {
-            let addr = if entry_size == 8 { le64(chunk, 0) } else { le32(chunk, 0).map(u64::from) };
+            let addr = if entry_size == 8 {
+                le64(chunk, 0)
+            } else {
+                le32(chunk, 0).map(u64::from)
+            };
             let t = load(addr.unwrap_or(0))?;
             if acpi.count == MAX_TABLES {
                 return Err("more than 32 ACPI tables");
@@ -133,7 +148,10 @@ impl Acpi {
 
     /// The first table with signature `sig`.
     pub fn find(&self, sig: &[u8; 4]) -> Option<Table> {
-        self.tables[..self.count].iter().find(|t| &t.sig == sig).copied()
+        self.tables[..self.count]
+            .iter()
+            .find(|t| &t.sig == sig)
+            .copied()
     }
 
     /// Every table found.

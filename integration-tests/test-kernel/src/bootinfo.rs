@@ -5,7 +5,8 @@
 //! checked, and a bad one is recorded as an error for the tests to report.
 
 use crate::paging;
-use crate::x86::phys_read;
+use crate::rules::{le32, le64};
+use crate::x86::{phys_bytes, phys_read};
 
 /// Boot protocol entry kinds passed by boot.S.
 pub const BOOT_PVH: u64 = 1;
@@ -125,7 +126,8 @@ impl BootInfo {
                 break;
             }
             if len == MAX_CMDLINE {
-                self.cmdline_error = Some("command line longer than 4096 bytes or not NUL-terminated");
+                self.cmdline_error =
+                    Some("command line longer than 4096 bytes or not NUL-terminated");
                 break;
             }
             self.cmdline[len] = b;
@@ -135,84 +137,95 @@ impl BootInfo {
         self.reserve(addr, len as u64 + 1);
     }
 
+    /// Copies `count` memory map entries of `stride` bytes (addr u64 @0,
+    /// size u64 @8, type u32 @16) from `table`.
+    fn read_map(&mut self, table: &[u8], count: usize, stride: usize) {
+        for (i, e) in table.chunks_exact(stride).take(count).enumerate() {
+            self.mem[i] = MemEntry {
+                addr: le64(e, 0).unwrap_or(0),
+                size: le64(e, 8).unwrap_or(0),
+                kind: le32(e, 16).unwrap_or(0),
+            };
+        }
+        self.mem_len = count.min(table.len() / stride);
+    }
+
     /// Parses hvm_start_info at `addr` (PVH).
     pub fn from_pvh(addr: u64) -> Result<Self, &'static str> {
+        const INFO_SIZE: usize = 56;
+        const ENTRY: usize = 24;
         let mut bi = BootInfo::empty(Protocol::Pvh, addr);
-        if addr == 0 || !paging::is_mapped(addr, 56) {
+        if addr == 0 || !paging::is_mapped(addr, INFO_SIZE as u64) {
             return Err("hvm_start_info pointer (EBX) is null or unmapped");
         }
-        // SAFETY (all reads below): [addr, addr + 56) checked mapped.
-        let magic: u32 = unsafe { phys_read(addr) };
-        if magic != PVH_MAGIC {
+        // SAFETY: checked mapped; the loader's structure stays untouched
+        // while it is parsed.
+        let info = unsafe { phys_bytes(addr, INFO_SIZE) };
+        if le32(info, 0) != Some(PVH_MAGIC) {
             return Err("hvm_start_info magic is not 0x336ec578");
         }
-        bi.reserve(addr, 56);
-        let version: u32 = unsafe { phys_read(addr + 4) };
-        let cmdline: u64 = unsafe { phys_read(addr + 24) };
-        let rsdp: u64 = unsafe { phys_read(addr + 32) };
+        bi.reserve(addr, INFO_SIZE as u64);
+        let rsdp = le64(info, 32).unwrap_or(0);
         bi.rsdp = (rsdp != 0).then_some(rsdp);
-        bi.read_cmdline(cmdline);
-        if version < 1 {
+        bi.read_cmdline(le64(info, 24).unwrap_or(0));
+        if le32(info, 4).unwrap_or(0) < 1 {
             bi.mem_error = Some("hvm_start_info version 0 has no memory map");
             return Ok(bi);
         }
-        let map: u64 = unsafe { phys_read(addr + 40) };
-        let count: u32 = unsafe { phys_read(addr + 48) };
-        let count = count as usize;
+        let map = le64(info, 40).unwrap_or(0);
+        let count = le32(info, 48).unwrap_or(0) as usize;
+        let bytes = (count * ENTRY) as u64;
         if map == 0 || count == 0 {
             bi.mem_error = Some("hvm_start_info has no memory map");
         } else if count > MAX_MEM_ENTRIES {
             bi.mem_error = Some("hvm_start_info memmap_entries > 128");
-        } else if !paging::is_mapped(map, count as u64 * 24) {
+        } else if !paging::is_mapped(map, bytes) {
             bi.mem_error = Some("hvm_start_info memmap not in mapped memory");
         } else {
-            for i in 0..count {
-                let e = map + i as u64 * 24;
-                // SAFETY: the table was checked mapped.
-                bi.mem[i] = unsafe {
-                    MemEntry { addr: phys_read(e), size: phys_read(e + 8), kind: phys_read(e + 16) }
-                };
-            }
-            bi.mem_len = count;
-            bi.reserve(map, count as u64 * 24);
+            // SAFETY: the table was checked mapped.
+            let table = unsafe { phys_bytes(map, count * ENTRY) };
+            bi.read_map(table, count, ENTRY);
+            bi.reserve(map, bytes);
         }
         Ok(bi)
     }
 
     /// Parses boot_params (the zero page) at `addr` (Linux 64-bit boot).
     pub fn from_linux(addr: u64) -> Result<Self, &'static str> {
-        const ZERO_PAGE: u64 = 4096;
+        const ZERO_PAGE: usize = 4096;
+        const E820_TABLE: usize = 0x2d0;
+        const ENTRY: usize = 20;
         let mut bi = BootInfo::empty(Protocol::Linux64, addr);
-        if addr == 0 || !paging::is_mapped(addr, ZERO_PAGE) {
+        if addr == 0 || !paging::is_mapped(addr, ZERO_PAGE as u64) {
             return Err("boot_params pointer (RSI) is null or unmapped");
         }
-        bi.reserve(addr, ZERO_PAGE);
-        // SAFETY (all reads below): the zero page was checked mapped.
-        let rsdp: u64 = unsafe { phys_read(addr + 0x70) };
+        bi.reserve(addr, ZERO_PAGE as u64);
+        // SAFETY: the zero page was checked mapped and stays untouched while
+        // it is parsed.
+        let zp = unsafe { phys_bytes(addr, ZERO_PAGE) };
+        let rsdp = le64(zp, 0x70).unwrap_or(0);
         bi.rsdp = (rsdp != 0).then_some(rsdp);
-        let ext_cmdline: u32 = unsafe { phys_read(addr + 0xc8) };
-        let cmdline: u32 = unsafe { phys_read(addr + 0x228) };
-        bi.read_cmdline((u64::from(ext_cmdline) << 32) | u64::from(cmdline));
-        let count = usize::from(unsafe { phys_read::<u8>(addr + 0x1e8) });
+        let ext_cmdline = u64::from(le32(zp, 0xc8).unwrap_or(0));
+        let cmdline = u64::from(le32(zp, 0x228).unwrap_or(0));
+        bi.read_cmdline((ext_cmdline << 32) | cmdline);
+        let count = usize::from(zp[0x1e8]);
         if count == 0 {
             bi.mem_error = Some("boot_params has no e820 entries");
         } else if count > MAX_MEM_ENTRIES {
             bi.mem_error = Some("boot_params e820_entries > 128");
         } else {
-            for i in 0..count {
-                let e = addr + 0x2d0 + i as u64 * 20;
-                // SAFETY: the e820 table lies within the zero page.
-                bi.mem[i] = unsafe {
-                    MemEntry { addr: phys_read(e), size: phys_read(e + 8), kind: phys_read(e + 16) }
-                };
-            }
-            bi.mem_len = count;
+            bi.read_map(&zp[E820_TABLE..], count, ENTRY);
         }
         Ok(bi)
     }
 
     /// Highest end address of any RAM entry.
     pub fn ram_end(&self) -> u64 {
-        self.mem().iter().filter(|e| e.kind == E820_RAM).map(MemEntry::end).max().unwrap_or(0)
+        self.mem()
+            .iter()
+            .filter(|e| e.kind == E820_RAM)
+            .map(MemEntry::end)
+            .max()
+            .unwrap_or(0)
     }
 }

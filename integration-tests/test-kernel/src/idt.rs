@@ -52,7 +52,8 @@ pub fn init() {
     for v in 0..32 {
         // SAFETY: ISR_TABLE is a constant table in boot.S.
         let handler = unsafe { ISR_TABLE[v] };
-        let lo = (handler & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48;
+        let lo =
+            (handler & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48;
         idt[2 * v] = lo;
         idt[2 * v + 1] = handler >> 32;
     }
@@ -66,7 +67,10 @@ pub fn load() {
         limit: u16,
         base: u64,
     }
-    let idtr = Idtr { limit: (64 * 8 - 1) as u16, base: IDT.0.get() as u64 };
+    let idtr = Idtr {
+        limit: (64 * 8 - 1) as u16,
+        base: IDT.0.get() as u64,
+    };
     // SAFETY: the IDT is static and filled by `init` before any exception
     // can be expected.
     unsafe { asm!("lidt [{}]", in(reg) &idtr, options(readonly, nostack, preserves_flags)) };

@@ -18,6 +18,9 @@
 #![no_main]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
+// Failure reasons are formatted into a fixed buffer (no heap), so test
+// results carry it by value.
+#![allow(clippy::result_large_err)]
 
 mod acpi;
 mod bootinfo;
@@ -34,6 +37,7 @@ mod x86;
 use acpi::Acpi;
 use bootinfo::{BootInfo, Protocol, BOOT_LINUX64, BOOT_PVH};
 use core::cell::UnsafeCell;
+use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, Ordering};
 use tap::{Msg, Tap};
 
@@ -58,6 +62,8 @@ type TestFn = fn(&Ctx) -> Result<(), Msg>;
 const TESTS: &[(&str, TestFn)] = &[
     ("mem", suites::mem::run),
     ("cmdline", suites::cmdline::run),
+    ("smp", suites::smp::run),
+    ("pci", suites::pci::run),
 ];
 
 /// The ACPI tables, found once by the boot CPU (poweroff needs them from
@@ -115,10 +121,32 @@ fn kmain(boot: BootInfo) -> ! {
     );
     let end = boot.ram_end();
     if end > paging::mapped_end() && paging::map_up_to(end) < end {
-        diag!("RAM above {:#x} is not mapped (page-table pool too small)", paging::mapped_end());
+        diag!(
+            "RAM above {:#x} is not mapped (page-table pool too small)",
+            paging::mapped_end()
+        );
     }
     let found = match Acpi::discover(boot.rsdp) {
         Ok(a) => {
+            let mut c = console::Console::lock();
+            let _ = write!(
+                c,
+                "# ACPI: RSDP at {:#x} (revision {}), {} at {:#x}:",
+                a.rsdp,
+                a.revision,
+                core::str::from_utf8(&a.root_sig).unwrap_or("?"),
+                a.root
+            );
+            for t in a.tables() {
+                let _ = write!(
+                    c,
+                    " {}@{:#x}",
+                    core::str::from_utf8(&t.sig).unwrap_or("?"),
+                    t.addr
+                );
+            }
+            let _ = writeln!(c);
+            drop(c);
             // SAFETY: only the boot CPU runs, and nothing reads ACPI before
             // ACPI_READY is set.
             unsafe { *ACPI.0.get() = Some(a) };
@@ -130,7 +158,10 @@ fn kmain(boot: BootInfo) -> ! {
             Err(e)
         }
     };
-    let ctx = Ctx { boot: &boot, acpi: found };
+    let ctx = Ctx {
+        boot: &boot,
+        acpi: found,
+    };
 
     // The plan: the selected tests in the order given, unknown names included
     // (they fail), or all of them.
@@ -144,7 +175,9 @@ fn kmain(boot: BootInfo) -> ! {
         Some((n, f)) => tap.report(n, f(&ctx)),
         None => tap.report(
             name,
-            Err(Msg::new(format_args!("unknown test (known: mem, cmdline, smp, pci)"))),
+            Err(Msg::new(format_args!(
+                "unknown test (known: mem, cmdline, smp, pci)"
+            ))),
         ),
     };
     match rules::selected(boot.cmdline()) {

@@ -17,7 +17,7 @@ fn gas_write(g: &Gas, value: u64) -> bool {
     match g.space {
         0 => {
             let w = u64::from(g.width());
-            if !paging::is_mapped(g.address, w) || g.address % w != 0 {
+            if !paging::is_mapped(g.address, w) || !g.address.is_multiple_of(w) {
                 return false;
             }
             #[allow(clippy::cast_possible_truncation)]
@@ -34,7 +34,9 @@ fn gas_write(g: &Gas, value: u64) -> bool {
             true
         }
         1 => {
-            let Ok(port) = u16::try_from(g.address) else { return false };
+            let Ok(port) = u16::try_from(g.address) else {
+                return false;
+            };
             #[allow(clippy::cast_possible_truncation)]
             match g.width() {
                 1 => x86::outb(port, value as u8),
@@ -57,7 +59,9 @@ fn space_name(g: &Gas) -> &'static str {
 
 /// Powers the machine off; never returns.
 pub fn poweroff(acpi: Option<&Acpi>) -> ! {
-    let fadt = acpi.and_then(|a| a.find(b"FACP")).and_then(|t| parse_fadt(t.bytes()));
+    let fadt = acpi
+        .and_then(|a| a.find(b"FACP"))
+        .and_then(|t| parse_fadt(t.bytes()));
     if let Some(f) = fadt {
         let s5 = acpi
             .and_then(|a| a.find(b"DSDT"))

@@ -4,17 +4,23 @@
 
 /// Reads a little-endian u16 at `off`, if in bounds.
 pub fn le16(b: &[u8], off: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(off..off.checked_add(2)?)?.try_into().ok()?))
+    Some(u16::from_le_bytes(
+        b.get(off..off.checked_add(2)?)?.try_into().ok()?,
+    ))
 }
 
 /// Reads a little-endian u32 at `off`, if in bounds.
 pub fn le32(b: &[u8], off: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(off..off.checked_add(4)?)?.try_into().ok()?))
+    Some(u32::from_le_bytes(
+        b.get(off..off.checked_add(4)?)?.try_into().ok()?,
+    ))
 }
 
 /// Reads a little-endian u64 at `off`, if in bounds.
 pub fn le64(b: &[u8], off: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(b.get(off..off.checked_add(8)?)?.try_into().ok()?))
+    Some(u64::from_le_bytes(
+        b.get(off..off.checked_add(8)?)?.try_into().ok()?,
+    ))
 }
 
 /// ACPI checksum: the bytes sum to 0 modulo 256.
@@ -149,10 +155,14 @@ pub fn parse_madt(t: &[u8], mut f: impl FnMut(MadtCpu)) -> Option<u32> {
         }
         let e = &t[off..off + len];
         match kind {
-            0 if len >= 8 => {
-                f(MadtCpu { apic_id: u32::from(e[3]), enabled: le32(e, 4)? & 1 != 0 })
-            }
-            9 if len >= 16 => f(MadtCpu { apic_id: le32(e, 4)?, enabled: le32(e, 8)? & 1 != 0 }),
+            0 if len >= 8 => f(MadtCpu {
+                apic_id: u32::from(e[3]),
+                enabled: le32(e, 4)? & 1 != 0,
+            }),
+            9 if len >= 16 => f(MadtCpu {
+                apic_id: le32(e, 4)?,
+                enabled: le32(e, 8)? & 1 != 0,
+            }),
             _ => {}
         }
         off += len;
@@ -174,7 +184,12 @@ pub fn parse_mcfg(t: &[u8], mut f: impl FnMut(McfgEntry)) {
     let mut off = 44;
     while off + 16 <= t.len() {
         if let (Some(base), Some(segment)) = (le64(t, off), le16(t, off + 8)) {
-            f(McfgEntry { base, segment, bus_start: t[off + 10], bus_end: t[off + 11] });
+            f(McfgEntry {
+                base,
+                segment,
+                bus_start: t[off + 10],
+                bus_end: t[off + 11],
+            });
         }
         off += 16;
     }
@@ -248,7 +263,9 @@ pub fn parse_fadt(t: &[u8]) -> Option<FadtInfo> {
             address: u64::from(port),
         })
     });
-    let dsdt = le64(t, 140).filter(|&a| a != 0).or_else(|| le32(t, 40).map(u64::from))?;
+    let dsdt = le64(t, 140)
+        .filter(|&a| a != 0)
+        .or_else(|| le32(t, 40).map(u64::from))?;
     Some(FadtInfo {
         hw_reduced: flags & (1 << 20) != 0,
         sleep_control: Gas::parse(t, 244),
@@ -276,7 +293,7 @@ pub fn find_s5_sleep_type(aml: &[u8]) -> Option<u8> {
 
 /// Which tests the command line selects, by name, from `tk.tests=a,b,c`.
 /// None means all.
-pub fn selected<'a>(cmdline: &'a str) -> Option<impl Iterator<Item = &'a str>> {
+pub fn selected(cmdline: &str) -> Option<impl Iterator<Item = &str>> {
     cmdline_arg(cmdline, "tk.tests").map(|v| v.split(',').filter(|s| !s.is_empty()))
 }
 
@@ -317,15 +334,30 @@ mod tests {
     #[test]
     fn memory_map_rule() {
         // Firecracker/QEMU style: low RAM to 639 KiB, hole to 1 MiB.
-        let map = [r(0, 0x9fc00, RAM), r(0x9fc00, 0x400, 2), r(0xf0000, 0x10000, 2), r(ONE_MIB, (128 << 20) - ONE_MIB, RAM)];
+        let map = [
+            r(0, 0x9fc00, RAM),
+            r(0x9fc00, 0x400, 2),
+            r(0xf0000, 0x10000, 2),
+            r(ONE_MIB, (128 << 20) - ONE_MIB, RAM),
+        ];
         let s = check_memory_map(&map).unwrap();
         assert_eq!(s.legacy_hole, ONE_MIB - 0x9fc00);
         assert_eq!(s.total(), 128 << 20);
         // RAM reported everywhere: no hole.
         let map = [r(0, 128 << 20, RAM)];
-        assert_eq!(check_memory_map(&map).unwrap(), MemSummary { ram: 128 << 20, legacy_hole: 0 });
+        assert_eq!(
+            check_memory_map(&map).unwrap(),
+            MemSummary {
+                ram: 128 << 20,
+                legacy_hole: 0
+            }
+        );
         // Above 4 GiB, with an MMIO hole that is not counted.
-        let map = [r(0, 3 << 30, RAM), r(0xfee0_0000, 0x1000, 2), r(4 << 30, 1 << 30, RAM)];
+        let map = [
+            r(0, 3 << 30, RAM),
+            r(0xfee0_0000, 0x1000, 2),
+            r(4 << 30, 1 << 30, RAM),
+        ];
         assert_eq!(check_memory_map(&map).unwrap().total(), 4 << 30);
         // A RAM entry overlapping a reserved one.
         let map = [r(0, 0x10_0000, RAM), r(0xf_0000, 0x1000, 2)];
@@ -334,13 +366,20 @@ mod tests {
         let map = [r(ONE_MIB, 0x1000, RAM), r(0, 0x10_0800, RAM)];
         assert_eq!(check_memory_map(&map), Err(MapError::Overlap(0, 1)));
         // Reserved entries may overlap each other.
-        let map = [r(0, 0x1000, RAM), r(0x2000, 0x1000, 2), r(0x2800, 0x1000, 3)];
+        let map = [
+            r(0, 0x1000, RAM),
+            r(0x2000, 0x1000, 2),
+            r(0x2800, 0x1000, 3),
+        ];
         assert!(check_memory_map(&map).is_ok());
         // Empty entries are ignored (qboot), even at 0 or inside RAM.
         let map = [r(0, 0x1000, RAM), r(0, 0, 0), r(0x800, 0, 2)];
         assert_eq!(check_memory_map(&map).unwrap().ram, 0x1000);
         assert_eq!(check_memory_map(&[r(0, 0, RAM)]), Err(MapError::NoRam));
-        assert_eq!(check_memory_map(&[r(u64::MAX, 2, RAM)]), Err(MapError::BadEntry(0)));
+        assert_eq!(
+            check_memory_map(&[r(u64::MAX, 2, RAM)]),
+            Err(MapError::BadEntry(0))
+        );
         assert_eq!(check_memory_map(&[r(0, 10, 2)]), Err(MapError::NoRam));
         // A missing low page is not excused by the rule.
         let map = [r(0x1000, 0x9e000, RAM), r(ONE_MIB, 0x100000, RAM)];
@@ -378,9 +417,18 @@ mod tests {
         assert_eq!(
             cpus,
             [
-                MadtCpu { apic_id: 0, enabled: true },
-                MadtCpu { apic_id: 2, enabled: false },
-                MadtCpu { apic_id: 300, enabled: true }
+                MadtCpu {
+                    apic_id: 0,
+                    enabled: true
+                },
+                MadtCpu {
+                    apic_id: 2,
+                    enabled: false
+                },
+                MadtCpu {
+                    apic_id: 300,
+                    enabled: true
+                }
             ]
         );
         // A zero-length entry would loop forever: rejected.
@@ -404,7 +452,15 @@ mod tests {
         let t = table(b"MCFG", &body);
         let mut v = Vec::new();
         parse_mcfg(&t, |e| v.push(e));
-        assert_eq!(v, [McfgEntry { base: 0xe000_0000, segment: 0, bus_start: 0, bus_end: 0xff }]);
+        assert_eq!(
+            v,
+            [McfgEntry {
+                base: 0xe000_0000,
+                segment: 0,
+                bus_start: 0,
+                bus_end: 0xff
+            }]
+        );
     }
 
     #[test]
@@ -438,8 +494,14 @@ mod tests {
 
     #[test]
     fn s5() {
-        assert_eq!(find_s5_sleep_type(b"xx\x08_S5_\x12\x06\x04\x0a\x05\x00\x00\x00"), Some(5));
-        assert_eq!(find_s5_sleep_type(b"\x08_S5_\x12\x05\x04\x00\x00\x00\x00"), Some(0));
+        assert_eq!(
+            find_s5_sleep_type(b"xx\x08_S5_\x12\x06\x04\x0a\x05\x00\x00\x00"),
+            Some(5)
+        );
+        assert_eq!(
+            find_s5_sleep_type(b"\x08_S5_\x12\x05\x04\x00\x00\x00\x00"),
+            Some(0)
+        );
         assert_eq!(find_s5_sleep_type(b"\x08_S5_\x12\x45\x00\x04\x01"), Some(1));
         assert_eq!(find_s5_sleep_type(b"\x08_S5_\x12"), None);
         assert_eq!(find_s5_sleep_type(b"\x08_S4_\x12\x06\x04\x0a\x05"), None);

@@ -116,12 +116,17 @@ impl Lapic {
 /// Picks a free RAM page below 1 MiB for the trampoline: in a RAM entry,
 /// not holding boot data or ACPI tables.
 pub fn trampoline_page(boot: &BootInfo, avoid: &[(u64, u64)]) -> Option<u64> {
-    (0x8000..0x9f000u64).step_by(4096).chain((0x1000..0x8000).step_by(4096)).find(|&p| {
-        let end = p + 4096;
-        boot.mem().iter().any(|e| e.kind == E820_RAM && e.addr <= p && end <= e.end())
-            && !boot.overlaps_boot_data(p, end)
-            && !avoid.iter().any(|&(s, e)| p < e && s < end)
-    })
+    (0x8000..0x9f000u64)
+        .step_by(4096)
+        .chain((0x1000..0x8000).step_by(4096))
+        .find(|&p| {
+            let end = p + 4096;
+            boot.mem()
+                .iter()
+                .any(|e| e.kind == E820_RAM && e.addr <= p && end <= e.end())
+                && !boot.overlaps_boot_data(p, end)
+                && !avoid.iter().any(|&(s, e)| p < e && s < end)
+        })
 }
 
 /// Copies the trampoline to `page`; returns its size.
@@ -139,7 +144,11 @@ pub fn install_trampoline(page: u64) -> u64 {
 pub enum Started {
     /// Reported this APIC id (and the xAPIC id register, if read), after
     /// this many TSC ticks.
-    Yes { cpuid_id: u32, mmio_id: Option<u32>, ticks: u64 },
+    Yes {
+        cpuid_id: u32,
+        mmio_id: Option<u32>,
+        ticks: u64,
+    },
     /// Did not report within the timeout.
     Timeout,
     /// The xAPIC did not accept the IPI.
@@ -150,7 +159,10 @@ pub enum Started {
 /// trampoline at `page`, and waits until it reports.
 pub fn start_ap(lapic: Lapic, apic_id: u32, index: usize, page: u64) -> Started {
     let stacks = core::ptr::addr_of!(AP_STACKS) as u64;
-    AP_STACK_TOP.store(stacks + (index as u64 + 1) * AP_STACK_SIZE, Ordering::SeqCst);
+    AP_STACK_TOP.store(
+        stacks + (index as u64 + 1) * AP_STACK_SIZE,
+        Ordering::SeqCst,
+    );
     AP_CPU_INDEX.store(index as u64, Ordering::SeqCst);
     let vector = u32::try_from(page >> 12).unwrap_or(0) & 0xff;
     let t0 = x86::rdtsc();

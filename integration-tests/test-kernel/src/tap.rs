@@ -11,7 +11,10 @@ pub struct Msg {
 
 impl Msg {
     pub fn new(args: fmt::Arguments) -> Msg {
-        let mut m = Msg { buf: [0; 200], len: 0 };
+        let mut m = Msg {
+            buf: [0; 200],
+            len: 0,
+        };
         let _ = m.write_fmt(args);
         m
     }
@@ -65,7 +68,11 @@ impl Tap {
     pub fn start(planned: u32) -> Tap {
         println!("TAP version 13");
         println!("1..{}", planned);
-        Tap { next: 1, passed: 0, failed: 0 }
+        Tap {
+            next: 1,
+            passed: 0,
+            failed: 0,
+        }
     }
 
     /// Reports one test's result.

@@ -10,42 +10,44 @@ use core::arch::asm;
 pub fn outb(port: u16, value: u8) {
     // SAFETY: port I/O has no memory effects the compiler must know about; the
     // kernel owns every device it talks to.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Reads a byte from an I/O port.
 pub fn inb(port: u16) -> u8 {
     let value: u8;
     // SAFETY: as in `outb`.
-    unsafe { asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", in("dx") port, out("al") value, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
 /// Writes a 16-bit word to an I/O port.
 pub fn outw(port: u16, value: u16) {
     // SAFETY: as in `outb`.
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags)) }
-}
-
-/// Reads a 16-bit word from an I/O port.
-pub fn inw(port: u16) -> u16 {
-    let value: u16;
-    // SAFETY: as in `outb`.
-    unsafe { asm!("in ax, dx", in("dx") port, out("ax") value, options(nomem, nostack, preserves_flags)) }
-    value
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Writes a 32-bit word to an I/O port.
 pub fn outl(port: u16, value: u32) {
     // SAFETY: as in `outb`.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags))
+    }
 }
 
 /// Reads a 32-bit word from an I/O port.
 pub fn inl(port: u16) -> u32 {
     let value: u32;
     // SAFETY: as in `outb`.
-    unsafe { asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in eax, dx", in("dx") port, out("eax") value, options(nomem, nostack, preserves_flags))
+    }
     value
 }
 
@@ -54,7 +56,9 @@ pub fn rdmsr(msr: u32) -> u64 {
     let (lo, hi): (u32, u32);
     // SAFETY: the caller names an MSR the CPU has (a #GP lands in the
     // exception handler, which reports it); rdmsr touches no memory.
-    unsafe { asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("rdmsr", in("ecx") msr, out("eax") lo, out("edx") hi, options(nomem, nostack, preserves_flags))
+    }
     (u64::from(hi) << 32) | u64::from(lo)
 }
 
@@ -64,7 +68,9 @@ pub fn wrmsr(msr: u32, value: u64) {
     let (lo, hi) = (value as u32, (value >> 32) as u32);
     // SAFETY: as in `rdmsr`; the MSRs written (APIC base, hypervisor MSRs) do
     // not change the memory the compiler sees.
-    unsafe { asm!("wrmsr", in("ecx") msr, in("eax") lo, in("edx") hi, options(nostack, preserves_flags)) }
+    unsafe {
+        asm!("wrmsr", in("ecx") msr, in("eax") lo, in("edx") hi, options(nostack, preserves_flags))
+    }
 }
 
 /// CPUID leaf/subleaf: (eax, ebx, ecx, edx).
@@ -126,6 +132,16 @@ pub unsafe fn write_cr3(value: u64) {
 pub unsafe fn phys_read<T: Copy>(addr: u64) -> T {
     // SAFETY: guaranteed by the caller; unaligned reads are allowed.
     unsafe { core::ptr::read_unaligned(addr as *const T) }
+}
+
+/// Views `len` bytes of RAM at `addr` (identity mapped) as a slice.
+///
+/// # Safety
+/// `[addr, addr + len)` must be mapped RAM that nothing writes while the
+/// slice lives.
+pub unsafe fn phys_bytes(addr: u64, len: usize) -> &'static [u8] {
+    // SAFETY: guaranteed by the caller; u8 has no alignment or validity needs.
+    unsafe { core::slice::from_raw_parts(addr as *const u8, len) }
 }
 
 /// Reads a `T` from an aligned address with a single access (MMIO, or RAM

@@ -25,14 +25,27 @@ pub fn run(ctx: &Ctx) -> Result<(), Msg> {
     }
     let mut regions = [Region::default(); crate::bootinfo::MAX_MEM_ENTRIES];
     for (i, e) in boot.mem().iter().enumerate() {
-        diag!("memory map {:2}: {:#014x}-{:#014x} {} ({})", i, e.addr, e.end(), kind_name(e.kind), e.kind);
-        regions[i] = Region { addr: e.addr, size: e.size, kind: e.kind };
+        diag!(
+            "memory map {:2}: {:#014x}-{:#014x} {} ({})",
+            i,
+            e.addr,
+            e.end(),
+            kind_name(e.kind),
+            e.kind
+        );
+        regions[i] = Region {
+            addr: e.addr,
+            size: e.size,
+            kind: e.kind,
+        };
     }
     let map = &regions[..boot.mem_len];
     let summary = match check_memory_map(map) {
         Ok(s) => s,
         Err(MapError::BadEntry(i)) => fail!("entry {} wraps past 2^64", i),
-        Err(MapError::Overlap(i, j)) => fail!("RAM entry overlaps another: entries {} and {}", i, j),
+        Err(MapError::Overlap(i, j)) => {
+            fail!("RAM entry overlaps another: entries {} and {}", i, j)
+        }
         Err(MapError::NoRam) => fail!("no RAM in the memory map"),
     };
     diag!(
@@ -52,8 +65,15 @@ pub fn run(ctx: &Ctx) -> Result<(), Msg> {
         core::ptr::addr_of!(__kernel_start) as u64,
         core::ptr::addr_of!(__kernel_end) as u64,
     );
-    if !map.iter().any(|e| e.kind == E820_RAM && e.addr <= ks && ke <= e.addr + e.size) {
-        fail!("the kernel image {:#x}-{:#x} is not inside one RAM entry", ks, ke);
+    if !map
+        .iter()
+        .any(|e| e.kind == E820_RAM && e.addr <= ks && ke <= e.addr + e.size)
+    {
+        fail!(
+            "the kernel image {:#x}-{:#x} is not inside one RAM entry",
+            ks,
+            ke
+        );
     }
 
     // Touch the last qword of every RAM region.
@@ -77,14 +97,20 @@ pub fn run(ctx: &Ctx) -> Result<(), Msg> {
             back
         };
         if back != pattern {
-            fail!("RAM at {:#x} does not hold what was written ({:#x} read back)", a, back);
+            fail!(
+                "RAM at {:#x} does not hold what was written ({:#x} read back)",
+                a,
+                back
+            );
         }
     }
 
     match ctx.arg("tk.mem") {
         None => diag!("no tk.mem given: size not checked"),
         Some(s) => {
-            let Some(want) = rules::parse_size(s) else { fail!("tk.mem={} is not a size", s) };
+            let Some(want) = rules::parse_size(s) else {
+                fail!("tk.mem={} is not a size", s)
+            };
             if summary.total() != want {
                 fail!(
                     "memory map totals {} bytes (RAM {} + legacy hole {}), tk.mem is {}",

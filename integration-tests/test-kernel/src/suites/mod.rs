@@ -2,3 +2,5 @@
 
 pub mod cmdline;
 pub mod mem;
+pub mod pci;
+pub mod smp;

@@ -1,0 +1,176 @@
+//! Building and finding what the integration tests boot: the test kernel
+//! ELF, the `pvmm` binary, QEMU.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The workspace root (the parent of `integration-tests/`).
+pub fn workspace_root() -> PathBuf {
+    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
+    here.parent().unwrap_or(here).to_path_buf()
+}
+
+/// The test kernel's crate directory.
+pub fn test_kernel_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("test-kernel")
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    // Nothing of the outer build leaks into the nested one.
+    for v in [
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "RUSTFLAGS",
+        "CARGO_MAKEFLAGS",
+        "MAKEFLAGS",
+    ] {
+        c.env_remove(v);
+    }
+    c
+}
+
+fn build(mut c: Command, what: &str) -> Result<(), String> {
+    let out = c
+        .output()
+        .map_err(|e| format!("cannot run cargo to build {what}: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "building {what} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// The test kernel ELF: `TEST_KERNEL` if set, else built with
+/// `cargo build --release --target x86_64-unknown-none` in its crate (the
+/// same command and path vmm/build.rs uses), once per test process.
+pub fn test_kernel() -> Result<PathBuf, String> {
+    static ELF: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    ELF.get_or_init(|| {
+        if let Some(p) = std::env::var_os("TEST_KERNEL") {
+            return Ok(PathBuf::from(p));
+        }
+        let dir = test_kernel_dir();
+        let mut c = cargo();
+        c.current_dir(&dir)
+            .args(["build", "--release", "--target", "x86_64-unknown-none"]);
+        build(c, "the test kernel")?;
+        let elf = dir.join("target/x86_64-unknown-none/release/test-kernel");
+        if elf.is_file() {
+            Ok(elf)
+        } else {
+            Err(format!("the test kernel build left no {}", elf.display()))
+        }
+    })
+    .clone()
+}
+
+/// The target directory and profile the running test binary was built with,
+/// from its path `<target-dir>/<profile-dir>/deps/<test>-<hash>`.
+fn own_target() -> Option<(PathBuf, String)> {
+    let exe = std::env::current_exe().ok()?;
+    let deps = exe.parent()?;
+    if deps.file_name()? != "deps" {
+        return None;
+    }
+    let profile_dir = deps.parent()?;
+    let profile = profile_dir.file_name()?.to_str()?.to_string();
+    Some((profile_dir.parent()?.to_path_buf(), profile))
+}
+
+/// The `pvmm` binary: `PVMM_BIN` if set; else built with
+/// `cargo build -p vmm --bin pvmm` into this test binary's own target
+/// directory and profile (so it is current), once per test process.
+pub fn pvmm() -> Result<PathBuf, String> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("PVMM_BIN") {
+            return Ok(PathBuf::from(p));
+        }
+        let (target_dir, profile_dir) =
+            own_target().ok_or("cannot tell the test binary's target directory; set PVMM_BIN")?;
+        let mut c = cargo();
+        c.current_dir(workspace_root())
+            .args(["build", "-p", "vmm", "--bin", "pvmm", "--target-dir"])
+            .arg(&target_dir);
+        match profile_dir.as_str() {
+            "debug" => {}
+            "release" => {
+                c.arg("--release");
+            }
+            other => {
+                c.args(["--profile", other]);
+            }
+        }
+        build(c, "pvmm")?;
+        let bin = target_dir.join(&profile_dir).join("pvmm");
+        if bin.is_file() {
+            Ok(bin)
+        } else {
+            Err(format!("the pvmm build left no {}", bin.display()))
+        }
+    })
+    .clone()
+}
+
+/// `qemu-system-x86_64` from PATH, if there.
+pub fn qemu() -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("qemu-system-x86_64"))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Whether /dev/kvm can be opened for reading and writing.
+pub fn kvm_usable() -> bool {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+}
+
+/// A token that differs between runs (time and process id), for checking
+/// that the command line arrives.
+pub fn random_token() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    #[allow(clippy::cast_possible_truncation)] // the low bits are the point
+    let mut x = (nanos as u64) ^ (u64::from(std::process::id()) << 32) ^ 0x9e37_79b9_7f4a_7c15;
+    // splitmix64 finalizer: spreads the bits.
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    format!("{x:016x}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert!(test_kernel_dir().join("Cargo.toml").is_file());
+        assert!(workspace_root().join("Cargo.toml").is_file());
+        let (dir, profile) = own_target().expect("test binaries live in <target>/<profile>/deps");
+        assert!(dir.join(&profile).is_dir());
+    }
+
+    #[test]
+    fn tokens_differ() {
+        let a = random_token();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let b = random_token();
+        assert_eq!(a.len(), 16);
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,120 @@
+//! Running a VM (or any command) with a timeout, capturing its output.
+
+use std::io::{self, Read};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// What a finished (or killed) command left.
+#[derive(Debug)]
+pub struct Output {
+    /// None when it was killed on the timeout.
+    pub status: Option<ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Output {
+    /// Whether it exited by itself with status 0.
+    pub fn success(&self) -> bool {
+        self.status.is_some_and(|s| s.success())
+    }
+
+    /// A readable account for assertion messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "status: {}\nelapsed: {:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            match self.status {
+                Some(s) => s.to_string(),
+                None => "killed on timeout".into(),
+            },
+            self.elapsed,
+            self.stdout,
+            self.stderr
+        )
+    }
+}
+
+fn reader(mut pipe: impl Read + Send + 'static) -> thread::JoinHandle<String> {
+    thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = pipe.read_to_end(&mut buf);
+        String::from_utf8_lossy(&buf).into_owned()
+    })
+}
+
+fn wait_or_kill(child: &mut Child, timeout: Duration) -> io::Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(s) = child.try_wait()? {
+            return Ok(Some(s));
+        }
+        if Instant::now() >= deadline {
+            child.kill()?;
+            child.wait()?;
+            return Ok(None);
+        }
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Runs `cmd` with stdin closed, capturing stdout and stderr; kills it after
+/// `timeout`.
+pub fn run(mut cmd: Command, timeout: Duration) -> io::Result<Output> {
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let out = child.stdout.take().map(reader);
+    let err = child.stderr.take().map(reader);
+    let status = wait_or_kill(&mut child, timeout)?;
+    let elapsed = start.elapsed();
+    let join = |h: Option<thread::JoinHandle<String>>| {
+        h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+    };
+    Ok(Output {
+        status,
+        stdout: join(out),
+        stderr: join(err),
+        elapsed,
+    })
+}
+
+static VM_LOCK: Mutex<()> = Mutex::new(());
+
+/// Serializes VMs within one test binary: the machines have 2 cores, guest
+/// ring 0 is emulated, and the kernel's AP start-up waits are wall-clock.
+pub fn vm_lock() -> MutexGuard<'static, ()> {
+    VM_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn captures_output_and_status() {
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo out; echo err >&2; exit 3"]);
+        let o = run(c, Duration::from_secs(10)).expect("sh runs");
+        assert_eq!(o.stdout, "out\n");
+        assert_eq!(o.stderr, "err\n");
+        assert_eq!(o.status.and_then(|s| s.code()), Some(3));
+        assert!(!o.success());
+    }
+
+    #[test]
+    fn kills_on_timeout() {
+        let mut c = Command::new("sh");
+        c.args(["-c", "echo started; exec sleep 30"]);
+        let o = run(c, Duration::from_millis(300)).expect("sh runs");
+        assert!(o.status.is_none());
+        assert!(o.elapsed < Duration::from_secs(10));
+        assert_eq!(o.stdout, "started\n");
+        assert!(o.describe().contains("killed on timeout"));
+    }
+}
