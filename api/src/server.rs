@@ -153,7 +153,8 @@ impl IntoResponse for RequestError {
         } else {
             log::debug!("API request refused: {body}");
         }
-        let mut response = json_response(status, &body);
+        // An ErrorBody is strings only: encoding it cannot fail.
+        let mut response = json_response(status, serde_json::to_vec(&body).unwrap_or_default());
         if let Self::MethodNotAllowed { route, .. } = self {
             response.headers_mut().insert(
                 header::ALLOW,
@@ -164,22 +165,12 @@ impl IntoResponse for RequestError {
     }
 }
 
-fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(bytes) => (
-            status,
-            [(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            )],
-            bytes,
-        )
-            .into_response(),
-        Err(e) => {
-            log::error!("Cannot encode an API answer: {e}");
-            StatusCode::INTERNAL_SERVER_ERROR.into_response()
-        }
-    }
+fn json_response(status: StatusCode, json: Vec<u8>) -> Response {
+    let content_type = [(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    )];
+    (status, content_type, json).into_response()
 }
 
 /// What every request handler shares.
@@ -233,8 +224,8 @@ async fn handle<A: ApiAction>(State(shared): State<Arc<Shared>>, body: Body) -> 
     };
     match A::route().success {
         Success::NoContent => StatusCode::NO_CONTENT.into_response(),
-        Success::Json => match serde_json::to_value(&reply) {
-            Ok(value) => json_response(StatusCode::OK, &value),
+        Success::Json => match serde_json::to_vec(&reply) {
+            Ok(json) => json_response(StatusCode::OK, json),
             Err(e) => RequestError::Encode(e).into_response(),
         },
     }
@@ -340,13 +331,7 @@ pub fn start_server_with(
     sender: ApiSender,
     options: ServerOptions,
 ) -> Result<ApiServer, ApiError> {
-    let listener = bind_socket(path)?;
-    let identity = std::fs::symlink_metadata(path)
-        .map(|m| (m.dev(), m.ino()))
-        .map_err(|source| ApiError::Inspect {
-            path: path.to_owned(),
-            source,
-        })?;
+    let (listener, identity) = bind_socket(path)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
         .enable_time()
@@ -405,7 +390,7 @@ async fn serve(listener: UnixListener, router: Router, stopped: watch::Receiver<
 }
 
 /// Creates the listening socket at `path`, mode 0600 from the start.
-fn bind_socket(path: &Path) -> Result<UnixListener, ApiError> {
+fn bind_socket(path: &Path) -> Result<(UnixListener, FileIdentity), ApiError> {
     claim_path(path)?;
     let address = SockAddr::unix(path).map_err(|source| ApiError::Bind {
         path: path.to_owned(),
@@ -426,14 +411,21 @@ fn bind_socket(path: &Path) -> Result<UnixListener, ApiError> {
         source,
     })?;
     let listen = || {
-        socket.listen(128)?;
-        socket.set_nonblocking(true)
+        socket.listen(128).map_err(ApiError::Listen)?;
+        socket.set_nonblocking(true).map_err(ApiError::Listen)?;
+        let metadata = std::fs::symlink_metadata(path).map_err(|source| ApiError::Inspect {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok((metadata.dev(), metadata.ino()))
     };
-    if let Err(e) = listen() {
-        let _ = std::fs::remove_file(path);
-        return Err(ApiError::Listen(e));
+    match listen() {
+        Ok(identity) => Ok((UnixListener::from(OwnedFd::from(socket)), identity)),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(e)
+        }
     }
-    Ok(UnixListener::from(OwnedFd::from(socket)))
 }
 
 /// Makes `path` free for a new socket: refuses a socket with a live server
