@@ -1,10 +1,360 @@
 //! The paravirtual IOMMU: hypercall dispatcher, device domains and backends.
+//!
+//! One [`Iommu`] per VM, shared by every vCPU thread and device through an
+//! `Arc`:
+//!
+//! - vCPU threads call [`Iommu::dispatch`] on a hypercall exit and apply the
+//!   [`HypercallOutcome`] (RAX, or RCX plus a RIP rewind for time slicing);
+//! - emulated devices call [`Iommu::translate`] before each DMA access and
+//!   get guest-physical [`Segments`] or a [`Fault`];
+//! - the device manager registers devices with [`Iommu::register_device`]
+//!   (with the software backend, [`BackendId::SOFTWARE`], or a backend added
+//!   with [`Iommu::add_backend`], such as IOMMUFD) and unregisters them on
+//!   removal;
+//! - the API reads [`Iommu::stats`].
+//!
+//! Locking: one mutex holds the domain layer's state; hypercalls take it for
+//! the duration of the typed handler (after the input has been copied in and
+//! before the output is written back), and call backends under it. The
+//! software backend has its own mutex, taken by `translate` only while it
+//! looks up a translation; no lock is held while a device touches guest
+//! memory, and `translate` never takes the state lock on its fast path, so
+//! DMA cannot deadlock against hypercalls. Lock order: state, then backend.
 
 pub mod backend;
+mod config;
+mod dispatch;
+mod domains;
+pub mod flush;
+mod ram;
+mod runs;
+mod software;
+mod stats;
+pub mod testing;
+mod translate;
 
 pub use backend::{
     AttachTarget, Backend, BackendError, DomainId, DomainKind, Invalidation, MapRun, PagingLevels,
     Perms, S1Config,
 };
+pub use config::{IommuConfig, IommuError, DEFAULT_PGSIZE_BITMAP};
+pub use dispatch::{HypercallOutcome, HypercallRegs};
+pub use domains::{Attachment, FlushStats};
 pub use pviommu_abi as abi;
 pub use pviommu_abi::DeviceId;
+pub use software::{IotlbStats, SoftwareBackend};
+pub use stats::{DeviceInfo, DomainInfo, DomainInfoKind, FaultStats, HypercallStats, IommuStats};
+pub use translate::{Access, Fault, FaultReason, Segment, Segments};
+
+use dispatch::{Counters, RateLimit};
+use domains::{DeviceEntry, State};
+use pviommu_abi::{device_type, DeviceDomainId, HypercallCode};
+use stats::FaultLog;
+use std::fmt;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use vm_memory::GuestMemory;
+
+/// A backend of an [`Iommu`], as returned by [`Iommu::add_backend`].
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BackendId(usize);
+
+impl BackendId {
+    /// The built-in software backend (emulated devices).
+    pub const SOFTWARE: Self = Self(0);
+}
+
+impl fmt::Debug for BackendId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "BackendId({})", self.0)
+    }
+}
+
+/// One VM's pvIOMMU. Send + Sync.
+pub struct Iommu {
+    config: IommuConfig,
+    software: Arc<SoftwareBackend>,
+    state: Mutex<State>,
+    counters: Counters,
+    faults: Mutex<FaultLog>,
+    log_limit: RateLimit,
+}
+
+impl fmt::Debug for Iommu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Iommu")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Iommu {
+    /// A pvIOMMU with `config`'s limits and the built-in software backend.
+    /// Guest RAM is taken from the `GuestMemory` given to each call, so
+    /// memory hotplug needs nothing here.
+    pub fn new(config: IommuConfig) -> Result<Self, IommuError> {
+        config.validate()?;
+        let software = Arc::new(SoftwareBackend::new(&config));
+        let state = State::new(Arc::clone(&software) as Arc<dyn Backend>);
+        Ok(Self {
+            config,
+            software,
+            state: Mutex::new(state),
+            counters: Counters::default(),
+            faults: Mutex::new(FaultLog::default()),
+            log_limit: RateLimit::new(),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &IommuConfig {
+        &self.config
+    }
+
+    pub(crate) fn lock_state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_faults(&self) -> MutexGuard<'_, FaultLog> {
+        self.faults.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a backend (for example IOMMUFD) for devices registered with the
+    /// returned id.
+    pub fn add_backend(&self, backend: Arc<dyn Backend>) -> BackendId {
+        let mut state = self.lock_state();
+        state.backends.push(backend);
+        BackendId(state.backends.len() - 1)
+    }
+
+    /// Registers a device (PCI form of `hv_device_id`, every other field
+    /// zero) with a backend; it starts in the default domain. The guest can
+    /// only name registered devices.
+    pub fn register_device(&self, device: DeviceId, backend: BackendId) -> Result<(), IommuError> {
+        let pci_fields = (1u64 << 32) - 1 | 3 << 62;
+        if device.device_type() != device_type::PCI || device.into_bits() & !pci_fields != 0 {
+            return Err(IommuError::NotPciDevice(device.into_bits()));
+        }
+        let mut state = self.lock_state();
+        if state.devices.contains_key(&device) {
+            return Err(IommuError::DeviceExists(device));
+        }
+        let b = state
+            .backends
+            .get(backend.0)
+            .cloned()
+            .ok_or(IommuError::UnknownBackend(backend))?;
+        b.add_device(device).map_err(IommuError::Backend)?;
+        state.devices.insert(
+            device,
+            DeviceEntry {
+                backend,
+                attached: Attachment::Default,
+            },
+        );
+        Ok(())
+    }
+
+    /// Unregisters a device: detaches it from its domain (the device returns
+    /// to the default domain, and its backend drops the domain if no other of
+    /// its devices uses it), then tells its backend the device is gone. The
+    /// guest's domain and its mappings stay: they are the guest's.
+    pub fn unregister_device(&self, device: DeviceId) -> Result<(), IommuError> {
+        let mut state = self.lock_state();
+        let Some(backend) = state.devices.get(&device).map(|e| e.backend) else {
+            return Err(IommuError::UnknownDevice(device));
+        };
+        state.detach_device(device);
+        state.devices.remove(&device);
+        let b = Arc::clone(&state.backends[backend.0]);
+        b.remove_device(device).map_err(IommuError::Backend)
+    }
+
+    /// Where a registered device's DMA goes now.
+    pub fn device_attachment(&self, device: DeviceId) -> Option<Attachment> {
+        self.lock_state().devices.get(&device).map(|e| e.attached)
+    }
+
+    /// Translates a DMA access of an emulated (software-backend) device:
+    /// `[iova, iova + len)` becomes guest-physical segments, all in guest RAM,
+    /// or a fault that is recorded (see [`Iommu::stats`]) and returned. No
+    /// lock is held when this returns; up to 8 segments need no allocation.
+    pub fn translate<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        device: DeviceId,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Segments, Fault> {
+        let raw = match self.software.translate(mem, device, iova, len, access) {
+            Ok(segments) => return Ok(segments),
+            Err(raw) => raw,
+        };
+        let mut reason = raw.reason;
+        if reason == FaultReason::UnknownDevice && self.lock_state().devices.contains_key(&device) {
+            reason = FaultReason::NotSoftwareDevice;
+        }
+        let fault = Fault {
+            device,
+            domain: raw.domain,
+            iova: raw.iova,
+            access,
+            reason,
+        };
+        self.lock_faults().record(fault);
+        if self.log_limit.allow() {
+            log::debug!("pvIOMMU: {fault}");
+        }
+        Err(fault)
+    }
+
+    /// A snapshot of domains, devices, hypercall and fault counters.
+    pub fn stats(&self) -> IommuStats {
+        let faults = self.lock_faults().snapshot();
+        let by_domain = self.lock_faults().by_domain.clone();
+        let state = self.lock_state();
+        let fault_count = |id: u32| by_domain.get(&id).copied().unwrap_or(0);
+
+        let mut devices: Vec<DeviceInfo> = state
+            .devices
+            .iter()
+            .map(|(id, e)| DeviceInfo {
+                id: *id,
+                backend: state.backends[e.backend.0].name(),
+                attachment: e.attached,
+            })
+            .collect();
+        devices.sort_by_key(|d| d.id);
+        let in_att = |a: Attachment| {
+            devices
+                .iter()
+                .filter(|d| d.attachment == a)
+                .map(|d| d.id)
+                .collect::<Vec<_>>()
+        };
+        let special = |id: u32, kind, devices| DomainInfo {
+            id,
+            kind,
+            devices,
+            mapped_pages: 0,
+            runs: 0,
+            s1: None,
+            flushes: FlushStats::default(),
+            faults: fault_count(id),
+            iotlb: None,
+            backends: Vec::new(),
+        };
+        let mut domains = vec![
+            special(
+                DeviceDomainId::ID_DEFAULT,
+                DomainInfoKind::Default,
+                in_att(Attachment::Default),
+            ),
+            special(
+                DeviceDomainId::ID_NULL,
+                DomainInfoKind::Null,
+                in_att(Attachment::Null),
+            ),
+        ];
+        let mut ids: Vec<u32> = state.domains.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let Some(d) = state.domains.get(&id) else {
+                continue;
+            };
+            domains.push(DomainInfo {
+                id,
+                kind: d.kind.into(),
+                devices: d.devices.clone(),
+                mapped_pages: d.runs.pages(),
+                runs: u64::try_from(d.runs.len()).unwrap_or(u64::MAX),
+                s1: (d.kind == DomainKind::S1).then_some(d.s1),
+                flushes: d.flush,
+                faults: fault_count(id),
+                iotlb: self.software.iotlb_stats(id),
+                backends: d
+                    .instances
+                    .iter()
+                    .map(|i| state.backends[i.backend.0].name())
+                    .collect(),
+            });
+        }
+        let load = |slot: usize| self.counters.calls[slot].load(Ordering::Relaxed);
+        let by_code: Vec<(HypercallCode, u64)> = HypercallCode::ALL
+            .iter()
+            .map(|c| (*c, load(Counters::slot(*c))))
+            .collect();
+        let unknown = load(HypercallCode::ALL.len());
+        IommuStats {
+            domains,
+            devices,
+            hypercalls: HypercallStats {
+                total: by_code.iter().map(|(_, n)| n).sum::<u64>() + unknown,
+                by_code,
+                unknown,
+                errors: self.counters.errors.load(Ordering::Relaxed),
+                continuations: self.counters.continuations.load(Ordering::Relaxed),
+            },
+            faults,
+            backend_errors: state.backend_errors,
+        }
+    }
+
+    /// The domains part of [`Iommu::stats`].
+    pub fn domains_info(&self) -> Vec<DomainInfo> {
+        self.stats().domains
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iommu_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Iommu>();
+        check::<Arc<Iommu>>();
+    }
+
+    #[test]
+    fn bad_config_is_refused() {
+        let err = Iommu::new(IommuConfig {
+            rep_budget: 0,
+            ..Default::default()
+        })
+        .expect_err("invalid");
+        assert_eq!(err.to_string(), "Rep budget must be at least 1");
+    }
+
+    #[test]
+    fn devices_register_once_in_pci_form() {
+        let iommu = Iommu::new(IommuConfig::default()).expect("iommu");
+        let dev = DeviceId::pci(0, 0, 3, 0);
+        iommu
+            .register_device(dev, BackendId::SOFTWARE)
+            .expect("register");
+        assert!(matches!(
+            iommu.register_device(dev, BackendId::SOFTWARE),
+            Err(IommuError::DeviceExists(_))
+        ));
+        assert!(matches!(
+            iommu.register_device(DeviceId::from_bits(0x1234), BackendId::SOFTWARE),
+            Err(IommuError::NotPciDevice(0x1234))
+        ));
+        assert!(matches!(
+            iommu.register_device(dev.with_source_shadow(true), BackendId::SOFTWARE),
+            Err(IommuError::NotPciDevice(_))
+        ));
+        assert!(matches!(
+            iommu.register_device(DeviceId::pci(0, 0, 4, 0), BackendId(7)),
+            Err(IommuError::UnknownBackend(BackendId(7)))
+        ));
+        assert_eq!(iommu.device_attachment(dev), Some(Attachment::Default));
+        iommu.unregister_device(dev).expect("unregister");
+        assert_eq!(iommu.device_attachment(dev), None);
+        let err = iommu.unregister_device(dev).expect_err("gone");
+        assert_eq!(err.to_string(), "Device 0000:00:03.0 is not registered");
+    }
+}

@@ -518,6 +518,25 @@ impl DeviceId {
     }
 }
 
+impl fmt::Display for DeviceId {
+    /// PCI ids print as `segment:bus:device.function`, others as hex.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let rid = self.rid();
+        if self.device_type() == device_type::PCI && self.0 & !((1 << 32) - 1 | 3 << 62) == 0 {
+            write!(
+                f,
+                "{:04x}:{:02x}:{:02x}.{}",
+                self.segment(),
+                rid.bus(),
+                rid.device(),
+                rid.function()
+            )
+        } else {
+            write!(f, "{:#018x}", self.0)
+        }
+    }
+}
+
 /// `iommu_cap` bits of [`OutputGetIommuCapabilities`].
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]

@@ -1,0 +1,195 @@
+//! Limits and offered features of one VM's pvIOMMU, and the host-side errors.
+
+use crate::backend::BackendError;
+use crate::BackendId;
+use pviommu_abi::DeviceId;
+
+/// 4 KiB page.
+pub(crate) const PAGE_SIZE: u64 = pviommu_abi::HV_PAGE_SIZE;
+pub(crate) const PAGE_SHIFT: u32 = pviommu_abi::HV_PAGE_SHIFT;
+
+/// Page sizes the default configuration reports: 4 KiB, 2 MiB, 1 GiB.
+pub const DEFAULT_PGSIZE_BITMAP: u64 = (1 << 12) | (1 << 21) | (1 << 30);
+
+/// Limits and features of one VM's pvIOMMU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IommuConfig {
+    /// Device domains the guest may create (the default and null domains are
+    /// not counted). Past it CREATE answers INSUFFICIENT_DEVICE_DOMAINS.
+    pub max_domains: u32,
+    /// Pages one S2 domain may map. Past it MAP answers INSUFFICIENT_MEMORY.
+    pub max_mapped_pages_per_domain: u64,
+    /// Reps one dispatch runs before it asks the VMM to restart the call
+    /// (time slicing). At least 1.
+    pub rep_budget: u16,
+    /// Width of the device address space in bits (32..=64), reported by
+    /// GET_IOMMU_CAPABILITIES. IOVAs at or past 2^width are refused.
+    pub max_iova_width: u8,
+    /// S1 (guest page table) domains are offered.
+    pub s1: bool,
+    /// 5-level S1 page tables are offered (needs `s1`).
+    pub s1_5level: bool,
+    /// Page sizes reported by GET_IOMMU_CAPABILITIES (must include 4 KiB).
+    pub pgsize_bitmap: u64,
+    /// Guest physical address width for the S1 walker's reserved-bit check
+    /// (PTE bits 51:width must be zero), 32..=52.
+    pub phys_addr_width: u8,
+    /// Capacity of the software backend's IOTLB, per domain, in 4 KiB
+    /// entries. When it is full the domain's IOTLB starts over. At least 1.
+    pub iotlb_entries: usize,
+}
+
+impl Default for IommuConfig {
+    fn default() -> Self {
+        Self {
+            max_domains: 256,
+            max_mapped_pages_per_domain: 1 << 20,
+            rep_budget: 512,
+            max_iova_width: 48,
+            s1: true,
+            s1_5level: true,
+            pgsize_bitmap: DEFAULT_PGSIZE_BITMAP,
+            phys_addr_width: 46,
+            iotlb_entries: 4096,
+        }
+    }
+}
+
+impl IommuConfig {
+    /// Checks the values a user may have got wrong.
+    pub fn validate(&self) -> Result<(), IommuError> {
+        if !(32..=64).contains(&self.max_iova_width) {
+            return Err(IommuError::IovaWidth(self.max_iova_width));
+        }
+        if !(32..=52).contains(&self.phys_addr_width) {
+            return Err(IommuError::PhysAddrWidth(self.phys_addr_width));
+        }
+        if self.rep_budget == 0 {
+            return Err(IommuError::ZeroRepBudget);
+        }
+        if self.s1_5level && !self.s1 {
+            return Err(IommuError::FiveLevelWithoutS1);
+        }
+        if self.pgsize_bitmap & PAGE_SIZE == 0 {
+            return Err(IommuError::PageSizes(self.pgsize_bitmap));
+        }
+        if self.iotlb_entries == 0 {
+            return Err(IommuError::ZeroIotlb);
+        }
+        Ok(())
+    }
+
+    /// One past the highest IOVA the guest may use.
+    pub(crate) fn iova_limit(&self) -> u128 {
+        1u128 << self.max_iova_width
+    }
+}
+
+/// Host-side errors of the iommu crate (configuration, device management).
+/// Guest-visible results are [`pviommu_abi::HvStatus`] instead.
+#[derive(Debug, thiserror::Error)]
+pub enum IommuError {
+    /// max_iova_width out of range.
+    #[error("IOVA width {0} is not between 32 and 64 bits")]
+    IovaWidth(u8),
+    /// phys_addr_width out of range.
+    #[error("Physical address width {0} is not between 32 and 52 bits")]
+    PhysAddrWidth(u8),
+    /// rep_budget is zero.
+    #[error("Rep budget must be at least 1")]
+    ZeroRepBudget,
+    /// s1_5level without s1.
+    #[error("5-level S1 needs S1 domains to be offered")]
+    FiveLevelWithoutS1,
+    /// pgsize_bitmap without 4 KiB.
+    #[error("Page size bitmap {0:#x} does not include 4 KiB")]
+    PageSizes(u64),
+    /// iotlb_entries is zero.
+    #[error("IOTLB capacity must be at least 1")]
+    ZeroIotlb,
+    /// register_device of a device already registered.
+    #[error("Device {0} is already registered")]
+    DeviceExists(DeviceId),
+    /// A device id that is not registered.
+    #[error("Device {0} is not registered")]
+    UnknownDevice(DeviceId),
+    /// A device id that is not in the PCI form.
+    #[error("Device id {0:#x} is not in the PCI form")]
+    NotPciDevice(u64),
+    /// A backend id that was never added.
+    #[error("Backend {0:?} does not exist")]
+    UnknownBackend(BackendId),
+    /// The device's backend refused the operation.
+    #[error("Backend operation failed")]
+    Backend(#[source] BackendError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        IommuConfig::default().validate().expect("default config");
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_message() {
+        let cases: [(IommuConfig, &str); 7] = [
+            (
+                IommuConfig {
+                    max_iova_width: 31,
+                    ..Default::default()
+                },
+                "IOVA width 31",
+            ),
+            (
+                IommuConfig {
+                    max_iova_width: 65,
+                    ..Default::default()
+                },
+                "IOVA width 65",
+            ),
+            (
+                IommuConfig {
+                    phys_addr_width: 53,
+                    ..Default::default()
+                },
+                "Physical address width 53",
+            ),
+            (
+                IommuConfig {
+                    rep_budget: 0,
+                    ..Default::default()
+                },
+                "Rep budget",
+            ),
+            (
+                IommuConfig {
+                    s1: false,
+                    s1_5level: true,
+                    ..Default::default()
+                },
+                "5-level",
+            ),
+            (
+                IommuConfig {
+                    pgsize_bitmap: 1 << 21,
+                    ..Default::default()
+                },
+                "4 KiB",
+            ),
+            (
+                IommuConfig {
+                    iotlb_entries: 0,
+                    ..Default::default()
+                },
+                "IOTLB",
+            ),
+        ];
+        for (config, text) in cases {
+            let err = config.validate().expect_err("invalid config");
+            assert!(err.to_string().contains(text), "{err} lacks {text}");
+        }
+    }
+}

@@ -1,0 +1,366 @@
+//! The hypercall dispatcher: the one place that turns guest registers into a
+//! typed call.
+//!
+//! It owns every check of the call's shape (reserved control bits, code,
+//! nested, variable header, simple vs rep, rep count and start, fast form),
+//! of the buffers (8-byte alignment, no page crossing, in guest RAM), copies
+//! the input into a zeroed buffer on the stack, runs the typed handler of the
+//! domain layer on the reps of this time slice, and writes the output back
+//! only for a call that completed. It allocates nothing and never leaves the
+//! calling thread.
+//!
+//! Order of checks (the first failing one gives the status):
+//! 1. control reserved bits: INVALID_HYPERCALL_INPUT;
+//! 2. unknown code: INVALID_HYPERCALL_CODE;
+//! 3. nested, variable header, rep count/start against the call's kind:
+//!    INVALID_HYPERCALL_INPUT (reps completed 0 for 1-3);
+//! 4. fast form whose input is over 16 bytes or that has output:
+//!    INVALID_HYPERCALL_INPUT;
+//! 5. input/output block misaligned or crossing a page: INVALID_ALIGNMENT;
+//! 6. input/output block not in guest RAM: INVALID_PARAMETER;
+//! 7. the handler's own checks.
+//!
+//! From step 4 on, an error reports the rep start as reps completed (the
+//! reps of earlier slices stay done); a handler error reports the index of
+//! the failing rep.
+
+use crate::domains::RepError;
+use crate::ram;
+use crate::Iommu;
+use pviommu_abi::{
+    Control, HvError, HvStatus, HypercallCode, HypercallOutput, InputAttachDeviceDomain,
+    InputConfigureDeviceDomain, InputCreateDeviceDomain, InputDeleteDeviceDomain,
+    InputDetachDeviceDomain, InputFlushDeviceDomain, InputFlushDeviceDomainList,
+    InputGetIommuCapabilities, InputGetLogicalDeviceProperty, InputMapDeviceGpaPages,
+    InputUnmapDeviceGpaPages, HV_PAGE_SIZE,
+};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Instant;
+use vm_memory::GuestMemory;
+use zerocopy::little_endian::U64;
+use zerocopy::{FromBytes, IntoBytes};
+
+/// The registers of a hypercall: RCX (input value), RDX (input GPA or fast
+/// data), R8 (output GPA or fast data).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HypercallRegs {
+    /// Input value (control word).
+    pub rcx: u64,
+    /// Input block GPA, or the first 8 bytes of a fast call's input.
+    pub rdx: u64,
+    /// Output block GPA, or the second 8 bytes of a fast call's input.
+    pub r8: u64,
+}
+
+/// What the VMM does with the vCPU after [`Iommu::dispatch`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HypercallOutcome {
+    /// The call is over: write `rax` (status and reps completed) to RAX.
+    Complete {
+        /// The result value.
+        rax: u64,
+    },
+    /// The rep budget ran out: write `rcx` (the input value with the new rep
+    /// start) to RCX and rewind RIP by
+    /// [`pviommu_abi::HYPERCALL_INSTRUCTION_LEN`] so that the guest issues
+    /// the call again; RAX is not written.
+    Continue {
+        /// The new input value.
+        rcx: u64,
+    },
+}
+
+/// The shape of a call: simple or rep, fixed header size, per-rep element
+/// size, output size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Shape {
+    pub rep: bool,
+    pub header: usize,
+    pub elem: usize,
+    pub output: usize,
+}
+
+pub(crate) fn shape(code: HypercallCode) -> Option<Shape> {
+    let simple = |header, output| Shape {
+        rep: false,
+        header,
+        elem: 0,
+        output,
+    };
+    let rep = |header, elem| Shape {
+        rep: true,
+        header,
+        elem,
+        output: 0,
+    };
+    Some(match code {
+        HypercallCode::GET_IOMMU_CAPABILITIES => simple(16, 24),
+        HypercallCode::GET_LOGICAL_DEVICE_PROPERTY => simple(24, 16),
+        HypercallCode::CREATE_DEVICE_DOMAIN => simple(28, 0),
+        HypercallCode::DELETE_DEVICE_DOMAIN => simple(24, 0),
+        HypercallCode::ATTACH_DEVICE_DOMAIN => simple(32, 0),
+        HypercallCode::DETACH_DEVICE_DOMAIN => simple(16, 0),
+        HypercallCode::CONFIGURE_DEVICE_DOMAIN => simple(40, 0),
+        HypercallCode::FLUSH_DEVICE_DOMAIN => simple(32, 0),
+        HypercallCode::MAP_DEVICE_GPA_PAGES => rep(40, 8),
+        HypercallCode::UNMAP_DEVICE_GPA_PAGES => rep(32, 0),
+        HypercallCode::FLUSH_DEVICE_DOMAIN_LIST => rep(32, 8),
+        _ => return None,
+    })
+}
+
+const PAGE: usize = HV_PAGE_SIZE as usize;
+const MAX_OUTPUT: usize = 24;
+const FAST_BYTES: usize = 16;
+
+/// Per-code counters (index in [`HypercallCode::ALL`], last slot: unknown).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub calls: [AtomicU64; 12],
+    pub errors: AtomicU64,
+    pub continuations: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn slot(code: HypercallCode) -> usize {
+        HypercallCode::ALL
+            .iter()
+            .position(|c| *c == code)
+            .unwrap_or(HypercallCode::ALL.len())
+    }
+}
+
+/// At most `PER_SECOND` log lines a second for guest-caused events.
+#[derive(Debug)]
+pub(crate) struct RateLimit {
+    start: Instant,
+    window: AtomicU64,
+    count: AtomicU32,
+}
+
+impl RateLimit {
+    const PER_SECOND: u32 = 10;
+
+    pub(crate) fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            window: AtomicU64::new(0),
+            count: AtomicU32::new(0),
+        }
+    }
+
+    pub(crate) fn allow(&self) -> bool {
+        let now = self.start.elapsed().as_secs();
+        if self.window.swap(now, Ordering::Relaxed) != now {
+            self.count.store(0, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed) < Self::PER_SECOND
+    }
+}
+
+enum Slice {
+    Done(u16),
+    Continue(u16),
+}
+
+fn check_block(gpa: u64, size: usize) -> Result<(), HvError> {
+    let offset = usize::try_from(gpa & (HV_PAGE_SIZE - 1)).unwrap_or(PAGE);
+    if gpa % 8 != 0 || offset + size > PAGE {
+        return Err(HvError::INVALID_ALIGNMENT);
+    }
+    Ok(())
+}
+
+fn parse<T: FromBytes>(bytes: &[u8]) -> Result<T, HvError> {
+    T::read_from_prefix(bytes)
+        .map(|(t, _)| t)
+        .map_err(|_| HvError::INVALID_PARAMETER)
+}
+
+impl Iommu {
+    /// Runs the hypercall in `regs` for vCPU `vp_index` against guest memory
+    /// `mem`, on the calling thread. Never panics, whatever the registers and
+    /// memory hold; allocates nothing.
+    pub fn dispatch<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        vp_index: u32,
+        regs: HypercallRegs,
+    ) -> HypercallOutcome {
+        let control = Control::from_bits(regs.rcx);
+        self.counters.calls[Counters::slot(control.call_code())].fetch_add(1, Ordering::Relaxed);
+        match self.dispatch_inner(mem, control, regs) {
+            Ok(Slice::Done(reps)) => HypercallOutcome::Complete {
+                rax: HypercallOutput::from_status(HvStatus::SUCCESS, reps).into_bits(),
+            },
+            Ok(Slice::Continue(next)) => {
+                self.counters.continuations.fetch_add(1, Ordering::Relaxed);
+                HypercallOutcome::Continue {
+                    rcx: control.with_rep_start(next).into_bits(),
+                }
+            }
+            Err((error, reps)) => {
+                self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                if self.log_limit.allow() {
+                    log::debug!(
+                        "pvIOMMU: vp {vp_index}: {:?} (rcx {:#x}) -> {error} after {reps} reps",
+                        control.call_code(),
+                        regs.rcx
+                    );
+                }
+                HypercallOutcome::Complete {
+                    rax: HypercallOutput::from_status(error.status(), reps).into_bits(),
+                }
+            }
+        }
+    }
+
+    fn dispatch_inner<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        control: Control,
+        regs: HypercallRegs,
+    ) -> Result<Slice, (HvError, u16)> {
+        let input_error = Err((HvError::INVALID_HYPERCALL_INPUT, 0));
+        if !control.reserved_clear() {
+            return input_error;
+        }
+        let code = control.call_code();
+        let Some(shape) = shape(code) else {
+            return Err((HvError::INVALID_HYPERCALL_CODE, 0));
+        };
+        if control.nested() || control.variable_header_size() != 0 {
+            return input_error;
+        }
+        let (count, start) = (control.rep_count(), control.rep_start());
+        if shape.rep {
+            if count == 0 || start >= count {
+                return input_error;
+            }
+        } else if count != 0 || start != 0 {
+            return input_error;
+        }
+        let fail = |e: HvError| Err((e, start));
+        let end = if shape.rep {
+            count.min(start.saturating_add(self.config.rep_budget))
+        } else {
+            0
+        };
+        let input_size = shape.header + usize::from(count) * shape.elem;
+        let elems_lo = shape.header + usize::from(start) * shape.elem;
+        let elems_hi = shape.header + usize::from(end) * shape.elem;
+
+        let mut input = [0u8; PAGE];
+        if control.fast() {
+            if input_size > FAST_BYTES || shape.output != 0 {
+                return fail(HvError::INVALID_HYPERCALL_INPUT);
+            }
+            input[..8].copy_from_slice(&regs.rdx.to_le_bytes());
+            input[8..16].copy_from_slice(&regs.r8.to_le_bytes());
+        } else {
+            if let Err(e) = check_block(regs.rdx, input_size) {
+                return fail(e);
+            }
+            if shape.output != 0 {
+                if let Err(e) = check_block(regs.r8, shape.output) {
+                    return fail(e);
+                }
+            }
+            // Offsets stay within the page checked above: no overflow.
+            let elems_gpa = regs.rdx + u64::try_from(elems_lo).unwrap_or(0);
+            if !ram::read(mem, regs.rdx, &mut input[..shape.header])
+                || (elems_hi > elems_lo
+                    && !ram::read(mem, elems_gpa, &mut input[elems_lo..elems_hi]))
+            {
+                return fail(HvError::INVALID_PARAMETER);
+            }
+            if shape.output != 0
+                && !ram::in_ram(mem, regs.r8, u64::try_from(shape.output).unwrap_or(0))
+            {
+                return fail(HvError::INVALID_PARAMETER);
+            }
+        }
+        let header = &input[..shape.header];
+        let elems = &input[elems_lo..elems_hi];
+        let mut output = [0u8; MAX_OUTPUT];
+
+        let result = {
+            let mut state = self.lock_state();
+            let state = &mut *state;
+            let config = &self.config;
+            let simple = |r: Result<(), HvError>| r.map_err(RepError::from);
+            match code {
+                HypercallCode::GET_IOMMU_CAPABILITIES => simple(
+                    parse::<InputGetIommuCapabilities>(header)
+                        .and_then(|i| state.get_capabilities(config, &i))
+                        .map(|o| o.write_to_prefix(&mut output).unwrap_or(())),
+                ),
+                HypercallCode::GET_LOGICAL_DEVICE_PROPERTY => simple(
+                    parse::<InputGetLogicalDeviceProperty>(header)
+                        .and_then(|i| state.get_device_property(&i))
+                        .map(|o| o.write_to_prefix(&mut output).unwrap_or(())),
+                ),
+                HypercallCode::CREATE_DEVICE_DOMAIN => simple(
+                    parse::<InputCreateDeviceDomain>(header)
+                        .and_then(|i| state.create_domain(config, &i)),
+                ),
+                HypercallCode::DELETE_DEVICE_DOMAIN => simple(
+                    parse::<InputDeleteDeviceDomain>(header).and_then(|i| state.delete_domain(&i)),
+                ),
+                HypercallCode::ATTACH_DEVICE_DOMAIN => {
+                    simple(parse::<InputAttachDeviceDomain>(header).and_then(|i| state.attach(&i)))
+                }
+                HypercallCode::DETACH_DEVICE_DOMAIN => {
+                    simple(parse::<InputDetachDeviceDomain>(header).and_then(|i| state.detach(&i)))
+                }
+                HypercallCode::CONFIGURE_DEVICE_DOMAIN => simple(
+                    parse::<InputConfigureDeviceDomain>(header)
+                        .and_then(|i| state.configure(config, mem, &i)),
+                ),
+                HypercallCode::FLUSH_DEVICE_DOMAIN => {
+                    simple(parse::<InputFlushDeviceDomain>(header).and_then(|i| state.flush(&i)))
+                }
+                HypercallCode::MAP_DEVICE_GPA_PAGES => {
+                    match (parse::<InputMapDeviceGpaPages>(header), elements(elems)) {
+                        (Ok(hdr), Ok(gpns)) => state.map(config, mem, &hdr, start, gpns),
+                        (Err(e), _) | (_, Err(e)) => Err(e.into()),
+                    }
+                }
+                HypercallCode::UNMAP_DEVICE_GPA_PAGES => {
+                    match parse::<InputUnmapDeviceGpaPages>(header) {
+                        Ok(hdr) => state.unmap(&hdr, start, usize::from(end - start)),
+                        Err(e) => Err(e.into()),
+                    }
+                }
+                HypercallCode::FLUSH_DEVICE_DOMAIN_LIST => {
+                    match (parse::<InputFlushDeviceDomainList>(header), elements(elems)) {
+                        (Ok(hdr), Ok(entries)) => state.flush_list(config, &hdr, entries),
+                        (Err(e), _) | (_, Err(e)) => Err(e.into()),
+                    }
+                }
+                _ => Err(HvError::INVALID_HYPERCALL_CODE.into()),
+            }
+        };
+        match result {
+            Err(RepError { done, error }) => {
+                let done = u16::try_from(done).unwrap_or(u16::MAX);
+                Err((error, start.saturating_add(done).min(count)))
+            }
+            Ok(()) if shape.output != 0 => {
+                if !ram::write(mem, regs.r8, &output[..shape.output]) {
+                    return fail(HvError::INVALID_PARAMETER);
+                }
+                Ok(Slice::Done(0))
+            }
+            Ok(()) if shape.rep && end < count => Ok(Slice::Continue(end)),
+            Ok(()) => Ok(Slice::Done(count)),
+        }
+    }
+}
+
+fn elements(bytes: &[u8]) -> Result<&[U64], HvError> {
+    <[U64]>::ref_from_bytes(bytes).map_err(|_| HvError::INVALID_PARAMETER)
+}
+
+#[cfg(test)]
+mod tests;

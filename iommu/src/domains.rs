@@ -1,0 +1,827 @@
+//! The domain layer: the authoritative state of every device and guest
+//! domain, one typed handler per hypercall, and the fan-out to backends.
+//!
+//! Handlers get inputs the dispatcher has already copied out of guest memory
+//! and shaped (control word, alignment, sizes); they check every field
+//! themselves (partition id, VTLs, padding, reserved bits, flags, ids,
+//! addresses) and answer with a guest-visible status.
+
+use crate::backend::{
+    AttachTarget, Backend, BackendError, DomainKind, Invalidation, MapRun, PagingLevels, Perms,
+    S1Config,
+};
+use crate::config::{IommuConfig, PAGE_SHIFT, PAGE_SIZE};
+use crate::flush::{decode_entry, merge_ranges, PageRange};
+use crate::ram;
+use crate::runs::{RunMap, UnmapOp};
+use crate::BackendId;
+use pviommu_abi::{
+    device_property, CreateDeviceDomainFlags, DeviceDomainId, DeviceDomainSettingsFlags,
+    DeviceDomainType, DeviceId, DeviceIommuProperty, FlushListEntry, FlushListFlags, HvError,
+    InputAttachDeviceDomain, InputConfigureDeviceDomain, InputCreateDeviceDomain,
+    InputDeleteDeviceDomain, InputDetachDeviceDomain, InputDeviceDomain, InputFlushDeviceDomain,
+    InputFlushDeviceDomainList, InputGetIommuCapabilities, InputGetLogicalDeviceProperty,
+    InputMapDeviceGpaPages, InputUnmapDeviceGpaPages, InputVtl, IommuCapabilities, MapFlags,
+    OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty, HV_PARTITION_ID_SELF,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use vm_memory::GuestMemory;
+use zerocopy::little_endian::{U16, U32, U64};
+
+/// Size of OutputGetIommuCapabilities, reported in its `size` field.
+pub(crate) const CAPABILITIES_SIZE: u32 = 24;
+
+/// Result of a simple call.
+pub(crate) type HvResult<T> = Result<T, HvError>;
+
+/// A rep call stopped at rep `done` (relative to the slice) with `error`;
+/// the reps before it are done.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct RepError {
+    pub done: usize,
+    pub error: HvError,
+}
+
+impl RepError {
+    fn at(done: usize, error: HvError) -> Self {
+        Self { done, error }
+    }
+}
+
+impl From<HvError> for RepError {
+    fn from(error: HvError) -> Self {
+        Self { done: 0, error }
+    }
+}
+
+/// Where a device's DMA goes, as the guest sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Attachment {
+    /// The default domain (id 0): identity.
+    Default,
+    /// The null domain (id 0xFFFF_FFFF): blocked.
+    Null,
+    /// A guest-created domain.
+    Domain(u32),
+}
+
+impl Attachment {
+    /// The guest's domain id for this attachment.
+    pub fn domain_id(self) -> u32 {
+        match self {
+            Self::Default => DeviceDomainId::ID_DEFAULT,
+            Self::Null => DeviceDomainId::ID_NULL,
+            Self::Domain(id) => id,
+        }
+    }
+}
+
+/// Flush counters of a domain.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlushStats {
+    /// FLUSH_DEVICE_DOMAIN calls.
+    pub full: u64,
+    /// FLUSH_DEVICE_DOMAIN_LIST entries received.
+    pub entries: u64,
+    /// Merged ranges (one backend invalidation each, per backend instance).
+    pub ranges: u64,
+    /// Pages in the merged ranges.
+    pub pages: u64,
+}
+
+#[derive(Debug)]
+pub(crate) struct DeviceEntry {
+    pub backend: BackendId,
+    pub attached: Attachment,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Instance {
+    pub backend: BackendId,
+    pub devices: u32,
+}
+
+#[derive(Debug)]
+pub(crate) struct Domain {
+    pub kind: DomainKind,
+    pub runs: RunMap,
+    pub s1: S1Config,
+    pub devices: Vec<DeviceId>,
+    pub instances: Vec<Instance>,
+    pub flush: FlushStats,
+}
+
+/// Everything behind the Iommu's state lock.
+pub(crate) struct State {
+    pub backends: Vec<Arc<dyn Backend>>,
+    pub devices: HashMap<DeviceId, DeviceEntry>,
+    pub domains: HashMap<u32, Domain>,
+    pub backend_errors: u64,
+}
+
+enum DomainRef {
+    Default,
+    Null,
+    Guest(u32),
+}
+
+fn check_partition(partition_id: U64) -> HvResult<()> {
+    if partition_id.get() == HV_PARTITION_ID_SELF {
+        Ok(())
+    } else {
+        Err(HvError::INVALID_PARTITION_ID)
+    }
+}
+
+/// Checks the common header and returns the domain id word.
+fn check_header(hdr: &InputDeviceDomain) -> HvResult<DeviceDomainId> {
+    check_partition(hdr.partition_id)?;
+    if !hdr.owner_vtl().is_vtl0() || hdr.padding != [0; 7] {
+        return Err(HvError::INVALID_PARAMETER);
+    }
+    let domain = hdr.domain();
+    if domain.reserved() != 0 {
+        return Err(HvError::INVALID_PARAMETER);
+    }
+    match domain.domain_type() {
+        DeviceDomainType::S2 | DeviceDomainType::S1 => Ok(domain),
+        _ => Err(HvError::INVALID_PARAMETER),
+    }
+}
+
+fn kind_of(t: DeviceDomainType) -> DomainKind {
+    if t == DeviceDomainType::S1 {
+        DomainKind::S1
+    } else {
+        DomainKind::S2
+    }
+}
+
+fn record(
+    errors: &mut u64,
+    backend: &dyn Backend,
+    what: &str,
+    result: Result<(), BackendError>,
+) -> bool {
+    match result {
+        Ok(()) => true,
+        Err(e) => {
+            *errors += 1;
+            log::warn!("pvIOMMU {} backend: {what} failed: {e}", backend.name());
+            false
+        }
+    }
+}
+
+/// Maps `run` in every instance, or in none.
+fn map_everywhere(
+    backends: &[Arc<dyn Backend>],
+    instances: &[Instance],
+    id: u32,
+    run: MapRun,
+    errors: &mut u64,
+) -> Result<(), BackendError> {
+    for (k, inst) in instances.iter().enumerate() {
+        if let Err(e) = backends[inst.backend.0].map(id, run) {
+            *errors += 1;
+            log::warn!(
+                "pvIOMMU {} backend: map failed: {e}",
+                backends[inst.backend.0].name()
+            );
+            for prev in &instances[..k] {
+                let b = &*backends[prev.backend.0];
+                record(errors, b, "undo map", b.unmap(id, run));
+            }
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+impl State {
+    pub(crate) fn new(software: Arc<dyn Backend>) -> Self {
+        Self {
+            backends: vec![software],
+            devices: HashMap::new(),
+            domains: HashMap::new(),
+            backend_errors: 0,
+        }
+    }
+
+    fn resolve(&self, domain: DeviceDomainId) -> HvResult<DomainRef> {
+        match domain.id() {
+            DeviceDomainId::ID_DEFAULT => Ok(DomainRef::Default),
+            DeviceDomainId::ID_NULL => Ok(DomainRef::Null),
+            id => match self.domains.get(&id) {
+                Some(d) if d.kind == kind_of(domain.domain_type()) => Ok(DomainRef::Guest(id)),
+                _ => Err(HvError::INVALID_PARAMETER),
+            },
+        }
+    }
+
+    /// A guest-created domain of `kind` named by `hdr`.
+    fn guest_domain(&self, hdr: &InputDeviceDomain, kind: DomainKind) -> HvResult<u32> {
+        let domain = check_header(hdr)?;
+        match self.resolve(domain)? {
+            DomainRef::Guest(id) if self.domains.get(&id).is_some_and(|d| d.kind == kind) => Ok(id),
+            _ => Err(HvError::INVALID_PARAMETER),
+        }
+    }
+
+    // ---- simple calls ----
+
+    pub(crate) fn get_capabilities(
+        &self,
+        config: &IommuConfig,
+        input: &InputGetIommuCapabilities,
+    ) -> HvResult<OutputGetIommuCapabilities> {
+        check_partition(input.partition_id)?;
+        if input.reserved.get() != 0 {
+            return Err(HvError::INVALID_PARAMETER);
+        }
+        let caps = IommuCapabilities::new()
+            .with_present(true)
+            .with_s2(true)
+            .with_s1(config.s1)
+            .with_s1_5lvl(config.s1_5level);
+        Ok(OutputGetIommuCapabilities {
+            size: U32::new(CAPABILITIES_SIZE),
+            reserved: U16::new(0),
+            max_iova_width: config.max_iova_width,
+            max_pasid_width: 0,
+            iommu_cap: U64::new(caps.into_bits()),
+            pgsize_bitmap: U64::new(config.pgsize_bitmap),
+        })
+    }
+
+    pub(crate) fn get_device_property(
+        &self,
+        input: &InputGetLogicalDeviceProperty,
+    ) -> HvResult<OutputGetLogicalDeviceProperty> {
+        check_partition(input.partition_id)?;
+        if input.reserved.get() != 0 || input.code.get() != device_property::PVIOMMU {
+            return Err(HvError::INVALID_PARAMETER);
+        }
+        let device = DeviceId::from_bits(input.logical_device_id.get());
+        if !self.devices.contains_key(&device) {
+            return Err(HvError::INVALID_DEVICE_ID);
+        }
+        Ok(OutputGetLogicalDeviceProperty {
+            device_iommu: U64::new(DeviceIommuProperty::new().with_enabled(true).into_bits()),
+            reserved: U64::new(0),
+        })
+    }
+
+    pub(crate) fn create_domain(
+        &mut self,
+        config: &IommuConfig,
+        input: &InputCreateDeviceDomain,
+    ) -> HvResult<()> {
+        let domain = check_header(&input.device_domain)?;
+        let flags = CreateDeviceDomainFlags::from_bits(input.create_device_domain_flags.get());
+        if flags.reserved() != 0 {
+            return Err(HvError::INVALID_PARAMETER);
+        }
+        let kind = kind_of(domain.domain_type());
+        if kind == DomainKind::S1 && !config.s1 {
+            return Err(HvError::INVALID_PARAMETER);
+        }
+        let id = domain.id();
+        if id == DeviceDomainId::ID_DEFAULT
+            || id == DeviceDomainId::ID_NULL
+            || self.domains.contains_key(&id)
+        {
+            return Err(HvError::INVALID_PARAMETER);
+        }
+        if self.domains.len() >= usize::try_from(config.max_domains).unwrap_or(usize::MAX) {
+            return Err(HvError::INSUFFICIENT_DEVICE_DOMAINS);
+        }
+        self.domains.insert(
+            id,
+            Domain {
+                kind,
+                runs: RunMap::default(),
+                s1: S1Config::UNCONFIGURED,
+                devices: Vec::new(),
+                instances: Vec::new(),
+                flush: FlushStats::default(),
+            },
+        );
+        Ok(())
+    }
+
+    pub(crate) fn delete_domain(&mut self, input: &InputDeleteDeviceDomain) -> HvResult<()> {
+        let domain = check_header(&input.device_domain)?;
+        let DomainRef::Guest(id) = self.resolve(domain)? else {
+            return Err(HvError::INVALID_PARAMETER);
+        };
+        if self.domains.get(&id).is_some_and(|d| !d.devices.is_empty()) {
+            return Err(HvError::OPERATION_DENIED);
+        }
+        // No device attached means no backend instance: nothing to tear down.
+        self.domains.remove(&id);
+        Ok(())
+    }
+
+    pub(crate) fn attach(&mut self, input: &InputAttachDeviceDomain) -> HvResult<()> {
+        let domain = check_header(&input.device_domain)?;
+        let target = self.resolve(domain)?;
+        let device = DeviceId::from_bits(input.device_id.get());
+        let Some(entry) = self.devices.get(&device) else {
+            return Err(HvError::INVALID_DEVICE_ID);
+        };
+        let backend_id = entry.backend;
+        match (entry.attached, &target) {
+            (Attachment::Default, DomainRef::Default) => return Ok(()),
+            (Attachment::Default, _) => {}
+            _ => return Err(HvError::DEVICE_ALREADY_IN_DOMAIN),
+        }
+        let attached = match target {
+            DomainRef::Default => Attachment::Default,
+            DomainRef::Null => {
+                let b = Arc::clone(&self.backends[backend_id.0]);
+                if !record(
+                    &mut self.backend_errors,
+                    &*b,
+                    "attach to blocked",
+                    b.attach(device, AttachTarget::Blocked),
+                ) {
+                    return Err(HvError::NO_RESOURCES);
+                }
+                Attachment::Null
+            }
+            DomainRef::Guest(id) => {
+                if let Err(e) = self.attach_to_domain(device, backend_id, id) {
+                    self.backend_errors += 1;
+                    log::warn!("pvIOMMU: attach of {device} to domain {id} failed: {e}");
+                    return Err(HvError::NO_RESOURCES);
+                }
+                Attachment::Domain(id)
+            }
+        };
+        if let Some(entry) = self.devices.get_mut(&device) {
+            entry.attached = attached;
+        }
+        Ok(())
+    }
+
+    /// Instantiates domain `id` in the device's backend if needed (replaying
+    /// its state) and attaches the device there.
+    fn attach_to_domain(
+        &mut self,
+        device: DeviceId,
+        backend_id: BackendId,
+        id: u32,
+    ) -> Result<(), BackendError> {
+        let backend = Arc::clone(&self.backends[backend_id.0]);
+        let Some(dom) = self.domains.get_mut(&id) else {
+            return Err(BackendError::UnknownDomain(id));
+        };
+        let created = if dom.instances.iter().any(|i| i.backend == backend_id) {
+            false
+        } else {
+            backend.create_domain(id, dom.kind)?;
+            let replay = match dom.kind {
+                DomainKind::S2 => dom.runs.iter().try_for_each(|r| backend.map(id, *r)),
+                DomainKind::S1 => backend.set_s1(id, dom.s1),
+            };
+            if let Err(e) = replay {
+                record(
+                    &mut self.backend_errors,
+                    &*backend,
+                    "destroy",
+                    backend.destroy_domain(id),
+                );
+                return Err(e);
+            }
+            dom.instances.push(Instance {
+                backend: backend_id,
+                devices: 0,
+            });
+            true
+        };
+        if let Err(e) = backend.attach(device, AttachTarget::Domain(id)) {
+            if created {
+                dom.instances.retain(|i| i.backend != backend_id);
+                record(
+                    &mut self.backend_errors,
+                    &*backend,
+                    "destroy",
+                    backend.destroy_domain(id),
+                );
+            }
+            return Err(e);
+        }
+        if let Some(inst) = dom.instances.iter_mut().find(|i| i.backend == backend_id) {
+            inst.devices += 1;
+        }
+        dom.devices.push(device);
+        Ok(())
+    }
+
+    /// Moves a device back to the default domain; destroys the backend's
+    /// instance of its domain if it was the backend's last device there.
+    /// Returns false if a backend call failed (the state is updated anyway).
+    pub(crate) fn detach_device(&mut self, device: DeviceId) -> bool {
+        let Some(entry) = self.devices.get_mut(&device) else {
+            return true;
+        };
+        let previous = entry.attached;
+        let backend_id = entry.backend;
+        entry.attached = Attachment::Default;
+        if previous == Attachment::Default {
+            return true;
+        }
+        let backend = Arc::clone(&self.backends[backend_id.0]);
+        let mut ok = record(
+            &mut self.backend_errors,
+            &*backend,
+            "attach to identity",
+            backend.attach(device, AttachTarget::Identity),
+        );
+        if let Attachment::Domain(id) = previous {
+            if let Some(dom) = self.domains.get_mut(&id) {
+                dom.devices.retain(|d| *d != device);
+                if let Some(pos) = dom.instances.iter().position(|i| i.backend == backend_id) {
+                    dom.instances[pos].devices = dom.instances[pos].devices.saturating_sub(1);
+                    if dom.instances[pos].devices == 0 {
+                        dom.instances.remove(pos);
+                        ok &= record(
+                            &mut self.backend_errors,
+                            &*backend,
+                            "destroy",
+                            backend.destroy_domain(id),
+                        );
+                    }
+                }
+            }
+        }
+        ok
+    }
+
+    pub(crate) fn detach(&mut self, input: &InputDetachDeviceDomain) -> HvResult<()> {
+        check_partition(input.partition_id)?;
+        let device = DeviceId::from_bits(input.device_id.get());
+        if !self.devices.contains_key(&device) {
+            return Err(HvError::INVALID_DEVICE_ID);
+        }
+        // Detaching a device that is in the default domain is a no-op.
+        if self.detach_device(device) {
+            Ok(())
+        } else {
+            Err(HvError::NO_RESOURCES)
+        }
+    }
+
+    pub(crate) fn configure<M: GuestMemory + ?Sized>(
+        &mut self,
+        config: &IommuConfig,
+        mem: &M,
+        input: &InputConfigureDeviceDomain,
+    ) -> HvResult<()> {
+        let id = self.guest_domain(&input.device_domain, DomainKind::S1)?;
+        let flags = DeviceDomainSettingsFlags::from_bits(input.settings.flags.get());
+        if flags.reserved() != 0 {
+            return Err(HvError::INVALID_PARAMETER);
+        }
+        if flags.first_stage_paging_mode() && !config.s1_5level {
+            return Err(HvError::INVALID_PARAMETER);
+        }
+        let root = input.settings.page_table_root.get();
+        if (flags.translation_enabled() || root != 0)
+            && (root & (PAGE_SIZE - 1) != 0 || !ram::in_ram(mem, root, PAGE_SIZE))
+        {
+            return Err(HvError::INVALID_PARAMETER);
+        }
+        let s1 = S1Config {
+            root,
+            levels: if flags.first_stage_paging_mode() {
+                PagingLevels::Five
+            } else {
+                PagingLevels::Four
+            },
+            translation_enabled: flags.translation_enabled(),
+            blocked: flags.blocked(),
+        };
+        let State {
+            backends,
+            domains,
+            backend_errors,
+            ..
+        } = self;
+        let Some(dom) = domains.get_mut(&id) else {
+            return Err(HvError::INVALID_PARAMETER);
+        };
+        dom.s1 = s1;
+        let mut ok = true;
+        for inst in &dom.instances {
+            let b = &*backends[inst.backend.0];
+            ok &= record(backend_errors, b, "set_s1", b.set_s1(id, s1));
+        }
+        ok.then_some(()).ok_or(HvError::NO_RESOURCES)
+    }
+
+    pub(crate) fn flush(&mut self, input: &InputFlushDeviceDomain) -> HvResult<()> {
+        let domain = check_header(&input.device_domain)?;
+        let target = self.resolve(domain)?;
+        if input.flags.get() != 0 || input.reserved.get() != 0 {
+            return Err(HvError::INVALID_PARAMETER);
+        }
+        let DomainRef::Guest(id) = target else {
+            return Ok(()); // nothing is cached for the default and null domains
+        };
+        let State {
+            backends,
+            domains,
+            backend_errors,
+            ..
+        } = self;
+        let Some(dom) = domains.get_mut(&id) else {
+            return Err(HvError::INVALID_PARAMETER);
+        };
+        dom.flush.full += 1;
+        let mut ok = true;
+        for inst in &dom.instances {
+            let b = &*backends[inst.backend.0];
+            ok &= record(
+                backend_errors,
+                b,
+                "invalidate all",
+                b.invalidate(id, Invalidation::All),
+            );
+        }
+        ok.then_some(()).ok_or(HvError::NO_RESOURCES)
+    }
+
+    // ---- rep calls ----
+
+    /// MAP_DEVICE_GPA_PAGES, reps `first_rep..first_rep + gpns.len()`.
+    pub(crate) fn map<M: GuestMemory + ?Sized>(
+        &mut self,
+        config: &IommuConfig,
+        mem: &M,
+        hdr: &InputMapDeviceGpaPages,
+        first_rep: u16,
+        gpns: &[U64],
+    ) -> Result<(), RepError> {
+        let id = self.guest_domain(&hdr.device_domain, DomainKind::S2)?;
+        let flags = MapFlags::from_bits(hdr.map_flags.get());
+        if !InputVtl::from_bits(hdr.target_vtl).is_vtl0()
+            || hdr.padding != [0; 3]
+            || flags.reserved() != 0
+            || !flags.readable()
+        {
+            return Err(HvError::INVALID_PARAMETER.into());
+        }
+        let base = hdr.target_device_va_base.get();
+        if base & (PAGE_SIZE - 1) != 0 {
+            return Err(HvError::INVALID_PARAMETER.into());
+        }
+        let perms = Perms {
+            read: true,
+            write: flags.writable(),
+        };
+        let limit = config.iova_limit();
+        let max_pages = config.max_mapped_pages_per_domain;
+        let State {
+            backends,
+            domains,
+            backend_errors,
+            ..
+        } = self;
+        let Some(dom) = domains.get_mut(&id) else {
+            return Err(HvError::INVALID_PARAMETER.into());
+        };
+        let first_iova = base.checked_add(u64::from(first_rep) << PAGE_SHIFT);
+        // IOVAs only go up in one call, so the first mapped page at or above
+        // the first IOVA is the only one this slice can run into.
+        let blocker = first_iova
+            .and_then(|iova| dom.runs.first_ending_after(iova))
+            .map(|r| r.iova);
+        // The run being built: (run, index of its first rep in the slice).
+        let mut pending: Option<(MapRun, usize)> = None;
+        let mut region: Option<(u64, u64)> = None;
+
+        let mut commit = |dom: &mut Domain, pending: &mut Option<(MapRun, usize)>| {
+            if let Some((run, k)) = pending.take() {
+                if map_everywhere(backends, &dom.instances, id, run, backend_errors).is_err() {
+                    return Err(RepError::at(k, HvError::NO_RESOURCES));
+                }
+                dom.runs.insert(run);
+            }
+            Ok(())
+        };
+
+        for (k, gpn) in gpns.iter().enumerate() {
+            let rep = u64::from(first_rep) + u64::try_from(k).unwrap_or(u64::MAX);
+            let check = || -> HvResult<(u64, u64, (u64, u64))> {
+                let iova = base
+                    .checked_add(rep << PAGE_SHIFT)
+                    .filter(|&iova| u128::from(iova) + u128::from(PAGE_SIZE) <= limit)
+                    .ok_or(HvError::INVALID_PARAMETER)?;
+                if blocker.is_some_and(|b| iova >= b) {
+                    return Err(HvError::INVALID_PARAMETER); // already mapped
+                }
+                let gpn = gpn.get();
+                if gpn >> (64 - PAGE_SHIFT) != 0 {
+                    return Err(HvError::INVALID_PARAMETER);
+                }
+                let gpa = gpn << PAGE_SHIFT;
+                let reg = match region {
+                    Some((start, end)) if gpa >= start && gpa < end && end - gpa >= PAGE_SIZE => {
+                        (start, end)
+                    }
+                    _ => ram::region_of(mem, gpa, PAGE_SIZE).ok_or(HvError::INVALID_PARAMETER)?,
+                };
+                Ok((iova, gpa, reg))
+            };
+            let (iova, gpa, reg) = match check() {
+                Ok(v) => v,
+                Err(e) => {
+                    commit(dom, &mut pending)?;
+                    return Err(RepError::at(k, e));
+                }
+            };
+            let pending_pages = pending.as_ref().map_or(0, |(r, _)| r.pages());
+            if dom.runs.pages() + pending_pages >= max_pages {
+                commit(dom, &mut pending)?;
+                return Err(RepError::at(k, HvError::INSUFFICIENT_MEMORY));
+            }
+            let same_region = region == Some(reg);
+            region = Some(reg);
+            match &mut pending {
+                Some((run, _))
+                    if same_region
+                        && run.iova_end() == iova
+                        && run.gpa + run.len == gpa
+                        && run.perms == perms =>
+                {
+                    run.len += PAGE_SIZE;
+                }
+                _ => {
+                    commit(dom, &mut pending)?;
+                    pending = Some((
+                        MapRun {
+                            iova,
+                            gpa,
+                            len: PAGE_SIZE,
+                            perms,
+                        },
+                        k,
+                    ));
+                }
+            }
+        }
+        commit(dom, &mut pending)
+    }
+
+    /// UNMAP_DEVICE_GPA_PAGES, reps `first_rep..first_rep + count`.
+    pub(crate) fn unmap(
+        &mut self,
+        hdr: &InputUnmapDeviceGpaPages,
+        first_rep: u16,
+        count: usize,
+    ) -> Result<(), RepError> {
+        let id = self.guest_domain(&hdr.device_domain, DomainKind::S2)?;
+        let base = hdr.target_device_va_base.get();
+        if base & (PAGE_SIZE - 1) != 0 {
+            return Err(HvError::INVALID_PARAMETER.into());
+        }
+        let State {
+            backends,
+            domains,
+            backend_errors,
+            ..
+        } = self;
+        let Some(dom) = domains.get_mut(&id) else {
+            return Err(HvError::INVALID_PARAMETER.into());
+        };
+        let count64 = u64::try_from(count).unwrap_or(u64::MAX);
+        let Some(start) = base.checked_add(u64::from(first_rep) << PAGE_SHIFT) else {
+            return Err(HvError::INVALID_PARAMETER.into());
+        };
+        // Pages past 2^64 cannot be mapped: they end the prefix.
+        let end = start
+            .checked_add(count64 << PAGE_SHIFT)
+            .unwrap_or(u64::MAX & !(PAGE_SIZE - 1));
+        let mut first_failure: Option<u64> = None;
+        let instances = &dom.instances;
+        let cursor = dom.runs.unmap_prefix(start, end, |op| {
+            let (result_iova, ok) = match op {
+                UnmapOp::Whole(run) => {
+                    let mut ok = true;
+                    for inst in instances {
+                        let b = &*backends[inst.backend.0];
+                        ok &= record(backend_errors, b, "unmap", b.unmap(id, run));
+                    }
+                    (run.iova.max(start), ok)
+                }
+                UnmapOp::Split { run, keep } => {
+                    let mut pieces = [run; 2];
+                    let mut n = 0;
+                    for piece in keep.into_iter().flatten() {
+                        pieces[n] = piece;
+                        n += 1;
+                    }
+                    let mut ok = true;
+                    for inst in instances {
+                        let b = &*backends[inst.backend.0];
+                        ok &= record(
+                            backend_errors,
+                            b,
+                            "unmap_keep",
+                            b.unmap_keep(id, run, &pieces[..n]),
+                        );
+                    }
+                    (run.iova.max(start), ok)
+                }
+            };
+            if !ok && first_failure.is_none() {
+                first_failure = Some(result_iova);
+            }
+        });
+        let done = |iova: u64| usize::try_from((iova - start) >> PAGE_SHIFT).unwrap_or(usize::MAX);
+        if let Some(at) = first_failure {
+            return Err(RepError::at(done(at), HvError::NO_RESOURCES));
+        }
+        let done_pages = done(cursor);
+        if done_pages < count {
+            return Err(RepError::at(done_pages, HvError::INVALID_PARAMETER));
+        }
+        Ok(())
+    }
+
+    /// FLUSH_DEVICE_DOMAIN_LIST, entries `first_rep..`.
+    pub(crate) fn flush_list(
+        &mut self,
+        config: &IommuConfig,
+        hdr: &InputFlushDeviceDomainList,
+        entries: &[U64],
+    ) -> Result<(), RepError> {
+        let domain = check_header(&hdr.device_domain)?;
+        let target = self.resolve(domain)?;
+        if FlushListFlags::from_bits(hdr.flags.get()).reserved() != 0 || hdr.reserved.get() != 0 {
+            return Err(HvError::INVALID_PARAMETER.into());
+        }
+        const CHUNK: usize = 512;
+        let mut ranges = [PageRange::default(); CHUNK];
+        let mut failed = None;
+        for (c, chunk) in entries.chunks(CHUNK).enumerate() {
+            let mut n = 0;
+            for (k, raw) in chunk.iter().enumerate() {
+                match decode_entry(FlushListEntry::from_bits(raw.get()), config.max_iova_width) {
+                    Some(r) => {
+                        ranges[n] = r;
+                        n += 1;
+                    }
+                    None => {
+                        failed = Some(c * CHUNK + k);
+                        break;
+                    }
+                }
+            }
+            let merged = merge_ranges(&mut ranges[..n]);
+            if let DomainRef::Guest(id) = target {
+                if !self.invalidate_ranges(id, n, &ranges[..merged]) {
+                    return Err(RepError::at(c * CHUNK, HvError::NO_RESOURCES));
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        match failed {
+            Some(k) => Err(RepError::at(k, HvError::INVALID_PARAMETER)),
+            None => Ok(()),
+        }
+    }
+
+    /// One invalidation per range per backend instance; false if one failed.
+    fn invalidate_ranges(&mut self, id: u32, entries: usize, ranges: &[PageRange]) -> bool {
+        let State {
+            backends,
+            domains,
+            backend_errors,
+            ..
+        } = self;
+        let Some(dom) = domains.get_mut(&id) else {
+            return true;
+        };
+        dom.flush.entries += u64::try_from(entries).unwrap_or(u64::MAX);
+        let mut ok = true;
+        for r in ranges {
+            dom.flush.ranges += 1;
+            dom.flush.pages += r.pages();
+            let what = Invalidation::Range {
+                iova: r.start << PAGE_SHIFT,
+                len: r.pages() << PAGE_SHIFT,
+            };
+            for inst in &dom.instances {
+                let b = &*backends[inst.backend.0];
+                ok &= record(backend_errors, b, "invalidate", b.invalidate(id, what));
+            }
+        }
+        ok
+    }
+}

@@ -1,0 +1,216 @@
+//! The set of runs of an S2 domain, keyed by first IOVA.
+//!
+//! Each run is exactly one backend mapping: runs are never merged after the
+//! fact (that would need a host remap), only split when the guest unmaps part
+//! of one.
+
+use crate::backend::MapRun;
+use std::collections::BTreeMap;
+use std::ops::Bound;
+
+/// Non-overlapping runs, by first IOVA.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct RunMap {
+    runs: BTreeMap<u64, MapRun>,
+    bytes: u64,
+}
+
+/// What the domain layer must tell the backends for one run touched by an
+/// unmap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UnmapOp {
+    /// The whole run goes.
+    Whole(MapRun),
+    /// The run goes except for up to two pieces (left and/or right of the
+    /// unmapped range) that stay mapped.
+    Split {
+        run: MapRun,
+        keep: [Option<MapRun>; 2],
+    },
+}
+
+impl RunMap {
+    /// Mapped 4 KiB pages.
+    pub(crate) fn pages(&self) -> u64 {
+        self.bytes >> crate::config::PAGE_SHIFT
+    }
+
+    /// Number of runs.
+    pub(crate) fn len(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// The runs in ascending IOVA order.
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &MapRun> {
+        self.runs.values()
+    }
+
+    /// The run containing `iova`.
+    pub(crate) fn lookup(&self, iova: u64) -> Option<&MapRun> {
+        self.runs
+            .range(..=iova)
+            .next_back()
+            .map(|(_, r)| r)
+            .filter(|r| iova < r.iova_end())
+    }
+
+    /// The first run that ends after `iova` (it contains `iova` or lies above).
+    pub(crate) fn first_ending_after(&self, iova: u64) -> Option<&MapRun> {
+        if let Some(r) = self.lookup(iova) {
+            return Some(r);
+        }
+        self.runs
+            .range((Bound::Excluded(iova), Bound::Unbounded))
+            .next()
+            .map(|(_, r)| r)
+    }
+
+    /// Adds a run; the caller guarantees it overlaps no other.
+    pub(crate) fn insert(&mut self, run: MapRun) {
+        debug_assert!(self
+            .first_ending_after(run.iova)
+            .is_none_or(|r| r.iova >= run.iova_end()));
+        self.bytes += run.len;
+        self.runs.insert(run.iova, run);
+    }
+
+    /// Removes the run starting at `iova`.
+    pub(crate) fn remove(&mut self, iova: u64) -> Option<MapRun> {
+        let run = self.runs.remove(&iova)?;
+        self.bytes -= run.len;
+        Some(run)
+    }
+
+    /// Unmaps the mapped prefix of `[start, end)` (page-aligned, start < end),
+    /// calling `op` once per run it touches, in ascending order, after the map
+    /// has been updated. Returns the end of the prefix: `end` if every page was
+    /// mapped, else the first unmapped IOVA.
+    pub(crate) fn unmap_prefix(
+        &mut self,
+        start: u64,
+        end: u64,
+        mut op: impl FnMut(UnmapOp),
+    ) -> u64 {
+        let mut cursor = start;
+        while cursor < end {
+            let Some(run) = self.first_ending_after(cursor).copied() else {
+                break;
+            };
+            if run.iova > cursor {
+                break; // a gap: cursor is not mapped
+            }
+            let cut_end = run.iova_end().min(end);
+            self.remove(run.iova);
+            let left = (run.iova < cursor).then(|| MapRun {
+                iova: run.iova,
+                gpa: run.gpa,
+                len: cursor - run.iova,
+                perms: run.perms,
+            });
+            let right = (run.iova_end() > cut_end).then(|| MapRun {
+                iova: cut_end,
+                gpa: run.gpa + (cut_end - run.iova),
+                len: run.iova_end() - cut_end,
+                perms: run.perms,
+            });
+            for piece in [left, right].into_iter().flatten() {
+                self.insert(piece);
+            }
+            op(if left.is_none() && right.is_none() {
+                UnmapOp::Whole(run)
+            } else {
+                UnmapOp::Split {
+                    run,
+                    keep: [left, right],
+                }
+            });
+            cursor = cut_end;
+        }
+        cursor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Perms;
+
+    const P: u64 = 4096;
+
+    fn run(iova: u64, gpa: u64, pages: u64) -> MapRun {
+        MapRun {
+            iova: iova * P,
+            gpa: gpa * P,
+            len: pages * P,
+            perms: Perms::RW,
+        }
+    }
+
+    #[test]
+    fn lookup_and_neighbours() {
+        let mut m = RunMap::default();
+        m.insert(run(10, 100, 5));
+        m.insert(run(20, 7, 1));
+        assert_eq!(m.pages(), 6);
+        assert_eq!(m.len(), 2);
+        assert_eq!(m.lookup(10 * P), Some(&run(10, 100, 5)));
+        assert_eq!(m.lookup(15 * P - 1), Some(&run(10, 100, 5)));
+        assert_eq!(m.lookup(15 * P), None);
+        assert_eq!(m.lookup(9 * P), None);
+        assert_eq!(m.first_ending_after(15 * P), Some(&run(20, 7, 1)));
+        assert_eq!(m.first_ending_after(12 * P), Some(&run(10, 100, 5)));
+        assert_eq!(m.first_ending_after(21 * P), None);
+    }
+
+    #[test]
+    fn unmap_inside_a_run_splits_it() {
+        let mut m = RunMap::default();
+        m.insert(run(10, 100, 10));
+        let mut ops = vec![];
+        let end = m.unmap_prefix(13 * P, 15 * P, |op| ops.push(op));
+        assert_eq!(end, 15 * P);
+        assert_eq!(
+            ops,
+            [UnmapOp::Split {
+                run: run(10, 100, 10),
+                keep: [Some(run(10, 100, 3)), Some(run(15, 105, 5))]
+            }]
+        );
+        assert_eq!(m.pages(), 8);
+        assert_eq!(
+            m.iter().copied().collect::<Vec<_>>(),
+            [run(10, 100, 3), run(15, 105, 5)]
+        );
+    }
+
+    #[test]
+    fn unmap_across_runs_stops_at_a_gap() {
+        let mut m = RunMap::default();
+        m.insert(run(0, 50, 4));
+        m.insert(run(4, 9, 2));
+        m.insert(run(8, 1, 2));
+        let mut ops = vec![];
+        let end = m.unmap_prefix(2 * P, 10 * P, |op| ops.push(op));
+        assert_eq!(end, 6 * P, "page 6 is not mapped");
+        assert_eq!(
+            ops,
+            [
+                UnmapOp::Split {
+                    run: run(0, 50, 4),
+                    keep: [Some(run(0, 50, 2)), None]
+                },
+                UnmapOp::Whole(run(4, 9, 2)),
+            ]
+        );
+        assert_eq!(
+            m.iter().copied().collect::<Vec<_>>(),
+            [run(0, 50, 2), run(8, 1, 2)]
+        );
+        assert_eq!(m.unmap_prefix(0, P, |_| {}), P);
+        assert_eq!(
+            m.unmap_prefix(0, P, |_| {}),
+            0,
+            "nothing mapped at 0 any more"
+        );
+    }
+}

@@ -1,0 +1,141 @@
+//! Snapshots for the API and tests: domains, devices, counters, faults.
+
+use crate::backend::{DomainKind, S1Config};
+use crate::domains::{Attachment, FlushStats};
+use crate::software::IotlbStats;
+use crate::translate::{Fault, FaultReason};
+use pviommu_abi::{DeviceId, HypercallCode};
+use std::collections::BTreeMap;
+
+/// What kind of domain a [`DomainInfo`] describes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DomainInfoKind {
+    /// The default domain (id 0).
+    Default,
+    /// The null domain (id 0xFFFF_FFFF).
+    Null,
+    /// A guest-created S2 domain.
+    S2,
+    /// A guest-created S1 domain.
+    S1,
+}
+
+impl From<DomainKind> for DomainInfoKind {
+    fn from(k: DomainKind) -> Self {
+        match k {
+            DomainKind::S2 => Self::S2,
+            DomainKind::S1 => Self::S1,
+        }
+    }
+}
+
+/// One domain as the API shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DomainInfo {
+    /// Guest domain id.
+    pub id: u32,
+    /// Kind.
+    pub kind: DomainInfoKind,
+    /// Attached devices, in attach order (for the default domain: every
+    /// device not attached elsewhere, in id order).
+    pub devices: Vec<DeviceId>,
+    /// Mapped 4 KiB pages (S2).
+    pub mapped_pages: u64,
+    /// Runs, i.e. host mappings per backend instance (S2).
+    pub runs: u64,
+    /// S1 settings (S1).
+    pub s1: Option<S1Config>,
+    /// Flush counters.
+    pub flushes: FlushStats,
+    /// DMA faults of devices while in this domain.
+    pub faults: u64,
+    /// Software IOTLB counters (S1 domains instantiated in the software
+    /// backend).
+    pub iotlb: Option<IotlbStats>,
+    /// Names of the backends the domain is instantiated in.
+    pub backends: Vec<&'static str>,
+}
+
+/// One registered device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceInfo {
+    /// Device id (PCI form).
+    pub id: DeviceId,
+    /// Name of its backend.
+    pub backend: &'static str,
+    /// Where its DMA goes.
+    pub attachment: Attachment,
+}
+
+/// Hypercall counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HypercallStats {
+    /// Dispatches (a time-sliced call counts once per slice).
+    pub total: u64,
+    /// Dispatches per known call code (zero counts included).
+    pub by_code: Vec<(HypercallCode, u64)>,
+    /// Dispatches with an unknown code.
+    pub unknown: u64,
+    /// Calls that ended with an error status.
+    pub errors: u64,
+    /// Slices that ended with "continue".
+    pub continuations: u64,
+}
+
+/// DMA fault counters.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultStats {
+    /// All faults.
+    pub total: u64,
+    /// Faults per reason name (zero counts included).
+    pub by_reason: Vec<(&'static str, u64)>,
+    /// The most recent fault.
+    pub last: Option<Fault>,
+}
+
+/// A snapshot of one VM's pvIOMMU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IommuStats {
+    /// The default and null domains, then guest domains by id.
+    pub domains: Vec<DomainInfo>,
+    /// Registered devices by id.
+    pub devices: Vec<DeviceInfo>,
+    /// Hypercall counters.
+    pub hypercalls: HypercallStats,
+    /// DMA faults.
+    pub faults: FaultStats,
+    /// Backend operations that failed.
+    pub backend_errors: u64,
+}
+
+/// Fault bookkeeping behind its own small lock (faults are rare).
+#[derive(Debug, Default)]
+pub(crate) struct FaultLog {
+    pub total: u64,
+    pub by_reason: [u64; FaultReason::COUNT],
+    pub by_domain: BTreeMap<u32, u64>,
+    pub last: Option<Fault>,
+}
+
+impl FaultLog {
+    pub(crate) fn record(&mut self, fault: Fault) {
+        self.total += 1;
+        self.by_reason[fault.reason.index()] += 1;
+        if let Some(d) = fault.domain {
+            *self.by_domain.entry(d).or_default() += 1;
+        }
+        self.last = Some(fault);
+    }
+
+    pub(crate) fn snapshot(&self) -> FaultStats {
+        FaultStats {
+            total: self.total,
+            by_reason: FaultReason::NAMES
+                .iter()
+                .zip(self.by_reason)
+                .map(|(n, c)| (*n, c))
+                .collect(),
+            last: self.last,
+        }
+    }
+}
