@@ -24,7 +24,7 @@ use crate::types::{
 };
 
 /// What went wrong in the VMM, as far as the client is concerned: decides the
-/// HTTP status (see [`crate::status_of`]).
+/// HTTP status (see [`crate::RequestError::status`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
     /// The request cannot be carried out as asked (400).
