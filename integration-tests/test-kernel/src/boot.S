@@ -214,6 +214,32 @@ isr_common:
     hlt
     jmp 4b
 
+/* Vector 0xf0: the wake-up IPI. Saves the caller-saved registers around
+ * ipi_handler (which sends the EOI). Alignment: the CPU aligns RSP to 16 and
+ * pushes 40 bytes; 9 pushes more make 112, a multiple of 16. */
+    .globl isr_ipi
+isr_ipi:
+    push %rax
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    push %r8
+    push %r9
+    push %r10
+    push %r11
+    call ipi_handler
+    pop %r11
+    pop %r10
+    pop %r9
+    pop %r8
+    pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rax
+    iretq
+
     .section .rodata.isr_table, "a"
     .balign 8
     .globl ISR_TABLE
@@ -221,6 +247,9 @@ ISR_TABLE:
     .irp n, 0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
     .quad isr\n
     .endr
+    .globl ISR_IPI
+ISR_IPI:
+    .quad isr_ipi
 
 /* ------------------------------------------------------------- GDT */
     .section .data.gdt, "aw"

@@ -6,16 +6,21 @@ use core::cell::UnsafeCell;
 
 extern "C" {
     static ISR_TABLE: [u64; 32];
+    static ISR_IPI: u64;
 }
 
+/// The wake-up IPI's vector.
+pub const IPI_VECTOR: usize = 0xf0;
+const VECTORS: usize = 256;
+
 #[repr(C, align(16))]
-struct Idt(UnsafeCell<[u64; 64]>);
+struct Idt(UnsafeCell<[u64; 2 * VECTORS]>);
 
 // SAFETY: written once by the boot CPU before any other CPU starts; read
 // only by the CPU (lidt) afterwards.
 unsafe impl Sync for Idt {}
 
-static IDT: Idt = Idt(UnsafeCell::new([0; 64]));
+static IDT: Idt = Idt(UnsafeCell::new([0; 2 * VECTORS]));
 
 /// The frame isr_common builds: saved registers, vector, error code, then
 /// what the CPU pushed.
@@ -49,14 +54,18 @@ pub struct Frame {
 pub fn init() {
     // SAFETY: only the boot CPU runs; nothing reads the IDT yet.
     let idt = unsafe { &mut *IDT.0.get() };
+    let mut set = |v: usize, handler: u64| {
+        // Interrupt gate, DPL 0, kernel code segment.
+        idt[2 * v] =
+            (handler & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48;
+        idt[2 * v + 1] = handler >> 32;
+    };
     for v in 0..32 {
         // SAFETY: ISR_TABLE is a constant table in boot.S.
-        let handler = unsafe { ISR_TABLE[v] };
-        let lo =
-            (handler & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48;
-        idt[2 * v] = lo;
-        idt[2 * v + 1] = handler >> 32;
+        set(v, unsafe { ISR_TABLE[v] });
     }
+    // SAFETY: ISR_IPI is a constant in boot.S.
+    set(IPI_VECTOR, unsafe { ISR_IPI });
     load();
 }
 
@@ -68,7 +77,7 @@ pub fn load() {
         base: u64,
     }
     let idtr = Idtr {
-        limit: (64 * 8 - 1) as u16,
+        limit: (VECTORS * 16 - 1) as u16,
         base: IDT.0.get() as u64,
     };
     // SAFETY: the IDT is static and filled by `init` before any exception

@@ -94,6 +94,7 @@ pub fn shutdown() -> ! {
 #[no_mangle]
 extern "C" fn kernel_start(info: u64, kind: u64) -> ! {
     console::init();
+    Tap::version();
     idt::init();
     let boot = match kind {
         BOOT_PVH => BootInfo::from_pvh(info),

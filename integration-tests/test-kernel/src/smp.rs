@@ -202,15 +202,116 @@ pub fn lapic_mapped(lapic: Lapic) -> bool {
     }
 }
 
-/// First Rust code on an AP (boot.S ap_long), on its own stack.
+/// Work for an AP: a function and its argument, posted by the boot CPU.
+/// `func` 0 means none; the AP clears it when the work is done.
+struct Mailbox {
+    func: AtomicU64,
+    arg: AtomicU64,
+}
+
+static MAILBOX: [Mailbox; MAX_CPUS] = [const {
+    Mailbox {
+        func: AtomicU64::new(0),
+        arg: AtomicU64::new(0),
+    }
+}; MAX_CPUS];
+/// APIC id of each started CPU (index 0: the boot CPU), + 1 (0: none).
+static APIC_IDS: [AtomicU32; MAX_CPUS] = [const { AtomicU32::new(0) }; MAX_CPUS];
+/// EOI target of the wake-up IPI: 0 for x2APIC, else the xAPIC base.
+static EOI_BASE: AtomicU64 = AtomicU64::new(0);
+const XAPIC_EOI: u64 = 0xb0;
+const MSR_X2APIC_EOI: u32 = 0x80b;
+/// Fixed-delivery IPI to the wake-up vector.
+const ICR_FIXED_WAKE: u32 = idt::IPI_VECTOR as u32 | (1 << 14);
+
+/// Records how this CPU sends EOIs (boot CPU, before starting APs).
+pub fn set_eoi(lapic: Lapic) {
+    EOI_BASE.store(
+        match lapic {
+            Lapic::X2apic => 0,
+            Lapic::Xapic(b) => b,
+        },
+        Ordering::Release,
+    );
+}
+
+/// The wake-up IPI's handler (boot.S isr_ipi): just the EOI; the woken CPU
+/// looks at its mailbox.
+#[no_mangle]
+extern "C" fn ipi_handler() {
+    match EOI_BASE.load(Ordering::Acquire) {
+        0 => x86::wrmsr(MSR_X2APIC_EOI, 0),
+        // SAFETY: the xAPIC page is mapped (checked before any AP started).
+        b => unsafe { x86::mmio_write::<u32>(b + XAPIC_EOI, 0) },
+    }
+}
+
+/// Records that CPU `index` (0 = boot CPU) has `apic_id`.
+pub fn set_apic_id(index: usize, apic_id: u32) {
+    if let Some(slot) = APIC_IDS.get(index) {
+        slot.store(apic_id + 1, Ordering::Release);
+    }
+}
+
+/// Runs `func(arg)` on the started CPU `index` (>= 1): posts it in the
+/// CPU's mailbox and wakes it with an IPI. False if the CPU is not started
+/// or still busy.
+pub fn run_on(index: usize, func: extern "C" fn(u64), arg: u64) -> bool {
+    let (Some(mb), Some(id)) = (MAILBOX.get(index), APIC_IDS.get(index)) else {
+        return false;
+    };
+    let Some(apic_id) = id.load(Ordering::Acquire).checked_sub(1) else {
+        return false;
+    };
+    if index == 0 || mb.func.load(Ordering::Acquire) != 0 {
+        return false;
+    }
+    mb.arg.store(arg, Ordering::Relaxed);
+    mb.func.store(func as usize as u64, Ordering::Release);
+    Lapic::current().send_ipi(apic_id, ICR_FIXED_WAKE)
+}
+
+/// Waits until CPU `index` has finished its posted work; false on timeout.
+pub fn wait(index: usize, timeout_ms: u64) -> bool {
+    let Some(mb) = MAILBOX.get(index) else {
+        return false;
+    };
+    let start = x86::rdtsc();
+    while mb.func.load(Ordering::Acquire) != 0 {
+        if x86::rdtsc().wrapping_sub(start) > timeout_ms * x86::TSC_PER_MS {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
+
+/// First Rust code on an AP (boot.S ap_long), on its own stack: reports,
+/// then sleeps until woken with work.
 #[no_mangle]
 extern "C" fn ap_main(index: u64) -> ! {
     idt::load();
     let index = usize::try_from(index).unwrap_or(0).min(MAX_CPUS - 1);
     let lapic = Lapic::current();
+    lapic.enable();
     if let Some(id) = lapic.mmio_id() {
         REPORTED_MMIO[index].store(id + 1, Ordering::Release);
     }
     REPORTED[index].store(cpuid_apic_id() + 1, Ordering::Release);
-    x86::halt_forever()
+    let mb = &MAILBOX[index];
+    loop {
+        let f = mb.func.load(Ordering::Acquire);
+        if f == 0 {
+            // STI's one-instruction shadow makes "sti; hlt" atomic: a wake-up
+            // IPI that arrives after the check above still ends the hlt.
+            // SAFETY: the IDT handles the wake-up vector; nothing else is
+            // routed to this CPU.
+            unsafe { core::arch::asm!("sti; hlt; cli", options(nomem, nostack)) };
+            continue;
+        }
+        // SAFETY: `run_on` stored a valid `extern "C" fn(u64)`.
+        let func: extern "C" fn(u64) = unsafe { core::mem::transmute(f as usize) };
+        func(mb.arg.load(Ordering::Relaxed));
+        mb.func.store(0, Ordering::Release);
+    }
 }

@@ -64,9 +64,13 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Prints the header and the plan.
-    pub fn start(planned: u32) -> Tap {
+    /// Prints the version line (first thing on the console).
+    pub fn version() {
         println!("TAP version 13");
+    }
+
+    /// Prints the plan.
+    pub fn start(planned: u32) -> Tap {
         println!("1..{}", planned);
         Tap {
             next: 1,

@@ -5,6 +5,17 @@ use crate::rules::{parse_madt, MadtCpu};
 use crate::smp::{self, Lapic, Started, MAX_CPUS};
 use crate::tap::Msg;
 use crate::{diag, fail, x86, Ctx};
+use core::sync::atomic::{AtomicU64, Ordering};
+
+/// What `echo_apic_id` last wrote: (index << 32) | APIC id.
+static ECHO: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn echo_apic_id(index: u64) {
+    ECHO.store(
+        index << 32 | u64::from(smp::cpuid_apic_id()),
+        Ordering::SeqCst,
+    );
+}
 
 pub fn run(ctx: &Ctx) -> Result<(), Msg> {
     let acpi = match ctx.acpi {
@@ -60,6 +71,8 @@ pub fn run(ctx: &Ctx) -> Result<(), Msg> {
         fail!("the local APIC is outside the identity map");
     }
     lapic.enable();
+    smp::set_eoi(lapic);
+    smp::set_apic_id(0, bsp);
     match lapic {
         Lapic::X2apic => diag!("boot CPU: APIC id {} (x2APIC mode)", bsp),
         Lapic::Xapic(base) => {
@@ -81,6 +94,9 @@ pub fn run(ctx: &Ctx) -> Result<(), Msg> {
     }
 
     let mut up = 1;
+    // APIC id of each started CPU, by index.
+    let mut ids_started = [0u32; MAX_CPUS];
+    ids_started[0] = bsp;
     if n > 1 {
         // Keep the trampoline off ACPI tables.
         let mut avoid = [(0u64, 0u64); crate::acpi::MAX_TABLES + 1];
@@ -130,6 +146,8 @@ pub fn run(ctx: &Ctx) -> Result<(), Msg> {
                             id, mmio_id
                         )));
                     } else {
+                        smp::set_apic_id(index, id);
+                        ids_started[index] = id;
                         up += 1;
                     }
                 }
@@ -151,6 +169,21 @@ pub fn run(ctx: &Ctx) -> Result<(), Msg> {
         }
     }
     diag!("{} of {} CPUs up", up, n);
+    // Wake every AP with a fixed IPI and have it report again from the
+    // work it was given: interrupts reach running CPUs.
+    for index in 1..up {
+        ECHO.store(0, Ordering::SeqCst);
+        if !smp::run_on(index, echo_apic_id, index as u64) || !smp::wait(index, 3000) {
+            fail!("cpu {} did not run work sent with a wake-up IPI", index);
+        }
+        let got = ECHO.load(Ordering::SeqCst);
+        if got != (index as u64) << 32 | u64::from(ids_started[index]) {
+            fail!("cpu {} ran the work but reported {:#x}", index, got);
+        }
+    }
+    if up > 1 {
+        diag!("wake-up IPIs: {} AP(s) ran work and reported back", up - 1);
+    }
     if let Some(s) = ctx.arg("tk.cpus") {
         let Ok(want) = s.parse::<usize>() else {
             fail!("tk.cpus={} is not a number", s)
