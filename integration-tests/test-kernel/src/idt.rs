@@ -60,9 +60,10 @@ pub fn init() {
             (handler & 0xffff) | (0x08 << 16) | (0x8e00 << 32) | ((handler >> 16) & 0xffff) << 48;
         idt[2 * v + 1] = handler >> 32;
     };
-    for v in 0..32 {
-        // SAFETY: ISR_TABLE is a constant table in boot.S.
-        set(v, unsafe { ISR_TABLE[v] });
+    // SAFETY: ISR_TABLE is a constant table in boot.S.
+    let table = unsafe { &ISR_TABLE };
+    for (v, &handler) in table.iter().enumerate() {
+        set(v, handler);
     }
     // SAFETY: ISR_IPI is a constant in boot.S.
     set(IPI_VECTOR, unsafe { ISR_IPI });

@@ -64,8 +64,10 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Prints the version line (first thing on the console).
+    /// Prints the version line (first thing on the console), on a line of
+    /// its own even if firmware left a partial line (SeaBIOS does).
     pub fn version() {
+        println!();
         println!("TAP version 13");
     }
 

@@ -171,13 +171,13 @@ pub fn run(ctx: &Ctx) -> Result<(), Msg> {
     diag!("{} of {} CPUs up", up, n);
     // Wake every AP with a fixed IPI and have it report again from the
     // work it was given: interrupts reach running CPUs.
-    for index in 1..up {
+    for (index, &id) in ids_started.iter().enumerate().take(up).skip(1) {
         ECHO.store(0, Ordering::SeqCst);
         if !smp::run_on(index, echo_apic_id, index as u64) || !smp::wait(index, 3000) {
             fail!("cpu {} did not run work sent with a wake-up IPI", index);
         }
         let got = ECHO.load(Ordering::SeqCst);
-        if got != (index as u64) << 32 | u64::from(ids_started[index]) {
+        if got != (index as u64) << 32 | u64::from(id) {
             fail!("cpu {} ran the work but reported {:#x}", index, got);
         }
     }
