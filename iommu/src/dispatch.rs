@@ -109,7 +109,8 @@ pub(crate) fn shape(code: HypercallCode) -> Option<Shape> {
     })
 }
 
-const PAGE: usize = HV_PAGE_SIZE as usize;
+const PAGE: usize = 4096;
+const _: () = assert!(PAGE as u64 == HV_PAGE_SIZE);
 const MAX_OUTPUT: usize = 24;
 const FAST_BYTES: usize = 16;
 

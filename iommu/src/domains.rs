@@ -704,7 +704,7 @@ impl State {
         // Pages past 2^64 cannot be mapped: they end the prefix.
         let end = start
             .checked_add(count64 << PAGE_SHIFT)
-            .unwrap_or(u64::MAX & !(PAGE_SIZE - 1));
+            .unwrap_or(!(PAGE_SIZE - 1));
         let mut first_failure: Option<u64> = None;
         let instances = &dom.instances;
         let cursor = dom.runs.unmap_prefix(start, end, |op| {

@@ -48,7 +48,7 @@ pub use translate::{Access, Fault, FaultReason, Segment, Segments};
 
 use dispatch::{Counters, RateLimit};
 use domains::{DeviceEntry, State};
-use pviommu_abi::{device_type, DeviceDomainId, HypercallCode};
+use pviommu_abi::{DeviceDomainId, HypercallCode};
 use stats::FaultLog;
 use std::fmt;
 use std::sync::atomic::Ordering;
@@ -131,8 +131,7 @@ impl Iommu {
     /// zero) with a backend; it starts in the default domain. The guest can
     /// only name registered devices.
     pub fn register_device(&self, device: DeviceId, backend: BackendId) -> Result<(), IommuError> {
-        let pci_fields = (1u64 << 32) - 1 | 3 << 62;
-        if device.device_type() != device_type::PCI || device.into_bits() & !pci_fields != 0 {
+        if !device.is_plain_pci() {
             return Err(IommuError::NotPciDevice(device.into_bits()));
         }
         let mut state = self.lock_state();

@@ -327,10 +327,7 @@ impl SoftwareBackend {
         Ok(())
     }
 
-    fn domain_mut<'a>(
-        state: &'a mut SwState,
-        domain: DomainId,
-    ) -> Result<&'a mut SwDomain, BackendError> {
+    fn domain_mut(state: &mut SwState, domain: DomainId) -> Result<&mut SwDomain, BackendError> {
         state
             .domains
             .get_mut(&domain)
@@ -496,8 +493,11 @@ mod tests {
     const MB: u64 = 1 << 20;
 
     fn mem() -> GuestMemoryMmap<()> {
-        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20), (GuestAddress(32 * MB), 4 << 20)])
-            .expect("memory")
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 16 << 20),
+            (GuestAddress(32 * MB), 4 << 20),
+        ])
+        .expect("memory")
     }
 
     fn dev() -> DeviceId {
@@ -745,7 +745,7 @@ mod tests {
         assert_eq!(walk(0x4000_2000), Err(FaultReason::S1Reserved { level: 1 }));
         // A table outside RAM.
         pte(&m, 0x13000, 3, F);
-        pte(&m, 0x12000, 2, 20 * MB | F);
+        pte(&m, 0x12000, 2, (20 * MB) | F);
         assert_eq!(
             walk(0x4040_0000),
             Err(FaultReason::S1TableOutsideRam { level: 1 })
@@ -761,7 +761,7 @@ mod tests {
         b.create_domain(1, DomainKind::S1).expect("create");
         b.attach(dev(), AttachTarget::Domain(1)).expect("attach");
         b.set_s1(1, cfg).expect("configure");
-        pte(&m, 0x13000, 5, 20 * MB | F);
+        pte(&m, 0x13000, 5, (20 * MB) | F);
         let err = b
             .translate(&m, dev(), 0x4000_5000, 8, Access::Read)
             .expect_err("hole");

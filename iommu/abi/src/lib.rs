@@ -516,13 +516,20 @@ impl DeviceId {
                     .with_function(function & 0x7),
             )
     }
+
+    /// Whether this is the PCI form with only requester id and segment set
+    /// (the only form this VMM names devices by).
+    pub const fn is_plain_pci(self) -> bool {
+        let pci_fields = ((1u64 << 32) - 1) | (3 << 62);
+        self.device_type() == device_type::PCI && self.0 & !pci_fields == 0
+    }
 }
 
 impl fmt::Display for DeviceId {
     /// PCI ids print as `segment:bus:device.function`, others as hex.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let rid = self.rid();
-        if self.device_type() == device_type::PCI && self.0 & !((1 << 32) - 1 | 3 << 62) == 0 {
+        if self.is_plain_pci() {
             write!(
                 f,
                 "{:04x}:{:02x}:{:02x}.{}",

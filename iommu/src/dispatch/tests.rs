@@ -1,1 +1,1580 @@
+//! The dispatcher driven from the guest's side: registers and pages in,
+//! RAX/RCX and memory out. Every call and every status of the contract.
 
+use super::*;
+use crate::testing::{Call, RecordingBackend};
+use crate::{
+    Access, AttachTarget, Attachment, BackendId, DeviceId, DomainInfoKind, DomainKind, FaultReason,
+    Invalidation, IommuConfig, MapRun, Perms,
+};
+use pviommu_abi::{
+    device_property, CreateDeviceDomainFlags, DeviceDomainId, DeviceDomainSettings,
+    DeviceDomainSettingsFlags, DeviceDomainType, FlushListEntry, InputDeviceDomain,
+    OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty, HV_PARTITION_ID_SELF,
+};
+use std::sync::Arc;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::little_endian::{U32, U64};
+use zerocopy::IntoBytes;
+
+const MB: u64 = 1 << 20;
+/// RAM: [0, 64 MiB) and [128 MiB, 132 MiB); a hole between.
+const RAM_TOP: u64 = 64 * MB;
+const HIGH_RAM: u64 = 128 * MB;
+const INPUT: u64 = 0x1000;
+const OUTPUT: u64 = 0x2000;
+const P: u64 = 4096;
+
+const S2: DeviceDomainType = DeviceDomainType::S2;
+const S1: DeviceDomainType = DeviceDomainType::S1;
+
+fn dev(n: u8) -> DeviceId {
+    DeviceId::pci(0, 0, n, 0)
+}
+
+struct Guest {
+    iommu: Arc<Iommu>,
+    mem: GuestMemoryMmap<()>,
+    rec: Arc<RecordingBackend>,
+    rec_id: BackendId,
+}
+
+/// (status, reps completed) of a finished call.
+type Res = (HvStatus, u16);
+
+impl Guest {
+    fn with(config: IommuConfig) -> Self {
+        let mem = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 64 << 20),
+            (GuestAddress(HIGH_RAM), 4 << 20),
+        ])
+        .expect("memory");
+        let iommu = Arc::new(Iommu::new(config).expect("iommu"));
+        let rec = Arc::new(RecordingBackend::new("recording"));
+        let rec_id = iommu.add_backend(rec.clone());
+        for n in 1..=3 {
+            iommu
+                .register_device(dev(n), BackendId::SOFTWARE)
+                .expect("register");
+        }
+        iommu.register_device(dev(9), rec_id).expect("register");
+        rec.take_calls();
+        Self {
+            iommu,
+            mem,
+            rec,
+            rec_id,
+        }
+    }
+
+    fn new() -> Self {
+        Self::with(IommuConfig::default())
+    }
+
+    fn raw(&self, rcx: u64, rdx: u64, r8: u64) -> HypercallOutcome {
+        self.iommu
+            .dispatch(&self.mem, 0, HypercallRegs { rcx, rdx, r8 })
+    }
+
+    /// Issues a call like the guest's hypercall page would: re-executes on
+    /// "continue" until the call completes. Returns the result and how many
+    /// slices it took.
+    fn issue(&self, rcx: u64, rdx: u64, r8: u64) -> (Res, usize) {
+        let mut rcx = rcx;
+        let mut slices = 1;
+        loop {
+            match self.raw(rcx, rdx, r8) {
+                HypercallOutcome::Complete { rax } => {
+                    let out = HypercallOutput::from_bits(rax);
+                    assert_eq!(out.reserved0(), 0);
+                    assert_eq!(out.reserved1(), 0);
+                    return ((out.hv_status(), out.reps_completed()), slices);
+                }
+                HypercallOutcome::Continue { rcx: next } => {
+                    let (old, new) = (Control::from_bits(rcx), Control::from_bits(next));
+                    assert!(new.rep_start() > old.rep_start(), "progress");
+                    assert_eq!(
+                        new.with_rep_start(0),
+                        old.with_rep_start(0),
+                        "only the start moves"
+                    );
+                    rcx = next;
+                    slices += 1;
+                    assert!(slices < 10_000);
+                }
+            }
+        }
+    }
+
+    fn write_input(&self, bytes: &[u8]) {
+        self.mem
+            .write_slice(bytes, GuestAddress(INPUT))
+            .expect("input");
+    }
+
+    fn simple(&self, code: HypercallCode, input: &[u8]) -> HvStatus {
+        self.write_input(input);
+        let rcx = Control::new().with_code(code.0).into_bits();
+        let ((status, reps), _) = self.issue(rcx, INPUT, OUTPUT);
+        assert_eq!(reps, 0);
+        status
+    }
+
+    fn rep(
+        &self,
+        code: HypercallCode,
+        header: &[u8],
+        elems: &[u64],
+        count: u16,
+        start: u16,
+    ) -> Res {
+        let mut bytes = header.to_vec();
+        for e in elems {
+            bytes.extend_from_slice(&e.to_le_bytes());
+        }
+        self.write_input(&bytes);
+        let rcx = Control::new()
+            .with_code(code.0)
+            .with_rep_count(count)
+            .with_rep_start(start)
+            .into_bits();
+        self.issue(rcx, INPUT, OUTPUT).0
+    }
+
+    fn create(&self, t: DeviceDomainType, id: u32) -> HvStatus {
+        self.simple(
+            HypercallCode::CREATE_DEVICE_DOMAIN,
+            create_input(t, id, 0).as_bytes(),
+        )
+    }
+
+    fn delete(&self, t: DeviceDomainType, id: u32) -> HvStatus {
+        let input = InputDeleteDeviceDomain {
+            device_domain: hdr(t, id),
+        };
+        self.simple(HypercallCode::DELETE_DEVICE_DOMAIN, input.as_bytes())
+    }
+
+    fn attach(&self, t: DeviceDomainType, id: u32, device: DeviceId) -> HvStatus {
+        let input = InputAttachDeviceDomain {
+            device_domain: hdr(t, id),
+            device_id: U64::new(device.into_bits()),
+        };
+        self.simple(HypercallCode::ATTACH_DEVICE_DOMAIN, input.as_bytes())
+    }
+
+    fn detach(&self, device: DeviceId) -> HvStatus {
+        let input = InputDetachDeviceDomain {
+            partition_id: U64::new(HV_PARTITION_ID_SELF),
+            device_id: U64::new(device.into_bits()),
+        };
+        self.simple(HypercallCode::DETACH_DEVICE_DOMAIN, input.as_bytes())
+    }
+
+    fn configure(&self, id: u32, flags: DeviceDomainSettingsFlags, root: u64) -> HvStatus {
+        let input = configure_input(id, flags.into_bits(), root);
+        self.simple(HypercallCode::CONFIGURE_DEVICE_DOMAIN, input.as_bytes())
+    }
+
+    fn map(&self, id: u32, iova: u64, gpns: &[u64], flags: u32) -> Res {
+        let count = u16::try_from(gpns.len()).expect("count");
+        self.rep(
+            HypercallCode::MAP_DEVICE_GPA_PAGES,
+            map_hdr(S2, id, iova, flags).as_bytes(),
+            gpns,
+            count,
+            0,
+        )
+    }
+
+    fn unmap(&self, id: u32, iova: u64, pages: u16) -> Res {
+        let input = InputUnmapDeviceGpaPages {
+            device_domain: hdr(S2, id),
+            target_device_va_base: U64::new(iova),
+        };
+        self.rep(
+            HypercallCode::UNMAP_DEVICE_GPA_PAGES,
+            input.as_bytes(),
+            &[],
+            pages,
+            0,
+        )
+    }
+
+    fn flush_list(&self, t: DeviceDomainType, id: u32, entries: &[u64]) -> Res {
+        let count = u16::try_from(entries.len()).expect("count");
+        self.rep(
+            HypercallCode::FLUSH_DEVICE_DOMAIN_LIST,
+            flush_list_hdr(t, id, 0).as_bytes(),
+            entries,
+            count,
+            0,
+        )
+    }
+
+    fn flush(&self, t: DeviceDomainType, id: u32) -> HvStatus {
+        let input = InputFlushDeviceDomain {
+            device_domain: hdr(t, id),
+            flags: U32::new(0),
+            reserved: U32::new(0),
+        };
+        self.simple(HypercallCode::FLUSH_DEVICE_DOMAIN, input.as_bytes())
+    }
+
+    fn translate(
+        &self,
+        device: DeviceId,
+        iova: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<Vec<(u64, u64)>, crate::Fault> {
+        self.iommu
+            .translate(&self.mem, device, iova, len, access)
+            .map(|s| s.iter().map(|s| (s.gpa, s.len)).collect())
+    }
+
+    fn pte(&self, table: u64, index: u64, value: u64) {
+        self.mem
+            .write_obj(value, GuestAddress(table + index * 8))
+            .expect("pte");
+    }
+}
+
+fn hdr(t: DeviceDomainType, id: u32) -> InputDeviceDomain {
+    InputDeviceDomain::new(DeviceDomainId::with(t, id))
+}
+
+fn create_input(t: DeviceDomainType, id: u32, flags: u32) -> InputCreateDeviceDomain {
+    InputCreateDeviceDomain {
+        device_domain: hdr(t, id),
+        create_device_domain_flags: U32::new(flags),
+    }
+}
+
+fn configure_input(id: u32, flags: u64, root: u64) -> InputConfigureDeviceDomain {
+    InputConfigureDeviceDomain {
+        device_domain: hdr(S1, id),
+        settings: DeviceDomainSettings {
+            flags: U64::new(flags),
+            page_table_root: U64::new(root),
+        },
+    }
+}
+
+fn map_hdr(t: DeviceDomainType, id: u32, iova: u64, flags: u32) -> InputMapDeviceGpaPages {
+    InputMapDeviceGpaPages {
+        device_domain: hdr(t, id),
+        target_vtl: 0,
+        padding: [0; 3],
+        map_flags: U32::new(flags),
+        target_device_va_base: U64::new(iova),
+    }
+}
+
+fn flush_list_hdr(t: DeviceDomainType, id: u32, flags: u32) -> InputFlushDeviceDomainList {
+    InputFlushDeviceDomainList {
+        device_domain: hdr(t, id),
+        flags: U32::new(flags),
+        reserved: U32::new(0),
+    }
+}
+
+const R: u32 = 0x1;
+const RW: u32 = 0x3;
+
+fn entry(page: u64, shift: u16) -> u64 {
+    FlushListEntry::new()
+        .with_page_mask_shift(shift)
+        .with_page_number(page)
+        .into_bits()
+}
+
+fn ok() -> HvStatus {
+    HvStatus::SUCCESS
+}
+
+/// The header of every call that takes `hv_input_device_domain`, as bytes
+/// with a valid domain, for tests that corrupt one field.
+fn calls_with_domain_header(g: &Guest) -> Vec<(HypercallCode, Vec<u8>, u16)> {
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.create(S1, 6), ok());
+    vec![
+        (
+            HypercallCode::CREATE_DEVICE_DOMAIN,
+            create_input(S2, 7, 0).as_bytes().to_vec(),
+            0,
+        ),
+        (
+            HypercallCode::DELETE_DEVICE_DOMAIN,
+            InputDeleteDeviceDomain {
+                device_domain: hdr(S2, 5),
+            }
+            .as_bytes()
+            .to_vec(),
+            0,
+        ),
+        (
+            HypercallCode::ATTACH_DEVICE_DOMAIN,
+            InputAttachDeviceDomain {
+                device_domain: hdr(S2, 5),
+                device_id: U64::new(dev(1).into_bits()),
+            }
+            .as_bytes()
+            .to_vec(),
+            0,
+        ),
+        (
+            HypercallCode::CONFIGURE_DEVICE_DOMAIN,
+            configure_input(6, 0, 0).as_bytes().to_vec(),
+            0,
+        ),
+        (
+            HypercallCode::FLUSH_DEVICE_DOMAIN,
+            InputFlushDeviceDomain {
+                device_domain: hdr(S2, 5),
+                flags: U32::new(0),
+                reserved: U32::new(0),
+            }
+            .as_bytes()
+            .to_vec(),
+            0,
+        ),
+        (
+            HypercallCode::MAP_DEVICE_GPA_PAGES,
+            {
+                let mut v = map_hdr(S2, 5, 0x10_0000, R).as_bytes().to_vec();
+                v.extend_from_slice(&0x100u64.to_le_bytes());
+                v
+            },
+            1,
+        ),
+        (
+            HypercallCode::UNMAP_DEVICE_GPA_PAGES,
+            InputUnmapDeviceGpaPages {
+                device_domain: hdr(S2, 5),
+                target_device_va_base: U64::new(0x10_0000),
+            }
+            .as_bytes()
+            .to_vec(),
+            1,
+        ),
+        (
+            HypercallCode::FLUSH_DEVICE_DOMAIN_LIST,
+            {
+                let mut v = flush_list_hdr(S2, 5, 0).as_bytes().to_vec();
+                v.extend_from_slice(&entry(0x100, 0).to_le_bytes());
+                v
+            },
+            1,
+        ),
+    ]
+}
+
+fn call_bytes(g: &Guest, code: HypercallCode, bytes: &[u8], reps: u16) -> Res {
+    g.write_input(bytes);
+    let rcx = Control::new()
+        .with_code(code.0)
+        .with_rep_count(reps)
+        .into_bits();
+    g.issue(rcx, INPUT, OUTPUT).0
+}
+
+// ---------------------------------------------------------------- control
+
+#[test]
+fn reserved_control_bits_are_invalid_input() {
+    let g = Guest::new();
+    for bit in (27..=30).chain(44..=47).chain(60..=63) {
+        let rcx = Control::new()
+            .with_code(HypercallCode::GET_IOMMU_CAPABILITIES.0)
+            .into_bits()
+            | 1 << bit;
+        assert_eq!(
+            g.issue(rcx, INPUT, OUTPUT).0,
+            (HvStatus::INVALID_HYPERCALL_INPUT, 0),
+            "bit {bit}"
+        );
+    }
+}
+
+#[test]
+fn unknown_codes_are_invalid_code() {
+    let g = Guest::new();
+    for code in [0u16, 1, 0x00B0, 0x00B5, 0x0126, 0xFFFF] {
+        let rcx = Control::new().with_code(code).into_bits();
+        assert_eq!(
+            g.issue(rcx, INPUT, OUTPUT).0,
+            (HvStatus::INVALID_HYPERCALL_CODE, 0)
+        );
+    }
+    assert_eq!(g.iommu.stats().hypercalls.unknown, 6);
+}
+
+#[test]
+fn nested_and_variable_header_are_invalid_input() {
+    let g = Guest::new();
+    let base = Control::new().with_code(HypercallCode::GET_IOMMU_CAPABILITIES.0);
+    for c in [
+        base.with_nested(true),
+        base.with_variable_header_size(1),
+        base.with_variable_header_size(0x3FF),
+    ] {
+        assert_eq!(
+            g.issue(c.into_bits(), INPUT, OUTPUT).0,
+            (HvStatus::INVALID_HYPERCALL_INPUT, 0)
+        );
+    }
+}
+
+#[test]
+fn rep_count_and_start_must_match_the_call() {
+    let g = Guest::new();
+    assert_eq!(g.create(S2, 5), ok());
+    let simple = Control::new().with_code(HypercallCode::GET_IOMMU_CAPABILITIES.0);
+    for c in [simple.with_rep_count(1), simple.with_rep_start(1)] {
+        assert_eq!(
+            g.issue(c.into_bits(), INPUT, OUTPUT).0,
+            (HvStatus::INVALID_HYPERCALL_INPUT, 0)
+        );
+    }
+    g.write_input(
+        InputUnmapDeviceGpaPages {
+            device_domain: hdr(S2, 5),
+            target_device_va_base: U64::new(0),
+        }
+        .as_bytes(),
+    );
+    let rep = Control::new().with_code(HypercallCode::UNMAP_DEVICE_GPA_PAGES.0);
+    for (count, start) in [(0, 0), (3, 3), (3, 4), (1, 0xFFF)] {
+        let c = rep.with_rep_count(count).with_rep_start(start);
+        assert_eq!(
+            g.issue(c.into_bits(), INPUT, OUTPUT).0,
+            (HvStatus::INVALID_HYPERCALL_INPUT, 0),
+            "count {count} start {start}"
+        );
+    }
+}
+
+#[test]
+fn fast_calls_fit_in_two_registers() {
+    let g = Guest::new();
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.attach(S2, 5, dev(1)), ok());
+    // DETACH (16 bytes, no output) works in the fast form.
+    let fast = Control::new()
+        .with_code(HypercallCode::DETACH_DEVICE_DOMAIN.0)
+        .with_fast(true)
+        .into_bits();
+    assert_eq!(
+        g.issue(fast, HV_PARTITION_ID_SELF, dev(1).into_bits()).0,
+        (ok(), 0)
+    );
+    assert_eq!(g.iommu.device_attachment(dev(1)), Some(Attachment::Default));
+    assert_eq!(
+        g.issue(fast, 7, dev(1).into_bits()).0,
+        (HvStatus::INVALID_PARTITION_ID, 0)
+    );
+    // Calls with output or more than 16 bytes of input cannot be fast.
+    for code in [
+        HypercallCode::GET_IOMMU_CAPABILITIES,
+        HypercallCode::CREATE_DEVICE_DOMAIN,
+        HypercallCode::ATTACH_DEVICE_DOMAIN,
+    ] {
+        let c = Control::new().with_code(code.0).with_fast(true).into_bits();
+        assert_eq!(
+            g.issue(c, HV_PARTITION_ID_SELF, 0).0,
+            (HvStatus::INVALID_HYPERCALL_INPUT, 0),
+            "{code:?}"
+        );
+    }
+    let c = Control::new()
+        .with_code(HypercallCode::UNMAP_DEVICE_GPA_PAGES.0)
+        .with_fast(true)
+        .with_rep_count(1)
+        .into_bits();
+    assert_eq!(
+        g.issue(c, HV_PARTITION_ID_SELF, 0).0,
+        (HvStatus::INVALID_HYPERCALL_INPUT, 0)
+    );
+}
+
+// ---------------------------------------------------------------- buffers
+
+#[test]
+fn misaligned_or_page_crossing_buffers_are_invalid_alignment() {
+    let g = Guest::new();
+    let caps = Control::new()
+        .with_code(HypercallCode::GET_IOMMU_CAPABILITIES.0)
+        .into_bits();
+    let input = InputGetIommuCapabilities {
+        partition_id: U64::new(HV_PARTITION_ID_SELF),
+        reserved: U64::new(0),
+    };
+    g.mem
+        .write_slice(input.as_bytes(), GuestAddress(INPUT + 4))
+        .expect("w");
+    assert_eq!(
+        g.issue(caps, INPUT + 4, OUTPUT).0,
+        (HvStatus::INVALID_ALIGNMENT, 0)
+    );
+    // Input block of 16 bytes at 0xFF8 crosses into the next page.
+    assert_eq!(
+        g.issue(caps, INPUT + 0xFF8, OUTPUT).0,
+        (HvStatus::INVALID_ALIGNMENT, 0)
+    );
+    g.write_input(input.as_bytes());
+    assert_eq!(
+        g.issue(caps, INPUT, OUTPUT + 2).0,
+        (HvStatus::INVALID_ALIGNMENT, 0)
+    );
+    // Output of 24 bytes at 0xFF0 crosses.
+    assert_eq!(
+        g.issue(caps, INPUT, OUTPUT + 0xFF0).0,
+        (HvStatus::INVALID_ALIGNMENT, 0)
+    );
+    assert_eq!(g.issue(caps, INPUT, OUTPUT + 0xFE8).0, (ok(), 0));
+    // A rep list that does not fit the page: 508 MAP reps.
+    assert_eq!(g.create(S2, 5), ok());
+    g.write_input(map_hdr(S2, 5, 0, R).as_bytes());
+    let map = Control::new()
+        .with_code(HypercallCode::MAP_DEVICE_GPA_PAGES.0)
+        .with_rep_count(508)
+        .into_bits();
+    assert_eq!(
+        g.issue(map, INPUT, OUTPUT).0,
+        (HvStatus::INVALID_ALIGNMENT, 0)
+    );
+    // R8 is not looked at by calls without output (the element is GPN 0).
+    assert_eq!(
+        g.issue(map & !(0xFFF << 32) | 1 << 32, INPUT, 3).0,
+        (ok(), 1)
+    );
+}
+
+#[test]
+fn buffers_outside_ram_are_invalid_parameter() {
+    let g = Guest::new();
+    let caps = Control::new()
+        .with_code(HypercallCode::GET_IOMMU_CAPABILITIES.0)
+        .into_bits();
+    assert_eq!(
+        g.issue(caps, RAM_TOP, OUTPUT).0,
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    assert_eq!(
+        g.issue(caps, !0xFFF_u64, OUTPUT).0,
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    let input = InputGetIommuCapabilities {
+        partition_id: U64::new(HV_PARTITION_ID_SELF),
+        reserved: U64::new(0),
+    };
+    g.write_input(input.as_bytes());
+    assert_eq!(
+        g.issue(caps, INPUT, RAM_TOP + 0x1000).0,
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    // High RAM works.
+    g.mem
+        .write_slice(input.as_bytes(), GuestAddress(HIGH_RAM))
+        .expect("w");
+    assert_eq!(g.issue(caps, HIGH_RAM, HIGH_RAM + 0x1000).0, (ok(), 0));
+}
+
+#[test]
+fn output_is_written_only_on_success() {
+    let g = Guest::new();
+    let pattern = [0xA5u8; 24];
+    g.mem
+        .write_slice(&pattern, GuestAddress(OUTPUT))
+        .expect("w");
+    let bad = InputGetIommuCapabilities {
+        partition_id: U64::new(0),
+        reserved: U64::new(0),
+    };
+    assert_eq!(
+        g.simple(HypercallCode::GET_IOMMU_CAPABILITIES, bad.as_bytes()),
+        HvStatus::INVALID_PARTITION_ID
+    );
+    let mut out = [0u8; 24];
+    g.mem.read_slice(&mut out, GuestAddress(OUTPUT)).expect("r");
+    assert_eq!(out, pattern);
+}
+
+#[test]
+fn input_is_copied_into_a_zeroed_buffer() {
+    // Bytes past the declared input size are never seen by the handler: a
+    // 28-byte CREATE followed by garbage works.
+    let g = Guest::new();
+    let mut bytes = create_input(S2, 5, 0).as_bytes().to_vec();
+    bytes.extend_from_slice(&[0xFF; 64]);
+    assert_eq!(g.simple(HypercallCode::CREATE_DEVICE_DOMAIN, &bytes), ok());
+}
+
+// ---------------------------------------------------------------- common header
+
+#[test]
+fn partition_id_must_be_self_for_every_call() {
+    let g = Guest::new();
+    let mut calls = calls_with_domain_header(&g);
+    calls.push((
+        HypercallCode::GET_IOMMU_CAPABILITIES,
+        InputGetIommuCapabilities {
+            partition_id: U64::new(HV_PARTITION_ID_SELF),
+            reserved: U64::new(0),
+        }
+        .as_bytes()
+        .to_vec(),
+        0,
+    ));
+    calls.push((
+        HypercallCode::GET_LOGICAL_DEVICE_PROPERTY,
+        InputGetLogicalDeviceProperty {
+            partition_id: U64::new(HV_PARTITION_ID_SELF),
+            logical_device_id: U64::new(dev(1).into_bits()),
+            code: U32::new(device_property::PVIOMMU),
+            reserved: U32::new(0),
+        }
+        .as_bytes()
+        .to_vec(),
+        0,
+    ));
+    calls.push((
+        HypercallCode::DETACH_DEVICE_DOMAIN,
+        InputDetachDeviceDomain {
+            partition_id: U64::new(HV_PARTITION_ID_SELF),
+            device_id: U64::new(dev(1).into_bits()),
+        }
+        .as_bytes()
+        .to_vec(),
+        0,
+    ));
+    assert_eq!(calls.len(), HypercallCode::ALL.len());
+    for (code, bytes, reps) in calls {
+        for pid in [0u64, 1, HV_PARTITION_ID_SELF - 1] {
+            let mut b = bytes.clone();
+            b[..8].copy_from_slice(&pid.to_le_bytes());
+            assert_eq!(
+                call_bytes(&g, code, &b, reps),
+                (HvStatus::INVALID_PARTITION_ID, 0),
+                "{code:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn owner_vtl_padding_and_domain_reserved_bits_are_checked() {
+    let g = Guest::new();
+    for (code, bytes, reps) in calls_with_domain_header(&g) {
+        let mut corrupt = vec![];
+        for (offset, value) in [(8usize, 0x01u8), (8, 0x20), (9, 1), (15, 0x80)] {
+            let mut b = bytes.clone();
+            b[offset] = value;
+            corrupt.push(b);
+        }
+        // Domain id word: reserved bits 31:4, and type SOC / unknown.
+        for word_bits in [1u64 << 4, 1 << 31, 2, 0xF] {
+            let mut b = bytes.clone();
+            let w = u64::from_le_bytes(b[16..24].try_into().expect("8")) | word_bits;
+            b[16..24].copy_from_slice(&w.to_le_bytes());
+            corrupt.push(b);
+        }
+        for b in corrupt {
+            assert_eq!(
+                call_bytes(&g, code, &b, reps),
+                (HvStatus::INVALID_PARAMETER, 0),
+                "{code:?}"
+            );
+        }
+        // VTL 0 named explicitly is fine.
+        let mut b = bytes.clone();
+        b[8] = 0x10;
+        if code != HypercallCode::CREATE_DEVICE_DOMAIN
+            && code != HypercallCode::DELETE_DEVICE_DOMAIN
+        {
+            let status = call_bytes(&g, code, &b, reps).0;
+            assert!(
+                status == ok() || code == HypercallCode::UNMAP_DEVICE_GPA_PAGES,
+                "{code:?}: {status:?}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- queries
+
+#[test]
+fn get_iommu_capabilities() {
+    let g = Guest::with(IommuConfig {
+        max_iova_width: 39,
+        s1_5level: false,
+        ..Default::default()
+    });
+    let input = InputGetIommuCapabilities {
+        partition_id: U64::new(HV_PARTITION_ID_SELF),
+        reserved: U64::new(0),
+    };
+    assert_eq!(
+        g.simple(HypercallCode::GET_IOMMU_CAPABILITIES, input.as_bytes()),
+        ok()
+    );
+    let out: OutputGetIommuCapabilities = g.mem.read_obj_zc(OUTPUT);
+    assert_eq!(out.size.get(), 24);
+    assert_eq!(out.max_iova_width, 39);
+    assert_eq!(out.max_pasid_width, 0);
+    assert_eq!(out.iommu_cap.get(), 0b0111, "present, S2, S1, no 5-level");
+    assert_eq!(out.pgsize_bitmap.get(), crate::DEFAULT_PGSIZE_BITMAP);
+    let g = Guest::with(IommuConfig {
+        s1: false,
+        s1_5level: false,
+        ..Default::default()
+    });
+    assert_eq!(
+        g.simple(HypercallCode::GET_IOMMU_CAPABILITIES, input.as_bytes()),
+        ok()
+    );
+    let out: OutputGetIommuCapabilities = g.mem.read_obj_zc(OUTPUT);
+    assert_eq!(out.iommu_cap.get(), 0b0011);
+    let bad = InputGetIommuCapabilities {
+        reserved: U64::new(1),
+        ..input
+    };
+    assert_eq!(
+        g.simple(HypercallCode::GET_IOMMU_CAPABILITIES, bad.as_bytes()),
+        HvStatus::INVALID_PARAMETER
+    );
+}
+
+#[test]
+fn get_logical_device_property() {
+    let g = Guest::new();
+    let input = |device: DeviceId, code: u32, reserved: u32| InputGetLogicalDeviceProperty {
+        partition_id: U64::new(HV_PARTITION_ID_SELF),
+        logical_device_id: U64::new(device.into_bits()),
+        code: U32::new(code),
+        reserved: U32::new(reserved),
+    };
+    let call = |i: InputGetLogicalDeviceProperty| {
+        g.simple(HypercallCode::GET_LOGICAL_DEVICE_PROPERTY, i.as_bytes())
+    };
+    assert_eq!(call(input(dev(9), device_property::PVIOMMU, 0)), ok());
+    let out: OutputGetLogicalDeviceProperty = g.mem.read_obj_zc(OUTPUT);
+    assert_eq!((out.device_iommu.get(), out.reserved.get()), (1, 0));
+    assert_eq!(
+        call(input(dev(20), device_property::PVIOMMU, 0)),
+        HvStatus::INVALID_DEVICE_ID
+    );
+    assert_eq!(call(input(dev(1), 9, 0)), HvStatus::INVALID_PARAMETER);
+    assert_eq!(
+        call(input(dev(1), device_property::PVIOMMU, 1)),
+        HvStatus::INVALID_PARAMETER
+    );
+}
+
+trait ReadZc {
+    fn read_obj_zc<T: zerocopy::FromBytes>(&self, gpa: u64) -> T;
+}
+
+impl ReadZc for GuestMemoryMmap<()> {
+    fn read_obj_zc<T: zerocopy::FromBytes>(&self, gpa: u64) -> T {
+        let mut buf = vec![0u8; size_of::<T>()];
+        self.read_slice(&mut buf, GuestAddress(gpa)).expect("read");
+        T::read_from_bytes(&buf).expect("size")
+    }
+}
+
+// ---------------------------------------------------------------- domains
+
+#[test]
+fn create_domain_rules() {
+    let g = Guest::with(IommuConfig {
+        max_domains: 3,
+        ..Default::default()
+    });
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.create(S2, 5), HvStatus::INVALID_PARAMETER, "id in use");
+    assert_eq!(
+        g.create(S1, 5),
+        HvStatus::INVALID_PARAMETER,
+        "id in use by another type"
+    );
+    assert_eq!(g.create(S2, 0), HvStatus::INVALID_PARAMETER, "default id");
+    assert_eq!(
+        g.create(S2, 0xFFFF_FFFF),
+        HvStatus::INVALID_PARAMETER,
+        "null id"
+    );
+    assert_eq!(
+        g.create(DeviceDomainType::SOC, 8),
+        HvStatus::INVALID_PARAMETER
+    );
+    let flags = CreateDeviceDomainFlags::new()
+        .with_forward_progress_required(true)
+        .with_inherit_owning_vtl(true)
+        .into_bits();
+    assert_eq!(
+        g.simple(
+            HypercallCode::CREATE_DEVICE_DOMAIN,
+            create_input(S1, 6, flags).as_bytes()
+        ),
+        ok()
+    );
+    assert_eq!(
+        g.simple(
+            HypercallCode::CREATE_DEVICE_DOMAIN,
+            create_input(S2, 7, 4).as_bytes()
+        ),
+        HvStatus::INVALID_PARAMETER,
+        "unknown flag"
+    );
+    assert_eq!(g.create(S2, 7), ok());
+    assert_eq!(g.create(S2, 8), HvStatus::INSUFFICIENT_DEVICE_DOMAINS);
+    assert_eq!(g.delete(S2, 7), ok());
+    assert_eq!(g.create(S2, 8), ok(), "room again after a delete");
+    let ids: Vec<(u32, DomainInfoKind)> = g
+        .iommu
+        .domains_info()
+        .iter()
+        .map(|d| (d.id, d.kind))
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            (0, DomainInfoKind::Default),
+            (0xFFFF_FFFF, DomainInfoKind::Null),
+            (5, DomainInfoKind::S2),
+            (6, DomainInfoKind::S1),
+            (8, DomainInfoKind::S2)
+        ]
+    );
+    let no_s1 = Guest::with(IommuConfig {
+        s1: false,
+        s1_5level: false,
+        ..Default::default()
+    });
+    assert_eq!(no_s1.create(S1, 1), HvStatus::INVALID_PARAMETER);
+    assert_eq!(no_s1.create(S2, 1), ok());
+}
+
+#[test]
+fn delete_domain_rules() {
+    let g = Guest::new();
+    assert_eq!(g.delete(S2, 5), HvStatus::INVALID_PARAMETER, "unknown");
+    assert_eq!(g.delete(S2, 0), HvStatus::INVALID_PARAMETER, "default");
+    assert_eq!(
+        g.delete(S2, 0xFFFF_FFFF),
+        HvStatus::INVALID_PARAMETER,
+        "null"
+    );
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.delete(S1, 5), HvStatus::INVALID_PARAMETER, "wrong type");
+    assert_eq!(g.attach(S2, 5, dev(1)), ok());
+    assert_eq!(g.delete(S2, 5), HvStatus::OPERATION_DENIED);
+    assert_eq!(g.detach(dev(1)), ok());
+    assert_eq!(g.delete(S2, 5), ok());
+    assert_eq!(g.delete(S2, 5), HvStatus::INVALID_PARAMETER, "gone");
+}
+
+#[test]
+fn attach_and_detach_rules() {
+    let g = Guest::new();
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.create(S2, 6), ok());
+    assert_eq!(
+        g.attach(S2, 7, dev(1)),
+        HvStatus::INVALID_PARAMETER,
+        "missing domain"
+    );
+    assert_eq!(
+        g.attach(S1, 5, dev(1)),
+        HvStatus::INVALID_PARAMETER,
+        "wrong type"
+    );
+    assert_eq!(g.attach(S2, 5, dev(20)), HvStatus::INVALID_DEVICE_ID);
+    assert_eq!(
+        g.attach(S2, 5, DeviceId::from_bits(dev(1).into_bits() | 1 << 40)),
+        HvStatus::INVALID_DEVICE_ID,
+        "ids are compared whole"
+    );
+    assert_eq!(
+        g.attach(S2, 0, dev(1)),
+        ok(),
+        "default to default is a no-op"
+    );
+    assert_eq!(g.attach(S2, 5, dev(1)), ok());
+    assert_eq!(
+        g.attach(S2, 5, dev(1)),
+        HvStatus::DEVICE_ALREADY_IN_DOMAIN,
+        "double attach"
+    );
+    assert_eq!(g.attach(S2, 6, dev(1)), HvStatus::DEVICE_ALREADY_IN_DOMAIN);
+    assert_eq!(g.attach(S2, 0, dev(1)), HvStatus::DEVICE_ALREADY_IN_DOMAIN);
+    assert_eq!(g.attach(S2, 0xFFFF_FFFF, dev(2)), ok());
+    assert_eq!(g.iommu.device_attachment(dev(2)), Some(Attachment::Null));
+    assert_eq!(g.attach(S2, 5, dev(2)), HvStatus::DEVICE_ALREADY_IN_DOMAIN);
+    let fault = g
+        .translate(dev(2), 0x1000, 8, Access::Read)
+        .expect_err("null domain");
+    assert_eq!(fault.reason, FaultReason::Blocked);
+    assert_eq!(g.detach(dev(2)), ok());
+    assert_eq!(
+        g.translate(dev(2), 0x1000, 8, Access::Read),
+        Ok(vec![(0x1000, 8)])
+    );
+    assert_eq!(
+        g.detach(dev(2)),
+        ok(),
+        "detach in the default domain is a no-op"
+    );
+    assert_eq!(g.detach(dev(20)), HvStatus::INVALID_DEVICE_ID);
+    assert_eq!(
+        g.iommu.device_attachment(dev(1)),
+        Some(Attachment::Domain(5))
+    );
+    let info = g.iommu.domains_info();
+    assert_eq!(info[2].devices, [dev(1)]);
+    assert_eq!(info[0].devices, [dev(2), dev(3), dev(9)]);
+    assert_eq!(info[2].backends, ["software"]);
+    assert_eq!(g.detach(dev(1)), ok());
+    assert_eq!(
+        g.iommu.domains_info()[2].backends,
+        Vec::<&str>::new(),
+        "instance dropped"
+    );
+}
+
+#[test]
+fn configure_rules() {
+    let g = Guest::with(IommuConfig {
+        s1_5level: false,
+        ..Default::default()
+    });
+    assert_eq!(g.create(S1, 6), ok());
+    assert_eq!(g.create(S2, 5), ok());
+    let on = DeviceDomainSettingsFlags::new().with_translation_enabled(true);
+    assert_eq!(g.configure(6, on, 0x10000), ok());
+    assert_eq!(
+        g.configure(6, on, 0x10800),
+        HvStatus::INVALID_PARAMETER,
+        "misaligned root"
+    );
+    assert_eq!(
+        g.configure(6, on, RAM_TOP),
+        HvStatus::INVALID_PARAMETER,
+        "root outside RAM"
+    );
+    assert_eq!(g.configure(6, on, 0), ok(), "GPA 0 is RAM here");
+    assert_eq!(
+        g.configure(6, on.with_first_stage_paging_mode(true), 0x10000),
+        HvStatus::INVALID_PARAMETER,
+        "5-level not offered"
+    );
+    assert_eq!(
+        g.configure(6, DeviceDomainSettingsFlags::from_bits(1 << 3), 0),
+        HvStatus::INVALID_PARAMETER,
+        "reserved flag"
+    );
+    assert_eq!(
+        g.configure(6, DeviceDomainSettingsFlags::new(), 0),
+        ok(),
+        "disable"
+    );
+    assert_eq!(
+        g.configure(6, DeviceDomainSettingsFlags::new(), 0x1001),
+        HvStatus::INVALID_PARAMETER
+    );
+    let input = InputConfigureDeviceDomain {
+        device_domain: hdr(S2, 5),
+        ..configure_input(5, on.into_bits(), 0x10000)
+    };
+    assert_eq!(
+        g.simple(HypercallCode::CONFIGURE_DEVICE_DOMAIN, input.as_bytes()),
+        HvStatus::INVALID_PARAMETER
+    );
+    assert_eq!(
+        g.configure(0, on, 0x10000),
+        HvStatus::INVALID_PARAMETER,
+        "default domain"
+    );
+    let s1 = g.iommu.domains_info()[3].s1.expect("s1");
+    assert!(!s1.translation_enabled);
+    let g5 = Guest::new();
+    assert_eq!(g5.create(S1, 6), ok());
+    assert_eq!(
+        g5.configure(6, on.with_first_stage_paging_mode(true), 0x10000),
+        ok()
+    );
+}
+
+// ---------------------------------------------------------------- map / unmap
+
+#[test]
+fn map_of_507_contiguous_pages_is_one_backend_map() {
+    let g = Guest::new();
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.attach(S2, 5, dev(9)), ok());
+    g.rec.take_calls();
+    let gpns: Vec<u64> = (0x1000..0x1000 + 507).collect();
+    assert_eq!(g.map(5, 0x4000_0000, &gpns, RW), (ok(), 507));
+    let calls = g.rec.take_calls();
+    assert_eq!(
+        calls,
+        [Call::Map(
+            5,
+            MapRun {
+                iova: 0x4000_0000,
+                gpa: 0x100_0000,
+                len: 507 * P,
+                perms: Perms::RW
+            }
+        )]
+    );
+    assert_eq!(g.iommu.domains_info()[2].mapped_pages, 507);
+    assert_eq!(g.iommu.domains_info()[2].runs, 1);
+    // Scattered pages: one map per page.
+    let scattered: Vec<u64> = (0..10).map(|i| 0x2000 + 2 * i).collect();
+    assert_eq!(g.map(5, 0x5000_0000, &scattered, R), (ok(), 10));
+    assert_eq!(g.rec.take_calls().len(), 10);
+    // A run does not cross a RAM region boundary even if GPAs are contiguous.
+    let g2 = Guest::new();
+    assert_eq!(g2.create(S2, 5), ok());
+    assert_eq!(g2.attach(S2, 5, dev(9)), ok());
+    g2.rec.take_calls();
+    let top = RAM_TOP / P;
+    assert_eq!(g2.map(5, 0, &[top - 2, top - 1], R), (ok(), 2));
+    assert_eq!(g2.rec.take_calls().len(), 1);
+}
+
+#[test]
+fn map_failures_report_the_failing_rep() {
+    let g = Guest::with(IommuConfig {
+        max_iova_width: 32,
+        max_mapped_pages_per_domain: 20,
+        ..Default::default()
+    });
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.attach(S2, 5, dev(9)), ok());
+    let base = 0x1000_0000;
+    // Rep 3 is outside RAM: reps 0-2 stay mapped.
+    assert_eq!(
+        g.map(5, base, &[0x100, 0x101, 0x102, RAM_TOP / P, 0x104], R),
+        (HvStatus::INVALID_PARAMETER, 3)
+    );
+    assert_eq!(g.rec.pages(5).expect("pages").len(), 3);
+    // Rep 0 already mapped.
+    assert_eq!(
+        g.map(5, base + 2 * P, &[0x200], R),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    // Rep 1 runs into a mapped page.
+    assert_eq!(
+        g.map(5, base - P, &[0x300, 0x301], R),
+        (HvStatus::INVALID_PARAMETER, 1)
+    );
+    assert_eq!(g.rec.pages(5).expect("pages").len(), 4);
+    // READABLE missing, unknown flag, exec flags accepted.
+    assert_eq!(g.map(5, 0, &[0x400], 0x2), (HvStatus::INVALID_PARAMETER, 0));
+    assert_eq!(
+        g.map(5, 0, &[0x400], 0x11),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    assert_eq!(g.map(5, 0, &[0x400], 0xD), (ok(), 1));
+    // Misaligned base; IOVA past the width; GPA page number too large.
+    assert_eq!(
+        g.map(5, 0x800, &[0x400], R),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    assert_eq!(
+        g.map(5, (1 << 32) - 2 * P, &[0x500, 0x501, 0x502], R),
+        (HvStatus::INVALID_PARAMETER, 2)
+    );
+    assert_eq!(
+        g.map(5, 0x2000_0000, &[1 << 52], R),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    // Target VTL and padding.
+    let mut h = map_hdr(S2, 5, 0x3000_0000, R);
+    h.target_vtl = 1;
+    assert_eq!(
+        g.rep(
+            HypercallCode::MAP_DEVICE_GPA_PAGES,
+            h.as_bytes(),
+            &[0x600],
+            1,
+            0
+        ),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    let mut h = map_hdr(S2, 5, 0x3000_0000, R);
+    h.padding = [0, 1, 0];
+    assert_eq!(
+        g.rep(
+            HypercallCode::MAP_DEVICE_GPA_PAGES,
+            h.as_bytes(),
+            &[0x600],
+            1,
+            0
+        ),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    // Domain kinds: default, null, S1 cannot be mapped.
+    assert_eq!(g.create(S1, 6), ok());
+    for (t, id) in [(S2, 0), (S2, 0xFFFF_FFFF), (S1, 6), (S2, 6), (S2, 77)] {
+        let h = map_hdr(t, id, 0x3000_0000, R);
+        assert_eq!(
+            g.rep(
+                HypercallCode::MAP_DEVICE_GPA_PAGES,
+                h.as_bytes(),
+                &[0x600],
+                1,
+                0
+            ),
+            (HvStatus::INVALID_PARAMETER, 0)
+        );
+    }
+    // Page limit (20): 7 mapped, 13 more fit, the 14th is refused.
+    assert_eq!(g.iommu.domains_info()[2].mapped_pages, 7);
+    let gpns: Vec<u64> = (0x700..0x700 + 16).collect();
+    assert_eq!(
+        g.map(5, 0x4000_0000, &gpns, R),
+        (HvStatus::INSUFFICIENT_MEMORY, 13)
+    );
+    assert_eq!(g.iommu.domains_info()[2].mapped_pages, 20);
+    assert_eq!(
+        g.rec.pages(5).expect("pages").len(),
+        20,
+        "backend and domain agree"
+    );
+}
+
+#[test]
+fn backend_failure_is_no_resources_and_nothing_leaks() {
+    let g = Guest::new();
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.attach(S2, 5, dev(9)), ok());
+    assert_eq!(g.attach(S2, 5, dev(1)), ok(), "software instance too");
+    g.rec.fail_next_maps(1);
+    // Two runs: [0x100, 0x101] and [0x300]; the first map fails.
+    assert_eq!(
+        g.map(5, 0, &[0x100, 0x101, 0x300], R),
+        (HvStatus::NO_RESOURCES, 0)
+    );
+    assert_eq!(g.iommu.domains_info()[2].mapped_pages, 0);
+    assert!(
+        g.translate(dev(1), 0, 8, Access::Read).is_err(),
+        "software instance undone"
+    );
+    assert!(g.iommu.stats().backend_errors >= 1);
+    assert_eq!(g.map(5, 0, &[0x100, 0x101, 0x300], R), (ok(), 3));
+}
+
+#[test]
+fn unmap_splits_runs_exactly() {
+    let g = Guest::new();
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.attach(S2, 5, dev(9)), ok());
+    assert_eq!(g.attach(S2, 5, dev(1)), ok());
+    let gpns: Vec<u64> = (0x1000..0x1000 + 507).collect();
+    assert_eq!(g.map(5, 0, &gpns, RW), (ok(), 507));
+    g.rec.take_calls();
+    // Unmap pages 100..110 of the run: one whole unmap and two re-maps.
+    assert_eq!(g.unmap(5, 100 * P, 10), (ok(), 10));
+    let calls = g.rec.take_calls();
+    let run = |first: u64, pages: u64| MapRun {
+        iova: first * P,
+        gpa: (0x1000 + first) * P,
+        len: pages * P,
+        perms: Perms::RW,
+    };
+    assert_eq!(
+        calls,
+        [
+            Call::Unmap(5, run(0, 507)),
+            Call::Map(5, run(0, 100)),
+            Call::Map(5, run(110, 397))
+        ]
+    );
+    let pages = g.rec.pages(5).expect("pages");
+    assert_eq!(pages.len(), 497);
+    assert!(!pages.contains_key(&100) && !pages.contains_key(&109));
+    assert!(pages.contains_key(&99) && pages.contains_key(&110));
+    assert_eq!(
+        g.translate(dev(1), 105 * P, 8, Access::Read)
+            .map_err(|f| f.reason),
+        Err(FaultReason::NotMapped)
+    );
+    assert_eq!(
+        g.translate(dev(1), 110 * P, 8, Access::Write),
+        Ok(vec![(0x1000 * P + 110 * P, 8)])
+    );
+    // Unmap across a hole: pages 95..105, 100.. are gone: fails at rep 5.
+    assert_eq!(g.unmap(5, 95 * P, 10), (HvStatus::INVALID_PARAMETER, 5));
+    assert!(!g.rec.pages(5).expect("pages").contains_key(&95));
+    // Whole runs are unmapped with a single call each.
+    g.rec.take_calls();
+    assert_eq!(g.unmap(5, 110 * P, 397), (ok(), 397));
+    assert_eq!(g.rec.take_calls(), [Call::Unmap(5, run(110, 397))]);
+    // Unmap of nothing; misaligned; wrong kind.
+    assert_eq!(g.unmap(5, 0x100_0000, 1), (HvStatus::INVALID_PARAMETER, 0));
+    assert_eq!(g.unmap(5, 0x10, 1), (HvStatus::INVALID_PARAMETER, 0));
+    assert_eq!(g.unmap(0, 0, 1), (HvStatus::INVALID_PARAMETER, 0));
+    assert_eq!(g.unmap(5, !0xFFF_u64, 2), (HvStatus::INVALID_PARAMETER, 0));
+}
+
+#[test]
+fn rep_calls_are_time_sliced_and_restart_where_they_stopped() {
+    let g = Guest::with(IommuConfig {
+        rep_budget: 64,
+        ..Default::default()
+    });
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.attach(S2, 5, dev(9)), ok());
+    g.rec.take_calls();
+    let gpns: Vec<u64> = (0x1000..0x1000 + 507).collect();
+    let mut bytes = map_hdr(S2, 5, 0, RW).as_bytes().to_vec();
+    for e in &gpns {
+        bytes.extend_from_slice(&e.to_le_bytes());
+    }
+    g.write_input(&bytes);
+    let rcx = Control::new()
+        .with_code(HypercallCode::MAP_DEVICE_GPA_PAGES.0)
+        .with_rep_count(507)
+        .into_bits();
+    // The first slice: continue at 64.
+    assert_eq!(
+        g.raw(rcx, INPUT, OUTPUT),
+        HypercallOutcome::Continue {
+            rcx: Control::from_bits(rcx).with_rep_start(64).into_bits()
+        }
+    );
+    let ((status, reps), slices) = g.issue(
+        Control::from_bits(rcx).with_rep_start(64).into_bits(),
+        INPUT,
+        OUTPUT,
+    );
+    assert_eq!((status, reps, slices), (ok(), 507, 7));
+    assert_eq!(g.rec.pages(5).expect("pages").len(), 507);
+    assert_eq!(g.iommu.stats().hypercalls.continuations, 7);
+    // An error in a later slice reports the total reps done.
+    assert_eq!(g.unmap(5, 0, 507), (ok(), 507));
+    let mut bad = gpns.clone();
+    bad[200] = RAM_TOP / P;
+    assert_eq!(g.map(5, 0, &bad, R), (HvStatus::INVALID_PARAMETER, 200));
+    // UNMAP with a rep count past the page list limit is fine (no elements).
+    assert_eq!(g.unmap(5, 0, 200), (ok(), 200));
+    let many: Vec<u64> = vec![entry(0, 0); 508];
+    assert_eq!(g.flush_list(S2, 5, &many), (ok(), 508));
+}
+
+// ---------------------------------------------------------------- flushes
+
+#[test]
+fn flush_list_merges_into_exact_maximal_ranges() {
+    let g = Guest::new();
+    assert_eq!(g.create(S1, 6), ok());
+    assert_eq!(g.attach(S1, 6, dev(9)), ok());
+    g.rec.take_calls();
+    // [0,4) + [4,8) + [8,16) + [6,7) -> [0,16); [32,33); [64,128)
+    let entries = [
+        entry(8, 3),
+        entry(0, 2),
+        entry(64, 6),
+        entry(4, 2),
+        entry(32, 0),
+        entry(6, 0),
+    ];
+    assert_eq!(g.flush_list(S1, 6, &entries), (ok(), 6));
+    let inval = |start: u64, pages: u64| {
+        Call::Invalidate(
+            6,
+            Invalidation::Range {
+                iova: start * P,
+                len: pages * P,
+            },
+        )
+    };
+    assert_eq!(
+        g.rec.take_calls(),
+        [inval(0, 16), inval(32, 1), inval(64, 64)]
+    );
+    let f = g.iommu.domains_info()[2].flushes;
+    assert_eq!((f.entries, f.ranges, f.pages, f.full), (6, 3, 81, 0));
+    // A misaligned block at entry 2: entries 0-1 are flushed, error at 2.
+    assert_eq!(
+        g.flush_list(S1, 6, &[entry(0, 0), entry(2, 0), entry(3, 1), entry(8, 0)]),
+        (HvStatus::INVALID_PARAMETER, 2)
+    );
+    assert_eq!(g.rec.take_calls(), [inval(0, 1), inval(2, 1)]);
+    // Past the IOVA width (48): 2^36 pages.
+    assert_eq!(
+        g.flush_list(S1, 6, &[entry(1 << 36, 0)]),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    assert_eq!(
+        g.flush_list(S1, 6, &[entry(0, 37)]),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    assert_eq!(
+        g.flush_list(S1, 6, &[entry(0, 0xFFF)]),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    assert_eq!(g.flush_list(S1, 6, &[entry(0, 36)]), (ok(), 1));
+    g.rec.take_calls();
+    // Flags: IOMMU format accepted, others not; reserved must be zero.
+    let h = flush_list_hdr(S1, 6, 1);
+    assert_eq!(
+        g.rep(
+            HypercallCode::FLUSH_DEVICE_DOMAIN_LIST,
+            h.as_bytes(),
+            &[entry(0, 0)],
+            1,
+            0
+        ),
+        (ok(), 1)
+    );
+    let h = flush_list_hdr(S1, 6, 2);
+    assert_eq!(
+        g.rep(
+            HypercallCode::FLUSH_DEVICE_DOMAIN_LIST,
+            h.as_bytes(),
+            &[entry(0, 0)],
+            1,
+            0
+        ),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    let mut h = flush_list_hdr(S1, 6, 0);
+    h.reserved = U32::new(1);
+    assert_eq!(
+        g.rep(
+            HypercallCode::FLUSH_DEVICE_DOMAIN_LIST,
+            h.as_bytes(),
+            &[entry(0, 0)],
+            1,
+            0
+        ),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    // Default and null domains accept flushes (nothing cached); unknown does not.
+    assert_eq!(g.flush_list(S2, 0, &[entry(0, 0)]), (ok(), 1));
+    assert_eq!(g.flush_list(S2, 0xFFFF_FFFF, &[entry(0, 0)]), (ok(), 1));
+    assert_eq!(
+        g.flush_list(S2, 99, &[entry(0, 0)]),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+}
+
+#[test]
+fn flush_device_domain_flushes_everything() {
+    let g = Guest::new();
+    assert_eq!(g.create(S1, 6), ok());
+    assert_eq!(g.attach(S1, 6, dev(9)), ok());
+    g.rec.take_calls();
+    assert_eq!(g.flush(S1, 6), ok());
+    assert_eq!(g.rec.take_calls(), [Call::Invalidate(6, Invalidation::All)]);
+    assert_eq!(g.iommu.domains_info()[2].flushes.full, 1);
+    assert_eq!(g.flush(S2, 0), ok());
+    assert_eq!(g.flush(S2, 0xFFFF_FFFF), ok());
+    assert_eq!(g.flush(S2, 6), HvStatus::INVALID_PARAMETER, "wrong type");
+    assert_eq!(g.flush(S2, 99), HvStatus::INVALID_PARAMETER);
+    let bad = InputFlushDeviceDomain {
+        device_domain: hdr(S1, 6),
+        flags: U32::new(1),
+        reserved: U32::new(0),
+    };
+    assert_eq!(
+        g.simple(HypercallCode::FLUSH_DEVICE_DOMAIN, bad.as_bytes()),
+        HvStatus::INVALID_PARAMETER
+    );
+    let bad = InputFlushDeviceDomain {
+        flags: U32::new(0),
+        reserved: U32::new(1),
+        ..bad
+    };
+    assert_eq!(
+        g.simple(HypercallCode::FLUSH_DEVICE_DOMAIN, bad.as_bytes()),
+        HvStatus::INVALID_PARAMETER
+    );
+    assert!(g.rec.take_calls().is_empty());
+}
+
+// ---------------------------------------------------------------- end to end
+
+const F: u64 = 0b111; // present, writable, user
+
+#[test]
+fn s1_domain_end_to_end_with_stale_translation() {
+    let g = Guest::new();
+    assert_eq!(g.create(S1, 6), ok());
+    assert_eq!(g.attach(S1, 6, dev(1)), ok());
+    let (pml4, pdpt, pd, pt) = (0x10000, 0x11000, 0x12000, 0x13000);
+    g.pte(pml4, 0, pdpt | F);
+    g.pte(pdpt, 0, pd | F);
+    g.pte(pd, 0, pt | F);
+    g.pte(pt, 5, 0x80_0000 | F);
+    assert_eq!(
+        g.translate(dev(1), 0x5000, 8, Access::Read)
+            .map_err(|f| f.reason),
+        Err(FaultReason::TranslationDisabled)
+    );
+    let on = DeviceDomainSettingsFlags::new().with_translation_enabled(true);
+    assert_eq!(g.configure(6, on, pml4), ok());
+    assert_eq!(
+        g.translate(dev(1), 0x5010, 8, Access::Write),
+        Ok(vec![(0x80_0010, 8)])
+    );
+    g.pte(pt, 5, 0x90_0000 | F);
+    assert_eq!(
+        g.translate(dev(1), 0x5010, 8, Access::Write),
+        Ok(vec![(0x80_0010, 8)]),
+        "stale"
+    );
+    assert_eq!(g.flush_list(S1, 6, &[entry(5, 0)]), (ok(), 1));
+    assert_eq!(
+        g.translate(dev(1), 0x5010, 8, Access::Write),
+        Ok(vec![(0x90_0010, 8)]),
+        "fresh"
+    );
+    g.pte(pt, 5, 0);
+    assert!(
+        g.translate(dev(1), 0x5010, 8, Access::Read).is_ok(),
+        "stale"
+    );
+    assert_eq!(g.flush(S1, 6), ok());
+    let fault = g
+        .translate(dev(1), 0x5010, 8, Access::Read)
+        .expect_err("not present");
+    assert_eq!(
+        (fault.reason, fault.iova, fault.domain),
+        (FaultReason::S1NotPresent { level: 1 }, 0x5010, Some(6))
+    );
+    let blocked = on.with_blocked(true);
+    assert_eq!(g.configure(6, blocked, pml4), ok());
+    assert_eq!(
+        g.translate(dev(1), 0x5010, 8, Access::Read)
+            .map_err(|f| f.reason),
+        Err(FaultReason::Blocked)
+    );
+    let stats = g.iommu.stats();
+    assert_eq!(stats.faults.total, 3);
+    assert_eq!(
+        stats.faults.last.map(|f| f.reason),
+        Some(FaultReason::Blocked)
+    );
+    assert_eq!(stats.domains[2].faults, 3);
+    assert_eq!(stats.domains[2].iotlb.map(|i| i.hits), Some(2));
+}
+
+#[test]
+fn s2_domain_end_to_end_and_unregister() {
+    let g = Guest::new();
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.attach(S2, 5, dev(1)), ok());
+    assert_eq!(g.attach(S2, 5, dev(2)), ok());
+    assert_eq!(g.attach(S2, 5, dev(9)), ok());
+    assert_eq!(
+        g.map(5, 0x10_0000, &[0x400, 0x401, HIGH_RAM / P], R),
+        (ok(), 3)
+    );
+    assert_eq!(
+        g.translate(dev(2), 0x10_0ff0, 0x1020, Access::Read),
+        Ok(vec![(0x40_0ff0, 0x1010), (HIGH_RAM, 0x10)])
+    );
+    let f = g
+        .translate(dev(2), 0x10_0000, 1, Access::Write)
+        .expect_err("read-only");
+    assert_eq!(f.reason, FaultReason::WriteDenied);
+    assert_eq!(g.unmap(5, 0x10_1000, 1), (ok(), 1));
+    let f = g
+        .translate(dev(2), 0x10_0000, 0x3000, Access::Read)
+        .expect_err("unmapped");
+    assert_eq!((f.reason, f.iova), (FaultReason::NotMapped, 0x10_1000));
+    // A passthrough device's DMA is not the software backend's job.
+    let f = g
+        .translate(dev(9), 0x10_0000, 8, Access::Read)
+        .expect_err("iommufd device");
+    assert_eq!(f.reason, FaultReason::NotSoftwareDevice);
+    let f = g
+        .translate(dev(30), 0x10_0000, 8, Access::Read)
+        .expect_err("unknown device");
+    assert_eq!(f.reason, FaultReason::UnknownDevice);
+    // Unregistering detaches (the backend gets the device back at identity,
+    // and drops its instance when its last device leaves).
+    g.rec.take_calls();
+    g.iommu.unregister_device(dev(9)).expect("unregister");
+    assert_eq!(
+        g.rec.take_calls(),
+        [
+            Call::Attach(dev(9), AttachTarget::Identity),
+            Call::DestroyDomain(5),
+            Call::RemoveDevice(dev(9))
+        ]
+    );
+    g.iommu.unregister_device(dev(1)).expect("unregister");
+    assert_eq!(
+        g.delete(S2, 5),
+        HvStatus::OPERATION_DENIED,
+        "dev(2) is still attached"
+    );
+    g.iommu.unregister_device(dev(2)).expect("unregister");
+    assert_eq!(g.delete(S2, 5), ok());
+    // A device attached later gets the domain's runs replayed.
+    assert_eq!(g.create(S2, 8), ok());
+    assert_eq!(g.map(8, 0, &[0x10, 0x11, 0x20], R), (ok(), 3));
+    g.iommu.register_device(dev(9), g.rec_id).expect("register");
+    g.rec.take_calls();
+    assert_eq!(g.attach(S2, 8, dev(9)), ok());
+    let calls = g.rec.take_calls();
+    assert_eq!(calls.len(), 4, "{calls:?}");
+    assert_eq!(calls[0], Call::CreateDomain(8, DomainKind::S2));
+    assert_eq!(calls[3], Call::Attach(dev(9), AttachTarget::Domain(8)));
+    assert_eq!(g.rec.pages(8).expect("pages").len(), 3);
+}
+
+#[test]
+fn concurrent_hypercalls_and_dma() {
+    let g = Arc::new(Guest::new());
+    for id in 1..=4 {
+        assert_eq!(g.create(S2, id), ok());
+    }
+    assert_eq!(g.attach(S2, 1, dev(1)), ok());
+    let threads: Vec<_> = (0..4u32)
+        .map(|t| {
+            let g = Arc::clone(&g);
+            std::thread::spawn(move || {
+                // Each thread uses its own input page.
+                let input = 0x10_0000 + u64::from(t) * P;
+                let mut bytes = map_hdr(S2, 1, u64::from(t) << 30, R).as_bytes().to_vec();
+                bytes.extend_from_slice(&0x300u64.to_le_bytes());
+                g.mem.write_slice(&bytes, GuestAddress(input)).expect("w");
+                let unmap = InputUnmapDeviceGpaPages {
+                    device_domain: hdr(S2, 1),
+                    target_device_va_base: U64::new(u64::from(t) << 30),
+                };
+                let unmap_input = input + 0x800;
+                g.mem
+                    .write_slice(unmap.as_bytes(), GuestAddress(unmap_input))
+                    .expect("w");
+                let map_rcx = Control::new()
+                    .with_code(HypercallCode::MAP_DEVICE_GPA_PAGES.0)
+                    .with_rep_count(1)
+                    .into_bits();
+                let unmap_rcx = Control::new()
+                    .with_code(HypercallCode::UNMAP_DEVICE_GPA_PAGES.0)
+                    .with_rep_count(1)
+                    .into_bits();
+                for _ in 0..500 {
+                    assert_eq!(g.issue(map_rcx, input, 0).0, (ok(), 1));
+                    let s = g.translate(dev(1), u64::from(t) << 30, 8, Access::Read);
+                    assert_eq!(s, Ok(vec![(0x30_0000, 8)]));
+                    assert_eq!(g.issue(unmap_rcx, unmap_input, 0).0, (ok(), 1));
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("thread");
+    }
+    assert_eq!(g.iommu.domains_info()[2].mapped_pages, 0);
+}
