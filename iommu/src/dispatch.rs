@@ -364,4 +364,4 @@ fn elements(bytes: &[u8]) -> Result<&[U64], HvError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -825,3 +825,204 @@ impl State {
         ok
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Map, unmap and flush against a plain page-by-page reference model.
+
+    use crate::dispatch::tests::{dev, entry, ok, Guest, HIGH_RAM, P, R, RAM_TOP, RW, S2};
+    use crate::testing::Call;
+    use crate::{Access, Invalidation, IommuConfig};
+    use proptest::prelude::*;
+    use pviommu_abi::HvStatus;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Map {
+            iova: u64,
+            gpns: Vec<u64>,
+            writable: bool,
+        },
+        Unmap {
+            iova: u64,
+            pages: u16,
+        },
+        FlushList {
+            entries: Vec<(u64, u16)>,
+        },
+        Reattach,
+    }
+
+    /// GPA pages: mostly RAM, some in the hole, some in high RAM.
+    fn gpn() -> impl Strategy<Value = u64> {
+        prop_oneof![
+            8 => 0x100u64..0x140,
+            1 => Just(RAM_TOP / P),
+            1 => (HIGH_RAM / P)..(HIGH_RAM / P + 4),
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0u64..48, prop::collection::vec(gpn(), 1..24), any::<bool>()).prop_map(|(iova, gpns, writable)| {
+                // Half the time, make the pages contiguous.
+                Op::Map { iova, gpns, writable }
+            }),
+            2 => (0u64..48, 0x100u64..0x140, 1usize..24, any::<bool>()).prop_map(|(iova, g, n, writable)| Op::Map {
+                iova,
+                gpns: (g..g + n as u64).collect(),
+                writable,
+            }),
+            3 => (0u64..64, 1u16..32).prop_map(|(iova, pages)| Op::Unmap { iova, pages }),
+            2 => prop::collection::vec((0u64..80, 0u16..4), 1..12).prop_map(|entries| Op::FlushList { entries }),
+            1 => Just(Op::Reattach),
+        ]
+    }
+
+    fn in_ram(gpn: u64) -> bool {
+        gpn < RAM_TOP / P || (HIGH_RAM / P..HIGH_RAM / P + 1024).contains(&gpn)
+    }
+
+    #[derive(Default)]
+    struct Model {
+        pages: BTreeMap<u64, (u64, bool)>,
+    }
+
+    impl Model {
+        fn map(&mut self, iova: u64, gpns: &[u64], writable: bool, limit: u64) -> (HvStatus, u16) {
+            for (i, g) in gpns.iter().enumerate() {
+                let page = iova + i as u64;
+                if !in_ram(*g) || self.pages.contains_key(&page) {
+                    return (HvStatus::INVALID_PARAMETER, i as u16);
+                }
+                if self.pages.len() as u64 >= limit {
+                    return (HvStatus::INSUFFICIENT_MEMORY, i as u16);
+                }
+                self.pages.insert(page, (*g, writable));
+            }
+            (HvStatus::SUCCESS, gpns.len() as u16)
+        }
+
+        fn unmap(&mut self, iova: u64, pages: u16) -> (HvStatus, u16) {
+            for i in 0..pages {
+                if self.pages.remove(&(iova + u64::from(i))).is_none() {
+                    return (HvStatus::INVALID_PARAMETER, i);
+                }
+            }
+            (HvStatus::SUCCESS, pages)
+        }
+    }
+
+    fn check_state(g: &Guest, model: &Model, attached: bool) -> Result<(), TestCaseError> {
+        let info = &g.iommu.domains_info()[2];
+        prop_assert_eq!(info.mapped_pages, model.pages.len() as u64);
+        prop_assert_eq!(g.iommu.stats().backend_errors, 0, "IOMMUFD rules held");
+        if attached {
+            prop_assert_eq!(g.rec.pages(5).expect("instance"), model.pages.clone());
+        } else {
+            prop_assert!(g.rec.pages(5).is_none(), "instance destroyed");
+        }
+        // The software backend (dev 1) agrees page by page.
+        for page in 0..100u64 {
+            let want = model.pages.get(&page);
+            let got = g.translate(dev(1), page * P + 8, 8, Access::Read);
+            match want {
+                Some((gpn, writable)) => {
+                    prop_assert_eq!(got, Ok(vec![(gpn * P + 8, 8)]));
+                    let w = g.translate(dev(1), page * P, 1, Access::Write).is_ok();
+                    prop_assert_eq!(w, *writable);
+                }
+                None => prop_assert!(got.is_err()),
+            }
+        }
+        Ok(())
+    }
+
+    fn run(ops: Vec<Op>, budget: u16, limit: u64) -> Result<(), TestCaseError> {
+        let g = Guest::with(IommuConfig {
+            rep_budget: budget,
+            max_mapped_pages_per_domain: limit,
+            ..Default::default()
+        });
+        prop_assert_eq!(g.create(S2, 5), ok());
+        prop_assert_eq!(g.attach(S2, 5, dev(1)), ok());
+        prop_assert_eq!(g.attach(S2, 5, dev(9)), ok());
+        let mut attached = true;
+        let mut model = Model::default();
+        for op in ops {
+            g.rec.take_calls();
+            match op {
+                Op::Map {
+                    iova,
+                    gpns,
+                    writable,
+                } => {
+                    let got = g.map(5, iova * P, &gpns, if writable { RW } else { R });
+                    prop_assert_eq!(got, model.map(iova, &gpns, writable, limit));
+                }
+                Op::Unmap { iova, pages } => {
+                    prop_assert_eq!(g.unmap(5, iova * P, pages), model.unmap(iova, pages));
+                }
+                Op::FlushList { entries } => {
+                    let raw: Vec<u64> = entries.iter().map(|&(p, s)| entry(p, s)).collect();
+                    let valid = entries
+                        .iter()
+                        .take_while(|(p, s)| p % (1 << s) == 0)
+                        .count();
+                    let want = if valid == entries.len() {
+                        (HvStatus::SUCCESS, valid as u16)
+                    } else {
+                        (HvStatus::INVALID_PARAMETER, valid as u16)
+                    };
+                    prop_assert_eq!(g.flush_list(S2, 5, &raw), want);
+                    let mut union = BTreeSet::new();
+                    for &(p, s) in &entries[..valid] {
+                        union.extend(p..p + (1 << s));
+                    }
+                    let mut flushed = BTreeSet::new();
+                    let mut ranges = vec![];
+                    for call in g.rec.take_calls() {
+                        if let Call::Invalidate(5, Invalidation::Range { iova, len }) = call {
+                            let (a, b) = (iova / P, (iova + len) / P);
+                            prop_assert!((a..b).all(|p| flushed.insert(p)), "ranges are disjoint");
+                            ranges.push((a, b));
+                        }
+                    }
+                    if attached {
+                        prop_assert_eq!(&flushed, &union, "exact: nothing more, nothing less");
+                        if usize::from(budget) >= entries.len() {
+                            // Maximal: no two ranges touch.
+                            ranges.sort_unstable();
+                            prop_assert!(ranges.windows(2).all(|w| w[0].1 < w[1].0));
+                        }
+                    }
+                }
+                Op::Reattach => {
+                    if attached {
+                        prop_assert_eq!(g.detach(dev(9)), ok());
+                    } else {
+                        prop_assert_eq!(g.attach(S2, 5, dev(9)), ok());
+                    }
+                    attached = !attached;
+                }
+            }
+            check_state(&g, &model, attached)?;
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn map_unmap_flush_match_the_model(ops in prop::collection::vec(op(), 1..40), small in any::<bool>()) {
+            run(ops, if small { 5 } else { 512 }, 1 << 20)?;
+        }
+
+        #[test]
+        fn the_page_limit_matches_the_model(ops in prop::collection::vec(op(), 1..30)) {
+            run(ops, 512, 24)?;
+        }
+    }
+}

@@ -17,33 +17,33 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::IntoBytes;
 
-const MB: u64 = 1 << 20;
+pub(crate) const MB: u64 = 1 << 20;
 /// RAM: [0, 64 MiB) and [128 MiB, 132 MiB); a hole between.
-const RAM_TOP: u64 = 64 * MB;
-const HIGH_RAM: u64 = 128 * MB;
-const INPUT: u64 = 0x1000;
-const OUTPUT: u64 = 0x2000;
-const P: u64 = 4096;
+pub(crate) const RAM_TOP: u64 = 64 * MB;
+pub(crate) const HIGH_RAM: u64 = 128 * MB;
+pub(crate) const INPUT: u64 = 0x1000;
+pub(crate) const OUTPUT: u64 = 0x2000;
+pub(crate) const P: u64 = 4096;
 
-const S2: DeviceDomainType = DeviceDomainType::S2;
-const S1: DeviceDomainType = DeviceDomainType::S1;
+pub(crate) const S2: DeviceDomainType = DeviceDomainType::S2;
+pub(crate) const S1: DeviceDomainType = DeviceDomainType::S1;
 
-fn dev(n: u8) -> DeviceId {
+pub(crate) fn dev(n: u8) -> DeviceId {
     DeviceId::pci(0, 0, n, 0)
 }
 
-struct Guest {
-    iommu: Arc<Iommu>,
-    mem: GuestMemoryMmap<()>,
-    rec: Arc<RecordingBackend>,
-    rec_id: BackendId,
+pub(crate) struct Guest {
+    pub iommu: Arc<Iommu>,
+    pub mem: GuestMemoryMmap<()>,
+    pub rec: Arc<RecordingBackend>,
+    pub rec_id: BackendId,
 }
 
 /// (status, reps completed) of a finished call.
-type Res = (HvStatus, u16);
+pub(crate) type Res = (HvStatus, u16);
 
 impl Guest {
-    fn with(config: IommuConfig) -> Self {
+    pub(crate) fn with(config: IommuConfig) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[
             (GuestAddress(0), 64 << 20),
             (GuestAddress(HIGH_RAM), 4 << 20),
@@ -67,11 +67,11 @@ impl Guest {
         }
     }
 
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self::with(IommuConfig::default())
     }
 
-    fn raw(&self, rcx: u64, rdx: u64, r8: u64) -> HypercallOutcome {
+    pub(crate) fn raw(&self, rcx: u64, rdx: u64, r8: u64) -> HypercallOutcome {
         self.iommu
             .dispatch(&self.mem, 0, HypercallRegs { rcx, rdx, r8 })
     }
@@ -79,7 +79,7 @@ impl Guest {
     /// Issues a call like the guest's hypercall page would: re-executes on
     /// "continue" until the call completes. Returns the result and how many
     /// slices it took.
-    fn issue(&self, rcx: u64, rdx: u64, r8: u64) -> (Res, usize) {
+    pub(crate) fn issue(&self, rcx: u64, rdx: u64, r8: u64) -> (Res, usize) {
         let mut rcx = rcx;
         let mut slices = 1;
         loop {
@@ -106,13 +106,13 @@ impl Guest {
         }
     }
 
-    fn write_input(&self, bytes: &[u8]) {
+    pub(crate) fn write_input(&self, bytes: &[u8]) {
         self.mem
             .write_slice(bytes, GuestAddress(INPUT))
             .expect("input");
     }
 
-    fn simple(&self, code: HypercallCode, input: &[u8]) -> HvStatus {
+    pub(crate) fn simple(&self, code: HypercallCode, input: &[u8]) -> HvStatus {
         self.write_input(input);
         let rcx = Control::new().with_code(code.0).into_bits();
         let ((status, reps), _) = self.issue(rcx, INPUT, OUTPUT);
@@ -120,7 +120,7 @@ impl Guest {
         status
     }
 
-    fn rep(
+    pub(crate) fn rep(
         &self,
         code: HypercallCode,
         header: &[u8],
@@ -141,21 +141,21 @@ impl Guest {
         self.issue(rcx, INPUT, OUTPUT).0
     }
 
-    fn create(&self, t: DeviceDomainType, id: u32) -> HvStatus {
+    pub(crate) fn create(&self, t: DeviceDomainType, id: u32) -> HvStatus {
         self.simple(
             HypercallCode::CREATE_DEVICE_DOMAIN,
             create_input(t, id, 0).as_bytes(),
         )
     }
 
-    fn delete(&self, t: DeviceDomainType, id: u32) -> HvStatus {
+    pub(crate) fn delete(&self, t: DeviceDomainType, id: u32) -> HvStatus {
         let input = InputDeleteDeviceDomain {
             device_domain: hdr(t, id),
         };
         self.simple(HypercallCode::DELETE_DEVICE_DOMAIN, input.as_bytes())
     }
 
-    fn attach(&self, t: DeviceDomainType, id: u32, device: DeviceId) -> HvStatus {
+    pub(crate) fn attach(&self, t: DeviceDomainType, id: u32, device: DeviceId) -> HvStatus {
         let input = InputAttachDeviceDomain {
             device_domain: hdr(t, id),
             device_id: U64::new(device.into_bits()),
@@ -163,7 +163,7 @@ impl Guest {
         self.simple(HypercallCode::ATTACH_DEVICE_DOMAIN, input.as_bytes())
     }
 
-    fn detach(&self, device: DeviceId) -> HvStatus {
+    pub(crate) fn detach(&self, device: DeviceId) -> HvStatus {
         let input = InputDetachDeviceDomain {
             partition_id: U64::new(HV_PARTITION_ID_SELF),
             device_id: U64::new(device.into_bits()),
@@ -171,12 +171,17 @@ impl Guest {
         self.simple(HypercallCode::DETACH_DEVICE_DOMAIN, input.as_bytes())
     }
 
-    fn configure(&self, id: u32, flags: DeviceDomainSettingsFlags, root: u64) -> HvStatus {
+    pub(crate) fn configure(
+        &self,
+        id: u32,
+        flags: DeviceDomainSettingsFlags,
+        root: u64,
+    ) -> HvStatus {
         let input = configure_input(id, flags.into_bits(), root);
         self.simple(HypercallCode::CONFIGURE_DEVICE_DOMAIN, input.as_bytes())
     }
 
-    fn map(&self, id: u32, iova: u64, gpns: &[u64], flags: u32) -> Res {
+    pub(crate) fn map(&self, id: u32, iova: u64, gpns: &[u64], flags: u32) -> Res {
         let count = u16::try_from(gpns.len()).expect("count");
         self.rep(
             HypercallCode::MAP_DEVICE_GPA_PAGES,
@@ -187,7 +192,7 @@ impl Guest {
         )
     }
 
-    fn unmap(&self, id: u32, iova: u64, pages: u16) -> Res {
+    pub(crate) fn unmap(&self, id: u32, iova: u64, pages: u16) -> Res {
         let input = InputUnmapDeviceGpaPages {
             device_domain: hdr(S2, id),
             target_device_va_base: U64::new(iova),
@@ -201,7 +206,7 @@ impl Guest {
         )
     }
 
-    fn flush_list(&self, t: DeviceDomainType, id: u32, entries: &[u64]) -> Res {
+    pub(crate) fn flush_list(&self, t: DeviceDomainType, id: u32, entries: &[u64]) -> Res {
         let count = u16::try_from(entries.len()).expect("count");
         self.rep(
             HypercallCode::FLUSH_DEVICE_DOMAIN_LIST,
@@ -212,7 +217,7 @@ impl Guest {
         )
     }
 
-    fn flush(&self, t: DeviceDomainType, id: u32) -> HvStatus {
+    pub(crate) fn flush(&self, t: DeviceDomainType, id: u32) -> HvStatus {
         let input = InputFlushDeviceDomain {
             device_domain: hdr(t, id),
             flags: U32::new(0),
@@ -221,7 +226,7 @@ impl Guest {
         self.simple(HypercallCode::FLUSH_DEVICE_DOMAIN, input.as_bytes())
     }
 
-    fn translate(
+    pub(crate) fn translate(
         &self,
         device: DeviceId,
         iova: u64,
@@ -233,25 +238,25 @@ impl Guest {
             .map(|s| s.iter().map(|s| (s.gpa, s.len)).collect())
     }
 
-    fn pte(&self, table: u64, index: u64, value: u64) {
+    pub(crate) fn pte(&self, table: u64, index: u64, value: u64) {
         self.mem
             .write_obj(value, GuestAddress(table + index * 8))
             .expect("pte");
     }
 }
 
-fn hdr(t: DeviceDomainType, id: u32) -> InputDeviceDomain {
+pub(crate) fn hdr(t: DeviceDomainType, id: u32) -> InputDeviceDomain {
     InputDeviceDomain::new(DeviceDomainId::with(t, id))
 }
 
-fn create_input(t: DeviceDomainType, id: u32, flags: u32) -> InputCreateDeviceDomain {
+pub(crate) fn create_input(t: DeviceDomainType, id: u32, flags: u32) -> InputCreateDeviceDomain {
     InputCreateDeviceDomain {
         device_domain: hdr(t, id),
         create_device_domain_flags: U32::new(flags),
     }
 }
 
-fn configure_input(id: u32, flags: u64, root: u64) -> InputConfigureDeviceDomain {
+pub(crate) fn configure_input(id: u32, flags: u64, root: u64) -> InputConfigureDeviceDomain {
     InputConfigureDeviceDomain {
         device_domain: hdr(S1, id),
         settings: DeviceDomainSettings {
@@ -261,7 +266,12 @@ fn configure_input(id: u32, flags: u64, root: u64) -> InputConfigureDeviceDomain
     }
 }
 
-fn map_hdr(t: DeviceDomainType, id: u32, iova: u64, flags: u32) -> InputMapDeviceGpaPages {
+pub(crate) fn map_hdr(
+    t: DeviceDomainType,
+    id: u32,
+    iova: u64,
+    flags: u32,
+) -> InputMapDeviceGpaPages {
     InputMapDeviceGpaPages {
         device_domain: hdr(t, id),
         target_vtl: 0,
@@ -271,7 +281,11 @@ fn map_hdr(t: DeviceDomainType, id: u32, iova: u64, flags: u32) -> InputMapDevic
     }
 }
 
-fn flush_list_hdr(t: DeviceDomainType, id: u32, flags: u32) -> InputFlushDeviceDomainList {
+pub(crate) fn flush_list_hdr(
+    t: DeviceDomainType,
+    id: u32,
+    flags: u32,
+) -> InputFlushDeviceDomainList {
     InputFlushDeviceDomainList {
         device_domain: hdr(t, id),
         flags: U32::new(flags),
@@ -279,17 +293,17 @@ fn flush_list_hdr(t: DeviceDomainType, id: u32, flags: u32) -> InputFlushDeviceD
     }
 }
 
-const R: u32 = 0x1;
-const RW: u32 = 0x3;
+pub(crate) const R: u32 = 0x1;
+pub(crate) const RW: u32 = 0x3;
 
-fn entry(page: u64, shift: u16) -> u64 {
+pub(crate) fn entry(page: u64, shift: u16) -> u64 {
     FlushListEntry::new()
         .with_page_mask_shift(shift)
         .with_page_number(page)
         .into_bits()
 }
 
-fn ok() -> HvStatus {
+pub(crate) fn ok() -> HvStatus {
     HvStatus::SUCCESS
 }
 
@@ -1401,7 +1415,7 @@ fn flush_device_domain_flushes_everything() {
 
 // ---------------------------------------------------------------- end to end
 
-const F: u64 = 0b111; // present, writable, user
+pub(crate) const F: u64 = 0b111; // present, writable, user
 
 #[test]
 fn s1_domain_end_to_end_with_stale_translation() {
