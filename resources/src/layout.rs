@@ -151,6 +151,22 @@ pub const ACPI_SLEEP_PORT: u16 = 0x600;
 /// Size of the ACPI sleep/reset register block.
 pub const ACPI_SLEEP_SIZE: u16 = 3;
 
+/// `bytes` for people: "512 MiB", "1 GiB", "4097 bytes".
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 4] = [
+        (1 << 40, "TiB"),
+        (GIB, "GiB"),
+        (MIB, "MiB"),
+        (1 << 10, "KiB"),
+    ];
+    for (unit, name) in UNITS {
+        if bytes >= unit && bytes % unit == 0 {
+            return format!("{} {name}", bytes / unit);
+        }
+    }
+    format!("{bytes} bytes")
+}
+
 /// A range of guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RamRegion {
@@ -406,6 +422,24 @@ mod tests {
         assert!(ram_regions(MAX_MEMORY).is_ok());
         let (s, l) = mmio64_window(MAX_MEMORY).unwrap();
         assert!(s + l <= 1 << 40);
+    }
+
+    #[test]
+    fn human_sizes() {
+        assert_eq!(human_size(512 * MIB), "512 MiB");
+        assert_eq!(human_size(3 * GIB), "3 GiB");
+        assert_eq!(human_size(1 << 40), "1 TiB");
+        assert_eq!(human_size(4096), "4 KiB");
+        assert_eq!(human_size(4097), "4097 bytes");
+        assert_eq!(human_size(0), "0 bytes");
+        assert_eq!(
+            Error::MemoryTooSmall {
+                size: MIB,
+                min: MIN_MEMORY
+            }
+            .to_string(),
+            "Memory size 1 MiB is too small: the guest needs at least 8 MiB"
+        );
     }
 
     #[test]

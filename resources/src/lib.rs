@@ -13,7 +13,11 @@ pub use layout::{memory_map, ram_regions, MemoryMapEntry, MemoryType, RamRegion}
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
     /// Guest memory below the minimum.
-    #[error("Memory size {size:#x} is too small: pvmm needs at least {min:#x} bytes")]
+    #[error(
+        "Memory size {} is too small: the guest needs at least {}",
+        layout::human_size(*.size),
+        layout::human_size(*.min)
+    )]
     MemoryTooSmall {
         /// Requested size.
         size: u64,
@@ -21,7 +25,11 @@ pub enum Error {
         min: u64,
     },
     /// Guest memory above the maximum.
-    #[error("Memory size {size:#x} is too large: the guest layout holds at most {max:#x} bytes")]
+    #[error(
+        "Memory size {} is too large: the guest layout holds at most {}",
+        layout::human_size(*.size),
+        layout::human_size(*.max)
+    )]
     MemoryTooLarge {
         /// Requested size.
         size: u64,
@@ -29,7 +37,7 @@ pub enum Error {
         max: u64,
     },
     /// Guest memory not a whole number of pages.
-    #[error("Memory size {0:#x} is not a multiple of 4 KiB")]
+    #[error("Memory size {} is not a multiple of 4 KiB", layout::human_size(*.0))]
     MemoryNotPageAligned(u64),
     /// A range that wraps or is empty.
     #[error("Invalid range: base {base:#x}, size {size:#x}")]

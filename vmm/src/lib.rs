@@ -1,1 +1,277 @@
 //! The pvmm virtual machine monitor: KVM VM, vCPUs, boot, ACPI, CLI.
+//!
+//! [`Vmm::new`] builds a VM from a [`VmConfig`] (KVM VM, guest RAM, devices,
+//! kernel, ACPI tables, configured vCPUs); before [`Vmm::run`], callers may
+//! plug PCI devices in ([`Vmm::devices`]) and add event-loop subscribers
+//! ([`Vmm::event_manager`]). [`run`] does both steps for a plain VM.
+
+pub mod acpi;
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod cpu;
+pub mod device_manager;
+pub mod error;
+pub mod event_loop;
+pub mod hooks;
+pub mod kvm;
+pub mod vcpu;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::kvm_enable_cap;
+use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+pub use config::{BootProtocol, KernelSource, SerialConfig, VmConfig};
+pub use device_manager::DeviceManager;
+pub use error::{error_chain, Error, Result};
+pub use hooks::{HypercallOutcome, HypercallRegs, MsrHandler, PortIoHypercall, VmHooks};
+
+use boot::KernelImage;
+use cpu::Entry;
+use event_loop::{ExitWatcher, StdinInput};
+use vcpu::{ExitSlot, Vcpu, VcpuShared, VcpuThreads};
+
+/// Why a VM ended normally.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest powered off (ACPI S5).
+    PowerOff,
+    /// The guest asked for a reset (ACPI reset register, i8042).
+    Reset,
+    /// The guest triple-faulted (a reset, too).
+    TripleFault,
+}
+
+impl ExitReason {
+    /// The line pvmm prints on stderr.
+    pub fn message(&self) -> &'static str {
+        match self {
+            Self::PowerOff => "pvmm: guest powered off",
+            Self::Reset => "pvmm: guest requested reset",
+            Self::TripleFault => "pvmm: guest reset (triple fault)",
+        }
+    }
+}
+
+/// Subscribers of the VMM's event loop.
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A VM ready to run.
+pub struct Vmm {
+    config: VmConfig,
+    vm: Arc<VmFd>,
+    memory: Arc<GuestMemoryMmap>,
+    devices: Arc<Mutex<DeviceManager>>,
+    vcpus: Vec<Vcpu>,
+    hooks: VmHooks,
+    exit: Arc<ExitSlot>,
+    event_manager: EventManager<Subscriber>,
+    _kvm: Kvm,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("config", &self.config)
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Takes the MSRs of `handler` out of KVM so that they exit to user space.
+fn install_msr_filter(vm: &VmFd, msrs: &[u32]) -> Result<()> {
+    let cap = kvm_enable_cap {
+        cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
+        args: [u64::from(kvm_bindings::KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&cap)
+        .map_err(|e| Error::Kvm("KVM_CAP_X86_USER_SPACE_MSR", e))?;
+    // One range per MSR, its bit clear: denied to the guest in KVM, so the
+    // access exits to user space.
+    let deny = [0u8];
+    let ranges: Vec<MsrFilterRange<'_>> = msrs
+        .iter()
+        .map(|&base| MsrFilterRange {
+            flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
+            base,
+            msr_count: 1,
+            bitmap: &deny,
+        })
+        .collect();
+    vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
+        .map_err(|e| Error::Kvm("KVM_X86_SET_MSR_FILTER", e))
+}
+
+impl Vmm {
+    /// Builds the VM described by `config`, with `hooks` in its vCPU loops.
+    pub fn new(config: VmConfig, hooks: VmHooks) -> Result<Self> {
+        // Everything that can be checked without KVM first.
+        resources::layout::check_memory_size(config.memory).map_err(Error::Memory)?;
+        if config.cpus == 0 {
+            return Err(Error::NoCpus);
+        }
+        let image = match &config.kernel {
+            KernelSource::Path(p) => KernelImage::open(p)?,
+            KernelSource::Embedded => KernelImage::embedded()?,
+        };
+        if let Some(p) = &config.initrd {
+            std::fs::metadata(p).map_err(|e| Error::InitrdOpen(p.clone(), e))?;
+        }
+        let cmdline = config.effective_cmdline();
+
+        let kvm = kvm::open_kvm()?;
+        kvm::check_capabilities(&kvm)?;
+        kvm::check_vcpus(&kvm, u32::from(config.cpus))?;
+
+        let memory = Arc::new(kvm::create_guest_memory(config.memory)?);
+        let vm = Arc::new(kvm::create_vm(&kvm, &memory)?);
+        if let Some(msr) = &hooks.msr {
+            install_msr_filter(&vm, &msr.msrs())?;
+        }
+        let devices =
+            DeviceManager::new(vm.clone(), memory.clone(), config.memory, &config.serial)?;
+
+        // Kernel, command line, initrd, ACPI, boot information.
+        let kernel = boot::load_kernel(&memory, image, config.boot_protocol)?;
+        let cmdline_len = boot::write_cmdline(&memory, &cmdline)?;
+        let initrd = match &config.initrd {
+            Some(p) => {
+                let max = kernel
+                    .setup_header
+                    .map(|h| u64::from(h.initrd_addr_max) + 1);
+                Some(boot::load_initrd(
+                    &memory,
+                    p,
+                    config.memory,
+                    kernel.kernel_end,
+                    max,
+                )?)
+            }
+            None => None,
+        };
+        let tables = acpi::write_tables(&memory, config.memory, config.cpus)?;
+        let map = resources::memory_map(config.memory).map_err(Error::Memory)?;
+        let boot_info = match kernel.entry {
+            Entry::Linux64 { .. } => {
+                boot::write_boot_params(&memory, &kernel, cmdline_len, initrd, tables.rsdp, &map)?
+            }
+            Entry::Pvh { .. } => boot::write_pvh_info(&memory, initrd, tables.rsdp, &map)?,
+        };
+
+        // vCPUs.
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let count = u32::from(config.cpus);
+        let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
+        for index in 0..count {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
+            let mut entries = supported.as_slice().to_vec();
+            cpu::apply_topology(&mut entries, index, count);
+            if let Some(hook) = &hooks.cpuid {
+                hook(index, &mut entries);
+            }
+            fd.set_cpuid2(&cpu::to_cpuid(&entries)?)
+                .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
+            cpu::setup_msrs(&fd)?;
+            cpu::setup_fpu(&fd)?;
+            cpu::setup_lapic(&fd)?;
+            if index == 0 {
+                cpu::setup_boot_cpu(&fd, &memory, kernel.entry, boot_info)?;
+            }
+            vcpus.push(Vcpu { index, fd });
+        }
+
+        let exit = Arc::new(ExitSlot::new()?);
+        let mut event_manager = EventManager::<Subscriber>::new().map_err(Error::EventLoop)?;
+        let watcher = {
+            let ev = &devices.exit_events;
+            let clone = |e: &vmm_sys_util::eventfd::EventFd| {
+                e.try_clone().map_err(|err| Error::Io("an event fd", err))
+            };
+            ExitWatcher::new(clone(&ev.reset)?, clone(&ev.poweroff)?, exit.clone())
+        };
+        event_manager.add_subscriber(Arc::new(Mutex::new(watcher)));
+        event_manager.add_subscriber(Arc::new(Mutex::new(StdinInput::new(
+            devices.serial.clone(),
+        ))));
+
+        Ok(Self {
+            config,
+            vm,
+            memory,
+            devices: Arc::new(Mutex::new(devices)),
+            vcpus,
+            hooks,
+            exit,
+            event_manager,
+            _kvm: kvm,
+        })
+    }
+
+    /// The devices (to plug PCI devices in before or while running).
+    pub fn devices(&self) -> &Arc<Mutex<DeviceManager>> {
+        &self.devices
+    }
+
+    /// The event loop (to add subscribers before running).
+    pub fn event_manager(&mut self) -> &mut EventManager<Subscriber> {
+        &mut self.event_manager
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.memory
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    /// Starts the vCPUs and runs the event loop until the guest powers off
+    /// or resets (`Ok`) or something fails (`Err`); stops every vCPU before
+    /// returning.
+    pub fn run(mut self) -> Result<ExitReason> {
+        let (pio_bus, mmio_bus) = {
+            let d = devices::lock::mutex(&self.devices);
+            (d.pio_bus.clone(), d.mmio_bus.clone())
+        };
+        let shared = Arc::new(VcpuShared {
+            pio_bus,
+            mmio_bus,
+            memory: self.memory.clone(),
+            hooks: self.hooks.clone(),
+            stop: AtomicBool::new(false),
+            exit: self.exit.clone(),
+        });
+        let threads = VcpuThreads::start(std::mem::take(&mut self.vcpus), shared)?;
+        let result = loop {
+            if let Some(r) = self.exit.take() {
+                break r;
+            }
+            if let Err(e) = self.event_manager.run() {
+                break Err(Error::EventLoop(e));
+            }
+        };
+        threads.stop();
+        result
+    }
+}
+
+/// Builds and runs a VM without hooks.
+pub fn run(config: VmConfig) -> Result<ExitReason> {
+    Vmm::new(config, VmHooks::default())?.run()
+}

@@ -220,6 +220,16 @@ impl PciConfiguration {
         Ok(())
     }
 
+    /// Every declared BAR, `(index, size, kind)` (what
+    /// [`PciDevice::declared_bars`](super::PciDevice::declared_bars) returns).
+    pub fn declared_bars(&self) -> Vec<(usize, u64, BarKind)> {
+        self.bars
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| b.map(|b| (i, b.size, b.kind)))
+            .collect()
+    }
+
     /// BAR `index`'s size and kind, if declared.
     pub fn bar(&self, index: usize) -> Option<(u64, BarKind)> {
         self.bars

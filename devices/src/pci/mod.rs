@@ -40,6 +40,18 @@ pub trait PciDevice: Send {
     /// enabled). [`PciConfiguration::decoded_bars`] computes this.
     fn bar_regions(&self) -> Vec<PciBarRegion>;
 
+    /// The BARs the device has, `(index, size, kind)`, so that the VMM can
+    /// give them addresses before plugging the device in.
+    fn declared_bars(&self) -> Vec<(usize, u64, BarKind)> {
+        Vec::new()
+    }
+
+    /// Programs BAR `index` with `addr`, as firmware would. The guest may
+    /// move it later.
+    fn set_bar_address(&mut self, index: usize, _addr: u64) -> Result<(), PciError> {
+        Err(PciError::BarIndex(index))
+    }
+
     /// BAR `index` was mapped (`old == None`), moved, or unmapped
     /// (`new == None`) on the bus. Accesses through the bus reach the
     /// device's [`BusDevice`](crate::bus::BusDevice) side with `base` equal to the

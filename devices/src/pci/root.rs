@@ -483,6 +483,12 @@ mod tests {
         fn bar_moved(&mut self, index: usize, old: Option<u64>, new: Option<u64>) {
             self.moves.push((index, old, new));
         }
+        fn declared_bars(&self) -> Vec<(usize, u64, BarKind)> {
+            self.config.declared_bars()
+        }
+        fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciError> {
+            self.config.set_bar_address(index, addr)
+        }
     }
 
     impl BusDevice for TestDev {
@@ -688,6 +694,10 @@ mod tests {
         assert_eq!(f.mmio.ranges().len(), 2);
         assert_eq!(f.io.ranges(), vec![(0x1000, 0x10)]);
         assert!(root.device(4).is_some());
+        assert_eq!(
+            root.device(4).unwrap().lock().unwrap().declared_bars(),
+            vec![(0, 0x1000, BarKind::Mmio32), (1, 0x10, BarKind::Io)]
+        );
         root.remove_device(4).unwrap();
         assert_eq!(f.mmio.ranges(), vec![(0xc000_0000, 0x1000)]);
         assert!(f.io.ranges().is_empty());

@@ -1,0 +1,390 @@
+//! ACPI tables (acpi_tables crate): RSDP, XSDT, FADT (hardware-reduced,
+//! with the sleep control/status and reset registers of
+//! `devices::legacy::AcpiSleep`), MADT, DSDT and MCFG, written at
+//! `layout::boot::ACPI_START` (a reserved area of the memory map).
+
+use acpi_tables::aml::{self, AddressSpace, AddressSpaceCacheable};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
+use acpi_tables::madt::{
+    EnabledStatus, IoApic, LocalInterruptController, ProcessorLocalApic, MADT,
+};
+use acpi_tables::mcfg::MCFG;
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{aml_as_bytes, Aml, AmlSink};
+use devices::legacy::{RESET_REGISTER, RESET_VALUE, SLEEP_CONTROL, SLEEP_STATUS, SLP_TYP_S5};
+use resources::layout::{self, boot, pio};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use zerocopy::{Immutable, IntoBytes};
+
+use crate::error::{Error, Result};
+
+const OEM_ID: [u8; 6] = *b"PVMM  ";
+const OEM_TABLE_ID: [u8; 8] = *b"PVMMVM  ";
+const OEM_REVISION: u32 = 1;
+
+/// MADT interrupt source override (type 2).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, IntoBytes, Immutable)]
+struct InterruptSourceOverride {
+    r#type: u8,
+    length: u8,
+    bus: u8,
+    source: u8,
+    gsi: u32,
+    flags: u16,
+}
+aml_as_bytes!(InterruptSourceOverride);
+
+/// MADT local APIC NMI (type 4).
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, IntoBytes, Immutable)]
+struct LocalApicNmi {
+    r#type: u8,
+    length: u8,
+    processor_uid: u8,
+    flags: u16,
+    lint: u8,
+}
+aml_as_bytes!(LocalApicNmi);
+
+/// Flags: active high, edge triggered.
+const MPS_INTI_EDGE_HIGH: u16 = 0x5;
+/// Flags: active high, level triggered.
+const MPS_INTI_LEVEL_HIGH: u16 = 0xd;
+
+fn madt(cpus: u8) -> MADT {
+    let mut m = MADT::new(
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+        LocalInterruptController::Address(u32::try_from(layout::LAPIC_START).unwrap_or(0)),
+    );
+    for i in 0..cpus {
+        m.add_structure(ProcessorLocalApic::new(i, i, EnabledStatus::Enabled));
+    }
+    m.add_structure(IoApic::new(
+        0,
+        u32::try_from(layout::IOAPIC_START).unwrap_or(0),
+        0,
+    ));
+    // The PIT (ISA IRQ 0) is wired to IOAPIC pin 2 (see kvm::IrqRouting).
+    m.add_structure(InterruptSourceOverride {
+        r#type: 2,
+        length: 10,
+        bus: 0,
+        source: 0,
+        gsi: 2,
+        flags: MPS_INTI_EDGE_HIGH,
+    });
+    m.add_structure(InterruptSourceOverride {
+        r#type: 2,
+        length: 10,
+        bus: 0,
+        source: 9,
+        gsi: 9,
+        flags: MPS_INTI_LEVEL_HIGH,
+    });
+    // LINT1 of every processor is the NMI input.
+    m.add_structure(LocalApicNmi {
+        r#type: 4,
+        length: 6,
+        processor_uid: 0xff,
+        flags: 0,
+        lint: 1,
+    });
+    m
+}
+
+fn io_gas(port: u64) -> GAS {
+    GAS::new(GasSpace::SystemIo, 8, 0, AccessSize::ByteAccess, port)
+}
+
+/// IA-PC boot architecture flags: no VGA, no CMOS RTC (and no 8042
+/// keyboard, so that guests do not probe it; its reset command still works).
+const IAPC_BOOT_ARCH_VGA_NOT_PRESENT: u16 = 1 << 2;
+const IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT: u16 = 1 << 5;
+
+fn fadt(dsdt: u64) -> Vec<u8> {
+    let base = u64::from(layout::ACPI_SLEEP_PORT);
+    let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton);
+    f.sleep_control_reg = io_gas(base + SLEEP_CONTROL);
+    f.sleep_status_reg = io_gas(base + SLEEP_STATUS);
+    f.reset_reg = io_gas(base + RESET_REGISTER);
+    f.reset_value = RESET_VALUE;
+    f.iapc_boot_arch =
+        (IAPC_BOOT_ARCH_VGA_NOT_PRESENT | IAPC_BOOT_ARCH_CMOS_RTC_NOT_PRESENT).into();
+    f.hypervisor_vendor_identity = u64::from_le_bytes(*b"PVMM\0\0\0\0").into();
+    to_bytes(&f.finalize())
+}
+
+fn to_bytes(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+/// The DSDT body: the PCI root bridge with its windows, the ECAM
+/// reservation, COM1, and `\_S5`.
+fn dsdt_body(mem_size: u64) -> Result<Vec<u8>> {
+    let (mmio64_start, mmio64_size) = layout::mmio64_window(mem_size).map_err(Error::Memory)?;
+    let mmio32_first = u32::try_from(layout::PCI_MMIO32_START).unwrap_or(u32::MAX);
+    let mmio32_last =
+        u32::try_from(layout::PCI_MMIO32_START + layout::PCI_MMIO32_SIZE - 1).unwrap_or(u32::MAX);
+    let ecam_start = u32::try_from(layout::PCI_ECAM_START).unwrap_or(u32::MAX);
+    let ecam_size = u32::try_from(layout::PCI_ECAM_SIZE).unwrap_or(u32::MAX);
+    let last_bus = u16::try_from(layout::PCI_ECAM_BUSES - 1).unwrap_or(0);
+    let com1_len = u8::try_from(pio::COM1_SIZE).unwrap_or(8);
+    let mut body = Vec::new();
+
+    // Each object is serialised in the statement that builds it: the AML
+    // builders borrow their children.
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A08")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_ADR".into(), &0u8),
+            &aml::Name::new("_SEG".into(), &0u8),
+            &aml::Name::new("_UID".into(), &0u8),
+            &aml::Name::new("_BBN".into(), &0u8),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &AddressSpace::new_bus_number(0u16, last_bus),
+                    &aml::IO::new(pio::PCI_CONFIG_START, pio::PCI_CONFIG_START, 1, 8),
+                    &AddressSpace::new_io(0u16, pio::PCI_CONFIG_START - 1, None),
+                    &AddressSpace::new_io(
+                        pio::PCI_CONFIG_START + pio::PCI_CONFIG_SIZE,
+                        0xffffu16,
+                        None,
+                    ),
+                    &AddressSpace::new_memory(
+                        AddressSpaceCacheable::NotCacheable,
+                        true,
+                        mmio32_first,
+                        mmio32_last,
+                        None,
+                    ),
+                    &AddressSpace::new_memory(
+                        AddressSpaceCacheable::NotCacheable,
+                        true,
+                        mmio64_start,
+                        mmio64_start + mmio64_size - 1,
+                        None,
+                    ),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+
+    // The ECAM window, as a motherboard resource (Linux checks that it is
+    // reserved before trusting the MCFG).
+    aml::Device::new(
+        "_SB_.MBRD".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0C02")),
+            &aml::Name::new("_UID".into(), &0u8),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![&aml::Memory32Fixed::new(
+                    false, ecam_start, ecam_size,
+                )]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+
+    aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &0u8),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(pio::COM1_START, pio::COM1_START, 1, com1_len),
+                    &aml::Interrupt::new(true, true, false, false, pio::COM1_GSI),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&SLP_TYP_S5, &0u8, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut body);
+    Ok(body)
+}
+
+/// Where the tables went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AcpiTables {
+    /// The RSDP (for boot_params.acpi_rsdp_addr / hvm_start_info.rsdp_paddr).
+    pub rsdp: u64,
+    /// One past the last byte written.
+    pub end: u64,
+}
+
+/// Writes every table into `mem` at `boot::ACPI_START`.
+pub fn write_tables(mem: &GuestMemoryMmap, mem_size: u64, cpus: u8) -> Result<AcpiTables> {
+    let rsdp_addr = boot::ACPI_START;
+    let mut next = rsdp_addr + Rsdp::len() as u64;
+    let mut put = |bytes: &[u8], what: &'static str| -> Result<u64> {
+        let at = next.next_multiple_of(16);
+        let end = at + bytes.len() as u64;
+        if end > boot::ACPI_END {
+            return Err(Error::BootWrite(what));
+        }
+        mem.write_slice(bytes, GuestAddress(at))
+            .map_err(|_| Error::BootWrite(what))?;
+        next = end;
+        Ok(at)
+    };
+
+    let body = dsdt_body(mem_size)?;
+    let mut dsdt = acpi_tables::sdt::Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    dsdt.append_slice(&body);
+    let dsdt_addr = put(dsdt.as_slice(), "the DSDT")?;
+    let fadt_addr = put(&fadt(dsdt_addr), "the FADT")?;
+    let madt_addr = put(&to_bytes(&madt(cpus)), "the MADT")?;
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    let last_bus = u8::try_from(layout::PCI_ECAM_BUSES - 1).unwrap_or(0);
+    mcfg.add_ecam(layout::PCI_ECAM_START, 0, 0, last_bus);
+    let mcfg_addr = put(&to_bytes(&mcfg), "the MCFG")?;
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    for t in [fadt_addr, madt_addr, mcfg_addr] {
+        xsdt.add_entry(t);
+    }
+    let xsdt_addr = put(&to_bytes(&xsdt), "the XSDT")?;
+    let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
+    mem.write_slice(&rsdp, GuestAddress(rsdp_addr))
+        .map_err(|_| Error::BootWrite("the RSDP"))?;
+    Ok(AcpiTables {
+        rsdp: rsdp_addr,
+        end: next,
+    })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
+    }
+
+    fn read(mem: &GuestMemoryMmap, addr: u64, len: usize) -> Vec<u8> {
+        let mut v = vec![0u8; len];
+        mem.read_slice(&mut v, GuestAddress(addr)).unwrap();
+        v
+    }
+
+    fn checksum_ok(b: &[u8]) -> bool {
+        b.iter().fold(0u8, |a, x| a.wrapping_add(*x)) == 0
+    }
+
+    fn u32_at(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], o: usize) -> u64 {
+        u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+    }
+
+    /// Reads a table by its header length.
+    fn table(mem: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+        let hdr = read(mem, addr, 36);
+        read(mem, addr, u32_at(&hdr, 4) as usize)
+    }
+
+    #[test]
+    fn tables_are_linked_and_checksummed() {
+        let m = mem();
+        let t = write_tables(&m, 512 << 20, 4).unwrap();
+        assert_eq!(t.rsdp, 0xe0000);
+        assert!(t.end <= boot::ACPI_END);
+        let rsdp = read(&m, t.rsdp, 36);
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert!(checksum_ok(&rsdp[..20]) && checksum_ok(&rsdp));
+        let xsdt = table(&m, u64_at(&rsdp, 24));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert!(checksum_ok(&xsdt));
+        let entries: Vec<u64> = (36..xsdt.len())
+            .step_by(8)
+            .map(|o| u64_at(&xsdt, o))
+            .collect();
+        let sigs: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|&a| table(&m, a)[..4].to_vec())
+            .collect();
+        assert_eq!(
+            sigs,
+            vec![b"FACP".to_vec(), b"APIC".to_vec(), b"MCFG".to_vec()]
+        );
+        for &a in &entries {
+            assert!(checksum_ok(&table(&m, a)));
+        }
+
+        // FADT: hardware-reduced, sleep/reset registers, DSDT.
+        let fadt = table(&m, entries[0]);
+        assert_eq!(fadt.len(), 276);
+        let flags = u32_at(&fadt, 112);
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+        assert_eq!(&fadt[116..120], &[1, 8, 0, 1]); // reset reg: I/O, 8 bits
+        assert_eq!(u64_at(&fadt, 120), 0x602);
+        assert_eq!(fadt[128], RESET_VALUE);
+        assert_eq!(&fadt[244..248], &[1, 8, 0, 1]);
+        assert_eq!(u64_at(&fadt, 248), 0x600); // sleep control
+        assert_eq!(u64_at(&fadt, 260), 0x601); // sleep status
+        let dsdt = table(&m, u64_at(&fadt, 140));
+        assert_eq!(&dsdt[..4], b"DSDT");
+        assert!(checksum_ok(&dsdt));
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        assert!(has(b"PCI0") && has(b"COM1") && has(b"_S5_") && has(b"MBRD"));
+
+        // MADT: 4 LAPICs, 1 IOAPIC, 2 overrides, 1 NMI.
+        let madt = table(&m, entries[1]);
+        assert_eq!(u32_at(&madt, 36), 0xfee0_0000);
+        let mut o = 44;
+        let mut kinds = Vec::new();
+        while o < madt.len() {
+            kinds.push((madt[o], madt[o + 2], madt[o + 3]));
+            o += madt[o + 1] as usize;
+        }
+        assert_eq!(o, madt.len());
+        let lapics: Vec<_> = kinds.iter().filter(|k| k.0 == 0).collect();
+        assert_eq!(lapics.len(), 4);
+        assert!(lapics
+            .iter()
+            .enumerate()
+            .all(|(i, k)| usize::from(k.1) == i && usize::from(k.2) == i));
+        assert_eq!(kinds.iter().filter(|k| k.0 == 1).count(), 1);
+        assert_eq!(kinds.iter().filter(|k| k.0 == 2).count(), 2);
+        assert_eq!(kinds.iter().filter(|k| k.0 == 4).count(), 1);
+
+        // MCFG: bus 0 at the ECAM window.
+        let mcfg = table(&m, entries[2]);
+        assert_eq!(mcfg.len(), 60);
+        assert_eq!(u64_at(&mcfg, 44), layout::PCI_ECAM_START);
+        assert_eq!((mcfg[54], mcfg[55]), (0, 0));
+    }
+
+    #[test]
+    fn the_largest_vm_fits() {
+        let m = mem();
+        let t = write_tables(&m, layout::MAX_MEMORY, crate::config::MAX_VCPUS).unwrap();
+        assert!(t.end <= boot::ACPI_END);
+    }
+}

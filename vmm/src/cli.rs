@@ -1,0 +1,170 @@
+//! The `pvmm` command line.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{parse_size, BootProtocol, KernelSource, SerialConfig, VmConfig};
+
+/// Boots a kernel in a KVM virtual machine with a serial console, ACPI, SMP
+/// and PCI. Without --kernel, boots the test kernel built into pvmm.
+#[derive(Debug, Parser)]
+#[command(name = "pvmm", version, about)]
+pub struct Cli {
+    /// Kernel to boot: a bzImage, or an ELF vmlinux (PVH entry when it has
+    /// a PVH note). Default: the embedded test kernel.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line. Default: "console=ttyS0" (plus what the test
+    /// kernel should expect, for the embedded kernel).
+    #[arg(long, value_name = "STR")]
+    pub cmdline: Option<String>,
+    /// Guest memory, with an optional K, M or G suffix.
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_size)]
+    pub memory: u64,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub cpus: u32,
+    /// Where the serial console (COM1) goes: stdout, file=PATH or off.
+    #[arg(long, value_name = "WHERE", default_value = "stdout")]
+    pub serial: SerialConfig,
+    /// Enter ELF kernels through the Linux 64-bit boot protocol even when
+    /// they have a PVH note.
+    #[arg(long, hide = true)]
+    pub linux64: bool,
+}
+
+impl Cli {
+    /// The VM configuration; `Err` with a message for values that cannot
+    /// be represented at all (the VMM checks the rest against the host).
+    pub fn to_config(&self) -> Result<VmConfig, crate::Error> {
+        let cpus = match u8::try_from(self.cpus) {
+            Ok(0) => return Err(crate::Error::NoCpus),
+            Ok(n) => n,
+            Err(_) => {
+                return Err(crate::Error::TooManyCpus {
+                    requested: self.cpus,
+                    max: u32::from(crate::config::MAX_VCPUS),
+                })
+            }
+        };
+        if cpus > crate::config::MAX_VCPUS {
+            return Err(crate::Error::TooManyCpus {
+                requested: self.cpus,
+                max: u32::from(crate::config::MAX_VCPUS),
+            });
+        }
+        Ok(VmConfig {
+            kernel: match &self.kernel {
+                Some(p) => KernelSource::Path(p.clone()),
+                None => KernelSource::Embedded,
+            },
+            initrd: self.initrd.clone(),
+            cmdline: self.cmdline.clone(),
+            memory: self.memory,
+            cpus,
+            serial: self.serial.clone(),
+            boot_protocol: if self.linux64 {
+                BootProtocol::Linux64
+            } else {
+                BootProtocol::Auto
+            },
+        })
+    }
+}
+
+/// Runs pvmm with `args` (including the program name); returns the process
+/// exit status. Prints the exit reason or the error on stderr.
+pub fn main_with_args<I, T>(args: I) -> i32
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 2 } else { 0 };
+        }
+    };
+    let result = cli.to_config().and_then(crate::run);
+    match result {
+        Ok(reason) => {
+            eprintln!("{}", reason.message());
+            0
+        }
+        Err(e) => {
+            eprintln!("pvmm: error: {}", crate::error::error_chain(&e));
+            1
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("pvmm").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap().to_config().unwrap();
+        assert_eq!(c, VmConfig::default());
+    }
+
+    #[test]
+    fn every_flag() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--cmdline",
+            "a b",
+            "--memory",
+            "1G",
+            "--cpus",
+            "4",
+            "--serial",
+            "file=/tmp/s",
+        ])
+        .unwrap()
+        .to_config()
+        .unwrap();
+        assert_eq!(c.kernel, KernelSource::Path("/k".into()));
+        assert_eq!(c.initrd, Some("/i".into()));
+        assert_eq!(c.cmdline.as_deref(), Some("a b"));
+        assert_eq!(c.memory, 1 << 30);
+        assert_eq!(c.cpus, 4);
+        assert_eq!(c.serial, SerialConfig::File("/tmp/s".into()));
+    }
+
+    #[test]
+    fn bad_values() {
+        assert!(parse(&["--memory", "lots"]).is_err());
+        assert!(parse(&["--serial", "tty"]).is_err());
+        assert!(parse(&["--cpus", "-1"]).is_err());
+        assert!(parse(&["--bogus"]).is_err());
+        assert!(matches!(
+            parse(&["--cpus", "0"]).unwrap().to_config(),
+            Err(crate::Error::NoCpus)
+        ));
+        assert!(matches!(
+            parse(&["--cpus", "255"]).unwrap().to_config(),
+            Err(crate::Error::TooManyCpus {
+                requested: 255,
+                max: 254
+            })
+        ));
+        assert!(matches!(
+            parse(&["--cpus", "100000"]).unwrap().to_config(),
+            Err(crate::Error::TooManyCpus { .. })
+        ));
+    }
+}

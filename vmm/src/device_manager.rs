@@ -1,0 +1,248 @@
+//! The VM's devices: the port-I/O and MMIO buses, COM1, the i8042, the ACPI
+//! sleep registers, the PCI root (0xCF8 and ECAM), and the way to plug PCI
+//! devices in at boot or at run time.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use devices::bus::{Bus, BusDevice, SharedBusDevice};
+use devices::interrupt::MsiSink;
+use devices::legacy::{AcpiSleep, EventFdTrigger, ExitEvents, Serial, SerialOutput, I8042};
+use devices::pci::{PciAddress, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
+use kvm_ioctls::VmFd;
+use resources::layout::{self, pio};
+use resources::{BarKind, SystemAllocator};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::SerialConfig;
+use crate::error::{Error, Result};
+use crate::kvm::{IrqRouting, KvmMsiSink};
+
+/// Every device of a VM and the resources they use.
+pub struct DeviceManager {
+    /// Port I/O bus.
+    pub pio_bus: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio_bus: Arc<Bus>,
+    /// PCI bus 0.
+    pub pci: Arc<Mutex<PciRoot>>,
+    /// Address, GSI, slot and id allocators.
+    pub allocator: SystemAllocator,
+    /// COM1.
+    pub serial: Arc<Mutex<Serial>>,
+    /// Reset/poweroff events raised by devices.
+    pub exit_events: ExitEvents,
+    /// GSI routing (MSI routes for irqfd-driven devices).
+    pub irq_routing: IrqRouting,
+    /// BAR space allocated per PCI slot, freed on removal.
+    pci_bars: HashMap<u8, Vec<(u64, u64, BarKind)>>,
+    vm: Arc<VmFd>,
+    memory: Arc<GuestMemoryMmap>,
+    msi: Arc<KvmMsiSink>,
+    /// COM1's irqfd (kept registered for the VM's lifetime).
+    _serial_irq: EventFd,
+}
+
+impl std::fmt::Debug for DeviceManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceManager")
+            .field("pio_bus", &self.pio_bus)
+            .field("mmio_bus", &self.mmio_bus)
+            .finish_non_exhaustive()
+    }
+}
+
+fn serial_output(cfg: &SerialConfig) -> Result<SerialOutput> {
+    Ok(match cfg {
+        SerialConfig::Stdout => Box::new(io::stdout()),
+        SerialConfig::Off => Box::new(io::sink()),
+        SerialConfig::File(p) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(p)
+                .map_err(|e| Error::SerialFile(p.clone(), e))?,
+        ),
+    })
+}
+
+fn evt(what: &'static str) -> Result<EventFd> {
+    EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(what, e))
+}
+
+impl DeviceManager {
+    /// Creates the platform devices of a VM with `mem_size` bytes of RAM.
+    pub fn new(
+        vm: Arc<VmFd>,
+        memory: Arc<GuestMemoryMmap>,
+        mem_size: u64,
+        serial: &SerialConfig,
+    ) -> Result<Self> {
+        let pio_bus = Arc::new(Bus::new());
+        let mmio_bus = Arc::new(Bus::new());
+        let allocator = SystemAllocator::new(mem_size).map_err(Error::Memory)?;
+        let irq_routing = IrqRouting::new(&vm)?;
+        let exit_events = ExitEvents::new().map_err(|e| Error::Io("exit events", e))?;
+
+        let serial_irq = evt("the serial interrupt")?;
+        vm.register_irqfd(&serial_irq, pio::COM1_GSI)
+            .map_err(|e| Error::Kvm("KVM_IRQFD (COM1)", e))?;
+        let trigger =
+            EventFdTrigger::try_clone_from(&serial_irq).map_err(|e| Error::Io("an event fd", e))?;
+        let serial_dev = Arc::new(Mutex::new(Serial::new(trigger, serial_output(serial)?)));
+        pio_bus
+            .insert(
+                serial_dev.clone(),
+                u64::from(pio::COM1_START),
+                u64::from(pio::COM1_SIZE),
+            )
+            .map_err(|e| Error::Device("COM1", e))?;
+
+        let reset = EventFdTrigger::try_clone_from(&exit_events.reset)
+            .map_err(|e| Error::Io("an event fd", e))?;
+        pio_bus
+            .insert(
+                Arc::new(Mutex::new(I8042::new(reset))),
+                u64::from(pio::I8042_START),
+                u64::from(pio::I8042_SIZE),
+            )
+            .map_err(|e| Error::Device("the i8042", e))?;
+
+        let acpi_events = exit_events
+            .try_clone()
+            .map_err(|e| Error::Io("an event fd", e))?;
+        pio_bus
+            .insert(
+                Arc::new(Mutex::new(AcpiSleep::new(acpi_events))),
+                u64::from(layout::ACPI_SLEEP_PORT),
+                u64::from(layout::ACPI_SLEEP_SIZE),
+            )
+            .map_err(|e| Error::Device("the ACPI sleep registers", e))?;
+
+        let pci = Arc::new(Mutex::new(PciRoot::new(mmio_bus.clone(), pio_bus.clone())));
+        pio_bus
+            .insert(
+                Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+                u64::from(pio::PCI_CONFIG_START),
+                u64::from(pio::PCI_CONFIG_SIZE),
+            )
+            .map_err(|e| Error::Device("PCI configuration ports", e))?;
+        mmio_bus
+            .insert(
+                Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
+                layout::PCI_ECAM_START,
+                layout::PCI_ECAM_SIZE,
+            )
+            .map_err(|e| Error::Device("PCI ECAM", e))?;
+
+        let msi = Arc::new(KvmMsiSink::new(vm.clone()));
+        Ok(Self {
+            pio_bus,
+            mmio_bus,
+            pci,
+            allocator,
+            serial: serial_dev,
+            exit_events,
+            irq_routing,
+            pci_bars: HashMap::new(),
+            vm,
+            memory,
+            msi,
+            _serial_irq: serial_irq,
+        })
+    }
+
+    /// Plugs a PCI device into `slot` (or the first free slot), after giving
+    /// each of its BARs an address from the allocators. Returns its address.
+    /// The guest enables decoding (and may move the BARs) itself.
+    pub fn add_pci_device<T>(&mut self, dev: Arc<Mutex<T>>, slot: Option<u8>) -> Result<PciAddress>
+    where
+        T: PciDevice + BusDevice + 'static,
+    {
+        let slot = match slot {
+            Some(s) => {
+                self.allocator
+                    .reserve_pci_slot(s)
+                    .map_err(Error::Resource)?;
+                s
+            }
+            None => self
+                .allocator
+                .allocate_pci_slot()
+                .map_err(Error::Resource)?,
+        };
+        let mut bars: Vec<(u64, u64, BarKind)> = Vec::new();
+        let result = (|| {
+            let declared = devices::lock::mutex(&dev).declared_bars();
+            for (index, size, kind) in declared {
+                // Memory BARs get at least a page so KVM can map them.
+                let alloc_size = match kind {
+                    BarKind::Io => size,
+                    _ => size.max(layout::PAGE_SIZE),
+                };
+                let addr = self
+                    .allocator
+                    .allocate_bar(alloc_size, kind)
+                    .map_err(Error::Resource)?;
+                bars.push((addr, alloc_size, kind));
+                devices::lock::mutex(&dev)
+                    .set_bar_address(index, addr)
+                    .map_err(Error::Pci)?;
+            }
+            let pci_dev: Arc<Mutex<dyn PciDevice>> = dev.clone();
+            let bus_dev: SharedBusDevice = dev.clone();
+            devices::lock::mutex(&self.pci)
+                .add_device(slot, pci_dev, bus_dev)
+                .map_err(Error::Pci)
+        })();
+        match result {
+            Ok(a) => {
+                self.pci_bars.insert(slot, bars);
+                Ok(a)
+            }
+            Err(e) => {
+                for (addr, size, kind) in bars {
+                    let _ = self.allocator.free_bar(addr, size, kind);
+                }
+                let _ = self.allocator.free_pci_slot(slot);
+                Err(e)
+            }
+        }
+    }
+
+    /// Unplugs the PCI device in `slot` and frees its slot and the BAR
+    /// space allocated for it.
+    pub fn remove_pci_device(&mut self, slot: u8) -> Result<Arc<Mutex<dyn PciDevice>>> {
+        let dev = devices::lock::mutex(&self.pci)
+            .remove_device(slot)
+            .map_err(Error::Pci)?;
+        for (addr, size, kind) in self.pci_bars.remove(&slot).unwrap_or_default() {
+            if let Err(e) = self.allocator.free_bar(addr, size, kind) {
+                log::error!("freeing BAR space {addr:#x}+{size:#x} of slot {slot}: {e}");
+            }
+        }
+        if let Err(e) = self.allocator.free_pci_slot(slot) {
+            log::error!("freeing PCI slot {slot}: {e}");
+        }
+        Ok(dev)
+    }
+
+    /// Delivers MSIs for emulated devices (KVM_SIGNAL_MSI).
+    pub fn msi_sink(&self) -> Arc<dyn MsiSink> {
+        self.msi.clone()
+    }
+
+    /// The VM (for irqfds, KVM memory slots of VFIO BARs, KVM devices).
+    pub fn vm_fd(&self) -> &Arc<VmFd> {
+        &self.vm
+    }
+
+    /// Guest RAM.
+    pub fn memory(&self) -> &Arc<GuestMemoryMmap> {
+        &self.memory
+    }
+}

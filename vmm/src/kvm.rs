@@ -1,0 +1,318 @@
+//! The KVM VM: capability checks, guest RAM, interrupt controllers and GSI
+//! routing.
+//!
+//! # In-kernel irqchip, not split
+//!
+//! pvmm uses KVM's in-kernel irqchip (PIC, IOAPIC and LAPICs) and PIT.
+//! PCI devices interrupt with MSIs, which work the same with both models:
+//! an emulated device calls KVM_SIGNAL_MSI ([`KvmMsiSink`]), and a VFIO
+//! device's interrupts become MSI routes in the GSI routing table with an
+//! irqfd each ([`IrqRouting`]), delivered by the kernel without a VMM exit.
+//! The split irqchip would only add a user-space IOAPIC (more code, and an
+//! exit for every EOI of a level-triggered legacy interrupt) for things pvmm
+//! does not need: interrupt remapping is not part of the pvIOMMU, and there
+//! are no level-triggered PCI INTx lines.
+
+use std::io;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VmFd};
+use resources::layout;
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+
+use crate::config::MAX_VCPUS;
+use crate::error::{Error, Result};
+
+/// Opens /dev/kvm with an error that says what to fix.
+pub fn open_kvm() -> Result<Kvm> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => Error::KvmMissing,
+        libc::EACCES | libc::EPERM => Error::KvmPermission,
+        n => Error::KvmOpen(io::Error::from_raw_os_error(n)),
+    })
+}
+
+/// The capabilities pvmm relies on.
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+    (Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
+    (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+    (Cap::IrqRouting, "GSI routing (KVM_CAP_IRQ_ROUTING)"),
+    (Cap::SignalMsi, "KVM_SIGNAL_MSI"),
+    (Cap::SetTssAddr, "KVM_SET_TSS_ADDR"),
+    (Cap::SetIdentityMapAddr, "KVM_SET_IDENTITY_MAP_ADDR"),
+    (Cap::UserMemory, "user memory regions"),
+    (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID"),
+    (Cap::SyncRegs, "KVM_CAP_SYNC_REGS"),
+];
+
+/// Checks KVM's API version and the capabilities pvmm needs.
+pub fn check_capabilities(kvm: &Kvm) -> Result<()> {
+    if kvm.get_api_version() != 12 {
+        return Err(Error::KvmCapability("the stable API (version 12)"));
+    }
+    for (cap, what) in REQUIRED_CAPS {
+        if !kvm.check_extension(*cap) {
+            return Err(Error::KvmCapability(what));
+        }
+    }
+    Ok(())
+}
+
+/// Most vCPUs this host allows (KVM's limit and 254 xAPIC ids).
+pub fn max_vcpus(kvm: &Kvm) -> u32 {
+    let kvm_max = u32::try_from(kvm.get_max_vcpus()).unwrap_or(u32::MAX);
+    kvm_max.min(u32::from(MAX_VCPUS))
+}
+
+/// Checks a vCPU count against this host.
+pub fn check_vcpus(kvm: &Kvm, cpus: u32) -> Result<()> {
+    let max = max_vcpus(kvm);
+    if cpus == 0 {
+        Err(Error::NoCpus)
+    } else if cpus > max {
+        Err(Error::TooManyCpus {
+            requested: cpus,
+            max,
+        })
+    } else {
+        Ok(())
+    }
+}
+
+/// Allocates guest RAM for `mem_size` bytes laid out by `resources`.
+pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap> {
+    let regions = resources::ram_regions(mem_size).map_err(Error::Memory)?;
+    let ranges: Vec<(GuestAddress, usize)> = regions
+        .iter()
+        .map(|r| {
+            usize::try_from(r.size)
+                .map(|s| (GuestAddress(r.start), s))
+                .map_err(|_| {
+                    Error::Memory(resources::Error::MemoryTooLarge {
+                        size: mem_size,
+                        max: layout::MAX_MEMORY,
+                    })
+                })
+        })
+        .collect::<Result<_>>()?;
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|e| Error::GuestMemory(mem_size, e))
+}
+
+/// Creates the VM: TSS and identity map, irqchip, PIT, GSI routing and the
+/// memory slots for `memory`.
+pub fn create_vm(kvm: &Kvm, memory: &GuestMemoryMmap) -> Result<VmFd> {
+    let vm = kvm.create_vm().map_err(|e| Error::Kvm("VM creation", e))?;
+    vm.set_identity_map_address(layout::KVM_IDENTITY_MAP_START)
+        .map_err(|e| Error::Kvm("KVM_SET_IDENTITY_MAP_ADDR", e))?;
+    vm.set_tss_address(usize::try_from(layout::KVM_TSS_START).unwrap_or(usize::MAX))
+        .map_err(|e| Error::Kvm("KVM_SET_TSS_ADDR", e))?;
+    vm.create_irq_chip()
+        .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+    for (slot, region) in memory.iter().enumerate() {
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|_| Error::BootWrite("the memory slot table"))?;
+        let mr = kvm_userspace_memory_region {
+            slot: u32::try_from(slot).unwrap_or(u32::MAX),
+            flags: 0,
+            guest_phys_addr: region.start_addr().raw_value(),
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `memory`, which the
+        // VMM keeps for as long as the VM exists; KVM only accesses it as
+        // guest RAM, never as Rust objects.
+        #[allow(unsafe_code)]
+        let r = unsafe { vm.set_user_memory_region(mr) };
+        r.map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
+    }
+    Ok(vm)
+}
+
+/// Number of KVM routing entries for the legacy interrupt controllers.
+const LEGACY_ROUTES: usize = 15 + 23;
+
+fn irqchip_route(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
+    let mut e = kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        ..Default::default()
+    };
+    e.u.irqchip.irqchip = chip;
+    e.u.irqchip.pin = pin;
+    e
+}
+
+/// The GSI routing table: the legacy wiring plus MSI routes.
+///
+/// Legacy wiring, as on a PC (and QEMU): ISA IRQ n is GSI n on the PICs and
+/// the IOAPIC, except that IRQ 0 (the PIT) arrives on IOAPIC pin 2, which the
+/// MADT declares with an interrupt source override. KVM_SET_GSI_ROUTING
+/// replaces the whole table, so every change re-sends all of it.
+#[derive(Debug)]
+pub struct IrqRouting {
+    msi: Vec<(u32, u64, u32)>,
+}
+
+impl IrqRouting {
+    /// The legacy wiring only, applied to `vm`.
+    pub fn new(vm: &VmFd) -> Result<Self> {
+        let r = Self { msi: Vec::new() };
+        r.commit(vm)?;
+        Ok(r)
+    }
+
+    fn entries(&self) -> Vec<kvm_irq_routing_entry> {
+        let mut v = Vec::with_capacity(LEGACY_ROUTES + self.msi.len());
+        for irq in 0..16u32 {
+            if irq == 2 {
+                continue; // the cascade
+            }
+            let (chip, pin) = if irq < 8 {
+                (KVM_IRQCHIP_PIC_MASTER, irq)
+            } else {
+                (KVM_IRQCHIP_PIC_SLAVE, irq - 8)
+            };
+            v.push(irqchip_route(irq, chip, pin));
+        }
+        for gsi in 0..layout::IOAPIC_PINS {
+            match gsi {
+                0 => v.push(irqchip_route(0, KVM_IRQCHIP_IOAPIC, 2)),
+                2 => {}
+                _ => v.push(irqchip_route(gsi, KVM_IRQCHIP_IOAPIC, gsi)),
+            }
+        }
+        for &(gsi, address, data) in &self.msi {
+            let mut e = kvm_irq_routing_entry {
+                gsi,
+                type_: KVM_IRQ_ROUTING_MSI,
+                ..Default::default()
+            };
+            // Truncation intended: the two halves of the address.
+            #[allow(clippy::cast_possible_truncation)]
+            {
+                e.u.msi.address_lo = address as u32;
+                e.u.msi.address_hi = (address >> 32) as u32;
+            }
+            e.u.msi.data = data;
+            v.push(e);
+        }
+        v
+    }
+
+    fn commit(&self, vm: &VmFd) -> Result<()> {
+        let routing = KvmIrqRouting::from_entries(&self.entries())
+            .map_err(|_| Error::Kvm("GSI routing table", kvm_ioctls::Error::new(libc::E2BIG)))?;
+        vm.set_gsi_routing(&routing)
+            .map_err(|e| Error::Kvm("KVM_SET_GSI_ROUTING", e))
+    }
+
+    /// Routes `gsi` (from `SystemAllocator::msi_gsis`) to the MSI
+    /// `address`/`data`, replacing any route it had. Pair it with an irqfd
+    /// (`VmFd::register_irqfd`) so that the kernel delivers it.
+    pub fn set_msi_route(&mut self, vm: &VmFd, gsi: u32, address: u64, data: u32) -> Result<()> {
+        if gsi < layout::IOAPIC_PINS {
+            return Err(Error::Kvm(
+                "MSI route on a legacy GSI",
+                kvm_ioctls::Error::new(libc::EINVAL),
+            ));
+        }
+        let old = self.msi.clone();
+        self.msi.retain(|r| r.0 != gsi);
+        self.msi.push((gsi, address, data));
+        self.commit(vm).inspect_err(|_| self.msi = old)
+    }
+
+    /// Removes the MSI route of `gsi`.
+    pub fn remove_msi_route(&mut self, vm: &VmFd, gsi: u32) -> Result<()> {
+        let old = self.msi.clone();
+        self.msi.retain(|r| r.0 != gsi);
+        self.commit(vm).inspect_err(|_| self.msi = old)
+    }
+}
+
+/// Delivers MSIs from emulated devices with KVM_SIGNAL_MSI.
+#[derive(Debug, Clone)]
+pub struct KvmMsiSink {
+    vm: Arc<VmFd>,
+}
+
+impl KvmMsiSink {
+    /// A sink for `vm`.
+    pub fn new(vm: Arc<VmFd>) -> Self {
+        Self { vm }
+    }
+}
+
+impl devices::interrupt::MsiSink for KvmMsiSink {
+    // Truncation intended: the two halves of the address.
+    #[allow(clippy::cast_possible_truncation)]
+    fn signal_msi(&self, address: u64, data: u32) -> io::Result<()> {
+        let msi = kvm_msi {
+            address_lo: address as u32,
+            address_hi: (address >> 32) as u32,
+            data,
+            ..Default::default()
+        };
+        // 0 means the guest masked it: not an error.
+        self.vm
+            .signal_msi(msi)
+            .map(|_| ())
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+/// Shared, lockable routing table.
+pub type SharedIrqRouting = Arc<Mutex<IrqRouting>>;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_routing_table() {
+        let r = IrqRouting {
+            msi: vec![(24, 0xfee0_0000, 0x41)],
+        };
+        let e = r.entries();
+        assert_eq!(e.len(), LEGACY_ROUTES + 1);
+        // SAFETY (test): irqchip routes were written through the irqchip
+        // member of the union.
+        let pins: Vec<(u32, u32, u32)> = e
+            .iter()
+            .filter(|e| e.type_ == KVM_IRQ_ROUTING_IRQCHIP)
+            .map(|e| {
+                #[allow(unsafe_code)]
+                // SAFETY: irqchip entries were written through `u.irqchip`.
+                let c = unsafe { e.u.irqchip };
+                (e.gsi, c.irqchip, c.pin)
+            })
+            .collect();
+        assert!(pins.contains(&(0, KVM_IRQCHIP_IOAPIC, 2)));
+        assert!(pins.contains(&(0, KVM_IRQCHIP_PIC_MASTER, 0)));
+        assert!(pins.contains(&(4, KVM_IRQCHIP_IOAPIC, 4)));
+        assert!(pins.contains(&(4, KVM_IRQCHIP_PIC_MASTER, 4)));
+        assert!(pins.contains(&(12, KVM_IRQCHIP_PIC_SLAVE, 4)));
+        assert!(pins.contains(&(23, KVM_IRQCHIP_IOAPIC, 23)));
+        assert!(!pins.iter().any(|p| p.0 == 2));
+        let msi = e.last().unwrap();
+        assert_eq!((msi.gsi, msi.type_), (24, KVM_IRQ_ROUTING_MSI));
+        #[allow(unsafe_code)]
+        // SAFETY: MSI entries were written through `u.msi`.
+        let m = unsafe { msi.u.msi };
+        assert_eq!((m.address_lo, m.address_hi, m.data), (0xfee0_0000, 0, 0x41));
+    }
+}

@@ -1,0 +1,338 @@
+//! vCPU threads and their run loop.
+//!
+//! Each vCPU runs `KVM_RUN` on its own thread and dispatches port-I/O and
+//! MMIO exits to the buses directly. Registers are read and written through
+//! KVM sync regs (`kvm_run.s.regs`), never KVM_GET/SET_REGS per exit. A vCPU
+//! is stopped by a flag and a signal whose handler sets
+//! `kvm_run.immediate_exit`, so a stop request cannot be lost between the
+//! flag check and `KVM_RUN`.
+#![allow(unsafe_code)]
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Once};
+use std::thread::JoinHandle;
+
+use devices::bus::Bus;
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::error::{Error, Result};
+use crate::hooks::{HypercallOutcome, HypercallRegs, VmHooks, HYPERCALL_PORT};
+use crate::ExitReason;
+
+/// Where the first reason for the VM to end is recorded.
+#[derive(Debug)]
+pub struct ExitSlot {
+    outcome: Mutex<Option<Result<ExitReason>>>,
+    /// Signalled when an outcome is recorded.
+    pub event: EventFd,
+}
+
+impl ExitSlot {
+    /// An empty slot.
+    pub fn new() -> Result<Self> {
+        Ok(Self {
+            outcome: Mutex::new(None),
+            event: EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("an event fd", e))?,
+        })
+    }
+
+    /// Records `r` unless something was recorded first.
+    pub fn report(&self, r: Result<ExitReason>) {
+        let mut o = devices::lock::mutex(&self.outcome);
+        if o.is_none() {
+            *o = Some(r);
+            if let Err(e) = self.event.write(1) {
+                log::error!("cannot signal the VM exit: {e}");
+            }
+        }
+    }
+
+    /// Takes the outcome, if any.
+    pub fn take(&self) -> Option<Result<ExitReason>> {
+        devices::lock::mutex(&self.outcome).take()
+    }
+
+    /// Whether an outcome was recorded.
+    pub fn is_set(&self) -> bool {
+        devices::lock::mutex(&self.outcome).is_some()
+    }
+}
+
+/// What every vCPU of a VM shares.
+pub struct VcpuShared {
+    /// Port I/O bus.
+    pub pio_bus: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio_bus: Arc<Bus>,
+    /// Guest RAM.
+    pub memory: Arc<GuestMemoryMmap>,
+    /// Exit hooks.
+    pub hooks: VmHooks,
+    /// Set to stop every vCPU.
+    pub stop: AtomicBool,
+    /// The VM's end.
+    pub exit: Arc<ExitSlot>,
+}
+
+/// One vCPU, configured, not yet running.
+pub struct Vcpu {
+    /// Index (= APIC id = VP index).
+    pub index: u32,
+    /// The KVM vCPU.
+    pub fd: VcpuFd,
+}
+
+thread_local! {
+    /// This thread's `kvm_run`, for the stop signal handler.
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn stop_signal_handler(
+    _num: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    // `try_with` never initialises lazily here (const initialiser) and does
+    // not allocate: async-signal-safe.
+    let _ = KVM_RUN.try_with(|p| {
+        let run = p.get();
+        if !run.is_null() {
+            // SAFETY: the pointer is this thread's live kvm_run mapping (set
+            // before its first KVM_RUN and cleared before the VcpuFd is
+            // dropped); a volatile byte store is what KVM expects of
+            // immediate_exit.
+            unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        }
+    });
+}
+
+/// The signal that stops vCPUs.
+fn stop_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+fn install_stop_handler() -> Result<()> {
+    static ONCE: Once = Once::new();
+    let mut res = Ok(());
+    ONCE.call_once(|| {
+        res = vmm_sys_util::signal::register_signal_handler(stop_signal(), stop_signal_handler)
+            .map_err(|e| Error::Io("the vCPU stop signal handler", e.into()));
+    });
+    res
+}
+
+/// What the loop does after an exit.
+enum Next {
+    Continue,
+    Hypercall,
+    Stop(Result<ExitReason>),
+    Fail(String),
+}
+
+impl Vcpu {
+    /// Runs until the VM ends or `shared.stop` is set; records failures and
+    /// guest-initiated ends in `shared.exit`.
+    pub fn run(mut self, shared: &VcpuShared) {
+        KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
+        self.fd.set_sync_valid_reg(SyncReg::Register);
+        loop {
+            if shared.stop.load(Ordering::Acquire) {
+                break;
+            }
+            match self.step(shared) {
+                Next::Continue => {}
+                Next::Hypercall => self.hypercall(shared),
+                Next::Stop(r) => {
+                    shared.exit.report(r);
+                    break;
+                }
+                Next::Fail(what) => {
+                    let regs = &self.fd.sync_regs_mut().regs;
+                    let reason = format!("{what} (RIP {:#x}, RSP {:#x})", regs.rip, regs.rsp);
+                    shared.exit.report(Err(Error::VcpuFailed {
+                        index: self.index,
+                        reason,
+                    }));
+                    break;
+                }
+            }
+        }
+        KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    /// One KVM_RUN and the dispatch of its exit.
+    #[inline]
+    fn step(&mut self, shared: &VcpuShared) -> Next {
+        match self.fd.run() {
+            Ok(exit) => match exit {
+                VcpuExit::IoIn(port, data) => {
+                    if !shared.pio_bus.read(u64::from(port), data) {
+                        data.fill(0xff);
+                    }
+                    Next::Continue
+                }
+                VcpuExit::IoOut(port, data) => {
+                    if port == HYPERCALL_PORT && shared.hooks.hypercall.is_some() {
+                        Next::Hypercall
+                    } else {
+                        shared.pio_bus.write(u64::from(port), data);
+                        Next::Continue
+                    }
+                }
+                VcpuExit::MmioRead(addr, data) => {
+                    if !shared.mmio_bus.read(addr, data) {
+                        data.fill(0xff);
+                    }
+                    Next::Continue
+                }
+                VcpuExit::MmioWrite(addr, data) => {
+                    shared.mmio_bus.write(addr, data);
+                    Next::Continue
+                }
+                VcpuExit::X86Rdmsr(exit) => {
+                    let value = shared
+                        .hooks
+                        .msr
+                        .as_ref()
+                        .and_then(|h| h.read(&shared.memory, self.index, exit.index));
+                    match value {
+                        Some(v) => *exit.data = v,
+                        None => *exit.error = 1,
+                    }
+                    Next::Continue
+                }
+                VcpuExit::X86Wrmsr(exit) => {
+                    let ok = shared.hooks.msr.as_ref().is_some_and(|h| {
+                        h.write(&shared.memory, self.index, exit.index, exit.data)
+                    });
+                    if !ok {
+                        *exit.error = 1;
+                    }
+                    Next::Continue
+                }
+                VcpuExit::Shutdown => Next::Stop(Ok(ExitReason::TripleFault)),
+                VcpuExit::SystemEvent(kind, _) => match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(Ok(ExitReason::PowerOff)),
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => Next::Stop(Ok(ExitReason::Reset)),
+                    k => Next::Fail(format!("unexpected system event {k}")),
+                },
+                VcpuExit::Hlt => Next::Fail("unexpected HLT exit".into()),
+                VcpuExit::InternalError => Next::Fail(self.internal_error()),
+                VcpuExit::FailEntry(reason, cpu) => Next::Fail(format!(
+                    "KVM could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})"
+                )),
+                other => Next::Fail(format!("unexpected exit {other:?}")),
+            },
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                self.fd.set_kvm_immediate_exit(0);
+                Next::Continue
+            }
+            Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
+        }
+    }
+
+    /// Runs the hypercall hook with registers from sync regs.
+    fn hypercall(&mut self, shared: &VcpuShared) {
+        let Some(h) = shared.hooks.hypercall.as_ref() else {
+            return;
+        };
+        let regs = &mut self.fd.sync_regs_mut().regs;
+        let input = HypercallRegs {
+            rcx: regs.rcx,
+            rdx: regs.rdx,
+            r8: regs.r8,
+        };
+        match h.hypercall(&shared.memory, self.index, input) {
+            HypercallOutcome::Complete { rax } => regs.rax = rax,
+            HypercallOutcome::Continue { rcx } => {
+                regs.rcx = rcx;
+                // `out imm8, al` is two bytes long.
+                regs.rip = regs.rip.wrapping_sub(2);
+            }
+        }
+        self.fd.set_sync_dirty_reg(SyncReg::Register);
+    }
+
+    /// Describes a KVM_EXIT_INTERNAL_ERROR.
+    fn internal_error(&mut self) -> String {
+        let run = self.fd.get_kvm_run();
+        // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the kernel
+        // filled the `internal` member of the exit union.
+        let internal = unsafe { run.__bindgen_anon_1.internal };
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let what = match internal.suberror {
+            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
+                "emulation failure (an instruction KVM cannot emulate here)"
+            }
+            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failure",
+            _ => "internal error",
+        };
+        format!(
+            "KVM {what}, suberror {}, data {:x?}",
+            internal.suberror,
+            &internal.data[..n]
+        )
+    }
+}
+
+/// Running vCPU threads.
+pub struct VcpuThreads {
+    handles: Vec<JoinHandle<()>>,
+    shared: Arc<VcpuShared>,
+}
+
+impl VcpuThreads {
+    /// Starts one thread per vCPU.
+    pub fn start(vcpus: Vec<Vcpu>, shared: Arc<VcpuShared>) -> Result<Self> {
+        install_stop_handler()?;
+        let mut threads = Self {
+            handles: Vec::with_capacity(vcpus.len()),
+            shared,
+        };
+        for vcpu in vcpus {
+            let index = vcpu.index;
+            let shared = threads.shared.clone();
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu.run(&shared))
+                .map_err(|e| Error::VcpuSpawn(index, e))?;
+            threads.handles.push(h);
+        }
+        Ok(threads)
+    }
+
+    /// Stops every vCPU and waits for the threads.
+    pub fn stop(mut self) {
+        self.stop_all();
+    }
+
+    fn stop_all(&mut self) {
+        use std::os::unix::thread::JoinHandleExt;
+        self.shared.stop.store(true, Ordering::Release);
+        for h in &self.handles {
+            if !h.is_finished() {
+                // SAFETY: the pthread is alive (not yet joined); the signal
+                // has a handler installed that only sets immediate_exit.
+                unsafe { libc::pthread_kill(h.as_pthread_t(), stop_signal()) };
+            }
+        }
+        for h in self.handles.drain(..) {
+            if h.join().is_err() {
+                log::error!("a vCPU thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for VcpuThreads {
+    fn drop(&mut self) {
+        if !self.handles.is_empty() {
+            self.stop_all();
+        }
+    }
+}
