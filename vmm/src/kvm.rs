@@ -266,11 +266,14 @@ impl devices::interrupt::MsiSink for KvmMsiSink {
             data,
             ..Default::default()
         };
-        // 0 means the guest masked it: not an error.
-        self.vm
-            .signal_msi(msi)
-            .map(|_| ())
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+        match self.vm.signal_msi(msi) {
+            // 0: the guest masked it. Not an error either: KVM returns -1
+            // (seen as EPERM) when no vCPU is a destination of the message,
+            // which the guest controls.
+            Ok(_) => Ok(()),
+            Err(e) if e.errno() == libc::EPERM => Ok(()),
+            Err(e) => Err(io::Error::from_raw_os_error(e.errno())),
+        }
     }
 }
 
@@ -314,5 +317,55 @@ mod tests {
         // SAFETY: MSI entries were written through `u.msi`.
         let m = unsafe { msi.u.msi };
         assert_eq!((m.address_lo, m.address_hi, m.data), (0xfee0_0000, 0, 0x41));
+    }
+}
+
+/// Tests that need /dev/kvm.
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod kvm_tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_limits_follow_kvm() {
+        let kvm = open_kvm().unwrap();
+        check_capabilities(&kvm).unwrap();
+        let max = max_vcpus(&kvm);
+        assert!((1..=u32::from(MAX_VCPUS)).contains(&max));
+        assert!(u32::try_from(kvm.get_max_vcpus()).unwrap() >= max);
+        check_vcpus(&kvm, 1).unwrap();
+        check_vcpus(&kvm, max).unwrap();
+        match check_vcpus(&kvm, max + 1) {
+            Err(Error::TooManyCpus { requested, max: m }) => {
+                assert_eq!((requested, m), (max + 1, max));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(check_vcpus(&kvm, 0), Err(Error::NoCpus)));
+    }
+
+    #[test]
+    fn vm_with_memory_above_4_gib() {
+        let kvm = open_kvm().unwrap();
+        let mem = create_guest_memory(5 << 30).unwrap();
+        let vm = create_vm(&kvm, &mem).unwrap();
+        let mut routing = IrqRouting::new(&vm).unwrap();
+        routing.set_msi_route(&vm, 24, 0xfee0_0000, 0x30).unwrap();
+        routing.set_msi_route(&vm, 24, 0xfee0_1000, 0x31).unwrap();
+        assert_eq!(routing.msi, vec![(24, 0xfee0_1000, 0x31)]);
+        assert!(routing.set_msi_route(&vm, 4, 0xfee0_0000, 0x30).is_err());
+        routing.remove_msi_route(&vm, 24).unwrap();
+        assert!(routing.msi.is_empty());
+        let sink = KvmMsiSink::new(Arc::new(vm));
+        // No vCPU has the vector enabled: delivered nowhere, but not an error.
+        devices::interrupt::MsiSink::signal_msi(&sink, 0xfee0_0000, 0x30).unwrap();
+    }
+
+    #[test]
+    fn missing_memory_size_checks() {
+        assert!(matches!(
+            create_guest_memory(1 << 20),
+            Err(Error::Memory(resources::Error::MemoryTooSmall { .. }))
+        ));
     }
 }

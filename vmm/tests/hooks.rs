@@ -1,0 +1,160 @@
+//! The vCPU loop's hooks, driven by a hand-assembled PVH guest: the port
+//! 0xE4 hypercall (registers through sync regs, RAX on completion, RCX and a
+//! re-executed `out` on continuation), user-space MSRs and the CPUID hook.
+
+use std::sync::{Arc, Mutex};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vmm::{
+    ExitReason, HypercallOutcome, HypercallRegs, KernelSource, MsrHandler, PortIoHypercall,
+    SerialConfig, VmConfig, VmHooks, Vmm,
+};
+
+const ENTRY: u32 = 0x10_0010;
+const RESULT_ADDR: u32 = 0x5000;
+const MSR: u32 = 0x4000_0000;
+
+/// 32-bit code: a hypercall, then an MSR read and write, CPUID leaf
+/// 0x4000_0000, and an ACPI poweroff.
+fn guest_code() -> Vec<u8> {
+    let mut c = Vec::new();
+    let r = RESULT_ADDR.to_le_bytes();
+    c.extend([0xb9, 5, 0, 0, 0]); // mov ecx, 5
+    c.extend([0xba, 0x77, 0, 0, 0]); // mov edx, 0x77
+    c.extend([0x31, 0xc0]); // xor eax, eax
+    c.extend([0xe6, 0xe4]); // out 0xe4, al
+    c.extend([0xa3, r[0], r[1], r[2], r[3]]); // mov [0x5000], eax
+    c.extend([0x89, 0x0d, r[0] + 4, r[1], r[2], r[3]]); // mov [0x5004], ecx
+    c.push(0xb9); // mov ecx, MSR
+    c.extend(MSR.to_le_bytes());
+    c.extend([0x0f, 0x32]); // rdmsr
+    c.extend([0xa3, r[0] + 8, r[1], r[2], r[3]]); // mov [0x5008], eax
+    c.extend([0x89, 0x15, r[0] + 12, r[1], r[2], r[3]]); // mov [0x500c], edx
+    c.extend([0xb8, 0xcd, 0xab, 0, 0]); // mov eax, 0xabcd
+    c.extend([0xba, 1, 0, 0, 0]); // mov edx, 1
+    c.extend([0x0f, 0x30]); // wrmsr
+    c.extend([0xb8, 0, 0, 0, 0x40]); // mov eax, 0x40000000
+    c.extend([0x0f, 0xa2]); // cpuid
+    c.extend([0x89, 0x1d, r[0] + 16, r[1], r[2], r[3]]); // mov [0x5010], ebx
+    c.extend([0x66, 0xba, 0x00, 0x06]); // mov dx, 0x600
+    c.extend([0xb0, 0x34]); // mov al, 0x34 (SLP_TYP 5, SLP_EN)
+    c.push(0xee); // out dx, al
+    c.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
+    c
+}
+
+/// An ELF64 with one PT_LOAD at 1 MiB and a PVH note for `ENTRY`.
+fn pvh_elf(code: &[u8]) -> Vec<u8> {
+    let mut v = vec![0u8; 0x1000];
+    v[..4].copy_from_slice(b"\x7fELF");
+    v[4] = 2;
+    v[5] = 1;
+    v[6] = 1;
+    v[16..18].copy_from_slice(&2u16.to_le_bytes());
+    v[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
+    v[20..24].copy_from_slice(&1u32.to_le_bytes());
+    v[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    v[32..40].copy_from_slice(&64u64.to_le_bytes());
+    v[52..54].copy_from_slice(&64u16.to_le_bytes());
+    v[54..56].copy_from_slice(&56u16.to_le_bytes());
+    v[56..58].copy_from_slice(&2u16.to_le_bytes());
+    let load = |v: &mut Vec<u8>, ph: usize| {
+        v[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+        v[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes());
+        v[ph + 8..ph + 16].copy_from_slice(&0x800u64.to_le_bytes());
+        v[ph + 16..ph + 24].copy_from_slice(&0x10_0000u64.to_le_bytes());
+        v[ph + 24..ph + 32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+        v[ph + 32..ph + 40].copy_from_slice(&0x700u64.to_le_bytes());
+        v[ph + 40..ph + 48].copy_from_slice(&0x700u64.to_le_bytes());
+    };
+    load(&mut v, 64);
+    let ph = 64 + 56;
+    v[ph..ph + 4].copy_from_slice(&4u32.to_le_bytes());
+    v[ph + 8..ph + 16].copy_from_slice(&0x400u64.to_le_bytes());
+    v[ph + 32..ph + 40].copy_from_slice(&20u64.to_le_bytes());
+    let n = 0x400;
+    v[n..n + 4].copy_from_slice(&4u32.to_le_bytes());
+    v[n + 4..n + 8].copy_from_slice(&4u32.to_le_bytes());
+    v[n + 8..n + 12].copy_from_slice(&18u32.to_le_bytes());
+    v[n + 12..n + 16].copy_from_slice(b"Xen\0");
+    v[n + 16..n + 20].copy_from_slice(&ENTRY.to_le_bytes());
+    let at = 0x800 + (ENTRY - 0x10_0000) as usize;
+    v[at..at + code.len()].copy_from_slice(code);
+    v
+}
+
+#[derive(Default)]
+struct Recorder {
+    calls: Mutex<Vec<(u32, HypercallRegs)>>,
+    msr_writes: Mutex<Vec<(u32, u32, u64)>>,
+}
+
+impl PortIoHypercall for Recorder {
+    fn hypercall(&self, _mem: &GuestMemoryMmap, vp: u32, regs: HypercallRegs) -> HypercallOutcome {
+        self.calls.lock().expect("lock").push((vp, regs));
+        if regs.rcx > 1 {
+            HypercallOutcome::Continue { rcx: regs.rcx - 1 }
+        } else {
+            HypercallOutcome::Complete { rax: 0x4242 }
+        }
+    }
+}
+
+impl MsrHandler for Recorder {
+    fn msrs(&self) -> Vec<u32> {
+        vec![MSR]
+    }
+    fn read(&self, _mem: &GuestMemoryMmap, _vp: u32, msr: u32) -> Option<u64> {
+        (msr == MSR).then_some(0x1122_3344_5566_7788)
+    }
+    fn write(&self, _mem: &GuestMemoryMmap, vp: u32, msr: u32, value: u64) -> bool {
+        self.msr_writes.lock().expect("lock").push((vp, msr, value));
+        true
+    }
+}
+
+#[test]
+fn hypercall_msr_and_cpuid_hooks() {
+    let path = std::env::temp_dir().join(format!("pvmm-hooks-{}.elf", std::process::id()));
+    std::fs::write(&path, pvh_elf(&guest_code())).expect("write guest");
+    let rec = Arc::new(Recorder::default());
+    let hooks = VmHooks {
+        hypercall: Some(rec.clone()),
+        msr: Some(rec.clone()),
+        cpuid: Some(Arc::new(
+            |_vp, entries: &mut Vec<kvm_bindings::kvm_cpuid_entry2>| {
+                for e in entries.iter_mut().filter(|e| e.function == 0x4000_0000) {
+                    e.ebx = u32::from_le_bytes(*b"pvmm");
+                }
+            },
+        )),
+    };
+    let config = VmConfig {
+        kernel: KernelSource::Path(path.clone()),
+        memory: 16 << 20,
+        serial: SerialConfig::Off,
+        ..Default::default()
+    };
+    let vmm = Vmm::new(config, hooks).expect("VM");
+    let mem = vmm.memory().clone();
+    assert_eq!(vmm.run().expect("run"), ExitReason::PowerOff);
+    std::fs::remove_file(&path).ok();
+
+    // The `out` ran five times: RCX 5, 4, 3, 2, 1, with RDX intact.
+    let calls = rec.calls.lock().expect("lock").clone();
+    let rcx: Vec<u64> = calls.iter().map(|c| c.1.rcx).collect();
+    assert_eq!(rcx, vec![5, 4, 3, 2, 1]);
+    assert!(calls.iter().all(|c| c.0 == 0 && c.1.rdx == 0x77));
+    let word = |off: u64| -> u32 {
+        mem.read_obj(GuestAddress(u64::from(RESULT_ADDR) + off))
+            .expect("read")
+    };
+    assert_eq!(word(0), 0x4242, "RAX after completion");
+    assert_eq!(word(4), 1, "RCX as the last continuation left it");
+    assert_eq!((word(8), word(12)), (0x5566_7788, 0x1122_3344), "RDMSR");
+    assert_eq!(
+        rec.msr_writes.lock().expect("lock").clone(),
+        vec![(0, MSR, 0x1_0000_abcd)]
+    );
+    assert_eq!(word(16), u32::from_le_bytes(*b"pvmm"), "CPUID hook");
+}
