@@ -26,6 +26,7 @@ mod config;
 mod dispatch;
 mod domains;
 pub mod flush;
+pub mod fuzzing;
 mod ram;
 mod runs;
 mod software;
