@@ -13,6 +13,8 @@ pub struct TestLine {
     pub name: String,
     /// For `not ok N - name: reason`, the reason.
     pub reason: Option<String>,
+    /// For `ok N - name # SKIP reason`, the reason.
+    pub skip: Option<String>,
 }
 
 /// A whole TAP stream.
@@ -26,8 +28,8 @@ pub struct Report {
     pub diagnostics: Vec<String>,
     /// `Bail out! reason`.
     pub bail_out: Option<String>,
-    /// The plain `N passed, M failed` line.
-    pub summary: Option<(u32, u32)>,
+    /// The plain `N passed, M failed[, K skipped]` line (K 0 when absent).
+    pub summary: Option<(u32, u32, u32)>,
 }
 
 /// Why a report is not a clean pass.
@@ -51,6 +53,10 @@ fn parse_test_line(line: &str) -> Option<TestLine> {
     let (num, rest) = rest.split_once(' ').unwrap_or((rest, ""));
     let number = num.parse().ok()?;
     let desc = rest.strip_prefix("- ").unwrap_or(rest);
+    let (desc, skip) = match desc.split_once(" # SKIP") {
+        Some((d, r)) => (d, Some(r.trim().to_string())),
+        None => (desc, None),
+    };
     let (name, reason) = match (ok, desc.split_once(": ")) {
         (false, Some((n, r))) => (n.to_string(), Some(r.to_string())),
         _ => (desc.to_string(), None),
@@ -60,13 +66,17 @@ fn parse_test_line(line: &str) -> Option<TestLine> {
         ok,
         name,
         reason,
+        skip,
     })
 }
 
-fn parse_summary(line: &str) -> Option<(u32, u32)> {
-    let (p, f) = line.split_once(" passed, ")?;
-    let f = f.strip_suffix(" failed")?;
-    Some((p.parse().ok()?, f.parse().ok()?))
+fn parse_summary(line: &str) -> Option<(u32, u32, u32)> {
+    let (p, rest) = line.split_once(" passed, ")?;
+    let (f, k) = match rest.split_once(" failed, ") {
+        Some((f, k)) => (f, k.strip_suffix(" skipped")?),
+        None => (rest.strip_suffix(" failed")?, "0"),
+    };
+    Some((p.parse().ok()?, f.parse().ok()?, k.parse().ok()?))
 }
 
 /// Parses TAP out of mixed output.
@@ -98,8 +108,14 @@ impl Report {
     }
 
     /// Checks a clean run of exactly `names`, in order: version line, plan,
-    /// numbering, every test ok, the summary line, no bail-out.
+    /// numbering, every test ok and none skipped, the summary line, no
+    /// bail-out.
     pub fn expect_all_ok(&self, names: &[&str]) -> Result<(), Problem> {
+        self.expect_ok_or_skipped(names, &[])
+    }
+
+    /// `expect_all_ok`, but the tests in `may_skip` may be skipped.
+    pub fn expect_ok_or_skipped(&self, names: &[&str], may_skip: &[&str]) -> Result<(), Problem> {
         if let Some(b) = &self.bail_out {
             return Err(Problem(format!("the kernel bailed out: {b}")));
         }
@@ -126,11 +142,22 @@ impl Report {
                     t.reason.as_deref().unwrap_or("")
                 )));
             }
+            if let Some(why) = &t.skip {
+                if !may_skip.contains(&t.name.as_str()) {
+                    return Err(Problem(format!(
+                        "test {} ({}) was skipped: {why}",
+                        t.number, t.name
+                    )));
+                }
+            }
         }
-        if self.summary != Some((n, 0)) {
+        let skipped = u32::try_from(self.tests.iter().filter(|t| t.skip.is_some()).count())
+            .unwrap_or(u32::MAX);
+        if self.summary != Some((n - skipped, 0, skipped)) {
             return Err(Problem(format!(
-                "summary line is {:?}, expected {n} passed, 0 failed",
-                self.summary
+                "summary line is {:?}, expected {} passed, 0 failed, {skipped} skipped",
+                self.summary,
+                n - skipped
             )));
         }
         Ok(())
@@ -158,11 +185,12 @@ mod tests {
                 number: 2,
                 ok: false,
                 name: "cmdline".into(),
-                reason: Some("tk.echo is empty".into())
+                reason: Some("tk.echo is empty".into()),
+                skip: None,
             }
         );
         assert_eq!(r.tests[2].reason, None);
-        assert_eq!(r.summary, Some((2, 1)));
+        assert_eq!(r.summary, Some((2, 1, 0)));
         assert_eq!(r.diagnostic("cmdline: "), Some("a b"));
         assert_eq!(r.bail_out, None);
     }
@@ -191,5 +219,26 @@ mod tests {
         assert!(parse(no_summary).expect_all_ok(&["mem", "pci"]).is_err());
         let misnumbered = "TAP version 13\n1..2\nok 1 - mem\nok 3 - pci\n2 passed, 0 failed\n";
         assert!(parse(misnumbered).expect_all_ok(&["mem", "pci"]).is_err());
+    }
+
+    #[test]
+    fn skips() {
+        let out = "TAP version 13\n1..2\nok 1 - mem\nok 2 - pviommu # SKIP no Hyper-V leaves\n\
+            1 passed, 0 failed, 1 skipped\n";
+        let r = parse(out);
+        assert_eq!(r.tests[1].name, "pviommu");
+        assert_eq!(r.tests[1].skip.as_deref(), Some("no Hyper-V leaves"));
+        assert_eq!(r.summary, Some((1, 0, 1)));
+        let e = r.expect_all_ok(&["mem", "pviommu"]).unwrap_err();
+        assert!(e.0.contains("was skipped: no Hyper-V leaves"), "{e}");
+        assert_eq!(
+            r.expect_ok_or_skipped(&["mem", "pviommu"], &["pviommu"]),
+            Ok(())
+        );
+        // The summary must count the skip.
+        let wrong = out.replace("1 passed, 0 failed, 1 skipped", "2 passed, 0 failed");
+        assert!(parse(&wrong)
+            .expect_ok_or_skipped(&["mem", "pviommu"], &["pviommu"])
+            .is_err());
     }
 }

@@ -11,7 +11,9 @@ use std::process::Command;
 use std::time::Duration;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-const ALL: [&str; 4] = ["mem", "cmdline", "smp", "pci"];
+const BASIC: [&str; 4] = ["mem", "cmdline", "smp", "pci"];
+/// Every test of the kernel, in its default order.
+const ALL: [&str; 5] = ["mem", "cmdline", "smp", "pci", "pviommu"];
 
 fn pvmm() -> Command {
     let bin = artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"));
@@ -86,7 +88,7 @@ fn booted_through(r: &tap::Report, protocol: &str) -> bool {
 
 #[test]
 fn one_cpu_128m() {
-    let r = boot_and_check("128M", 1, &ALL);
+    let r = boot_and_check("128M", 1, &BASIC);
     assert!(booted_through(&r, "PVH"), "{:#?}", r.diagnostics);
     // pvmm's hardware-reduced FADT: sleep control register, SLP_TYP 5.
     assert!(
@@ -102,13 +104,13 @@ fn one_cpu_128m() {
 /// with every test, two vCPUs and RAM above 4 GiB.
 #[test]
 fn linux64_protocol() {
-    let r = boot_and_check_with(&["--linux64"], "4608M", 2, &ALL);
+    let r = boot_and_check_with(&["--linux64"], "4608M", 2, &BASIC);
     assert!(booted_through(&r, "Linux 64-bit"), "{:#?}", r.diagnostics);
 }
 
 #[test]
 fn two_cpus_512m() {
-    boot_and_check("512M", 2, &ALL);
+    boot_and_check("512M", 2, &BASIC);
 }
 
 #[test]
@@ -145,12 +147,13 @@ fn long_cmdline() {
 }
 
 /// With no --kernel, pvmm boots the kernel it embedded at build time, and
-/// every default test passes.
+/// every default test passes. The pvIOMMU test may skip until pvmm
+/// advertises the interface (issue 4).
 #[test]
 fn embedded_kernel() {
     let (out, report) = boot(None, &[]);
     assert!(out.success(), "{}", out.describe());
     report
-        .expect_all_ok(&ALL)
+        .expect_ok_or_skipped(&ALL, &["pviommu"])
         .unwrap_or_else(|p| panic!("{p}\n{}", out.describe()));
 }

@@ -303,3 +303,13 @@ PT_POOL:
     .skip 4096 * 32                     /* page tables for RAM above 4 GiB */
     .globl PT_POOL_END
 PT_POOL_END:
+
+/* ------------------------------------------------------ pvIOMMU pages */
+    .section .noinit.hv, "aw", @nobits
+    .balign 4096
+    .globl HV_CALL_PAGE
+HV_CALL_PAGE:
+    .skip 4096                          /* the hypercall page (VMM overlay) */
+    .globl HV_IO_PAGES
+HV_IO_PAGES:
+    .skip 4096 * 2 * 4                  /* input + output page per CPU, 4 CPUs */

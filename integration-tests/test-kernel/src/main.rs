@@ -8,11 +8,15 @@
 //! (~250 ns each), so the kernel keeps its work small.
 //!
 //! Command line keys (all optional):
-//! - `tk.tests=mem,cmdline,smp,pci`: tests to run, in this order (default all)
+//! - `tk.tests=mem,cmdline,smp,pci,pviommu`: tests to run, in this order (default all)
 //! - `tk.mem=<size>`: memory size the VM was given (bytes, or K/M/G suffix)
 //! - `tk.echo=<token>`: printed back as `# echo: <token>`
 //! - `tk.cpus=<n>`: number of vCPUs expected
 //! - `tk.cf8=1`: PCI configuration mechanism #1 (0xcf8/0xcfc) must work
+//! - `tk.pviommu=1`: the pvIOMMU must be there (else its test is skipped
+//!   when CPUID does not advertise it)
+//! - `tk.iommu_dev=BB:DD.F`: a PCI device the VMM put behind the pvIOMMU,
+//!   for the attach/detach checks
 
 #![no_std]
 #![no_main]
@@ -28,6 +32,7 @@ mod console;
 mod idt;
 mod paging;
 mod power;
+mod pviommu;
 mod rules;
 mod smp;
 mod suites;
@@ -39,7 +44,7 @@ use bootinfo::{BootInfo, Protocol, BOOT_LINUX64, BOOT_PVH};
 use core::cell::UnsafeCell;
 use core::fmt::Write as _;
 use core::sync::atomic::{AtomicBool, Ordering};
-use tap::{Msg, Tap};
+use tap::{Msg, Tap, Verdict};
 
 core::arch::global_asm!(include_str!("boot.S"), options(att_syntax));
 
@@ -56,14 +61,15 @@ impl Ctx<'_> {
     }
 }
 
-type TestFn = fn(&Ctx) -> Result<(), Msg>;
+type TestFn = fn(&Ctx) -> Verdict;
 
 /// Every test, in the default order.
 const TESTS: &[(&str, TestFn)] = &[
-    ("mem", suites::mem::run),
-    ("cmdline", suites::cmdline::run),
-    ("smp", suites::smp::run),
-    ("pci", suites::pci::run),
+    ("mem", |c| suites::mem::run(c).map(|()| None)),
+    ("cmdline", |c| suites::cmdline::run(c).map(|()| None)),
+    ("smp", |c| suites::smp::run(c).map(|()| None)),
+    ("pci", |c| suites::pci::run(c).map(|()| None)),
+    ("pviommu", suites::pviommu::run),
 ];
 
 /// The ACPI tables, found once by the boot CPU (poweroff needs them from

@@ -253,6 +253,14 @@ pub fn set_apic_id(index: usize, apic_id: u32) {
     }
 }
 
+/// How many CPUs are started (the boot CPU included, once smp ran).
+pub fn started() -> usize {
+    APIC_IDS
+        .iter()
+        .filter(|a| a.load(Ordering::Acquire) != 0)
+        .count()
+}
+
 /// Runs `func(arg)` on the started CPU `index` (>= 1): posts it in the
 /// CPU's mailbox and wakes it with an IPI. False if the CPU is not started
 /// or still busy.

@@ -61,7 +61,11 @@ pub struct Tap {
     next: u32,
     pub passed: u32,
     pub failed: u32,
+    pub skipped: u32,
 }
+
+/// A test's verdict: Ok(None) passed, Ok(Some(reason)) skipped, Err failed.
+pub type Verdict = Result<Option<&'static str>, Msg>;
 
 impl Tap {
     /// Prints the version line (first thing on the console), on a line of
@@ -78,15 +82,20 @@ impl Tap {
             next: 1,
             passed: 0,
             failed: 0,
+            skipped: 0,
         }
     }
 
     /// Reports one test's result.
-    pub fn report(&mut self, name: &str, result: Result<(), Msg>) {
+    pub fn report(&mut self, name: &str, result: Verdict) {
         match result {
-            Ok(()) => {
+            Ok(None) => {
                 println!("ok {} - {}", self.next, name);
                 self.passed += 1;
+            }
+            Ok(Some(reason)) => {
+                println!("ok {} - {} # SKIP {}", self.next, name, reason);
+                self.skipped += 1;
             }
             Err(m) => {
                 println!("not ok {} - {}: {}", self.next, name, m.as_str());
@@ -98,7 +107,13 @@ impl Tap {
 
     /// Prints the summary lines.
     pub fn finish(&self) {
-        println!("# tests {} passed, {} failed", self.passed, self.failed);
-        println!("{} passed, {} failed", self.passed, self.failed);
+        println!(
+            "# tests {} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.skipped
+        );
+        println!(
+            "{} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.skipped
+        );
     }
 }

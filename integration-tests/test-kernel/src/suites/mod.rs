@@ -3,4 +3,5 @@
 pub mod cmdline;
 pub mod mem;
 pub mod pci;
+pub mod pviommu;
 pub mod smp;
