@@ -112,6 +112,7 @@ pub(crate) fn shape(code: HypercallCode) -> Option<Shape> {
 const PAGE: usize = 4096;
 const _: () = assert!(PAGE as u64 == HV_PAGE_SIZE);
 const MAX_OUTPUT: usize = 24;
+const MAX_HEADER: usize = 40;
 const FAST_BYTES: usize = 16;
 
 /// Per-code counters (index in [`HypercallCode::ALL`], last slot: unknown).
@@ -251,13 +252,25 @@ impl Iommu {
         let elems_lo = shape.header + usize::from(start) * shape.elem;
         let elems_hi = shape.header + usize::from(end) * shape.elem;
 
-        let mut input = [0u8; PAGE];
-        if control.fast() {
+        // Zeroed copies: the header (at most 40 bytes) and, for rep calls
+        // with elements, this slice's elements (at most one page).
+        let mut header = [0u8; MAX_HEADER];
+        let mut output = [0u8; MAX_OUTPUT];
+        let result = if control.fast() {
             if input_size > FAST_BYTES || shape.output != 0 {
                 return fail(HvError::INVALID_HYPERCALL_INPUT);
             }
-            input[..8].copy_from_slice(&regs.rdx.to_le_bytes());
-            input[8..16].copy_from_slice(&regs.r8.to_le_bytes());
+            header[..8].copy_from_slice(&regs.rdx.to_le_bytes());
+            header[8..16].copy_from_slice(&regs.r8.to_le_bytes());
+            self.run_call(
+                mem,
+                code,
+                &header[..shape.header],
+                &[],
+                start,
+                end,
+                &mut output,
+            )
         } else {
             if let Err(e) = check_block(regs.rdx, input_size) {
                 return fail(e);
@@ -266,80 +279,40 @@ impl Iommu {
                 if let Err(e) = check_block(regs.r8, shape.output) {
                     return fail(e);
                 }
+                if !ram::in_ram(mem, regs.r8, u64::try_from(shape.output).unwrap_or(0)) {
+                    return fail(HvError::INVALID_PARAMETER);
+                }
             }
-            // Offsets stay within the page checked above: no overflow.
-            let elems_gpa = regs.rdx + u64::try_from(elems_lo).unwrap_or(0);
-            if !ram::read(mem, regs.rdx, &mut input[..shape.header])
-                || (elems_hi > elems_lo
-                    && !ram::read(mem, elems_gpa, &mut input[elems_lo..elems_hi]))
-            {
+            if !ram::read(mem, regs.rdx, &mut header[..shape.header]) {
                 return fail(HvError::INVALID_PARAMETER);
             }
-            if shape.output != 0
-                && !ram::in_ram(mem, regs.r8, u64::try_from(shape.output).unwrap_or(0))
-            {
-                return fail(HvError::INVALID_PARAMETER);
-            }
-        }
-        let header = &input[..shape.header];
-        let elems = &input[elems_lo..elems_hi];
-        let mut output = [0u8; MAX_OUTPUT];
-
-        let result = {
-            let mut state = self.lock_state();
-            let state = &mut *state;
-            let config = &self.config;
-            let simple = |r: Result<(), HvError>| r.map_err(RepError::from);
-            match code {
-                HypercallCode::GET_IOMMU_CAPABILITIES => simple(
-                    parse::<InputGetIommuCapabilities>(header)
-                        .and_then(|i| state.get_capabilities(config, &i))
-                        .map(|o| o.write_to_prefix(&mut output).unwrap_or(())),
-                ),
-                HypercallCode::GET_LOGICAL_DEVICE_PROPERTY => simple(
-                    parse::<InputGetLogicalDeviceProperty>(header)
-                        .and_then(|i| state.get_device_property(&i))
-                        .map(|o| o.write_to_prefix(&mut output).unwrap_or(())),
-                ),
-                HypercallCode::CREATE_DEVICE_DOMAIN => simple(
-                    parse::<InputCreateDeviceDomain>(header)
-                        .and_then(|i| state.create_domain(config, &i)),
-                ),
-                HypercallCode::DELETE_DEVICE_DOMAIN => simple(
-                    parse::<InputDeleteDeviceDomain>(header).and_then(|i| state.delete_domain(&i)),
-                ),
-                HypercallCode::ATTACH_DEVICE_DOMAIN => {
-                    simple(parse::<InputAttachDeviceDomain>(header).and_then(|i| state.attach(&i)))
+            if elems_hi > elems_lo {
+                let mut elems = [0u8; PAGE];
+                let elems = &mut elems[..elems_hi - elems_lo];
+                // Offsets stay within the page checked above: no overflow.
+                let elems_gpa = regs.rdx + u64::try_from(elems_lo).unwrap_or(0);
+                if !ram::read(mem, elems_gpa, elems) {
+                    return fail(HvError::INVALID_PARAMETER);
                 }
-                HypercallCode::DETACH_DEVICE_DOMAIN => {
-                    simple(parse::<InputDetachDeviceDomain>(header).and_then(|i| state.detach(&i)))
-                }
-                HypercallCode::CONFIGURE_DEVICE_DOMAIN => simple(
-                    parse::<InputConfigureDeviceDomain>(header)
-                        .and_then(|i| state.configure(config, mem, &i)),
-                ),
-                HypercallCode::FLUSH_DEVICE_DOMAIN => {
-                    simple(parse::<InputFlushDeviceDomain>(header).and_then(|i| state.flush(&i)))
-                }
-                HypercallCode::MAP_DEVICE_GPA_PAGES => {
-                    match (parse::<InputMapDeviceGpaPages>(header), elements(elems)) {
-                        (Ok(hdr), Ok(gpns)) => state.map(config, mem, &hdr, start, gpns),
-                        (Err(e), _) | (_, Err(e)) => Err(e.into()),
-                    }
-                }
-                HypercallCode::UNMAP_DEVICE_GPA_PAGES => {
-                    match parse::<InputUnmapDeviceGpaPages>(header) {
-                        Ok(hdr) => state.unmap(&hdr, start, usize::from(end - start)),
-                        Err(e) => Err(e.into()),
-                    }
-                }
-                HypercallCode::FLUSH_DEVICE_DOMAIN_LIST => {
-                    match (parse::<InputFlushDeviceDomainList>(header), elements(elems)) {
-                        (Ok(hdr), Ok(entries)) => state.flush_list(config, &hdr, entries),
-                        (Err(e), _) | (_, Err(e)) => Err(e.into()),
-                    }
-                }
-                _ => Err(HvError::INVALID_HYPERCALL_CODE.into()),
+                self.run_call(
+                    mem,
+                    code,
+                    &header[..shape.header],
+                    elems,
+                    start,
+                    end,
+                    &mut output,
+                )
+            } else {
+                self.run_call(
+                    mem,
+                    code,
+                    &header[..shape.header],
+                    &[],
+                    start,
+                    end,
+                    &mut output,
+                )
             }
         };
         match result {
@@ -355,6 +328,77 @@ impl Iommu {
             }
             Ok(()) if shape.rep && end < count => Ok(Slice::Continue(end)),
             Ok(()) => Ok(Slice::Done(count)),
+        }
+    }
+}
+
+impl Iommu {
+    /// Runs the typed handler of `code` under the state lock.
+    #[allow(clippy::too_many_arguments)]
+    fn run_call<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        code: HypercallCode,
+        header: &[u8],
+        elems: &[u8],
+        start: u16,
+        end: u16,
+        output: &mut [u8; MAX_OUTPUT],
+    ) -> Result<(), RepError> {
+        let mut state = self.lock_state();
+        let state = &mut *state;
+        let config = &self.config;
+        let simple = |r: Result<(), HvError>| r.map_err(RepError::from);
+        match code {
+            HypercallCode::GET_IOMMU_CAPABILITIES => simple(
+                parse::<InputGetIommuCapabilities>(header)
+                    .and_then(|i| state.get_capabilities(config, &i))
+                    .map(|o| o.write_to_prefix(output).unwrap_or(())),
+            ),
+            HypercallCode::GET_LOGICAL_DEVICE_PROPERTY => simple(
+                parse::<InputGetLogicalDeviceProperty>(header)
+                    .and_then(|i| state.get_device_property(&i))
+                    .map(|o| o.write_to_prefix(output).unwrap_or(())),
+            ),
+            HypercallCode::CREATE_DEVICE_DOMAIN => simple(
+                parse::<InputCreateDeviceDomain>(header)
+                    .and_then(|i| state.create_domain(config, &i)),
+            ),
+            HypercallCode::DELETE_DEVICE_DOMAIN => simple(
+                parse::<InputDeleteDeviceDomain>(header).and_then(|i| state.delete_domain(&i)),
+            ),
+            HypercallCode::ATTACH_DEVICE_DOMAIN => {
+                simple(parse::<InputAttachDeviceDomain>(header).and_then(|i| state.attach(&i)))
+            }
+            HypercallCode::DETACH_DEVICE_DOMAIN => {
+                simple(parse::<InputDetachDeviceDomain>(header).and_then(|i| state.detach(&i)))
+            }
+            HypercallCode::CONFIGURE_DEVICE_DOMAIN => simple(
+                parse::<InputConfigureDeviceDomain>(header)
+                    .and_then(|i| state.configure(config, mem, &i)),
+            ),
+            HypercallCode::FLUSH_DEVICE_DOMAIN => {
+                simple(parse::<InputFlushDeviceDomain>(header).and_then(|i| state.flush(&i)))
+            }
+            HypercallCode::MAP_DEVICE_GPA_PAGES => {
+                match (parse::<InputMapDeviceGpaPages>(header), elements(elems)) {
+                    (Ok(hdr), Ok(gpns)) => state.map(config, mem, &hdr, start, gpns),
+                    (Err(e), _) | (_, Err(e)) => Err(e.into()),
+                }
+            }
+            HypercallCode::UNMAP_DEVICE_GPA_PAGES => {
+                match parse::<InputUnmapDeviceGpaPages>(header) {
+                    Ok(hdr) => state.unmap(&hdr, start, usize::from(end - start)),
+                    Err(e) => Err(e.into()),
+                }
+            }
+            HypercallCode::FLUSH_DEVICE_DOMAIN_LIST => {
+                match (parse::<InputFlushDeviceDomainList>(header), elements(elems)) {
+                    (Ok(hdr), Ok(entries)) => state.flush_list(config, &hdr, entries),
+                    (Err(e), _) | (_, Err(e)) => Err(e.into()),
+                }
+            }
+            _ => Err(HvError::INVALID_HYPERCALL_CODE.into()),
         }
     }
 }

@@ -48,7 +48,7 @@ pub fn merge_ranges(ranges: &mut [PageRange]) -> usize {
     if ranges.is_empty() {
         return 0;
     }
-    ranges.sort_unstable();
+    ranges.sort_unstable_by_key(|r| r.start);
     let mut out = 0;
     for i in 1..ranges.len() {
         let next = ranges[i];

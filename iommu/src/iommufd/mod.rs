@@ -1,0 +1,25 @@
+//! The IOMMUFD backend: the pvIOMMU's domains for VFIO passthrough devices,
+//! mirrored into a host IOMMU through `/dev/iommu` ([`IommufdBackend`]).
+//!
+//! - [`ioctl`]: the IOMMUFD calls ([`IommufdOps`]) and their implementation
+//!   on `/dev/iommu` ([`Iommufd`]);
+//! - [`uapi`]: the ioctls and structures `iommufd-ioctls` does not wrap
+//!   (IOAS_IOVA_RANGES, the selftest mock's IOMMU_TEST_CMD), with layout tests.
+//!
+//! This module names the rest of the crate only through `super::`, so that
+//! it can also be compiled by path into a test binary (the host-kernel
+//! harness does, see integration-tests/host-kernel).
+
+mod host;
+pub mod ioctl;
+pub mod uapi;
+
+pub use host::{IommufdBackend, IommufdStats, NestFormat, MSI_WINDOW};
+pub use ioctl::{Iommufd, IommufdOps, IovaRange, DEV_IOMMU};
+pub use iommufd_ioctls::AttachHwpt;
+
+use super::backend::{
+    AttachTarget, Backend, BackendError, DomainId, DomainKind, Invalidation, MapRun, PagingLevels,
+    Perms, S1Config,
+};
+use super::DeviceId;
