@@ -13,6 +13,46 @@
 //!   removal;
 //! - the API reads [`Iommu::stats`].
 //!
+//! # Wiring (VMM side)
+//!
+//! ```
+//! use iommu::abi::{HYPERCALL_INSTRUCTION_LEN, HYPERCALL_PORT};
+//! use iommu::{Access, BackendId, DeviceId, HypercallOutcome, HypercallRegs, Iommu, IommuConfig};
+//! use std::sync::Arc;
+//! use vm_memory::{GuestAddress, GuestMemoryMmap};
+//!
+//! let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+//! let iommu = Arc::new(Iommu::new(IommuConfig::default()).unwrap());
+//!
+//! // Device manager: an emulated PCI device at 0000:00:03.0.
+//! let dma_test = DeviceId::pci(0, 0, 3, 0);
+//! iommu.register_device(dma_test, BackendId::SOFTWARE).unwrap();
+//!
+//! // vCPU thread, on a port-I/O exit for `out HYPERCALL_PORT, al`:
+//! # let (rcx, rdx, r8, mut rip, mut rax) = (0x0001u64, 0u64, 0u64, 0x1000u64, 0u64);
+//! # let mut new_rcx = rcx;
+//! match iommu.dispatch(&mem, /* vp_index */ 0, HypercallRegs { rcx, rdx, r8 }) {
+//!     HypercallOutcome::Complete { rax: value } => rax = value,
+//!     HypercallOutcome::Continue { rcx: value } => {
+//!         new_rcx = value; // write RCX,
+//!         rip -= HYPERCALL_INSTRUCTION_LEN; // and re-execute the `out`
+//!     }
+//! }
+//! # assert_eq!(rax, 2); // INVALID_HYPERCALL_CODE for code 1
+//! # let _ = (new_rcx, rip, HYPERCALL_PORT);
+//!
+//! // Device emulation, before each DMA access (no lock is held afterwards):
+//! match iommu.translate(&mem, dma_test, 0x8000, 512, Access::Read) {
+//!     Ok(segments) => {
+//!         for s in &segments {
+//!             // read s.len bytes of guest memory at s.gpa
+//! #           assert_eq!((s.gpa, s.len), (0x8000, 512));
+//!         }
+//!     }
+//!     Err(fault) => { /* report fault.iova and fault.reason in the device */ }
+//! }
+//! ```
+//!
 //! Locking: one mutex holds the domain layer's state; hypercalls take it for
 //! the duration of the typed handler (after the input has been copied in and
 //! before the output is written back), and call backends under it. The

@@ -1592,3 +1592,21 @@ fn concurrent_hypercalls_and_dma() {
     }
     assert_eq!(g.iommu.domains_info()[2].mapped_pages, 0);
 }
+
+#[test]
+fn attach_replay_failure_is_no_resources_and_leaves_nothing_behind() {
+    let g = Guest::new();
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.map(5, 0, &[0x10, 0x30], R), (ok(), 2));
+    g.rec.fail_next_maps(1);
+    assert_eq!(g.attach(S2, 5, dev(9)), HvStatus::NO_RESOURCES);
+    assert_eq!(g.iommu.device_attachment(dev(9)), Some(Attachment::Default));
+    assert!(
+        g.rec.pages(5).is_none(),
+        "the half-built instance is destroyed"
+    );
+    assert_eq!(g.rec.attachment(dev(9)), Some(AttachTarget::Identity));
+    assert_eq!(g.iommu.domains_info()[2].backends, Vec::<&str>::new());
+    assert_eq!(g.attach(S2, 5, dev(9)), ok());
+    assert_eq!(g.rec.pages(5).expect("replayed").len(), 2);
+}
