@@ -251,8 +251,10 @@ impl Iommu {
 
     /// A snapshot of domains, devices, hypercall and fault counters.
     pub fn stats(&self) -> IommuStats {
-        let faults = self.lock_faults().snapshot();
-        let by_domain = self.lock_faults().by_domain.clone();
+        let (faults, by_domain) = {
+            let log = self.lock_faults();
+            (log.snapshot(), log.by_domain.clone())
+        };
         let state = self.lock_state();
         let fault_count = |id: u32| by_domain.get(&id).copied().unwrap_or(0);
 
