@@ -17,6 +17,9 @@
 //!   when CPUID does not advertise it)
 //! - `tk.iommu_dev=BB:DD.F`: a PCI device the VMM put behind the pvIOMMU,
 //!   for the attach/detach checks
+//!
+//! `tk.tests=hvbench` runs the guest-driven pvIOMMU benchmark (never part
+//! of the default set).
 
 #![no_std]
 #![no_main]
@@ -71,6 +74,9 @@ const TESTS: &[(&str, TestFn)] = &[
     ("pci", |c| suites::pci::run(c).map(|()| None)),
     ("pviommu", suites::pviommu::run),
 ];
+
+/// Tests that run only when named (benchmarks).
+const ON_REQUEST: &[(&str, TestFn)] = &[("hvbench", suites::hvbench::run)];
 
 /// The ACPI tables, found once by the boot CPU (poweroff needs them from
 /// anywhere, including the exception handler).
@@ -178,7 +184,7 @@ fn kmain(boot: BootInfo) -> ! {
         None => planned = TESTS.len() as u32,
     }
     let mut tap = Tap::start(planned);
-    let mut run = |name: &str| match TESTS.iter().find(|(n, _)| *n == name) {
+    let mut run = |name: &str| match TESTS.iter().chain(ON_REQUEST).find(|(n, _)| *n == name) {
         Some((n, f)) => tap.report(n, f(&ctx)),
         None => tap.report(
             name,

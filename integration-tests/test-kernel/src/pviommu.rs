@@ -150,20 +150,22 @@ impl Io {
 
     /// Writes `bytes` at `offset` in the input page (clipped to the page).
     pub fn put(&self, offset: usize, bytes: &[u8]) {
-        let end = (offset + bytes.len()).min(PAGE as usize);
-        for (i, &b) in bytes[..end.saturating_sub(offset)].iter().enumerate() {
-            // SAFETY: inside this CPU's own input page (mapped, unused by
-            // anything else).
-            unsafe { x86::mmio_write(self.input + (offset + i) as u64, b) };
-        }
+        let len = bytes.len().min((PAGE as usize).saturating_sub(offset));
+        // SAFETY: inside this CPU's own input page (mapped, used by nothing
+        // else); one string copy, cheap under instruction emulation.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                (self.input + offset as u64) as *mut u8,
+                len,
+            )
+        };
     }
 
     /// Clears the input page's first `len` bytes.
     pub fn clear(&self, len: usize) {
-        for off in (0..len.min(PAGE as usize)).step_by(8) {
-            // SAFETY: as in `put`.
-            unsafe { x86::mmio_write::<u64>(self.input + off as u64, 0) };
-        }
+        // SAFETY: as in `put`.
+        unsafe { core::ptr::write_bytes(self.input as *mut u8, 0, len.min(PAGE as usize)) };
     }
 
     /// Reads a little-endian u64 from the output page.
@@ -260,9 +262,11 @@ pub fn map_pages(
             target_device_va_base: U64::new(iova + done * PAGE),
         };
         io.put(0, header.as_bytes());
-        for i in 0..n {
-            io.put(40 + 8 * i as usize, &(first_gpn + done + i).to_le_bytes());
+        let mut list = [0u64; MAP_MAX_REPS_PER_PAGE as usize];
+        for (i, slot) in list.iter_mut().enumerate().take(n as usize) {
+            *slot = (first_gpn + done + i as u64).to_le();
         }
+        io.put(40, list[..n as usize].as_bytes());
         let control = Control::new()
             .with_code(HypercallCode::MAP_DEVICE_GPA_PAGES.0)
             .with_rep_count(n as u16);
