@@ -49,8 +49,6 @@ struct LocalApicNmi {
 }
 aml_as_bytes!(LocalApicNmi);
 
-/// Flags: active high, edge triggered.
-const MPS_INTI_EDGE_HIGH: u16 = 0x5;
 /// Flags: active high, level triggered.
 const MPS_INTI_LEVEL_HIGH: u16 = 0xd;
 
@@ -69,15 +67,9 @@ fn madt(cpus: u8) -> MADT {
         u32::try_from(layout::IOAPIC_START).unwrap_or(0),
         0,
     ));
-    // The PIT (ISA IRQ 0) is wired to IOAPIC pin 2 (see kvm::IrqRouting).
-    m.add_structure(InterruptSourceOverride {
-        r#type: 2,
-        length: 10,
-        bus: 0,
-        source: 0,
-        gsi: 2,
-        flags: MPS_INTI_EDGE_HIGH,
-    });
+    // ISA IRQs are GSIs of the same number (KVM's default routing, see
+    // kvm::IrqRouting); IRQ 9, the conventional SCI line, is level
+    // triggered, active high.
     m.add_structure(InterruptSourceOverride {
         r#type: 2,
         length: 10,
@@ -354,7 +346,7 @@ mod tests {
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"PCI0") && has(b"COM1") && has(b"_S5_") && has(b"MBRD"));
 
-        // MADT: 4 LAPICs, 1 IOAPIC, 2 overrides, 1 NMI.
+        // MADT: 4 LAPICs, 1 IOAPIC, 1 override, 1 NMI.
         let madt = table(&m, entries[1]);
         assert_eq!(u32_at(&madt, 36), 0xfee0_0000);
         let mut o = 44;
@@ -371,7 +363,7 @@ mod tests {
             .enumerate()
             .all(|(i, k)| usize::from(k.1) == i && usize::from(k.2) == i));
         assert_eq!(kinds.iter().filter(|k| k.0 == 1).count(), 1);
-        assert_eq!(kinds.iter().filter(|k| k.0 == 2).count(), 2);
+        assert_eq!(kinds.iter().filter(|k| k.0 == 2).count(), 1);
         assert_eq!(kinds.iter().filter(|k| k.0 == 4).count(), 1);
 
         // MCFG: bus 0 at the ECAM window.

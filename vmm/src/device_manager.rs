@@ -85,7 +85,7 @@ impl DeviceManager {
         let pio_bus = Arc::new(Bus::new());
         let mmio_bus = Arc::new(Bus::new());
         let allocator = SystemAllocator::new(mem_size).map_err(Error::Memory)?;
-        let irq_routing = IrqRouting::new(&vm)?;
+        let irq_routing = IrqRouting::new();
         let exit_events = ExitEvents::new().map_err(|e| Error::Io("exit events", e))?;
 
         let serial_irq = evt("the serial interrupt")?;
