@@ -72,7 +72,13 @@ struct SwState {
     domains: HashMap<DomainId, SwDomain>,
 }
 
-/// The software IOMMU model. Send + Sync; one per [`crate::Iommu`].
+/// The software IOMMU model. Send + Sync.
+///
+/// Every [`crate::Iommu`] has one built in, [`crate::BackendId::SOFTWARE`];
+/// register emulated devices with that id: [`crate::Iommu::translate`] serves
+/// the built-in instance only. Another instance added with
+/// [`crate::Iommu::add_backend`] mirrors domains like any backend (useful in
+/// tests of the trait) but its devices' DMA cannot be translated.
 #[derive(Debug)]
 pub struct SoftwareBackend {
     state: Mutex<SwState>,
