@@ -14,7 +14,7 @@ use devices::pci::{PciAddress, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
 use kvm_ioctls::VmFd;
 use resources::layout::{self, pio};
 use resources::{BarKind, SystemAllocator};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SerialConfig;
@@ -37,6 +37,9 @@ pub struct DeviceManager {
     pub exit_events: ExitEvents,
     /// GSI routing (MSI routes for irqfd-driven devices).
     pub irq_routing: IrqRouting,
+    /// KVM memory slot numbers for device memory (VFIO BAR mappings); RAM
+    /// uses the first ones.
+    pub kvm_slots: resources::IdPool,
     /// BAR space allocated per PCI slot, freed on removal.
     pci_bars: HashMap<u8, Vec<(u64, u64, BarKind)>>,
     vm: Arc<VmFd>,
@@ -69,6 +72,9 @@ fn serial_output(cfg: &SerialConfig) -> Result<SerialOutput> {
         ),
     })
 }
+
+/// The last user memory slot number KVM accepts on x86 (32764 slots).
+const KVM_MAX_USER_SLOT: u32 = 32763;
 
 fn evt(what: &'static str) -> Result<EventFd> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(what, e))
@@ -140,7 +146,11 @@ impl DeviceManager {
             .map_err(|e| Error::Device("PCI ECAM", e))?;
 
         let msi = Arc::new(KvmMsiSink::new(vm.clone()));
+        let ram_slots = u32::try_from(memory.num_regions()).unwrap_or(u32::MAX);
+        let kvm_slots = resources::IdPool::new("KVM memory slot", ram_slots, KVM_MAX_USER_SLOT)
+            .map_err(Error::Resource)?;
         Ok(Self {
+            kvm_slots,
             pio_bus,
             mmio_bus,
             pci,
