@@ -60,6 +60,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
     printf '  %s\n' "${missing[@]}" >&2
     exit 1
 fi
+# And what the fragment turns off must not come back through a `select`.
+unwanted=()
+while IFS= read -r opt; do
+    grep -q "^$opt=y" "$src/.config" && unwanted+=("$opt")
+done < <(sed -n 's/^# \(CONFIG_[A-Z0-9_]*\) is not set$/\1/p' "$fragment")
+if [ "${#unwanted[@]}" -gt 0 ]; then
+    log "these options are off in kernel.config but on in the final .config (selected by another):"
+    printf '  %s\n' "${unwanted[@]}" >&2
+    exit 1
+fi
 
 log "building bzImage with make -j$jobs"
 kmake -j"$jobs" bzImage

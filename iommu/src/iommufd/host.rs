@@ -211,6 +211,7 @@ pub struct IommufdBackend {
 fn host_err(e: ioctl::Error) -> BackendError {
     match e.errno() {
         Some(libc::ENOMEM) | Some(libc::ENOSPC) => BackendError::NoResources,
+        Some(libc::EOPNOTSUPP) => BackendError::Unsupported,
         _ => BackendError::Host(io::Error::other(e)),
     }
 }
@@ -259,6 +260,14 @@ impl IommufdBackend {
     /// Counters.
     pub fn stats(&self) -> IommufdStats {
         self.lock().stats
+    }
+
+    /// The nested HWPT that holds S1 domain `domain`'s table now, if any.
+    pub fn s1_hwpt(&self, domain: DomainId) -> Option<u32> {
+        match self.lock().domains.get(&domain) {
+            Some(Domain::S1 { nested, .. }) => *nested,
+            _ => None,
+        }
     }
 
     /// Every IOMMUFD object this backend holds now (IOAS and HWPT ids).
@@ -519,10 +528,21 @@ impl Backend for IommufdBackend {
 
     fn remove_device(&self, device: DeviceId) -> Result<(), BackendError> {
         let mut inner = self.lock();
-        let blocked = inner.blocked;
-        let result = self.attach_pt(&mut inner, device, blocked);
-        inner.devices.remove(&device);
-        result
+        let dev = inner
+            .devices
+            .remove(&device)
+            .ok_or(BackendError::UnknownDevice(device.into_bits()))?;
+        // Detached, VFIO leaves the device's DMA blocked and uses none of
+        // this backend's objects, so they can all be destroyed. Where
+        // detaching is not possible, the blocked IOAS keeps it safe (and
+        // busy until the device is closed).
+        if dev.handle.detach_hwpt().is_ok() {
+            return Ok(());
+        }
+        inner.stats.attaches += 1;
+        dev.handle
+            .attach_hwpt(inner.blocked)
+            .map_err(BackendError::Host)
     }
 
     fn create_domain(&self, domain: DomainId, kind: DomainKind) -> Result<(), BackendError> {
@@ -567,7 +587,18 @@ impl Backend for IommufdBackend {
             .get(&device)
             .map(|d| d.dev_id)
             .ok_or(BackendError::UnknownDevice(device.into_bits()))?;
-        let pt = self.pt_for(&mut inner, dev_id, target)?;
+        let pt = match self.pt_for(&mut inner, dev_id, target) {
+            Ok(pt) => pt,
+            Err(e) => {
+                // Fail closed: the device must not keep its old translation.
+                let blocked = inner.blocked;
+                let _ = self.attach_pt(&mut inner, device, blocked);
+                if let Some(d) = inner.devices.get_mut(&device) {
+                    d.target = Some(AttachTarget::Blocked);
+                }
+                return Err(e);
+            }
+        };
         self.attach_pt(&mut inner, device, pt)?;
         if let Some(d) = inner.devices.get_mut(&device) {
             d.target = Some(target);
@@ -763,6 +794,8 @@ mod tests {
         next: AtomicU32,
         /// `Some(n)`: the next invalidation handles `n` entries, then fails.
         invalidate_stops_at: Mutex<Option<u32>>,
+        /// HWPT allocation fails (a host IOMMU without nesting).
+        no_nesting: Mutex<bool>,
         ranges: Mutex<Vec<IovaRange>>,
     }
 
@@ -830,6 +863,12 @@ mod tests {
             flags: u32,
             data: HwptData,
         ) -> ioctl::Result<u32> {
+            if *self.no_nesting.lock().expect("lock") {
+                return Err(ioctl::Error::Ioctl {
+                    op: "IOMMU_HWPT_ALLOC",
+                    source: errno::Error::new(libc::EOPNOTSUPP),
+                });
+            }
             let out = self.id();
             self.push(Call::HwptAlloc {
                 dev_id,
@@ -867,12 +906,16 @@ mod tests {
         }
     }
 
-    /// A device that records the page tables it is attached to.
+    /// A device that records the page tables it is attached to
+    /// ([`DETACHED`] for a detach).
     #[derive(Default)]
     struct FakeDevice {
         pts: Mutex<Vec<u32>>,
         refuse: Mutex<Option<u32>>,
+        no_detach: Mutex<bool>,
     }
+
+    const DETACHED: u32 = u32::MAX;
 
     impl AttachHwpt for FakeDevice {
         fn attach_hwpt(&self, pt_id: u32) -> io::Result<()> {
@@ -883,6 +926,10 @@ mod tests {
             Ok(())
         }
         fn detach_hwpt(&self) -> io::Result<()> {
+            if *self.no_detach.lock().expect("lock") {
+                return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+            }
+            self.pts.lock().expect("lock").push(DETACHED);
             Ok(())
         }
     }
@@ -1121,6 +1168,7 @@ mod tests {
         );
         assert_eq!(*dev.pts.lock().expect("lock"), [1, 2, 4, 5]);
         assert_eq!(b.object_ids(), [1, 2, 3, 5]);
+        assert_eq!(b.s1_hwpt(6), Some(5));
 
         b.invalidate(
             6,
@@ -1253,6 +1301,44 @@ mod tests {
     }
 
     #[test]
+    fn a_device_that_cannot_detach_is_left_blocked() {
+        let (b, _ops, dev, _ram) = setup(NestFormat::Selftest);
+        *dev.no_detach.lock().expect("lock") = true;
+        b.remove_device(DEV).expect("remove");
+        assert_eq!(*dev.pts.lock().expect("lock"), [1, 2]);
+    }
+
+    #[test]
+    fn s1_without_host_nesting_fails_closed() {
+        let (b, ops, dev, _ram) = setup(NestFormat::VtdS1);
+        *ops.no_nesting.lock().expect("lock") = true;
+        b.create_domain(6, DomainKind::S1).expect("create");
+        let cfg = S1Config {
+            root: 0x5000,
+            levels: PagingLevels::Four,
+            translation_enabled: true,
+            blocked: false,
+        };
+        b.set_s1(6, cfg)
+            .expect("no device yet: nothing to allocate");
+        assert!(matches!(
+            b.attach(DEV, AttachTarget::Domain(6)),
+            Err(BackendError::Unsupported) | Err(BackendError::Host(_))
+        ));
+        assert_eq!(
+            *dev.pts.lock().expect("lock"),
+            [1, 2],
+            "left blocked, not on IOVA = GPA"
+        );
+        // Attached to the S1 domain through a table change: blocked as well.
+        b.attach(DEV, AttachTarget::Identity).expect("identity");
+        b.set_s1(6, S1Config::UNCONFIGURED).expect("unconfigure");
+        b.attach(DEV, AttachTarget::Domain(6)).expect("blocked S1");
+        assert!(b.set_s1(6, cfg).is_err());
+        assert_eq!(dev.pts.lock().expect("lock").last(), Some(&2));
+    }
+
+    #[test]
     fn reserved_ranges_that_cover_ram_make_the_attach_fail_closed() {
         let (b, ops, dev, _ram) = setup(NestFormat::VtdS1);
         *ops.ranges.lock().expect("lock") = vec![IovaRange {
@@ -1278,11 +1364,11 @@ mod tests {
         b.set_s1(6, cfg).expect("set_s1");
         b.attach(DEV, AttachTarget::Domain(6)).expect("attach");
         b.remove_device(DEV).expect("remove");
-        assert_eq!(
-            dev.pts.lock().expect("lock").last(),
-            Some(&2),
-            "left blocked"
-        );
+        assert_eq!(dev.pts.lock().expect("lock").last(), Some(&DETACHED));
+        assert!(matches!(
+            b.remove_device(DEV),
+            Err(BackendError::UnknownDevice(_))
+        ));
         let ids = b.object_ids();
         assert_eq!(ids, [1, 2, 3, 4, 5]);
         ops.take();

@@ -14,11 +14,12 @@
 
 use std::time::{Duration, Instant};
 
-use crate::iommufd::Iommufd;
+use crate::iommufd::{Iommufd, IommufdOps};
 use crate::pci;
 use crate::ram::GuestRam;
 use crate::suite::Failure;
 use crate::vfio::BoundDevice;
+use iommu::backend::Perms;
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -66,7 +67,15 @@ fn direct_attach(
         // SAFETY: the mapping belongs to `ram`, which outlives the IOAS (the
         // caller destroys it before dropping `ram`) and is only accessed
         // through raw-pointer copies.
-        unsafe { fd.ioas_map(ioas, gpa, ram.host_addr(offset, len)?, len, true)? };
+        unsafe {
+            fd.ioas_map(
+                ioas,
+                gpa,
+                ram.host_addr(offset, len)?,
+                len as u64,
+                Perms::RW,
+            )?
+        };
         ioctls += 1;
     }
     Ok((
@@ -154,7 +163,7 @@ pub fn run() -> Result<(), Failure> {
                 base + i * PAGE,
                 ram.host_addr(i * PAGE, 4096)?,
                 4096,
-                true,
+                Perms::RW,
             )?
         };
     }
@@ -173,7 +182,7 @@ pub fn run() -> Result<(), Failure> {
     );
     let start = Instant::now();
     // SAFETY: as above.
-    unsafe { fd.ioas_map(s2, base, ram.host_addr(0, len)?, len, true)? };
+    unsafe { fd.ioas_map(s2, base, ram.host_addr(0, len)?, len as u64, Perms::RW)? };
     let map_run = start.elapsed();
     let start = Instant::now();
     fd.ioas_unmap(s2, base, PAGES * PAGE)?;

@@ -159,18 +159,20 @@ pub struct Edu<'a, D: RegionAccess + ?Sized> {
 }
 
 impl<'a, D: RegionAccess + ?Sized> Edu<'a, D> {
-    /// Checks the identification register and enables memory decoding and bus
-    /// mastering (DMA) in the command register.
+    /// Enables memory decoding and bus mastering (DMA) in the command
+    /// register and checks the identification register.
     pub fn new(dev: &'a D) -> Result<Self> {
         let edu = Self { dev };
-        let id = edu.read32(REG_ID)?;
-        if id != EDU_ID {
-            return Err(Error::BadId(id));
-        }
+        // Decoding first: behind an emulated command register BAR0 answers
+        // nothing until memory decoding is on.
         let mut cmd = [0u8; 2];
         dev.read_region(CONFIG_REGION, PCI_COMMAND, &mut cmd)?;
         let cmd = u16::from_le_bytes(cmd) | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
         dev.write_region(CONFIG_REGION, PCI_COMMAND, &cmd.to_le_bytes())?;
+        let id = edu.read32(REG_ID)?;
+        if id != EDU_ID {
+            return Err(Error::BadId(id));
+        }
         Ok(edu)
     }
 

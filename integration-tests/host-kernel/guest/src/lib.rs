@@ -5,12 +5,15 @@
 //! serial console to the cargo test in tests/harness.rs.
 
 pub mod bench;
+pub mod devices_shim;
 pub mod edu;
-pub mod iommufd;
 pub mod kmsg;
 pub mod pci;
 pub mod ram;
+pub mod shim;
+
+/// The IOMMUFD calls (and their extra uapi) of the `iommu` crate's backend.
+pub use shim::iommufd::{ioctl as iommufd, uapi};
 pub mod suite;
 pub mod tap;
-pub mod uapi;
 pub mod vfio;

@@ -8,21 +8,26 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use iommufd_bindings::iommufd::{
-    iommu_hwpt_data_type_IOMMU_HWPT_DATA_NONE as HWPT_DATA_NONE,
-    iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT as HWPT_ALLOC_NEST_PARENT,
-};
+use std::sync::Arc;
 
-use crate::edu::{Direction, Edu};
-use crate::iommufd::{self, Iommufd};
+use iommu::backend::{
+    AttachTarget, Backend, DomainKind, Invalidation, MapRun, PagingLevels, Perms, S1Config,
+};
+use iommu::DeviceId;
+use iommufd_bindings::iommufd::iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT as HWPT_ALLOC_NEST_PARENT;
+
+use crate::devices_shim::vfio::{MsiRoutes, VfioPciDevice};
+use crate::edu::{self, Direction, Edu, RegionAccess};
+use crate::iommufd::{self, HwptData, InvalidateEntries, Iommufd, IommufdOps};
 use crate::kmsg::Kmsg;
 use crate::pci;
 use crate::ram::GuestRam;
+use crate::shim::iommufd::{AttachHwpt, IommufdBackend, NestFormat};
 use crate::tap::{diag, TapWriter};
 use crate::uapi::{
     CheckIotlb, HwptInvalidateSelftest, HwptSelftest, IommuTestCmd, MockDomain, MockDomainReplace,
-    IOMMU_HWPT_DATA_SELFTEST, IOMMU_HWPT_INVALIDATE_DATA_SELFTEST, IOMMU_TEST_INVALIDATE_FLAG_ALL,
-    IOMMU_TEST_IOTLB_DEFAULT, MOCK_NESTED_DOMAIN_IOTLB_ID_MAX, MOCK_NESTED_DOMAIN_IOTLB_NUM,
+    IOMMU_TEST_INVALIDATE_FLAG_ALL, IOMMU_TEST_IOTLB_DEFAULT, MOCK_NESTED_DOMAIN_IOTLB_ID_MAX,
+    MOCK_NESTED_DOMAIN_IOTLB_NUM,
 };
 use crate::vfio::{self, BoundDevice};
 
@@ -125,16 +130,38 @@ pub const VFIO_TESTS: Suite = &[
     ("bad input: not a VFIO device", bad_not_vfio_device),
     ("bad input: device already bound", bad_already_bound),
     ("bad input: no /dev/iommu", bad_no_dev_iommu),
+    (
+        "iommu::IommufdBackend: direct attach, S2 domain, region removal, device removal (edu DMA)",
+        backend_direct_s2_dma,
+    ),
+    (
+        "iommu::IommufdBackend: S1 on VT-d without nesting fails closed",
+        backend_s1_without_nesting_fails_closed,
+    ),
+    (
+        "devices::VfioPciDevice: emulated config, trapped BAR0, MSI routed, DMA via the backend",
+        devices_vfio_passthrough,
+    ),
+    (
+        "devices::VfioPciDevice: legacy VFIO container/group path with DMA",
+        devices_vfio_legacy_container,
+    ),
 ];
 
 /// The IOMMUFD selftest-mock suite. Linux 6.12 probes a device without
 /// firmware node with the first IOMMU driver registered, so the mock device
 /// only gets its mock IOMMU when VT-d is off: this suite runs in a boot of
 /// its own, without intel-iommu.
-pub const SELFTEST_TESTS: Suite = &[(
-    "selftest mock: nested HWPT over NEST_PARENT, invalidation",
-    selftest_nested_invalidate,
-)];
+pub const SELFTEST_TESTS: Suite = &[
+    (
+        "selftest mock: nested HWPT over NEST_PARENT, invalidation",
+        selftest_nested_invalidate,
+    ),
+    (
+        "iommu::IommufdBackend: S1 nested HWPT and invalidations on the selftest mock",
+        backend_s1_selftest,
+    ),
+];
 
 /// Runs `tests`, printing TAP; returns the number of failures.
 pub fn run(tests: Suite) -> usize {
@@ -179,8 +206,8 @@ const CHUNK: usize = 2048;
 /// Writes `data` (at most `CHUNK` bytes) into RAM at `src_off`, moves it
 /// RAM -> edu buffer -> RAM through the IOVAs, and checks it arrived at
 /// `dst_off`.
-fn round_trip(
-    edu: &Edu<'_, vfio_ioctls::VfioDevice>,
+fn round_trip<D: RegionAccess + ?Sized>(
+    edu: &Edu<'_, D>,
     ram: &GuestRam,
     (src_iova, src_off): (u64, u64),
     (dst_iova, dst_off): (u64, u64),
@@ -211,7 +238,7 @@ fn direct_attach_dma(env: &Env) -> TestResult {
     let dev = BoundDevice::open(&env.edu, &fd, false)?;
     let ioas = dev.ioas_id();
 
-    let (ranges, align) = fd.iova_ranges(ioas)?;
+    let ranges = fd.iova_ranges(ioas)?;
     ensure!(
         ranges.iter().any(|r| r.contains(0, RAM_SIZE as u64)),
         "IOVA ranges before attach {ranges:x?} do not allow the RAM"
@@ -219,14 +246,20 @@ fn direct_attach_dma(env: &Env) -> TestResult {
     // SAFETY: the mapping lives in `ram`, which outlives the IOAS mapping
     // (`dev`, and with it the IOAS, is dropped first); RAM is only accessed
     // through GuestRam's raw-pointer copies.
-    unsafe { fd.ioas_map(ioas, 0, ram.host_addr(0, RAM_SIZE)?, RAM_SIZE, true)? };
+    unsafe {
+        fd.ioas_map(
+            ioas,
+            0,
+            ram.host_addr(0, RAM_SIZE)?,
+            RAM_SIZE as u64,
+            Perms::RW,
+        )?
+    };
     dev.device.attach_hwpt(ioas)?;
 
     // Attaching adds the device's reserved regions (the MSI window on VT-d).
-    let (ranges, _) = fd.iova_ranges(ioas)?;
-    diag(format!(
-        "IOVA ranges after attach: {ranges:x?}, alignment {align:#x}"
-    ));
+    let ranges = fd.iova_ranges(ioas)?;
+    diag(format!("IOVA ranges after attach: {ranges:x?}"));
     ensure!(
         !ranges.iter().any(|r| r.contains(0xfee0_0000, 1)),
         "the MSI window 0xfee00000 is still allowed after attach: {ranges:x?}"
@@ -236,7 +269,7 @@ fn direct_attach_dma(env: &Env) -> TestResult {
         "IOVA ranges after attach {ranges:x?} no longer allow the RAM"
     );
 
-    let edu = Edu::new(&dev.device)?;
+    let edu = Edu::new(&*dev.device)?;
     ensure!(
         edu.liveness(0x1234_5678)? == !0x1234_5678,
         "liveness register does not invert"
@@ -277,10 +310,10 @@ fn s2_map_dma_unmap_fault(env: &Env) -> TestResult {
     let dev = BoundDevice::open(&env.edu, &fd, true)?;
     let s2 = fd.ioas_alloc()?;
     // SAFETY: as in direct_attach_dma; `ram` outlives `fd` and `dev`.
-    unsafe { fd.ioas_map(s2, IOVA, ram.host_addr(PAGE, 4096)?, 4096, true)? };
+    unsafe { fd.ioas_map(s2, IOVA, ram.host_addr(PAGE, 4096)?, 4096, Perms::RW)? };
     // Replace the direct-attach IOAS by the S2 domain.
     dev.device.attach_hwpt(s2)?;
-    let edu = Edu::new(&dev.device)?;
+    let edu = Edu::new(&*dev.device)?;
 
     // Mapped: both halves of the page are reachable through the IOVA.
     let half = CHUNK as u64;
@@ -319,7 +352,15 @@ fn s2_map_dma_unmap_fault(env: &Env) -> TestResult {
     edu.dma(Direction::RamToDevice, IOVA, 0, CHUNK)?;
     // Look at the buffer through another page, mapped now.
     // SAFETY: as above.
-    unsafe { fd.ioas_map(s2, IOVA + 0x1000, ram.host_addr(OTHER, 4096)?, 4096, true)? };
+    unsafe {
+        fd.ioas_map(
+            s2,
+            IOVA + 0x1000,
+            ram.host_addr(OTHER, 4096)?,
+            4096,
+            Perms::RW,
+        )?
+    };
     edu.dma(Direction::DeviceToRam, IOVA + 0x1000, 0, CHUNK)?;
     ram.read(OTHER, &mut now)?;
     ensure!(
@@ -338,7 +379,15 @@ fn ioas_unmap_cannot_split(env: &Env) -> TestResult {
     let fd = Iommufd::open_path(&env.dev_iommu)?;
     let ioas = fd.ioas_alloc()?;
     // SAFETY: as in direct_attach_dma; the IOAS dies with `fd`, before `ram`.
-    unsafe { fd.ioas_map(ioas, 0x10_0000, ram.host_addr(0, 0x4000)?, 0x4000, true)? };
+    unsafe {
+        fd.ioas_map(
+            ioas,
+            0x10_0000,
+            ram.host_addr(0, 0x4000)?,
+            0x4000,
+            Perms::RW,
+        )?
+    };
     let err = fd
         .ioas_unmap(ioas, 0x10_1000, 0x1000)
         .err()
@@ -376,10 +425,26 @@ fn teardown_destroys_every_object(env: &Env) -> TestResult {
     let dev = BoundDevice::open(&env.edu, &fd, true)?;
     let (direct, dev_id) = (dev.ioas_id(), dev.dev_id);
     // SAFETY: as in direct_attach_dma.
-    unsafe { fd.ioas_map(direct, 0, ram.host_addr(0, RAM_SIZE)?, RAM_SIZE, true)? };
+    unsafe {
+        fd.ioas_map(
+            direct,
+            0,
+            ram.host_addr(0, RAM_SIZE)?,
+            RAM_SIZE as u64,
+            Perms::RW,
+        )?
+    };
     let s2 = fd.ioas_alloc()?;
     // SAFETY: as above.
-    unsafe { fd.ioas_map(s2, 0x1000, ram.host_addr(0x1000, 0x1000)?, 0x1000, true)? };
+    unsafe {
+        fd.ioas_map(
+            s2,
+            0x1000,
+            ram.host_addr(0x1000, 0x1000)?,
+            0x1000,
+            Perms::RW,
+        )?
+    };
     dev.device.attach_hwpt(s2)?;
 
     // While in use, objects cannot go: the check below is meaningful.
@@ -450,11 +515,11 @@ fn selftest_nested_invalidate(env: &Env) -> TestResult {
     } = mock.payload;
 
     let parent = fd
-        .hwpt_alloc::<()>(idev, ioas, HWPT_ALLOC_NEST_PARENT, HWPT_DATA_NONE, None)
+        .hwpt_alloc(idev, ioas, HWPT_ALLOC_NEST_PARENT, HwptData::None)
         .map_err(ctx("HWPT_ALLOC of the NEST_PARENT"))?;
     let data = HwptSelftest { iotlb: D };
     let nested = fd
-        .hwpt_alloc(idev, parent, 0, IOMMU_HWPT_DATA_SELFTEST, Some(&data))
+        .hwpt_alloc(idev, parent, 0, HwptData::Selftest(data))
         .map_err(ctx("HWPT_ALLOC of the nested HWPT"))?;
     let mut replace = IommuTestCmd::new(
         stdev,
@@ -468,36 +533,35 @@ fn selftest_nested_invalidate(env: &Env) -> TestResult {
     check_iotlb(&fd, nested, [D; 4])?;
 
     let entry = |iotlb_id| HwptInvalidateSelftest { flags: 0, iotlb_id };
-    let done = fd.hwpt_invalidate(
-        nested,
-        IOMMU_HWPT_INVALIDATE_DATA_SELFTEST,
-        &[entry(1), entry(3)],
-    )?;
+    let done = fd.hwpt_invalidate(nested, InvalidateEntries::Selftest(&[entry(1), entry(3)]))?;
     ensure!(done == 2, "invalidation handled {done} of 2 entries");
     check_iotlb(&fd, nested, [D, 0, D, 0])?;
 
     // A bad second entry: the first is done, entry_num says where it stopped.
     let bad = [entry(2), entry(MOCK_NESTED_DOMAIN_IOTLB_ID_MAX + 1)];
-    match fd.hwpt_invalidate(nested, IOMMU_HWPT_INVALIDATE_DATA_SELFTEST, &bad) {
+    match fd.hwpt_invalidate(nested, InvalidateEntries::Selftest(&bad)) {
         Err(iommufd::Error::Invalidate {
             index: 1,
             count: 2,
             source,
-            ..
         }) if source.errno() == libc::EINVAL => {}
         other => return Err(Failure(format!("bad entry 1 gave {other:?}"))),
     }
     check_iotlb(&fd, nested, [D, 0, 0, 0])?;
-    match fd.hwpt_invalidate(nested, 0x0dad_beef, &[entry(0)]) {
-        Err(e) if e.errno() == Some(libc::EINVAL) => {}
-        other => return Err(Failure(format!("an unknown data type gave {other:?}"))),
+    let bad_flags = HwptInvalidateSelftest {
+        flags: 2,
+        iotlb_id: 0,
+    };
+    match fd.hwpt_invalidate(nested, InvalidateEntries::Selftest(&[bad_flags])) {
+        Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => {}
+        other => return Err(Failure(format!("an unknown flag gave {other:?}"))),
     }
     check_iotlb(&fd, nested, [D, 0, 0, 0])?;
     let all = HwptInvalidateSelftest {
         flags: IOMMU_TEST_INVALIDATE_FLAG_ALL,
         iotlb_id: 0,
     };
-    let done = fd.hwpt_invalidate(nested, IOMMU_HWPT_INVALIDATE_DATA_SELFTEST, &[all])?;
+    let done = fd.hwpt_invalidate(nested, InvalidateEntries::Selftest(&[all]))?;
     ensure!(done == 1, "full flush handled {done} entries");
     check_iotlb(&fd, nested, [0; 4])?;
     diag("mock IOTLB: exact entries, partial failure with entry_num, full flush: as expected");
@@ -571,6 +635,514 @@ fn bad_no_dev_iommu(env: &Env) -> TestResult {
         Err(e) => Err(Failure(format!("wrong error: {}", chain(&e)))),
         Ok(_) => Err(Failure("opened a missing /dev/iommu".into())),
     }
+}
+
+/// The PCI identity the backend tests give the edu device (any will do).
+const EDU_ID: DeviceId = DeviceId::pci(0, 0, 3, 0);
+
+/// Fills RAM at `ram_off` with a5s, has the device write its buffer to
+/// `iova`, and checks the a5s are still there (the write was blocked).
+fn dma_blocked<D: RegionAccess + ?Sized>(
+    edu: &Edu<'_, D>,
+    ram: &GuestRam,
+    iova: u64,
+    ram_off: u64,
+) -> TestResult {
+    let q = vec![0xa5u8; CHUNK];
+    ram.write(ram_off, &q)?;
+    edu.dma(Direction::DeviceToRam, iova, 0, CHUNK)?;
+    let mut now = vec![0u8; CHUNK];
+    ram.read(ram_off, &mut now)?;
+    ensure!(now == q, "a DMA write through {iova:#x} reached RAM");
+    Ok(())
+}
+
+fn backend_direct_s2_dma(env: &Env) -> TestResult {
+    const S2: u32 = 5;
+    let ram = GuestRam::new(c"guest-ram", RAM_SIZE)?;
+    let fd = Iommufd::open_path(&env.dev_iommu)?;
+    let backend = IommufdBackend::new(Arc::new(fd.clone()), NestFormat::VtdS1)?;
+    // SAFETY: `ram` outlives the backend (dropped at the end of this
+    // function, before `ram`) and is only accessed by raw-pointer copies.
+    unsafe { backend.add_ram_region(0, RAM_SIZE as u64, ram.host_addr(0, RAM_SIZE)?)? };
+    let dev = BoundDevice::open(&env.edu, &fd, false)?;
+    backend.add_host_device(
+        EDU_ID,
+        dev.dev_id,
+        Arc::clone(&dev.device) as Arc<dyn AttachHwpt>,
+    )?;
+    backend.add_device(EDU_ID).map_err(ctx("add_device"))?;
+    let edu = Edu::new(&*dev.device)?;
+
+    // Default domain: IOVA = GPA.
+    round_trip(
+        &edu,
+        &ram,
+        (0x2000, 0x2000),
+        (0x30_0000, 0x30_0000),
+        &pattern(5, CHUNK),
+    )?;
+    // S2 domain: one run, IOVA 8 MiB -> GPA 0x6000.
+    backend.create_domain(S2, DomainKind::S2)?;
+    let run = MapRun {
+        iova: 0x80_0000,
+        gpa: 0x6000,
+        len: 0x1000,
+        perms: Perms::RW,
+    };
+    backend.map(S2, run)?;
+    backend.attach(EDU_ID, AttachTarget::Domain(S2))?;
+    round_trip(
+        &edu,
+        &ram,
+        (0x80_0000, 0x6000),
+        (0x80_0800, 0x6800),
+        &pattern(6, CHUNK),
+    )?;
+    dma_blocked(&edu, &ram, 0x2000, 0x2000)
+        .map_err(|e| Failure(format!("S2 domain: IOVA = GPA still works: {e}")))?;
+    backend.unmap(S2, run)?;
+    dma_blocked(&edu, &ram, 0x80_0000, 0x6000)?;
+    diag("backend S2: mapped run reached GPA 0x6000; identity and unmapped IOVAs blocked");
+
+    // Back to the default domain, then the RAM region goes away.
+    backend.attach(EDU_ID, AttachTarget::Identity)?;
+    backend.destroy_domain(S2)?;
+    round_trip(
+        &edu,
+        &ram,
+        (0x1000, 0x1000),
+        (0x3000, 0x3000),
+        &pattern(7, CHUNK),
+    )?;
+    backend.remove_ram_region(0)?;
+    dma_blocked(&edu, &ram, 0x3000, 0x3000).map_err(|e| Failure(format!("removed region: {e}")))?;
+    // SAFETY: as above.
+    unsafe { backend.add_ram_region(0, RAM_SIZE as u64, ram.host_addr(0, RAM_SIZE)?)? };
+    round_trip(
+        &edu,
+        &ram,
+        (0x1000, 0x1000),
+        (0x3000, 0x3000),
+        &pattern(8, CHUNK),
+    )?;
+    diag("backend regions: removal unmaps guest RAM, re-adding maps it again");
+
+    // Null domain, then removal: blocked.
+    backend.attach(EDU_ID, AttachTarget::Blocked)?;
+    dma_blocked(&edu, &ram, 0x3000, 0x3000).map_err(|e| Failure(format!("null domain: {e}")))?;
+    backend.attach(EDU_ID, AttachTarget::Identity)?;
+    backend.remove_device(EDU_ID)?;
+    dma_blocked(&edu, &ram, 0x3000, 0x3000).map_err(|e| Failure(format!("removed device: {e}")))?;
+
+    let stats = backend.stats();
+    diag(format!("backend stats: {stats:?}"));
+    let ids = backend.object_ids();
+    drop(backend);
+    drop(dev);
+    let named: Vec<(&str, u32)> = ids.iter().map(|&id| ("backend object", id)).collect();
+    all_destroyed(&fd, &named)?;
+    diag(format!("backend drop destroyed {ids:?}"));
+    Ok(())
+}
+
+fn backend_s1_without_nesting_fails_closed(env: &Env) -> TestResult {
+    const S1: u32 = 6;
+    let ram = GuestRam::new(c"guest-ram", RAM_SIZE)?;
+    let fd = Iommufd::open_path(&env.dev_iommu)?;
+    let backend = IommufdBackend::new(Arc::new(fd.clone()), NestFormat::VtdS1)?;
+    // SAFETY: as in backend_direct_s2_dma.
+    unsafe { backend.add_ram_region(0, RAM_SIZE as u64, ram.host_addr(0, RAM_SIZE)?)? };
+    let dev = BoundDevice::open(&env.edu, &fd, false)?;
+    backend.add_host_device(
+        EDU_ID,
+        dev.dev_id,
+        Arc::clone(&dev.device) as Arc<dyn AttachHwpt>,
+    )?;
+    backend.add_device(EDU_ID)?;
+    let edu = Edu::new(&*dev.device)?;
+    round_trip(
+        &edu,
+        &ram,
+        (0x2000, 0x2000),
+        (0x4000, 0x4000),
+        &pattern(9, CHUNK),
+    )?;
+
+    backend.create_domain(S1, DomainKind::S1)?;
+    let cfg = S1Config {
+        root: 0x10_0000,
+        levels: PagingLevels::Four,
+        translation_enabled: true,
+        blocked: false,
+    };
+    backend.set_s1(S1, cfg)?;
+    // QEMU 7.2's VT-d has no nesting: the host refuses the HWPTs.
+    match backend.attach(EDU_ID, AttachTarget::Domain(S1)) {
+        Err(e) => diag(format!("S1 attach refused: {}", chain(&e))),
+        Ok(()) => return Err(Failure("S1 attach worked on a VT-d without nesting".into())),
+    }
+    dma_blocked(&edu, &ram, 0x4000, 0x4000)
+        .map_err(|e| Failure(format!("after the refused S1 attach: {e}")))?;
+    Ok(())
+}
+
+/// The selftest mock device as a backend device: attaching is
+/// IOMMU_TEST_OP_MOCK_DOMAIN_REPLACE.
+struct MockDevice {
+    fd: Iommufd,
+    stdev: u32,
+}
+
+impl AttachHwpt for MockDevice {
+    fn attach_hwpt(&self, pt_id: u32) -> std::io::Result<()> {
+        let mut cmd = IommuTestCmd::new(
+            self.stdev,
+            MockDomainReplace {
+                pt_id,
+                ..Default::default()
+            },
+        );
+        self.fd.test_cmd(&mut cmd).map_err(std::io::Error::other)
+    }
+
+    fn detach_hwpt(&self) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP))
+    }
+}
+
+fn backend_s1_selftest(env: &Env) -> TestResult {
+    const D: u32 = IOMMU_TEST_IOTLB_DEFAULT;
+    const S1: u32 = 6;
+    // The mock domain's aperture starts at 16 MiB.
+    const GPA: u64 = 0x100_0000;
+    let ram = GuestRam::new(c"guest-ram", RAM_SIZE)?;
+    let fd = Iommufd::open_path(&env.dev_iommu)?;
+    let backend = IommufdBackend::new(Arc::new(fd.clone()), NestFormat::Selftest)?;
+    // SAFETY: as in backend_direct_s2_dma.
+    unsafe { backend.add_ram_region(GPA, RAM_SIZE as u64, ram.host_addr(0, RAM_SIZE)?)? };
+    let mut mock = IommuTestCmd::new(backend.direct_ioas(), MockDomain::default());
+    fd.test_cmd(&mut mock).map_err(ctx("MOCK_DOMAIN"))?;
+    let (stdev, idev) = (mock.payload.out_stdev_id, mock.payload.out_idev_id);
+    let device = Arc::new(MockDevice {
+        fd: fd.clone(),
+        stdev,
+    });
+    backend.add_host_device(EDU_ID, idev, device)?;
+    backend.add_device(EDU_ID).map_err(ctx("add_device"))?;
+
+    backend.create_domain(S1, DomainKind::S1)?;
+    backend.set_s1(
+        S1,
+        S1Config {
+            root: GPA,
+            levels: PagingLevels::Four,
+            translation_enabled: true,
+            blocked: false,
+        },
+    )?;
+    backend
+        .attach(EDU_ID, AttachTarget::Domain(S1))
+        .map_err(ctx("attach to S1"))?;
+    let nested = backend
+        .s1_hwpt(S1)
+        .ok_or_else(|| Failure("no nested HWPT after the S1 attach".into()))?;
+    let objects = backend.object_ids();
+    ensure!(
+        objects.len() == 4 && objects.contains(&nested),
+        "expected direct, blocked, parent and nested HWPT: {objects:?}"
+    );
+    check_iotlb(&fd, nested, [D; 4])?;
+    // Pages 5 and 6 index mock IOTLB entries 1 and 2.
+    backend.invalidate(
+        S1,
+        Invalidation::Range {
+            iova: 0x5000,
+            len: 0x2000,
+        },
+    )?;
+    check_iotlb(&fd, nested, [D, 0, 0, D])?;
+    backend.invalidate(S1, Invalidation::All)?;
+    check_iotlb(&fd, nested, [0; 4])?;
+    let stats = backend.stats();
+    ensure!(
+        stats.invalidations == 2 && stats.full_flush_fallbacks == 0,
+        "stats {stats:?}"
+    );
+    diag(format!(
+        "backend S1 on the mock: nested HWPT {nested}, exact and full invalidations"
+    ));
+
+    // A new table: a new nested HWPT; the old one is gone.
+    backend.set_s1(
+        S1,
+        S1Config {
+            root: GPA + 0x1000,
+            levels: PagingLevels::Four,
+            translation_enabled: true,
+            blocked: false,
+        },
+    )?;
+    let renewed = backend
+        .s1_hwpt(S1)
+        .ok_or_else(|| Failure("no nested HWPT after set_s1".into()))?;
+    ensure!(renewed != nested, "set_s1 kept nested HWPT {nested}");
+    // Ids are reused lowest first; `nested` is not `renewed`, nor anything
+    // allocated since, so ENOENT means it is gone.
+    all_destroyed(&fd, &[("old nested HWPT", nested)])?;
+    check_iotlb(&fd, renewed, [D; 4])?;
+    ensure!(
+        backend.object_ids().len() == 4,
+        "objects after set_s1: {:?}",
+        backend.object_ids()
+    );
+
+    backend.attach(EDU_ID, AttachTarget::Identity)?;
+    backend.destroy_domain(S1)?;
+    // The mock cannot detach: removal leaves it on the blocked IOAS, so it
+    // goes before the backend (a VFIO device detaches, see the VFIO suite).
+    backend.remove_device(EDU_ID)?;
+    fd.destroy(stdev).map_err(ctx("destroy the mock device"))?;
+    let ids = backend.object_ids();
+    drop(backend);
+    let mut named: Vec<(&str, u32)> = ids.iter().map(|&id| ("backend object", id)).collect();
+    named.push(("mock device", stdev));
+    all_destroyed(&fd, &named)
+}
+
+/// What the edu driver sees when it runs in the VMM's guest: BAR0 through
+/// the passthrough device's trapped MMIO at `base`, configuration space
+/// through its emulated one.
+struct GuestView<'a> {
+    dev: std::sync::Mutex<&'a mut VfioPciDevice>,
+    base: u64,
+}
+
+impl RegionAccess for GuestView<'_> {
+    fn read_region(&self, region: u32, offset: u64, buf: &mut [u8]) -> edu::Result<()> {
+        let mut dev = self
+            .dev
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (region, u16::try_from(offset)) {
+            (edu::BAR0_REGION, _) => devices::BusDevice::read(&mut **dev, self.base, offset, buf),
+            (edu::CONFIG_REGION, Ok(off)) => {
+                devices::pci::PciDevice::read_config(&mut **dev, off, buf)
+            }
+            _ => {
+                return Err(edu::Error::RegionRange {
+                    region,
+                    offset,
+                    len: buf.len(),
+                })
+            }
+        }
+        Ok(())
+    }
+
+    fn write_region(&self, region: u32, offset: u64, data: &[u8]) -> edu::Result<()> {
+        let mut dev = self
+            .dev
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (region, u16::try_from(offset)) {
+            (edu::BAR0_REGION, _) => devices::BusDevice::write(&mut **dev, self.base, offset, data),
+            (edu::CONFIG_REGION, Ok(off)) => {
+                devices::pci::PciDevice::write_config(&mut **dev, off, data)
+            }
+            _ => {
+                return Err(edu::Error::RegionRange {
+                    region,
+                    offset,
+                    len: data.len(),
+                })
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Records MSI routes and keeps a copy of each vector's eventfd.
+#[derive(Default)]
+struct TestRoutes {
+    routes: std::sync::Mutex<Vec<(u32, u64, u32, vmm_sys_util::eventfd::EventFd)>>,
+}
+
+impl MsiRoutes for TestRoutes {
+    fn route(
+        &self,
+        vector: u32,
+        address: u64,
+        data: u32,
+        eventfd: &vmm_sys_util::eventfd::EventFd,
+    ) -> std::io::Result<()> {
+        let fd = eventfd.try_clone()?;
+        self.routes
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?
+            .push((vector, address, data, fd));
+        Ok(())
+    }
+
+    fn unroute(&self, _: u32, _: &vmm_sys_util::eventfd::EventFd) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn config32(dev: &mut VfioPciDevice, offset: u16) -> u32 {
+    let mut b = [0u8; 4];
+    devices::pci::PciDevice::read_config(dev, offset, &mut b);
+    u32::from_le_bytes(b)
+}
+
+fn devices_vfio_passthrough(env: &Env) -> TestResult {
+    const BAR0: u64 = 0xc000_0000;
+    let ram = GuestRam::new(c"guest-ram", RAM_SIZE)?;
+    let fd = Iommufd::open_path(&env.dev_iommu)?;
+    let routes = Arc::new(TestRoutes::default());
+    let mut dev = VfioPciDevice::open(
+        &env.edu,
+        Arc::clone(fd.inner()),
+        Some(Arc::clone(&routes) as Arc<dyn MsiRoutes>),
+    )?;
+    // Configuration space as the guest sees it.
+    ensure!(
+        config32(&mut dev, 0) == 0x11e8_1234,
+        "ids {:#x}",
+        config32(&mut dev, 0)
+    );
+    devices::pci::PciDevice::write_config(&mut dev, 0x10, &u32::MAX.to_le_bytes());
+    let mask = config32(&mut dev, 0x10);
+    ensure!(
+        mask == 0xfff0_0000,
+        "BAR0 sizing reads {mask:#x}, not a 1 MiB mask"
+    );
+    ensure!(config32(&mut dev, 0x30) == 0, "expansion ROM visible");
+    devices::pci::PciDevice::set_bar_address(&mut dev, 0, BAR0)?;
+
+    // DMA: the IOMMUFD backend attaches the device to guest RAM.
+    let backend = IommufdBackend::new(Arc::new(fd.clone()), NestFormat::VtdS1)?;
+    // SAFETY: `ram` outlives the backend and is only accessed by raw-pointer copies.
+    unsafe { backend.add_ram_region(0, RAM_SIZE as u64, ram.host_addr(0, RAM_SIZE)?)? };
+    let dev_id = dev
+        .iommufd_dev_id()
+        .ok_or_else(|| Failure("no iommufd device id".into()))?;
+    let handle = dev
+        .attach_handle()
+        .ok_or_else(|| Failure("no attach handle".into()))?;
+    backend.add_host_device(EDU_ID, dev_id, handle)?;
+    backend.add_device(EDU_ID)?;
+
+    let msi_cap = {
+        // Walk the guest-visible capability list to MSI (id 5).
+        let mut ptr = config32(&mut dev, 0x34).to_le_bytes()[0] & 0xfc;
+        let mut found = None;
+        while ptr >= 0x40 && found.is_none() {
+            let hdr = config32(&mut dev, u16::from(ptr)).to_le_bytes();
+            if hdr[0] == 5 {
+                found = Some(u16::from(ptr));
+            }
+            ptr = hdr[1] & 0xfc;
+        }
+        found.ok_or_else(|| Failure("no MSI capability in the guest's list".into()))?
+    };
+    let view = GuestView {
+        dev: std::sync::Mutex::new(&mut dev),
+        base: BAR0,
+    };
+    let edu = Edu::new(&view)?; // memory decoding + bus mastering, BAR0 trapped
+    ensure!(
+        edu.liveness(0x55aa_1234)? == !0x55aa_1234,
+        "liveness through trapped BAR0"
+    );
+    round_trip(
+        &edu,
+        &ram,
+        (0x1000, 0x1000),
+        (0x2000, 0x2000),
+        &pattern(10, CHUNK),
+    )?;
+    diag("VfioPciDevice: BAR0 sized 1 MiB, ROM hidden, MMIO trapped, DMA through the backend");
+
+    // MSI: the guest programs address/data and enables; raising the edu
+    // interrupt must signal the routed eventfd.
+    let write_cfg =
+        |off: u16, v: u32| view.write_region(edu::CONFIG_REGION, u64::from(off), &v.to_le_bytes());
+    write_cfg(msi_cap + 4, 0xfee0_0000)?;
+    let ctrl = config32_view(&view, msi_cap)? >> 16;
+    let data_off = if ctrl & (1 << 7) != 0 { 0xc } else { 0x8 };
+    write_cfg(msi_cap + data_off, 0x4021)?;
+    write_cfg(msi_cap, (ctrl | 1) << 16)?;
+    let route = {
+        let r = routes
+            .routes
+            .lock()
+            .map_err(|_| Failure("poisoned".into()))?;
+        let (v, addr, data, fd) = r
+            .first()
+            .ok_or_else(|| Failure("MSI enabled but not routed".into()))?;
+        ensure!(
+            (*v, *addr, *data) == (0, 0xfee0_0000, 0x4021),
+            "route {:?}",
+            (v, addr, data)
+        );
+        fd.try_clone()?
+    };
+    view.write_region(edu::BAR0_REGION, 0x60, &1u32.to_le_bytes())?; // raise
+    let mut got = false;
+    for _ in 0..500 {
+        if route.read().is_ok() {
+            got = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    view.write_region(edu::BAR0_REGION, 0x64, &1u32.to_le_bytes())?; // acknowledge
+    ensure!(got, "the edu interrupt did not signal the MSI eventfd");
+    diag(
+        "VfioPciDevice: MSI address/data intercepted, edu interrupt arrived on the routed eventfd",
+    );
+    backend.remove_device(EDU_ID)?;
+    drop(dev);
+    drop(backend);
+    Ok(())
+}
+
+fn config32_view(view: &GuestView<'_>, off: u16) -> Result<u32, Failure> {
+    let mut b = [0u8; 4];
+    view.read_region(edu::CONFIG_REGION, u64::from(off), &mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn devices_vfio_legacy_container(env: &Env) -> TestResult {
+    const BAR0: u64 = 0xc000_0000;
+    let ram = GuestRam::new(c"guest-ram", RAM_SIZE)?;
+    let container = Arc::new(vfio_ioctls::VfioContainer::new(None)?);
+    let mut dev = VfioPciDevice::open_legacy(&env.edu, Arc::clone(&container), None)?;
+    ensure!(
+        dev.iommufd_dev_id().is_none(),
+        "a legacy device has no iommufd id"
+    );
+    // SAFETY: `ram` outlives the container mapping (unmapped below) and is
+    // only accessed by raw-pointer copies.
+    unsafe { container.vfio_dma_map(0, RAM_SIZE, ram.host_addr(0, RAM_SIZE)?)? };
+    devices::pci::PciDevice::set_bar_address(&mut dev, 0, BAR0)?;
+    let view = GuestView {
+        dev: std::sync::Mutex::new(&mut dev),
+        base: BAR0,
+    };
+    let edu = Edu::new(&view)?;
+    round_trip(
+        &edu,
+        &ram,
+        (0x1000, 0x1000),
+        (0x3000, 0x3000),
+        &pattern(11, CHUNK),
+    )?;
+    container.vfio_dma_unmap(0, RAM_SIZE)?;
+    dma_blocked(&edu, &ram, 0x3000, 0x3000)?;
+    diag("legacy container: DMA through VFIO type1 mapping, blocked after unmap");
+    Ok(())
 }
 
 #[cfg(test)]

@@ -32,7 +32,7 @@ pub enum Error {
 pub struct BoundDevice {
     // Field order is drop order: the device (detach, close, unbind) goes
     // before the VfioIommufd and the IOAS it owns.
-    pub device: VfioDevice,
+    pub device: Arc<VfioDevice>,
     pub vfio: Arc<VfioIommufd>,
     pub dev_id: u32,
 }
@@ -71,7 +71,7 @@ impl BoundDevice {
             source: VfioError::VfioDeviceGetInfoOther,
         })?;
         Ok(Self {
-            device,
+            device: Arc::new(device),
             vfio,
             dev_id,
         })

@@ -1,0 +1,920 @@
+//! VFIO PCI passthrough: a host PCI function, bound to vfio-pci, given to
+//! the guest ([`VfioPciDevice`]).
+//!
+//! - Opening: the device cdev `/dev/vfio/devices/vfioN` of a sysfs path,
+//!   bound to an iommufd (`vfio-ioctls`, feature `vfio_cdev`); its DMA is
+//!   then steered by the pvIOMMU's IOMMUFD backend through
+//!   [`VfioPciDevice::attach_handle`] and [`VfioPciDevice::iommufd_dev_id`].
+//!   Where `/dev/iommu` is missing, the legacy VFIO container/group path
+//!   ([`VfioPciDevice::open_legacy`]): guest RAM is then mapped with the
+//!   container's `vfio_dma_map`, and only direct attach is possible.
+//! - Configuration space: the device's own, except the BARs and the command
+//!   register (emulated: the guest programs addresses the VMM decodes), the
+//!   expansion ROM (hidden: reads 0), MSI (intercepted: the guest's address
+//!   and data become routes of eventfds, [`MsiRoutes`], which the VMM
+//!   implements with KVM GSI routing and irqfds) and MSI-X (unlinked from the
+//!   capability list, so that the guest uses MSI or INTx).
+//! - BARs: guest accesses are trapped and forwarded with VFIO region reads
+//!   and writes ([`BusDevice`]).
+//! - The device is reset when opened and when dropped (if it supports it).
+//!
+//! This module names the rest of the crate only through `super::`, so that
+//! it can also be compiled by path into the host-kernel harness's test
+//! binary (integration-tests/host-kernel).
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use iommufd_ioctls::{AttachHwpt, IommuFd};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioIommufd};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::bus::BusDevice;
+use super::pci::{
+    reg, BarKind, PciBarRegion, PciConfiguration, PciDevice, PciError, PciHeader,
+    COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, NUM_BARS,
+};
+
+/// VFIO region index of the configuration space (`VFIO_PCI_CONFIG_REGION_INDEX`).
+pub const CONFIG_REGION: u32 = 7;
+/// VFIO region index of the expansion ROM (`VFIO_PCI_ROM_REGION_INDEX`).
+pub const ROM_REGION: u32 = 6;
+
+const CAP_ID_MSI: u8 = 0x05;
+const CAP_ID_MSIX: u8 = 0x11;
+const MSI_CTRL_ENABLE: u16 = 1 << 0;
+const MSI_CTRL_64BIT: u16 = 1 << 7;
+const MSI_CTRL_MASKING: u16 = 1 << 8;
+/// Bytes of the BAR registers (six dwords).
+const BARS_LEN: u16 = 24;
+const _: () = assert!(BARS_LEN as usize == 4 * NUM_BARS);
+
+/// The VFIO region index of BAR `index` (`VFIO_PCI_BAR0_REGION_INDEX` + index).
+fn bar_region(index: usize) -> u32 {
+    u32::try_from(index).unwrap_or(u32::MAX)
+}
+
+/// Command register bits the guest controls on the device.
+const COMMAND_PASSTHROUGH: u16 =
+    COMMAND_IO | COMMAND_MEMORY | COMMAND_BUS_MASTER | COMMAND_INTX_DISABLE;
+
+/// Errors of VFIO device set-up (guest accesses never fail: they are
+/// checked, and a host error reads as all ones or drops the write).
+#[derive(Debug, thiserror::Error)]
+pub enum VfioPciError {
+    /// The sysfs path has no `vfio-dev/`.
+    #[error("{path} is not a VFIO device (driver: {driver}): bind it to vfio-pci first")]
+    NotVfioDevice {
+        /// The sysfs path.
+        path: PathBuf,
+        /// The driver it is bound to, or "none".
+        driver: String,
+    },
+    /// VFIO_DEVICE_BIND_IOMMUFD refused: someone else has the device.
+    #[error("{path} is already bound to an iommufd (opened by another user)")]
+    AlreadyBound {
+        /// The sysfs path.
+        path: PathBuf,
+        /// The VFIO error.
+        #[source]
+        source: VfioError,
+    },
+    /// Another VFIO failure.
+    #[error("VFIO set-up of {path} failed")]
+    Vfio {
+        /// The sysfs path.
+        path: PathBuf,
+        /// The VFIO error.
+        #[source]
+        source: VfioError,
+    },
+    /// The configuration space could not be read.
+    #[error("Cannot read the configuration space")]
+    Config(#[source] io::Error),
+    /// A BAR the device reports does not fit the emulated header.
+    #[error("BAR {index} cannot be emulated")]
+    Bar {
+        /// BAR index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: PciError,
+    },
+}
+
+/// What the passthrough device needs from VFIO (a trait so that the
+/// configuration logic can be tested without a device).
+pub trait VfioHw: Send + Sync {
+    /// Size of VFIO region `index` (0 when absent).
+    fn region_size(&self, index: u32) -> u64;
+    /// Reads `buf.len()` bytes at `offset` of region `index`.
+    fn read(&self, index: u32, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes `data` at `offset` of region `index`.
+    fn write(&self, index: u32, offset: u64, data: &[u8]) -> io::Result<()>;
+    /// VFIO_DEVICE_SET_IRQS: MSI vectors signal `fds`.
+    fn enable_msi(&self, fds: &[&EventFd]) -> io::Result<()>;
+    /// VFIO_DEVICE_SET_IRQS: MSI off.
+    fn disable_msi(&self) -> io::Result<()>;
+    /// VFIO_DEVICE_RESET, if the device supports it.
+    fn reset(&self);
+}
+
+fn vfio_io(e: VfioError) -> io::Error {
+    io::Error::other(e)
+}
+
+impl VfioHw for VfioDevice {
+    fn region_size(&self, index: u32) -> u64 {
+        self.get_region_size(index)
+    }
+
+    fn read(&self, index: u32, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let pos = region_pos(self, index, offset, buf.len())?;
+        // SAFETY: `buf` is valid for `buf.len()` bytes of writes, the fd is
+        // the open VFIO device, and the result is checked.
+        let n = unsafe { libc::pread(self.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), pos) };
+        check_len(n, buf.len())
+    }
+
+    fn write(&self, index: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+        let pos = region_pos(self, index, offset, data.len())?;
+        // SAFETY: `data` is valid for `data.len()` bytes of reads, the fd is
+        // the open VFIO device, and the result is checked.
+        let n = unsafe { libc::pwrite(self.as_raw_fd(), data.as_ptr().cast(), data.len(), pos) };
+        check_len(n, data.len())
+    }
+
+    fn enable_msi(&self, fds: &[&EventFd]) -> io::Result<()> {
+        VfioDevice::enable_msi(self, fds.to_vec()).map_err(vfio_io)
+    }
+
+    fn disable_msi(&self) -> io::Result<()> {
+        VfioDevice::disable_msi(self).map_err(vfio_io)
+    }
+
+    fn reset(&self) {
+        VfioDevice::reset(self);
+    }
+}
+
+/// The file offset of `offset` in region `index`, range-checked.
+fn region_pos(dev: &VfioDevice, index: u32, offset: u64, len: usize) -> io::Result<i64> {
+    let size = dev.get_region_size(index);
+    offset
+        .checked_add(len as u64)
+        .filter(|end| *end <= size)
+        .and_then(|_| dev.get_region_offset(index).checked_add(offset))
+        .and_then(|p| i64::try_from(p).ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "access outside the VFIO region",
+            )
+        })
+}
+
+fn check_len(n: isize, want: usize) -> io::Result<()> {
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if n.unsigned_abs() != want {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "short VFIO region access",
+        ));
+    }
+    Ok(())
+}
+
+/// Where MSI vectors go: the VMM routes each eventfd to the guest's MSI
+/// (KVM_SET_GSI_ROUTING with the address and data, plus KVM_IRQFD).
+pub trait MsiRoutes: Send + Sync {
+    /// Vector `vector` signals `eventfd`; deliver it as the MSI `data` to `address`.
+    fn route(&self, vector: u32, address: u64, data: u32, eventfd: &EventFd) -> io::Result<()>;
+    /// Vector `vector` is off; forget its route.
+    fn unroute(&self, vector: u32, eventfd: &EventFd) -> io::Result<()>;
+}
+
+/// The guest's view of the MSI capability.
+#[derive(Debug, Clone, Copy)]
+struct Msi {
+    offset: u16,
+    control: u16,
+    address: u64,
+    data: u16,
+    mask: u32,
+}
+
+impl Msi {
+    fn is_64(&self) -> bool {
+        self.control & MSI_CTRL_64BIT != 0
+    }
+    fn masking(&self) -> bool {
+        self.control & MSI_CTRL_MASKING != 0
+    }
+    fn data_offset(&self) -> u16 {
+        if self.is_64() {
+            0x0c
+        } else {
+            0x08
+        }
+    }
+    /// Bytes of the capability.
+    fn len(&self) -> u16 {
+        self.data_offset() + if self.masking() { 0x0c } else { 0x04 }
+    }
+    fn enabled(&self) -> bool {
+        self.control & MSI_CTRL_ENABLE != 0
+    }
+    /// Vectors the guest enabled (Multiple Message Enable, capped by Capable).
+    fn vectors(&self) -> u32 {
+        let capable = (self.control >> 1) & 0x7;
+        let enabled = ((self.control >> 4) & 0x7).min(capable);
+        1 << enabled
+    }
+
+    /// The capability as the guest reads it, dword `reg` (absolute offset).
+    fn read_dword(&self, reg: u16, hw_header: u32) -> u32 {
+        let rel = reg - self.offset;
+        let data_off = self.data_offset();
+        match rel {
+            0 => (hw_header & 0xffff) | u32::from(self.control) << 16,
+            4 => (self.address & 0xffff_ffff) as u32,
+            8 if self.is_64() => (self.address >> 32) as u32,
+            r if r == data_off => u32::from(self.data),
+            r if self.masking() && r == data_off + 4 => self.mask,
+            _ => 0, // pending bits, reserved
+        }
+    }
+
+    /// Applies a guest write of the dword at `reg` (already merged).
+    fn write_dword(&mut self, reg: u16, value: u32) {
+        let rel = reg - self.offset;
+        let data_off = self.data_offset();
+        match rel {
+            0 => {
+                // Enable and Multiple Message Enable are writable.
+                let writable = MSI_CTRL_ENABLE | 0x7 << 4;
+                let new = (value >> 16) as u16;
+                self.control = (self.control & !writable) | (new & writable);
+            }
+            4 => self.address = (self.address & !0xffff_ffff) | u64::from(value & !0x3),
+            8 if self.is_64() => {
+                self.address = (self.address & 0xffff_ffff) | u64::from(value) << 32
+            }
+            r if r == data_off => self.data = (value & 0xffff) as u16,
+            r if self.masking() && r == data_off + 4 => self.mask = value,
+            _ => {}
+        }
+    }
+}
+
+/// A host PCI function passed through to the guest with VFIO.
+pub struct VfioPciDevice {
+    hw: Arc<dyn VfioHw>,
+    /// The VFIO device, when opened for real (not in unit tests).
+    device: Option<Arc<VfioDevice>>,
+    /// What keeps the device's iommufd binding or container alive.
+    _owner: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    dev_id: Option<u32>,
+    /// The guest's header: BARs and command register.
+    config: PciConfiguration,
+    msi: Option<Msi>,
+    msi_fds: Vec<EventFd>,
+    /// Offset of the MSI-X capability and of the one after it.
+    msix: Option<(u16, u8)>,
+    /// Offsets of every capability header (dword-aligned).
+    cap_headers: Vec<u16>,
+    routes: Option<Arc<dyn MsiRoutes>>,
+}
+
+/// Refuses a sysfs path whose device is not bound to vfio-pci.
+fn check_vfio_pci(sysfs: &Path) -> Result<(), VfioPciError> {
+    let driver = std::fs::read_link(sysfs.join("driver"))
+        .ok()
+        .and_then(|l| l.file_name().map(|n| n.to_string_lossy().into_owned()));
+    if driver.as_deref() == Some("vfio-pci") {
+        return Ok(());
+    }
+    Err(VfioPciError::NotVfioDevice {
+        path: sysfs.to_path_buf(),
+        driver: driver.unwrap_or_else(|| "none".into()),
+    })
+}
+
+impl VfioPciDevice {
+    /// Opens the VFIO cdev of the PCI function at `sysfs` (bound to
+    /// vfio-pci) and binds it to `iommufd`, not attached to any page table
+    /// yet: the IOMMUFD backend attaches it (see [`Self::attach_handle`]).
+    pub fn open(
+        sysfs: &Path,
+        iommufd: Arc<IommuFd>,
+        routes: Option<Arc<dyn MsiRoutes>>,
+    ) -> Result<Self, VfioPciError> {
+        check_vfio_pci(sysfs)?;
+        let err = |source| VfioPciError::Vfio {
+            path: sysfs.to_path_buf(),
+            source,
+        };
+        let vfio = Arc::new(VfioIommufd::new(iommufd, None, None).map_err(err)?);
+        let device =
+            VfioDevice::new(sysfs, Arc::clone(&vfio) as _, false).map_err(|e| match e {
+                // VFIO_DEVICE_BIND_IOMMUFD answers EINVAL when the device is
+                // already open and bound through another file (device_cdev.c).
+                VfioError::VfioDeviceBindIommufd(ref s) if s.errno() == libc::EINVAL => {
+                    VfioPciError::AlreadyBound {
+                        path: sysfs.to_path_buf(),
+                        source: e,
+                    }
+                }
+                e => err(e),
+            })?;
+        let dev_id = device.iommufd_dev_id();
+        let device = Arc::new(device);
+        let mut dev = Self::from_hw(Arc::clone(&device) as Arc<dyn VfioHw>, routes)?;
+        dev.device = Some(device);
+        dev._owner = Some(vfio);
+        dev.dev_id = dev_id;
+        Ok(dev)
+    }
+
+    /// Opens the PCI function at `sysfs` through the legacy VFIO group and
+    /// `container` (for hosts without `/dev/iommu`). The VMM maps guest RAM
+    /// with `container.vfio_dma_map` (direct attach only).
+    pub fn open_legacy(
+        sysfs: &Path,
+        container: Arc<VfioContainer>,
+        routes: Option<Arc<dyn MsiRoutes>>,
+    ) -> Result<Self, VfioPciError> {
+        check_vfio_pci(sysfs)?;
+        let device =
+            VfioDevice::new(sysfs, Arc::clone(&container) as _, false).map_err(|source| {
+                VfioPciError::Vfio {
+                    path: sysfs.to_path_buf(),
+                    source,
+                }
+            })?;
+        let device = Arc::new(device);
+        let mut dev = Self::from_hw(Arc::clone(&device) as Arc<dyn VfioHw>, routes)?;
+        dev.device = Some(device);
+        dev._owner = Some(container);
+        Ok(dev)
+    }
+
+    /// A device on `hw`: resets it and builds the guest's configuration
+    /// space from the device's.
+    pub fn from_hw(
+        hw: Arc<dyn VfioHw>,
+        routes: Option<Arc<dyn MsiRoutes>>,
+    ) -> Result<Self, VfioPciError> {
+        hw.reset();
+        let mut raw = [0u8; 256];
+        hw.read(CONFIG_REGION, 0, &mut raw)
+            .map_err(VfioPciError::Config)?;
+        let u16_at = |o: usize| u16::from_le_bytes([raw[o], raw[o + 1]]);
+        let u32_at = |o: usize| u32::from_le_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]);
+        let mut config = PciConfiguration::new(&PciHeader {
+            vendor_id: u16_at(0),
+            device_id: u16_at(2),
+            revision: raw[8],
+            prog_if: raw[9],
+            subclass: raw[10],
+            class: raw[11],
+            subsystem_vendor_id: u16_at(0x2c),
+            subsystem_id: u16_at(0x2e),
+            interrupt_pin: raw[0x3d],
+        });
+        let mut index = 0;
+        while index < NUM_BARS {
+            let bar = u32_at(usize::from(reg::BAR0) + 4 * index);
+            let size = hw.region_size(bar_region(index));
+            let (kind, slots) = if bar & 1 != 0 {
+                (BarKind::Io, 1)
+            } else if (bar >> 1) & 0x3 == 0b10 {
+                (BarKind::Mmio64, 2)
+            } else {
+                (BarKind::Mmio32, 1)
+            };
+            if size != 0 {
+                let min = if kind == BarKind::Io { 4 } else { 16 };
+                let size = size.max(min).next_power_of_two();
+                config
+                    .add_bar(index, size, kind, bar & 0x8 != 0 && kind != BarKind::Io)
+                    .map_err(|source| VfioPciError::Bar { index, source })?;
+            }
+            index += slots;
+        }
+        // The guest starts with decoding and DMA off, as after reset.
+        let mut msi = None;
+        let mut msix = None;
+        let mut ptr = raw[usize::from(reg::CAPABILITIES)] & !0x3;
+        let mut cap_headers = Vec::new();
+        while ptr >= 0x40 && cap_headers.len() < 48 {
+            cap_headers.push(u16::from(ptr));
+            let o = usize::from(ptr);
+            let (id, next) = (raw[o], raw[o + 1] & !0x3);
+            match id {
+                CAP_ID_MSI => {
+                    let control = u16_at(o + 2);
+                    msi = Some(Msi {
+                        offset: u16::from(ptr),
+                        control: control & !(MSI_CTRL_ENABLE | 0x7 << 4),
+                        address: 0,
+                        data: 0,
+                        mask: 0,
+                    });
+                }
+                CAP_ID_MSIX => msix = Some((u16::from(ptr), next)),
+                _ => {}
+            }
+            ptr = next;
+        }
+        Ok(Self {
+            hw,
+            device: None,
+            _owner: None,
+            dev_id: None,
+            config,
+            msi,
+            msi_fds: Vec::new(),
+            msix,
+            cap_headers,
+            routes,
+        })
+    }
+
+    /// The iommufd device id (VFIO_DEVICE_BIND_IOMMUFD), for the IOMMUFD
+    /// backend; None on the legacy path.
+    pub fn iommufd_dev_id(&self) -> Option<u32> {
+        self.dev_id
+    }
+
+    /// What the IOMMUFD backend attaches to page tables.
+    pub fn attach_handle(&self) -> Option<Arc<dyn AttachHwpt>> {
+        self.device
+            .as_ref()
+            .map(|d| Arc::clone(d) as Arc<dyn AttachHwpt>)
+    }
+
+    /// The VFIO device (for region details and the legacy container).
+    pub fn vfio_device(&self) -> Option<&Arc<VfioDevice>> {
+        self.device.as_ref()
+    }
+
+    /// The value the guest reads for the dword at `reg`.
+    fn read_dword(&self, reg: u16) -> u32 {
+        let hw = || {
+            let mut b = [0u8; 4];
+            match self.hw.read(CONFIG_REGION, u64::from(reg), &mut b) {
+                Ok(()) => u32::from_le_bytes(b),
+                Err(_) => u32::MAX,
+            }
+        };
+        if (reg::BAR0..reg::BAR0 + BARS_LEN).contains(&reg) {
+            return self.config.read_u32(reg);
+        }
+        if reg == reg::ROM_ADDRESS {
+            return 0; // expansion ROM hidden
+        }
+        let mut v = match &self.msi {
+            _ if reg == reg::COMMAND => (hw() & 0xffff_0000) | u32::from(self.config.command()),
+            Some(msi) if (msi.offset..msi.offset + msi.len()).contains(&reg) => {
+                msi.read_dword(reg, if reg == msi.offset { hw() } else { 0 })
+            }
+            _ => hw(),
+        };
+        // Unlink MSI-X from the capability list.
+        if let Some((msix, after)) = self.msix {
+            if reg == reg::CAPABILITIES && (v & 0xfc) as u16 == msix {
+                v = (v & !0xff) | u32::from(after);
+            }
+            if self.cap_headers.contains(&reg) && ((v >> 8) & 0xfc) as u16 == msix {
+                v = (v & !0xff00) | u32::from(after) << 8;
+            }
+        }
+        v
+    }
+
+    /// Programs MSI as the guest's capability says: vectors on eventfds,
+    /// routed to the guest's address and data.
+    fn update_msi(&mut self, was_enabled: bool) {
+        let Some(msi) = self.msi else { return };
+        if was_enabled {
+            if let Some(routes) = &self.routes {
+                for (v, fd) in (0..).zip(&self.msi_fds) {
+                    let _ = routes.unroute(v, fd);
+                }
+            }
+            if !msi.enabled() {
+                let _ = self.hw.disable_msi();
+                self.msi_fds.clear();
+                return;
+            }
+        }
+        if !msi.enabled() {
+            return;
+        }
+        if self.msi_fds.len() != msi.vectors() as usize {
+            self.msi_fds = (0..msi.vectors())
+                .filter_map(|_| EventFd::new(libc::EFD_NONBLOCK).ok())
+                .collect();
+            let fds: Vec<&EventFd> = self.msi_fds.iter().collect();
+            if self.hw.enable_msi(&fds).is_err() {
+                log::warn!("VFIO: cannot enable MSI");
+                return;
+            }
+        }
+        if let Some(routes) = &self.routes {
+            for (v, fd) in (0..).zip(&self.msi_fds) {
+                // Multiple messages: the vector number goes in the low data bits.
+                let data = u32::from(msi.data) | v;
+                if let Err(e) = routes.route(v, msi.address, data, fd) {
+                    log::warn!("VFIO: cannot route MSI vector {v}: {e}");
+                }
+            }
+        }
+    }
+
+    /// The BAR decoded at `base`, if any.
+    fn bar_at(&self, base: u64) -> Option<PciBarRegion> {
+        self.config
+            .decoded_bars()
+            .into_iter()
+            .find(|r| r.addr == base)
+    }
+}
+
+impl PciDevice for VfioPciDevice {
+    fn read_config(&mut self, offset: u16, data: &mut [u8]) {
+        let reg = offset & !3;
+        let v = self.read_dword(reg).to_le_bytes();
+        let start = usize::from(offset - reg);
+        match v.get(start..start + data.len()) {
+            Some(bytes) => data.copy_from_slice(bytes),
+            None => data.fill(0xff),
+        }
+    }
+
+    fn write_config(&mut self, offset: u16, data: &[u8]) {
+        let reg = offset & !3;
+        let start = usize::from(offset - reg);
+        if start + data.len() > 4 {
+            return;
+        }
+        if reg == reg::COMMAND && start < 2 {
+            self.config.write(offset, data);
+            let cmd = self.config.command() & COMMAND_PASSTHROUGH;
+            let _ = self
+                .hw
+                .write(CONFIG_REGION, u64::from(reg::COMMAND), &cmd.to_le_bytes());
+            return;
+        }
+        if (reg::BAR0..reg::BAR0 + BARS_LEN).contains(&reg) {
+            self.config.write(offset, data);
+            return;
+        }
+        if reg == reg::ROM_ADDRESS {
+            return;
+        }
+        if let Some(mut msi) = self.msi {
+            if (msi.offset..msi.offset + msi.len()).contains(&reg) {
+                let was = msi.enabled();
+                let mut v = msi.read_dword(reg, 0).to_le_bytes();
+                v[start..start + data.len()].copy_from_slice(data);
+                msi.write_dword(reg, u32::from_le_bytes(v));
+                self.msi = Some(msi);
+                self.update_msi(was);
+                return;
+            }
+        }
+        if let Some((msix, _)) = self.msix {
+            if reg >= msix && reg < msix + 12 {
+                return; // hidden
+            }
+        }
+        let _ = self.hw.write(CONFIG_REGION, u64::from(offset), data);
+    }
+
+    fn bar_regions(&self) -> Vec<PciBarRegion> {
+        self.config.decoded_bars()
+    }
+
+    fn declared_bars(&self) -> Vec<(usize, u64, BarKind)> {
+        self.config.declared_bars()
+    }
+
+    fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciError> {
+        self.config.set_bar_address(index, addr)
+    }
+}
+
+impl BusDevice for VfioPciDevice {
+    fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        let ok = self
+            .bar_at(base)
+            .is_some_and(|bar| self.hw.read(bar_region(bar.index), offset, data).is_ok());
+        if !ok {
+            data.fill(0xff);
+        }
+    }
+
+    fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
+        if let Some(bar) = self.bar_at(base) {
+            let _ = self.hw.write(bar_region(bar.index), offset, data);
+        }
+    }
+}
+
+impl Drop for VfioPciDevice {
+    fn drop(&mut self) {
+        if self.msi.is_some_and(|m| m.enabled()) {
+            if let Some(routes) = &self.routes {
+                for (v, fd) in (0..).zip(&self.msi_fds) {
+                    let _ = routes.unroute(v, fd);
+                }
+            }
+            let _ = self.hw.disable_msi();
+        }
+        self.hw.reset();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A fake VFIO device: an edu-like config space (BAR0 1 MiB MMIO32, a
+    /// 64-bit MSI capability at 0x40 followed by MSI-X at 0x50), a BAR0
+    /// region of plain memory, and a record of what reached "hardware".
+    struct FakeHw {
+        config: Mutex<[u8; 256]>,
+        bar0: Mutex<Vec<u8>>,
+        writes: Mutex<Vec<(u32, u64, Vec<u8>)>>,
+        msi: Mutex<Option<usize>>,
+        resets: Mutex<u32>,
+    }
+
+    impl FakeHw {
+        fn new() -> Arc<Self> {
+            let mut c = [0u8; 256];
+            c[0..4].copy_from_slice(&0x11e8_1234u32.to_le_bytes());
+            c[6] = 0x10; // status: capability list
+            c[8] = 0x10; // revision
+            c[0x0b] = 0xff; // class
+            c[0x10..0x14].copy_from_slice(&0xfea0_0000u32.to_le_bytes()); // host address
+            c[0x30..0x34].copy_from_slice(&0xfeb0_0001u32.to_le_bytes()); // a ROM
+            c[0x34] = 0x40;
+            c[0x3d] = 1;
+            // MSI: id 5, next 0x50, control: 64-bit, 4 vectors capable (MMC=2).
+            c[0x40] = CAP_ID_MSI;
+            c[0x41] = 0x50;
+            c[0x42..0x44].copy_from_slice(&(MSI_CTRL_64BIT | 2 << 1).to_le_bytes());
+            // MSI-X: id 0x11, next 0 (end).
+            c[0x50] = CAP_ID_MSIX;
+            c[0x51] = 0;
+            Arc::new(Self {
+                config: Mutex::new(c),
+                bar0: Mutex::new(vec![0; 0x100]),
+                writes: Mutex::new(Vec::new()),
+                msi: Mutex::new(None),
+                resets: Mutex::new(0),
+            })
+        }
+    }
+
+    impl VfioHw for FakeHw {
+        fn region_size(&self, index: u32) -> u64 {
+            match index {
+                0 => 1 << 20,
+                CONFIG_REGION => 256,
+                _ => 0,
+            }
+        }
+        fn read(&self, index: u32, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let o = usize::try_from(offset).map_err(io::Error::other)?;
+            let src: Vec<u8> = match index {
+                CONFIG_REGION => self.config.lock().expect("lock").to_vec(),
+                0 => self.bar0.lock().expect("lock").clone(),
+                _ => return Err(io::Error::from_raw_os_error(libc::EINVAL)),
+            };
+            let bytes = src
+                .get(o..o + buf.len())
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+            buf.copy_from_slice(bytes);
+            Ok(())
+        }
+        fn write(&self, index: u32, offset: u64, data: &[u8]) -> io::Result<()> {
+            self.writes
+                .lock()
+                .expect("lock")
+                .push((index, offset, data.to_vec()));
+            if index == 0 {
+                let o = usize::try_from(offset).map_err(io::Error::other)?;
+                self.bar0.lock().expect("lock")[o..o + data.len()].copy_from_slice(data);
+            }
+            Ok(())
+        }
+        fn enable_msi(&self, fds: &[&EventFd]) -> io::Result<()> {
+            *self.msi.lock().expect("lock") = Some(fds.len());
+            Ok(())
+        }
+        fn disable_msi(&self) -> io::Result<()> {
+            *self.msi.lock().expect("lock") = None;
+            Ok(())
+        }
+        fn reset(&self) {
+            *self.resets.lock().expect("lock") += 1;
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeRoutes {
+        routes: Mutex<Vec<(u32, u64, u32)>>,
+        unroutes: Mutex<Vec<u32>>,
+    }
+
+    impl MsiRoutes for FakeRoutes {
+        fn route(&self, vector: u32, address: u64, data: u32, _: &EventFd) -> io::Result<()> {
+            self.routes
+                .lock()
+                .expect("lock")
+                .push((vector, address, data));
+            Ok(())
+        }
+        fn unroute(&self, vector: u32, _: &EventFd) -> io::Result<()> {
+            self.unroutes.lock().expect("lock").push(vector);
+            Ok(())
+        }
+    }
+
+    fn device() -> (VfioPciDevice, Arc<FakeHw>, Arc<FakeRoutes>) {
+        let hw = FakeHw::new();
+        let routes = Arc::new(FakeRoutes::default());
+        let dev = VfioPciDevice::from_hw(hw.clone(), Some(routes.clone() as Arc<dyn MsiRoutes>))
+            .expect("device");
+        (dev, hw, routes)
+    }
+
+    fn r32(d: &mut VfioPciDevice, off: u16) -> u32 {
+        let mut b = [0u8; 4];
+        d.read_config(off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn w32(d: &mut VfioPciDevice, off: u16, v: u32) {
+        d.write_config(off, &v.to_le_bytes());
+    }
+
+    #[test]
+    fn identity_comes_from_the_device_bars_and_rom_are_emulated() {
+        let (mut d, hw, _) = device();
+        assert_eq!(*hw.resets.lock().expect("lock"), 1, "reset when opened");
+        assert_eq!(r32(&mut d, 0), 0x11e8_1234);
+        assert_eq!(r32(&mut d, 0x10), 0, "not the host's BAR address");
+        assert_eq!(r32(&mut d, 0x30), 0, "ROM hidden");
+        // BAR sizing: all ones reads back the size mask.
+        w32(&mut d, 0x10, u32::MAX);
+        assert_eq!(r32(&mut d, 0x10), 0xfff0_0000);
+        w32(&mut d, 0x10, 0xc000_0000);
+        w32(&mut d, 0x30, 0xffff_f801);
+        assert_eq!(r32(&mut d, 0x30), 0);
+        assert!(
+            hw.writes.lock().expect("lock").is_empty(),
+            "BAR and ROM writes stay emulated"
+        );
+        assert_eq!(d.declared_bars(), vec![(0, 1 << 20, BarKind::Mmio32)]);
+        assert!(d.bar_regions().is_empty(), "memory decoding still off");
+        // Command: emulated, and forwarded to the device.
+        w32(&mut d, 0x04, u32::from(COMMAND_MEMORY | COMMAND_BUS_MASTER));
+        assert_eq!(
+            r32(&mut d, 0x04) & 0xffff,
+            u32::from(COMMAND_MEMORY | COMMAND_BUS_MASTER)
+        );
+        assert_eq!(r32(&mut d, 0x04) >> 16, 0x10, "status from the device");
+        let writes = hw.writes.lock().expect("lock").clone();
+        assert_eq!(
+            writes,
+            vec![(CONFIG_REGION, 4, 6u16.to_le_bytes().to_vec())]
+        );
+        assert_eq!(
+            d.bar_regions(),
+            vec![PciBarRegion {
+                index: 0,
+                addr: 0xc000_0000,
+                size: 1 << 20,
+                kind: BarKind::Mmio32
+            }]
+        );
+        // Bytes and words read through the same dwords.
+        let mut b = [0u8; 2];
+        d.read_config(2, &mut b);
+        assert_eq!(u16::from_le_bytes(b), 0x11e8);
+    }
+
+    #[test]
+    fn bar_accesses_are_forwarded_to_the_region() {
+        let (mut d, hw, _) = device();
+        w32(&mut d, 0x10, 0xc000_0000);
+        let mut b = [0u8; 4];
+        d.read(0xc000_0000, 0x4, &mut b);
+        assert_eq!(b, [0xff; 4], "decoding off: nothing there");
+        w32(&mut d, 0x04, u32::from(COMMAND_MEMORY));
+        BusDevice::write(&mut d, 0xc000_0000, 0x8, &[1, 2, 3, 4]);
+        d.read(0xc000_0000, 0x8, &mut b);
+        assert_eq!(b, [1, 2, 3, 4]);
+        assert_eq!(hw.bar0.lock().expect("lock")[8..12], [1, 2, 3, 4]);
+        // An access the region refuses reads as ones.
+        let mut big = [0u8; 4];
+        d.read(0xc000_0000, 0x1000, &mut big);
+        assert_eq!(big, [0xff; 4]);
+    }
+
+    #[test]
+    fn msix_is_unlinked_from_the_capability_list() {
+        let (mut d, hw, _) = device();
+        assert_eq!(r32(&mut d, 0x34) & 0xff, 0x40);
+        let msi = r32(&mut d, 0x40);
+        assert_eq!(msi & 0xff, u32::from(CAP_ID_MSI));
+        assert_eq!((msi >> 8) & 0xff, 0, "MSI now ends the list");
+        w32(&mut d, 0x50, 0xffff_ffff);
+        assert!(
+            hw.writes.lock().expect("lock").is_empty(),
+            "MSI-X writes dropped"
+        );
+    }
+
+    #[test]
+    fn msi_is_intercepted_and_routed() {
+        let (mut d, hw, routes) = device();
+        // Control: 64-bit, 4 vectors capable, nothing enabled.
+        assert_eq!(r32(&mut d, 0x40) >> 16, u32::from(MSI_CTRL_64BIT | 2 << 1));
+        w32(&mut d, 0x44, 0xfee0_1003); // low bits are reserved
+        w32(&mut d, 0x48, 0);
+        w32(&mut d, 0x4c, 0x4041);
+        assert_eq!(r32(&mut d, 0x44), 0xfee0_1000);
+        assert_eq!(r32(&mut d, 0x4c), 0x4041);
+        assert!(hw.msi.lock().expect("lock").is_none());
+        // Enable 2 vectors (MME = 1).
+        let ctrl = u32::from(MSI_CTRL_ENABLE | 1 << 4) << 16;
+        w32(&mut d, 0x40, ctrl);
+        assert_eq!(*hw.msi.lock().expect("lock"), Some(2));
+        assert_eq!(
+            *routes.routes.lock().expect("lock"),
+            vec![(0, 0xfee0_1000, 0x4040 | 0x1), (1, 0xfee0_1000, 0x4041)]
+        );
+        assert!(
+            hw.writes.lock().expect("lock").is_empty(),
+            "MSI stays virtual"
+        );
+        // New data while enabled: routes follow.
+        d.write_config(0x4c, &0x4050u16.to_le_bytes());
+        assert_eq!(
+            routes.routes.lock().expect("lock").last(),
+            Some(&(1, 0xfee0_1000, 0x4051))
+        );
+        assert_eq!(*routes.unroutes.lock().expect("lock"), vec![0, 1]);
+        // Disable.
+        w32(&mut d, 0x40, 0);
+        assert!(hw.msi.lock().expect("lock").is_none());
+        assert_eq!(routes.unroutes.lock().expect("lock").len(), 4);
+        // More vectors than capable are capped.
+        w32(&mut d, 0x40, u32::from(MSI_CTRL_ENABLE | 7 << 4) << 16);
+        assert_eq!(*hw.msi.lock().expect("lock"), Some(4));
+        drop(d);
+        assert!(hw.msi.lock().expect("lock").is_none(), "MSI off on drop");
+        assert_eq!(*hw.resets.lock().expect("lock"), 2, "reset on drop");
+    }
+
+    #[test]
+    fn hostile_config_accesses_do_not_panic() {
+        let (mut d, _, _) = device();
+        for off in (0..0x1000u16).step_by(1) {
+            let mut b1 = [0u8; 1];
+            d.read_config(off, &mut b1);
+            d.write_config(off, &[0xff]);
+        }
+        let mut b4 = [0u8; 4];
+        d.read_config(0x3, &mut b4); // misaligned: the bus never sends it
+        assert_eq!(b4, [0xff; 4]);
+        d.write_config(0x3, &[0xff; 4]);
+    }
+
+    #[test]
+    fn a_sysfs_path_not_bound_to_vfio_pci_is_refused() {
+        let dir = std::env::temp_dir().join(format!("vfio-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let err = check_vfio_pci(&dir).expect_err("no driver");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{} is not a VFIO device (driver: none): bind it to vfio-pci first",
+                dir.display()
+            )
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+}
