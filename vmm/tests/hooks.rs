@@ -2,6 +2,8 @@
 //! 0xE4 hypercall (registers through sync regs, RAX on completion, RCX and a
 //! re-executed `out` on continuation), user-space MSRs and the CPUID hook.
 
+mod common;
+
 use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -10,7 +12,6 @@ use vmm::{
     SerialConfig, VmConfig, VmHooks, Vmm,
 };
 
-const ENTRY: u32 = 0x10_0010;
 const RESULT_ADDR: u32 = 0x5000;
 const MSR: u32 = 0x4000_0000;
 
@@ -41,46 +42,6 @@ fn guest_code() -> Vec<u8> {
     c.push(0xee); // out dx, al
     c.extend([0xf4, 0xeb, 0xfd]); // hlt; jmp hlt
     c
-}
-
-/// An ELF64 with one PT_LOAD at 1 MiB and a PVH note for `ENTRY`.
-fn pvh_elf(code: &[u8]) -> Vec<u8> {
-    let mut v = vec![0u8; 0x1000];
-    v[..4].copy_from_slice(b"\x7fELF");
-    v[4] = 2;
-    v[5] = 1;
-    v[6] = 1;
-    v[16..18].copy_from_slice(&2u16.to_le_bytes());
-    v[18..20].copy_from_slice(&0x3eu16.to_le_bytes());
-    v[20..24].copy_from_slice(&1u32.to_le_bytes());
-    v[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
-    v[32..40].copy_from_slice(&64u64.to_le_bytes());
-    v[52..54].copy_from_slice(&64u16.to_le_bytes());
-    v[54..56].copy_from_slice(&56u16.to_le_bytes());
-    v[56..58].copy_from_slice(&2u16.to_le_bytes());
-    let load = |v: &mut Vec<u8>, ph: usize| {
-        v[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
-        v[ph + 4..ph + 8].copy_from_slice(&5u32.to_le_bytes());
-        v[ph + 8..ph + 16].copy_from_slice(&0x800u64.to_le_bytes());
-        v[ph + 16..ph + 24].copy_from_slice(&0x10_0000u64.to_le_bytes());
-        v[ph + 24..ph + 32].copy_from_slice(&0x10_0000u64.to_le_bytes());
-        v[ph + 32..ph + 40].copy_from_slice(&0x700u64.to_le_bytes());
-        v[ph + 40..ph + 48].copy_from_slice(&0x700u64.to_le_bytes());
-    };
-    load(&mut v, 64);
-    let ph = 64 + 56;
-    v[ph..ph + 4].copy_from_slice(&4u32.to_le_bytes());
-    v[ph + 8..ph + 16].copy_from_slice(&0x400u64.to_le_bytes());
-    v[ph + 32..ph + 40].copy_from_slice(&20u64.to_le_bytes());
-    let n = 0x400;
-    v[n..n + 4].copy_from_slice(&4u32.to_le_bytes());
-    v[n + 4..n + 8].copy_from_slice(&4u32.to_le_bytes());
-    v[n + 8..n + 12].copy_from_slice(&18u32.to_le_bytes());
-    v[n + 12..n + 16].copy_from_slice(b"Xen\0");
-    v[n + 16..n + 20].copy_from_slice(&ENTRY.to_le_bytes());
-    let at = 0x800 + (ENTRY - 0x10_0000) as usize;
-    v[at..at + code.len()].copy_from_slice(code);
-    v
 }
 
 #[derive(Default)]
@@ -116,7 +77,7 @@ impl MsrHandler for Recorder {
 #[test]
 fn hypercall_msr_and_cpuid_hooks() {
     let path = std::env::temp_dir().join(format!("pvmm-hooks-{}.elf", std::process::id()));
-    std::fs::write(&path, pvh_elf(&guest_code())).expect("write guest");
+    std::fs::write(&path, common::pvh_elf(&guest_code())).expect("write guest");
     let rec = Arc::new(Recorder::default());
     let hooks = VmHooks {
         hypercall: Some(rec.clone()),
