@@ -1,25 +1,31 @@
-//! Benchmarks inside the QEMU guest (TCG: absolute times are emulated; the
-//! ioctl counts and the ratios between runs are the useful part).
+//! Benchmarks inside the QEMU guest, through the `iommu` crate's IOMMUFD
+//! backend (TCG: absolute times are emulated; the host calls per operation
+//! and the ratios between runs measured together are the useful part).
 //!
-//! - direct attach: IOAS set-up and one IOAS_MAP per guest RAM region for
-//!   sparse memfd guests of 1, 16 and 64 GiB. The IOAS has no device yet, as
-//!   when a VMM builds it before attaching: IOMMUFD pins nothing until a
-//!   domain needs the pages, so this is the bookkeeping cost. The pinning cost
-//!   is measured apart, on guests small enough to be pinned in this guest.
-//! - S2 path: 10^4 single-page IOAS_MAP then IOAS_UNMAP through an IOAS with
-//!   the edu device attached (real VT-d page-table updates and IOTLB flushes),
-//!   against one map and one unmap of the same 10^4 pages as a single run.
-// IOAS_MAP of guest RAM is unsafe (see `Iommufd::ioas_map`).
+//! - Direct attach: a backend (its direct-attach and blocked IOAS) and one
+//!   IOAS_MAP per guest RAM region, for sparse memfd guests of 1, 16 and
+//!   64 GiB, before any device is attached: IOMMUFD pins nothing until a
+//!   domain needs the pages, as when a VMM maps guest RAM at start-up. The
+//!   pinning cost is measured apart, with the edu device attached first, on
+//!   guests small enough to be pinned in this guest.
+//! - S2 path: 10^4 single-page runs mapped then unmapped in an S2 domain the
+//!   edu device is attached to (real VT-d page-table updates and IOTLB
+//!   flushes), against the same 10^4 pages as one run.
+// Registering guest RAM with the backend is unsafe (see add_ram_region).
 #![allow(unsafe_code)]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::iommufd::{Iommufd, IommufdOps};
+use iommu::backend::{AttachTarget, Backend, DomainKind, MapRun, Perms};
+use iommu::DeviceId;
+
+use crate::iommufd::Iommufd;
 use crate::pci;
 use crate::ram::GuestRam;
+use crate::shim::iommufd::{AttachHwpt, IommufdBackend, NestFormat};
 use crate::suite::Failure;
 use crate::vfio::BoundDevice;
-use iommu::backend::Perms;
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -29,6 +35,7 @@ const REPS: usize = 7;
 /// Guest RAM below the 32-bit MMIO hole ends here; the rest starts at 4 GiB.
 const LOW_RAM_END: u64 = 3 * GIB;
 const HIGH_RAM_START: u64 = 4 * GIB;
+const EDU: DeviceId = DeviceId::pci(0, 0, 3, 0);
 
 /// The guest RAM regions (GPA, memfd offset, length) of a guest of `size` bytes.
 pub fn ram_regions(size: u64) -> Vec<(u64, u64, u64)> {
@@ -40,53 +47,6 @@ pub fn ram_regions(size: u64) -> Vec<(u64, u64, u64)> {
     regions
 }
 
-struct Figures {
-    ioctls: u32,
-    time: Duration,
-}
-
-/// Allocates an IOAS, reads its IOVA ranges and maps every RAM region at
-/// IOVA = GPA, optionally after attaching `dev`.
-fn direct_attach(
-    fd: &Iommufd,
-    ram: &GuestRam,
-    dev: Option<&BoundDevice>,
-) -> Result<(u32, Figures), Failure> {
-    let start = Instant::now();
-    let mut ioctls = 0;
-    let ioas = fd.ioas_alloc()?;
-    ioctls += 1;
-    if let Some(dev) = dev {
-        dev.device.attach_hwpt(ioas)?;
-        ioctls += 1;
-    }
-    fd.iova_ranges(ioas)?;
-    ioctls += 1;
-    for (gpa, offset, len) in ram_regions(ram.size() as u64) {
-        let len = to_usize(len)?;
-        // SAFETY: the mapping belongs to `ram`, which outlives the IOAS (the
-        // caller destroys it before dropping `ram`) and is only accessed
-        // through raw-pointer copies.
-        unsafe {
-            fd.ioas_map(
-                ioas,
-                gpa,
-                ram.host_addr(offset, len)?,
-                len as u64,
-                Perms::RW,
-            )?
-        };
-        ioctls += 1;
-    }
-    Ok((
-        ioas,
-        Figures {
-            ioctls,
-            time: start.elapsed(),
-        },
-    ))
-}
-
 fn to_usize(n: u64) -> Result<usize, Failure> {
     usize::try_from(n).map_err(|_| Failure(format!("{n:#x} bytes do not fit this address space")))
 }
@@ -95,27 +55,50 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-/// Runs every benchmark and prints the figures; returns an error if one
-/// could not run.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Registers every RAM region of `ram` with `backend` at IOVA = GPA.
+fn add_ram(backend: &IommufdBackend, ram: &GuestRam) -> Result<(), Failure> {
+    for (gpa, offset, len) in ram_regions(ram.size() as u64) {
+        let host = ram.host_addr(offset, to_usize(len)?)?;
+        // SAFETY: the caller drops the backend before `ram`; guest RAM is
+        // only accessed through raw-pointer copies.
+        unsafe { backend.add_ram_region(gpa, len, host)? };
+    }
+    Ok(())
+}
+
+/// Host calls so far: the backend's IOAS_MAP/UNMAP and attaches, plus the
+/// two IOAS it allocates when created.
+fn host_calls(backend: &IommufdBackend) -> u64 {
+    let s = backend.stats();
+    2 + s.maps + s.unmaps + s.attaches + s.invalidations
+}
+
+/// Runs every benchmark and prints the figures.
 pub fn run() -> Result<(), Failure> {
     let fd = Iommufd::open()?;
+    let ops = Arc::new(fd.clone());
     println!(
-        "bench: direct attach, sparse memfd guest RAM, IOAS without a device (no pinning), \
-         median of {REPS}"
+        "bench: direct attach through IommufdBackend, sparse memfd guest RAM, no device yet \
+         (no pinning), median of {REPS}"
     );
     for gib in [1u64, 16, 64] {
         let ram = GuestRam::new(c"bench-ram", to_usize(gib * GIB)?)?;
         let mut times = Vec::with_capacity(REPS);
-        let mut ioctls = 0;
+        let mut calls = 0;
         for _ in 0..REPS {
-            let (ioas, f) = direct_attach(&fd, &ram, None)?;
-            fd.destroy(ioas)?;
-            times.push(f.time);
-            ioctls = f.ioctls;
+            let start = Instant::now();
+            let backend = IommufdBackend::new(ops.clone(), NestFormat::VtdS1)?;
+            add_ram(&backend, &ram)?;
+            times.push(start.elapsed());
+            calls = host_calls(&backend);
         }
         times.sort();
         println!(
-            "bench:   {gib:>2} GiB: {} regions, {ioctls} ioctls, {:.0} us (min {:.0}, max {:.0})",
+            "bench:   {gib:>2} GiB: {} regions, {calls} ioctls, {:.0} us (min {:.0}, max {:.0})",
             ram_regions(gib * GIB).len(),
             us(times[REPS / 2]),
             us(times[0]),
@@ -125,77 +108,89 @@ pub fn run() -> Result<(), Failure> {
 
     let edu = pci::find_one(pci::EDU_VENDOR, pci::EDU_DEVICE)?;
     let dev = BoundDevice::open(&edu, &fd, false)?;
+    let handle = || Arc::clone(&dev.device) as Arc<dyn AttachHwpt>;
     println!(
         "bench: direct attach with edu attached first: every page allocated (first touch), \
          pinned and mapped in VT-d"
     );
     for mib in [64u64, 256] {
         let ram = GuestRam::new(c"bench-ram", to_usize(mib * MIB)?)?;
-        let (ioas, f) = direct_attach(&fd, &ram, Some(&dev))?;
-        // Back to the IOAS of `dev` so that this one can go.
-        dev.device.attach_hwpt(dev.ioas_id())?;
-        fd.destroy(ioas)?;
+        let backend = IommufdBackend::new(ops.clone(), NestFormat::VtdS1)?;
+        backend.add_host_device(EDU, dev.dev_id, handle())?;
+        backend.add_device(EDU)?;
+        let before = host_calls(&backend);
+        let start = Instant::now();
+        add_ram(&backend, &ram)?;
+        let t = start.elapsed();
         println!(
-            "bench:   {mib:>3} MiB: {} ioctls, {:.0} ms, {:.0} MiB/s pinned+mapped",
-            f.ioctls,
-            f.time.as_secs_f64() * 1e3,
-            mib as f64 / f.time.as_secs_f64()
+            "bench:   {mib:>3} MiB: {} ioctl, {:.0} ms, {:.0} MiB/s pinned+mapped",
+            host_calls(&backend) - before,
+            ms(t),
+            mib as f64 / t.as_secs_f64()
         );
+        backend.remove_device(EDU)?;
     }
 
     const PAGES: u64 = 10_000;
-    let len = to_usize(PAGES * PAGE)?;
-    let ram = GuestRam::new(c"bench-s2", len)?;
+    const S2: u32 = 1;
+    const BASE: u64 = 0x100_0000;
+    let ram = GuestRam::new(c"bench-s2", to_usize(PAGES * PAGE)?)?;
     // Populate the RAM first: this measures mapping, not page allocation.
     for i in 0..PAGES {
         ram.write(i * PAGE, &[1])?;
     }
-    let s2 = fd.ioas_alloc()?;
-    dev.device.attach_hwpt(s2)?;
-    let base = 0x100_0000u64;
-    println!("bench: S2 path, {PAGES} pages through an IOAS with edu attached");
+    let backend = IommufdBackend::new(ops.clone(), NestFormat::VtdS1)?;
+    add_ram(&backend, &ram)?;
+    backend.add_host_device(EDU, dev.dev_id, handle())?;
+    backend.add_device(EDU)?;
+    backend.create_domain(S2, DomainKind::S2)?;
+    backend.attach(EDU, AttachTarget::Domain(S2))?;
+    let run = |i: u64, pages: u64| MapRun {
+        iova: BASE + i * PAGE,
+        gpa: i * PAGE,
+        len: pages * PAGE,
+        perms: Perms::RW,
+    };
+    println!("bench: S2 path through IommufdBackend, {PAGES} pages, edu attached to the domain");
+    let calls0 = host_calls(&backend);
     let start = Instant::now();
     for i in 0..PAGES {
-        // SAFETY: as in direct_attach; everything is unmapped below.
-        unsafe {
-            fd.ioas_map(
-                s2,
-                base + i * PAGE,
-                ram.host_addr(i * PAGE, 4096)?,
-                4096,
-                Perms::RW,
-            )?
-        };
+        backend.map(S2, run(i, 1))?;
     }
     let map = start.elapsed();
     let start = Instant::now();
     for i in 0..PAGES {
-        fd.ioas_unmap(s2, base + i * PAGE, PAGE)?;
+        backend.unmap(S2, run(i, 1))?;
     }
     let unmap = start.elapsed();
+    let calls1 = host_calls(&backend);
     println!(
-        "bench:   page by page: {PAGES} maps {:.1} ms ({:.1} us/page), {PAGES} unmaps {:.1} ms ({:.1} us/page)",
-        map.as_secs_f64() * 1e3,
+        "bench:   page by page: {} ioctls; {PAGES} maps {:.1} ms ({:.1} us/page), \
+         {PAGES} unmaps {:.1} ms ({:.1} us/page)",
+        calls1 - calls0,
+        ms(map),
         us(map) / PAGES as f64,
-        unmap.as_secs_f64() * 1e3,
+        ms(unmap),
         us(unmap) / PAGES as f64
     );
     let start = Instant::now();
-    // SAFETY: as above.
-    unsafe { fd.ioas_map(s2, base, ram.host_addr(0, len)?, len as u64, Perms::RW)? };
+    backend.map(S2, run(0, PAGES))?;
     let map_run = start.elapsed();
     let start = Instant::now();
-    fd.ioas_unmap(s2, base, PAGES * PAGE)?;
+    backend.unmap(S2, run(0, PAGES))?;
     let unmap_run = start.elapsed();
     println!(
-        "bench:   one run:      1 map {:.1} ms, 1 unmap {:.1} ms; page-by-page / run: map {:.1}x, unmap {:.1}x",
-        map_run.as_secs_f64() * 1e3,
-        unmap_run.as_secs_f64() * 1e3,
+        "bench:   one run:      {} ioctls; 1 map {:.1} ms, 1 unmap {:.1} ms; \
+         page-by-page / run: map {:.1}x, unmap {:.1}x",
+        host_calls(&backend) - calls1,
+        ms(map_run),
+        ms(unmap_run),
         map.as_secs_f64() / map_run.as_secs_f64(),
         unmap.as_secs_f64() / unmap_run.as_secs_f64()
     );
-    dev.device.attach_hwpt(dev.ioas_id())?;
-    fd.destroy(s2)?;
+    backend.attach(EDU, AttachTarget::Identity)?;
+    backend.destroy_domain(S2)?;
+    backend.remove_device(EDU)?;
     Ok(())
 }
 

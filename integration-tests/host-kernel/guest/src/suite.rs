@@ -16,7 +16,7 @@ use iommu::backend::{
 use iommu::DeviceId;
 use iommufd_bindings::iommufd::iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT as HWPT_ALLOC_NEST_PARENT;
 
-use crate::devices_shim::vfio::{MsiRoutes, VfioPciDevice};
+use crate::devices_shim::vfio::{MsiRoutes, VfioPciDevice, VfioPciError};
 use crate::edu::{self, Direction, Edu, RegionAccess};
 use crate::iommufd::{self, HwptData, InvalidateEntries, Iommufd, IommufdOps};
 use crate::kmsg::Kmsg;
@@ -595,7 +595,7 @@ fn bad_not_vfio_device(env: &Env) -> TestResult {
         .ok_or_else(|| Failure("no PCI device besides edu".into()))?;
     let fd = Iommufd::open_path(&env.dev_iommu)?;
     match BoundDevice::open(&other, &fd, true) {
-        Err(e @ vfio::Error::NotVfioDevice { .. }) => {
+        Err(e @ vfio::Error::Vfio(VfioPciError::NotVfioDevice { .. })) => {
             diag(format!("error: {e}"));
             Ok(())
         }
@@ -613,7 +613,9 @@ fn bad_already_bound(env: &Env) -> TestResult {
     let fd2 = Iommufd::open_path(&env.dev_iommu)?;
     for (what, f) in [("another iommufd", &fd2), ("the same iommufd", &fd)] {
         match BoundDevice::open(&env.edu, f, true) {
-            Err(e @ vfio::Error::AlreadyBound { .. }) => diag(format!("{what}: {}", chain(&e))),
+            Err(e @ vfio::Error::Vfio(VfioPciError::AlreadyBound { .. })) => {
+                diag(format!("{what}: {}", chain(&e)))
+            }
             Err(e) => return Err(Failure(format!("{what}: wrong error: {}", chain(&e)))),
             Ok(_) => return Err(Failure(format!("a second bind through {what} worked"))),
         }

@@ -1,85 +1,74 @@
-//! Opening a VFIO device cdev for a sysfs path and binding it to an iommufd,
-//! with errors that say what is wrong.
+//! A VFIO device opened through the `devices` crate (cdev, bound to an
+//! iommufd) plus an IOAS of its own, as the tests use it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use vfio_ioctls::{VfioDevice, VfioError, VfioIommufd};
+use vfio_ioctls::VfioDevice;
 
-use crate::iommufd::Iommufd;
-use crate::pci;
+use crate::devices_shim::vfio::{VfioPciDevice, VfioPciError};
+use crate::iommufd::{self, Iommufd, IommufdOps};
 
-/// Errors of this module.
+/// Errors of [`BoundDevice::open`].
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("{path} is not a VFIO device (driver: {driver}): bind it to vfio-pci first")]
-    NotVfioDevice { path: PathBuf, driver: String },
-    #[error("{path} is already bound to an iommufd (opened by another user)")]
-    AlreadyBound {
-        path: PathBuf,
-        #[source]
-        source: VfioError,
-    },
-    #[error("VFIO set-up of {path} failed")]
-    Vfio {
-        path: PathBuf,
-        #[source]
-        source: VfioError,
-    },
+    #[error(transparent)]
+    Vfio(#[from] VfioPciError),
+    #[error("Cannot allocate the device's IOAS")]
+    Iommufd(#[from] iommufd::Error),
+    #[error("The device has no iommufd device id")]
+    NoDevId,
 }
 
-/// A VFIO device opened through its cdev and bound to an iommufd.
+/// A passthrough device (`devices::vfio`) bound to an iommufd, with an
+/// IOAS allocated for it (attached when `open` was asked to).
 pub struct BoundDevice {
-    // Field order is drop order: the device (detach, close, unbind) goes
-    // before the VfioIommufd and the IOAS it owns.
+    pub pci: VfioPciDevice,
     pub device: Arc<VfioDevice>,
-    pub vfio: Arc<VfioIommufd>,
     pub dev_id: u32,
+    ioas: u32,
+    fd: Iommufd,
 }
 
 impl BoundDevice {
-    /// Opens `/dev/vfio/devices/vfioN` of the PCI device at `sysfs`, binds it
-    /// to `iommufd` and, if `attach`, attaches it to a new IOAS
-    /// ([`Self::ioas_id`]), which lives as long as this value.
-    pub fn open(sysfs: &Path, iommufd: &Iommufd, attach: bool) -> Result<Self, Error> {
-        if !sysfs.join("vfio-dev").is_dir() {
-            return Err(Error::NotVfioDevice {
-                path: sysfs.to_path_buf(),
-                driver: pci::driver(sysfs).unwrap_or_else(|| "none".into()),
-            });
-        }
-        let vfio_err = |source| Error::Vfio {
-            path: sysfs.to_path_buf(),
-            source,
-        };
-        let vfio =
-            Arc::new(VfioIommufd::new(Arc::clone(iommufd.inner()), None, None).map_err(vfio_err)?);
-        let device =
-            VfioDevice::new(sysfs, Arc::clone(&vfio) as _, attach).map_err(|e| match e {
-                // VFIO_DEVICE_BIND_IOMMUFD answers EINVAL when the device is
-                // already open and bound through another file (device_cdev.c).
-                VfioError::VfioDeviceBindIommufd(ref s) if s.errno() == libc::EINVAL => {
-                    Error::AlreadyBound {
-                        path: sysfs.to_path_buf(),
-                        source: e,
-                    }
-                }
-                e => vfio_err(e),
-            })?;
-        let dev_id = device.iommufd_dev_id().ok_or_else(|| Error::Vfio {
-            path: sysfs.to_path_buf(),
-            source: VfioError::VfioDeviceGetInfoOther,
-        })?;
-        Ok(Self {
-            device: Arc::new(device),
-            vfio,
+    /// Opens the VFIO cdev of the PCI function at `sysfs` through
+    /// `devices::vfio::VfioPciDevice`, binds it to `fd`, allocates an IOAS
+    /// ([`Self::ioas_id`]) and, if `attach`, attaches the device to it.
+    pub fn open(sysfs: &Path, fd: &Iommufd, attach: bool) -> Result<Self, Error> {
+        let pci = VfioPciDevice::open(sysfs, Arc::clone(fd.inner()), None)?;
+        let device = pci.vfio_device().cloned().ok_or(Error::NoDevId)?;
+        let dev_id = pci.iommufd_dev_id().ok_or(Error::NoDevId)?;
+        let ioas = fd.ioas_alloc()?;
+        let dev = Self {
+            pci,
+            device,
             dev_id,
-        })
+            ioas,
+            fd: fd.clone(),
+        };
+        if attach {
+            dev.device.attach_hwpt(ioas).map_err(|e| {
+                Error::Vfio(VfioPciError::Vfio {
+                    path: sysfs.to_path_buf(),
+                    source: e,
+                })
+            })?;
+        }
+        Ok(dev)
     }
 
-    /// The IOAS that `open` allocated (attached to when `attach` was set).
+    /// The device's own IOAS.
     pub fn ioas_id(&self) -> u32 {
-        self.vfio.ioas().id()
+        self.ioas
+    }
+}
+
+impl Drop for BoundDevice {
+    fn drop(&mut self) {
+        // Detach first, or the IOAS is busy. The cdev is closed (and the
+        // device unbound) when the last reference to `device` goes.
+        let _ = self.device.detach_hwpt();
+        let _ = self.fd.destroy(self.ioas);
     }
 }
 
@@ -88,14 +77,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_device_without_vfio_dev_is_refused_before_any_ioctl() {
+    fn a_device_not_bound_to_vfio_pci_is_refused_before_any_ioctl() {
         let dir = std::env::temp_dir().join(format!("hk-vfio-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let fd = Iommufd::open_path(Path::new("/dev/null")).expect("any fd will do");
         let err = BoundDevice::open(&dir, &fd, true)
             .err()
             .expect("not a VFIO device");
-        assert!(matches!(err, Error::NotVfioDevice { .. }), "{err:?}");
+        assert!(
+            matches!(err, Error::Vfio(VfioPciError::NotVfioDevice { .. })),
+            "{err:?}"
+        );
         let msg = err.to_string();
         assert!(msg.contains("driver: none"), "{msg}");
         assert!(msg.contains("vfio-pci"), "{msg}");
