@@ -14,8 +14,11 @@
 //!   and data become routes of eventfds, [`MsiRoutes`], which the VMM
 //!   implements with KVM GSI routing and irqfds) and MSI-X (unlinked from the
 //!   capability list, so that the guest uses MSI or INTx).
-//! - BARs: guest accesses are trapped and forwarded with VFIO region reads
-//!   and writes ([`BusDevice`]).
+//! - BARs: the parts VFIO lets this process mmap (the whole region, or its
+//!   sparse-mmap areas) are mapped and handed to the VMM as guest memory
+//!   slots ([`BarSlots`], KVM_SET_USER_MEMORY_REGION) wherever the guest
+//!   puts the BAR; every other access is trapped and forwarded with VFIO
+//!   region reads and writes ([`BusDevice`]).
 //! - The device is reset when opened and when dropped (if it supports it).
 //!
 //! This module names the rest of the crate only through `super::`, so that
@@ -26,10 +29,11 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
 use std::sync::Arc;
 
 use iommufd_ioctls::{AttachHwpt, IommuFd};
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioIommufd};
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioIommufd, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::bus::BusDevice;
@@ -42,6 +46,10 @@ use super::pci::{
 pub const CONFIG_REGION: u32 = 7;
 /// VFIO region index of the expansion ROM (`VFIO_PCI_ROM_REGION_INDEX`).
 pub const ROM_REGION: u32 = 6;
+
+/// `VFIO_REGION_INFO_FLAG_MMAP`: the region may be mmapped.
+const REGION_FLAG_MMAP: u32 = 1 << 2;
+const PAGE_SIZE: u64 = 4096;
 
 const CAP_ID_MSI: u8 = 0x05;
 const CAP_ID_MSIX: u8 = 0x11;
@@ -120,6 +128,70 @@ pub trait VfioHw: Send + Sync {
     fn disable_msi(&self) -> io::Result<()>;
     /// VFIO_DEVICE_RESET, if the device supports it.
     fn reset(&self);
+    /// The parts `(offset, size)` of region `index` that may be mmapped.
+    fn mmap_areas(&self, index: u32) -> Vec<(u64, u64)>;
+    /// Maps `size` bytes at `offset` of region `index` into this process.
+    fn mmap(&self, index: u32, offset: u64, size: u64) -> io::Result<HostMapping>;
+}
+
+/// A shared mapping in this process, unmapped on drop.
+#[derive(Debug)]
+pub struct HostMapping {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory (device MMIO) owned by this
+// value; it is only accessed through raw pointers by whoever holds them.
+unsafe impl Send for HostMapping {}
+// SAFETY: as for Send: no references into the mapping are handed out.
+unsafe impl Sync for HostMapping {}
+
+impl HostMapping {
+    /// Maps `len` bytes of `fd` at `offset`, shared and read-write.
+    pub fn map_fd(fd: i32, offset: u64, len: u64) -> io::Result<Self> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
+        // SAFETY: a new mapping chosen by the kernel; the result is checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                off,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr =
+            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
+        Ok(Self { ptr, len })
+    }
+
+    /// First byte of the mapping.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the mapping is empty (never: mmap refuses length 0).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for HostMapping {
+    fn drop(&mut self) {
+        // SAFETY: exactly the mapping made in `map_fd`, owned by `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
 }
 
 fn vfio_io(e: VfioError) -> io::Error {
@@ -157,6 +229,31 @@ impl VfioHw for VfioDevice {
 
     fn reset(&self) {
         VfioDevice::reset(self);
+    }
+
+    fn mmap_areas(&self, index: u32) -> Vec<(u64, u64)> {
+        if self.get_region_flags(index) & REGION_FLAG_MMAP == 0 {
+            return Vec::new();
+        }
+        let sparse = self
+            .get_region_caps(index)
+            .into_iter()
+            .find_map(|c| match c {
+                VfioRegionInfoCap::SparseMmap(s) => Some(s.areas),
+                _ => None,
+            });
+        match sparse {
+            Some(areas) => areas.iter().map(|a| (a.offset, a.size)).collect(),
+            None => vec![(0, self.get_region_size(index))],
+        }
+    }
+
+    fn mmap(&self, index: u32, offset: u64, size: u64) -> io::Result<HostMapping> {
+        let start = self
+            .get_region_offset(index)
+            .checked_add(offset)
+            .ok_or_else(|| io::Error::other("region offset overflows"))?;
+        HostMapping::map_fd(self.as_raw_fd(), start, size)
     }
 }
 
@@ -196,6 +293,49 @@ pub trait MsiRoutes: Send + Sync {
     fn route(&self, vector: u32, address: u64, data: u32, eventfd: &EventFd) -> io::Result<()>;
     /// Vector `vector` is off; forget its route.
     fn unroute(&self, vector: u32, eventfd: &EventFd) -> io::Result<()>;
+}
+
+/// Guest memory slots for BAR areas the guest accesses without exits (the
+/// VMM implements it with KVM_SET_USER_MEMORY_REGION).
+pub trait BarSlots: Send + Sync {
+    /// Maps `size` bytes of this process's memory at `host` at guest-physical
+    /// `gpa`; returns a handle for [`BarSlots::remove`].
+    fn add(&self, gpa: u64, size: u64, host: *mut u8) -> io::Result<u32>;
+    /// Removes a slot that [`BarSlots::add`] returned.
+    fn remove(&self, slot: u32) -> io::Result<()>;
+}
+
+/// How the device reaches the VMM (both optional: without them, MSI is not
+/// delivered and every BAR access is trapped).
+#[derive(Clone, Default)]
+pub struct VfioHooks {
+    /// MSI routes (KVM GSI routing and irqfd).
+    pub msi: Option<Arc<dyn MsiRoutes>>,
+    /// Memory slots for mmapped BAR areas.
+    pub bar_slots: Option<Arc<dyn BarSlots>>,
+}
+
+/// An mmapped part of a BAR, as [`VfioPciDevice::bar_mappings`] lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BarMapping {
+    /// BAR index.
+    pub index: usize,
+    /// Offset of the area in the BAR.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Where it is mapped in this process.
+    pub host: *mut u8,
+    /// Its guest memory slot, while the guest decodes the BAR.
+    pub slot: Option<u32>,
+}
+
+/// An mmapped part of a BAR and where the guest sees it.
+struct BarArea {
+    index: usize,
+    offset: u64,
+    map: HostMapping,
+    slot: Option<u32>,
 }
 
 /// The guest's view of the MSI capability.
@@ -289,6 +429,8 @@ pub struct VfioPciDevice {
     /// Offsets of every capability header (dword-aligned).
     cap_headers: Vec<u16>,
     routes: Option<Arc<dyn MsiRoutes>>,
+    bar_slots: Option<Arc<dyn BarSlots>>,
+    bar_areas: Vec<BarArea>,
 }
 
 /// Refuses a sysfs path whose device is not bound to vfio-pci.
@@ -312,7 +454,7 @@ impl VfioPciDevice {
     pub fn open(
         sysfs: &Path,
         iommufd: Arc<IommuFd>,
-        routes: Option<Arc<dyn MsiRoutes>>,
+        hooks: VfioHooks,
     ) -> Result<Self, VfioPciError> {
         check_vfio_pci(sysfs)?;
         let err = |source| VfioPciError::Vfio {
@@ -334,7 +476,7 @@ impl VfioPciDevice {
             })?;
         let dev_id = device.iommufd_dev_id();
         let device = Arc::new(device);
-        let mut dev = Self::from_hw(Arc::clone(&device) as Arc<dyn VfioHw>, routes)?;
+        let mut dev = Self::from_hw(Arc::clone(&device) as Arc<dyn VfioHw>, hooks)?;
         dev.device = Some(device);
         dev._owner = Some(vfio);
         dev.dev_id = dev_id;
@@ -347,7 +489,7 @@ impl VfioPciDevice {
     pub fn open_legacy(
         sysfs: &Path,
         container: Arc<VfioContainer>,
-        routes: Option<Arc<dyn MsiRoutes>>,
+        hooks: VfioHooks,
     ) -> Result<Self, VfioPciError> {
         check_vfio_pci(sysfs)?;
         let device =
@@ -358,18 +500,16 @@ impl VfioPciDevice {
                 }
             })?;
         let device = Arc::new(device);
-        let mut dev = Self::from_hw(Arc::clone(&device) as Arc<dyn VfioHw>, routes)?;
+        let mut dev = Self::from_hw(Arc::clone(&device) as Arc<dyn VfioHw>, hooks)?;
         dev.device = Some(device);
         dev._owner = Some(container);
         Ok(dev)
     }
 
-    /// A device on `hw`: resets it and builds the guest's configuration
-    /// space from the device's.
-    pub fn from_hw(
-        hw: Arc<dyn VfioHw>,
-        routes: Option<Arc<dyn MsiRoutes>>,
-    ) -> Result<Self, VfioPciError> {
+    /// A device on `hw`: resets it, builds the guest's configuration space
+    /// from the device's and, with `hooks.bar_slots`, mmaps what it can of
+    /// the memory BARs.
+    pub fn from_hw(hw: Arc<dyn VfioHw>, hooks: VfioHooks) -> Result<Self, VfioPciError> {
         hw.reset();
         let mut raw = [0u8; 256];
         hw.read(CONFIG_REGION, 0, &mut raw)
@@ -432,6 +572,29 @@ impl VfioPciDevice {
             }
             ptr = next;
         }
+        let mut bar_areas = Vec::new();
+        if hooks.bar_slots.is_some() {
+            for (index, _, kind) in config.declared_bars() {
+                if kind == BarKind::Io {
+                    continue;
+                }
+                let region = bar_region(index);
+                for (offset, size) in hw.mmap_areas(region) {
+                    if offset % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || size == 0 {
+                        continue; // KVM slots are page-granular: leave it trapped
+                    }
+                    match hw.mmap(region, offset, size) {
+                        Ok(map) => bar_areas.push(BarArea {
+                            index,
+                            offset,
+                            map,
+                            slot: None,
+                        }),
+                        Err(e) => log::warn!("VFIO: cannot mmap BAR {index} at {offset:#x}: {e}"),
+                    }
+                }
+            }
+        }
         Ok(Self {
             hw,
             device: None,
@@ -442,7 +605,9 @@ impl VfioPciDevice {
             msi_fds: Vec::new(),
             msix,
             cap_headers,
-            routes,
+            routes: hooks.msi,
+            bar_slots: hooks.bar_slots,
+            bar_areas,
         })
     }
 
@@ -450,6 +615,20 @@ impl VfioPciDevice {
     /// backend; None on the legacy path.
     pub fn iommufd_dev_id(&self) -> Option<u32> {
         self.dev_id
+    }
+
+    /// The BAR areas mmapped for direct guest access.
+    pub fn bar_mappings(&self) -> Vec<BarMapping> {
+        self.bar_areas
+            .iter()
+            .map(|a| BarMapping {
+                index: a.index,
+                offset: a.offset,
+                len: a.map.len() as u64,
+                host: a.map.as_ptr(),
+                slot: a.slot,
+            })
+            .collect()
     }
 
     /// What the IOMMUFD backend attaches to page tables.
@@ -609,6 +788,27 @@ impl PciDevice for VfioPciDevice {
     fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciError> {
         self.config.set_bar_address(index, addr)
     }
+
+    fn bar_moved(&mut self, index: usize, _old: Option<u64>, new: Option<u64>) {
+        let Some(slots) = self.bar_slots.clone() else {
+            return;
+        };
+        for area in self.bar_areas.iter_mut().filter(|a| a.index == index) {
+            if let Some(slot) = area.slot.take() {
+                if let Err(e) = slots.remove(slot) {
+                    log::warn!("VFIO: cannot remove the slot of BAR {index}: {e}");
+                }
+            }
+            let Some(gpa) = new.and_then(|base| base.checked_add(area.offset)) else {
+                continue;
+            };
+            match slots.add(gpa, area.map.len() as u64, area.map.as_ptr()) {
+                Ok(slot) => area.slot = Some(slot),
+                // Still correct, only slower: accesses trap to BusDevice.
+                Err(e) => log::warn!("VFIO: BAR {index} at {gpa:#x} stays trapped: {e}"),
+            }
+        }
+    }
 }
 
 impl BusDevice for VfioPciDevice {
@@ -630,6 +830,12 @@ impl BusDevice for VfioPciDevice {
 
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
+        // Guest slots go before the mappings they point to.
+        if let Some(slots) = &self.bar_slots {
+            for slot in self.bar_areas.iter_mut().filter_map(|a| a.slot.take()) {
+                let _ = slots.remove(slot);
+            }
+        }
         if self.msi.is_some_and(|m| m.enabled()) {
             if let Some(routes) = &self.routes {
                 for (v, fd) in (0..).zip(&self.msi_fds) {
@@ -729,6 +935,55 @@ mod tests {
         fn reset(&self) {
             *self.resets.lock().expect("lock") += 1;
         }
+        fn mmap_areas(&self, index: u32) -> Vec<(u64, u64)> {
+            match index {
+                // One mappable page, and an area KVM could not take.
+                0 => vec![(0x1000, 0x1000), (0x2000, 0x800)],
+                _ => Vec::new(),
+            }
+        }
+        fn mmap(&self, _index: u32, _offset: u64, size: u64) -> io::Result<HostMapping> {
+            let len = usize::try_from(size).map_err(io::Error::other)?;
+            // SAFETY: a new anonymous mapping; the result is checked.
+            let ptr = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if ptr == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("NULL"))?;
+            Ok(HostMapping { ptr, len })
+        }
+    }
+
+    /// Records slots; refuses GPAs above 4 GiB.
+    #[derive(Default)]
+    struct FakeSlots {
+        slots: Mutex<Vec<(u32, u64, u64)>>,
+        next: Mutex<u32>,
+    }
+
+    impl BarSlots for FakeSlots {
+        fn add(&self, gpa: u64, size: u64, _host: *mut u8) -> io::Result<u32> {
+            if gpa >= 1 << 32 {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            let mut next = self.next.lock().expect("lock");
+            *next += 1;
+            self.slots.lock().expect("lock").push((*next, gpa, size));
+            Ok(*next)
+        }
+        fn remove(&self, slot: u32) -> io::Result<()> {
+            self.slots.lock().expect("lock").retain(|s| s.0 != slot);
+            Ok(())
+        }
     }
 
     #[derive(Default)]
@@ -754,8 +1009,11 @@ mod tests {
     fn device() -> (VfioPciDevice, Arc<FakeHw>, Arc<FakeRoutes>) {
         let hw = FakeHw::new();
         let routes = Arc::new(FakeRoutes::default());
-        let dev = VfioPciDevice::from_hw(hw.clone(), Some(routes.clone() as Arc<dyn MsiRoutes>))
-            .expect("device");
+        let hooks = VfioHooks {
+            msi: Some(routes.clone() as Arc<dyn MsiRoutes>),
+            bar_slots: None,
+        };
+        let dev = VfioPciDevice::from_hw(hw.clone(), hooks).expect("device");
         (dev, hw, routes)
     }
 
@@ -831,6 +1089,49 @@ mod tests {
         let mut big = [0u8; 4];
         d.read(0xc000_0000, 0x1000, &mut big);
         assert_eq!(big, [0xff; 4]);
+    }
+
+    #[test]
+    fn mappable_bar_areas_follow_the_bar_in_guest_slots() {
+        let hw = FakeHw::new();
+        let slots = Arc::new(FakeSlots::default());
+        let hooks = VfioHooks {
+            msi: None,
+            bar_slots: Some(slots.clone() as Arc<dyn BarSlots>),
+        };
+        let mut d = VfioPciDevice::from_hw(hw, hooks).expect("device");
+        let maps = d.bar_mappings();
+        assert_eq!(maps.len(), 1, "the half-page area stays trapped");
+        assert_eq!(
+            (maps[0].index, maps[0].offset, maps[0].len, maps[0].slot),
+            (0, 0x1000, 0x1000, None)
+        );
+        d.bar_moved(0, None, Some(0xc000_0000));
+        assert_eq!(
+            *slots.slots.lock().expect("lock"),
+            vec![(1, 0xc000_1000, 0x1000)]
+        );
+        d.bar_moved(0, Some(0xc000_0000), Some(0xd000_0000));
+        assert_eq!(
+            *slots.slots.lock().expect("lock"),
+            vec![(2, 0xd000_1000, 0x1000)]
+        );
+        // A slot the VMM refuses: the area stays trapped, nothing breaks.
+        d.bar_moved(0, Some(0xd000_0000), Some(1 << 33));
+        assert!(slots.slots.lock().expect("lock").is_empty());
+        assert_eq!(d.bar_mappings()[0].slot, None);
+        d.bar_moved(0, None, Some(0xc000_0000));
+        d.bar_moved(0, Some(0xc000_0000), None);
+        assert!(
+            slots.slots.lock().expect("lock").is_empty(),
+            "unmapped with the BAR"
+        );
+        d.bar_moved(0, None, Some(0xc000_0000));
+        drop(d);
+        assert!(
+            slots.slots.lock().expect("lock").is_empty(),
+            "slots removed on drop"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use iommu::backend::{
 use iommu::DeviceId;
 use iommufd_bindings::iommufd::iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT as HWPT_ALLOC_NEST_PARENT;
 
-use crate::devices_shim::vfio::{MsiRoutes, VfioPciDevice, VfioPciError};
+use crate::devices_shim::vfio::{BarSlots, MsiRoutes, VfioHooks, VfioPciDevice, VfioPciError};
 use crate::edu::{self, Direction, Edu, RegionAccess};
 use crate::iommufd::{self, HwptData, InvalidateEntries, Iommufd, IommufdOps};
 use crate::kmsg::Kmsg;
@@ -991,6 +991,27 @@ impl MsiRoutes for TestRoutes {
     }
 }
 
+/// Records the guest slots of mmapped BAR areas.
+#[derive(Default)]
+struct TestSlots {
+    slots: std::sync::Mutex<Vec<(u64, u64, usize)>>,
+}
+
+impl BarSlots for TestSlots {
+    fn add(&self, gpa: u64, size: u64, host: *mut u8) -> std::io::Result<u32> {
+        let mut s = self
+            .slots
+            .lock()
+            .map_err(|_| std::io::Error::other("poisoned"))?;
+        s.push((gpa, size, host as usize));
+        u32::try_from(s.len()).map_err(std::io::Error::other)
+    }
+
+    fn remove(&self, _: u32) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn config32(dev: &mut VfioPciDevice, offset: u16) -> u32 {
     let mut b = [0u8; 4];
     devices::pci::PciDevice::read_config(dev, offset, &mut b);
@@ -1002,11 +1023,12 @@ fn devices_vfio_passthrough(env: &Env) -> TestResult {
     let ram = GuestRam::new(c"guest-ram", RAM_SIZE)?;
     let fd = Iommufd::open_path(&env.dev_iommu)?;
     let routes = Arc::new(TestRoutes::default());
-    let mut dev = VfioPciDevice::open(
-        &env.edu,
-        Arc::clone(fd.inner()),
-        Some(Arc::clone(&routes) as Arc<dyn MsiRoutes>),
-    )?;
+    let slots = Arc::new(TestSlots::default());
+    let hooks = VfioHooks {
+        msi: Some(Arc::clone(&routes) as Arc<dyn MsiRoutes>),
+        bar_slots: Some(Arc::clone(&slots) as Arc<dyn BarSlots>),
+    };
+    let mut dev = VfioPciDevice::open(&env.edu, Arc::clone(fd.inner()), hooks)?;
     // Configuration space as the guest sees it.
     ensure!(
         config32(&mut dev, 0) == 0x11e8_1234,
@@ -1048,6 +1070,17 @@ fn devices_vfio_passthrough(env: &Env) -> TestResult {
         }
         found.ok_or_else(|| Failure("no MSI capability in the guest's list".into()))?
     };
+    // BAR0 placed: the mmapped area becomes a guest memory slot.
+    devices::pci::PciDevice::bar_moved(&mut dev, 0, None, Some(BAR0));
+    let slot = slots
+        .slots
+        .lock()
+        .map_err(|_| Failure("poisoned".into()))?
+        .first()
+        .copied()
+        .ok_or_else(|| Failure("BAR0 was not offered as a memory slot".into()))?;
+    ensure!(slot.0 == BAR0 && slot.1 == 1 << 20, "BAR0 slot {slot:x?}");
+    let host = slot.2 as *mut u32;
     let view = GuestView {
         dev: std::sync::Mutex::new(&mut dev),
         base: BAR0,
@@ -1057,6 +1090,17 @@ fn devices_vfio_passthrough(env: &Env) -> TestResult {
         edu.liveness(0x55aa_1234)? == !0x55aa_1234,
         "liveness through trapped BAR0"
     );
+    // The same registers through the mapping a KVM slot would use.
+    // SAFETY: `host` is the live mmap of BAR0 (1 MiB) held by `dev`; MMIO
+    // registers are accessed with volatile 32-bit operations only.
+    let (id, live) = unsafe {
+        host.add(1).write_volatile(0x0f0f_0f0f);
+        (host.read_volatile(), host.add(1).read_volatile())
+    };
+    ensure!(
+        id == edu::EDU_ID && live == !0x0f0f_0f0f,
+        "mmapped BAR0 reads {id:#x}, {live:#x}"
+    );
     round_trip(
         &edu,
         &ram,
@@ -1064,7 +1108,7 @@ fn devices_vfio_passthrough(env: &Env) -> TestResult {
         (0x2000, 0x2000),
         &pattern(10, CHUNK),
     )?;
-    diag("VfioPciDevice: BAR0 sized 1 MiB, ROM hidden, MMIO trapped, DMA through the backend");
+    diag("VfioPciDevice: BAR0 sized 1 MiB, ROM hidden, MMIO trapped and mmapped, DMA through the backend");
 
     // MSI: the guest programs address/data and enables; raising the edu
     // interrupt must signal the routed eventfd.
@@ -1120,7 +1164,8 @@ fn devices_vfio_legacy_container(env: &Env) -> TestResult {
     const BAR0: u64 = 0xc000_0000;
     let ram = GuestRam::new(c"guest-ram", RAM_SIZE)?;
     let container = Arc::new(vfio_ioctls::VfioContainer::new(None)?);
-    let mut dev = VfioPciDevice::open_legacy(&env.edu, Arc::clone(&container), None)?;
+    let mut dev =
+        VfioPciDevice::open_legacy(&env.edu, Arc::clone(&container), VfioHooks::default())?;
     ensure!(
         dev.iommufd_dev_id().is_none(),
         "a legacy device has no iommufd id"

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use vfio_ioctls::VfioDevice;
 
-use crate::devices_shim::vfio::{VfioPciDevice, VfioPciError};
+use crate::devices_shim::vfio::{VfioHooks, VfioPciDevice, VfioPciError};
 use crate::iommufd::{self, Iommufd, IommufdOps};
 
 /// Errors of [`BoundDevice::open`].
@@ -35,7 +35,7 @@ impl BoundDevice {
     /// `devices::vfio::VfioPciDevice`, binds it to `fd`, allocates an IOAS
     /// ([`Self::ioas_id`]) and, if `attach`, attaches the device to it.
     pub fn open(sysfs: &Path, fd: &Iommufd, attach: bool) -> Result<Self, Error> {
-        let pci = VfioPciDevice::open(sysfs, Arc::clone(fd.inner()), None)?;
+        let pci = VfioPciDevice::open(sysfs, Arc::clone(fd.inner()), VfioHooks::default())?;
         let device = pci.vfio_device().cloned().ok_or(Error::NoDevId)?;
         let dev_id = pci.iommufd_dev_id().ok_or(Error::NoDevId)?;
         let ioas = fd.ioas_alloc()?;
