@@ -5,6 +5,7 @@
 //! plugged into the [`pci::PciRoot`]. Guest accesses are validated by the
 //! device (width, offset) and never panic.
 
+pub mod acpi_hotplug;
 pub mod bus;
 pub mod interrupt;
 pub mod legacy;
