@@ -67,6 +67,7 @@ mod dispatch;
 mod domains;
 pub mod flush;
 pub mod fuzzing;
+pub mod iommufd;
 mod ram;
 mod runs;
 mod software;
