@@ -5,9 +5,6 @@
 //! - [`run`]: run a command with a timeout and capture its output;
 //! - [`artifacts`]: build and locate the test kernel ELF and the `pvmm`
 //!   binary, and find QEMU;
-//! - [`hv_double`]: the VMM side of the pvIOMMU contract as a test double
-//!   on pvmm's hooks, for running the kernel's driver against the real
-//!   dispatcher.
 //!
 //! How tests find `pvmm`: `PVMM_BIN` if set; else [`artifacts::pvmm`] runs
 //! `cargo build -p vmm --bin pvmm` with the test binary's own target
@@ -16,7 +13,6 @@
 //! `CARGO_TARGET_DIR` or profile the tests were built with.
 
 pub mod artifacts;
-pub mod hv_double;
 pub mod run;
 pub mod tap;
 

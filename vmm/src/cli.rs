@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{parse_size, BootProtocol, KernelSource, SerialConfig, VmConfig};
+use crate::config::{parse_size, BootProtocol, DeviceConfig, KernelSource, SerialConfig, VmConfig};
 
 /// Boots a kernel in a KVM virtual machine with a serial console, ACPI, SMP
 /// and PCI. Without --kernel, boots the test kernel built into pvmm.
@@ -35,6 +35,24 @@ pub struct Cli {
     /// they have a PVH note.
     #[arg(long, hide = true)]
     pub linux64: bool,
+    /// The paravirtual IOMMU (Hyper-V-like CPUID leaves, MSRs, hypercalls).
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub pviommu: bool,
+    /// Reps per pvIOMMU hypercall time slice (tests of rep restarts).
+    #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u16).range(1..))]
+    pub pviommu_rep_budget: Option<u16>,
+    /// A PCI device, repeatable: dma-test[,id=NAME]. With no arguments at
+    /// all, pvmm boots its test kernel with one dma-test device.
+    #[arg(long = "device", value_name = "SPEC")]
+    pub devices: Vec<DeviceConfig>,
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("Invalid value \"{s}\": use on or off")),
+    }
 }
 
 impl Cli {
@@ -71,6 +89,19 @@ impl Cli {
                 BootProtocol::Linux64
             } else {
                 BootProtocol::Auto
+            },
+            pviommu: self.pviommu,
+            pviommu_rep_budget: self.pviommu_rep_budget,
+            devices: if self.devices.is_empty()
+                && self.kernel.is_none()
+                && self.cmdline.is_none()
+                && self.pviommu
+            {
+                // The main command: the test kernel shows the pvIOMMU at
+                // work on a DMA test device.
+                vec![DeviceConfig::DmaTest { id: None }]
+            } else {
+                self.devices.clone()
             },
         })
     }
@@ -115,7 +146,15 @@ mod tests {
     #[test]
     fn defaults() {
         let c = parse(&[]).unwrap().to_config().unwrap();
-        assert_eq!(c, VmConfig::default());
+        assert_eq!(
+            c,
+            VmConfig {
+                devices: vec![DeviceConfig::DmaTest { id: None }],
+                ..VmConfig::default()
+            }
+        );
+        let c = parse(&["--cmdline", "x"]).unwrap().to_config().unwrap();
+        assert!(c.devices.is_empty() && c.pviommu);
     }
 
     #[test]
@@ -133,6 +172,14 @@ mod tests {
             "4",
             "--serial",
             "file=/tmp/s",
+            "--pviommu",
+            "off",
+            "--pviommu-rep-budget",
+            "16",
+            "--device",
+            "dma-test,id=a",
+            "--device",
+            "dma-test",
         ])
         .unwrap()
         .to_config()
@@ -143,6 +190,17 @@ mod tests {
         assert_eq!(c.memory, 1 << 30);
         assert_eq!(c.cpus, 4);
         assert_eq!(c.serial, SerialConfig::File("/tmp/s".into()));
+        assert!(!c.pviommu);
+        assert_eq!(c.pviommu_rep_budget, Some(16));
+        assert_eq!(
+            c.devices,
+            vec![
+                DeviceConfig::DmaTest {
+                    id: Some("a".into())
+                },
+                DeviceConfig::DmaTest { id: None }
+            ]
+        );
     }
 
     #[test]
@@ -151,6 +209,10 @@ mod tests {
         assert!(parse(&["--serial", "tty"]).is_err());
         assert!(parse(&["--cpus", "-1"]).is_err());
         assert!(parse(&["--bogus"]).is_err());
+        assert!(parse(&["--pviommu", "maybe"]).is_err());
+        assert!(parse(&["--pviommu-rep-budget", "0"]).is_err());
+        assert!(parse(&["--device", "nvme"]).is_err());
+        assert!(parse(&["--device", "dma-test,id="]).is_err());
         assert!(matches!(
             parse(&["--cpus", "0"]).unwrap().to_config(),
             Err(crate::Error::NoCpus)

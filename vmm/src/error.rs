@@ -102,6 +102,9 @@ pub enum Error {
     /// A device could not be set up.
     #[error("Cannot set up {0}")]
     Device(&'static str, #[source] devices::BusError),
+    /// The pvIOMMU could not be set up.
+    #[error("Cannot set up the pvIOMMU")]
+    Iommu(#[source] iommu::IommuError),
     /// A PCI device could not be plugged in.
     #[error("Cannot plug the PCI device in")]
     Pci(#[source] devices::pci::PciError),

@@ -15,6 +15,7 @@ pub mod error;
 pub mod event_loop;
 pub mod hooks;
 pub mod kvm;
+pub mod pviommu;
 pub mod vcpu;
 
 use std::sync::atomic::AtomicBool;
@@ -25,7 +26,7 @@ use kvm_bindings::kvm_enable_cap;
 use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 use vm_memory::GuestMemoryMmap;
 
-pub use config::{BootProtocol, KernelSource, SerialConfig, VmConfig};
+pub use config::{BootProtocol, DeviceConfig, KernelSource, SerialConfig, VmConfig};
 pub use device_manager::DeviceManager;
 pub use error::{error_chain, Error, Result};
 pub use hooks::{HypercallOutcome, HypercallRegs, MsrHandler, PortIoHypercall, VmHooks};
@@ -70,6 +71,7 @@ pub struct Vmm {
     hooks: VmHooks,
     exit: Arc<ExitSlot>,
     event_manager: EventManager<Subscriber>,
+    iommu: Arc<iommu::Iommu>,
     _kvm: Kvm,
 }
 
@@ -128,13 +130,46 @@ impl Vmm {
         kvm::check_capabilities(&kvm)?;
         kvm::check_vcpus(&kvm, u32::from(config.cpus))?;
 
+        // One IOMMU per VM (devices start in the default domain, GPA); the
+        // guest reaches it with --pviommu on, through the pvIOMMU hooks,
+        // unless the caller brought hooks of its own.
+        let iommu = Arc::new(
+            iommu::Iommu::new(iommu::IommuConfig {
+                rep_budget: config
+                    .pviommu_rep_budget
+                    .unwrap_or(iommu::IommuConfig::default().rep_budget),
+                ..Default::default()
+            })
+            .map_err(Error::Iommu)?,
+        );
+        let pv_hooks = config.pviommu
+            && hooks.hypercall.is_none()
+            && hooks.msr.is_none()
+            && hooks.cpuid.is_none();
+        let hooks = if pv_hooks {
+            VmHooks {
+                cpuid: None, // below, with the TSC frequency
+                ..Arc::new(pviommu::Pviommu::new(iommu.clone())).hooks()
+            }
+        } else {
+            hooks
+        };
+
         let memory = Arc::new(kvm::create_guest_memory(config.memory)?);
         let vm = Arc::new(kvm::create_vm(&kvm, &memory)?);
         if let Some(msr) = &hooks.msr {
             install_msr_filter(&vm, &msr.msrs())?;
         }
-        let devices =
+        let mut devices =
             DeviceManager::new(vm.clone(), memory.clone(), config.memory, &config.serial)?;
+        for (n, d) in config.devices.iter().enumerate() {
+            match d {
+                DeviceConfig::DmaTest { id } => {
+                    let name = id.clone().unwrap_or_else(|| format!("dma-test{n}"));
+                    pviommu::add_dma_test(&mut devices, &iommu, &name)?;
+                }
+            }
+        }
 
         // Kernel, command line, initrd, ACPI, boot information.
         let kernel = boot::load_kernel(&memory, image, config.boot_protocol)?;
@@ -175,7 +210,9 @@ impl Vmm {
                 .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
             let mut entries = supported.as_slice().to_vec();
             cpu::apply_topology(&mut entries, index, count);
-            if let Some(hook) = &hooks.cpuid {
+            if pv_hooks {
+                pviommu::hyperv_cpuid(&mut entries, fd.get_tsc_khz().ok());
+            } else if let Some(hook) = &hooks.cpuid {
                 hook(index, &mut entries);
             }
             fd.set_cpuid2(&cpu::to_cpuid(&entries)?)
@@ -212,6 +249,7 @@ impl Vmm {
             hooks,
             exit,
             event_manager,
+            iommu,
             _kvm: kvm,
         })
     }
@@ -234,6 +272,11 @@ impl Vmm {
     /// The KVM VM.
     pub fn vm_fd(&self) -> &Arc<VmFd> {
         &self.vm
+    }
+
+    /// The VM's IOMMU (for devices plugged in later, and its statistics).
+    pub fn iommu(&self) -> &Arc<iommu::Iommu> {
+        &self.iommu
     }
 
     /// The configuration.

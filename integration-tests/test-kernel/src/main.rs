@@ -8,7 +8,7 @@
 //! (~250 ns each), so the kernel keeps its work small.
 //!
 //! Command line keys (all optional):
-//! - `tk.tests=mem,cmdline,smp,pci,pviommu`: tests to run, in this order (default all)
+//! - `tk.tests=mem,cmdline,smp,pci,pviommu,dma,demo`: tests to run, in this order (default all)
 //! - `tk.mem=<size>`: memory size the VM was given (bytes, or K/M/G suffix)
 //! - `tk.echo=<token>`: printed back as `# echo: <token>`
 //! - `tk.cpus=<n>`: number of vCPUs expected
@@ -73,6 +73,8 @@ const TESTS: &[(&str, TestFn)] = &[
     ("smp", |c| suites::smp::run(c).map(|()| None)),
     ("pci", |c| suites::pci::run(c).map(|()| None)),
     ("pviommu", suites::pviommu::run),
+    ("dma", suites::dma::run),
+    ("demo", suites::dma::demo),
 ];
 
 /// Tests that run only when named (benchmarks).
@@ -189,7 +191,7 @@ fn kmain(boot: BootInfo) -> ! {
         None => tap.report(
             name,
             Err(Msg::new(format_args!(
-                "unknown test (known: mem, cmdline, smp, pci)"
+                "unknown test (known: mem, cmdline, smp, pci, pviommu, dma, demo)"
             ))),
         ),
     };

@@ -1,6 +1,7 @@
 //! The tests, one module each; each `run` returns Ok or a failure reason.
 
 pub mod cmdline;
+pub mod dma;
 pub mod hvbench;
 pub mod mem;
 pub mod pci;
