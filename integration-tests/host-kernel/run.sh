@@ -63,7 +63,7 @@ log "booting $kernel (hk_mode=$mode)"
 status=0
 timeout -k 5 "${HK_QEMU_TIMEOUT:-300}" qemu-system-x86_64 \
     -M q35,kernel-irqchip=split -accel tcg -cpu max -m "$memory" -smp 1 \
-    "${iommu[@]}" -device edu \
+    "${iommu[@]}" -device edu -device virtio-rng-pci,disable-legacy=on \
     -kernel "$kernel" -initrd "$work/initramfs.cpio.gz" \
     -append "console=ttyS0 $iommu_arg loglevel=3 panic=-1 hk_mode=$mode" \
     -display none -monitor none -serial stdio -no-reboot </dev/null || status=$?

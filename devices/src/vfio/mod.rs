@@ -12,8 +12,10 @@
 //!   register (emulated: the guest programs addresses the VMM decodes), the
 //!   expansion ROM (hidden: reads 0), MSI (intercepted: the guest's address
 //!   and data become routes of eventfds, [`MsiRoutes`], which the VMM
-//!   implements with KVM GSI routing and irqfds) and MSI-X (unlinked from the
-//!   capability list, so that the guest uses MSI or INTx).
+//!   implements with KVM GSI routing and irqfds) and MSI-X (intercepted the
+//!   same way: the control word and the vector table are shadowed, the
+//!   table and PBA pages are never mapped into the guest, and each unmasked
+//!   vector's eventfd is routed to the address and data the guest wrote).
 //! - BARs: the parts VFIO lets this process mmap (the whole region, or its
 //!   sparse-mmap areas) are mapped and handed to the VMM as guest memory
 //!   slots ([`BarSlots`], KVM_SET_USER_MEMORY_REGION) wherever the guest
@@ -35,6 +37,10 @@ use std::sync::Arc;
 use iommufd_ioctls::{AttachHwpt, IommuFd};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioIommufd, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
+
+mod msix;
+
+use msix::{subtract_holes, Msix};
 
 use super::bus::BusDevice;
 use super::pci::{
@@ -126,6 +132,10 @@ pub trait VfioHw: Send + Sync {
     fn enable_msi(&self, fds: &[&EventFd]) -> io::Result<()>;
     /// VFIO_DEVICE_SET_IRQS: MSI off.
     fn disable_msi(&self) -> io::Result<()>;
+    /// VFIO_DEVICE_SET_IRQS: MSI-X vectors signal `fds`.
+    fn enable_msix(&self, fds: &[&EventFd]) -> io::Result<()>;
+    /// VFIO_DEVICE_SET_IRQS: MSI-X off.
+    fn disable_msix(&self) -> io::Result<()>;
     /// VFIO_DEVICE_RESET, if the device supports it.
     fn reset(&self);
     /// The parts `(offset, size)` of region `index` that may be mmapped.
@@ -225,6 +235,14 @@ impl VfioHw for VfioDevice {
 
     fn disable_msi(&self) -> io::Result<()> {
         VfioDevice::disable_msi(self).map_err(vfio_io)
+    }
+
+    fn enable_msix(&self, fds: &[&EventFd]) -> io::Result<()> {
+        VfioDevice::enable_msix(self, fds.to_vec()).map_err(vfio_io)
+    }
+
+    fn disable_msix(&self) -> io::Result<()> {
+        VfioDevice::disable_msix(self).map_err(vfio_io)
     }
 
     fn reset(&self) {
@@ -424,10 +442,10 @@ pub struct VfioPciDevice {
     config: PciConfiguration,
     msi: Option<Msi>,
     msi_fds: Vec<EventFd>,
-    /// Offset of the MSI-X capability and of the one after it.
-    msix: Option<(u16, u8)>,
-    /// Offsets of every capability header (dword-aligned).
-    cap_headers: Vec<u16>,
+    msix: Option<Msix>,
+    msix_fds: Vec<EventFd>,
+    /// Which MSI-X vectors have a route now.
+    msix_routed: Vec<bool>,
     routes: Option<Arc<dyn MsiRoutes>>,
     bar_slots: Option<Arc<dyn BarSlots>>,
     bar_areas: Vec<BarArea>,
@@ -551,9 +569,9 @@ impl VfioPciDevice {
         let mut msi = None;
         let mut msix = None;
         let mut ptr = raw[usize::from(reg::CAPABILITIES)] & !0x3;
-        let mut cap_headers = Vec::new();
-        while ptr >= 0x40 && cap_headers.len() < 48 {
-            cap_headers.push(u16::from(ptr));
+        let mut caps = 0;
+        while ptr >= 0x40 && caps < 48 {
+            caps += 1;
             let o = usize::from(ptr);
             let (id, next) = (raw[o], raw[o + 1] & !0x3);
             match id {
@@ -567,7 +585,7 @@ impl VfioPciDevice {
                         mask: 0,
                     });
                 }
-                CAP_ID_MSIX => msix = Some((u16::from(ptr), next)),
+                CAP_ID_MSIX => msix = Msix::parse(u16::from(ptr), &raw),
                 _ => {}
             }
             ptr = next;
@@ -579,7 +597,8 @@ impl VfioPciDevice {
                     continue;
                 }
                 let region = bar_region(index);
-                for (offset, size) in hw.mmap_areas(region) {
+                let holes = msix.as_ref().map(|m| m.holes()).unwrap_or_default();
+                for (offset, size) in subtract_holes(index, hw.mmap_areas(region), &holes) {
                     if offset % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 || size == 0 {
                         continue; // KVM slots are page-granular: leave it trapped
                     }
@@ -604,7 +623,8 @@ impl VfioPciDevice {
             msi,
             msi_fds: Vec::new(),
             msix,
-            cap_headers,
+            msix_fds: Vec::new(),
+            msix_routed: Vec::new(),
             routes: hooks.msi,
             bar_slots: hooks.bar_slots,
             bar_areas,
@@ -658,23 +678,84 @@ impl VfioPciDevice {
         if reg == reg::ROM_ADDRESS {
             return 0; // expansion ROM hidden
         }
-        let mut v = match &self.msi {
-            _ if reg == reg::COMMAND => (hw() & 0xffff_0000) | u32::from(self.config.command()),
-            Some(msi) if (msi.offset..msi.offset + msi.len()).contains(&reg) => {
-                msi.read_dword(reg, if reg == msi.offset { hw() } else { 0 })
-            }
-            _ => hw(),
-        };
-        // Unlink MSI-X from the capability list.
-        if let Some((msix, after)) = self.msix {
-            if reg == reg::CAPABILITIES && (v & 0xfc) as u16 == msix {
-                v = (v & !0xff) | u32::from(after);
-            }
-            if self.cap_headers.contains(&reg) && ((v >> 8) & 0xfc) as u16 == msix {
-                v = (v & !0xff00) | u32::from(after) << 8;
+        if reg == reg::COMMAND {
+            return (hw() & 0xffff_0000) | u32::from(self.config.command());
+        }
+        if let Some(msi) = &self.msi {
+            if (msi.offset..msi.offset + msi.len()).contains(&reg) {
+                return msi.read_dword(reg, if reg == msi.offset { hw() } else { 0 });
             }
         }
-        v
+        match &self.msix {
+            Some(m) if reg == m.cap => m.read_header(hw()),
+            _ => hw(),
+        }
+    }
+
+    /// Routes (or unroutes) MSI-X vector `v` as the guest's table says.
+    fn sync_msix_vector(&mut self, v: usize) {
+        let (Some(m), Some(routes)) = (&self.msix, &self.routes) else {
+            return;
+        };
+        let (Some(fd), Some(routed)) = (self.msix_fds.get(v), self.msix_routed.get_mut(v)) else {
+            return;
+        };
+        let vector = u32::try_from(v).unwrap_or(u32::MAX);
+        match m.route_of(v) {
+            Some((address, data)) => match routes.route(vector, address, data, fd) {
+                Ok(()) => *routed = true,
+                Err(e) => log::warn!("VFIO: cannot route MSI-X vector {v}: {e}"),
+            },
+            None if *routed => {
+                let _ = routes.unroute(vector, fd);
+                *routed = false;
+            }
+            None => {}
+        }
+    }
+
+    /// Applies the guest's MSI-X control word: vectors on eventfds while
+    /// enabled, each routed as its table entry says.
+    fn update_msix(&mut self) {
+        let Some(enabled) = self.msix.as_ref().map(Msix::enabled) else {
+            return;
+        };
+        if !enabled {
+            self.disable_msix();
+            return;
+        }
+        if self.msix_fds.is_empty() {
+            let n = self.msix.as_ref().map_or(0, Msix::vectors);
+            let fds: Vec<EventFd> = (0..n)
+                .filter_map(|_| EventFd::new(libc::EFD_NONBLOCK).ok())
+                .collect();
+            let refs: Vec<&EventFd> = fds.iter().collect();
+            if fds.len() != n || self.hw.enable_msix(&refs).is_err() {
+                log::warn!("VFIO: cannot enable MSI-X");
+                return;
+            }
+            self.msix_routed = vec![false; n];
+            self.msix_fds = fds;
+        }
+        for v in 0..self.msix_fds.len() {
+            self.sync_msix_vector(v);
+        }
+    }
+
+    fn disable_msix(&mut self) {
+        if self.msix_fds.is_empty() {
+            return;
+        }
+        if let Some(routes) = &self.routes {
+            for ((v, fd), routed) in (0..).zip(&self.msix_fds).zip(&self.msix_routed) {
+                if *routed {
+                    let _ = routes.unroute(v, fd);
+                }
+            }
+        }
+        let _ = self.hw.disable_msix();
+        self.msix_fds.clear();
+        self.msix_routed.clear();
     }
 
     /// Programs MSI as the guest's capability says: vectors on eventfds,
@@ -769,9 +850,18 @@ impl PciDevice for VfioPciDevice {
                 return;
             }
         }
-        if let Some((msix, _)) = self.msix {
-            if reg >= msix && reg < msix + 12 {
-                return; // hidden
+        if let Some(m) = &mut self.msix {
+            if reg == m.cap {
+                // Only the control word (bytes 2-3) is writable.
+                let mut v = m.read_header(0).to_le_bytes();
+                v[start..start + data.len()].copy_from_slice(data);
+                if m.write_control(u16::from_le_bytes([v[2], v[3]])) {
+                    self.update_msix();
+                }
+                return;
+            }
+            if reg > m.cap && reg < m.cap + 12 {
+                return; // table and PBA locations are read-only
             }
         }
         let _ = self.hw.write(CONFIG_REGION, u64::from(offset), data);
@@ -813,6 +903,12 @@ impl PciDevice for VfioPciDevice {
 
 impl BusDevice for VfioPciDevice {
     fn read(&mut self, base: u64, offset: u64, data: &mut [u8]) {
+        if let (Some(bar), Some(m)) = (self.bar_at(base), &self.msix) {
+            if m.in_table(bar.index, offset, data.len()) {
+                m.read_table(offset, data);
+                return;
+            }
+        }
         let ok = self
             .bar_at(base)
             .is_some_and(|bar| self.hw.read(bar_region(bar.index), offset, data).is_ok());
@@ -822,9 +918,18 @@ impl BusDevice for VfioPciDevice {
     }
 
     fn write(&mut self, base: u64, offset: u64, data: &[u8]) {
-        if let Some(bar) = self.bar_at(base) {
-            let _ = self.hw.write(bar_region(bar.index), offset, data);
+        let Some(bar) = self.bar_at(base) else {
+            return;
+        };
+        if let Some(m) = &mut self.msix {
+            if m.in_table(bar.index, offset, data.len()) {
+                for v in m.write_table(offset, data) {
+                    self.sync_msix_vector(v);
+                }
+                return;
+            }
         }
+        let _ = self.hw.write(bar_region(bar.index), offset, data);
     }
 }
 
@@ -844,6 +949,7 @@ impl Drop for VfioPciDevice {
             }
             let _ = self.hw.disable_msi();
         }
+        self.disable_msix();
         self.hw.reset();
     }
 }
@@ -861,6 +967,7 @@ mod tests {
         bar0: Mutex<Vec<u8>>,
         writes: Mutex<Vec<(u32, u64, Vec<u8>)>>,
         msi: Mutex<Option<usize>>,
+        msix: Mutex<Option<usize>>,
         resets: Mutex<u32>,
     }
 
@@ -879,14 +986,19 @@ mod tests {
             c[0x40] = CAP_ID_MSI;
             c[0x41] = 0x50;
             c[0x42..0x44].copy_from_slice(&(MSI_CTRL_64BIT | 2 << 1).to_le_bytes());
-            // MSI-X: id 0x11, next 0 (end).
+            // MSI-X: id 0x11, next 0 (end), 4 vectors, table at BAR0 +
+            // 0x2000, PBA at BAR0 + 0x3000.
             c[0x50] = CAP_ID_MSIX;
             c[0x51] = 0;
+            c[0x52..0x54].copy_from_slice(&3u16.to_le_bytes());
+            c[0x54..0x58].copy_from_slice(&0x2000u32.to_le_bytes());
+            c[0x58..0x5c].copy_from_slice(&0x3000u32.to_le_bytes());
             Arc::new(Self {
                 config: Mutex::new(c),
-                bar0: Mutex::new(vec![0; 0x100]),
+                bar0: Mutex::new(vec![0; 0x4000]),
                 writes: Mutex::new(Vec::new()),
                 msi: Mutex::new(None),
+                msix: Mutex::new(None),
                 resets: Mutex::new(0),
             })
         }
@@ -930,6 +1042,14 @@ mod tests {
         }
         fn disable_msi(&self) -> io::Result<()> {
             *self.msi.lock().expect("lock") = None;
+            Ok(())
+        }
+        fn enable_msix(&self, fds: &[&EventFd]) -> io::Result<()> {
+            *self.msix.lock().expect("lock") = Some(fds.len());
+            Ok(())
+        }
+        fn disable_msix(&self) -> io::Result<()> {
+            *self.msix.lock().expect("lock") = None;
             Ok(())
         }
         fn reset(&self) {
@@ -1087,7 +1207,7 @@ mod tests {
         assert_eq!(hw.bar0.lock().expect("lock")[8..12], [1, 2, 3, 4]);
         // An access the region refuses reads as ones.
         let mut big = [0u8; 4];
-        d.read(0xc000_0000, 0x1000, &mut big);
+        d.read(0xc000_0000, 0x8000, &mut big);
         assert_eq!(big, [0xff; 4]);
     }
 
@@ -1135,17 +1255,60 @@ mod tests {
     }
 
     #[test]
-    fn msix_is_unlinked_from_the_capability_list() {
-        let (mut d, hw, _) = device();
-        assert_eq!(r32(&mut d, 0x34) & 0xff, 0x40);
-        let msi = r32(&mut d, 0x40);
-        assert_eq!(msi & 0xff, u32::from(CAP_ID_MSI));
-        assert_eq!((msi >> 8) & 0xff, 0, "MSI now ends the list");
-        w32(&mut d, 0x50, 0xffff_ffff);
+    fn msix_is_intercepted_and_routed() {
+        let (mut d, hw, routes) = device();
+        // The capability stays in the list, after MSI.
+        assert_eq!((r32(&mut d, 0x40) >> 8) & 0xff, 0x50);
+        assert_eq!(r32(&mut d, 0x50) & 0xff, u32::from(CAP_ID_MSIX));
+        assert_eq!(r32(&mut d, 0x50) >> 16, 3, "4 vectors, disabled");
+        w32(&mut d, 0x10, 0xc000_0000);
+        w32(&mut d, 0x04, u32::from(COMMAND_MEMORY));
+        // Vector 1: address and data, unmasked; written through the BAR.
+        BusDevice::write(&mut d, 0xc000_0000, 0x2010, &0xfee0_3000u32.to_le_bytes());
+        BusDevice::write(&mut d, 0xc000_0000, 0x2014, &0u32.to_le_bytes());
+        BusDevice::write(&mut d, 0xc000_0000, 0x2018, &0x51u32.to_le_bytes());
+        BusDevice::write(&mut d, 0xc000_0000, 0x201c, &0u32.to_le_bytes());
         assert!(
-            hw.writes.lock().expect("lock").is_empty(),
-            "MSI-X writes dropped"
+            hw.writes
+                .lock()
+                .expect("lock")
+                .iter()
+                .all(|w| w.1 != 0x2010),
+            "table shadowed"
         );
+        let mut b = [0u8; 4];
+        d.read(0xc000_0000, 0x2018, &mut b);
+        assert_eq!(u32::from_le_bytes(b), 0x51);
+        assert!(
+            routes.routes.lock().expect("lock").is_empty(),
+            "MSI-X not enabled yet"
+        );
+        // Enable (control is the upper half of the header dword).
+        d.write_config(0x52, &0x8000u16.to_le_bytes());
+        assert_eq!(*hw.msix.lock().expect("lock"), Some(4));
+        assert_eq!(
+            *routes.routes.lock().expect("lock"),
+            vec![(1, 0xfee0_3000, 0x51)]
+        );
+        assert_eq!(r32(&mut d, 0x50) >> 16, 0x8003);
+        // Mask vector 1: unrouted; function mask: nothing routed.
+        BusDevice::write(&mut d, 0xc000_0000, 0x201c, &1u32.to_le_bytes());
+        assert_eq!(*routes.unroutes.lock().expect("lock"), vec![1]);
+        BusDevice::write(&mut d, 0xc000_0000, 0x201c, &0u32.to_le_bytes());
+        assert_eq!(routes.routes.lock().expect("lock").len(), 2);
+        d.write_config(0x52, &0xc000u16.to_le_bytes());
+        assert_eq!(*routes.unroutes.lock().expect("lock"), vec![1, 1]);
+        // The table location is read-only; PBA reads reach the device.
+        w32(&mut d, 0x54, 0);
+        assert_eq!(r32(&mut d, 0x54), 0x2000);
+        d.read(0xc000_0000, 0x3000, &mut b);
+        assert_eq!(b, [0; 4]);
+        // Disable.
+        d.write_config(0x52, &0u16.to_le_bytes());
+        assert!(hw.msix.lock().expect("lock").is_none());
+        d.write_config(0x52, &0x8000u16.to_le_bytes());
+        drop(d);
+        assert!(hw.msix.lock().expect("lock").is_none(), "MSI-X off on drop");
     }
 
     #[test]
