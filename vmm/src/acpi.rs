@@ -124,7 +124,7 @@ fn to_bytes(t: &dyn Aml) -> Vec<u8> {
 
 /// The DSDT body: the PCI root bridge with its windows, the ECAM
 /// reservation, COM1, and `\_S5`.
-fn dsdt_body(mem_size: u64) -> Result<Vec<u8>> {
+fn dsdt_body(mem_size: u64, hotplug_gsi: u32) -> Result<Vec<u8>> {
     let (mmio64_start, mmio64_size) = layout::mmio64_window(mem_size).map_err(Error::Memory)?;
     let mmio32_first = u32::try_from(layout::PCI_MMIO32_START).unwrap_or(u32::MAX);
     let mmio32_last =
@@ -210,6 +210,8 @@ fn dsdt_body(mem_size: u64) -> Result<Vec<u8>> {
     )
     .to_aml_bytes(&mut body);
 
+    crate::hotplug::append_aml(&mut body, hotplug_gsi);
+
     aml::Name::new(
         "_S5_".into(),
         &aml::Package::new(vec![&SLP_TYP_S5, &0u8, &0u8, &0u8]),
@@ -227,8 +229,14 @@ pub struct AcpiTables {
     pub end: u64,
 }
 
-/// Writes every table into `mem` at `boot::ACPI_START`.
-pub fn write_tables(mem: &GuestMemoryMmap, mem_size: u64, cpus: u8) -> Result<AcpiTables> {
+/// Writes every table into `mem` at `boot::ACPI_START`; the GED of PCI
+/// hotplug interrupts on IOAPIC pin `hotplug_gsi`.
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    mem_size: u64,
+    cpus: u8,
+    hotplug_gsi: u32,
+) -> Result<AcpiTables> {
     let rsdp_addr = boot::ACPI_START;
     let mut next = rsdp_addr + Rsdp::len() as u64;
     let mut put = |bytes: &[u8], what: &'static str| -> Result<u64> {
@@ -243,7 +251,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, mem_size: u64, cpus: u8) -> Result<Ac
         Ok(at)
     };
 
-    let body = dsdt_body(mem_size)?;
+    let body = dsdt_body(mem_size, hotplug_gsi)?;
     let mut dsdt = acpi_tables::sdt::Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     dsdt.append_slice(&body);
     let dsdt_addr = put(dsdt.as_slice(), "the DSDT")?;
@@ -303,7 +311,7 @@ mod tests {
     #[test]
     fn tables_are_linked_and_checksummed() {
         let m = mem();
-        let t = write_tables(&m, 512 << 20, 4).unwrap();
+        let t = write_tables(&m, 512 << 20, 4, 9).unwrap();
         assert_eq!(t.rsdp, 0xe0000);
         assert!(t.end <= boot::ACPI_END);
         let rsdp = read(&m, t.rsdp, 36);
@@ -345,6 +353,7 @@ mod tests {
         assert!(checksum_ok(&dsdt));
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"PCI0") && has(b"COM1") && has(b"_S5_") && has(b"MBRD"));
+        assert!(has(b"GED_") && has(b"PHPR") && has(b"S1F_"));
 
         // MADT: 4 LAPICs, 1 IOAPIC, 1 override, 1 NMI.
         let madt = table(&m, entries[1]);
@@ -376,7 +385,7 @@ mod tests {
     #[test]
     fn the_largest_vm_fits() {
         let m = mem();
-        let t = write_tables(&m, layout::MAX_MEMORY, crate::config::MAX_VCPUS).unwrap();
+        let t = write_tables(&m, layout::MAX_MEMORY, crate::config::MAX_VCPUS, 9).unwrap();
         assert!(t.end <= boot::ACPI_END);
     }
 }

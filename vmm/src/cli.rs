@@ -35,6 +35,10 @@ pub struct Cli {
     /// they have a PVH note.
     #[arg(long, hide = true)]
     pub linux64: bool,
+    /// Serve the REST API (HTTP/1.1) on this Unix socket (mode 0600); see
+    /// api/openapi.json and pvmm-remote.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
     /// The paravirtual IOMMU (Hyper-V-like CPUID leaves, MSRs, hypercalls).
     #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     pub pviommu: bool,
@@ -121,7 +125,10 @@ where
             return if e.use_stderr() { 2 } else { 0 };
         }
     };
-    let result = cli.to_config().and_then(crate::run);
+    let result = cli.to_config().and_then(|config| match &cli.api_socket {
+        Some(socket) => crate::api::run_config(config, socket),
+        None => crate::run(config),
+    });
     match result {
         Ok(reason) => {
             eprintln!("{}", reason.message());

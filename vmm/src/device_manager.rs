@@ -7,6 +7,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use devices::acpi_hotplug::{AcpiHotplug, HOTPLUG_PORT, HOTPLUG_SIZE};
 use devices::bus::{Bus, BusDevice, SharedBusDevice};
 use devices::interrupt::MsiSink;
 use devices::legacy::{AcpiSleep, EventFdTrigger, ExitEvents, Serial, SerialOutput, I8042};
@@ -40,6 +41,14 @@ pub struct DeviceManager {
     /// KVM memory slot numbers for device memory (VFIO BAR mappings); RAM
     /// uses the first ones.
     pub kvm_slots: resources::IdPool,
+    /// ACPI PCI hotplug registers and GED events (see `crate::hotplug`).
+    pub hotplug: Arc<Mutex<AcpiHotplug>>,
+    /// The GED's interrupt (an IOAPIC pin, level-triggered, active high).
+    pub hotplug_gsi: u32,
+    /// Signalled when the guest ejects a slot (`AcpiHotplug::take_ejected`).
+    pub hotplug_eject: EventFd,
+    /// The GED's irqfd (kept registered for the VM's lifetime).
+    _hotplug_irq: EventFd,
     /// BAR space allocated per PCI slot, freed on removal.
     pci_bars: HashMap<u8, Vec<(u64, u64, BarKind)>>,
     vm: Arc<VmFd>,
@@ -90,7 +99,7 @@ impl DeviceManager {
     ) -> Result<Self> {
         let pio_bus = Arc::new(Bus::new());
         let mmio_bus = Arc::new(Bus::new());
-        let allocator = SystemAllocator::new(mem_size).map_err(Error::Memory)?;
+        let mut allocator = SystemAllocator::new(mem_size).map_err(Error::Memory)?;
         let irq_routing = IrqRouting::new();
         let exit_events = ExitEvents::new().map_err(|e| Error::Io("exit events", e))?;
 
@@ -145,6 +154,26 @@ impl DeviceManager {
             )
             .map_err(|e| Error::Device("PCI ECAM", e))?;
 
+        let hotplug_gsi = allocator.ioapic_pins.allocate().map_err(Error::Resource)?;
+        let hotplug_irq = evt("the hotplug interrupt")?;
+        vm.register_irqfd(&hotplug_irq, hotplug_gsi)
+            .map_err(|e| Error::Kvm("KVM_IRQFD (GED)", e))?;
+        let hotplug_eject = evt("the hotplug eject event")?;
+        let hotplug = Arc::new(Mutex::new(AcpiHotplug::new(
+            EventFdTrigger::try_clone_from(&hotplug_irq)
+                .map_err(|e| Error::Io("an event fd", e))?,
+            hotplug_eject
+                .try_clone()
+                .map_err(|e| Error::Io("an event fd", e))?,
+        )));
+        pio_bus
+            .insert(
+                hotplug.clone(),
+                u64::from(HOTPLUG_PORT),
+                u64::from(HOTPLUG_SIZE),
+            )
+            .map_err(|e| Error::Device("the PCI hotplug registers", e))?;
+
         let msi = Arc::new(KvmMsiSink::new(vm.clone()));
         let ram_slots = u32::try_from(memory.num_regions()).unwrap_or(u32::MAX);
         let kvm_slots = resources::IdPool::new("KVM memory slot", ram_slots, KVM_MAX_USER_SLOT)
@@ -158,6 +187,10 @@ impl DeviceManager {
             serial: serial_dev,
             exit_events,
             irq_routing,
+            hotplug,
+            hotplug_gsi,
+            hotplug_eject,
+            _hotplug_irq: hotplug_irq,
             pci_bars: HashMap::new(),
             vm,
             memory,

@@ -105,6 +105,9 @@ pub enum Error {
     /// The pvIOMMU could not be set up.
     #[error("Cannot set up the pvIOMMU")]
     Iommu(#[source] iommu::IommuError),
+    /// The API could not be served.
+    #[error("Cannot serve the API")]
+    Api(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// A PCI device could not be plugged in.
     #[error("Cannot plug the PCI device in")]
     Pci(#[source] devices::pci::PciError),

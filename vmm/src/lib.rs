@@ -6,6 +6,7 @@
 //! ([`Vmm::event_manager`]). [`run`] does both steps for a plain VM.
 
 pub mod acpi;
+pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod config;
@@ -14,6 +15,7 @@ pub mod device_manager;
 pub mod error;
 pub mod event_loop;
 pub mod hooks;
+pub mod hotplug;
 pub mod kvm;
 pub mod pviommu;
 pub mod vcpu;
@@ -45,6 +47,8 @@ pub enum ExitReason {
     Reset,
     /// The guest triple-faulted (a reset, too).
     TripleFault,
+    /// `vm.shutdown` or `vmm.shutdown` through the API.
+    ApiShutdown,
 }
 
 impl ExitReason {
@@ -54,6 +58,7 @@ impl ExitReason {
             Self::PowerOff => "pvmm: guest powered off",
             Self::Reset => "pvmm: guest requested reset",
             Self::TripleFault => "pvmm: guest reset (triple fault)",
+            Self::ApiShutdown => "pvmm: shut down through the API",
         }
     }
 }
@@ -189,7 +194,7 @@ impl Vmm {
             }
             None => None,
         };
-        let tables = acpi::write_tables(&memory, config.memory, config.cpus)?;
+        let tables = acpi::write_tables(&memory, config.memory, config.cpus, devices.hotplug_gsi)?;
         let map = resources::memory_map(config.memory).map_err(Error::Memory)?;
         let boot_info = match kernel.entry {
             Entry::Linux64 { .. } => {
@@ -288,6 +293,12 @@ impl Vmm {
     /// or resets (`Ok`) or something fails (`Err`); stops every vCPU before
     /// returning.
     pub fn run(mut self) -> Result<ExitReason> {
+        self.run_until_exit()
+    }
+
+    /// [`Vmm::run`], leaving the event loop usable afterwards (the API
+    /// keeps serving after `vm.shutdown`).
+    pub(crate) fn run_until_exit(&mut self) -> Result<ExitReason> {
         let (pio_bus, mmio_bus) = {
             let d = devices::lock::mutex(&self.devices);
             (d.pio_bus.clone(), d.mmio_bus.clone())

@@ -18,7 +18,8 @@
 //! - `tk.iommu_dev=BB:DD.F`: a PCI device the VMM put behind the pvIOMMU,
 //!   for the attach/detach checks
 //!
-//! `tk.tests=hvbench` runs the guest-driven pvIOMMU benchmark (never part
+//! `tk.tests=hvbench` runs the guest-driven pvIOMMU benchmark, and
+//! `tk.tests=hotplug` waits for PCI hotplug events from the API (never part
 //! of the default set).
 
 #![no_std]
@@ -78,7 +79,10 @@ const TESTS: &[(&str, TestFn)] = &[
 ];
 
 /// Tests that run only when named (benchmarks).
-const ON_REQUEST: &[(&str, TestFn)] = &[("hvbench", suites::hvbench::run)];
+const ON_REQUEST: &[(&str, TestFn)] = &[
+    ("hvbench", suites::hvbench::run),
+    ("hotplug", suites::hotplug::run),
+];
 
 /// The ACPI tables, found once by the boot CPU (poweroff needs them from
 /// anywhere, including the exception handler).

@@ -1,0 +1,228 @@
+//! The REST API against a running test-kernel guest (`tk.tests=hotplug`):
+//! a dma-test device is hot-added, found by the guest, used for a DMA fill
+//! and hot-removed (the guest ejects it; it leaves every pvIOMMU domain);
+//! on the way, abuse: bad JSON, unknown and duplicate ids, 50 concurrent
+//! requests, a client that hangs up mid-request. The VM keeps running
+//! throughout and powers off by itself at the end.
+//!
+//! Plain HTTP/1.1 over `std::os::unix::net::UnixStream`, so that the test
+//! also checks the wire format.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::{artifacts, run};
+
+/// Sends one request; returns the status code and the body.
+fn request(socket: &Path, method: &str, route: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).expect("connect to the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let body = body.unwrap_or("");
+    let head = format!(
+        "{method} /api/v1/{route} HTTP/1.1\r\nHost: pvmm\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("send");
+    s.write_all(body.as_bytes()).expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+struct Vm {
+    child: Child,
+    socket: PathBuf,
+    serial: PathBuf,
+}
+
+impl Vm {
+    fn start(tag: &str, cmdline: &str) -> Self {
+        let dir = std::env::temp_dir();
+        let id = format!("{tag}-{}", std::process::id());
+        let socket = dir.join(format!("pvmm-api-{id}.sock"));
+        let serial = dir.join(format!("pvmm-api-{id}.log"));
+        let _ = std::fs::remove_file(&socket);
+        let bin = artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new(bin)
+            .arg("--api-socket")
+            .arg(&socket)
+            .arg("--serial")
+            .arg(format!("file={}", serial.display()))
+            .args(["--cmdline", cmdline])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("pvmm starts");
+        Self {
+            child,
+            socket,
+            serial,
+        }
+    }
+
+    fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Waits until the serial output contains `text`.
+    fn wait_for(&self, text: &str, timeout: Duration) -> Instant {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if self.serial().contains(text) {
+                return Instant::now();
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!("no {text:?} on the serial port:\n{}", self.serial());
+    }
+
+    fn ping_ok(&self) {
+        let (code, body) = request(&self.socket, "GET", "vmm.ping", None);
+        assert_eq!(code, 200, "{body}");
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.serial);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+#[test]
+fn hotplug_through_the_api_with_abuse_on_the_way() {
+    let _lock = run::vm_lock();
+    let vm = Vm::start("hotplug", "console=ttyS0 tk.tests=hotplug tk.hotplug=2");
+    vm.wait_for("# hotplug: ready", Duration::from_secs(60));
+    vm.ping_ok();
+    let socket = &vm.socket;
+
+    // Add: 200 with the id and address; the guest finds it and does a DMA.
+    let (code, body) = request(
+        socket,
+        "PUT",
+        "vm.add-device",
+        Some(r#"{"kind":"dma-test","id":"hp0","iommu":"pviommu"}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains(r#""id":"hp0""#) && body.contains(r#""bdf":"0000:00:"#),
+        "{body}"
+    );
+    vm.wait_for("# hotplug: dma ok", Duration::from_secs(30));
+    let (code, body) = request(socket, "GET", "vm.info", None);
+    assert_eq!(code, 200);
+    assert!(
+        body.contains(r#""id":"hp0""#) && body.contains(r#""kind":"dma-test""#),
+        "{body}"
+    );
+    let (code, body) = request(socket, "GET", "iommu.domains", None);
+    assert_eq!(code, 200);
+    assert!(
+        body.contains(r#""hp0""#),
+        "hp0 is in the default domain: {body}"
+    );
+
+    // Abuse: the right codes, and the VM keeps running.
+    let (code, body) = request(
+        socket,
+        "PUT",
+        "vm.add-device",
+        Some(r#"{"kind":"dma-test","id":"hp0"}"#),
+    );
+    assert_eq!(code, 409, "duplicate id: {body}");
+    let (code, body) = request(
+        socket,
+        "PUT",
+        "vm.add-device",
+        Some(r#"{"kind":"dma-test""#),
+    );
+    assert_eq!(code, 400, "bad JSON: {body}");
+    let (code, body) = request(socket, "PUT", "vm.add-device", Some(r#"{"kind":"nvme"}"#));
+    assert_eq!(code, 400, "bad kind: {body}");
+    let (code, body) = request(socket, "PUT", "vm.remove-device", Some(r#"{"id":"nope"}"#));
+    assert_eq!(code, 404, "unknown id: {body}");
+    let (code, body) = request(
+        socket,
+        "PUT",
+        "vm.add-device",
+        Some(r#"{"path":"/sys/bus/pci/devices/0000:99:00.0"}"#),
+    );
+    assert_eq!(code, 400, "a VFIO path that does not exist: {body}");
+    vm.ping_ok();
+
+    // 50 concurrent requests.
+    let threads: Vec<_> = (0..50)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let route = if i % 2 == 0 { "vmm.ping" } else { "vm.info" };
+                request(&socket, "GET", route, None).0
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().expect("client thread"), 200);
+    }
+
+    // A client that hangs up mid-request.
+    {
+        let mut s = UnixStream::connect(socket).expect("connect");
+        s.write_all(b"PUT /api/v1/vm.add-device HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"ki")
+            .expect("send");
+    }
+    vm.ping_ok();
+
+    // Remove: the guest ejects it, 204, and it is in no domain any more.
+    let (code, body) = request(socket, "PUT", "vm.remove-device", Some(r#"{"id":"hp0"}"#));
+    assert_eq!(code, 204, "{body}");
+    vm.wait_for("# hotplug: ejected", Duration::from_secs(5));
+    let (code, body) = request(socket, "GET", "iommu.domains", None);
+    assert_eq!(code, 200);
+    assert!(!body.contains(r#""hp0""#), "hp0 left every domain: {body}");
+
+    // A second device, removed last: the guest then powers off.
+    let (code, body) = request(
+        socket,
+        "PUT",
+        "vm.add-device",
+        Some(r#"{"kind":"dma-test"}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    let id = body
+        .split(r#""id":""#)
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("an id")
+        .to_string();
+    let start = Instant::now();
+    while vm.serial().matches("# hotplug: dma ok").count() < 2 {
+        assert!(start.elapsed() < Duration::from_secs(30), "{}", vm.serial());
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (code, body) = request(
+        socket,
+        "PUT",
+        "vm.remove-device",
+        Some(&format!(r#"{{"id":"{id}"}}"#)),
+    );
+    assert_eq!(code, 204, "{body}");
+    vm.wait_for("ok 1 - hotplug", Duration::from_secs(30));
+    assert!(vm.serial().contains("2 added, 2 DMA checked, 2 ejected"));
+}
