@@ -23,9 +23,9 @@ use iommu::DeviceId;
 use crate::iommufd::Iommufd;
 use crate::pci;
 use crate::ram::GuestRam;
-use crate::shim::iommufd::{AttachHwpt, IommufdBackend, NestFormat};
 use crate::suite::Failure;
 use crate::vfio::BoundDevice;
+use iommu::iommufd::{AttachHwpt, IommufdBackend, NestFormat};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;

@@ -10,10 +10,9 @@ pub mod edu;
 pub mod kmsg;
 pub mod pci;
 pub mod ram;
-pub mod shim;
-
-/// The IOMMUFD calls (and their extra uapi) of the `iommu` crate's backend.
-pub use shim::iommufd::{ioctl as iommufd, uapi};
 pub mod suite;
 pub mod tap;
 pub mod vfio;
+
+/// The IOMMUFD calls (and their extra uapi) of the `iommu` crate's backend.
+pub use iommu::iommufd::{ioctl as iommufd, uapi};

@@ -22,7 +22,6 @@ use crate::iommufd::{self, HwptData, InvalidateEntries, Iommufd, IommufdOps};
 use crate::kmsg::Kmsg;
 use crate::pci;
 use crate::ram::GuestRam;
-use crate::shim::iommufd::{AttachHwpt, IommufdBackend, NestFormat};
 use crate::tap::{diag, TapWriter};
 use crate::uapi::{
     CheckIotlb, HwptInvalidateSelftest, HwptSelftest, IommuTestCmd, MockDomain, MockDomainReplace,
@@ -31,6 +30,7 @@ use crate::uapi::{
 };
 use crate::vfio::{self, BoundDevice};
 use devices::pci::COMMAND_MEMORY;
+use iommu::iommufd::{AttachHwpt, IommufdBackend, NestFormat};
 
 /// Why a test failed: the message chain of an error, or a failed check.
 #[derive(Debug)]
