@@ -113,6 +113,60 @@ pub const IOAPIC_DEVICE_PIN_FIRST: u32 = 9;
 /// Number of PCI device slots on bus 0.
 pub const PCI_SLOTS: u8 = 32;
 
+/// The device numbers of PCI bus 0, lowest free first. Thirty-two slots are
+/// a bitmap, not an interval tree (vm-allocator's `free` also underflows for
+/// a range that starts below 2, which would leak slot 1 on every unplug).
+#[derive(Debug, Clone)]
+pub struct PciSlots {
+    used: u32,
+}
+
+impl PciSlots {
+    /// All slots free but slot 0, the host bridge's.
+    pub fn new() -> Self {
+        Self { used: 1 }
+    }
+
+    /// Takes the lowest free slot.
+    pub fn allocate(&mut self) -> Result<u8> {
+        let slot = u8::try_from(self.used.trailing_ones()).map_err(|_| Error::NoPciSlot)?;
+        if slot >= PCI_SLOTS {
+            return Err(Error::NoPciSlot);
+        }
+        self.used |= 1 << slot;
+        Ok(slot)
+    }
+
+    /// Takes slot `slot`, which must be free.
+    pub fn reserve(&mut self, slot: u8) -> Result<()> {
+        if slot >= PCI_SLOTS || self.is_used(slot) {
+            return Err(Error::PciSlot(slot));
+        }
+        self.used |= 1 << slot;
+        Ok(())
+    }
+
+    /// Gives slot `slot` back; it must be in use and not the host bridge's.
+    pub fn free(&mut self, slot: u8) -> Result<()> {
+        if slot == 0 || slot >= PCI_SLOTS || !self.is_used(slot) {
+            return Err(Error::PciSlot(slot));
+        }
+        self.used &= !(1 << slot);
+        Ok(())
+    }
+
+    /// Whether slot `slot` is taken.
+    pub fn is_used(&self, slot: u8) -> bool {
+        slot < PCI_SLOTS && self.used & (1 << slot) != 0
+    }
+}
+
+impl Default for PciSlots {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Every allocator of one VM.
 #[derive(Debug, Clone)]
 pub struct SystemAllocator {
@@ -129,7 +183,7 @@ pub struct SystemAllocator {
     /// GSIs for MSI routes.
     pub msi_gsis: IdPool,
     /// PCI slots on bus 0 (slot 0 is the host bridge).
-    pub pci_slots: RangeAllocator,
+    pub pci_slots: PciSlots,
     /// Opaque device ids (for the API and device bookkeeping).
     pub device_ids: IdPool,
 }
@@ -138,8 +192,6 @@ impl SystemAllocator {
     /// The allocators for a VM with `mem_size` bytes of memory.
     pub fn new(mem_size: u64) -> Result<Self> {
         let (mmio64_start, mmio64_size) = layout::mmio64_window(mem_size)?;
-        let mut pci_slots = RangeAllocator::new("PCI slot", 0, u64::from(PCI_SLOTS))?;
-        pci_slots.reserve(0, 1)?;
         Ok(Self {
             mmio32: RangeAllocator::new(
                 "PCI MMIO32",
@@ -163,28 +215,24 @@ impl SystemAllocator {
                 layout::IOAPIC_PINS - 1,
             )?,
             msi_gsis: IdPool::new("MSI GSI", MSI_GSI_START, MSI_GSI_LAST)?,
-            pci_slots,
+            pci_slots: PciSlots::new(),
             device_ids: IdPool::new("device id", 0, u32::MAX - 1)?,
         })
     }
 
     /// Allocates a free PCI slot (device number) on bus 0.
     pub fn allocate_pci_slot(&mut self) -> Result<u8> {
-        let slot = self.pci_slots.allocate(1, 1)?;
-        u8::try_from(slot).map_err(|_| Error::InvalidRange {
-            base: slot,
-            size: 1,
-        })
+        self.pci_slots.allocate()
     }
 
     /// Reserves PCI slot `slot` on bus 0.
     pub fn reserve_pci_slot(&mut self, slot: u8) -> Result<()> {
-        self.pci_slots.reserve(u64::from(slot), 1)
+        self.pci_slots.reserve(slot)
     }
 
     /// Frees PCI slot `slot`.
     pub fn free_pci_slot(&mut self, slot: u8) -> Result<()> {
-        self.pci_slots.free(u64::from(slot), 1)
+        self.pci_slots.free(slot)
     }
 
     /// Allocates a PCI BAR of `size` bytes (a power of two, at least 4 KiB
@@ -299,6 +347,18 @@ mod tests {
         a.free_pci_slot(7).unwrap();
         assert_eq!(a.allocate_pci_slot().unwrap(), 7);
         assert!(a.free_pci_slot(40).is_err());
+        assert!(a.free_pci_slot(0).is_err());
+    }
+
+    #[test]
+    fn pci_slot_1_can_be_freed_and_reused_forever() {
+        let mut a = SystemAllocator::new(512 * MIB).unwrap();
+        for _ in 0..100 {
+            let s = a.allocate_pci_slot().unwrap();
+            assert_eq!(s, 1);
+            a.free_pci_slot(s).unwrap();
+        }
+        assert!(a.free_pci_slot(1).is_err(), "double free refused");
     }
 
     #[test]

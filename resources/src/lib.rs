@@ -50,6 +50,12 @@ pub enum Error {
     /// An allocator refused (exhausted, overlap, double free...).
     #[error("{0} allocator")]
     Allocator(&'static str, #[source] vm_allocator::Error),
+    /// Every PCI slot of bus 0 is in use.
+    #[error("No free PCI slot on bus 0")]
+    NoPciSlot,
+    /// A PCI slot that cannot be reserved or freed in its current state.
+    #[error("PCI slot {0} is out of range, the host bridge's, or not in the expected state")]
+    PciSlot(u8),
 }
 
 /// Result of this crate.
