@@ -12,14 +12,14 @@
 //! too, so [`Edu::dma`] refuses anything past [`DMA_MAX_END`] before it
 //! reaches the device. A DMA that the IOMMU blocks is not
 //! reported by the device: reads return zeros, writes are dropped.
-#![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use vfio_ioctls::VfioDevice;
+
+use crate::devices_shim::vfio::VfioHw;
 
 /// VFIO region index of BAR0 (`VFIO_PCI_BAR0_REGION_INDEX`).
 pub const BAR0_REGION: u32 = 0;
@@ -89,59 +89,20 @@ pub trait RegionAccess {
 
 impl RegionAccess for VfioDevice {
     fn read_region(&self, region: u32, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let pos = region_pos(self, region, offset, buf.len())?;
-        // SAFETY: `buf` is valid for `buf.len()` bytes of writes; the fd is the
-        // open VFIO device; the result is checked.
-        let n = unsafe { libc::pread(self.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), pos) };
-        check_io(n, buf.len(), region, offset)
+        VfioHw::read(self, region, offset, buf).map_err(|source| Error::Region {
+            region,
+            offset,
+            source,
+        })
     }
 
     fn write_region(&self, region: u32, offset: u64, data: &[u8]) -> Result<()> {
-        let pos = region_pos(self, region, offset, data.len())?;
-        // SAFETY: `data` is valid for `data.len()` bytes of reads; the fd is the
-        // open VFIO device; the result is checked.
-        let n = unsafe { libc::pwrite(self.as_raw_fd(), data.as_ptr().cast(), data.len(), pos) };
-        check_io(n, data.len(), region, offset)
-    }
-}
-
-/// The file offset of `offset` in VFIO region `region`, range-checked.
-fn region_pos(dev: &VfioDevice, region: u32, offset: u64, len: usize) -> Result<i64> {
-    let size = dev.get_region_size(region);
-    let end = offset.checked_add(len as u64);
-    if end.is_none_or(|end| end > size) {
-        return Err(Error::RegionRange {
+        VfioHw::write(self, region, offset, data).map_err(|source| Error::Region {
             region,
             offset,
-            len,
-        });
-    }
-    dev.get_region_offset(region)
-        .checked_add(offset)
-        .and_then(|p| i64::try_from(p).ok())
-        .ok_or(Error::RegionRange {
-            region,
-            offset,
-            len,
+            source,
         })
-}
-
-fn check_io(n: isize, want: usize, region: u32, offset: u64) -> Result<()> {
-    if n < 0 {
-        return Err(Error::Region {
-            region,
-            offset,
-            source: io::Error::last_os_error(),
-        });
     }
-    if n as usize != want {
-        return Err(Error::Region {
-            region,
-            offset,
-            source: io::Error::new(io::ErrorKind::UnexpectedEof, "short access"),
-        });
-    }
-    Ok(())
 }
 
 /// Direction of an edu DMA.
