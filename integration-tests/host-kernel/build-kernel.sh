@@ -39,8 +39,12 @@ if [ -s "$out/bzImage" ]; then
 fi
 
 # --- build ------------------------------------------------------------------
+rm -rf "$cache_root"/build.* # left by a run that was killed
 work=$(mktemp -d "$cache_root/build.XXXXXX")
-trap 'rm -rf "$work"' EXIT
+# The tree (~1.5 GB) goes in the background: the caller need not wait, so
+# the removal keeps neither our output pipes nor the lock (fd 9).
+cleanup() { rm -rf "$work" </dev/null >/dev/null 2>&1 9>&- & }
+trap cleanup EXIT
 start=$(date +%s)
 log "unpacking $src_tarball ($src_version)"
 tar -xf "$src_tarball" -C "$work"
