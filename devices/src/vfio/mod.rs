@@ -8,6 +8,7 @@
 //!   Where `/dev/iommu` is missing, the legacy VFIO container/group path
 //!   ([`VfioPciDevice::open_legacy`]): guest RAM is then mapped with the
 //!   container's `vfio_dma_map`, and only direct attach is possible.
+//!   [`HostIommu::open`] picks one, [`VfioPciDevice::open_with`] uses it.
 //! - Configuration space: the device's own, except the BARs and the command
 //!   register (emulated: the guest programs addresses the VMM decodes), the
 //!   expansion ROM (hidden: reads 0), MSI (intercepted: the guest's address
@@ -34,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Arc;
 
-use iommufd_ioctls::{AttachHwpt, IommuFd};
+use iommufd_ioctls::{AttachHwpt, IommuFd, IommufdError};
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioIommufd, VfioRegionInfoCap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -108,6 +109,14 @@ pub enum VfioPciError {
     /// The configuration space could not be read.
     #[error("Cannot read the configuration space")]
     Config(#[source] io::Error),
+    /// Neither `/dev/iommu` nor the legacy `/dev/vfio/vfio` is usable.
+    #[error(
+        "No host IOMMU interface: /dev/iommu is missing and the VFIO container cannot be opened"
+    )]
+    NoHostIommu(#[source] VfioError),
+    /// `/dev/iommu` exists but cannot be opened.
+    #[error("Cannot open /dev/iommu")]
+    OpenIommufd(#[source] IommufdError),
     /// A BAR the device reports does not fit the emulated header.
     #[error("BAR {index} cannot be emulated")]
     Bar {
@@ -451,6 +460,30 @@ pub struct VfioPciDevice {
     bar_areas: Vec<BarArea>,
 }
 
+/// How VFIO devices reach the host IOMMU.
+#[derive(Clone)]
+pub enum HostIommu {
+    /// IOMMUFD (`/dev/iommu`): devices are bound with their cdev.
+    Iommufd(Arc<IommuFd>),
+    /// The legacy VFIO container (`/dev/vfio/vfio`) and groups.
+    Container(Arc<VfioContainer>),
+}
+
+impl HostIommu {
+    /// `/dev/iommu` when the kernel has it, else the legacy container.
+    pub fn open() -> Result<Self, VfioPciError> {
+        match IommuFd::new() {
+            Ok(fd) => Ok(HostIommu::Iommufd(Arc::new(fd))),
+            Err(IommufdError::OpenIommufd(e)) if e.kind() == io::ErrorKind::NotFound => {
+                VfioContainer::new(None)
+                    .map(|c| HostIommu::Container(Arc::new(c)))
+                    .map_err(VfioPciError::NoHostIommu)
+            }
+            Err(e) => Err(VfioPciError::OpenIommufd(e)),
+        }
+    }
+}
+
 /// Refuses a sysfs path whose device is not bound to vfio-pci.
 fn check_vfio_pci(sysfs: &Path) -> Result<(), VfioPciError> {
     let driver = std::fs::read_link(sysfs.join("driver"))
@@ -466,6 +499,19 @@ fn check_vfio_pci(sysfs: &Path) -> Result<(), VfioPciError> {
 }
 
 impl VfioPciDevice {
+    /// Opens the PCI function at `sysfs` through `host`: [`Self::open`] or
+    /// [`Self::open_legacy`].
+    pub fn open_with(
+        sysfs: &Path,
+        host: &HostIommu,
+        hooks: VfioHooks,
+    ) -> Result<Self, VfioPciError> {
+        match host {
+            HostIommu::Iommufd(fd) => Self::open(sysfs, Arc::clone(fd), hooks),
+            HostIommu::Container(c) => Self::open_legacy(sysfs, Arc::clone(c), hooks),
+        }
+    }
+
     /// Opens the VFIO cdev of the PCI function at `sysfs` (bound to
     /// vfio-pci) and binds it to `iommufd`, not attached to any page table
     /// yet: the IOMMUFD backend attaches it (see [`Self::attach_handle`]).

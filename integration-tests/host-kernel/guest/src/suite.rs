@@ -16,7 +16,9 @@ use iommu::backend::{
 use iommu::DeviceId;
 use iommufd_bindings::iommufd::iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT as HWPT_ALLOC_NEST_PARENT;
 
-use crate::devices_shim::vfio::{BarSlots, MsiRoutes, VfioHooks, VfioPciDevice, VfioPciError};
+use crate::devices_shim::vfio::{
+    BarSlots, HostIommu, MsiRoutes, VfioHooks, VfioPciDevice, VfioPciError,
+};
 use crate::edu::{self, Direction, Edu, RegionAccess};
 use crate::iommufd::{self, HwptData, InvalidateEntries, Iommufd, IommufdOps};
 use crate::kmsg::Kmsg;
@@ -144,7 +146,7 @@ pub const VFIO_TESTS: Suite = &[
         devices_vfio_passthrough,
     ),
     (
-        "devices::VfioPciDevice: legacy VFIO container/group path with DMA",
+        "devices::VfioPciDevice: without /dev/iommu, the legacy container/group path with DMA",
         devices_vfio_legacy_container,
     ),
     (
@@ -629,11 +631,11 @@ fn bad_already_bound(env: &Env) -> TestResult {
 }
 
 fn bad_no_dev_iommu(env: &Env) -> TestResult {
-    let hidden = env.dev_iommu.with_extension("hidden");
-    fs::rename(&env.dev_iommu, &hidden)?;
-    let result = Iommufd::open_path(&env.dev_iommu);
-    // Put it back before judging, so later tests still have it.
-    fs::rename(&hidden, &env.dev_iommu)?;
+    let result = {
+        // Put back when the guard goes, before judging.
+        let _hidden = HiddenDevIommu::new(&env.dev_iommu)?;
+        Iommufd::open_path(&env.dev_iommu)
+    };
     match result {
         Err(e @ iommufd::Error::NoIommufd { .. }) => {
             diag(format!("error: {}", chain(&e)));
@@ -1235,12 +1237,40 @@ fn devices_vfio_msix(env: &Env) -> TestResult {
     Ok(())
 }
 
+/// Hides `/dev/iommu` (a rename) until dropped.
+struct HiddenDevIommu<'a> {
+    path: &'a Path,
+    hidden: PathBuf,
+}
+
+impl<'a> HiddenDevIommu<'a> {
+    fn new(path: &'a Path) -> std::io::Result<Self> {
+        let hidden = path.with_extension("hidden");
+        fs::rename(path, &hidden)?;
+        Ok(Self { path, hidden })
+    }
+}
+
+impl Drop for HiddenDevIommu<'_> {
+    fn drop(&mut self) {
+        let _ = fs::rename(&self.hidden, self.path);
+    }
+}
+
 fn devices_vfio_legacy_container(env: &Env) -> TestResult {
     const BAR0: u64 = 0xc000_0000;
     let ram = GuestRam::new(c"guest-ram", RAM_SIZE)?;
-    let container = Arc::new(vfio_ioctls::VfioContainer::new(None)?);
-    let mut dev =
-        VfioPciDevice::open_legacy(&env.edu, Arc::clone(&container), VfioHooks::default())?;
+    // Without /dev/iommu, the devices crate falls back to the container.
+    let host = {
+        let _hidden = HiddenDevIommu::new(&env.dev_iommu)?;
+        HostIommu::open()?
+    };
+    let HostIommu::Container(container) = &host else {
+        return Err(Failure(
+            "HostIommu::open chose IOMMUFD without /dev/iommu".into(),
+        ));
+    };
+    let mut dev = VfioPciDevice::open_with(&env.edu, &host, VfioHooks::default())?;
     ensure!(
         dev.iommufd_dev_id().is_none(),
         "a legacy device has no iommufd id"
@@ -1263,7 +1293,7 @@ fn devices_vfio_legacy_container(env: &Env) -> TestResult {
     )?;
     container.vfio_dma_unmap(0, RAM_SIZE)?;
     dma_blocked(&edu, &ram, 0x3000, 0x3000)?;
-    diag("legacy container: DMA through VFIO type1 mapping, blocked after unmap");
+    diag("no /dev/iommu: legacy container chosen; DMA through VFIO type1 mapping, blocked after unmap");
     Ok(())
 }
 
