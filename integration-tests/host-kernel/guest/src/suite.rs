@@ -153,6 +153,10 @@ pub const VFIO_TESTS: Suite = &[
         "devices::VfioPciDevice: MSI-X table shadowed, vector routed, VFIO trigger arrives",
         devices_vfio_msix,
     ),
+    (
+        "pvIOMMU hypercalls (iommu::Iommu) drive edu DMA through IOMMUFD: S2 map, unmap, detach",
+        hypercalls_drive_edu_through_iommufd,
+    ),
 ];
 
 /// The IOMMUFD selftest-mock suite. Linux 6.12 probes a device without
@@ -1294,6 +1298,225 @@ fn devices_vfio_legacy_container(env: &Env) -> TestResult {
     container.vfio_dma_unmap(0, RAM_SIZE)?;
     dma_blocked(&edu, &ram, 0x3000, 0x3000)?;
     diag("no /dev/iommu: legacy container chosen; DMA through VFIO type1 mapping, blocked after unmap");
+    Ok(())
+}
+
+/// Guest memory and the pvIOMMU as the VMM holds them, for issuing the
+/// guest's hypercalls from here: inputs go in a page of guest RAM, as a
+/// guest kernel would put them.
+struct Hypercalls<'a> {
+    iommu: &'a iommu::Iommu,
+    mem: &'a vm_memory::GuestMemoryMmap,
+    input_gpa: u64,
+}
+
+impl Hypercalls<'_> {
+    /// Issues call `code` with `input` (plus `reps` for a rep call);
+    /// returns the status.
+    fn call(
+        &self,
+        code: iommu::abi::HypercallCode,
+        input: &[u8],
+        reps: u16,
+    ) -> Result<u16, Failure> {
+        use vm_memory::{Bytes, GuestAddress};
+        self.mem
+            .write_slice(input, GuestAddress(self.input_gpa))
+            .map_err(|e| Failure(format!("input page: {e}")))?;
+        let mut control = iommu::abi::Control::new()
+            .with_code(code.0)
+            .with_rep_count(reps);
+        loop {
+            let regs = iommu::HypercallRegs {
+                rcx: control.into_bits(),
+                rdx: self.input_gpa,
+                r8: 0,
+            };
+            match self.iommu.dispatch(self.mem, 0, regs) {
+                iommu::HypercallOutcome::Complete { rax } => {
+                    return Ok(iommu::abi::HypercallOutput::from_bits(rax).status())
+                }
+                iommu::HypercallOutcome::Continue { rcx } => {
+                    control = iommu::abi::Control::from_bits(rcx)
+                }
+            }
+        }
+    }
+
+    fn ok(
+        &self,
+        what: &str,
+        code: iommu::abi::HypercallCode,
+        input: &[u8],
+        reps: u16,
+    ) -> TestResult {
+        match self.call(code, input, reps)? {
+            0 => Ok(()),
+            s => Err(Failure(format!("{what}: status {s:#x}"))),
+        }
+    }
+}
+
+fn hypercalls_drive_edu_through_iommufd(env: &Env) -> TestResult {
+    use iommu::abi::{
+        DeviceDomainId, DeviceDomainType, HypercallCode, InputAttachDeviceDomain,
+        InputCreateDeviceDomain, InputDeleteDeviceDomain, InputDetachDeviceDomain,
+        InputDeviceDomain, InputMapDeviceGpaPages, InputUnmapDeviceGpaPages,
+    };
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+    use zerocopy::little_endian::{U32, U64};
+    use zerocopy::IntoBytes;
+
+    const IOVA: u64 = 0x80_0000;
+    const PAGE: u64 = 0x6000; // GPA behind IOVA
+    const INPUT: u64 = 0x1f_0000; // the hypercall input page
+                                  // Guest RAM as the VMM has it (vm-memory), mirrored at IOVA = GPA.
+    let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM_SIZE)])
+        .map_err(|e| Failure(format!("guest memory: {e}")))?;
+    let host = mem
+        .get_host_address(GuestAddress(0))
+        .map_err(|e| Failure(format!("host address: {e}")))?;
+    let fd = Iommufd::open_path(&env.dev_iommu)?;
+    let backend = Arc::new(IommufdBackend::new(
+        Arc::new(fd.clone()),
+        NestFormat::VtdS1,
+    )?);
+    // SAFETY: `mem` outlives the backend (the Iommu holding it is dropped
+    // first) and guest memory is only accessed through vm-memory copies.
+    unsafe { backend.add_ram_region(0, RAM_SIZE as u64, host)? };
+    let iommu = iommu::Iommu::new(iommu::IommuConfig::default())?;
+    let backend_id = iommu.add_backend(Arc::clone(&backend) as Arc<dyn Backend>);
+    let mut dev = VfioPciDevice::open(&env.edu, Arc::clone(fd.inner()), VfioHooks::default())?;
+    let (dev_id, handle) = (
+        dev.iommufd_dev_id()
+            .ok_or_else(|| Failure("no dev id".into()))?,
+        dev.attach_handle()
+            .ok_or_else(|| Failure("no handle".into()))?,
+    );
+    backend.add_host_device(EDU_ID, dev_id, handle)?;
+    iommu.register_device(EDU_ID, backend_id)?;
+
+    // A guest view of edu whose RAM is `mem`.
+    const BAR0: u64 = 0xc000_0000;
+    devices::pci::PciDevice::set_bar_address(&mut dev, 0, BAR0)?;
+    let view = GuestView {
+        dev: std::sync::Mutex::new(&mut dev),
+        base: BAR0,
+    };
+    let edu = Edu::new(&view)?;
+    let put = |gpa: u64, data: &[u8]| {
+        mem.write_slice(data, GuestAddress(gpa))
+            .map_err(|e| Failure(format!("write {gpa:#x}: {e}")))
+    };
+    let get = |gpa: u64| -> Result<Vec<u8>, Failure> {
+        let mut b = vec![0u8; CHUNK];
+        mem.read_slice(&mut b, GuestAddress(gpa))
+            .map_err(|e| Failure(format!("read {gpa:#x}: {e}")))?;
+        Ok(b)
+    };
+    // Through `iova`: RAM at `src` -> device -> RAM at `dst`.
+    let dma =
+        |iova_src: u64, src: u64, iova_dst: u64, dst: u64, seed: u32| -> Result<bool, Failure> {
+            let p = pattern(seed, CHUNK);
+            put(src, &p)?;
+            put(dst, &vec![0u8; CHUNK])?;
+            edu.dma(Direction::RamToDevice, iova_src, 0, CHUNK)?;
+            edu.dma(Direction::DeviceToRam, iova_dst, 0, CHUNK)?;
+            Ok(get(dst)? == p)
+        };
+    ensure!(
+        dma(0x2000, 0x2000, 0x3000, 0x3000, 20)?,
+        "default domain: DMA at IOVA = GPA failed"
+    );
+
+    let hc = Hypercalls {
+        iommu: &iommu,
+        mem: &mem,
+        input_gpa: INPUT,
+    };
+    let domain = DeviceDomainId::with(DeviceDomainType::S2, 5);
+    let header = InputDeviceDomain::new(domain);
+    let create = InputCreateDeviceDomain {
+        device_domain: header,
+        create_device_domain_flags: U32::new(0),
+    };
+    hc.ok(
+        "CREATE",
+        HypercallCode::CREATE_DEVICE_DOMAIN,
+        create.as_bytes(),
+        0,
+    )?;
+    let attach = InputAttachDeviceDomain {
+        device_domain: header,
+        device_id: U64::new(EDU_ID.into_bits()),
+    };
+    hc.ok(
+        "ATTACH",
+        HypercallCode::ATTACH_DEVICE_DOMAIN,
+        attach.as_bytes(),
+        0,
+    )?;
+    ensure!(
+        !dma(0x2000, 0x2000, 0x3000, 0x3000, 21)?,
+        "IOVA = GPA still works in the S2 domain"
+    );
+    let map = InputMapDeviceGpaPages {
+        device_domain: header,
+        target_vtl: 0,
+        padding: [0; 3],
+        map_flags: U32::new(0x3), // READABLE | WRITABLE
+        target_device_va_base: U64::new(IOVA),
+    };
+    let mut input = map.as_bytes().to_vec();
+    input.extend_from_slice(&(PAGE >> 12).to_le_bytes());
+    hc.ok("MAP", HypercallCode::MAP_DEVICE_GPA_PAGES, &input, 1)?;
+    ensure!(
+        dma(IOVA, PAGE, IOVA + 0x800, PAGE + 0x800, 22)?,
+        "DMA through the guest's mapping failed"
+    );
+    let unmap = InputUnmapDeviceGpaPages {
+        device_domain: header,
+        target_device_va_base: U64::new(IOVA),
+    };
+    hc.ok(
+        "UNMAP",
+        HypercallCode::UNMAP_DEVICE_GPA_PAGES,
+        unmap.as_bytes(),
+        1,
+    )?;
+    ensure!(
+        !dma(IOVA, PAGE, IOVA + 0x800, PAGE + 0x800, 23)?,
+        "DMA after UNMAP reached RAM"
+    );
+    let detach = InputDetachDeviceDomain {
+        partition_id: U64::new(u64::MAX),
+        device_id: U64::new(EDU_ID.into_bits()),
+    };
+    hc.ok(
+        "DETACH",
+        HypercallCode::DETACH_DEVICE_DOMAIN,
+        detach.as_bytes(),
+        0,
+    )?;
+    ensure!(
+        dma(0x2000, 0x2000, 0x3000, 0x3000, 24)?,
+        "after DETACH: IOVA = GPA failed"
+    );
+    let delete = InputDeleteDeviceDomain {
+        device_domain: header,
+    };
+    hc.ok(
+        "DELETE",
+        HypercallCode::DELETE_DEVICE_DOMAIN,
+        delete.as_bytes(),
+        0,
+    )?;
+    let s = backend.stats();
+    diag(format!(
+        "hypercalls: CREATE, ATTACH, MAP (1 page), UNMAP, DETACH, DELETE; IOMMUFD: {} maps, {} unmaps, {} attaches",
+        s.maps, s.unmaps, s.attaches
+    ));
+    iommu.unregister_device(EDU_ID)?;
     Ok(())
 }
 
