@@ -172,6 +172,10 @@ pub const SELFTEST_TESTS: Suite = &[
         "iommu::IommufdBackend: S1 nested HWPT and invalidations on the selftest mock",
         backend_s1_selftest,
     ),
+    (
+        "pvIOMMU hypercalls: S1 CONFIGURE and FLUSH(_LIST) forwarded to a nested HWPT (mock)",
+        hypercalls_s1_flushes_reach_the_nested_hwpt,
+    ),
 ];
 
 /// Runs `tests`, printing TAP; returns the number of failures.
@@ -1361,7 +1365,7 @@ fn hypercalls_drive_edu_through_iommufd(env: &Env) -> TestResult {
     use iommu::abi::{
         DeviceDomainId, DeviceDomainType, HypercallCode, InputAttachDeviceDomain,
         InputCreateDeviceDomain, InputDeleteDeviceDomain, InputDetachDeviceDomain,
-        InputDeviceDomain, InputMapDeviceGpaPages, InputUnmapDeviceGpaPages,
+        InputDeviceDomain, InputMapDeviceGpaPages, InputUnmapDeviceGpaPages, MapFlags,
     };
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
     use zerocopy::little_endian::{U32, U64};
@@ -1464,7 +1468,12 @@ fn hypercalls_drive_edu_through_iommufd(env: &Env) -> TestResult {
         device_domain: header,
         target_vtl: 0,
         padding: [0; 3],
-        map_flags: U32::new(0x3), // READABLE | WRITABLE
+        map_flags: U32::new(
+            MapFlags::new()
+                .with_readable(true)
+                .with_writable(true)
+                .into_bits(),
+        ),
         target_device_va_base: U64::new(IOVA),
     };
     let mut input = map.as_bytes().to_vec();
@@ -1517,6 +1526,144 @@ fn hypercalls_drive_edu_through_iommufd(env: &Env) -> TestResult {
         s.maps, s.unmaps, s.attaches
     ));
     iommu.unregister_device(EDU_ID)?;
+    Ok(())
+}
+
+fn hypercalls_s1_flushes_reach_the_nested_hwpt(env: &Env) -> TestResult {
+    use iommu::abi::{
+        DeviceDomainId, DeviceDomainSettings, DeviceDomainSettingsFlags, DeviceDomainType,
+        FlushListEntry, HypercallCode, InputAttachDeviceDomain, InputConfigureDeviceDomain,
+        InputCreateDeviceDomain, InputDeviceDomain, InputFlushDeviceDomain,
+        InputFlushDeviceDomainList,
+    };
+    use vm_memory::{GuestAddress, GuestMemoryBackend};
+    use zerocopy::little_endian::{U32, U64};
+    use zerocopy::IntoBytes;
+
+    const D: u32 = IOMMU_TEST_IOTLB_DEFAULT;
+    // The mock domain's aperture starts at 16 MiB: guest RAM lives there.
+    const GPA: u64 = 0x100_0000;
+    let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(GPA), RAM_SIZE)])
+        .map_err(|e| Failure(format!("guest memory: {e}")))?;
+    let host = mem
+        .get_host_address(GuestAddress(GPA))
+        .map_err(|e| Failure(format!("host address: {e}")))?;
+    let fd = Iommufd::open_path(&env.dev_iommu)?;
+    let backend = Arc::new(IommufdBackend::new(
+        Arc::new(fd.clone()),
+        NestFormat::Selftest,
+    )?);
+    // SAFETY: `mem` outlives the backend and is only accessed by vm-memory.
+    unsafe { backend.add_ram_region(GPA, RAM_SIZE as u64, host)? };
+    let iommu = iommu::Iommu::new(iommu::IommuConfig {
+        s1: true,
+        ..Default::default()
+    })?;
+    let backend_id = iommu.add_backend(Arc::clone(&backend) as Arc<dyn Backend>);
+    let mut mock = IommuTestCmd::new(backend.direct_ioas(), MockDomain::default());
+    fd.test_cmd(&mut mock).map_err(ctx("MOCK_DOMAIN"))?;
+    let (stdev, idev) = (mock.payload.out_stdev_id, mock.payload.out_idev_id);
+    backend.add_host_device(
+        EDU_ID,
+        idev,
+        Arc::new(MockDevice {
+            fd: fd.clone(),
+            stdev,
+        }),
+    )?;
+    iommu.register_device(EDU_ID, backend_id)?;
+
+    let hc = Hypercalls {
+        iommu: &iommu,
+        mem: &mem,
+        input_gpa: GPA + 0x10_0000,
+    };
+    let header = InputDeviceDomain::new(DeviceDomainId::with(DeviceDomainType::S1, 6));
+    let create = InputCreateDeviceDomain {
+        device_domain: header,
+        create_device_domain_flags: U32::new(0),
+    };
+    hc.ok(
+        "CREATE",
+        HypercallCode::CREATE_DEVICE_DOMAIN,
+        create.as_bytes(),
+        0,
+    )?;
+    let configure = InputConfigureDeviceDomain {
+        device_domain: header,
+        settings: DeviceDomainSettings {
+            flags: U64::new(
+                DeviceDomainSettingsFlags::new()
+                    .with_translation_enabled(true)
+                    .into_bits(),
+            ),
+            page_table_root: U64::new(GPA + 0x2000),
+        },
+    };
+    hc.ok(
+        "CONFIGURE",
+        HypercallCode::CONFIGURE_DEVICE_DOMAIN,
+        configure.as_bytes(),
+        0,
+    )?;
+    let attach = InputAttachDeviceDomain {
+        device_domain: header,
+        device_id: U64::new(EDU_ID.into_bits()),
+    };
+    hc.ok(
+        "ATTACH",
+        HypercallCode::ATTACH_DEVICE_DOMAIN,
+        attach.as_bytes(),
+        0,
+    )?;
+    let nested = backend
+        .s1_hwpt(6)
+        .ok_or_else(|| Failure("no nested HWPT after CONFIGURE + ATTACH".into()))?;
+    check_iotlb(&fd, nested, [D; 4])?;
+
+    // Pages 5 and 6 as two entries: merged into one range, which the mock
+    // turns into its IOTLB entries 1 and 2.
+    let list = InputFlushDeviceDomainList {
+        device_domain: header,
+        flags: U32::new(0),
+        reserved: U32::new(0),
+    };
+    let mut input = list.as_bytes().to_vec();
+    for page in [5u64, 6] {
+        let e = FlushListEntry::new()
+            .with_page_number(page)
+            .with_page_mask_shift(0);
+        input.extend_from_slice(&e.into_bits().to_le_bytes());
+    }
+    hc.ok(
+        "FLUSH_LIST",
+        HypercallCode::FLUSH_DEVICE_DOMAIN_LIST,
+        &input,
+        2,
+    )?;
+    check_iotlb(&fd, nested, [D, 0, 0, D])?;
+    let stats = backend.stats();
+    ensure!(
+        stats.invalidations == 1,
+        "2 adjacent entries gave {} invalidations",
+        stats.invalidations
+    );
+    let flush = InputFlushDeviceDomain {
+        device_domain: header,
+        flags: U32::new(0),
+        reserved: U32::new(0),
+    };
+    hc.ok(
+        "FLUSH",
+        HypercallCode::FLUSH_DEVICE_DOMAIN,
+        flush.as_bytes(),
+        0,
+    )?;
+    check_iotlb(&fd, nested, [0; 4])?;
+    diag("hypercalls: FLUSH_DEVICE_DOMAIN_LIST (2 entries, 1 range) and FLUSH_DEVICE_DOMAIN reached the mock IOTLB");
+
+    iommu.unregister_device(EDU_ID)?;
+    fd.destroy(stdev).map_err(ctx("destroy the mock device"))?;
     Ok(())
 }
 
