@@ -13,5 +13,6 @@ pub mod legacy;
 pub mod lock;
 pub mod pci;
 pub mod ratelimit;
+pub mod vfio;
 
 pub use bus::{Bus, BusDevice, BusError, SharedBusDevice};

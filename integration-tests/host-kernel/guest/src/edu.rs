@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use vfio_ioctls::VfioDevice;
 
-use crate::devices_shim::vfio::VfioHw;
+use devices::vfio::VfioHw;
 
 /// VFIO region index of BAR0 (`VFIO_PCI_BAR0_REGION_INDEX`).
 pub const BAR0_REGION: u32 = 0;

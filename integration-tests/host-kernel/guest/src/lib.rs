@@ -5,7 +5,6 @@
 //! serial console to the cargo test in tests/harness.rs.
 
 pub mod bench;
-pub mod devices_shim;
 pub mod edu;
 pub mod kmsg;
 pub mod pci;

@@ -16,9 +16,6 @@ use iommu::backend::{
 use iommu::DeviceId;
 use iommufd_bindings::iommufd::iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT as HWPT_ALLOC_NEST_PARENT;
 
-use crate::devices_shim::vfio::{
-    BarSlots, HostIommu, MsiRoutes, VfioHooks, VfioPciDevice, VfioPciError,
-};
 use crate::edu::{self, Direction, Edu, RegionAccess};
 use crate::iommufd::{self, HwptData, InvalidateEntries, Iommufd, IommufdOps};
 use crate::kmsg::Kmsg;
@@ -32,6 +29,7 @@ use crate::uapi::{
 };
 use crate::vfio::{self, BoundDevice};
 use devices::pci::COMMAND_MEMORY;
+use devices::vfio::{BarSlots, HostIommu, MsiRoutes, VfioHooks, VfioPciDevice, VfioPciError};
 use iommu::iommufd::{AttachHwpt, IommufdBackend, NestFormat};
 
 /// Why a test failed: the message chain of an error, or a failed check.

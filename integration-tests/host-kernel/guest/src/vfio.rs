@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use vfio_ioctls::VfioDevice;
 
-use crate::devices_shim::vfio::{VfioHooks, VfioPciDevice, VfioPciError};
 use crate::iommufd::{self, Iommufd, IommufdOps};
+use devices::vfio::{VfioHooks, VfioPciDevice, VfioPciError};
 
 /// Errors of [`BoundDevice::open`].
 #[derive(Debug, thiserror::Error)]
