@@ -17,8 +17,6 @@
 use acpi_tables::aml;
 use acpi_tables::Aml;
 use devices::acpi_hotplug::{GED_PCI_HOTPLUG, HOTPLUG_PORT, HOTPLUG_SIZE};
-use devices::bus::BusDevice;
-use devices::pci::{BarKind, PciBarRegion, PciConfiguration, PciDevice, PciError, PciHeader};
 
 /// First hotpluggable slot (slot 0 is the host bridge).
 pub const FIRST_SLOT: u8 = 1;
@@ -167,57 +165,6 @@ pub fn append_aml(body: &mut Vec<u8>, gsi: u32) {
     .to_aml_bytes(body);
 }
 
-/// Vendor id of the stand-in device (the one QEMU's test devices use).
-pub const STAND_IN_VENDOR: u16 = 0x1234;
-/// Device id of the stand-in device.
-pub const STAND_IN_DEVICE: u16 = 0x11ec;
-
-/// A PCI function with one 4 KiB memory BAR that reads zero: something to
-/// hot-add and find when no DMA test device is available. It does no DMA.
-#[derive(Debug)]
-pub struct StandInDevice {
-    config: PciConfiguration,
-}
-
-impl StandInDevice {
-    /// A fresh device.
-    pub fn new() -> Result<Self, PciError> {
-        let mut config = PciConfiguration::new(&PciHeader {
-            vendor_id: STAND_IN_VENDOR,
-            device_id: STAND_IN_DEVICE,
-            class: 0xff,
-            ..Default::default()
-        });
-        config.add_bar(0, 0x1000, BarKind::Mmio32, false)?;
-        Ok(Self { config })
-    }
-}
-
-impl PciDevice for StandInDevice {
-    fn read_config(&mut self, offset: u16, data: &mut [u8]) {
-        self.config.read(offset, data)
-    }
-    fn write_config(&mut self, offset: u16, data: &[u8]) {
-        self.config.write(offset, data)
-    }
-    fn bar_regions(&self) -> Vec<PciBarRegion> {
-        self.config.decoded_bars()
-    }
-    fn declared_bars(&self) -> Vec<(usize, u64, BarKind)> {
-        self.config.declared_bars()
-    }
-    fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciError> {
-        self.config.set_bar_address(index, addr)
-    }
-}
-
-impl BusDevice for StandInDevice {
-    fn read(&mut self, _base: u64, _offset: u64, data: &mut [u8]) {
-        data.fill(0);
-    }
-    fn write(&mut self, _base: u64, _offset: u64, _data: &[u8]) {}
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -256,14 +203,5 @@ mod tests {
         assert!(has(&body, &[0x89, 6, 0, 0x01, 1, 9, 0, 0, 0]));
         // The register block's I/O resource: 0x610, 16 ports.
         assert!(has(&body, &[0x47, 1, 0x10, 0x06, 0x10, 0x06, 1, 16]));
-    }
-
-    #[test]
-    fn stand_in_device_declares_one_bar() {
-        let mut d = StandInDevice::new().unwrap();
-        assert_eq!(d.declared_bars(), vec![(0, 0x1000, BarKind::Mmio32)]);
-        let mut id = [0u8; 4];
-        d.read_config(0, &mut id);
-        assert_eq!(u32::from_le_bytes(id), 0x11ec_1234);
     }
 }
