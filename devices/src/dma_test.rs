@@ -182,11 +182,7 @@ impl DmaTest {
     fn read_in(&mut self, segs: &Segments) -> Result<(), Stop> {
         let mut at = 0usize;
         for s in segs {
-            let n = usize::try_from(s.len).map_err(|_| Stop::Status(status::BAD_LENGTH))?;
-            let end = at.checked_add(n).filter(|&e| e <= self.bounce.len());
-            let Some(end) = end else {
-                return Err(Stop::Status(status::BAD_LENGTH));
-            };
+            let end = bounce_end(at, s.len, self.bounce.len())?;
             self.memory
                 .read_slice(&mut self.bounce[at..end], GuestAddress(s.gpa))
                 .map_err(|_| Stop::Fault {
@@ -203,11 +199,7 @@ impl DmaTest {
     fn write_out(&self, segs: &Segments) -> Result<(), Stop> {
         let mut at = 0usize;
         for s in segs {
-            let n = usize::try_from(s.len).map_err(|_| Stop::Status(status::BAD_LENGTH))?;
-            let end = at.checked_add(n).filter(|&e| e <= self.bounce.len());
-            let Some(end) = end else {
-                return Err(Stop::Status(status::BAD_LENGTH));
-            };
+            let end = bounce_end(at, s.len, self.bounce.len())?;
             self.memory
                 .write_slice(&self.bounce[at..end], GuestAddress(s.gpa))
                 .map_err(|_| Stop::Fault {
@@ -364,6 +356,16 @@ impl BusDevice for DmaTest {
             self.execute(cmd);
         }
     }
+}
+
+/// Where a segment of `len` bytes that starts at `at` ends in a bounce buffer
+/// of `cap` bytes, or BAD_LENGTH when it does not fit.
+fn bounce_end(at: usize, len: u64, cap: usize) -> Result<usize, Stop> {
+    usize::try_from(len)
+        .ok()
+        .and_then(|n| at.checked_add(n))
+        .filter(|&end| end <= cap)
+        .ok_or(Stop::Status(status::BAD_LENGTH))
 }
 
 #[cfg(test)]
