@@ -161,10 +161,10 @@ impl Vmm {
         };
 
         let memory = Arc::new(kvm::create_guest_memory(config.memory)?);
-        let vm = Arc::new(kvm::create_vm(&kvm, &memory)?);
-        if let Some(msr) = &hooks.msr {
-            install_msr_filter(&vm, &msr.msrs())?;
-        }
+        let vm = Arc::new(kvm::create_vm(&kvm, &memory, |vm| match &hooks.msr {
+            Some(msr) => install_msr_filter(vm, &msr.msrs()),
+            None => Ok(()),
+        })?);
         let mut devices =
             DeviceManager::new(vm.clone(), memory.clone(), config.memory, &config.serial)?;
         for (n, d) in config.devices.iter().enumerate() {
