@@ -9,6 +9,7 @@ pub mod acpi_hotplug;
 pub mod bus;
 pub mod dma_test;
 pub mod interrupt;
+pub mod ioapic;
 pub mod legacy;
 pub mod lock;
 pub mod pci;

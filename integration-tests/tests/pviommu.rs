@@ -72,8 +72,10 @@ fn main_command_shows_the_pviommu_at_work() {
     }
     let (out, r) = pvmm(&[]);
     assert!(out.success(), "{}", out.describe());
-    r.expect_all_ok(&["mem", "cmdline", "smp", "pci", "pviommu", "dma", "demo"])
-        .unwrap_or_else(|p| panic!("{p}\n{}", out.describe()));
+    r.expect_all_ok(&[
+        "mem", "cmdline", "smp", "pci", "irq", "pviommu", "dma", "demo",
+    ])
+    .unwrap_or_else(|p| panic!("{p}\n{}", out.describe()));
     for what in [
         "pvIOMMU: domain 40 (S2): mapped 16 pages at IOVA 0x100000",
         "pvIOMMU: DMA copy 4096 bytes",

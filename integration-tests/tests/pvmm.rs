@@ -13,7 +13,9 @@ use std::time::Duration;
 const TIMEOUT: Duration = Duration::from_secs(120);
 const BASIC: [&str; 4] = ["mem", "cmdline", "smp", "pci"];
 /// Every test of the kernel, in its default order.
-const ALL: [&str; 7] = ["mem", "cmdline", "smp", "pci", "pviommu", "dma", "demo"];
+const ALL: [&str; 8] = [
+    "mem", "cmdline", "smp", "pci", "irq", "pviommu", "dma", "demo",
+];
 
 fn pvmm() -> Command {
     let bin = artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"));

@@ -67,9 +67,9 @@ fn madt(cpus: u8) -> MADT {
         u32::try_from(layout::IOAPIC_START).unwrap_or(0),
         0,
     ));
-    // ISA IRQs are GSIs of the same number (KVM's default routing, see
+    // ISA IRQs are GSIs of the same number (IOAPIC pin = GSI, see
     // kvm::IrqRouting); IRQ 9, the conventional SCI line, is level
-    // triggered, active high.
+    // triggered, active high. No PCAT_COMPAT flag: there is no PIC.
     m.add_structure(InterruptSourceOverride {
         r#type: 2,
         length: 10,

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use devices::acpi_hotplug::{AcpiHotplug, HOTPLUG_PORT, HOTPLUG_SIZE};
 use devices::bus::{Bus, BusDevice, SharedBusDevice};
 use devices::interrupt::MsiSink;
+use devices::ioapic::Ioapic;
 use devices::legacy::{AcpiSleep, EventFdTrigger, ExitEvents, Serial, SerialOutput, I8042};
 use devices::pci::{PciAddress, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
 use kvm_ioctls::VmFd;
@@ -20,7 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SerialConfig;
 use crate::error::{Error, Result};
-use crate::kvm::{IrqRouting, KvmMsiSink};
+use crate::kvm::{IrqRouting, KvmMsiSink, KvmPinRoutes, SharedIrqRouting};
 
 /// Every device of a VM and the resources they use.
 pub struct DeviceManager {
@@ -36,8 +37,9 @@ pub struct DeviceManager {
     pub serial: Arc<Mutex<Serial>>,
     /// Reset/poweroff events raised by devices.
     pub exit_events: ExitEvents,
-    /// GSI routing (MSI routes for irqfd-driven devices).
-    pub irq_routing: IrqRouting,
+    /// GSI routing: the IOAPIC's pin routes and the MSI routes of
+    /// irqfd-driven devices.
+    pub irq_routing: SharedIrqRouting,
     /// KVM memory slot numbers for device memory (VFIO BAR mappings); RAM
     /// uses the first ones.
     pub kvm_slots: resources::IdPool,
@@ -100,7 +102,15 @@ impl DeviceManager {
         let pio_bus = Arc::new(Bus::new());
         let mmio_bus = Arc::new(Bus::new());
         let mut allocator = SystemAllocator::new(mem_size).map_err(Error::Memory)?;
-        let irq_routing = IrqRouting::new();
+        let irq_routing: SharedIrqRouting = Arc::new(Mutex::new(IrqRouting::new()));
+        let ioapic = Ioapic::new(Box::new(KvmPinRoutes::new(vm.clone(), irq_routing.clone())));
+        mmio_bus
+            .insert(
+                Arc::new(Mutex::new(ioapic)),
+                layout::IOAPIC_START,
+                layout::IOAPIC_SIZE,
+            )
+            .map_err(|e| Error::Device("the IOAPIC", e))?;
         let exit_events = ExitEvents::new().map_err(|e| Error::Io("exit events", e))?;
 
         let serial_irq = evt("the serial interrupt")?;

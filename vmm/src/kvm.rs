@@ -1,30 +1,32 @@
 //! The KVM VM: capability checks, guest RAM, interrupt controllers and GSI
 //! routing.
 //!
-//! # In-kernel irqchip, not split
+//! # Split irqchip
 //!
-//! pvmm uses KVM's in-kernel irqchip (PIC, IOAPIC and LAPICs) and PIT.
-//! PCI devices interrupt with MSIs, which work the same with both models:
-//! an emulated device calls KVM_SIGNAL_MSI ([`KvmMsiSink`]), and a VFIO
-//! device's interrupts become MSI routes in the GSI routing table with an
-//! irqfd each ([`IrqRouting`]), delivered by the kernel without a VMM exit.
-//! The split irqchip would add a user-space IOAPIC (more code, and an exit
-//! for every EOI of a level-triggered interrupt) and drop the in-kernel PIT,
-//! for things pvmm does not need: interrupt remapping is not part of the
-//! pvIOMMU, and there are no level-triggered PCI INTx lines.
+//! pvmm uses KVM's split irqchip: the LAPICs are in the kernel, the IOAPIC
+//! is pvmm's ([`devices::ioapic`]), and there is no PIC and no PIT (the
+//! MADT says so: no PCAT_COMPAT flag; guests time with the TSC and the LAPIC
+//! timer). PCI devices interrupt with MSIs, which work the same with either
+//! model: an emulated device calls KVM_SIGNAL_MSI ([`KvmMsiSink`]), and a
+//! VFIO device's interrupts become MSI routes in the GSI routing table with
+//! an irqfd each ([`IrqRouting`]), delivered by the kernel without a VMM
+//! exit. Legacy lines (COM1, the ACPI GED) are irqfds on GSI = IOAPIC pin;
+//! the user-space IOAPIC turns each redirection entry into that GSI's MSI
+//! route when the guest programs it, so they too are delivered in the kernel.
 //!
-//! Measured cost of that choice on the development machine: destroying a VM
-//! with the in-kernel irqchip takes about 16 ms (SRCU grace periods when the
-//! PIC, IOAPIC and PIT leave the I/O buses), against about 1 ms with the split
-//! irqchip; it is paid once, when pvmm exits.
+//! Why not the in-kernel irqchip and PIT: PCI MSI does not need them, and on
+//! the development machine destroying a VM that has them takes 14-23 ms
+//! (SRCU grace periods as the PIC, IOAPIC and PIT leave the I/O buses),
+//! against under 1 ms with the split irqchip: most of a short-lived VM's
+//! wall time (see the boot benchmark).
 
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use devices::ioapic::{MsiMessage, PinRoutes};
 use kvm_bindings::{
-    kvm_irq_routing_entry, kvm_msi, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
-    KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
+    kvm_enable_cap, kvm_irq_routing_entry, kvm_msi, kvm_userspace_memory_region, KvmIrqRouting,
+    KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use resources::layout;
@@ -44,8 +46,10 @@ pub fn open_kvm() -> Result<Kvm> {
 
 /// The capabilities pvmm relies on.
 const REQUIRED_CAPS: &[(Cap, &str)] = &[
-    (Cap::Irqchip, "an in-kernel irqchip (KVM_CAP_IRQCHIP)"),
-    (Cap::Pit2, "an in-kernel PIT (KVM_CAP_PIT2)"),
+    (
+        Cap::SplitIrqchip,
+        "the split irqchip (KVM_CAP_SPLIT_IRQCHIP)",
+    ),
     (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
     (Cap::IrqRouting, "GSI routing (KVM_CAP_IRQ_ROUTING)"),
     (Cap::SignalMsi, "KVM_SIGNAL_MSI"),
@@ -110,7 +114,8 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap> {
 }
 
 /// Creates the VM: `before_memory` (the MSR filter), identity map and TSS,
-/// the memory slots for `memory`, then the irqchip and PIT.
+/// the memory slots for `memory`, then the split irqchip (in-kernel LAPICs,
+/// GSIs 0-23 reserved for the user-space IOAPIC's pins).
 ///
 /// The order matters for start-up time: on this machine's KVM, every memory
 /// slot added after the irqchip waits for an SRCU grace period (about 10 ms
@@ -148,75 +153,55 @@ pub fn create_vm(
         let r = unsafe { vm.set_user_memory_region(mr) };
         r.map_err(|e| Error::Kvm("KVM_SET_USER_MEMORY_REGION", e))?;
     }
-    vm.create_irq_chip()
-        .map_err(|e| Error::Kvm("KVM_CREATE_IRQCHIP", e))?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
+    let mut split = kvm_enable_cap {
+        cap: KVM_CAP_SPLIT_IRQCHIP,
         ..Default::default()
     };
-    vm.create_pit2(pit)
-        .map_err(|e| Error::Kvm("KVM_CREATE_PIT2", e))?;
+    split.args[0] = u64::from(layout::IOAPIC_PINS);
+    vm.enable_cap(&split)
+        .map_err(|e| Error::Kvm("KVM_CAP_SPLIT_IRQCHIP", e))?;
     Ok(vm)
 }
 
-/// Number of KVM routing entries for the legacy interrupt controllers.
-const LEGACY_ROUTES: usize = 16 + 24;
+/// The GSI routing table: the IOAPIC pins' routes (GSI = pin, set by the
+/// user-space IOAPIC from its redirection entries) and the MSI routes of
+/// irqfd-driven devices (GSIs from `SystemAllocator::msi_gsis`).
+/// KVM_SET_GSI_ROUTING replaces the whole table, so every change sends it
+/// all; a change that changes nothing sends nothing.
+#[derive(Debug, Default)]
+pub struct IrqRouting {
+    pins: [Option<MsiMessage>; layout::IOAPIC_PINS as usize],
+    msi: Vec<(u32, MsiMessage)>,
+}
 
-fn irqchip_route(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
+fn msi_route(gsi: u32, m: MsiMessage) -> kvm_irq_routing_entry {
     let mut e = kvm_irq_routing_entry {
         gsi,
-        type_: KVM_IRQ_ROUTING_IRQCHIP,
+        type_: KVM_IRQ_ROUTING_MSI,
         ..Default::default()
     };
-    e.u.irqchip.irqchip = chip;
-    e.u.irqchip.pin = pin;
+    // Truncation intended: the two halves of the address.
+    #[allow(clippy::cast_possible_truncation)]
+    {
+        e.u.msi.address_lo = m.address as u32;
+        e.u.msi.address_hi = (m.address >> 32) as u32;
+    }
+    e.u.msi.data = m.data;
     e
 }
 
-/// The GSI routing table: the legacy wiring plus MSI routes.
-///
-/// The legacy wiring is KVM's default (what KVM_CREATE_IRQCHIP installs):
-/// GSI n goes to IOAPIC pin n (0-23) and, for n < 16, to PIC pin n. The MADT
-/// declares no override for the timer (IRQ 0 is GSI 0). KVM_SET_GSI_ROUTING
-/// replaces the whole table, so every change re-sends the legacy entries
-/// with the MSI routes.
-#[derive(Debug, Default)]
-pub struct IrqRouting {
-    msi: Vec<(u32, u64, u32)>,
-}
-
 impl IrqRouting {
-    /// The legacy wiring only (already in KVM: nothing is sent).
+    /// No routes (KVM's table for a split irqchip starts empty).
     pub fn new() -> Self {
         Self::default()
     }
 
     fn entries(&self) -> Vec<kvm_irq_routing_entry> {
-        let mut v = Vec::with_capacity(LEGACY_ROUTES + self.msi.len());
-        for gsi in 0..layout::IOAPIC_PINS {
-            v.push(irqchip_route(gsi, KVM_IRQCHIP_IOAPIC, gsi));
-            if gsi < 8 {
-                v.push(irqchip_route(gsi, KVM_IRQCHIP_PIC_MASTER, gsi));
-            } else if gsi < 16 {
-                v.push(irqchip_route(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
-            }
-        }
-        for &(gsi, address, data) in &self.msi {
-            let mut e = kvm_irq_routing_entry {
-                gsi,
-                type_: KVM_IRQ_ROUTING_MSI,
-                ..Default::default()
-            };
-            // Truncation intended: the two halves of the address.
-            #[allow(clippy::cast_possible_truncation)]
-            {
-                e.u.msi.address_lo = address as u32;
-                e.u.msi.address_hi = (address >> 32) as u32;
-            }
-            e.u.msi.data = data;
-            v.push(e);
-        }
-        v
+        let pins = (0..layout::IOAPIC_PINS)
+            .zip(self.pins.iter())
+            .filter_map(|(gsi, m)| m.map(|m| msi_route(gsi, m)));
+        let msi = self.msi.iter().map(|&(gsi, m)| msi_route(gsi, m));
+        pins.chain(msi).collect()
     }
 
     fn commit(&self, vm: &VmFd) -> Result<()> {
@@ -226,19 +211,35 @@ impl IrqRouting {
             .map_err(|e| Error::Kvm("KVM_SET_GSI_ROUTING", e))
     }
 
+    /// Routes IOAPIC pin `pin` (GSI `pin`) to `msi`, or removes its route.
+    pub fn set_pin_route(&mut self, vm: &VmFd, pin: u32, msi: Option<MsiMessage>) -> Result<()> {
+        let Some(slot) = self.pins.get_mut(pin as usize) else {
+            return Err(Error::Kvm(
+                "route of a pin the IOAPIC does not have",
+                kvm_ioctls::Error::new(libc::EINVAL),
+            ));
+        };
+        if *slot == msi {
+            return Ok(());
+        }
+        let old = std::mem::replace(slot, msi);
+        self.commit(vm)
+            .inspect_err(|_| self.pins[pin as usize] = old)
+    }
+
     /// Routes `gsi` (from `SystemAllocator::msi_gsis`) to the MSI
     /// `address`/`data`, replacing any route it had. Pair it with an irqfd
     /// (`VmFd::register_irqfd`) so that the kernel delivers it.
     pub fn set_msi_route(&mut self, vm: &VmFd, gsi: u32, address: u64, data: u32) -> Result<()> {
         if gsi < layout::IOAPIC_PINS {
             return Err(Error::Kvm(
-                "MSI route on a legacy GSI",
+                "MSI route on an IOAPIC pin's GSI",
                 kvm_ioctls::Error::new(libc::EINVAL),
             ));
         }
         let old = self.msi.clone();
         self.msi.retain(|r| r.0 != gsi);
-        self.msi.push((gsi, address, data));
+        self.msi.push((gsi, MsiMessage { address, data }));
         self.commit(vm).inspect_err(|_| self.msi = old)
     }
 
@@ -247,6 +248,28 @@ impl IrqRouting {
         let old = self.msi.clone();
         self.msi.retain(|r| r.0 != gsi);
         self.commit(vm).inspect_err(|_| self.msi = old)
+    }
+}
+
+/// The IOAPIC's pin routes, in the VM's GSI routing table.
+pub struct KvmPinRoutes {
+    vm: Arc<VmFd>,
+    routing: SharedIrqRouting,
+}
+
+impl KvmPinRoutes {
+    /// Pin routes of `vm`, kept in `routing`.
+    pub fn new(vm: Arc<VmFd>, routing: SharedIrqRouting) -> Self {
+        Self { vm, routing }
+    }
+}
+
+impl PinRoutes for KvmPinRoutes {
+    fn route_pin(&mut self, pin: u32, msi: Option<MsiMessage>) -> io::Result<()> {
+        let mut routing = devices::lock::mutex(&self.routing);
+        routing
+            .set_pin_route(&self.vm, pin, msi)
+            .map_err(|e| io::Error::other(e.to_string()))
     }
 }
 
@@ -292,39 +315,36 @@ pub type SharedIrqRouting = Arc<Mutex<IrqRouting>>;
 mod tests {
     use super::*;
 
+    fn msi(address: u64, data: u32) -> MsiMessage {
+        MsiMessage { address, data }
+    }
+
     #[test]
-    fn legacy_routing_table() {
-        let r = IrqRouting {
-            msi: vec![(24, 0xfee0_0000, 0x41)],
-        };
-        let e = r.entries();
-        assert_eq!(e.len(), LEGACY_ROUTES + 1);
-        // SAFETY (test): irqchip routes were written through the irqchip
-        // member of the union.
-        let pins: Vec<(u32, u32, u32)> = e
+    fn routing_table_has_pins_then_msi_routes() {
+        let mut r = IrqRouting::new();
+        assert!(r.entries().is_empty());
+        r.pins[4] = Some(msi(0xfee0_0000, 0x24));
+        r.pins[9] = Some(msi(0xfee0_1004, 0xc041));
+        r.msi.push((24, msi(0xfee0_0000, 0x41)));
+        let got: Vec<(u32, u32, u32, u32, u32)> = r
+            .entries()
             .iter()
-            .filter(|e| e.type_ == KVM_IRQ_ROUTING_IRQCHIP)
             .map(|e| {
                 #[allow(unsafe_code)]
-                // SAFETY: irqchip entries were written through `u.irqchip`.
-                let c = unsafe { e.u.irqchip };
-                (e.gsi, c.irqchip, c.pin)
+                // SAFETY: every entry is an MSI route, written through `u.msi`.
+                let m = unsafe { e.u.msi };
+                (e.gsi, e.type_, m.address_lo, m.address_hi, m.data)
             })
             .collect();
-        assert!(pins.contains(&(0, KVM_IRQCHIP_IOAPIC, 0)));
-        assert!(pins.contains(&(0, KVM_IRQCHIP_PIC_MASTER, 0)));
-        assert!(pins.contains(&(2, KVM_IRQCHIP_IOAPIC, 2)));
-        assert!(pins.contains(&(4, KVM_IRQCHIP_IOAPIC, 4)));
-        assert!(pins.contains(&(4, KVM_IRQCHIP_PIC_MASTER, 4)));
-        assert!(pins.contains(&(12, KVM_IRQCHIP_PIC_SLAVE, 4)));
-        assert!(pins.contains(&(23, KVM_IRQCHIP_IOAPIC, 23)));
-        assert!(!pins.iter().any(|p| p.0 >= 16 && p.1 != KVM_IRQCHIP_IOAPIC));
-        let msi = e.last().unwrap();
-        assert_eq!((msi.gsi, msi.type_), (24, KVM_IRQ_ROUTING_MSI));
-        #[allow(unsafe_code)]
-        // SAFETY: MSI entries were written through `u.msi`.
-        let m = unsafe { msi.u.msi };
-        assert_eq!((m.address_lo, m.address_hi, m.data), (0xfee0_0000, 0, 0x41));
+        let t = KVM_IRQ_ROUTING_MSI;
+        assert_eq!(
+            got,
+            vec![
+                (4, t, 0xfee0_0000, 0, 0x24),
+                (9, t, 0xfee0_1004, 0, 0xc041),
+                (24, t, 0xfee0_0000, 0, 0x41),
+            ]
+        );
     }
 }
 
@@ -333,6 +353,10 @@ mod tests {
 #[allow(clippy::unwrap_used)]
 mod kvm_tests {
     use super::*;
+
+    fn msi(address: u64, data: u32) -> MsiMessage {
+        MsiMessage { address, data }
+    }
 
     #[test]
     fn vcpu_limits_follow_kvm() {
@@ -360,10 +384,18 @@ mod kvm_tests {
         let mut routing = IrqRouting::new();
         routing.set_msi_route(&vm, 24, 0xfee0_0000, 0x30).unwrap();
         routing.set_msi_route(&vm, 24, 0xfee0_1000, 0x31).unwrap();
-        assert_eq!(routing.msi, vec![(24, 0xfee0_1000, 0x31)]);
+        assert_eq!(routing.msi, vec![(24, msi(0xfee0_1000, 0x31))]);
         assert!(routing.set_msi_route(&vm, 4, 0xfee0_0000, 0x30).is_err());
         routing.remove_msi_route(&vm, 24).unwrap();
         assert!(routing.msi.is_empty());
+        // IOAPIC pins: routed, unrouted, a pin that does not exist.
+        routing
+            .set_pin_route(&vm, 4, Some(msi(0xfee0_0000, 0x24)))
+            .unwrap();
+        assert_eq!(routing.pins[4], Some(msi(0xfee0_0000, 0x24)));
+        routing.set_pin_route(&vm, 4, None).unwrap();
+        assert_eq!(routing.pins[4], None);
+        assert!(routing.set_pin_route(&vm, 24, None).is_err());
         let sink = KvmMsiSink::new(Arc::new(vm));
         // No vCPU has the vector enabled: delivered nowhere, but not an error.
         devices::interrupt::MsiSink::signal_msi(&sink, 0xfee0_0000, 0x30).unwrap();

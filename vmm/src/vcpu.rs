@@ -214,6 +214,10 @@ impl Vcpu {
                     }
                     Next::Continue
                 }
+                // The EOI of a level-triggered IOAPIC interrupt: pins are
+                // pulsed through irqfds, so there is no line to sample
+                // again (devices::ioapic).
+                VcpuExit::IoapicEoi(_) => Next::Continue,
                 VcpuExit::Shutdown => Next::Stop(Ok(ExitReason::TripleFault)),
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(Ok(ExitReason::PowerOff)),

@@ -214,11 +214,12 @@ isr_common:
     hlt
     jmp 4b
 
-/* Vector 0xf0: the wake-up IPI. Saves the caller-saved registers around
- * ipi_handler (which sends the EOI). Alignment: the CPU aligns RSP to 16 and
- * pushes 40 bytes; 9 pushes more make 112, a multiple of 16. */
-    .globl isr_ipi
-isr_ipi:
+/* Interrupt stubs: save the caller-saved registers around a Rust handler
+ * (which sends the EOI). Alignment: the CPU aligns RSP to 16 and pushes 40
+ * bytes; 9 pushes more make 112, a multiple of 16. */
+    .macro ISR_CALL name, handler
+    .globl \name
+\name:
     push %rax
     push %rcx
     push %rdx
@@ -228,7 +229,7 @@ isr_ipi:
     push %r9
     push %r10
     push %r11
-    call ipi_handler
+    call \handler
     pop %r11
     pop %r10
     pop %r9
@@ -239,6 +240,10 @@ isr_ipi:
     pop %rcx
     pop %rax
     iretq
+    .endm
+
+    ISR_CALL isr_ipi, ipi_handler      /* 0xf0: the wake-up IPI */
+    ISR_CALL isr_line, line_handler    /* 0xf1: IOAPIC lines (suite irq) */
 
     .section .rodata.isr_table, "a"
     .balign 8
@@ -250,6 +255,9 @@ ISR_TABLE:
     .globl ISR_IPI
 ISR_IPI:
     .quad isr_ipi
+    .globl ISR_LINE
+ISR_LINE:
+    .quad isr_line
 
 /* ------------------------------------------------------------- GDT */
     .section .data.gdt, "aw"

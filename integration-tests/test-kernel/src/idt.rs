@@ -3,14 +3,20 @@
 
 use core::arch::asm;
 use core::cell::UnsafeCell;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 extern "C" {
     static ISR_TABLE: [u64; 32];
     static ISR_IPI: u64;
+    static ISR_LINE: u64;
 }
 
 /// The wake-up IPI's vector.
 pub const IPI_VECTOR: usize = 0xf0;
+/// The vector the irq suite routes an IOAPIC line to.
+pub const LINE_VECTOR: usize = 0xf1;
+/// Interrupts taken on [`LINE_VECTOR`].
+pub static LINE_INTERRUPTS: AtomicU64 = AtomicU64::new(0);
 const VECTORS: usize = 256;
 
 #[repr(C, align(16))]
@@ -67,6 +73,8 @@ pub fn init() {
     }
     // SAFETY: ISR_IPI is a constant in boot.S.
     set(IPI_VECTOR, unsafe { ISR_IPI });
+    // SAFETY: ISR_LINE is a constant in boot.S.
+    set(LINE_VECTOR, unsafe { ISR_LINE });
     load();
 }
 
@@ -84,6 +92,13 @@ pub fn load() {
     // SAFETY: the IDT is static and filled by `init` before any exception
     // can be expected.
     unsafe { asm!("lidt [{}]", in(reg) &idtr, options(readonly, nostack, preserves_flags)) };
+}
+
+/// The line interrupt's handler (boot.S isr_line): counts, then EOI.
+#[no_mangle]
+extern "C" fn line_handler() {
+    LINE_INTERRUPTS.fetch_add(1, Ordering::AcqRel);
+    crate::smp::eoi();
 }
 
 fn name(v: u64) -> &'static str {

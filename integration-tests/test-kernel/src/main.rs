@@ -8,7 +8,7 @@
 //! (~250 ns each), so the kernel keeps its work small.
 //!
 //! Command line keys (all optional):
-//! - `tk.tests=mem,cmdline,smp,pci,pviommu,dma,demo`: tests to run, in this order (default all)
+//! - `tk.tests=mem,cmdline,smp,pci,irq,pviommu,dma,demo`: tests to run, in this order (default all)
 //! - `tk.mem=<size>`: memory size the VM was given (bytes, or K/M/G suffix)
 //! - `tk.echo=<token>`: printed back as `# echo: <token>`
 //! - `tk.cpus=<n>`: number of vCPUs expected
@@ -73,6 +73,7 @@ const TESTS: &[(&str, TestFn)] = &[
     ("cmdline", |c| suites::cmdline::run(c).map(|()| None)),
     ("smp", |c| suites::smp::run(c).map(|()| None)),
     ("pci", |c| suites::pci::run(c).map(|()| None)),
+    ("irq", |c| suites::irq::run(c).map(|()| None)),
     ("pviommu", suites::pviommu::run),
     ("dma", suites::dma::run),
     ("demo", suites::dma::demo),
@@ -195,7 +196,7 @@ fn kmain(boot: BootInfo) -> ! {
         None => tap.report(
             name,
             Err(Msg::new(format_args!(
-                "unknown test (known: mem, cmdline, smp, pci, pviommu, dma, demo)"
+                "unknown test (known: mem, cmdline, smp, pci, irq, pviommu, dma, demo)"
             ))),
         ),
     };

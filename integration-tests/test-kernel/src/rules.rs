@@ -141,6 +141,24 @@ pub struct MadtCpu {
     pub enabled: bool,
 }
 
+/// The first IOAPIC (type 1) of a MADT given as the whole table: its
+/// address and GSI base.
+pub fn madt_ioapic(t: &[u8]) -> Option<(u32, u32)> {
+    let mut off = 44;
+    while off + 2 <= t.len() {
+        let len = usize::from(t[off + 1]);
+        if len < 2 || off + len > t.len() {
+            return None;
+        }
+        let e = &t[off..off + len];
+        if e[0] == 1 && len >= 12 {
+            return Some((le32(e, 4)?, le32(e, 8)?));
+        }
+        off += len;
+    }
+    None
+}
+
 /// Calls `f` for each CPU (types 0 and 9) of a MADT given as the whole
 /// table; returns the local APIC address, or None if the table is short or
 /// an entry's length is bad.
@@ -431,10 +449,12 @@ mod tests {
                 }
             ]
         );
+        assert_eq!(madt_ioapic(&t), Some((0xfec0_0000, 0)));
         // A zero-length entry would loop forever: rejected.
         let mut bad = t.clone();
         bad[45] = 0;
         assert_eq!(parse_madt(&bad, |_| {}), None);
+        assert_eq!(madt_ioapic(&bad), None);
         // An entry running past the end.
         let mut bad = t.clone();
         bad[45] = 200;

@@ -239,6 +239,11 @@ pub fn set_eoi(lapic: Lapic) {
 /// looks at its mailbox.
 #[no_mangle]
 extern "C" fn ipi_handler() {
+    eoi();
+}
+
+/// Ends the interrupt being serviced on this CPU's local APIC.
+pub fn eoi() {
     match EOI_BASE.load(Ordering::Acquire) {
         0 => x86::wrmsr(MSR_X2APIC_EOI, 0),
         // SAFETY: the xAPIC page is mapped (checked before any AP started).

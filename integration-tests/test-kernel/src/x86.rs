@@ -98,6 +98,18 @@ pub fn delay_ticks(ticks: u64) {
 /// every wait below is a generous upper bound.
 pub const TSC_PER_MS: u64 = 3_000_000;
 
+/// Enables interrupts.
+pub fn sti() {
+    // SAFETY: every vector that can arrive has an IDT entry (idt::init).
+    unsafe { asm!("sti", options(nomem, nostack)) }
+}
+
+/// Disables interrupts.
+pub fn cli() {
+    // SAFETY: masking interrupts has no memory effects.
+    unsafe { asm!("cli", options(nomem, nostack)) }
+}
+
 /// Halts forever with interrupts off.
 pub fn halt_forever() -> ! {
     loop {

@@ -4,6 +4,7 @@ pub mod cmdline;
 pub mod dma;
 pub mod hotplug;
 pub mod hvbench;
+pub mod irq;
 pub mod mem;
 pub mod pci;
 pub mod pviommu;
