@@ -105,6 +105,22 @@ impl Drop for Vm {
     }
 }
 
+/// The domain (from iommu.domains) that device `id` is attached to.
+fn domain_of(socket: &Path, id: &str) -> Option<serde_json::Value> {
+    let (code, body) = request(socket, "GET", "iommu.domains", None);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).expect("iommu.domains is JSON");
+    v["domains"]
+        .as_array()?
+        .iter()
+        .find(|d| {
+            d["devices"]
+                .as_array()
+                .is_some_and(|devs| devs.iter().any(|x| x == id))
+        })
+        .cloned()
+}
+
 #[test]
 fn hotplug_through_the_api_with_abuse_on_the_way() {
     let _lock = run::vm_lock();
@@ -132,12 +148,13 @@ fn hotplug_through_the_api_with_abuse_on_the_way() {
         body.contains(r#""id":"hp0""#) && body.contains(r#""kind":"dma-test""#),
         "{body}"
     );
-    let (code, body) = request(socket, "GET", "iommu.domains", None);
-    assert_eq!(code, 200);
-    assert!(
-        body.contains(r#""hp0""#),
-        "hp0 is in the default domain: {body}"
-    );
+    // Then the guest gives it an S2 domain of its own (0x100 + slot) with
+    // one page mapped, and DMAs through it.
+    vm.wait_for("# hotplug: s2 dma ok", Duration::from_secs(30));
+    let s2 = domain_of(socket, "hp0").unwrap_or_else(|| panic!("hp0 is in no domain"));
+    assert_eq!(s2["type"], "s2", "{s2}");
+    assert!(s2["id"].as_u64().is_some_and(|id| id > 0x100), "{s2}");
+    assert_eq!(s2["mapped_pages"], 1, "{s2}");
 
     // Abuse: the right codes, and the VM keeps running.
     let (code, body) = request(
@@ -196,6 +213,20 @@ fn hotplug_through_the_api_with_abuse_on_the_way() {
     let (code, body) = request(socket, "GET", "iommu.domains", None);
     assert_eq!(code, 200);
     assert!(!body.contains(r#""hp0""#), "hp0 left every domain: {body}");
+    // Detached by the VMM, the guest's domain can go: the guest deletes it,
+    // and its mapping goes with it.
+    vm.wait_for("# hotplug: domain", Duration::from_secs(10));
+    let (_, body) = request(socket, "GET", "iommu.domains", None);
+    let domains: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert!(
+        !domains["domains"]
+            .as_array()
+            .expect("a domain list")
+            .iter()
+            .any(|d| d["id"] == s2["id"]),
+        "domain {} is still there: {body}",
+        s2["id"]
+    );
 
     // A second device, removed last: the guest then powers off.
     let (code, body) = request(
@@ -225,4 +256,5 @@ fn hotplug_through_the_api_with_abuse_on_the_way() {
     assert_eq!(code, 204, "{body}");
     vm.wait_for("ok 1 - hotplug", Duration::from_secs(30));
     assert!(vm.serial().contains("2 added, 2 DMA checked, 2 ejected"));
+    assert_eq!(vm.serial().matches("# hotplug: domain").count(), 2);
 }

@@ -10,9 +10,10 @@
 
 use crate::x86;
 use pviommu_abi::{
-    cpuid, msr, Control, DeviceDomainId, HvStatus, HypercallCode, HypercallMsr, HypercallOutput,
-    InputDeviceDomain, InputMapDeviceGpaPages, InputUnmapDeviceGpaPages, MapFlags,
-    HYPERCALL_PAGE_CODE, MAP_MAX_REPS_PER_PAGE,
+    cpuid, msr, Control, DeviceDomainId, DeviceId, HvStatus, HypercallCode, HypercallMsr,
+    HypercallOutput, InputAttachDeviceDomain, InputCreateDeviceDomain, InputDeleteDeviceDomain,
+    InputDetachDeviceDomain, InputDeviceDomain, InputMapDeviceGpaPages, InputUnmapDeviceGpaPages,
+    MapFlags, HV_PARTITION_ID_SELF, HYPERCALL_PAGE_CODE, MAP_MAX_REPS_PER_PAGE,
 };
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::IntoBytes;
@@ -238,6 +239,41 @@ pub fn domain_header(domain: DeviceDomainId) -> InputDeviceDomain {
 /// An S2 domain id.
 pub fn s2(id: u32) -> DeviceDomainId {
     DeviceDomainId::with(pviommu_abi::DeviceDomainType::S2, id)
+}
+
+/// CREATE_DEVICE_DOMAIN of `domain` (no flags).
+pub fn create_domain(io: &Io, domain: DeviceDomainId) -> Outcome {
+    let input = InputCreateDeviceDomain {
+        device_domain: domain_header(domain),
+        create_device_domain_flags: U32::new(0),
+    };
+    simple(io, HypercallCode::CREATE_DEVICE_DOMAIN, input.as_bytes())
+}
+
+/// DELETE_DEVICE_DOMAIN of `domain`.
+pub fn delete_domain(io: &Io, domain: DeviceDomainId) -> Outcome {
+    let input = InputDeleteDeviceDomain {
+        device_domain: domain_header(domain),
+    };
+    simple(io, HypercallCode::DELETE_DEVICE_DOMAIN, input.as_bytes())
+}
+
+/// ATTACH_DEVICE_DOMAIN of `device` to `domain`.
+pub fn attach(io: &Io, domain: DeviceDomainId, device: DeviceId) -> Outcome {
+    let input = InputAttachDeviceDomain {
+        device_domain: domain_header(domain),
+        device_id: U64::new(device.into_bits()),
+    };
+    simple(io, HypercallCode::ATTACH_DEVICE_DOMAIN, input.as_bytes())
+}
+
+/// DETACH_DEVICE_DOMAIN of `device` (back to the default domain).
+pub fn detach(io: &Io, device: DeviceId) -> Outcome {
+    let input = InputDetachDeviceDomain {
+        partition_id: U64::new(HV_PARTITION_ID_SELF),
+        device_id: U64::new(device.into_bits()),
+    };
+    simple(io, HypercallCode::DETACH_DEVICE_DOMAIN, input.as_bytes())
 }
 
 /// Maps `count` consecutive guest pages from `first_gpn` at `iova` in

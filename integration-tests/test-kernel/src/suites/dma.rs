@@ -24,9 +24,7 @@ use crate::tap::{Msg, Verdict};
 use crate::{diag, fail, x86, Ctx};
 use pviommu_abi::{
     DeviceDomainId, DeviceDomainType, DeviceId, FlushListEntry, HypercallCode,
-    InputAttachDeviceDomain, InputConfigureDeviceDomain, InputCreateDeviceDomain,
-    InputDeleteDeviceDomain, InputDetachDeviceDomain, InputFlushDeviceDomain,
-    InputFlushDeviceDomainList, MapFlags, HV_PARTITION_ID_SELF,
+    InputConfigureDeviceDomain, InputFlushDeviceDomain, InputFlushDeviceDomainList, MapFlags,
 };
 use regs::{command, fault, offset, status};
 use zerocopy::little_endian::{U32, U64};
@@ -164,34 +162,19 @@ fn expect_ok(what: &str, o: Outcome) -> Result<(), Msg> {
 }
 
 fn create(io: &Io, d: DeviceDomainId) -> Outcome {
-    let input = InputCreateDeviceDomain {
-        device_domain: hv::domain_header(d),
-        create_device_domain_flags: U32::new(0),
-    };
-    hv::simple(io, HypercallCode::CREATE_DEVICE_DOMAIN, input.as_bytes())
+    hv::create_domain(io, d)
 }
 
 fn delete(io: &Io, d: DeviceDomainId) -> Outcome {
-    let input = InputDeleteDeviceDomain {
-        device_domain: hv::domain_header(d),
-    };
-    hv::simple(io, HypercallCode::DELETE_DEVICE_DOMAIN, input.as_bytes())
+    hv::delete_domain(io, d)
 }
 
 fn attach(io: &Io, d: DeviceDomainId, dev: &Dev) -> Outcome {
-    let input = InputAttachDeviceDomain {
-        device_domain: hv::domain_header(d),
-        device_id: U64::new(dev.id.into_bits()),
-    };
-    hv::simple(io, HypercallCode::ATTACH_DEVICE_DOMAIN, input.as_bytes())
+    hv::attach(io, d, dev.id)
 }
 
 fn detach(io: &Io, dev: &Dev) -> Outcome {
-    let input = InputDetachDeviceDomain {
-        partition_id: U64::new(HV_PARTITION_ID_SELF),
-        device_id: U64::new(dev.id.into_bits()),
-    };
-    hv::simple(io, HypercallCode::DETACH_DEVICE_DOMAIN, input.as_bytes())
+    hv::detach(io, dev.id)
 }
 
 fn flush_all(io: &Io, d: DeviceDomainId) -> Outcome {

@@ -4,15 +4,25 @@
 //! device (its default pvIOMMU domain: IOVA = GPA) and checks the bytes,
 //! and acks each eject request by disabling the device and writing B0EJ.
 //!
+//! With the pvIOMMU present, each added dma-test device then gets its own
+//! S2 domain (id 0x100 + slot) with the DMA page mapped at an IOVA that is
+//! not its GPA, is attached to it and fills the page through it. The suite
+//! leaves it attached: after acking the eject it deletes the domain, which
+//! succeeds only once the VMM has detached the removed device (a domain
+//! with a device attached cannot be deleted).
+//!
 //! Polls the GEDS register (no interrupt handler: ring 0 is emulated, and
 //! a poll every ~20 µs is cheap). Keys: `tk.hotplug=N` removals to wait
 //! for (default 1), `tk.hotplug_ms=T` the wait in milliseconds (default
 //! 60000, measured with an assumed 3 GHz TSC). Prints
 //! `# hotplug: ready`, `# hotplug: found 00:SS.0 [vvvv:dddd]`,
-//! `# hotplug: dma ok 00:SS.0`, `# hotplug: ejected 00:SS.0`.
+//! `# hotplug: dma ok 00:SS.0`, `# hotplug: s2 dma ok 00:SS.0 domain N`,
+//! `# hotplug: ejected 00:SS.0`, `# hotplug: domain N deleted`.
 
+use crate::pviommu::{self as hv, Io};
 use crate::tap::{Msg, Verdict};
 use crate::{diag, fail, x86, Ctx};
+use pviommu_abi::{DeviceDomainId, DeviceId, MapFlags};
 
 const PORT: u16 = 0x610;
 const PCIU: u16 = PORT;
@@ -53,8 +63,19 @@ struct Page([u8; 4096]);
 
 static mut DMA_PAGE: Page = Page([0; 4096]);
 
-/// A fill of 64 bytes through the device in `slot`, checked.
+/// Where the S2 domains map the DMA page (not its GPA).
+const S2_IOVA: u64 = 0x7_0000_0000;
+const GUEST_OS_ID: u64 = 0x8100_0000_0001_0000;
+
+/// A fill of 64 bytes at IOVA = GPA through the device in `slot`, checked.
 fn dma_fill(slot: u8) -> Result<(), Msg> {
+    let page = core::ptr::addr_of_mut!(DMA_PAGE) as u64;
+    dma_fill_at(slot, page)
+}
+
+/// A fill of the DMA page's first 64 bytes, addressed by the device as
+/// `iova`, checked.
+fn dma_fill_at(slot: u8, iova: u64) -> Result<(), Msg> {
     let bar = u64::from(cfg_read(slot, 0x10) & !0xf);
     if bar == 0 {
         fail!("00:{:02x}.0 has no BAR 0 address", slot);
@@ -68,7 +89,7 @@ fn dma_fill(slot: u8) -> Result<(), Msg> {
         for i in 0..64u64 {
             x86::mmio_write::<u8>(page + i, 0);
         }
-        x86::mmio_write::<u64>(bar + DST_IOVA, page);
+        x86::mmio_write::<u64>(bar + DST_IOVA, iova);
         x86::mmio_write::<u32>(bar + LEN, 64);
         x86::mmio_write::<u32>(bar + PATTERN, 0xa5c3_5a3c);
         x86::mmio_write::<u32>(bar + COMMAND, CMD_FILL);
@@ -88,7 +109,63 @@ fn dma_fill(slot: u8) -> Result<(), Msg> {
     Ok(())
 }
 
+/// The S2 domain of the device in `slot`: created, the DMA page mapped at
+/// [`S2_IOVA`], the device attached, a fill through it checked.
+fn s2_dma(io: &Io, slot: u8) -> Result<DeviceDomainId, Msg> {
+    let d = hv::s2(0x100 + u32::from(slot));
+    let o = hv::create_domain(io, d);
+    if !o.ok() {
+        fail!(
+            "CREATE domain {:#x}: {}",
+            0x100 + u32::from(slot),
+            hv::status_name(o.status)
+        );
+    }
+    let gpn = core::ptr::addr_of!(DMA_PAGE) as u64 / 4096;
+    let flags = MapFlags::new().with_readable(true).with_writable(true);
+    if let Err((status, _)) = hv::map_pages(io, d, S2_IOVA, gpn, 1, flags) {
+        fail!("MAP in the device's domain: {}", hv::status_name(status));
+    }
+    let o = hv::attach(io, d, DeviceId::pci(0, 0, slot, 0));
+    if !o.ok() {
+        fail!("ATTACH 00:{:02x}.0: {}", slot, hv::status_name(o.status));
+    }
+    dma_fill_at(slot, S2_IOVA)?;
+    Ok(d)
+}
+
+/// Deletes `d` once the VMM has detached the ejected device from it;
+/// fails after ~5 s.
+fn delete_after_eject(io: &Io, d: DeviceDomainId) -> Result<(), Msg> {
+    let start = x86::rdtsc();
+    loop {
+        let o = hv::delete_domain(io, d);
+        if o.ok() {
+            return Ok(());
+        }
+        if x86::rdtsc().wrapping_sub(start) > 5000 * x86::TSC_PER_MS {
+            fail!(
+                "the domain of an ejected device cannot be deleted: {}",
+                hv::status_name(o.status)
+            );
+        }
+        x86::delay_ticks(20_000);
+    }
+}
+
 pub fn run(ctx: &Ctx) -> Verdict {
+    // The pvIOMMU part runs when the VMM offers it.
+    let io = match hv::detect() {
+        Ok(_) => match hv::enable(GUEST_OS_ID) {
+            Ok(()) => Some(Io::of(0)),
+            Err(e) => fail!("{}", e),
+        },
+        Err(e) => {
+            diag!("hotplug: no pvIOMMU ({}): default domain only", e);
+            None
+        }
+    };
+    let mut domains: [Option<DeviceDomainId>; 32] = [None; 32];
     let removals: u32 = ctx
         .arg("tk.hotplug")
         .and_then(|v| v.parse().ok())
@@ -133,6 +210,15 @@ pub fn run(ctx: &Ctx) -> Verdict {
                     dma_fill(slot)?;
                     dmas += 1;
                     diag!("hotplug: dma ok 00:{:02x}.0", slot);
+                    if let Some(io) = &io {
+                        let d = s2_dma(io, slot)?;
+                        domains[usize::from(slot)] = Some(d);
+                        diag!(
+                            "hotplug: s2 dma ok 00:{:02x}.0 domain {:#x}",
+                            slot,
+                            0x100 + u32::from(slot)
+                        );
+                    }
                 }
             }
             if down & (1 << slot) != 0 {
@@ -140,6 +226,10 @@ pub fn run(ctx: &Ctx) -> Verdict {
                 x86::outl(B0EJ, 1 << slot);
                 ejected += 1;
                 diag!("hotplug: ejected 00:{:02x}.0", slot);
+                if let (Some(io), Some(d)) = (&io, domains[usize::from(slot)].take()) {
+                    delete_after_eject(io, d)?;
+                    diag!("hotplug: domain {:#x} deleted", 0x100 + u32::from(slot));
+                }
             }
         }
     }

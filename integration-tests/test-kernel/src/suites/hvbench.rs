@@ -122,11 +122,7 @@ pub fn run(_ctx: &Ctx) -> Verdict {
     );
 
     let d = hv::s2(0xbe);
-    let create = pviommu_abi::InputCreateDeviceDomain {
-        device_domain: hv::domain_header(d),
-        create_device_domain_flags: 0.into(),
-    };
-    if !hv::simple(&io, HypercallCode::CREATE_DEVICE_DOMAIN, create.as_bytes()).ok() {
+    if !hv::create_domain(&io, d).ok() {
         fail!("CREATE failed");
     }
     let flags = MapFlags::new().with_readable(true).with_writable(true);
@@ -159,10 +155,7 @@ pub fn run(_ctx: &Ctx) -> Verdict {
         }
     }
     let map = median(&mut map_t);
-    let delete = pviommu_abi::InputDeleteDeviceDomain {
-        device_domain: hv::domain_header(d),
-    };
-    if !hv::simple(&io, HypercallCode::DELETE_DEVICE_DOMAIN, delete.as_bytes()).ok() {
+    if !hv::delete_domain(&io, d).ok() {
         fail!("DELETE failed");
     }
 
