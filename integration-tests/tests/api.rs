@@ -258,3 +258,63 @@ fn hotplug_through_the_api_with_abuse_on_the_way() {
     assert!(vm.serial().contains("2 added, 2 DMA checked, 2 ejected"));
     assert_eq!(vm.serial().matches("# hotplug: domain").count(), 2);
 }
+
+#[test]
+fn removal_is_forced_when_the_guest_does_not_eject() {
+    let _lock = run::vm_lock();
+    let vm = Vm::start(
+        "forced",
+        "console=ttyS0 tk.tests=hotplug tk.hotplug=1 tk.hotplug_ack=0",
+    );
+    vm.wait_for("# hotplug: ready", Duration::from_secs(60));
+    let socket = &vm.socket;
+    let (code, body) = request(
+        socket,
+        "PUT",
+        "vm.add-device",
+        Some(r#"{"kind":"dma-test","id":"stuck"}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    vm.wait_for("# hotplug: s2 dma ok", Duration::from_secs(30));
+
+    // The removal waits for an eject that never comes; the VMM keeps
+    // answering meanwhile.
+    let remover = {
+        let socket = socket.clone();
+        std::thread::spawn(move || {
+            let start = Instant::now();
+            let r = request(
+                &socket,
+                "PUT",
+                "vm.remove-device",
+                Some(r#"{"id":"stuck"}"#),
+            );
+            (r, start.elapsed())
+        })
+    };
+    vm.wait_for(
+        "# hotplug: ignoring the eject request",
+        Duration::from_secs(10),
+    );
+    vm.ping_ok();
+    let (code, body) = request(socket, "GET", "vm.info", None);
+    assert_eq!(code, 200);
+    assert!(
+        body.contains(r#""stuck""#),
+        "still there until forced: {body}"
+    );
+    let ((code, body), waited) = remover.join().expect("remover thread");
+    assert_eq!(code, 204, "{body}");
+    assert!(
+        waited >= vmm::api::EJECT_TIMEOUT - Duration::from_millis(500),
+        "answered after {waited:?}, before the eject timeout"
+    );
+    let (_, body) = request(socket, "GET", "vm.info", None);
+    assert!(!body.contains(r#""stuck""#), "removed: {body}");
+    assert!(domain_of(socket, "stuck").is_none());
+    // The guest sees the slot empty and can delete the device's domain: the
+    // forced path detached it too.
+    vm.wait_for("# hotplug: removed without eject", Duration::from_secs(10));
+    vm.wait_for("ok 1 - hotplug", Duration::from_secs(30));
+    assert!(vm.serial().contains("# hotplug: domain"), "{}", vm.serial());
+}

@@ -11,6 +11,10 @@
 //! succeeds only once the VMM has detached the removed device (a domain
 //! with a device attached cannot be deleted).
 //!
+//! `tk.hotplug_ack=0` makes the guest ignore eject requests: it then waits
+//! for the VMM's forced removal (the slot stops answering) and prints
+//! `# hotplug: removed without eject 00:SS.0`.
+//!
 //! Polls the GEDS register (no interrupt handler: ring 0 is emulated, and
 //! a poll every ~20 µs is cheap). Keys: `tk.hotplug=N` removals to wait
 //! for (default 1), `tk.hotplug_ms=T` the wait in milliseconds (default
@@ -166,6 +170,9 @@ pub fn run(ctx: &Ctx) -> Verdict {
         }
     };
     let mut domains: [Option<DeviceDomainId>; 32] = [None; 32];
+    let ack = ctx.arg("tk.hotplug_ack") != Some("0");
+    // Slots whose eject this guest ignored (tk.hotplug_ack=0).
+    let mut ignored = 0u32;
     let removals: u32 = ctx
         .arg("tk.hotplug")
         .and_then(|v| v.parse().ok())
@@ -186,6 +193,17 @@ pub fn run(ctx: &Ctx) -> Verdict {
                 ejected,
                 removals
             );
+        }
+        for slot in 1..32u8 {
+            if ignored & (1 << slot) != 0 && cfg_read(slot, 0) & 0xffff == 0xffff {
+                ignored &= !(1 << slot);
+                ejected += 1;
+                diag!("hotplug: removed without eject 00:{:02x}.0", slot);
+                if let (Some(io), Some(d)) = (&io, domains[usize::from(slot)].take()) {
+                    delete_after_eject(io, d)?;
+                    diag!("hotplug: domain {:#x} deleted", 0x100 + u32::from(slot));
+                }
+            }
         }
         if x86::inl(GEDS) & GED_PCI_HOTPLUG == 0 {
             x86::delay_ticks(20_000);
@@ -221,7 +239,10 @@ pub fn run(ctx: &Ctx) -> Verdict {
                     }
                 }
             }
-            if down & (1 << slot) != 0 {
+            if down & (1 << slot) != 0 && !ack {
+                ignored |= 1 << slot;
+                diag!("hotplug: ignoring the eject request for 00:{:02x}.0", slot);
+            } else if down & (1 << slot) != 0 {
                 cfg_write(slot, 0x04, 0);
                 x86::outl(B0EJ, 1 << slot);
                 ejected += 1;
