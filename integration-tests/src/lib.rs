@@ -5,6 +5,8 @@
 //! - [`run`]: run a command with a timeout and capture its output;
 //! - [`artifacts`]: build and locate the test kernel ELF and the `pvmm`
 //!   binary, and find QEMU;
+//! - [`api_vm`]: a `pvmm` with an API socket, raw HTTP requests to it and
+//!   its guest's serial output;
 //!
 //! How tests find `pvmm`: `PVMM_BIN` if set; else [`artifacts::pvmm`] runs
 //! `cargo build -p vmm --bin pvmm` with the test binary's own target
@@ -12,6 +14,7 @@
 //! `<target-dir>/<profile>/pvmm`. So the binary is always current, whichever
 //! `CARGO_TARGET_DIR` or profile the tests were built with.
 
+pub mod api_vm;
 pub mod artifacts;
 pub mod run;
 pub mod tap;

@@ -8,102 +8,13 @@
 //! Plain HTTP/1.1 over `std::os::unix::net::UnixStream`, so that the test
 //! also checks the wire format.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use integration_tests::{artifacts, run};
-
-/// Sends one request; returns the status code and the body.
-fn request(socket: &Path, method: &str, route: &str, body: Option<&str>) -> (u16, String) {
-    let mut s = UnixStream::connect(socket).expect("connect to the API socket");
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
-    let body = body.unwrap_or("");
-    let head = format!(
-        "{method} /api/v1/{route} HTTP/1.1\r\nHost: pvmm\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    s.write_all(head.as_bytes()).expect("send");
-    s.write_all(body.as_bytes()).expect("send");
-    let mut answer = String::new();
-    s.read_to_string(&mut answer).expect("answer");
-    let status = answer
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or_else(|| panic!("no status line in {answer:?}"));
-    let body = answer
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-struct Vm {
-    child: Child,
-    socket: PathBuf,
-    serial: PathBuf,
-}
-
-impl Vm {
-    fn start(tag: &str, cmdline: &str) -> Self {
-        let dir = std::env::temp_dir();
-        let id = format!("{tag}-{}", std::process::id());
-        let socket = dir.join(format!("pvmm-api-{id}.sock"));
-        let serial = dir.join(format!("pvmm-api-{id}.log"));
-        let _ = std::fs::remove_file(&socket);
-        let bin = artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"));
-        let child = Command::new(bin)
-            .arg("--api-socket")
-            .arg(&socket)
-            .arg("--serial")
-            .arg(format!("file={}", serial.display()))
-            .args(["--cmdline", cmdline])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("pvmm starts");
-        Self {
-            child,
-            socket,
-            serial,
-        }
-    }
-
-    fn serial(&self) -> String {
-        std::fs::read_to_string(&self.serial).unwrap_or_default()
-    }
-
-    /// Waits until the serial output contains `text`.
-    fn wait_for(&self, text: &str, timeout: Duration) -> Instant {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if self.serial().contains(text) {
-                return Instant::now();
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        panic!("no {text:?} on the serial port:\n{}", self.serial());
-    }
-
-    fn ping_ok(&self) {
-        let (code, body) = request(&self.socket, "GET", "vmm.ping", None);
-        assert_eq!(code, 200, "{body}");
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.serial);
-        let _ = std::fs::remove_file(&self.socket);
-    }
-}
+use integration_tests::api_vm::{request, ApiVm as Vm};
+use integration_tests::run;
 
 /// The domain (from iommu.domains) that device `id` is attached to.
 fn domain_of(socket: &Path, id: &str) -> Option<serde_json::Value> {

@@ -1,0 +1,133 @@
+//! A `pvmm` with `--api-socket` and its serial port in a file, for the API
+//! tests and the hotplug benchmark: start it, send requests (plain HTTP/1.1
+//! over a `UnixStream`, so that the wire format is checked too), and watch
+//! the guest's serial output.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::artifacts;
+
+/// Sends one request to `/api/v1/<route>`; returns the status code and the
+/// body. Panics if the socket does not answer with a status line.
+pub fn request(socket: &Path, method: &str, route: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = UnixStream::connect(socket).expect("connect to the API socket");
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok();
+    let body = body.unwrap_or("");
+    let head = format!(
+        "{method} /api/v1/{route} HTTP/1.1\r\nHost: pvmm\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("send");
+    s.write_all(body.as_bytes()).expect("send");
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).expect("answer");
+    let status = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {answer:?}"));
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A running `pvmm` (the embedded test kernel) with an API socket; killed
+/// and cleaned up when dropped.
+pub struct ApiVm {
+    child: Child,
+    pub socket: PathBuf,
+    pub serial: PathBuf,
+}
+
+impl ApiVm {
+    /// Starts `pvmm` with `cmdline`; `tag` names its socket and serial file.
+    pub fn start(tag: &str, cmdline: &str) -> Self {
+        let dir = std::env::temp_dir();
+        let id = format!("{tag}-{}", std::process::id());
+        let socket = dir.join(format!("pvmm-api-{id}.sock"));
+        let serial = dir.join(format!("pvmm-api-{id}.log"));
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&serial);
+        let bin = artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"));
+        let child = Command::new(bin)
+            .arg("--api-socket")
+            .arg(&socket)
+            .arg("--serial")
+            .arg(format!("file={}", serial.display()))
+            .args(["--cmdline", cmdline])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("pvmm starts");
+        Self {
+            child,
+            socket,
+            serial,
+        }
+    }
+
+    /// `request` on this VM's socket.
+    pub fn request(&self, method: &str, route: &str, body: Option<&str>) -> (u16, String) {
+        request(&self.socket, method, route, body)
+    }
+
+    /// Everything the guest printed so far.
+    pub fn serial(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// How many times the guest printed `text`.
+    pub fn count(&self, text: &str) -> usize {
+        self.serial().matches(text).count()
+    }
+
+    /// Polls the serial output until `text` occurs more than `seen` times;
+    /// returns when it saw it. Panics with the output after `timeout`.
+    pub fn wait_count(&self, text: &str, seen: usize, timeout: Duration) -> Instant {
+        let start = Instant::now();
+        loop {
+            if self.count(text) > seen {
+                return Instant::now();
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no new {text:?} on the serial port:\n{}",
+                self.serial()
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Waits until the serial output contains `text`.
+    pub fn wait_for(&self, text: &str, timeout: Duration) -> Instant {
+        self.wait_count(text, 0, timeout)
+    }
+
+    /// GET vmm.ping answers 200.
+    pub fn ping_ok(&self) {
+        let (code, body) = self.request("GET", "vmm.ping", None);
+        assert_eq!(code, 200, "{body}");
+    }
+
+    /// Waits for `pvmm` to end by itself.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        self.child.wait().expect("pvmm ends")
+    }
+}
+
+impl Drop for ApiVm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.serial);
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
