@@ -122,8 +122,10 @@ fn to_bytes(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// The DSDT body: the PCI root bridge with its windows, the ECAM
-/// reservation, COM1, and `\_S5`.
+/// The DSDT body: `\_S5` (first, so that a guest looking for it by
+/// pattern, like the test kernel in emulated ring 0, finds it at once), the
+/// PCI root bridge with its windows, the ECAM reservation, COM1, and the
+/// PCI hotplug slots.
 fn dsdt_body(mem_size: u64, hotplug_gsi: u32) -> Result<Vec<u8>> {
     let (mmio64_start, mmio64_size) = layout::mmio64_window(mem_size).map_err(Error::Memory)?;
     let mmio32_first = u32::try_from(layout::PCI_MMIO32_START).unwrap_or(u32::MAX);
@@ -134,6 +136,11 @@ fn dsdt_body(mem_size: u64, hotplug_gsi: u32) -> Result<Vec<u8>> {
     let last_bus = u16::try_from(layout::PCI_ECAM_BUSES - 1).unwrap_or(0);
     let com1_len = u8::try_from(pio::COM1_SIZE).unwrap_or(8);
     let mut body = Vec::new();
+    aml::Name::new(
+        "_S5_".into(),
+        &aml::Package::new(vec![&SLP_TYP_S5, &0u8, &0u8, &0u8]),
+    )
+    .to_aml_bytes(&mut body);
 
     // Each object is serialised in the statement that builds it: the AML
     // builders borrow their children.
@@ -211,12 +218,6 @@ fn dsdt_body(mem_size: u64, hotplug_gsi: u32) -> Result<Vec<u8>> {
     .to_aml_bytes(&mut body);
 
     crate::hotplug::append_aml(&mut body, hotplug_gsi);
-
-    aml::Name::new(
-        "_S5_".into(),
-        &aml::Package::new(vec![&SLP_TYP_S5, &0u8, &0u8, &0u8]),
-    )
-    .to_aml_bytes(&mut body);
     Ok(body)
 }
 
