@@ -102,6 +102,24 @@ fn one_cpu_128m() {
     );
 }
 
+/// `tk.quiet=1` (the boot benchmark's mode): results and the summary, no
+/// diagnostics, and still a poweroff.
+#[test]
+fn quiet_mode_prints_results_only() {
+    let k = kernel();
+    let cmdline = "tk.tests=mem,cmdline,smp tk.mem=128M tk.cpus=2 tk.quiet=1";
+    let (out, r) = boot(
+        Some(&k),
+        &["--memory", "128M", "--cpus", "2", "--cmdline", cmdline],
+    );
+    assert!(out.success(), "{}", out.describe());
+    if let Err(p) = r.expect_all_ok(&["mem", "cmdline", "smp"]) {
+        panic!("{p}\n{}", out.describe());
+    }
+    assert!(r.diagnostics.is_empty(), "{:#?}", r.diagnostics);
+    assert_eq!(r.summary, Some((3, 0, 0)));
+}
+
 /// The Linux 64-bit boot protocol (boot_params, pvmm's own page tables)
 /// with every test, two vCPUs and RAM above 4 GiB.
 #[test]

@@ -15,6 +15,7 @@
 //! - `tk.cf8=1`: PCI configuration mechanism #1 (0xcf8/0xcfc) must work
 //! - `tk.pviommu=1`: the pvIOMMU must be there (else its test is skipped
 //!   when CPUID does not advertise it)
+//! - `tk.quiet=1`: test results only, no `#` diagnostics
 //! - `tk.iommu_dev=BB:DD.F`: a PCI device the VMM put behind the pvIOMMU,
 //!   for the attach/detach checks
 //!
@@ -129,8 +130,33 @@ extern "C" fn kernel_start(info: u64, kind: u64) -> ! {
     }
 }
 
+/// The `# ACPI:` diagnostic: where the tables are.
+fn print_acpi(a: &Acpi) {
+    let mut c = console::Console::lock();
+    let _ = write!(
+        c,
+        "# ACPI: RSDP at {:#x} (revision {}), {} at {:#x}:",
+        a.rsdp,
+        a.revision,
+        core::str::from_utf8(&a.root_sig).unwrap_or("?"),
+        a.root
+    );
+    for t in a.tables() {
+        let _ = write!(
+            c,
+            " {}@{:#x}",
+            core::str::from_utf8(&t.sig).unwrap_or("?"),
+            t.addr
+        );
+    }
+    let _ = writeln!(c);
+}
+
 /// The kernel proper: both boot paths end here.
 fn kmain(boot: BootInfo) -> ! {
+    if rules::cmdline_arg(boot.cmdline(), "tk.quiet") == Some("1") {
+        tap::QUIET.store(true, Ordering::Relaxed);
+    }
     diag!(
         "pvmm test kernel: booted through {} (info at {:#x})",
         match boot.protocol {
@@ -148,25 +174,9 @@ fn kmain(boot: BootInfo) -> ! {
     }
     let found = match Acpi::discover(boot.rsdp) {
         Ok(a) => {
-            let mut c = console::Console::lock();
-            let _ = write!(
-                c,
-                "# ACPI: RSDP at {:#x} (revision {}), {} at {:#x}:",
-                a.rsdp,
-                a.revision,
-                core::str::from_utf8(&a.root_sig).unwrap_or("?"),
-                a.root
-            );
-            for t in a.tables() {
-                let _ = write!(
-                    c,
-                    " {}@{:#x}",
-                    core::str::from_utf8(&t.sig).unwrap_or("?"),
-                    t.addr
-                );
+            if tap::verbose() {
+                print_acpi(&a);
             }
-            let _ = writeln!(c);
-            drop(c);
             // SAFETY: only the boot CPU runs, and nothing reads ACPI before
             // ACPI_READY is set.
             unsafe { *ACPI.0.get() = Some(a) };

@@ -69,8 +69,8 @@ pub fn poweroff(acpi: Option<&Acpi>) -> ! {
         if let Some(g) = f.sleep_control {
             let typ = s5.unwrap_or(S5_DEFAULT);
             let v = (u64::from(typ & 7) << 2) | SLP_EN_HW_REDUCED;
-            println!(
-                "# poweroff: FADT sleep control register ({} {:#x}, {} byte(s)) <- {:#x} (SLP_TYP {} {}, SLP_EN)",
+            crate::diag!(
+                "poweroff: FADT sleep control register ({} {:#x}, {} byte(s)) <- {:#x} (SLP_TYP {} {}, SLP_EN)",
                 space_name(&g),
                 g.address,
                 g.width(),

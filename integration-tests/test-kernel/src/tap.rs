@@ -2,6 +2,7 @@
 
 use crate::println;
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 /// A short message (failure reason), formatted without allocation.
 pub struct Msg {
@@ -49,11 +50,23 @@ macro_rules! fail {
     };
 }
 
-/// Prints a TAP diagnostic line (`# ...`).
+/// `tk.quiet=1`: no diagnostic lines, only test results (every byte on
+/// the serial port is a VM exit, and the formatting runs in emulated ring
+/// 0 on the development machines: the boot benchmark uses it).
+pub static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Whether diagnostics are printed.
+pub fn verbose() -> bool {
+    !QUIET.load(Ordering::Relaxed)
+}
+
+/// Prints a TAP diagnostic line (`# ...`), unless `tk.quiet=1`.
 #[macro_export]
 macro_rules! diag {
     ($($arg:tt)*) => {
-        $crate::println!("# {}", format_args!($($arg)*))
+        if $crate::tap::verbose() {
+            $crate::println!("# {}", format_args!($($arg)*))
+        }
     };
 }
 
@@ -107,9 +120,11 @@ impl Tap {
 
     /// Prints the summary lines.
     pub fn finish(&self) {
-        println!(
-            "# tests {} passed, {} failed, {} skipped",
-            self.passed, self.failed, self.skipped
+        crate::diag!(
+            "tests {} passed, {} failed, {} skipped",
+            self.passed,
+            self.failed,
+            self.skipped
         );
         println!(
             "{} passed, {} failed, {} skipped",
