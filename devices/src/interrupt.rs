@@ -2,6 +2,13 @@
 
 use std::io;
 
+/// An MSI: address (0xFEEx_xxxx) and data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsiMessage {
+    pub address: u64,
+    pub data: u32,
+}
+
 /// Delivers message-signalled interrupts (the VMM implements it with
 /// KVM_SIGNAL_MSI or GSI routes and irqfds).
 pub trait MsiSink: Send + Sync {

@@ -18,6 +18,7 @@ use std::io;
 use bitfield_struct::bitfield;
 
 use crate::bus::BusDevice;
+use crate::interrupt::MsiMessage;
 
 /// Number of pins (redirection entries).
 pub const PINS: u32 = 24;
@@ -58,13 +59,6 @@ pub struct RedirectionEntry {
 /// Bits the guest can write: everything but delivery status, Remote IRR and
 /// the reserved bits.
 const WRITABLE: u64 = !((1 << 12) | (1 << 14) | (((1 << 31) - 1) << 17));
-
-/// An MSI: address (0xFEEx_xxxx) and data.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MsiMessage {
-    pub address: u64,
-    pub data: u32,
-}
 
 impl RedirectionEntry {
     /// The entry at reset: masked, everything else 0.

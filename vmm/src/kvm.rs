@@ -23,7 +23,8 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
-use devices::ioapic::{MsiMessage, PinRoutes};
+use devices::interrupt::MsiMessage;
+use devices::ioapic::PinRoutes;
 use kvm_bindings::{
     kvm_enable_cap, kvm_irq_routing_entry, kvm_msi, kvm_userspace_memory_region, KvmIrqRouting,
     KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI,
@@ -121,9 +122,10 @@ pub fn create_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap> {
 /// slot added after the irqchip waits for an SRCU grace period (about 10 ms
 /// for a 512 MiB VM), against 0.5 ms before it; and KVM_X86_SET_MSR_FILTER
 /// (a synchronize_srcu) takes about 15 ms once memory slots exist, against
-/// well under 1 ms on a VM that has never had one. KVM's default GSI routing is
-/// kept (see [`IrqRouting`]), so no KVM_SET_GSI_ROUTING is needed until the
-/// first MSI route.
+/// well under 1 ms on a VM that has never had one. A split irqchip starts
+/// with an empty GSI routing table; [`IrqRouting`] sends the first
+/// KVM_SET_GSI_ROUTING when the guest unmasks an IOAPIC pin or a device
+/// asks for an MSI route.
 pub fn create_vm(
     kvm: &Kvm,
     memory: &GuestMemoryMmap,
