@@ -113,15 +113,20 @@ fn dma_fill_at(slot: u8, iova: u64) -> Result<(), Msg> {
     Ok(())
 }
 
+/// The number of the S2 domain this suite gives the device in `slot`.
+fn domain_number(slot: u8) -> u32 {
+    0x100 + u32::from(slot)
+}
+
 /// The S2 domain of the device in `slot`: created, the DMA page mapped at
 /// [`S2_IOVA`], the device attached, a fill through it checked.
 fn s2_dma(io: &Io, slot: u8) -> Result<DeviceDomainId, Msg> {
-    let d = hv::s2(0x100 + u32::from(slot));
+    let d = hv::s2(domain_number(slot));
     let o = hv::create_domain(io, d);
     if !o.ok() {
         fail!(
             "CREATE domain {:#x}: {}",
-            0x100 + u32::from(slot),
+            domain_number(slot),
             hv::status_name(o.status)
         );
     }
@@ -136,6 +141,21 @@ fn s2_dma(io: &Io, slot: u8) -> Result<DeviceDomainId, Msg> {
     }
     dma_fill_at(slot, S2_IOVA)?;
     Ok(d)
+}
+
+/// After the device in `slot` is gone: deletes its S2 domain, if it has
+/// one, once the VMM has detached it; fails after ~5 s.
+fn delete_after_removal(
+    io: Option<&Io>,
+    domains: &mut [Option<DeviceDomainId>; 32],
+    slot: u8,
+) -> Result<(), Msg> {
+    let (Some(io), Some(d)) = (io, domains[usize::from(slot)].take()) else {
+        return Ok(());
+    };
+    delete_after_eject(io, d)?;
+    diag!("hotplug: domain {:#x} deleted", domain_number(slot));
+    Ok(())
 }
 
 /// Deletes `d` once the VMM has detached the ejected device from it;
@@ -199,10 +219,7 @@ pub fn run(ctx: &Ctx) -> Verdict {
                 ignored &= !(1 << slot);
                 ejected += 1;
                 diag!("hotplug: removed without eject 00:{:02x}.0", slot);
-                if let (Some(io), Some(d)) = (&io, domains[usize::from(slot)].take()) {
-                    delete_after_eject(io, d)?;
-                    diag!("hotplug: domain {:#x} deleted", 0x100 + u32::from(slot));
-                }
+                delete_after_removal(io.as_ref(), &mut domains, slot)?;
             }
         }
         if x86::inl(GEDS) & GED_PCI_HOTPLUG == 0 {
@@ -234,22 +251,21 @@ pub fn run(ctx: &Ctx) -> Verdict {
                         diag!(
                             "hotplug: s2 dma ok 00:{:02x}.0 domain {:#x}",
                             slot,
-                            0x100 + u32::from(slot)
+                            domain_number(slot)
                         );
                     }
                 }
             }
-            if down & (1 << slot) != 0 && !ack {
-                ignored |= 1 << slot;
-                diag!("hotplug: ignoring the eject request for 00:{:02x}.0", slot);
-            } else if down & (1 << slot) != 0 {
-                cfg_write(slot, 0x04, 0);
-                x86::outl(B0EJ, 1 << slot);
-                ejected += 1;
-                diag!("hotplug: ejected 00:{:02x}.0", slot);
-                if let (Some(io), Some(d)) = (&io, domains[usize::from(slot)].take()) {
-                    delete_after_eject(io, d)?;
-                    diag!("hotplug: domain {:#x} deleted", 0x100 + u32::from(slot));
+            if down & (1 << slot) != 0 {
+                if ack {
+                    cfg_write(slot, 0x04, 0);
+                    x86::outl(B0EJ, 1 << slot);
+                    ejected += 1;
+                    diag!("hotplug: ejected 00:{:02x}.0", slot);
+                    delete_after_removal(io.as_ref(), &mut domains, slot)?;
+                } else {
+                    ignored |= 1 << slot;
+                    diag!("hotplug: ignoring the eject request for 00:{:02x}.0", slot);
                 }
             }
         }
