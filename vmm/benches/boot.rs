@@ -8,8 +8,9 @@
 //!
 //! A second comparison boots a trivial PVH guest that triple-faults at its
 //! first instruction, which shows the VMMs' own start-up and teardown cost
-//! without the guest's (ring 0 is emulated on the development machines, so
-//! the test kernel's own work dominates the first comparison).
+//! without the guest's. Ring 0 is emulated on the development machines, so
+//! the test kernel does its computing in ring 3 (its ring.rs); what is left
+//! of its own time is mostly serial output, one exit per byte.
 //!
 //! `cargo bench -p vmm --bench boot` (PVMM_BENCH_RUNS sets the number of
 //! runs per VMM, default 21).
@@ -234,8 +235,8 @@ fn main() {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    // Quiet: test results only. Every byte on the serial port is an exit
-    // and its formatting emulated ring-0 work here, the same in both VMMs.
+    // Quiet: test results only. Every byte on the serial port is an exit,
+    // the same in both VMMs.
     let cmdline =
         format!("console=ttyS0 tk.mem={MEMORY_BYTES} tk.cpus=1 tk.tests={TESTS} tk.quiet=1");
     compare(

@@ -9,12 +9,18 @@
  *   copied to a page below 1 MiB and started by INIT-SIPI-SIPI; it goes from
  *   real mode straight to long mode (CR0.PE and CR0.PG in one write).
  *
+ * - enter_user, kcall, isr6: the way into ring 3 and back (ring.rs).
+ *
  * Ring 0 is emulated instruction by instruction on the development machines,
- * so this code does the least it can: the page tables are built at link time.
+ * so this code does the least it can: the page tables are built at link time,
+ * and the kernel does its computing in ring 3 (ring.rs).
  */
 
     .set KERNEL_CS, 0x08
     .set KERNEL_DS, 0x10
+    .set USER_DS, 0x18 + 3
+    .set USER_CS, 0x20 + 3
+    .set USER_RFLAGS, 0x2               /* interrupts off in ring 3 */
     .set BOOT_PVH, 1
     .set BOOT_LINUX64, 2
 
@@ -46,6 +52,9 @@ _start:
     pushq %rax
     lretq
 1:
+    mov %cr4, %rax
+    and $~0x300000, %rax                /* no SMEP/SMAP: ring 0 uses user pages */
+    mov %rax, %cr4
     mov $boot_pml4, %eax
     mov %rax, %cr3                      /* our own 0-4 GiB identity map */
     jmp common_long
@@ -165,7 +174,7 @@ isr\n:
     ISR_NOERR 3
     ISR_NOERR 4
     ISR_NOERR 5
-    ISR_NOERR 6
+    /* 6 (#UD) is isr6 below: a ud2 at kcall_trap is a call into ring 0. */
     ISR_NOERR 7
     ISR_ERR 8
     ISR_NOERR 9
@@ -191,6 +200,25 @@ isr\n:
     ISR_ERR 29
     ISR_ERR 30
     ISR_NOERR 31
+
+/* #UD. From ring 3 at kcall_trap it is a kernel call: RDI = function,
+ * RSI = its argument; run it on the ring-0 stack and return past the ud2.
+ * The CPU left RSP at 8 mod 16 (a 40-byte frame from a 16-aligned stack). */
+isr6:
+    cmpq $kcall_trap, (%rsp)
+    jne 1f
+    testb $3, 8(%rsp)
+    jz 1f
+    addq $2, (%rsp)
+    sub $8, %rsp
+    mov %rdi, %rax
+    mov %rsi, %rdi
+    call *%rax
+    add $8, %rsp
+    iretq
+1:  pushq $0
+    pushq $6
+    jmp isr_common
 
 isr_common:
     push %rax
@@ -259,6 +287,29 @@ ISR_IPI:
 ISR_LINE:
     .quad isr_line
 
+/* ------------------------------------------------------------- ring 3 */
+    .section .text
+/* enter_user(entry, arg0, arg1): runs entry(arg0, arg1) in ring 3 on the
+ * user stack, interrupts off; never returns. Ring 3 comes back to ring 0
+ * through kcall (and exceptions) on the TSS's RSP0, the boot stack. */
+    .globl enter_user
+enter_user:
+    pushq $USER_DS
+    pushq $user_stack_top - 8           /* as if called */
+    pushq $USER_RFLAGS
+    pushq $USER_CS
+    pushq %rdi
+    mov %rsi, %rdi
+    mov %rdx, %rsi
+    iretq
+
+/* kcall(function, arg) from ring 3: the ud2 is isr6's cue. */
+    .globl kcall
+kcall:
+kcall_trap:
+    ud2
+    ret
+
 /* ------------------------------------------------------------- GDT */
     .section .data.gdt, "aw"
     .balign 16
@@ -266,31 +317,48 @@ boot_gdt:
     .quad 0
     .quad 0x00AF9A000000FFFF            /* 0x08: 64-bit code, DPL 0 */
     .quad 0x00CF92000000FFFF            /* 0x10: data, DPL 0 */
+    .quad 0x00CFF2000000FFFF            /* 0x18: data, DPL 3 */
+    .quad 0x00AFFA000000FFFF            /* 0x20: 64-bit code, DPL 3 */
+    .globl GDT_TSS
+GDT_TSS:
+    .quad 0, 0                          /* 0x28: the TSS (ring::init) */
 boot_gdt_end:
     .balign 8
 boot_gdtr:
     .word boot_gdt_end - boot_gdt - 1
     .quad boot_gdt
 
+/* The 64-bit TSS: only RSP0, the stack ring 3 enters ring 0 on. */
+    .balign 16
+    .globl TSS
+TSS:
+    .long 0
+    .quad boot_stack_top                /* RSP0 */
+    .fill 88, 1, 0
+    .word 104                           /* no I/O permission bitmap */
+    .globl TSS_END
+TSS_END:
+
 /* --------------------------------------------------- page tables */
-/* 0-4 GiB identity mapped with 2 MiB pages, built by the assembler. */
+/* 0-4 GiB identity mapped with 2 MiB pages, built by the assembler. Every
+ * entry is user-accessible: the kernel computes in ring 3 (ring.rs). */
     .section .data.pagetables, "aw"
     .balign 4096
     .globl boot_pml4
 boot_pml4:
-    .quad boot_pdpt + 0x3
+    .quad boot_pdpt + 0x7
     .fill 511, 8, 0
     .globl boot_pdpt
 boot_pdpt:
-    .quad boot_pd + 0x0000 + 0x3
-    .quad boot_pd + 0x1000 + 0x3
-    .quad boot_pd + 0x2000 + 0x3
-    .quad boot_pd + 0x3000 + 0x3
+    .quad boot_pd + 0x0000 + 0x7
+    .quad boot_pd + 0x1000 + 0x7
+    .quad boot_pd + 0x2000 + 0x7
+    .quad boot_pd + 0x3000 + 0x7
     .fill 508, 8, 0
 boot_pd:
     .set tk_pd_addr, 0
     .rept 2048
-    .quad tk_pd_addr + 0x83             /* present, writable, 2 MiB page */
+    .quad tk_pd_addr + 0x87             /* present, writable, user, 2 MiB */
     .set tk_pd_addr, tk_pd_addr + 0x200000
     .endr
 
@@ -301,6 +369,9 @@ boot_stack:
     .skip 65536
     .globl boot_stack_top
 boot_stack_top:
+user_stack:
+    .skip 65536
+user_stack_top:
     .globl AP_STACKS
 AP_STACKS:
     .skip 16384 * 64                    /* MAX_CPUS stacks of 16 KiB */

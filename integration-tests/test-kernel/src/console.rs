@@ -2,7 +2,10 @@
 //!
 //! Every port access is a VM exit, so the transmitter is polled once per
 //! burst of up to 16 bytes (the FIFO depth) rather than once per byte.
+//! The kernel prints from ring 3 too: [`Console`] gathers a line and sends
+//! it from ring 0 in one go.
 
+use crate::ring::ring0;
 use crate::x86::{inb, outb};
 use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -46,9 +49,22 @@ fn write_bytes(bytes: &[u8]) {
 }
 
 /// The console as a `fmt::Write` sink; take it with [`Console::lock`].
-pub struct Console(());
+/// Output is gathered into lines and sent when a line ends, the buffer is
+/// full or the console is dropped: from ring 3 each send is one call into
+/// ring 0.
+pub struct Console {
+    buf: [u8; 160],
+    len: usize,
+}
 
 impl Console {
+    const fn new() -> Console {
+        Console {
+            buf: [0; 160],
+            len: 0,
+        }
+    }
+
     /// Takes the console lock (a spinlock; output from other CPUs waits).
     pub fn lock() -> Console {
         while LOCK
@@ -57,32 +73,52 @@ impl Console {
         {
             core::hint::spin_loop();
         }
-        Console(())
+        Console::new()
     }
 
     /// Takes the console even if another CPU holds it (for the panic path).
     pub fn force() -> Console {
         LOCK.store(true, Ordering::Release);
-        Console(())
+        Console::new()
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            if self.len == self.buf.len() {
+                self.flush();
+            }
+            self.buf[self.len] = b;
+            self.len += 1;
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.len != 0 {
+            let bytes = &self.buf[..self.len];
+            ring0(|| write_bytes(bytes));
+            self.len = 0;
+        }
     }
 }
 
 impl Drop for Console {
     fn drop(&mut self) {
+        self.flush();
         LOCK.store(false, Ordering::Release);
     }
 }
 
 impl fmt::Write for Console {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        // Serial terminals want CR LF; write line by line.
+        // Serial terminals want CR LF.
         let mut rest = s.as_bytes();
         while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
-            write_bytes(&rest[..pos]);
-            write_bytes(b"\r\n");
+            self.push(&rest[..pos]);
+            self.push(b"\r\n");
+            self.flush();
             rest = &rest[pos + 1..];
         }
-        write_bytes(rest);
+        self.push(rest);
         Ok(())
     }
 }

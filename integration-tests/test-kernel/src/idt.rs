@@ -6,6 +6,7 @@ use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 extern "C" {
+    /// Exception stubs (boot.S), vector 6 being `isr6`, the ring-0 call.
     static ISR_TABLE: [u64; 32];
     static ISR_IPI: u64;
     static ISR_LINE: u64;
@@ -56,9 +57,12 @@ pub struct Frame {
     ss: u64,
 }
 
-/// Fills the IDT (boot CPU, once).
+/// Fills the IDT (boot CPU, once, before anything can fault). The boot CPU
+/// has loaded it already ([`load`] in ring 0); this runs in ring 3, where
+/// filling it costs native time.
 pub fn init() {
-    // SAFETY: only the boot CPU runs; nothing reads the IDT yet.
+    // SAFETY: only the boot CPU runs, and no exception is taken while the
+    // entries are written.
     let idt = unsafe { &mut *IDT.0.get() };
     let mut set = |v: usize, handler: u64| {
         // Interrupt gate, DPL 0, kernel code segment.
@@ -75,7 +79,6 @@ pub fn init() {
     set(IPI_VECTOR, unsafe { ISR_IPI });
     // SAFETY: ISR_LINE is a constant in boot.S.
     set(LINE_VECTOR, unsafe { ISR_LINE });
-    load();
 }
 
 /// Loads the IDT on this CPU.

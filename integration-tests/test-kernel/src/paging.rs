@@ -1,13 +1,15 @@
 //! The identity map: 0-4 GiB is built at link time (boot.S, 2 MiB pages);
 //! `map_up_to` extends it over RAM or MMIO above 4 GiB with 1 GiB pages when
-//! the CPU has them, else with 2 MiB pages from a fixed pool.
+//! the CPU has them, else with 2 MiB pages from a fixed pool. Every page is
+//! user-accessible (ring.rs: the kernel computes in ring 3).
 
 use crate::x86;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 const GIB: u64 = 1 << 30;
 const PAGE: u64 = 4096;
-const PRESENT_RW: u64 = 0x3;
+/// Present, writable, user-accessible: the kernel computes in ring 3.
+const PRESENT_RW_USER: u64 = 0x7;
 const HUGE: u64 = 0x80;
 
 extern "C" {
@@ -71,15 +73,15 @@ pub fn map_up_to(end: u64) -> u64 {
     while cur < want {
         let idx = (cur / GIB) as usize;
         if huge {
-            pdpt[idx] = cur | HUGE | PRESENT_RW;
+            pdpt[idx] = cur | HUGE | PRESENT_RW_USER;
         } else {
             let Some(pd) = alloc_page() else { break };
             for i in 0..512u64 {
-                let entry = (cur + i * (2 << 20)) | HUGE | PRESENT_RW;
+                let entry = (cur + i * (2 << 20)) | HUGE | PRESENT_RW_USER;
                 // SAFETY: `pd` is a fresh pool page, mapped and unused.
                 unsafe { x86::mmio_write::<u64>(pd + i * 8, entry) };
             }
-            pdpt[idx] = pd | PRESENT_RW;
+            pdpt[idx] = pd | PRESENT_RW_USER;
         }
         cur += GIB;
     }

@@ -66,6 +66,23 @@ pub fn run(ctx: &Ctx) -> Result<(), Msg> {
             bsp
         );
     }
+    // From here on the local APIC, IPIs and the APs: ring 0.
+    crate::ring::ring0(|| bring_up(ctx, acpi, ids, bsp))?;
+    if let Some(s) = ctx.arg("tk.cpus") {
+        let Ok(want) = s.parse::<usize>() else {
+            fail!("tk.cpus={} is not a number", s)
+        };
+        if want != n {
+            fail!("the MADT lists {} enabled CPUs, tk.cpus is {}", n, want);
+        }
+    }
+    Ok(())
+}
+
+/// Enables the boot CPU's local APIC, starts every other enabled CPU of
+/// the MADT and has each run work sent with a wake-up IPI (ring 0).
+fn bring_up(ctx: &Ctx, acpi: &crate::acpi::Acpi, ids: &[u32], bsp: u32) -> Result<(), Msg> {
+    let n = ids.len();
     let lapic = Lapic::current();
     if !smp::lapic_mapped(lapic) {
         fail!("the local APIC is outside the identity map");
@@ -183,14 +200,6 @@ pub fn run(ctx: &Ctx) -> Result<(), Msg> {
     }
     if up > 1 {
         diag!("wake-up IPIs: {} AP(s) ran work and reported back", up - 1);
-    }
-    if let Some(s) = ctx.arg("tk.cpus") {
-        let Ok(want) = s.parse::<usize>() else {
-            fail!("tk.cpus={} is not a number", s)
-        };
-        if want != n {
-            fail!("the MADT lists {} enabled CPUs, tk.cpus is {}", n, want);
-        }
     }
     Ok(())
 }
