@@ -169,7 +169,9 @@ pub fn start_ap(lapic: Lapic, apic_id: u32, index: usize, page: u64) -> Started 
     if !lapic.send_ipi(apic_id, ICR_INIT) {
         return Started::IpiFailed;
     }
-    x86::delay_ticks(10 * x86::TSC_PER_MS);
+    // No 10 ms wait after INIT: as Linux does on every CPU since the P6
+    // (init_udelay 0), the SIPI follows at once; a virtual CPU takes both in
+    // order.
     for attempt in 0..2 {
         if !lapic.send_ipi(apic_id, ICR_STARTUP | vector) {
             return Started::IpiFailed;

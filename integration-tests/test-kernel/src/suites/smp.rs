@@ -141,10 +141,10 @@ fn bring_up(ctx: &Ctx, acpi: &crate::acpi::Acpi, ids: &[u32], bsp: u32) -> Resul
                     ticks,
                 } => {
                     diag!(
-                        "cpu {}: APIC id {} up after {} ms (TSC at 3 GHz), reports CPUID id {}{}",
+                        "cpu {}: APIC id {} up after {} µs (TSC at 3 GHz), reports CPUID id {}{}",
                         index,
                         id,
-                        ticks / x86::TSC_PER_MS,
+                        ticks * 1000 / x86::TSC_PER_MS,
                         cpuid_id,
                         if mmio_id.is_some() {
                             ", xAPIC id register matches"
