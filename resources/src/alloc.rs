@@ -180,8 +180,6 @@ pub struct SystemAllocator {
     pub io_ports: RangeAllocator,
     /// IOAPIC pins for device interrupts (legacy INTx, platform devices).
     pub ioapic_pins: IdPool,
-    /// GSIs for MSI routes.
-    pub msi_gsis: IdPool,
     /// PCI slots on bus 0 (slot 0 is the host bridge).
     pub pci_slots: PciSlots,
     /// Opaque device ids (for the API and device bookkeeping).
@@ -214,7 +212,6 @@ impl SystemAllocator {
                 IOAPIC_DEVICE_PIN_FIRST,
                 layout::IOAPIC_PINS - 1,
             )?,
-            msi_gsis: IdPool::new("MSI GSI", MSI_GSI_START, MSI_GSI_LAST)?,
             pci_slots: PciSlots::new(),
             device_ids: IdPool::new("device id", 0, u32::MAX - 1)?,
         })
@@ -364,12 +361,13 @@ mod tests {
     #[test]
     fn gsis_and_pins() {
         let mut a = SystemAllocator::new(512 * MIB).unwrap();
-        assert_eq!(a.msi_gsis.allocate().unwrap(), 24);
-        assert_eq!(a.msi_gsis.allocate().unwrap(), 25);
-        a.msi_gsis.free(24).unwrap();
-        assert!(!a.msi_gsis.is_allocated(24));
-        assert_eq!(a.msi_gsis.allocate().unwrap(), 24);
-        assert!(a.msi_gsis.free(4).is_err());
+        let mut gsis = IdPool::new("MSI GSI", MSI_GSI_START, MSI_GSI_LAST).unwrap();
+        assert_eq!(gsis.allocate().unwrap(), 24);
+        assert_eq!(gsis.allocate().unwrap(), 25);
+        gsis.free(24).unwrap();
+        assert!(!gsis.is_allocated(24));
+        assert_eq!(gsis.allocate().unwrap(), 24);
+        assert!(gsis.free(4).is_err());
         let pins: Vec<u32> = std::iter::from_fn(|| a.ioapic_pins.allocate().ok()).collect();
         assert_eq!(pins, (9..24).collect::<Vec<_>>());
     }

@@ -23,6 +23,9 @@ use crate::config::SerialConfig;
 use crate::error::{Error, Result};
 use crate::kvm::{IrqRouting, KvmMsiSink, KvmPinRoutes, SharedIrqRouting};
 
+/// An id pool that devices' hooks draw from while the VM runs.
+pub type SharedIdPool = Arc<Mutex<resources::IdPool>>;
+
 /// Every device of a VM and the resources they use.
 pub struct DeviceManager {
     /// Port I/O bus.
@@ -41,8 +44,10 @@ pub struct DeviceManager {
     /// irqfd-driven devices.
     pub irq_routing: SharedIrqRouting,
     /// KVM memory slot numbers for device memory (VFIO BAR mappings); RAM
-    /// uses the first ones.
-    pub kvm_slots: resources::IdPool,
+    /// uses the first ones. Shared with the devices' [`crate::vfio`] hooks.
+    pub kvm_slots: SharedIdPool,
+    /// GSIs for MSI routes (above the IOAPIC pins), shared likewise.
+    pub msi_gsis: SharedIdPool,
     /// ACPI PCI hotplug registers and GED events (see `crate::hotplug`).
     pub hotplug: Arc<Mutex<AcpiHotplug>>,
     /// The GED's interrupt (an IOAPIC pin, level-triggered, active high).
@@ -186,10 +191,18 @@ impl DeviceManager {
 
         let msi = Arc::new(KvmMsiSink::new(vm.clone()));
         let ram_slots = u32::try_from(memory.num_regions()).unwrap_or(u32::MAX);
-        let kvm_slots = resources::IdPool::new("KVM memory slot", ram_slots, KVM_MAX_USER_SLOT)
-            .map_err(Error::Resource)?;
+        let pool = |name, first, last| {
+            resources::IdPool::new(name, first, last)
+                .map(|p| Arc::new(Mutex::new(p)))
+                .map_err(Error::Resource)
+        };
         Ok(Self {
-            kvm_slots,
+            kvm_slots: pool("KVM memory slot", ram_slots, KVM_MAX_USER_SLOT)?,
+            msi_gsis: pool(
+                "MSI GSI",
+                resources::alloc::MSI_GSI_START,
+                resources::alloc::MSI_GSI_LAST,
+            )?,
             pio_bus,
             mmio_bus,
             pci,

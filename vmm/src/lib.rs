@@ -19,6 +19,7 @@ pub mod hotplug;
 pub mod kvm;
 pub mod pviommu;
 pub mod vcpu;
+pub mod vfio;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};

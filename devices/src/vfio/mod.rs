@@ -23,10 +23,8 @@
 //!   puts the BAR; every other access is trapped and forwarded with VFIO
 //!   region reads and writes ([`BusDevice`]).
 //! - The device is reset when opened and when dropped (if it supports it).
-//!
-//! This module names the rest of the crate only through `super::`, so that
-//! it can also be compiled by path into the host-kernel harness's test
-//! binary (integration-tests/host-kernel).
+//! - [`Passthrough`]: one VM's `/dev/iommu` and IOMMUFD backend, through
+//!   which the VMM opens devices and registers them with the pvIOMMU.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -40,8 +38,10 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioIommufd, VfioRegionI
 use vmm_sys_util::eventfd::EventFd;
 
 mod msix;
+mod passthrough;
 
 use msix::{subtract_holes, Msix};
+pub use passthrough::{Passthrough, PassthroughError};
 
 use super::bus::BusDevice;
 use super::pci::{

@@ -10,6 +10,7 @@ use iommufd_bindings::iommufd::{
     iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT as HWPT_ALLOC_NEST_PARENT,
 };
 use iommufd_ioctls::AttachHwpt;
+use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::ioctl::{self, HwptData, InvalidateEntries, IommufdOps, IovaRange};
 use super::uapi::{
@@ -206,6 +207,9 @@ pub struct IommufdBackend {
     ops: Arc<dyn IommufdOps>,
     format: NestFormat,
     inner: Mutex<Inner>,
+    /// Guest memory given with [`IommufdBackend::add_guest_memory`], kept
+    /// mapped as long as the IOAS map it.
+    memory: Mutex<Vec<Arc<GuestMemoryMmap>>>,
 }
 
 fn host_err(e: ioctl::Error) -> BackendError {
@@ -245,7 +249,34 @@ impl IommufdBackend {
                 domains: HashMap::new(),
                 stats: IommufdStats::default(),
             }),
+            memory: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Mirrors every region of the VM's RAM into the direct-attach IOAS
+    /// (IOVA = GPA) and keeps `memory` alive as long as the backend. On an
+    /// error, the regions added by this call are removed again.
+    pub fn add_guest_memory(&self, memory: Arc<GuestMemoryMmap>) -> Result<(), BackendError> {
+        let mut added = Vec::new();
+        for region in memory.iter() {
+            let gpa = region.start_addr().0;
+            // SAFETY: `region` is a live mmap of guest RAM, which is only
+            // ever accessed through raw pointers (vm-memory); the backend
+            // keeps `memory`, so the mapping outlives the IOAS mapping.
+            let result = unsafe { self.add_ram_region(gpa, region.len(), region.as_ptr()) };
+            if let Err(e) = result {
+                for gpa in added {
+                    let _ = self.remove_ram_region(gpa);
+                }
+                return Err(e);
+            }
+            added.push(gpa);
+        }
+        self.memory
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(memory);
+        Ok(())
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
