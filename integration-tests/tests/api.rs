@@ -93,6 +93,17 @@ fn hotplug_through_the_api_with_abuse_on_the_way() {
         Some(r#"{"path":"/sys/bus/pci/devices/0000:99:00.0"}"#),
     );
     assert_eq!(code, 400, "a VFIO path that does not exist: {body}");
+    // A path that exists but is no device bound to vfio-pci (checked before
+    // /dev/iommu is opened: the same answer on every host).
+    let not_vfio = std::env::temp_dir();
+    let (code, body) = request(
+        socket,
+        "PUT",
+        "vm.add-device",
+        Some(&format!(r#"{{"path":{:?}}}"#, not_vfio.display().to_string())),
+    );
+    assert_eq!(code, 400, "a path not bound to vfio-pci: {body}");
+    assert!(body.contains("bind it to vfio-pci first"), "{body}");
     vm.ping_ok();
 
     // 50 concurrent requests.

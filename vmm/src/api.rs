@@ -79,6 +79,8 @@ pub struct ApiVmm {
     next_id: u32,
     /// `vmm.shutdown` was asked for.
     quit: bool,
+    /// `/dev/iommu` and the IOMMUFD backend, from the first VFIO device on.
+    passthrough: Option<devices::vfio::Passthrough>,
 }
 
 impl std::fmt::Debug for ApiVmm {
@@ -113,6 +115,7 @@ impl ApiVmm {
             timer: TimerFd::new().map_err(|e| Error::Io("the eject timer", e.into()))?,
             next_id: 0,
             quit: false,
+            passthrough: None,
         })
     }
 
@@ -130,14 +133,15 @@ impl ApiVmm {
         devices::lock::mutex(&self.devices)
     }
 
-    /// Plugs `dev` in, registers it with the IOMMU (the software backend:
-    /// emulated devices translate every DMA through it; in the default
-    /// domain that is IOVA = GPA) and tells the guest. `registered` gets
-    /// the device's IOMMU name.
+    /// Plugs `dev` in, registers it with the IOMMU under its PCI address
+    /// (`register`: the software backend for emulated devices, which
+    /// translate every DMA through it, or the IOMMUFD backend for VFIO
+    /// devices; either way it starts in the default domain, IOVA = GPA) and
+    /// tells the guest.
     fn plug<T>(
         &mut self,
         dev: Arc<Mutex<T>>,
-        registered: impl FnOnce(&mut T, iommu::DeviceId),
+        register: impl FnOnce(&Self, &mut T, iommu::DeviceId) -> VmmResult<()>,
         id: DeviceId,
         kind: DeviceKind,
         mode: IommuMode,
@@ -155,11 +159,10 @@ impl ApiVmm {
             })?;
         let slot = addr.device;
         let iid = iommu::DeviceId::pci(0, addr.bus, addr.device, addr.function);
-        if let Err(e) = self.iommu.register_device(iid, BackendId::SOFTWARE) {
+        if let Err(e) = register(self, &mut devices::lock::mutex(&dev), iid) {
             let _ = self.dm().remove_pci_device(slot);
-            return Err(VmmError::internal(e));
+            return Err(e);
         }
-        registered(&mut devices::lock::mutex(&dev), iid);
         let iommu_id = Some(iid);
         self.plugged.insert(
             id.clone(),
@@ -303,7 +306,13 @@ impl ApiVmm {
                 };
                 self.plug(
                     Arc::new(Mutex::new(dev)),
-                    |d, iid| d.set_device_id(iid),
+                    |vmm, d, iid| {
+                        vmm.iommu
+                            .register_device(iid, BackendId::SOFTWARE)
+                            .map_err(internal)?;
+                        d.set_device_id(iid);
+                        Ok(())
+                    },
                     id,
                     DeviceKind::DmaTest,
                     mode,
@@ -313,32 +322,75 @@ impl ApiVmm {
         }
     }
 
-    fn add_vfio(&mut self, path: &Path) -> VmmResult<AddDeviceResponse> {
+    /// `/dev/iommu` and the IOMMUFD backend with guest RAM mapped, opened
+    /// for the first VFIO device.
+    fn passthrough(&mut self) -> VmmResult<&devices::vfio::Passthrough> {
+        if self.passthrough.is_none() {
+            let memory = self.dm().memory().clone();
+            let pt = devices::vfio::Passthrough::open(
+                Path::new(iommu::iommufd::DEV_IOMMU),
+                &self.iommu,
+                memory,
+                // S1 domains nest in VT-d's first-stage format (the only
+                // nesting the host side implements).
+                iommu::iommufd::NestFormat::VtdS1,
+            )
+            .map_err(internal)?;
+            log::info!("api: VFIO passthrough through {}", iommu::iommufd::DEV_IOMMU);
+            self.passthrough = Some(pt);
+        }
+        self.passthrough
+            .as_ref()
+            .ok_or_else(|| VmmError::internal("VFIO passthrough is not set up"))
+    }
+
+    /// Passes the host PCI function at `path` (bound to vfio-pci) through:
+    /// opened on the VM's iommufd with KVM hooks (MSI routes, BAR slots),
+    /// plugged in, registered with the pvIOMMU's IOMMUFD backend.
+    fn add_vfio(
+        &mut self,
+        path: &Path,
+        id: DeviceId,
+        mode: IommuMode,
+    ) -> VmmResult<AddDeviceResponse> {
         if !path.exists() {
             return Err(VmmError::invalid_request(format!(
                 "Device path {} does not exist",
                 path.display()
             )));
         }
-        let iommufd = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open("/dev/iommu");
-        if let Err(e) = iommufd {
-            return Err(VmmError::internal(VfioUnavailable(e)));
-        }
-        Err(VmmError::internal(
-            "VFIO hotplug is not wired to the IOMMUFD backend in this pvmm",
-        ))
+        // Before /dev/iommu: a device not bound to vfio-pci is the caller's
+        // mistake on any host.
+        devices::vfio::check_vfio_pci(path).map_err(|e| VmmError::invalid_request(e.to_string()))?;
+        let hooks = crate::vfio::hooks(&self.dm());
+        let dev = self
+            .passthrough()?
+            .open_device(path, hooks)
+            .map_err(|e| match e {
+                devices::vfio::PassthroughError::Device(
+                    ref d @ devices::vfio::VfioPciError::NotVfioDevice { .. },
+                ) => VmmError::invalid_request(d.to_string()),
+                devices::vfio::PassthroughError::Device(
+                    devices::vfio::VfioPciError::AlreadyBound { .. },
+                ) => VmmError::conflict(e),
+                e => VmmError::internal(e),
+            })?;
+        self.plug(
+            Arc::new(Mutex::new(dev)),
+            |vmm, d, iid| {
+                let pt = vmm
+                    .passthrough
+                    .as_ref()
+                    .ok_or_else(|| VmmError::internal("VFIO passthrough is not set up"))?;
+                pt.register(&vmm.iommu, iid, d).map_err(internal)
+            },
+            id,
+            DeviceKind::Vfio,
+            mode,
+            Some(path.to_path_buf()),
+        )
     }
 }
-
-/// No IOMMUFD on the host.
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "Cannot open /dev/iommu: this host has no IOMMUFD, so VFIO devices cannot be passed through"
-)]
-struct VfioUnavailable(#[source] std::io::Error);
 
 fn domain_type(kind: iommu::DomainInfoKind) -> DomainType {
     match kind {
@@ -424,7 +476,11 @@ impl VmmApi for ApiVmm {
                         path.display()
                     )));
                 }
-                self.add_vfio(&path)
+                let id = match request.id {
+                    Some(id) => id,
+                    None => self.fresh_id("vfio")?,
+                };
+                self.add_vfio(&path, id, mode)
             }
         }
     }

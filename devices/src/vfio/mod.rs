@@ -485,7 +485,7 @@ impl HostIommu {
 }
 
 /// Refuses a sysfs path whose device is not bound to vfio-pci.
-fn check_vfio_pci(sysfs: &Path) -> Result<(), VfioPciError> {
+pub fn check_vfio_pci(sysfs: &Path) -> Result<(), VfioPciError> {
     let driver = std::fs::read_link(sysfs.join("driver"))
         .ok()
         .and_then(|l| l.file_name().map(|n| n.to_string_lossy().into_owned()));
