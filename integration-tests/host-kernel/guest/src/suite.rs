@@ -1365,7 +1365,7 @@ fn hypercalls_drive_edu_through_iommufd(env: &Env) -> TestResult {
         InputCreateDeviceDomain, InputDeleteDeviceDomain, InputDetachDeviceDomain,
         InputDeviceDomain, InputMapDeviceGpaPages, InputUnmapDeviceGpaPages, MapFlags,
     };
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+    use vm_memory::{Bytes, GuestAddress};
     use zerocopy::little_endian::{U32, U64};
     use zerocopy::IntoBytes;
 
@@ -1373,30 +1373,27 @@ fn hypercalls_drive_edu_through_iommufd(env: &Env) -> TestResult {
     const PAGE: u64 = 0x6000; // GPA behind IOVA
     const INPUT: u64 = 0x1f_0000; // the hypercall input page
                                   // Guest RAM as the VMM has it (vm-memory), mirrored at IOVA = GPA.
-    let mem = vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM_SIZE)])
-        .map_err(|e| Failure(format!("guest memory: {e}")))?;
-    let host = mem
-        .get_host_address(GuestAddress(0))
-        .map_err(|e| Failure(format!("host address: {e}")))?;
-    let fd = Iommufd::open_path(&env.dev_iommu)?;
-    let backend = Arc::new(IommufdBackend::new(
-        Arc::new(fd.clone()),
-        NestFormat::VtdS1,
-    )?);
-    // SAFETY: `mem` outlives the backend (the Iommu holding it is dropped
-    // first) and guest memory is only accessed through vm-memory copies.
-    unsafe { backend.add_ram_region(0, RAM_SIZE as u64, host)? };
-    let iommu = iommu::Iommu::new(iommu::IommuConfig::default())?;
-    let backend_id = iommu.add_backend(Arc::clone(&backend) as Arc<dyn Backend>);
-    let mut dev = VfioPciDevice::open(&env.edu, Arc::clone(fd.inner()), VfioHooks::default())?;
-    let (dev_id, handle) = (
-        dev.iommufd_dev_id()
-            .ok_or_else(|| Failure("no dev id".into()))?,
-        dev.attach_handle()
-            .ok_or_else(|| Failure("no handle".into()))?,
+    let mem = Arc::new(
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM_SIZE)])
+            .map_err(|e| Failure(format!("guest memory: {e}")))?,
     );
-    backend.add_host_device(EDU_ID, dev_id, handle)?;
-    iommu.register_device(EDU_ID, backend_id)?;
+    // pvmm's own passthrough glue (what vm.add-device with a path runs,
+    // less the KVM hooks): /dev/iommu, guest RAM in an IOMMUFD backend,
+    // the device opened on it and registered under its PCI name.
+    let iommu = iommu::Iommu::new(iommu::IommuConfig::default())?;
+    let pt = devices::vfio::Passthrough::open(
+        &env.dev_iommu,
+        &iommu,
+        Arc::clone(&mem),
+        NestFormat::VtdS1,
+    )
+    .map_err(ctx("passthrough"))?;
+    let mut dev = pt
+        .open_device(&env.edu, VfioHooks::default())
+        .map_err(ctx("open edu"))?;
+    pt.register(&iommu, EDU_ID, &dev)
+        .map_err(ctx("register edu"))?;
+    let backend = pt.backend();
 
     // A guest view of edu whose RAM is `mem`.
     const BAR0: u64 = 0xc000_0000;
@@ -1523,7 +1520,11 @@ fn hypercalls_drive_edu_through_iommufd(env: &Env) -> TestResult {
         "hypercalls: CREATE, ATTACH, MAP (1 page), UNMAP, DETACH, DELETE; IOMMUFD: {} maps, {} unmaps, {} attaches",
         s.maps, s.unmaps, s.attaches
     ));
-    iommu.unregister_device(EDU_ID)?;
+    pt.unregister(&iommu, EDU_ID)?;
+    ensure!(
+        !dma(0x2000, 0x2000, 0x3000, 0x3000, 25)?,
+        "unregistered, the device still reaches guest RAM"
+    );
     Ok(())
 }
 
