@@ -100,7 +100,10 @@ fn hotplug_through_the_api_with_abuse_on_the_way() {
         socket,
         "PUT",
         "vm.add-device",
-        Some(&format!(r#"{{"path":{:?}}}"#, not_vfio.display().to_string())),
+        Some(&format!(
+            r#"{{"path":{:?}}}"#,
+            not_vfio.display().to_string()
+        )),
     );
     assert_eq!(code, 400, "a path not bound to vfio-pci: {body}");
     assert!(body.contains("bind it to vfio-pci first"), "{body}");

@@ -336,7 +336,10 @@ impl ApiVmm {
                 iommu::iommufd::NestFormat::VtdS1,
             )
             .map_err(internal)?;
-            log::info!("api: VFIO passthrough through {}", iommu::iommufd::DEV_IOMMU);
+            log::info!(
+                "api: VFIO passthrough through {}",
+                iommu::iommufd::DEV_IOMMU
+            );
             self.passthrough = Some(pt);
         }
         self.passthrough
@@ -361,7 +364,8 @@ impl ApiVmm {
         }
         // Before /dev/iommu: a device not bound to vfio-pci is the caller's
         // mistake on any host.
-        devices::vfio::check_vfio_pci(path).map_err(|e| VmmError::invalid_request(e.to_string()))?;
+        devices::vfio::check_vfio_pci(path)
+            .map_err(|e| VmmError::invalid_request(e.to_string()))?;
         let hooks = crate::vfio::hooks(&self.dm());
         let dev = self
             .passthrough()?

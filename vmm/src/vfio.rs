@@ -153,7 +153,9 @@ impl KvmBarSlots {
 
 impl BarSlots for KvmBarSlots {
     fn add(&self, gpa: u64, size: u64, host: *mut u8) -> io::Result<u32> {
-        let slot = devices::lock::mutex(&self.slots).allocate().map_err(other)?;
+        let slot = devices::lock::mutex(&self.slots)
+            .allocate()
+            .map_err(other)?;
         // SAFETY: `host` is the device's mmap of the BAR area, which
         // `VfioPciDevice` keeps until after it has removed the slot.
         if let Err(e) = unsafe { self.set(slot, gpa, size, host as u64) } {

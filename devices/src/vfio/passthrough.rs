@@ -69,10 +69,11 @@ impl Passthrough {
         memory: Arc<GuestMemoryMmap>,
         format: NestFormat,
     ) -> Result<Self, PassthroughError> {
-        let iommufd = Iommufd::open_path(dev_iommu).map_err(|source| PassthroughError::Iommufd {
-            path: dev_iommu.to_path_buf(),
-            source,
-        })?;
+        let iommufd =
+            Iommufd::open_path(dev_iommu).map_err(|source| PassthroughError::Iommufd {
+                path: dev_iommu.to_path_buf(),
+                source,
+            })?;
         let backend = Arc::new(
             IommufdBackend::new(Arc::new(iommufd.clone()), format)
                 .map_err(PassthroughError::Backend)?,

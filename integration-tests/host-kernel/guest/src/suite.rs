@@ -155,6 +155,10 @@ pub const VFIO_TESTS: Suite = &[
         "pvIOMMU hypercalls (iommu::Iommu) drive edu DMA through IOMMUFD: S2 map, unmap, detach",
         hypercalls_drive_edu_through_iommufd,
     ),
+    (
+        "hotplug of edu as vm.add-device/remove-device do it (less KVM), twice",
+        hotplug_edu_like_the_api,
+    ),
 ];
 
 /// The IOMMUFD selftest-mock suite. Linux 6.12 probes a device without
@@ -1663,6 +1667,196 @@ fn hypercalls_s1_flushes_reach_the_nested_hwpt(env: &Env) -> TestResult {
 
     iommu.unregister_device(EDU_ID)?;
     fd.destroy(stdev).map_err(ctx("destroy the mock device"))?;
+    Ok(())
+}
+
+/// A guest's view of the PCI function in `slot` of `root`: configuration
+/// space through the root, BAR0 through the MMIO bus at `bar0`.
+struct BusView<'a> {
+    root: &'a std::sync::Mutex<devices::pci::PciRoot>,
+    mmio: &'a devices::bus::Bus,
+    slot: u8,
+    bar0: u64,
+}
+
+impl BusView<'_> {
+    fn root(&self) -> std::sync::MutexGuard<'_, devices::pci::PciRoot> {
+        devices::lock::mutex(self.root)
+    }
+}
+
+impl RegionAccess for BusView<'_> {
+    fn read_region(&self, region: u32, offset: u64, buf: &mut [u8]) -> edu::Result<()> {
+        let addr = devices::pci::PciAddress::slot(self.slot);
+        let ok = match (region, u16::try_from(offset)) {
+            (edu::BAR0_REGION, _) => self.mmio.read(self.bar0 + offset, buf),
+            (edu::CONFIG_REGION, Ok(off)) => {
+                self.root().config_read(addr, off, buf);
+                true
+            }
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(edu::Error::RegionRange {
+                region,
+                offset,
+                len: buf.len(),
+            })
+        }
+    }
+
+    fn write_region(&self, region: u32, offset: u64, data: &[u8]) -> edu::Result<()> {
+        let addr = devices::pci::PciAddress::slot(self.slot);
+        let ok = match (region, u16::try_from(offset)) {
+            (edu::BAR0_REGION, _) => self.mmio.write(self.bar0 + offset, data),
+            (edu::CONFIG_REGION, Ok(off)) => {
+                self.root().config_write(addr, off, data);
+                true
+            }
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(edu::Error::RegionRange {
+                region,
+                offset,
+                len: data.len(),
+            })
+        }
+    }
+}
+
+/// Hot-add and hot-remove of edu the way pvmm's API does them, with the
+/// same pieces, less KVM (there is none under TCG, so no MSI routes or BAR
+/// memory slots: BAR0 is trapped). Add: opened through
+/// [`devices::vfio::Passthrough`], plugged into a PCI root in a free slot,
+/// registered under its BDF, PCIU and the GED event raised; the "guest"
+/// finds it in configuration space, programs BAR0 and DMAs at IOVA = GPA.
+/// Remove: PCID and the GED event, the guest's B0EJ, unregister, unplug,
+/// drop. Twice: the second add only works if the removal closed the device
+/// and gave back everything.
+fn hotplug_edu_like_the_api(env: &Env) -> TestResult {
+    use devices::acpi_hotplug::{AcpiHotplug, B0EJ, GEDS, GED_PCI_HOTPLUG, PCID, PCIU};
+    use devices::bus::{Bus, BusDevice};
+    use devices::legacy::EventFdTrigger;
+    use devices::pci::PciRoot;
+    use devices::vfio::Passthrough;
+    use std::sync::Mutex;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    const SLOT: u8 = 3;
+    const BAR0: u64 = 0xc000_0000;
+    let iid = DeviceId::pci(0, 0, SLOT, 0);
+    let mem = Arc::new(
+        vm_memory::GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), RAM_SIZE)])
+            .map_err(|e| Failure(format!("guest memory: {e}")))?,
+    );
+    let iommu = iommu::Iommu::new(iommu::IommuConfig::default())?;
+    let pt = Passthrough::open(&env.dev_iommu, &iommu, Arc::clone(&mem), NestFormat::VtdS1)
+        .map_err(ctx("passthrough"))?;
+    let mmio = Arc::new(Bus::new());
+    let root = Mutex::new(PciRoot::new(Arc::clone(&mmio), Arc::new(Bus::new())));
+    let ged = EventFd::new(EFD_NONBLOCK)?;
+    let eject = EventFd::new(EFD_NONBLOCK)?;
+    let mut hp = AcpiHotplug::new(EventFdTrigger::try_clone_from(&ged)?, eject.try_clone()?);
+    let reg = |hp: &mut AcpiHotplug, offset: u64| {
+        let mut b = [0u8; 4];
+        hp.read(0, offset, &mut b);
+        u32::from_le_bytes(b)
+    };
+
+    for round in 0..2u32 {
+        // vm.add-device {"path": edu}
+        let dev = Arc::new(Mutex::new(
+            pt.open_device(&env.edu, VfioHooks::default())
+                .map_err(ctx("open edu"))?,
+        ));
+        devices::lock::mutex(&root).add_device(SLOT, dev.clone(), dev.clone())?;
+        pt.register(&iommu, iid, &devices::lock::mutex(&dev))
+            .map_err(ctx("register edu"))?;
+        hp.slot_added(SLOT);
+        ensure!(ged.read().is_ok(), "round {round}: no GED interrupt on add");
+        ensure!(
+            reg(&mut hp, GEDS) & GED_PCI_HOTPLUG != 0,
+            "round {round}: GEDS has no PCI hotplug event"
+        );
+        ensure!(
+            reg(&mut hp, PCIU) == 1 << SLOT,
+            "round {round}: PCIU does not name slot {SLOT}"
+        );
+
+        // The guest: identifies the function, gives BAR0 an address, DMAs.
+        let view = BusView {
+            root: &root,
+            mmio: &mmio,
+            slot: SLOT,
+            bar0: BAR0,
+        };
+        let mut id = [0u8; 4];
+        view.read_region(edu::CONFIG_REGION, 0, &mut id)?;
+        ensure!(
+            u32::from_le_bytes(id) == 0x11e8_1234,
+            "round {round}: slot {SLOT} reads id {:#x}",
+            u32::from_le_bytes(id)
+        );
+        #[allow(clippy::cast_possible_truncation)]
+        view.write_region(edu::CONFIG_REGION, 0x10, &(BAR0 as u32).to_le_bytes())?;
+        let edu = Edu::new(&view)?;
+        let p = pattern(30 + round, CHUNK);
+        mem.write_slice(&p, GuestAddress(0x2000))
+            .map_err(|e| Failure(format!("write: {e}")))?;
+        mem.write_slice(&vec![0u8; CHUNK], GuestAddress(0x3000))
+            .map_err(|e| Failure(format!("write: {e}")))?;
+        edu.dma(Direction::RamToDevice, 0x2000, 0, CHUNK)?;
+        edu.dma(Direction::DeviceToRam, 0x3000, 0, CHUNK)?;
+        let mut back = vec![0u8; CHUNK];
+        mem.read_slice(&mut back, GuestAddress(0x3000))
+            .map_err(|e| Failure(format!("read: {e}")))?;
+        ensure!(back == p, "round {round}: DMA at IOVA = GPA lost the data");
+
+        // vm.remove-device: PCID and the GED, the guest's _EJ0 writes B0EJ.
+        hp.request_eject(SLOT);
+        ensure!(
+            ged.read().is_ok(),
+            "round {round}: no GED interrupt on remove"
+        );
+        ensure!(
+            reg(&mut hp, PCID) == 1 << SLOT,
+            "round {round}: PCID does not name slot {SLOT}"
+        );
+        hp.write(0, B0EJ, &(1u32 << SLOT).to_le_bytes());
+        ensure!(
+            eject.read().is_ok(),
+            "round {round}: B0EJ did not signal the VMM"
+        );
+        ensure!(
+            hp.take_ejected() == 1 << SLOT,
+            "round {round}: the eject is not for slot {SLOT}"
+        );
+        pt.unregister(&iommu, iid)?;
+        devices::lock::mutex(&root).remove_device(SLOT)?;
+        ensure!(
+            mmio.ranges().is_empty(),
+            "round {round}: BAR0 is still on the MMIO bus"
+        );
+        ensure!(
+            iommu.device_attachment(iid).is_none(),
+            "round {round}: the pvIOMMU still knows the device"
+        );
+        ensure!(
+            Arc::strong_count(&dev) == 1,
+            "round {round}: something still holds the device"
+        );
+        drop(dev);
+    }
+    diag(format!(
+        "hotplug: edu added in slot {SLOT}, DMA checked, ejected and removed, twice; IOMMUFD: {} attaches",
+        pt.backend().stats().attaches
+    ));
     Ok(())
 }
 
