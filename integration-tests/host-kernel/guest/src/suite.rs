@@ -1679,52 +1679,66 @@ struct BusView<'a> {
     bar0: u64,
 }
 
+/// Where an access of [`BusView`] goes.
+enum Target {
+    /// The MMIO bus at this address.
+    Bar(u64),
+    /// Configuration space at this offset.
+    Config(u16),
+}
+
 impl BusView<'_> {
+    /// Where `region` at `offset` is, or the error for an access of `len`
+    /// bytes there.
+    fn target(&self, region: u32, offset: u64, len: usize) -> edu::Result<Target> {
+        match (region, u16::try_from(offset)) {
+            (edu::BAR0_REGION, _) => Ok(Target::Bar(self.bar0 + offset)),
+            (edu::CONFIG_REGION, Ok(off)) => Ok(Target::Config(off)),
+            _ => Err(edu::Error::RegionRange {
+                region,
+                offset,
+                len,
+            }),
+        }
+    }
+
     fn root(&self) -> std::sync::MutexGuard<'_, devices::pci::PciRoot> {
         devices::lock::mutex(self.root)
+    }
+
+    fn addr(&self) -> devices::pci::PciAddress {
+        devices::pci::PciAddress::slot(self.slot)
     }
 }
 
 impl RegionAccess for BusView<'_> {
     fn read_region(&self, region: u32, offset: u64, buf: &mut [u8]) -> edu::Result<()> {
-        let addr = devices::pci::PciAddress::slot(self.slot);
-        let ok = match (region, u16::try_from(offset)) {
-            (edu::BAR0_REGION, _) => self.mmio.read(self.bar0 + offset, buf),
-            (edu::CONFIG_REGION, Ok(off)) => {
-                self.root().config_read(addr, off, buf);
-                true
-            }
-            _ => false,
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(edu::Error::RegionRange {
+        match self.target(region, offset, buf.len())? {
+            Target::Bar(a) if !self.mmio.read(a, buf) => Err(edu::Error::RegionRange {
                 region,
                 offset,
                 len: buf.len(),
-            })
+            }),
+            Target::Bar(_) => Ok(()),
+            Target::Config(off) => {
+                self.root().config_read(self.addr(), off, buf);
+                Ok(())
+            }
         }
     }
 
     fn write_region(&self, region: u32, offset: u64, data: &[u8]) -> edu::Result<()> {
-        let addr = devices::pci::PciAddress::slot(self.slot);
-        let ok = match (region, u16::try_from(offset)) {
-            (edu::BAR0_REGION, _) => self.mmio.write(self.bar0 + offset, data),
-            (edu::CONFIG_REGION, Ok(off)) => {
-                self.root().config_write(addr, off, data);
-                true
-            }
-            _ => false,
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(edu::Error::RegionRange {
+        match self.target(region, offset, data.len())? {
+            Target::Bar(a) if !self.mmio.write(a, data) => Err(edu::Error::RegionRange {
                 region,
                 offset,
                 len: data.len(),
-            })
+            }),
+            Target::Bar(_) => Ok(()),
+            Target::Config(off) => {
+                self.root().config_write(self.addr(), off, data);
+                Ok(())
+            }
         }
     }
 }
