@@ -342,6 +342,11 @@ impl ApiVmm {
             );
             self.passthrough = Some(pt);
         }
+        self.opened_passthrough()
+    }
+
+    /// The passthrough [`Self::passthrough`] opened.
+    fn opened_passthrough(&self) -> VmmResult<&devices::vfio::Passthrough> {
         self.passthrough
             .as_ref()
             .ok_or_else(|| VmmError::internal("VFIO passthrough is not set up"))
@@ -382,11 +387,9 @@ impl ApiVmm {
         self.plug(
             Arc::new(Mutex::new(dev)),
             |vmm, d, iid| {
-                let pt = vmm
-                    .passthrough
-                    .as_ref()
-                    .ok_or_else(|| VmmError::internal("VFIO passthrough is not set up"))?;
-                pt.register(&vmm.iommu, iid, d).map_err(internal)
+                vmm.opened_passthrough()?
+                    .register(&vmm.iommu, iid, d)
+                    .map_err(internal)
             },
             id,
             DeviceKind::Vfio,
