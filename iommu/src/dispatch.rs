@@ -52,6 +52,32 @@ pub struct HypercallRegs {
     pub r8: u64,
 }
 
+/// Who makes a hypercall, as the vCPU's state tells.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The calling vCPU's index.
+    pub vp_index: u32,
+    /// Its privilege level: a call from CPL > 0 gets ACCESS_DENIED and does
+    /// nothing (contract section 2).
+    pub cpl: u8,
+    /// Whether the VMM can make the guest issue the call again
+    /// ([`HypercallOutcome::Continue`]): true for calls through the
+    /// hypercall page's stub. A call that cannot be restarted runs all its
+    /// reps in one go.
+    pub restartable: bool,
+}
+
+impl Caller {
+    /// Guest kernel code on vCPU `vp_index`, calling through the stub.
+    pub const fn kernel(vp_index: u32) -> Self {
+        Self {
+            vp_index,
+            cpl: 0,
+            restartable: true,
+        }
+    }
+}
+
 /// What the VMM does with the vCPU after [`Iommu::dispatch`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HypercallOutcome {
@@ -61,9 +87,10 @@ pub enum HypercallOutcome {
         rax: u64,
     },
     /// The rep budget ran out: write `rcx` (the input value with the new rep
-    /// start) to RCX and rewind RIP by
-    /// [`pviommu_abi::HYPERCALL_INSTRUCTION_LEN`] so that the guest issues
-    /// the call again; RAX is not written.
+    /// start) to RCX and point RIP at the stub's restart point
+    /// ([`pviommu_abi::hypercall_restart_rip`]) so that the guest issues the
+    /// call again; RAX is not written. Only for a [`Caller::restartable`]
+    /// call.
     Continue {
         /// The new input value.
         rcx: u64,
@@ -180,18 +207,41 @@ fn parse<T: FromBytes>(bytes: &[u8]) -> Result<T, HvError> {
 }
 
 impl Iommu {
-    /// Runs the hypercall in `regs` for vCPU `vp_index` against guest memory
-    /// `mem`, on the calling thread. Never panics, whatever the registers and
-    /// memory hold; allocates nothing.
+    /// Runs the hypercall in `regs` from guest kernel code on vCPU
+    /// `vp_index` ([`Caller::kernel`]) against guest memory `mem`; see
+    /// [`Iommu::dispatch_from`].
     pub fn dispatch<M: GuestMemory + ?Sized>(
         &self,
         mem: &M,
         vp_index: u32,
         regs: HypercallRegs,
     ) -> HypercallOutcome {
+        self.dispatch_from(mem, Caller::kernel(vp_index), regs)
+    }
+
+    /// Runs the hypercall in `regs` for `caller` against guest memory `mem`,
+    /// on the calling thread. Never panics, whatever the registers and
+    /// memory hold; allocates nothing.
+    pub fn dispatch_from<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        caller: Caller,
+        regs: HypercallRegs,
+    ) -> HypercallOutcome {
+        let vp_index = caller.vp_index;
         let control = Control::from_bits(regs.rcx);
         self.counters.calls[Counters::slot(control.call_code())].fetch_add(1, Ordering::Relaxed);
-        match self.dispatch_inner(mem, control, regs) {
+        let result = if caller.cpl != 0 {
+            Err((HvError::ACCESS_DENIED, 0))
+        } else {
+            let budget = if caller.restartable {
+                self.config.rep_budget
+            } else {
+                u16::MAX
+            };
+            self.dispatch_inner(mem, control, regs, budget)
+        };
+        match result {
             Ok(Slice::Done(reps)) => HypercallOutcome::Complete {
                 rax: HypercallOutput::from_status(HvStatus::SUCCESS, reps).into_bits(),
             },
@@ -222,6 +272,7 @@ impl Iommu {
         mem: &M,
         control: Control,
         regs: HypercallRegs,
+        budget: u16,
     ) -> Result<Slice, (HvError, u16)> {
         let input_error = Err((HvError::INVALID_HYPERCALL_INPUT, 0));
         if !control.reserved_clear() {
@@ -244,7 +295,7 @@ impl Iommu {
         }
         let fail = |e: HvError| Err((e, start));
         let end = if shape.rep {
-            count.min(start.saturating_add(self.config.rep_budget))
+            count.min(start.saturating_add(budget))
         } else {
             0
         };

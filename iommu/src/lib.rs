@@ -3,8 +3,9 @@
 //! One [`Iommu`] per VM, shared by every vCPU thread and device through an
 //! `Arc`:
 //!
-//! - vCPU threads call [`Iommu::dispatch`] on a hypercall exit and apply the
-//!   [`HypercallOutcome`] (RAX, or RCX plus a RIP rewind for time slicing);
+//! - vCPU threads call [`Iommu::dispatch_from`] on a hypercall exit and apply
+//!   the [`HypercallOutcome`] (RAX, or RCX plus a restart at the hypercall
+//!   page's stub for time slicing);
 //! - emulated devices call [`Iommu::translate`] before each DMA access and
 //!   get guest-physical [`Segments`] or a [`Fault`];
 //! - the device manager registers devices with [`Iommu::register_device`]
@@ -16,8 +17,8 @@
 //! # Wiring (VMM side)
 //!
 //! ```
-//! use iommu::abi::{HYPERCALL_INSTRUCTION_LEN, HYPERCALL_PORT};
-//! use iommu::{Access, BackendId, DeviceId, HypercallOutcome, HypercallRegs, Iommu, IommuConfig};
+//! use iommu::abi::{hypercall_restart_rip, HYPERCALL_PORT};
+//! use iommu::{Access, BackendId, Caller, DeviceId, HypercallOutcome, HypercallRegs, Iommu, IommuConfig};
 //! use std::sync::Arc;
 //! use vm_memory::{GuestAddress, GuestMemoryMmap};
 //!
@@ -28,14 +29,17 @@
 //! let dma_test = DeviceId::pci(0, 0, 3, 0);
 //! iommu.register_device(dma_test, BackendId::SOFTWARE).unwrap();
 //!
-//! // vCPU thread, on a port-I/O exit for `out HYPERCALL_PORT, al`:
-//! # let (rcx, rdx, r8, mut rip, mut rax) = (0x0001u64, 0u64, 0u64, 0x1000u64, 0u64);
+//! // vCPU thread, on a port-I/O exit for `out HYPERCALL_PORT, al` (with
+//! // the hypercall page enabled), CPL from the segment registers:
+//! # let (rcx, rdx, r8, mut rip, mut rax, cpl) = (0x0001u64, 0u64, 0u64, 0x1005u64, 0u64, 0u8);
 //! # let mut new_rcx = rcx;
-//! match iommu.dispatch(&mem, /* vp_index */ 0, HypercallRegs { rcx, rdx, r8 }) {
+//! let restart = hypercall_restart_rip(rip);
+//! let caller = Caller { vp_index: 0, cpl, restartable: restart.is_some() };
+//! match iommu.dispatch_from(&mem, caller, HypercallRegs { rcx, rdx, r8 }) {
 //!     HypercallOutcome::Complete { rax: value } => rax = value,
 //!     HypercallOutcome::Continue { rcx: value } => {
 //!         new_rcx = value; // write RCX,
-//!         rip -= HYPERCALL_INSTRUCTION_LEN; // and re-execute the `out`
+//!         rip = restart.unwrap(); // and re-execute the stub's `out`
 //!     }
 //! }
 //! # assert_eq!(rax, 2); // INVALID_HYPERCALL_CODE for code 1
@@ -80,7 +84,7 @@ pub use backend::{
     Perms, S1Config,
 };
 pub use config::{IommuConfig, IommuError, DEFAULT_PGSIZE_BITMAP};
-pub use dispatch::{HypercallOutcome, HypercallRegs};
+pub use dispatch::{Caller, HypercallOutcome, HypercallRegs};
 pub use domains::{Attachment, FlushStats};
 pub use pviommu_abi as abi;
 pub use pviommu_abi::DeviceId;

@@ -137,8 +137,6 @@ pub mod pio {
     pub const PCI_CONFIG_START: u16 = 0xcf8;
     /// 0xCF8..=0xCFF.
     pub const PCI_CONFIG_SIZE: u16 = 8;
-    /// Port used by the pvIOMMU hypercall page (`out 0xE4, al`).
-    pub const HYPERCALL_PORT: u16 = 0xe4;
     /// PCI I/O BAR window.
     pub const PCI_IO_START: u16 = 0x1000;
     /// Size of the PCI I/O window (up to 0xFFFF).

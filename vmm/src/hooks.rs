@@ -2,59 +2,68 @@
 //! needs them): the hypercall port, user-space MSRs and CPUID.
 //!
 //! - [`PortIoHypercall`]: an `out` to port [`HYPERCALL_PORT`] (0xE4, what the
-//!   hypercall page runs) hands RCX, RDX and R8 (read from KVM sync regs) to
-//!   the handler on the vCPU's own thread. [`HypercallOutcome::Complete`]
-//!   writes RAX; [`HypercallOutcome::Continue`] writes RCX and rewinds RIP by
-//!   2 so that the guest re-executes the `out` (rep time slicing).
+//!   hypercall page's stub runs) hands RCX, RDX and R8, RIP and the CPL (read
+//!   from KVM sync regs) to the handler on the vCPU's own thread, which says
+//!   what to do: write RAX, restart the call at a RIP of its choice with a
+//!   new RCX (rep time slicing), or treat the `out` as one to an unused port.
 //! - [`MsrHandler`]: the MSRs it lists are filtered out of KVM
 //!   (KVM_X86_SET_MSR_FILTER) and their reads and writes come here.
 //! - [`CpuidHook`]: edits each vCPU's CPUID entries after the topology is
-//!   applied (for example Hyper-V leaves at 0x4000_0000 and KVM's moved to
-//!   0x4000_0100).
+//!   applied (for example Hyper-V leaves at 0x4000_0000).
 
 use std::sync::Arc;
 
+pub use iommu::abi::HYPERCALL_PORT;
+pub use iommu::HypercallRegs;
 use kvm_bindings::kvm_cpuid_entry2;
 use vm_memory::GuestMemoryMmap;
 
-/// The port the pvIOMMU hypercall page writes to.
-pub const HYPERCALL_PORT: u16 = resources::layout::pio::HYPERCALL_PORT;
-
-/// Registers of a hypercall (Hyper-V x64 convention).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct HypercallRegs {
-    /// Hypercall input value.
-    pub rcx: u64,
-    /// Input page GPA (or fast input).
-    pub rdx: u64,
-    /// Output page GPA (or fast input).
-    pub r8: u64,
+/// A port-I/O write to [`HYPERCALL_PORT`], as the vCPU saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HypercallExit {
+    /// RCX, RDX and R8.
+    pub regs: HypercallRegs,
+    /// RIP at the exit: at the `out` on a standard KVM, past it where KVM
+    /// advanced RIP before exiting (see
+    /// [`iommu::abi::hypercall_restart_rip`]).
+    pub rip: u64,
+    /// The current privilege level.
+    pub cpl: u8,
 }
 
-/// What the vCPU does after a hypercall.
+/// What the vCPU does after a write to [`HYPERCALL_PORT`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HypercallOutcome {
+pub enum HypercallAction {
+    /// Not a hypercall (the interface is off): the write goes to the port
+    /// bus like any other, where nothing listens.
+    NotAHypercall,
     /// Done: RAX gets the result value.
     Complete {
         /// Hypercall result value.
         rax: u64,
     },
-    /// Not done: RCX gets the updated input value and the `out` runs again.
-    Continue {
+    /// Not done: RCX gets the updated input value and the guest continues
+    /// at `rip`, which must differ from the exit's RIP (a standard KVM skips
+    /// the `out` on the next KVM_RUN when RIP is left as it was) and lead to
+    /// the `out` again.
+    Restart {
         /// Input value with the new rep start index.
         rcx: u64,
+        /// Where the guest continues.
+        rip: u64,
     },
 }
 
 /// Handles `out 0xE4, al` on the calling vCPU's thread.
 pub trait PortIoHypercall: Send + Sync {
-    /// One hypercall from vCPU `vp_index`. Must not panic on any input.
+    /// One write to the hypercall port from vCPU `vp_index`. Must not panic
+    /// on any input.
     fn hypercall(
         &self,
         mem: &GuestMemoryMmap,
         vp_index: u32,
-        regs: HypercallRegs,
-    ) -> HypercallOutcome;
+        exit: HypercallExit,
+    ) -> HypercallAction;
 }
 
 /// Handles MSRs in user space.

@@ -32,7 +32,9 @@ use vm_memory::GuestMemoryMmap;
 pub use config::{BootProtocol, DeviceConfig, KernelSource, SerialConfig, VmConfig};
 pub use device_manager::DeviceManager;
 pub use error::{error_chain, Error, Result};
-pub use hooks::{HypercallOutcome, HypercallRegs, MsrHandler, PortIoHypercall, VmHooks};
+pub use hooks::{
+    HypercallAction, HypercallExit, HypercallRegs, MsrHandler, PortIoHypercall, VmHooks,
+};
 
 use boot::KernelImage;
 use cpu::Entry;
@@ -322,6 +324,15 @@ impl Vmm {
             }
         };
         threads.stop();
+        let calls = self.iommu.stats().hypercalls;
+        if calls.total > 0 {
+            log::info!(
+                "pvIOMMU: {} hypercalls, {} failed, {} time-sliced restarts",
+                calls.total,
+                calls.errors,
+                calls.continuations
+            );
+        }
         result
     }
 }

@@ -1,26 +1,29 @@
 //! The pvIOMMU as the guest sees it (contract sections 1-3,
 //! shared/pviommu-abi.md): Hyper-V CPUID leaves at 0x40000000 (KVM's own
 //! moved to 0x40000100), the GUEST_OS_ID, HYPERCALL and VP_INDEX MSRs
-//! (KVM MSR filter and user-space MSR exits), the hypercall page overlay
-//! `out 0xE4, al; ret`, and port 0xE4 handed to one [`Iommu`] per VM.
+//! (KVM MSR filter and user-space MSR exits), the hypercall page's stub
+//! `endbr64; nop; out 0xE4, al; ret`, and port 0xE4 handed to one [`Iommu`]
+//! per VM while the page is enabled.
 //!
-//! The hypercall path runs on the calling vCPU's thread: registers come
-//! from KVM sync regs (vcpu.rs), [`Iommu::dispatch`] validates and runs the
-//! call, the outcome goes to RAX or to RCX with RIP rewound by 2. Nothing
-//! here takes a lock or allocates on that path; the MSR state is atomics,
-//! so several vCPUs may call at once.
+//! The hypercall path runs on the calling vCPU's thread: registers and CPL
+//! come from KVM sync regs (vcpu.rs), [`Iommu::dispatch_from`] validates and
+//! runs the call, the outcome goes to RAX, or to RCX with RIP at the stub's
+//! restart point ([`hypercall_restart_rip`]), which re-runs the `out` on
+//! every KVM. This layer reads the MSR state from atomics and allocates
+//! nothing; the dispatcher takes the IOMMU's state lock for the typed
+//! handler only, so several vCPUs may call at once.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use iommu::abi::{cpuid, msr, HypercallMsr, HYPERCALL_PAGE_CODE};
+use iommu::abi::{cpuid, hypercall_restart_rip, msr, HypercallMsr, HYPERCALL_PAGE_CODE};
 use iommu::Iommu;
 use kvm_bindings::kvm_cpuid_entry2;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::device_manager::DeviceManager;
 use crate::error::{Error, Result};
-use crate::hooks::{HypercallOutcome, HypercallRegs, MsrHandler, PortIoHypercall, VmHooks};
+use crate::hooks::{HypercallAction, HypercallExit, MsrHandler, PortIoHypercall, VmHooks};
 
 /// Plugs a dma-test device called `name` into the first free PCI slot and
 /// registers it (the PCI form of its BDF) with `iommu`'s software backend;
@@ -123,16 +126,31 @@ impl PortIoHypercall for Pviommu {
         &self,
         mem: &GuestMemoryMmap,
         vp_index: u32,
-        regs: HypercallRegs,
-    ) -> HypercallOutcome {
-        let regs = iommu::HypercallRegs {
-            rcx: regs.rcx,
-            rdx: regs.rdx,
-            r8: regs.r8,
+        exit: HypercallExit,
+    ) -> HypercallAction {
+        // Port 0xE4 is a hypercall only while the hypercall page is enabled.
+        if !HypercallMsr::from_bits(self.hypercall.load(Ordering::Acquire)).enable() {
+            return HypercallAction::NotAHypercall;
+        }
+        let restart = hypercall_restart_rip(exit.rip);
+        let caller = iommu::Caller {
+            vp_index,
+            cpl: exit.cpl,
+            restartable: restart.is_some(),
         };
-        match self.iommu.dispatch(mem, vp_index, regs) {
-            iommu::HypercallOutcome::Complete { rax } => HypercallOutcome::Complete { rax },
-            iommu::HypercallOutcome::Continue { rcx } => HypercallOutcome::Continue { rcx },
+        match (self.iommu.dispatch_from(mem, caller, exit.regs), restart) {
+            (iommu::HypercallOutcome::Complete { rax }, _) => HypercallAction::Complete { rax },
+            (iommu::HypercallOutcome::Continue { rcx }, Some(rip)) => {
+                HypercallAction::Restart { rcx, rip }
+            }
+            // The dispatcher slices only restartable calls.
+            (iommu::HypercallOutcome::Continue { .. }, None) => HypercallAction::Complete {
+                rax: iommu::abi::HypercallOutput::from_status(
+                    iommu::abi::HvStatus::INVALID_PARTITION_STATE,
+                    0,
+                )
+                .into_bits(),
+            },
         }
     }
 }
@@ -232,6 +250,7 @@ mod tests {
     use super::*;
     use iommu::abi::{Control, HvStatus, HypercallCode, HypercallOutput};
     use iommu::IommuConfig;
+    use zerocopy::IntoBytes;
 
     fn setup() -> (Arc<Pviommu>, GuestMemoryMmap) {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
@@ -287,9 +306,9 @@ mod tests {
         // GUEST_OS_ID == 0: ignored.
         assert!(p.write(&mem, 0, msr::HYPERCALL, enable.into_bits()));
         assert_eq!(p.read(&mem, 0, msr::HYPERCALL), Some(0));
-        let mut code = [0u8; 3];
+        let mut code = [0u8; HYPERCALL_PAGE_CODE.len()];
         mem.read_slice(&mut code, GuestAddress(0x10000)).unwrap();
-        assert_eq!(code, [0; 3]);
+        assert_eq!(code, [0; HYPERCALL_PAGE_CODE.len()]);
         assert!(p.write(&mem, 0, msr::GUEST_OS_ID, 0x8100));
         assert_eq!(p.read(&mem, 1, msr::GUEST_OS_ID), Some(0x8100));
         assert!(p.write(&mem, 1, msr::HYPERCALL, enable.into_bits()));
@@ -325,43 +344,178 @@ mod tests {
         assert_eq!(p.read(&mem, 0, msr::HYPERCALL), Some(locked.into_bits()));
     }
 
+    /// RIP at the exit of the stub's `out` in a page at 0x7000 (a
+    /// standard KVM's view: RIP not yet advanced).
+    const STUB_OUT: u64 = 0x7000 + iommu::abi::HYPERCALL_OUT_OFFSET;
+
+    fn exit(rcx: u64, rdx: u64, r8: u64, rip: u64, cpl: u8) -> HypercallExit {
+        HypercallExit {
+            regs: iommu::HypercallRegs { rcx, rdx, r8 },
+            rip,
+            cpl,
+        }
+    }
+
+    fn status(action: HypercallAction) -> HvStatus {
+        let HypercallAction::Complete { rax } = action else {
+            panic!("{action:?}")
+        };
+        HypercallOutput::from_bits(rax).hv_status()
+    }
+
+    fn enable_page(p: &Pviommu, mem: &GuestMemoryMmap) {
+        assert!(p.write(mem, 0, msr::GUEST_OS_ID, 0x8100));
+        let enable = HypercallMsr::new().with_enable(true).with_gpn(0x7);
+        assert!(p.write(mem, 0, msr::HYPERCALL, enable.into_bits()));
+    }
+
     #[test]
     fn hypercalls_reach_the_iommu() {
         let (p, mem) = setup();
+        enable_page(&p, &mem);
         let unknown = Control::new().with_code(0x7777).into_bits();
-        let out = p.hypercall(
-            &mem,
-            0,
-            HypercallRegs {
-                rcx: unknown,
-                rdx: 0,
-                r8: 0,
-            },
-        );
-        let HypercallOutcome::Complete { rax } = out else {
-            panic!("{out:?}")
-        };
-        assert_eq!(
-            HypercallOutput::from_bits(rax).hv_status(),
-            HvStatus::INVALID_HYPERCALL_CODE
-        );
+        let out = p.hypercall(&mem, 0, exit(unknown, 0, 0, STUB_OUT, 0));
+        assert_eq!(status(out), HvStatus::INVALID_HYPERCALL_CODE);
         // GET_IOMMU_CAPABILITIES with its input at 0x1000, output at 0x2000.
         mem.write_obj(u64::MAX, GuestAddress(0x1000)).unwrap();
         let caps = Control::new()
             .with_code(HypercallCode::GET_IOMMU_CAPABILITIES.0)
             .into_bits();
-        let out = p.hypercall(
-            &mem,
-            1,
-            HypercallRegs {
-                rcx: caps,
-                rdx: 0x1000,
-                r8: 0x2000,
-            },
-        );
-        assert_eq!(out, HypercallOutcome::Complete { rax: 0 });
+        let out = p.hypercall(&mem, 1, exit(caps, 0x1000, 0x2000, STUB_OUT, 0));
+        assert_eq!(out, HypercallAction::Complete { rax: 0 });
         assert_eq!(p.iommu().stats().hypercalls.total, 2);
         let hooks = p.hooks();
         assert!(hooks.hypercall.is_some() && hooks.msr.is_some() && hooks.cpuid.is_some());
+    }
+
+    #[test]
+    fn port_0xe4_is_not_a_hypercall_until_the_page_is_enabled() {
+        let (p, mem) = setup();
+        let caps = Control::new()
+            .with_code(HypercallCode::GET_IOMMU_CAPABILITIES.0)
+            .into_bits();
+        mem.write_obj(u64::MAX, GuestAddress(0x1000)).unwrap();
+        let call = exit(caps, 0x1000, 0x2000, STUB_OUT, 0);
+        assert_eq!(p.hypercall(&mem, 0, call), HypercallAction::NotAHypercall);
+        // GUEST_OS_ID alone does not enable it.
+        assert!(p.write(&mem, 0, msr::GUEST_OS_ID, 0x8100));
+        assert_eq!(p.hypercall(&mem, 0, call), HypercallAction::NotAHypercall);
+        assert_eq!(
+            p.iommu().stats().hypercalls.total,
+            0,
+            "nothing reached the IOMMU"
+        );
+        enable_page(&p, &mem);
+        assert_eq!(
+            p.hypercall(&mem, 0, call),
+            HypercallAction::Complete { rax: 0 }
+        );
+        // Disabled again: unused port again.
+        assert!(p.write(&mem, 0, msr::HYPERCALL, 0));
+        assert_eq!(p.hypercall(&mem, 0, call), HypercallAction::NotAHypercall);
+    }
+
+    #[test]
+    fn calls_from_user_mode_are_denied_and_do_nothing() {
+        let (p, mem) = setup();
+        enable_page(&p, &mem);
+        let create = Control::new()
+            .with_code(HypercallCode::CREATE_DEVICE_DOMAIN.0)
+            .into_bits();
+        let input = iommu::abi::InputCreateDeviceDomain {
+            device_domain: iommu::abi::InputDeviceDomain {
+                partition_id: iommu::abi::HV_PARTITION_ID_SELF.into(),
+                domain_id: iommu::abi::DeviceDomainId::with(iommu::abi::DeviceDomainType::S2, 5)
+                    .into_bits()
+                    .into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        mem.write_slice(input.as_bytes(), GuestAddress(0x1000))
+            .unwrap();
+        let domains = || p.iommu().stats().domains.len();
+        let before = domains();
+        for cpl in 1..=3 {
+            let out = p.hypercall(&mem, 0, exit(create, 0x1000, 0, STUB_OUT, cpl));
+            assert_eq!(status(out), HvStatus::ACCESS_DENIED, "CPL {cpl}");
+        }
+        assert_eq!(domains(), before, "no domain was created");
+        let out = p.hypercall(&mem, 0, exit(create, 0x1000, 0, STUB_OUT, 0));
+        assert_eq!(status(out), HvStatus::SUCCESS);
+        assert_eq!(domains(), before + 1);
+    }
+
+    #[test]
+    fn time_sliced_calls_restart_at_the_stub_on_every_kvm() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let iommu = Arc::new(
+            Iommu::new(IommuConfig {
+                rep_budget: 2,
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        let p = Pviommu::new(iommu);
+        enable_page(&p, &mem);
+        // A rep call that runs past the budget of 2: a FLUSH_LIST of five
+        // empty entries on a fresh S1 domain.
+        let s1 = iommu::abi::DeviceDomainId::with(iommu::abi::DeviceDomainType::S1, 9);
+        let create = Control::new()
+            .with_code(HypercallCode::CREATE_DEVICE_DOMAIN.0)
+            .into_bits();
+        let dd = iommu::abi::InputDeviceDomain {
+            partition_id: iommu::abi::HV_PARTITION_ID_SELF.into(),
+            domain_id: s1.into_bits().into(),
+            ..Default::default()
+        };
+        mem.write_slice(
+            iommu::abi::InputCreateDeviceDomain {
+                device_domain: dd,
+                ..Default::default()
+            }
+            .as_bytes(),
+            GuestAddress(0x1000),
+        )
+        .unwrap();
+        let out = p.hypercall(&mem, 0, exit(create, 0x1000, 0, STUB_OUT, 0));
+        assert_eq!(status(out), HvStatus::SUCCESS);
+        mem.write_slice(
+            iommu::abi::InputFlushDeviceDomainList {
+                device_domain: dd,
+                ..Default::default()
+            }
+            .as_bytes(),
+            GuestAddress(0x1000),
+        )
+        .unwrap();
+        let flush = Control::new()
+            .with_code(HypercallCode::FLUSH_DEVICE_DOMAIN_LIST.0)
+            .with_rep_count(5);
+        let page = 0xffff_8000_0000_7000u64;
+        // RIP at the `out` (kvm_intel, kvm_amd) or past it (an emulating
+        // KVM): either way the guest continues at the stub's `nop`, which
+        // differs from the exit's RIP.
+        for rip in [page + 5, page + 7] {
+            let out = p.hypercall(&mem, 0, exit(flush.into_bits(), 0x1000, 0, rip, 0));
+            assert_eq!(
+                out,
+                HypercallAction::Restart {
+                    rcx: flush.with_rep_start(2).into_bits(),
+                    rip: page + 4
+                }
+            );
+        }
+        // An `out 0xE4` outside the stub cannot be restarted: all its reps
+        // run at once.
+        let out = p.hypercall(&mem, 0, exit(flush.into_bits(), 0x1000, 0, 0x5555, 0));
+        let HypercallAction::Complete { rax } = out else {
+            panic!("{out:?}")
+        };
+        let rax = HypercallOutput::from_bits(rax);
+        assert_eq!(
+            (rax.hv_status(), rax.reps_completed()),
+            (HvStatus::SUCCESS, 5)
+        );
     }
 }

@@ -20,7 +20,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result};
-use crate::hooks::{HypercallOutcome, HypercallRegs, VmHooks, HYPERCALL_PORT};
+use crate::hooks::{HypercallAction, HypercallExit, HypercallRegs, VmHooks, HYPERCALL_PORT};
 use crate::ExitReason;
 
 /// Where the first reason for the VM to end is recorded.
@@ -139,6 +139,8 @@ impl Vcpu {
     pub fn run(mut self, shared: &VcpuShared) {
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
         self.fd.set_sync_valid_reg(SyncReg::Register);
+        // The hypercall path needs the CPL (segment registers).
+        self.fd.set_sync_valid_reg(SyncReg::SystemRegister);
         loop {
             if shared.stop.load(Ordering::Acquire) {
                 break;
@@ -244,18 +246,23 @@ impl Vcpu {
         let Some(h) = shared.hooks.hypercall.as_ref() else {
             return;
         };
-        let regs = &mut self.fd.sync_regs_mut().regs;
-        let input = HypercallRegs {
-            rcx: regs.rcx,
-            rdx: regs.rdx,
-            r8: regs.r8,
+        let sync = self.fd.sync_regs_mut();
+        let exit = HypercallExit {
+            regs: HypercallRegs {
+                rcx: sync.regs.rcx,
+                rdx: sync.regs.rdx,
+                r8: sync.regs.r8,
+            },
+            rip: sync.regs.rip,
+            cpl: cpl(&sync.sregs, sync.regs.rflags),
         };
-        match h.hypercall(&shared.memory, self.index, input) {
-            HypercallOutcome::Complete { rax } => regs.rax = rax,
-            HypercallOutcome::Continue { rcx } => {
-                regs.rcx = rcx;
-                // `out imm8, al` is two bytes long.
-                regs.rip = regs.rip.wrapping_sub(2);
+        match h.hypercall(&shared.memory, self.index, exit) {
+            // An unused port: the write goes nowhere.
+            HypercallAction::NotAHypercall => return,
+            HypercallAction::Complete { rax } => sync.regs.rax = rax,
+            HypercallAction::Restart { rcx, rip } => {
+                sync.regs.rcx = rcx;
+                sync.regs.rip = rip;
             }
         }
         self.fd.set_sync_dirty_reg(SyncReg::Register);
@@ -338,5 +345,19 @@ impl Drop for VcpuThreads {
         if !self.handles.is_empty() {
             self.stop_all();
         }
+    }
+}
+
+/// The current privilege level: 0 in real mode, 3 in virtual-8086 mode,
+/// else SS.DPL (which both VMX and SVM keep equal to the CPL).
+fn cpl(sregs: &kvm_bindings::kvm_sregs, rflags: u64) -> u8 {
+    const CR0_PE: u64 = 1;
+    const RFLAGS_VM: u64 = 1 << 17;
+    if sregs.cr0 & CR0_PE == 0 {
+        0
+    } else if rflags & RFLAGS_VM != 0 {
+        3
+    } else {
+        sregs.ss.dpl & 3
     }
 }

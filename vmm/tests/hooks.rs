@@ -1,6 +1,8 @@
 //! The vCPU loop's hooks, driven by a hand-assembled PVH guest: the port
-//! 0xE4 hypercall (registers through sync regs, RAX on completion, RCX and a
-//! re-executed `out` on continuation), user-space MSRs and the CPUID hook.
+//! 0xE4 hypercall (registers and CPL through sync regs, RAX on completion,
+//! RCX and a restart at a `nop` before the `out` on continuation, which
+//! must re-execute the `out` whether or not this host's KVM advanced RIP
+//! before the exit), user-space MSRs and the CPUID hook.
 
 mod common;
 
@@ -8,12 +10,16 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::{
-    ExitReason, HypercallOutcome, HypercallRegs, KernelSource, MsrHandler, PortIoHypercall,
+    ExitReason, HypercallAction, HypercallExit, KernelSource, MsrHandler, PortIoHypercall,
     SerialConfig, VmConfig, VmHooks, Vmm,
 };
 
 const RESULT_ADDR: u32 = 0x5000;
 const MSR: u32 = 0x4000_0000;
+/// Guest address of the `nop` before the `out` (the restart point).
+const RESTART: u64 = common::ENTRY as u64 + 12;
+/// Guest address of the `out`.
+const OUT: u64 = RESTART + 1;
 
 /// 32-bit code: a hypercall, then an MSR read and write, CPUID leaf
 /// 0x4000_0000, and an ACPI poweroff.
@@ -23,6 +29,8 @@ fn guest_code() -> Vec<u8> {
     c.extend([0xb9, 5, 0, 0, 0]); // mov ecx, 5
     c.extend([0xba, 0x77, 0, 0, 0]); // mov edx, 0x77
     c.extend([0x31, 0xc0]); // xor eax, eax
+    assert_eq!(c.len() as u64, RESTART - u64::from(common::ENTRY));
+    c.push(0x90); // nop
     c.extend([0xe6, 0xe4]); // out 0xe4, al
     c.extend([0xa3, r[0], r[1], r[2], r[3]]); // mov [0x5000], eax
     c.extend([0x89, 0x0d, r[0] + 4, r[1], r[2], r[3]]); // mov [0x5004], ecx
@@ -46,17 +54,20 @@ fn guest_code() -> Vec<u8> {
 
 #[derive(Default)]
 struct Recorder {
-    calls: Mutex<Vec<(u32, HypercallRegs)>>,
+    calls: Mutex<Vec<(u32, HypercallExit)>>,
     msr_writes: Mutex<Vec<(u32, u32, u64)>>,
 }
 
 impl PortIoHypercall for Recorder {
-    fn hypercall(&self, _mem: &GuestMemoryMmap, vp: u32, regs: HypercallRegs) -> HypercallOutcome {
-        self.calls.lock().expect("lock").push((vp, regs));
-        if regs.rcx > 1 {
-            HypercallOutcome::Continue { rcx: regs.rcx - 1 }
+    fn hypercall(&self, _mem: &GuestMemoryMmap, vp: u32, exit: HypercallExit) -> HypercallAction {
+        self.calls.lock().expect("lock").push((vp, exit));
+        if exit.regs.rcx > 1 {
+            HypercallAction::Restart {
+                rcx: exit.regs.rcx - 1,
+                rip: RESTART,
+            }
         } else {
-            HypercallOutcome::Complete { rax: 0x4242 }
+            HypercallAction::Complete { rax: 0x4242 }
         }
     }
 }
@@ -101,11 +112,18 @@ fn hypercall_msr_and_cpuid_hooks() {
     assert_eq!(vmm.run().expect("run"), ExitReason::PowerOff);
     std::fs::remove_file(&path).ok();
 
-    // The `out` ran five times: RCX 5, 4, 3, 2, 1, with RDX intact.
+    // The `out` ran five times: RCX 5, 4, 3, 2, 1, with RDX intact, from
+    // ring 0, RIP at the `out` or (on a KVM that advanced it) just past it,
+    // the same on every call.
     let calls = rec.calls.lock().expect("lock").clone();
-    let rcx: Vec<u64> = calls.iter().map(|c| c.1.rcx).collect();
+    let rcx: Vec<u64> = calls.iter().map(|c| c.1.regs.rcx).collect();
     assert_eq!(rcx, vec![5, 4, 3, 2, 1]);
-    assert!(calls.iter().all(|c| c.0 == 0 && c.1.rdx == 0x77));
+    assert!(calls
+        .iter()
+        .all(|c| c.0 == 0 && c.1.regs.rdx == 0x77 && c.1.cpl == 0));
+    let rip = calls[0].1.rip;
+    assert!(rip == OUT || rip == OUT + 2, "RIP at the exit: {rip:#x}");
+    assert!(calls.iter().all(|c| c.1.rip == rip));
     let word = |off: u64| -> u32 {
         mem.read_obj(GuestAddress(u64::from(RESULT_ADDR) + off))
             .expect("read")

@@ -386,6 +386,10 @@ PT_POOL_END:
 /* ------------------------------------------------------ pvIOMMU pages */
     .section .noinit.hv, "aw", @nobits
     .balign 4096
+    .globl HV_CALL_GUARD
+HV_CALL_GUARD:
+    .skip 4096                          /* ud2s at its end: a restart that lands
+                                           before the stub faults (pviommu.rs) */
     .globl HV_CALL_PAGE
 HV_CALL_PAGE:
     .skip 4096                          /* the hypercall page (VMM overlay) */

@@ -2,9 +2,9 @@
 //! GUEST_OS_ID and HYPERCALL MSRs, and hypercalls through the hypercall
 //! page (contract: shared/pviommu-abi.md; types: the pviommu-abi crate).
 //!
-//! Rep calls: the VMM may slice a rep call; it then rewinds RIP onto the
-//! page's `out` with RCX holding the new rep start, so the guest sees one
-//! call. The call wrapper therefore declares RCX clobbered, and the typed
+//! Rep calls: the VMM may slice a rep call; it then points RIP at the
+//! stub's restart point (the `nop` before its `out`) with RCX holding the
+//! new rep start, so the guest sees one call. The call wrapper therefore declares RCX clobbered, and the typed
 //! helpers split a large map into calls of at most 507 reps (one input
 //! page) themselves.
 
@@ -23,6 +23,7 @@ pub const MAX_HV_CPUS: usize = 4;
 const PAGE: u64 = 4096;
 
 extern "C" {
+    static HV_CALL_GUARD: u8;
     static HV_CALL_PAGE: u8;
     static HV_IO_PAGES: u8;
 }
@@ -97,22 +98,36 @@ pub fn call_page() -> u64 {
     core::ptr::addr_of!(HV_CALL_PAGE) as u64
 }
 
-/// The first bytes of the hypercall page.
-pub fn call_page_code() -> [u8; 3] {
-    // SAFETY: the page is the kernel's own (mapped); the VMM may rewrite it,
-    // which is why it is read volatile, a byte at a time.
-    unsafe {
-        [
-            x86::mmio_read(call_page()),
-            x86::mmio_read(call_page() + 1),
-            x86::mmio_read(call_page() + 2),
-        ]
+/// The first bytes of the hypercall page (as long as the VMM's stub).
+pub fn call_page_code() -> [u8; HYPERCALL_PAGE_CODE.len()] {
+    let mut code = [0u8; HYPERCALL_PAGE_CODE.len()];
+    for (i, b) in code.iter_mut().enumerate() {
+        // SAFETY: the page is the kernel's own (mapped); the VMM may rewrite
+        // it, which is why it is read volatile, a byte at a time.
+        *b = unsafe { x86::mmio_read(call_page() + i as u64) };
+    }
+    code
+}
+
+/// Bytes at the end of the page before the hypercall page that hold `ud2`:
+/// a VMM that restarts a time-sliced call anywhere before the stub (say 2
+/// bytes before the page, from a fixed RIP rewind on a KVM that had not
+/// advanced RIP) makes the guest fault with #UD, which the test kernel
+/// reports, instead of running whatever lies there.
+const GUARD_BYTES: u64 = 64;
+
+fn fill_guard() {
+    let end = core::ptr::addr_of!(HV_CALL_GUARD) as u64 + PAGE;
+    for at in (end - GUARD_BYTES..end).step_by(2) {
+        // SAFETY: inside the kernel's own guard page, which nothing else uses.
+        unsafe { x86::mmio_write::<u16>(at, u16::from_le_bytes([0x0f, 0x0b])) };
     }
 }
 
 /// Sets GUEST_OS_ID and enables the hypercall page; checks the MSR reads
 /// back and the VMM's overlay is in place.
 pub fn enable(guest_os_id: u64) -> Result<(), &'static str> {
+    fill_guard();
     x86::wrmsr(msr::GUEST_OS_ID, guest_os_id);
     if x86::rdmsr(msr::GUEST_OS_ID) != guest_os_id {
         return Err("GUEST_OS_ID does not read back");
@@ -126,7 +141,7 @@ pub fn enable(guest_os_id: u64) -> Result<(), &'static str> {
         return Err("HYPERCALL MSR does not read back enabled at the page");
     }
     if call_page_code() != HYPERCALL_PAGE_CODE {
-        return Err("the hypercall page does not hold `out 0xe4, al; ret`");
+        return Err("the hypercall page does not hold `endbr64; nop; out 0xe4, al; ret`");
     }
     Ok(())
 }
@@ -181,7 +196,7 @@ impl Io {
 /// RCX is clobbered.
 pub fn raw_call(control: u64, rdx: u64, r8: u64) -> u64 {
     let rax: u64;
-    // SAFETY: the page was enabled (`enable`) and holds `out 0xe4, al; ret`,
+    // SAFETY: the page was enabled (`enable`) and holds the VMM's stub,
     // which changes no register but RAX (and RCX on a restart) and touches
     // only the input/output pages the call names.
     unsafe {

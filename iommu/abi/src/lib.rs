@@ -29,12 +29,48 @@ pub const HV_PARTITION_ID_SELF: u64 = u64::MAX;
 
 /// VMM choice (transport): the port whose `out` is the hypercall.
 pub const HYPERCALL_PORT: u16 = 0xE4;
-/// VMM choice (transport): the bytes overlaid on the hypercall page:
-/// `out 0xE4, al ; ret`.
-pub const HYPERCALL_PAGE_CODE: [u8; 3] = [0xE6, 0xE4, 0xC3];
-/// Length of the `out imm8, al` instruction: the VMM rewinds RIP by this much
-/// to make the guest re-issue a time-sliced rep call.
+/// VMM choice (transport): the stub the VMM writes at the start of the
+/// hypercall page: `endbr64 ; nop ; out 0xE4, al ; ret`.
+///
+/// `endbr64` lets kernels with indirect-branch tracking call the page. The
+/// `nop` is the restart point of a time-sliced rep call: the VMM points RIP
+/// at it (see [`hypercall_restart_rip`]), so the guest runs the `out` again
+/// whether or not its KVM had already advanced RIP past the `out` when the
+/// exit reached user space, and RIP always changes, which keeps a standard
+/// KVM (kvm_intel, kvm_amd) from skipping the `out` on the next KVM_RUN.
+pub const HYPERCALL_PAGE_CODE: [u8; 8] = [0xF3, 0x0F, 0x1E, 0xFA, 0x90, 0xE6, 0xE4, 0xC3];
+/// Offset in the hypercall page of the stub's restart point (the `nop`).
+pub const HYPERCALL_RESTART_OFFSET: u64 = 4;
+/// Offset in the hypercall page of the stub's `out 0xE4, al`.
+pub const HYPERCALL_OUT_OFFSET: u64 = 5;
+/// Length of the `out imm8, al` instruction.
 pub const HYPERCALL_INSTRUCTION_LEN: u64 = 2;
+
+// The offsets are a few bytes: the casts cannot truncate.
+#[allow(clippy::cast_possible_truncation)]
+const _: () = {
+    assert!(HYPERCALL_PAGE_CODE[HYPERCALL_RESTART_OFFSET as usize] == 0x90);
+    assert!(HYPERCALL_PAGE_CODE[HYPERCALL_OUT_OFFSET as usize] == 0xE6);
+    assert!(HYPERCALL_PAGE_CODE[HYPERCALL_OUT_OFFSET as usize + 1] as u16 == HYPERCALL_PORT);
+    assert!(HYPERCALL_RESTART_OFFSET + 1 == HYPERCALL_OUT_OFFSET);
+};
+
+/// Where a time-sliced hypercall restarts, given RIP at its port-I/O exit:
+/// the stub's `nop` in the same page, when RIP is at the stub's `out` (a
+/// standard KVM: RIP not yet advanced) or just past it (a KVM that advanced
+/// RIP before the exit, such as one that emulated the `out`). `None` when
+/// the `out` was not the stub's: the call cannot be restarted and must run
+/// to completion. The hypercall page is page-aligned in the guest's virtual
+/// space too, so the page offset of RIP tells where in the stub it is.
+pub const fn hypercall_restart_rip(exit_rip: u64) -> Option<u64> {
+    let offset = exit_rip & (HV_PAGE_SIZE - 1);
+    if offset == HYPERCALL_OUT_OFFSET || offset == HYPERCALL_OUT_OFFSET + HYPERCALL_INSTRUCTION_LEN
+    {
+        Some((exit_rip & !(HV_PAGE_SIZE - 1)) | HYPERCALL_RESTART_OFFSET)
+    } else {
+        None
+    }
+}
 
 /// Most MAP_DEVICE_GPA_PAGES reps whose input fits one page:
 /// (4096 - 40) / 8.
@@ -1058,6 +1094,35 @@ mod tests {
     use super::*;
     use core::mem::{offset_of, size_of};
     use zerocopy::FromZeros;
+
+    #[test]
+    fn restart_points_at_the_stub_nop_from_either_side_of_the_out() {
+        let page = 0xffff_ffff_c000_3000u64;
+        // Standard KVM: RIP at the `out`; a KVM that advanced it: past it.
+        for rip in [page + 5, page + 7] {
+            assert_eq!(hypercall_restart_rip(rip), Some(page + 4));
+        }
+        // Anywhere else (the `nop`, the `ret`, another page's code): no restart.
+        for rip in [
+            page,
+            page + 4,
+            page + 6,
+            page + 8,
+            page + 0x1005 - 0x1000 + 0x10,
+        ] {
+            assert_eq!(hypercall_restart_rip(rip), None, "{rip:#x}");
+        }
+        // The top page of the address space does not overflow.
+        assert_eq!(
+            hypercall_restart_rip(u64::MAX - 0xfff + 7),
+            Some(u64::MAX - 0xfff + 4)
+        );
+        assert_eq!(
+            &HYPERCALL_PAGE_CODE[..4],
+            &[0xF3, 0x0F, 0x1E, 0xFA],
+            "endbr64"
+        );
+    }
 
     #[test]
     fn struct_layouts_match_the_contract() {
