@@ -164,18 +164,36 @@ pub enum SpecError {
     Iommu(String),
     #[error(transparent)]
     Id(#[from] DeviceIdError),
+    #[error("A vfio device needs path=/sys/bus/pci/devices/SSSS:BB:DD.F")]
+    VfioPath,
     #[error("Invalid device: {0}")]
     Device(String),
 }
 
-/// Parses `kind=dma-test,iommu=pviommu,id=X` or `path=/sys/...,iommu=direct`.
+/// Parses a device spec, as `pvmm --device` and `pvmm-remote add-device`
+/// take it: `kind=dma-test,iommu=pviommu,id=X` or
+/// `path=/sys/...,iommu=direct`, optionally led by a bare kind:
+/// `dma-test[,...]` (for `kind=dma-test`) or `vfio,path=/sys/...[,...]`.
 pub fn parse_device_spec(spec: &str) -> Result<AddDeviceRequest, SpecError> {
     /// Whether `value` names a variant of `T`.
     fn names<T: serde::de::DeserializeOwned>(value: &str) -> bool {
         serde_json::from_value::<T>(value.into()).is_ok()
     }
     let mut body = serde_json::Map::new();
-    for item in spec.split(',') {
+    let mut items = spec.split(',').peekable();
+    let mut vfio = false;
+    match items.peek() {
+        Some(&"vfio") => {
+            vfio = true;
+            items.next();
+        }
+        Some(&first) if !first.contains('=') && names::<EmulatedKind>(first) => {
+            body.insert("kind".to_owned(), first.into());
+            items.next();
+        }
+        _ => {}
+    }
+    for item in items {
         let (key, value) = item
             .split_once('=')
             .ok_or_else(|| SpecError::NotKeyValue(item.to_owned()))?;
@@ -192,6 +210,12 @@ pub fn parse_device_spec(spec: &str) -> Result<AddDeviceRequest, SpecError> {
         if body.insert(key.to_owned(), value.into()).is_some() {
             return Err(SpecError::Repeated(key.to_owned()));
         }
+    }
+    if vfio && !body.contains_key("path") {
+        return Err(SpecError::VfioPath);
+    }
+    if vfio && body.contains_key("kind") {
+        return Err(SpecError::Repeated("kind".to_owned()));
     }
     serde_json::from_value(body.into()).map_err(|e| SpecError::Device(e.to_string()))
 }
@@ -218,13 +242,34 @@ mod tests {
             DeviceSource::Vfio("/sys/bus/pci/devices/0000:00:04.0".into())
         );
         assert_eq!(request.id, None);
+
+        // The command line's shorthands.
+        let request = parse_device_spec("dma-test").expect("valid");
+        assert_eq!(
+            request.source,
+            DeviceSource::Emulated(EmulatedKind::DmaTest)
+        );
+        let request = parse_device_spec("dma-test,id=x").expect("valid");
+        assert_eq!(request.id, Some(DeviceId::new("x").expect("valid id")));
+        let request = parse_device_spec("vfio,path=/sys/bus/pci/devices/0000:00:04.0,id=nvme0")
+            .expect("valid");
+        assert_eq!(
+            request.source,
+            DeviceSource::Vfio("/sys/bus/pci/devices/0000:00:04.0".into())
+        );
+        assert_eq!(request.id, Some(DeviceId::new("nvme0").expect("valid id")));
     }
 
     #[test]
     fn bad_specs_say_why() {
         use SpecError::*;
         let cases = [
-            ("dma-test", NotKeyValue("dma-test".into())),
+            ("nvme", NotKeyValue("nvme".into())),
+            ("vfio", VfioPath),
+            ("vfio,id=a", VfioPath),
+            ("vfio,kind=dma-test,path=/a", Repeated("kind".into())),
+            ("dma-test,kind=dma-test", Repeated("kind".into())),
+            ("id=a,dma-test", NotKeyValue("dma-test".into())),
             ("kind=dma-test,color=red", UnknownKey("color".into())),
             ("kind=dma-test,kind=dma-test", Repeated("kind".into())),
             ("kind=nvme", Kind("nvme".into())),

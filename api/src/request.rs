@@ -129,14 +129,15 @@ pub enum ApiRequest {
 
 /// The operations a VMM implements to serve the API, one method per request.
 ///
-/// [`ApiRequest::handle`] calls them and sends their answers. A VMM that must
-/// answer later (removal waits for the guest's eject) matches that request
-/// itself, keeps its [`Responder`] and hands the others to `handle`.
+/// [`ApiRequest::handle`] calls them and sends their answers; removal gets
+/// its [`Responder`] instead, because it answers once the guest has ejected
+/// the device, which may be after other requests were served.
 pub trait VmmApi {
     fn vmm_ping(&mut self) -> VmmResult<PingResponse>;
     fn vm_info(&mut self) -> VmmResult<VmInfoResponse>;
     fn vm_add_device(&mut self, request: AddDeviceRequest) -> VmmResult<AddDeviceResponse>;
-    fn vm_remove_device(&mut self, request: RemoveDeviceRequest) -> VmmResult<()>;
+    /// Starts removing a device; answers through `responder`, now or later.
+    fn vm_remove_device(&mut self, request: RemoveDeviceRequest, responder: Responder<()>);
     fn iommu_domains(&mut self) -> VmmResult<IommuDomainsResponse>;
     fn vm_shutdown(&mut self) -> VmmResult<()>;
     /// Answer, then leave the event loop (the answer is sent before the
@@ -151,7 +152,7 @@ impl ApiRequest {
             Self::VmmPing(r) => r.respond(vmm.vmm_ping()),
             Self::VmInfo(r) => r.respond(vmm.vm_info()),
             Self::VmAddDevice(body, r) => r.respond(vmm.vm_add_device(body)),
-            Self::VmRemoveDevice(body, r) => r.respond(vmm.vm_remove_device(body)),
+            Self::VmRemoveDevice(body, r) => vmm.vm_remove_device(body, r),
             Self::IommuDomains(r) => r.respond(vmm.iommu_domains()),
             Self::VmShutdown(r) => r.respond(vmm.vm_shutdown()),
             Self::VmmShutdown(r) => r.respond(vmm.vmm_shutdown()),

@@ -38,8 +38,7 @@ fn summary(name: &str, samples: &mut [Duration]) {
 }
 
 fn main() {
-    if !artifacts::kvm_usable() {
-        println!("SKIP: /dev/kvm cannot be opened");
+    if !artifacts::require_kvm() {
         return;
     }
     let runs: usize = match std::env::var("PVMM_BENCH_RUNS") {

@@ -13,8 +13,7 @@ use std::process::Command;
 use std::time::Duration;
 
 fn main() {
-    if !artifacts::kvm_usable() {
-        println!("SKIP: /dev/kvm cannot be opened");
+    if !artifacts::require_kvm() {
         return;
     }
     let bin = artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"));

@@ -8,9 +8,9 @@
 # ~/.cache/pvmm/host-kernel/<sha256 of fragment + source version>/bzImage, so
 # a second run only checks the cache.
 #
-# Exit status: 0 built or cached; 3 a prerequisite could not be installed (no
-# network to Debian's mirror, no root): callers may skip outside CI;
-# anything else is a real failure.
+# Exit status: 0 built or cached; 3 a Debian package is missing (.ci/setup
+# installs them): callers may skip outside CI; anything else is a real
+# failure.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -22,7 +22,7 @@ jobs=$(nproc)
 
 . "$here/common.sh"
 
-install_missing "$src_pkg" make gcc bc bison flex libelf-dev xz-utils
+require_packages "$src_pkg" make gcc bc bison flex libelf-dev xz-utils
 src_version=$(dpkg-query -W -f='${Version}' "$src_pkg")
 
 # --- cache ------------------------------------------------------------------

@@ -10,8 +10,8 @@
 # Steps: build-kernel.sh (cached), a static hk-guest (cargo, crt-static), an
 # initramfs (busybox-static + init + hk-guest), then QEMU until the guest
 # powers off or HK_QEMU_TIMEOUT seconds (default 300) pass.
-# Exit status: QEMU's; 3 when a prerequisite cannot be installed (see
-# build-kernel.sh); 124 on the time-out.
+# Exit status: QEMU's; 3 when a Debian package is missing (run .ci/setup);
+# 124 on the time-out.
 set -euo pipefail
 
 mode=${1:-test}
@@ -25,7 +25,7 @@ repo=$(cd "$here/../.." && pwd)
 . "$here/common.sh"
 
 kernel=$("$here/build-kernel.sh")
-install_missing qemu-system-x86 busybox-static cpio
+require_packages qemu-system-x86 busybox-static cpio
 
 # A static hk-guest, in a target dir of its own: other RUSTFLAGS, and no
 # fight for the lock of the cargo that may be running this script.

@@ -49,6 +49,11 @@ pub struct ApiVm {
 impl ApiVm {
     /// Starts `pvmm` with `cmdline`; `tag` names its socket and serial file.
     pub fn start(tag: &str, cmdline: &str) -> Self {
+        Self::start_with(tag, cmdline, &[])
+    }
+
+    /// [`ApiVm::start`] with more pvmm arguments.
+    pub fn start_with(tag: &str, cmdline: &str, args: &[&str]) -> Self {
         let dir = std::env::temp_dir();
         let id = format!("{tag}-{}", std::process::id());
         let socket = dir.join(format!("pvmm-api-{id}.sock"));
@@ -62,6 +67,7 @@ impl ApiVm {
             .arg("--serial")
             .arg(format!("file={}", serial.display()))
             .args(["--cmdline", cmdline])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())

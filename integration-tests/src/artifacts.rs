@@ -84,39 +84,97 @@ fn own_target() -> Option<(PathBuf, String)> {
     Some((profile_dir.parent()?.to_path_buf(), profile))
 }
 
-/// The `pvmm` binary: `PVMM_BIN` if set; else built with
-/// `cargo build -p vmm --bin pvmm` into this test binary's own target
-/// directory and profile (so it is current), once per test process.
+/// `cargo <args> --target-dir <own> [--release|--profile P]` for this test
+/// binary's own target directory and profile, and that directory and
+/// profile directory.
+fn cargo_for_own_target(args: &[&str]) -> Result<(Command, PathBuf, String), String> {
+    let (target_dir, profile_dir) =
+        own_target().ok_or("cannot tell the test binary's target directory")?;
+    let mut c = cargo();
+    c.current_dir(workspace_root())
+        .args(args)
+        .arg("--target-dir")
+        .arg(&target_dir);
+    match profile_dir.as_str() {
+        "debug" => {}
+        "release" => {
+            c.arg("--release");
+        }
+        other => {
+            c.args(["--profile", other]);
+        }
+    }
+    Ok((c, target_dir, profile_dir))
+}
+
+/// Binary `bin` of workspace package `package`, built with `cargo build`
+/// into this test binary's own target directory and profile (so it is
+/// current).
+pub fn workspace_binary(package: &str, bin: &str) -> Result<PathBuf, String> {
+    let (c, target_dir, profile_dir) =
+        cargo_for_own_target(&["build", "-p", package, "--bin", bin])?;
+    build(c, bin)?;
+    let path = target_dir.join(&profile_dir).join(bin);
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(format!("the {bin} build left no {}", path.display()))
+    }
+}
+
+/// The `pvmm` binary: `PVMM_BIN` if set; else [`workspace_binary`], once
+/// per test process.
 pub fn pvmm() -> Result<PathBuf, String> {
     static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Some(p) = std::env::var_os("PVMM_BIN") {
             return Ok(PathBuf::from(p));
         }
-        let (target_dir, profile_dir) =
-            own_target().ok_or("cannot tell the test binary's target directory; set PVMM_BIN")?;
-        let mut c = cargo();
-        c.current_dir(workspace_root())
-            .args(["build", "-p", "vmm", "--bin", "pvmm", "--target-dir"])
-            .arg(&target_dir);
-        match profile_dir.as_str() {
-            "debug" => {}
-            "release" => {
-                c.arg("--release");
-            }
-            other => {
-                c.args(["--profile", other]);
-            }
-        }
-        build(c, "pvmm")?;
-        let bin = target_dir.join(&profile_dir).join("pvmm");
-        if bin.is_file() {
-            Ok(bin)
-        } else {
-            Err(format!("the pvmm build left no {}", bin.display()))
-        }
+        workspace_binary("vmm", "pvmm")
     })
     .clone()
+}
+
+/// The executables of test and bench targets, built (as `cargo test
+/// --no-run <args>` builds them) into this test binary's own target
+/// directory and profile: (target kind, target name, path), the kind as
+/// cargo names it ("test", "bench", "lib", ...).
+pub fn test_executables(args: &[&str]) -> Result<Vec<(String, String, PathBuf)>, String> {
+    let mut all = vec![
+        "test",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ];
+    all.extend_from_slice(args);
+    let (mut c, _, _) = cargo_for_own_target(&all)?;
+    let out = c
+        .output()
+        .map_err(|e| format!("cannot run cargo test --no-run: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "cargo test --no-run {args:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let mut found = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        if v["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let target = &v["target"];
+        if let (Some(kind), Some(name), Some(exe)) = (
+            target["kind"][0].as_str(),
+            target["name"].as_str(),
+            v["executable"].as_str(),
+        ) {
+            found.push((kind.to_string(), name.to_string(), PathBuf::from(exe)));
+        }
+    }
+    Ok(found)
 }
 
 /// `qemu-system-x86_64` from PATH, if there.
@@ -126,6 +184,36 @@ pub fn qemu() -> Option<PathBuf> {
             .map(|p| p.join("qemu-system-x86_64"))
             .find(|p| p.is_file())
     })
+}
+
+/// Whether a test may run: `true` when `available`; otherwise, under
+/// `CI=true`, a panic naming what is missing (CI must not pass a test that
+/// could not run), and elsewhere `false` after a SKIP line on stderr.
+pub fn require(available: bool, what: &str) -> bool {
+    if available {
+        return true;
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("{what}, and CI=true: this test must run (see .ci/setup)");
+    }
+    eprintln!("SKIP: {what}");
+    false
+}
+
+/// [`require`] for /dev/kvm.
+pub fn require_kvm() -> bool {
+    require(kvm_usable(), "/dev/kvm cannot be opened")
+}
+
+/// [`require`] for QEMU: its path.
+pub fn require_qemu() -> Option<PathBuf> {
+    let q = qemu();
+    require(
+        q.is_some(),
+        "qemu-system-x86_64 not found (Debian's qemu-system-x86; .ci/setup installs it)",
+    )
+    .then_some(q)
+    .flatten()
 }
 
 /// Whether /dev/kvm can be opened for reading and writing.

@@ -7,6 +7,8 @@
 //!   binary, and find QEMU;
 //! - [`api_vm`]: a `pvmm` with an API socket, raw HTTP requests to it and
 //!   its guest's serial output;
+//! - [`linux`]: Debian's kernel, busybox initramfs images that report what
+//!   a Linux guest sees, and a console reader;
 //!
 //! How tests find `pvmm`: `PVMM_BIN` if set; else [`artifacts::pvmm`] runs
 //! `cargo build -p vmm --bin pvmm` with the test binary's own target
@@ -16,6 +18,8 @@
 
 pub mod api_vm;
 pub mod artifacts;
+pub mod linux;
+pub mod lockfile;
 pub mod run;
 pub mod tap;
 

@@ -169,8 +169,7 @@ fn boot(low: u64, high: u64, cmdline: &str) -> (End, String) {
 }
 
 fn check(low: u64, high: u64, mem: &str) {
-    if !artifacts::kvm_usable() {
-        eprintln!("SKIP: /dev/kvm cannot be opened");
+    if !artifacts::require_kvm() {
         return;
     }
     let token = artifacts::random_token();

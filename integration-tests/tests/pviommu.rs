@@ -30,8 +30,7 @@ fn has(report: &tap::Report, what: &str) -> bool {
 
 #[test]
 fn suites_with_a_dma_test_device_on_two_vcpus() {
-    if !artifacts::kvm_usable() {
-        eprintln!("SKIP: /dev/kvm cannot be opened");
+    if !artifacts::require_kvm() {
         return;
     }
     // A rep budget below the kernel's 507-page maps, 1200-page unmaps and
@@ -88,8 +87,7 @@ fn restarts(stderr: &str) -> Option<u64> {
 
 #[test]
 fn main_command_shows_the_pviommu_at_work() {
-    if !artifacts::kvm_usable() {
-        eprintln!("SKIP: /dev/kvm cannot be opened");
+    if !artifacts::require_kvm() {
         return;
     }
     let (out, r) = pvmm(&[]);
@@ -111,8 +109,7 @@ fn main_command_shows_the_pviommu_at_work() {
 
 #[test]
 fn pviommu_off_hides_the_interface() {
-    if !artifacts::kvm_usable() {
-        eprintln!("SKIP: /dev/kvm cannot be opened");
+    if !artifacts::require_kvm() {
         return;
     }
     let (out, r) = pvmm(&[

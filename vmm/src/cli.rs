@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{parse_size, BootProtocol, DeviceConfig, KernelSource, SerialConfig, VmConfig};
+use api::{AddDeviceRequest, DeviceSource, EmulatedKind};
+
+use crate::config::{parse_size, BootProtocol, KernelSource, SerialConfig, VmConfig};
 
 /// Boots a kernel in a KVM virtual machine with a serial console, ACPI, SMP
 /// and PCI. Without --kernel, boots the test kernel built into pvmm.
@@ -45,10 +47,22 @@ pub struct Cli {
     /// Reps per pvIOMMU hypercall time slice (tests of rep restarts).
     #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u16).range(1..))]
     pub pviommu_rep_budget: Option<u16>,
-    /// A PCI device, repeatable: dma-test[,id=NAME]. With no arguments at
-    /// all, pvmm boots its test kernel with one dma-test device.
-    #[arg(long = "device", value_name = "SPEC")]
-    pub devices: Vec<DeviceConfig>,
+    /// A PCI device, repeatable: dma-test[,id=NAME][,iommu=pviommu|direct],
+    /// or a host PCI function bound to vfio-pci:
+    /// vfio,path=/sys/bus/pci/devices/SSSS:BB:DD.F[,id=NAME][,iommu=...].
+    /// With no arguments at all, pvmm boots its test kernel with one
+    /// dma-test device.
+    #[arg(long = "device", value_name = "SPEC", value_parser = api::client::parse_device_spec)]
+    pub devices: Vec<AddDeviceRequest>,
+}
+
+/// A dma-test device with the VMM's name and mode.
+fn dma_test() -> AddDeviceRequest {
+    AddDeviceRequest {
+        source: DeviceSource::Emulated(EmulatedKind::DmaTest),
+        id: None,
+        iommu: None,
+    }
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -103,7 +117,7 @@ impl Cli {
             {
                 // The main command: the test kernel shows the pvIOMMU at
                 // work on a DMA test device.
-                vec![DeviceConfig::DmaTest { id: None }]
+                vec![dma_test()]
             } else {
                 self.devices.clone()
             },
@@ -126,7 +140,7 @@ where
         }
     };
     let result = cli.to_config().and_then(|config| match &cli.api_socket {
-        Some(socket) => crate::api::run_config(config, socket),
+        Some(socket) => crate::rest::run_config(config, socket),
         None => crate::run(config),
     });
     match result {
@@ -156,7 +170,7 @@ mod tests {
         assert_eq!(
             c,
             VmConfig {
-                devices: vec![DeviceConfig::DmaTest { id: None }],
+                devices: vec![dma_test()],
                 ..VmConfig::default()
             }
         );
@@ -187,6 +201,8 @@ mod tests {
             "dma-test,id=a",
             "--device",
             "dma-test",
+            "--device",
+            "vfio,path=/sys/bus/pci/devices/0000:00:04.0,iommu=direct",
         ])
         .unwrap()
         .to_config()
@@ -202,10 +218,16 @@ mod tests {
         assert_eq!(
             c.devices,
             vec![
-                DeviceConfig::DmaTest {
-                    id: Some("a".into())
+                AddDeviceRequest {
+                    id: Some(api::DeviceId::new("a").unwrap()),
+                    ..dma_test()
                 },
-                DeviceConfig::DmaTest { id: None }
+                dma_test(),
+                AddDeviceRequest {
+                    source: DeviceSource::Vfio("/sys/bus/pci/devices/0000:00:04.0".into()),
+                    id: None,
+                    iommu: Some(api::IommuMode::Direct),
+                }
             ]
         );
     }
@@ -220,6 +242,8 @@ mod tests {
         assert!(parse(&["--pviommu-rep-budget", "0"]).is_err());
         assert!(parse(&["--device", "nvme"]).is_err());
         assert!(parse(&["--device", "dma-test,id="]).is_err());
+        assert!(parse(&["--device", "vfio"]).is_err());
+        assert!(parse(&["--device", "vfio,path=relative"]).is_err());
         assert!(matches!(
             parse(&["--cpus", "0"]).unwrap().to_config(),
             Err(crate::Error::NoCpus)

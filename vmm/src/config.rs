@@ -124,61 +124,9 @@ pub struct VmConfig {
     pub pviommu: bool,
     /// Reps per hypercall time slice (`None`: the iommu crate's default).
     pub pviommu_rep_budget: Option<u16>,
-    /// PCI devices plugged in before boot.
-    pub devices: Vec<DeviceConfig>,
-}
-
-/// A device given with `--device`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeviceConfig {
-    /// The DMA test device, behind the pvIOMMU.
-    DmaTest {
-        /// Its name (default: `dma-test<N>`).
-        id: Option<String>,
-    },
-}
-
-/// A bad `--device` value.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DeviceConfigError {
-    /// Unknown device kind.
-    #[error("Unknown device kind \"{0}\": the known kind is dma-test")]
-    Kind(String),
-    /// Unknown or malformed option.
-    #[error("Invalid device option \"{0}\": dma-test takes id=NAME")]
-    Option(String),
-    /// Bad id.
-    #[error("Invalid device id \"{0}\": use 1 to 32 letters, digits, '-' or '_'")]
-    Id(String),
-}
-
-impl FromStr for DeviceConfig {
-    type Err = DeviceConfigError;
-
-    /// Parses `dma-test[,id=NAME]`.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut parts = s.split(',');
-        let kind = parts.next().unwrap_or_default();
-        if kind != "dma-test" {
-            return Err(DeviceConfigError::Kind(kind.to_string()));
-        }
-        let mut id = None;
-        for opt in parts {
-            match opt.split_once('=') {
-                Some(("id", v)) if id.is_none() => {
-                    let ok = (1..=32).contains(&v.len())
-                        && v.bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-                    if !ok {
-                        return Err(DeviceConfigError::Id(v.to_string()));
-                    }
-                    id = Some(v.to_string());
-                }
-                _ => return Err(DeviceConfigError::Option(opt.to_string())),
-            }
-        }
-        Ok(Self::DmaTest { id })
-    }
+    /// PCI devices plugged in before boot: the request `vm.add-device`
+    /// takes (`--device` is parsed like `pvmm-remote add-device`).
+    pub devices: Vec<api::AddDeviceRequest>,
 }
 
 impl Default for VmConfig {
@@ -255,32 +203,6 @@ mod tests {
         assert!("file=".parse::<SerialConfig>().is_err());
         assert!("tty".parse::<SerialConfig>().is_err());
         assert_eq!(SerialConfig::File("/a".into()).to_string(), "file=/a");
-    }
-
-    #[test]
-    fn device_values() {
-        assert_eq!("dma-test".parse(), Ok(DeviceConfig::DmaTest { id: None }));
-        assert_eq!(
-            "dma-test,id=dma_0".parse(),
-            Ok(DeviceConfig::DmaTest {
-                id: Some("dma_0".into())
-            })
-        );
-        for bad in [
-            "",
-            "nvme",
-            "dma-test,",
-            "dma-test,id=",
-            "dma-test,id=a b",
-            "dma-test,id=a,id=b",
-            "dma-test,bdf=1",
-        ] {
-            assert!(bad.parse::<DeviceConfig>().is_err(), "{bad}");
-        }
-        assert_eq!(
-            "nvme".parse::<DeviceConfig>().unwrap_err().to_string(),
-            "Unknown device kind \"nvme\": the known kind is dma-test"
-        );
     }
 
     #[test]

@@ -19,6 +19,8 @@ use resources::{BarKind, SystemAllocator};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
+use iommu::Iommu;
+
 use crate::config::SerialConfig;
 use crate::error::{Error, Result};
 use crate::kvm::{IrqRouting, KvmMsiSink, KvmPinRoutes, SharedIrqRouting};
@@ -26,34 +28,36 @@ use crate::kvm::{IrqRouting, KvmMsiSink, KvmPinRoutes, SharedIrqRouting};
 /// An id pool that devices' hooks draw from while the VM runs.
 pub type SharedIdPool = Arc<Mutex<resources::IdPool>>;
 
-/// Every device of a VM and the resources they use.
+mod lifecycle;
+
+pub use lifecycle::{pci_function_path, DeviceError, Plugged};
+
+/// Every device of a VM and the resources they use: the platform devices,
+/// and the table of pluggable PCI devices whose whole life it owns
+/// (`lifecycle`: add, remove, list).
 pub struct DeviceManager {
-    /// Port I/O bus.
-    pub pio_bus: Arc<Bus>,
-    /// MMIO bus.
-    pub mmio_bus: Arc<Bus>,
+    pio_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
     /// PCI bus 0.
-    pub pci: Arc<Mutex<PciRoot>>,
+    pci: Arc<Mutex<PciRoot>>,
     /// Address, GSI, slot and id allocators.
-    pub allocator: SystemAllocator,
-    /// COM1.
-    pub serial: Arc<Mutex<Serial>>,
-    /// Reset/poweroff events raised by devices.
-    pub exit_events: ExitEvents,
+    allocator: SystemAllocator,
+    serial: Arc<Mutex<Serial>>,
+    exit_events: ExitEvents,
     /// GSI routing: the IOAPIC's pin routes and the MSI routes of
     /// irqfd-driven devices.
-    pub irq_routing: SharedIrqRouting,
+    irq_routing: SharedIrqRouting,
     /// KVM memory slot numbers for device memory (VFIO BAR mappings); RAM
     /// uses the first ones. Shared with the devices' [`crate::vfio`] hooks.
-    pub kvm_slots: SharedIdPool,
+    kvm_slots: SharedIdPool,
     /// GSIs for MSI routes (above the IOAPIC pins), shared likewise.
-    pub msi_gsis: SharedIdPool,
+    msi_gsis: SharedIdPool,
     /// ACPI PCI hotplug registers and GED events (see `crate::hotplug`).
-    pub hotplug: Arc<Mutex<AcpiHotplug>>,
+    hotplug: Arc<Mutex<AcpiHotplug>>,
     /// The GED's interrupt (an IOAPIC pin, level-triggered, active high).
-    pub hotplug_gsi: u32,
+    hotplug_gsi: u32,
     /// Signalled when the guest ejects a slot (`AcpiHotplug::take_ejected`).
-    pub hotplug_eject: EventFd,
+    hotplug_eject: EventFd,
     /// The GED's irqfd (kept registered for the VM's lifetime).
     _hotplug_irq: EventFd,
     /// BAR space allocated per PCI slot, freed on removal.
@@ -63,6 +67,12 @@ pub struct DeviceManager {
     msi: Arc<KvmMsiSink>,
     /// COM1's irqfd (kept registered for the VM's lifetime).
     _serial_irq: EventFd,
+    /// The VM's IOMMU, which every pluggable device is registered with.
+    iommu: Arc<Iommu>,
+    /// Whether the guest sees the pvIOMMU (the default mode of devices).
+    pviommu: bool,
+    /// The pluggable devices.
+    table: lifecycle::Table,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -97,12 +107,16 @@ fn evt(what: &'static str) -> Result<EventFd> {
 }
 
 impl DeviceManager {
-    /// Creates the platform devices of a VM with `mem_size` bytes of RAM.
+    /// Creates the platform devices of a VM with `mem_size` bytes of RAM,
+    /// whose pluggable devices register with `iommu` (which the guest sees
+    /// when `pviommu` is set).
     pub fn new(
         vm: Arc<VmFd>,
         memory: Arc<GuestMemoryMmap>,
         mem_size: u64,
         serial: &SerialConfig,
+        iommu: Arc<Iommu>,
+        pviommu: bool,
     ) -> Result<Self> {
         let pio_bus = Arc::new(Bus::new());
         let mmio_bus = Arc::new(Bus::new());
@@ -219,7 +233,55 @@ impl DeviceManager {
             memory,
             msi,
             _serial_irq: serial_irq,
+            iommu,
+            pviommu,
+            table: lifecycle::Table::default(),
         })
+    }
+
+    /// The port-I/O bus.
+    pub fn pio_bus(&self) -> &Arc<Bus> {
+        &self.pio_bus
+    }
+
+    /// The MMIO bus.
+    pub fn mmio_bus(&self) -> &Arc<Bus> {
+        &self.mmio_bus
+    }
+
+    /// COM1 (for the console's input).
+    pub fn serial(&self) -> &Arc<Mutex<Serial>> {
+        &self.serial
+    }
+
+    /// Reset and poweroff events raised by devices.
+    pub fn exit_events(&self) -> &ExitEvents {
+        &self.exit_events
+    }
+
+    /// The GED's interrupt (for the DSDT).
+    pub fn hotplug_gsi(&self) -> u32 {
+        self.hotplug_gsi
+    }
+
+    /// Signalled when the guest ejects a slot ([`DeviceManager::take_ejected`]).
+    pub fn hotplug_eject(&self) -> &EventFd {
+        &self.hotplug_eject
+    }
+
+    /// The VM's GSI routing table.
+    pub(crate) fn irq_routing(&self) -> &SharedIrqRouting {
+        &self.irq_routing
+    }
+
+    /// The pool of GSIs for MSI routes.
+    pub(crate) fn msi_gsis(&self) -> &SharedIdPool {
+        &self.msi_gsis
+    }
+
+    /// The pool of KVM memory slot numbers for device memory.
+    pub(crate) fn kvm_slots(&self) -> &SharedIdPool {
+        &self.kvm_slots
     }
 
     /// Plugs a PCI device into `slot` (or the first free slot), after giving

@@ -111,6 +111,9 @@ pub enum Error {
     /// A PCI device could not be plugged in.
     #[error("Cannot plug the PCI device in")]
     Pci(#[source] devices::pci::PciError),
+    /// A `--device` could not be added.
+    #[error("Cannot add the device")]
+    AddDevice(#[source] Box<crate::device_manager::DeviceError>),
     /// No room for a resource (BAR space, PCI slot, GSI).
     #[error("Out of guest resources")]
     Resource(#[source] resources::Error),

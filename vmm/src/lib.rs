@@ -6,7 +6,6 @@
 //! ([`Vmm::event_manager`]). [`run`] does both steps for a plain VM.
 
 pub mod acpi;
-pub mod api;
 pub mod boot;
 pub mod cli;
 pub mod config;
@@ -18,6 +17,8 @@ pub mod hooks;
 pub mod hotplug;
 pub mod kvm;
 pub mod pviommu;
+pub mod removal;
+pub mod rest;
 pub mod vcpu;
 pub mod vfio;
 
@@ -29,7 +30,7 @@ use kvm_bindings::kvm_enable_cap;
 use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 use vm_memory::GuestMemoryMmap;
 
-pub use config::{BootProtocol, DeviceConfig, KernelSource, SerialConfig, VmConfig};
+pub use config::{BootProtocol, KernelSource, SerialConfig, VmConfig};
 pub use device_manager::DeviceManager;
 pub use error::{error_chain, Error, Result};
 pub use hooks::{
@@ -168,15 +169,19 @@ impl Vmm {
             Some(msr) => install_msr_filter(vm, &msr.msrs()),
             None => Ok(()),
         })?);
-        let mut devices =
-            DeviceManager::new(vm.clone(), memory.clone(), config.memory, &config.serial)?;
-        for (n, d) in config.devices.iter().enumerate() {
-            match d {
-                DeviceConfig::DmaTest { id } => {
-                    let name = id.clone().unwrap_or_else(|| format!("dma-test{n}"));
-                    pviommu::add_dma_test(&mut devices, &iommu, &name)?;
-                }
-            }
+        let mut devices = DeviceManager::new(
+            vm.clone(),
+            memory.clone(),
+            config.memory,
+            &config.serial,
+            iommu.clone(),
+            pv_hooks,
+        )?;
+        // The command line's devices take the path of the API's.
+        for d in &config.devices {
+            devices
+                .add_device(d)
+                .map_err(|e| Error::AddDevice(Box::new(e)))?;
         }
 
         // Kernel, command line, initrd, ACPI, boot information.
@@ -197,7 +202,8 @@ impl Vmm {
             }
             None => None,
         };
-        let tables = acpi::write_tables(&memory, config.memory, config.cpus, devices.hotplug_gsi)?;
+        let tables =
+            acpi::write_tables(&memory, config.memory, config.cpus, devices.hotplug_gsi())?;
         let map = resources::memory_map(config.memory).map_err(Error::Memory)?;
         let boot_info = match kernel.entry {
             Entry::Linux64 { .. } => {
@@ -237,7 +243,7 @@ impl Vmm {
         let exit = Arc::new(ExitSlot::new()?);
         let mut event_manager = EventManager::<Subscriber>::new().map_err(Error::EventLoop)?;
         let watcher = {
-            let ev = &devices.exit_events;
+            let ev = devices.exit_events();
             let clone = |e: &vmm_sys_util::eventfd::EventFd| {
                 e.try_clone().map_err(|err| Error::Io("an event fd", err))
             };
@@ -245,7 +251,7 @@ impl Vmm {
         };
         event_manager.add_subscriber(Arc::new(Mutex::new(watcher)));
         event_manager.add_subscriber(Arc::new(Mutex::new(StdinInput::new(
-            devices.serial.clone(),
+            devices.serial().clone(),
         ))));
 
         Ok(Self {
@@ -304,7 +310,7 @@ impl Vmm {
     pub(crate) fn run_until_exit(&mut self) -> Result<ExitReason> {
         let (pio_bus, mmio_bus) = {
             let d = devices::lock::mutex(&self.devices);
-            (d.pio_bus.clone(), d.mmio_bus.clone())
+            (d.pio_bus().clone(), d.mmio_bus().clone())
         };
         let shared = Arc::new(VcpuShared {
             pio_bus,

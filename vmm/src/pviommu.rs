@@ -21,36 +21,7 @@ use iommu::Iommu;
 use kvm_bindings::kvm_cpuid_entry2;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::device_manager::DeviceManager;
-use crate::error::{Error, Result};
 use crate::hooks::{HypercallAction, HypercallExit, MsrHandler, PortIoHypercall, VmHooks};
-
-/// Plugs a dma-test device called `name` into the first free PCI slot and
-/// registers it (the PCI form of its BDF) with `iommu`'s software backend;
-/// it starts in the default domain. Returns its address.
-pub fn add_dma_test(
-    devices: &mut DeviceManager,
-    iommu: &Arc<Iommu>,
-    name: &str,
-) -> Result<devices::pci::PciAddress> {
-    let dev = devices::dma_test::DmaTest::new(
-        name,
-        iommu.clone(),
-        devices.memory().clone(),
-        devices.msi_sink(),
-    )
-    .map_err(Error::Pci)?;
-    let dev = Arc::new(std::sync::Mutex::new(dev));
-    let addr = devices.add_pci_device(dev.clone(), None)?;
-    let id = iommu::DeviceId::pci(0, addr.bus, addr.device, addr.function);
-    if let Err(e) = iommu.register_device(id, iommu::BackendId::SOFTWARE) {
-        let _ = devices.remove_pci_device(addr.device);
-        return Err(Error::Iommu(e));
-    }
-    devices::lock::mutex(&dev).set_device_id(id);
-    log::info!("{name}: dma-test device at {addr}");
-    Ok(addr)
-}
 
 /// KVM's TSC frequency leaf (kHz in EAX), 0x40000010, where it moves.
 pub const KVM_TSC_LEAF: u32 = cpuid::KVM_LEAVES_BASE + 0x10;

@@ -36,12 +36,12 @@ pub fn hooks(dm: &DeviceManager) -> VfioHooks {
     VfioHooks {
         msi: Some(Arc::new(KvmMsiRoutes::new(
             dm.vm_fd().clone(),
-            dm.irq_routing.clone(),
-            dm.msi_gsis.clone(),
+            dm.irq_routing().clone(),
+            dm.msi_gsis().clone(),
         ))),
         bar_slots: Some(Arc::new(KvmBarSlots::new(
             dm.vm_fd().clone(),
-            dm.kvm_slots.clone(),
+            dm.kvm_slots().clone(),
         ))),
     }
 }

@@ -146,16 +146,17 @@ impl VmmApi for MockVmm {
         Ok(AddDeviceResponse { id, bdf })
     }
 
-    fn vm_remove_device(&mut self, request: RemoveDeviceRequest) -> VmmResult<()> {
+    fn vm_remove_device(&mut self, request: RemoveDeviceRequest, responder: Responder<()>) {
         let before = self.devices.len();
         self.devices.retain(|d| d.id != request.id);
-        if self.devices.len() == before {
-            return Err(VmmError::not_found(format!(
+        responder.respond(if self.devices.len() == before {
+            Err(VmmError::not_found(format!(
                 "No device with id {:?}",
                 request.id.as_str()
-            )));
-        }
-        Ok(())
+            )))
+        } else {
+            Ok(())
+        });
     }
 
     fn iommu_domains(&mut self) -> VmmResult<IommuDomainsResponse> {

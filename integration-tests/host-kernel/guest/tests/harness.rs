@@ -3,15 +3,15 @@
 //! it in QEMU with an emulated VT-d and the edu device, and checks the TAP
 //! lines that come back over the serial console (see ../run.sh).
 //!
-//! Where the kernel cannot be built (no network for apt-get), the test fails
-//! when CI=true and is skipped with a message otherwise.
+//! Where a Debian package it needs is missing (.ci/setup installs them), the
+//! test fails when CI=true and is skipped with a message otherwise.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use hk_guest::tap::TapReport;
 
-/// run.sh's exit status when a prerequisite cannot be installed.
+/// run.sh's exit status when a Debian package is missing.
 const EXIT_NO_PREREQUISITES: i32 = 3;
 
 fn run_guest(mode: &str) -> Option<Output> {
@@ -23,8 +23,8 @@ fn run_guest(mode: &str) -> Option<Output> {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
     if out.status.code() == Some(EXIT_NO_PREREQUISITES) {
         let msg = format!(
-            "the host-kernel harness cannot be set up here (apt-get could not install \
-             linux-source-6.12, QEMU or busybox):\n{}",
+            "the host-kernel harness cannot run here: a Debian package is missing (run \
+             .ci/setup):\n{}",
             String::from_utf8_lossy(&out.stderr)
         );
         if std::env::var("CI").is_ok_and(|v| v == "true") {

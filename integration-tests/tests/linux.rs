@@ -1,0 +1,353 @@
+//! Linux in pvmm: Debian's 6.12 cloud kernel (see `integration_tests::linux`).
+//!
+//! Here (kvm_pvm, guest ring 0 emulated) Linux prints its banner and e820
+//! map and then stops on an instruction the emulator lacks; a full boot
+//! needs a standard KVM. So:
+//! - `banner_and_e820` and `bzimage_64_bit_entry` run everywhere;
+//! - the full boots to a busybox user space are `#[ignore]`d here and run
+//!   on kvm_amd inside the nested harness (tests/nested.rs), which passes
+//!   `--include-ignored`: 1, 2 and 4 vCPUs, bzImage and vmlinux (PVH), the
+//!   guest's own view of CPUs, RAM, ACPI and PCI, poweroff and reboot, and
+//!   Linux's ACPI PCI hotplug of a dma-test device through the API.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use integration_tests::api_vm::request;
+use integration_tests::linux::{self, fact, facts, Console, USERSPACE};
+use integration_tests::{artifacts, run};
+
+/// Emulated ring 0 is slow: the banner takes about 15 s of CPU here.
+const BANNER_DEADLINE: Duration = Duration::from_secs(240);
+/// A full boot to user space under nested TCG takes about 16 s.
+const BOOT_DEADLINE: Duration = Duration::from_secs(300);
+
+fn pvmm() -> PathBuf {
+    artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn kernel() -> linux::Kernel {
+    linux::debian_kernel().unwrap_or_else(|e| panic!("Debian's 6.12 cloud kernel: {e}"))
+}
+
+fn path(p: &std::path::Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// e820 lines as Linux prints them: (start, end inclusive, type).
+fn e820(lines: &[String]) -> Vec<(u64, u64, String)> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            let rest = l.split("BIOS-e820: [mem ").nth(1)?;
+            let (range, kind) = rest.split_once("] ")?;
+            let (a, b) = range.split_once('-')?;
+            Some((
+                u64::from_str_radix(a.trim_start_matches("0x"), 16).ok()?,
+                u64::from_str_radix(b.trim_start_matches("0x"), 16).ok()?,
+                kind.trim().to_string(),
+            ))
+        })
+        .collect()
+}
+
+#[test]
+fn banner_and_e820() {
+    let k = kernel();
+    let _vm = run::vm_lock();
+    let memory: u64 = 5 << 30;
+    let mut c = Console::start(
+        &pvmm(),
+        &[
+            "--kernel",
+            path(&k.vmlinux),
+            "--memory",
+            "5G",
+            "--cpus",
+            "2",
+            "--cmdline",
+            "earlyprintk=serial console=ttyS0",
+        ],
+    )
+    .expect("pvmm starts");
+    let r = c.wait_for("bootconsole [earlyser0] enabled", BANNER_DEADLINE);
+    let lines = c.seen.clone();
+    drop(c);
+    let text = lines.join("\n");
+    r.unwrap_or_else(|e| panic!("{e}\n{text}"));
+    assert!(
+        lines.iter().any(|l| l.contains("Linux version 6.12.")),
+        "no Linux banner:\n{text}"
+    );
+    let map = e820(&lines);
+    let usable: u64 = map
+        .iter()
+        .filter(|e| e.2 == "usable")
+        .map(|e| e.1 - e.0 + 1)
+        .sum();
+    // RAM plus the legacy hole below 1 MiB is what --memory gave.
+    assert_eq!(usable + (0x10_0000 - 0x9_fc00), memory, "{text}");
+    let want = [
+        (0, 0x9_fbff, "usable"),
+        (0x9_fc00, 0xf_ffff, "reserved"),
+        (0x10_0000, 0xbfff_ffff, "usable"),
+        (0xe000_0000, 0xe00f_ffff, "reserved"),
+        (0x1_0000_0000, 0x1_7fff_ffff, "usable"),
+    ];
+    let got: Vec<(u64, u64, &str)> = map.iter().map(|e| (e.0, e.1, e.2.as_str())).collect();
+    assert_eq!(got, want, "{text}");
+}
+
+/// The bzImage through the Linux 64-bit boot protocol: on VMX/SVM hosts it
+/// prints the banner; where KVM emulates ring 0, its decompressor stops on
+/// its first BMI2 instruction, well past the entry point (which shows that
+/// the entry, page tables and boot_params let it run).
+#[test]
+fn bzimage_64_bit_entry() {
+    let k = kernel();
+    let _vm = run::vm_lock();
+    let mut c = Console::start(
+        &pvmm(),
+        &[
+            "--kernel",
+            path(&k.bzimage),
+            "--memory",
+            "512M",
+            "--cmdline",
+            "earlyprintk=serial console=ttyS0",
+        ],
+    )
+    .expect("pvmm starts");
+    if c.wait_for("Linux version 6.12.", BANNER_DEADLINE).is_ok() {
+        return; // a real boot
+    }
+    let (code, stderr, _) = c.finish(Duration::from_secs(5));
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("KVM emulation failure"), "{stderr}");
+    let rip = stderr
+        .split("RIP 0x")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_hexdigit()).next())
+        .and_then(|r| u64::from_str_radix(r, 16).ok())
+        .unwrap_or_else(|| panic!("no RIP in {stderr}"));
+    assert!(rip > 0x10_0200, "stopped at the entry point: {stderr}");
+}
+
+/// How a full boot enters the kernel.
+#[derive(Clone, Copy, Debug)]
+enum Image {
+    BzImage,
+    Pvh,
+}
+
+/// The RAM a guest with `memory` bytes (at most 3 GiB) lists as System RAM
+/// in /proc/iomem: pvmm's e820 map less Linux's reserved first page.
+fn expected_ram(memory: u64) -> u64 {
+    (0x9_fc00 - 0x1000) + (memory - 0x10_0000)
+}
+
+/// Boots Linux to the busybox user space of `linux::initramfs` with
+/// `cpus` vCPUs, 512 MiB and a dma-test device; checks what the guest saw
+/// and that pvmm ends as `end` (poweroff or reboot) says.
+fn full_boot(image: Image, cpus: u32, end: &str) {
+    let k = kernel();
+    let initrd = std::env::temp_dir().join(format!(
+        "pvmm-linux-{image:?}-{cpus}-{}.cpio",
+        std::process::id()
+    ));
+    linux::initramfs(&initrd, &[]).unwrap_or_else(|e| panic!("initramfs: {e}"));
+    let kernel = match image {
+        Image::BzImage => &k.bzimage,
+        Image::Pvh => &k.vmlinux,
+    };
+    let memory: u64 = 512 << 20;
+    let cmdline = format!("console=ttyS0 panic=-1 pvmm.end={end}");
+    let cpus_arg = cpus.to_string();
+    let _vm = run::vm_lock();
+    let mut c = Console::start(
+        &pvmm(),
+        &[
+            "--kernel",
+            path(kernel),
+            "--initrd",
+            path(&initrd),
+            "--memory",
+            "512M",
+            "--cpus",
+            &cpus_arg,
+            "--device",
+            "dma-test,id=dt0",
+            "--cmdline",
+            &cmdline,
+        ],
+    )
+    .expect("pvmm starts");
+    let reached = c.wait_for(USERSPACE, BOOT_DEADLINE);
+    let boot_time = c.started.elapsed();
+    let (code, stderr, lines) = c.finish(Duration::from_secs(120));
+    std::fs::remove_file(&initrd).ok();
+    let text = lines.join("\n");
+    reached.unwrap_or_else(|e| panic!("{e}\n{stderr}\n{text}"));
+    println!("Linux ({image:?}, {cpus} vCPUs) reached user space in {boot_time:.2?}");
+
+    let f = facts(&lines);
+    assert_eq!(fact(&f, "cpus"), Some(cpus_arg.as_str()), "{text}");
+    assert_eq!(
+        fact(&f, "ram").and_then(|r| r.parse::<u64>().ok()),
+        Some(expected_ram(memory)),
+        "System RAM in /proc/iomem\n{text}"
+    );
+    let acpi = fact(&f, "acpi").unwrap_or_default();
+    for table in ["APIC", "DSDT", "FACP", "MCFG"] {
+        assert!(acpi.split(',').any(|t| t == table), "no {table}: {acpi}");
+    }
+    assert!(
+        f.iter()
+            .any(|(k, v)| k == "pci" && v.contains("0x1234:0x0d7a")),
+        "the dma-test device is not on the guest's PCI bus\n{text}"
+    );
+    let want = match end {
+        "reboot" => "pvmm: guest requested reset",
+        _ => "pvmm: guest powered off",
+    };
+    assert_eq!(code, Some(0), "{stderr}\n{text}");
+    assert!(stderr.contains(want), "{stderr}");
+}
+
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn bzimage_boots_to_userspace_1_cpu() {
+    full_boot(Image::BzImage, 1, "poweroff");
+}
+
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn bzimage_boots_to_userspace_2_cpus() {
+    full_boot(Image::BzImage, 2, "poweroff");
+}
+
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn bzimage_boots_to_userspace_4_cpus_and_reboots() {
+    full_boot(Image::BzImage, 4, "reboot");
+}
+
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn pvh_boots_to_userspace_1_cpu() {
+    full_boot(Image::Pvh, 1, "poweroff");
+}
+
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn pvh_boots_to_userspace_2_cpus() {
+    full_boot(Image::Pvh, 2, "poweroff");
+}
+
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn pvh_boots_to_userspace_4_cpus() {
+    full_boot(Image::Pvh, 4, "poweroff");
+}
+
+/// The guest script of the hotplug test: reports each PCI function that
+/// appears or goes (`PVMM-PCI add|remove BDF VENDOR:DEVICE`) for a minute.
+const PCI_WATCH: &str = r#"
+list() { for d in /sys/bus/pci/devices/*; do echo "${d##*/} $(cat "$d/vendor"):$(cat "$d/device")"; done; }
+old=$(list)
+echo PVMM-PCI-WATCH
+i=0
+while [ $i -lt 1200 ]; do
+    new=$(list)
+    if [ "$new" != "$old" ]; then
+        echo "$old" | while read -r l; do echo "$new" | grep -qx "$l" || echo "PVMM-PCI remove $l"; done
+        echo "$new" | while read -r l; do echo "$old" | grep -qx "$l" || echo "PVMM-PCI add $l"; done
+        old=$new
+    fi
+    sleep 0.05
+    i=$((i + 1))
+done
+"#;
+
+/// Linux's own ACPI PCI hotplug (acpiphp) with pvmm's GED and slot AML: a
+/// dma-test device added through the API appears in the guest's sysfs, and
+/// removing it through the API is answered once Linux ejected it by itself
+/// (well before pvmm's forced-removal timeout). Three times.
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn linux_acpi_hotplug_through_the_api() {
+    let k = kernel();
+    let dir = std::env::temp_dir();
+    let tag = format!("{}", std::process::id());
+    let initrd = dir.join(format!("pvmm-linux-hotplug-{tag}.cpio"));
+    let socket = dir.join(format!("pvmm-linux-hotplug-{tag}.sock"));
+    let _ = std::fs::remove_file(&socket);
+    linux::initramfs(&initrd, &[("watch.sh", 0o755, PCI_WATCH.as_bytes())])
+        .unwrap_or_else(|e| panic!("initramfs: {e}"));
+    let _vm = run::vm_lock();
+    let mut c = Console::start(
+        &pvmm(),
+        &[
+            "--kernel",
+            path(&k.bzimage),
+            "--initrd",
+            path(&initrd),
+            "--memory",
+            "512M",
+            "--cpus",
+            "2",
+            "--api-socket",
+            path(&socket),
+            "--cmdline",
+            "console=ttyS0 panic=-1 pvmm.run=watch.sh pvmm.end=poweroff",
+        ],
+    )
+    .expect("pvmm starts");
+    let fail = |c: &Console, e: String| -> ! { panic!("{e}\n{}", c.text()) };
+    if let Err(e) = c.wait_for("PVMM-PCI-WATCH", BOOT_DEADLINE) {
+        fail(&c, e);
+    }
+    for round in 0..3 {
+        let id = format!("hp{round}");
+        let body = format!(r#"{{"kind": "dma-test", "id": "{id}"}}"#);
+        let (status, answer) = request(&socket, "PUT", "vm.add-device", Some(&body));
+        assert_eq!(status, 200, "add-device: {answer}");
+        if let Err(e) = c.wait_for("PVMM-PCI add", Duration::from_secs(60)) {
+            fail(&c, e);
+        }
+        let added = c.seen.last().cloned().unwrap_or_default();
+        assert!(added.contains("0x1234:0x0d7a"), "round {round}: {added}");
+        let start = Instant::now();
+        let body = format!(r#"{{"id": "{id}"}}"#);
+        let (status, answer) = request(&socket, "PUT", "vm.remove-device", Some(&body));
+        let took = start.elapsed();
+        assert_eq!(status, 204, "remove-device: {answer}");
+        if let Err(e) = c.wait_for("PVMM-PCI remove", Duration::from_secs(30)) {
+            fail(&c, e);
+        }
+        // pvmm forces a removal the guest ignores after its eject timeout;
+        // Linux ejects at once.
+        assert!(
+            took < vmm::rest::EJECT_TIMEOUT,
+            "round {round}: the removal took {took:?}: Linux did not eject"
+        );
+        println!(
+            "round {round}: Linux enumerated and ejected {id}; removal answered in {took:.2?}"
+        );
+    }
+    let (status, _) = request(&socket, "PUT", "vm.shutdown", None);
+    assert_eq!(status, 204);
+    let (code, stderr, _) = c.finish(Duration::from_secs(30));
+    std::fs::remove_file(&initrd).ok();
+    std::fs::remove_file(&socket).ok();
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
+#[test]
+fn expected_ram_of_512m() {
+    // /proc/iomem: 00001000-0009fbff and 00100000-1fffffff.
+    assert_eq!(
+        expected_ram(512 << 20),
+        (0x9_fbff - 0x1000 + 1) + (0x1fff_ffff - 0x10_0000 + 1)
+    );
+}
