@@ -11,6 +11,26 @@ pub(crate) const PAGE_SHIFT: u32 = pviommu_abi::HV_PAGE_SHIFT;
 /// Page sizes the default configuration reports: 4 KiB, 2 MiB, 1 GiB.
 pub const DEFAULT_PGSIZE_BITMAP: u64 = (1 << 12) | (1 << 21) | (1 << 30);
 
+/// Default [`IommuConfig::map_runs_per_mib`]: one run per 4 KiB page of
+/// guest RAM (every page of the guest mapped once, no two pages adjacent).
+pub const DEFAULT_MAP_RUNS_PER_MIB: u64 = 256;
+/// Default [`IommuConfig::map_runs_floor`].
+pub const DEFAULT_MAP_RUNS_FLOOR: u64 = 65_536;
+/// Upper bound of the VMM heap one mapping run costs per copy: the domain
+/// layer keeps one copy of every run, and each backend instance of its domain
+/// one more (the software model's run map, IOMMUFD's run table), each a
+/// `BTreeMap<u64, MapRun>` entry. Measured by tests/run_memory.rs, which
+/// checks this bound: 79 B per copy whatever the insertion order; 112 B
+/// covers B-tree nodes at their minimum fill (5 of 11 entries) and the
+/// allocator's chunk headers.
+///
+/// The VM-wide bound is `max_map_runs(guest RAM) * MAP_RUN_BYTES * (1 +
+/// instances per domain)`, at most one instance per backend. With the
+/// defaults: 64 MiB of guest RAM allows 65,536 runs, at most 7 MiB per copy
+/// (14 MiB with one backend instance, 5.1 MiB measured); 64 GiB allows
+/// 16 Mi runs, at most 1.75 GiB per copy (2.7% of the guest's RAM).
+pub const MAP_RUN_BYTES: u64 = 112;
+
 /// Limits and features of one VM's pvIOMMU.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IommuConfig {
@@ -19,6 +39,14 @@ pub struct IommuConfig {
     pub max_domains: u32,
     /// Pages one S2 domain may map. Past it MAP answers INSUFFICIENT_MEMORY.
     pub max_mapped_pages_per_domain: u64,
+    /// Mapping runs the whole VM may hold, per MiB of guest RAM (see
+    /// [`IommuConfig::max_map_runs`]). A run is one host mapping: pages
+    /// contiguous in IOVA and GPA mapped by one MAP call, or a piece of one
+    /// left by an UNMAP. Past the limit MAP (and an UNMAP that would split a
+    /// run in two) answers INSUFFICIENT_MEMORY.
+    pub map_runs_per_mib: u64,
+    /// The floor of the VM-wide run limit, whatever the guest RAM size.
+    pub map_runs_floor: u64,
     /// Reps one dispatch runs before it asks the VMM to restart the call
     /// (time slicing). At least 1.
     pub rep_budget: u16,
@@ -44,6 +72,8 @@ impl Default for IommuConfig {
         Self {
             max_domains: 256,
             max_mapped_pages_per_domain: 1 << 20,
+            map_runs_per_mib: DEFAULT_MAP_RUNS_PER_MIB,
+            map_runs_floor: DEFAULT_MAP_RUNS_FLOOR,
             rep_budget: 512,
             max_iova_width: 48,
             s1: true,
@@ -77,6 +107,17 @@ impl IommuConfig {
             return Err(IommuError::ZeroIotlb);
         }
         Ok(())
+    }
+
+    /// The VM-wide limit on mapping runs for `guest_ram_bytes` of guest RAM:
+    /// `max(map_runs_floor, map_runs_per_mib * guest RAM in MiB)`. Every run
+    /// costs the VMM up to [`MAP_RUN_BYTES`] per copy (the domain layer's,
+    /// and one per backend instance of its domain), so this bounds the
+    /// memory a guest can make the VMM spend on mappings.
+    pub fn max_map_runs(&self, guest_ram_bytes: u64) -> u64 {
+        (guest_ram_bytes >> 20)
+            .saturating_mul(self.map_runs_per_mib)
+            .max(self.map_runs_floor)
     }
 
     /// One past the highest IOVA the guest may use.

@@ -439,7 +439,7 @@ impl Iommu {
             }
             HypercallCode::UNMAP_DEVICE_GPA_PAGES => {
                 match parse::<InputUnmapDeviceGpaPages>(header) {
-                    Ok(hdr) => state.unmap(&hdr, start, usize::from(end - start)),
+                    Ok(hdr) => state.unmap(config, mem, &hdr, start, usize::from(end - start)),
                     Err(e) => Err(e.into()),
                 }
             }

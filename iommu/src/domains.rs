@@ -118,6 +118,9 @@ pub(crate) struct State {
     pub devices: HashMap<DeviceId, DeviceEntry>,
     pub domains: HashMap<u32, Domain>,
     pub backend_errors: u64,
+    /// Runs of every guest domain (the sum of their `runs.len()`), held
+    /// under [`IommuConfig::max_map_runs`].
+    pub runs_total: u64,
 }
 
 enum DomainRef {
@@ -206,6 +209,7 @@ impl State {
             devices: HashMap::new(),
             domains: HashMap::new(),
             backend_errors: 0,
+            runs_total: 0,
         }
     }
 
@@ -320,7 +324,10 @@ impl State {
             return Err(HvError::OPERATION_DENIED);
         }
         // No device attached means no backend instance: nothing to tear down.
-        self.domains.remove(&id);
+        if let Some(dom) = self.domains.remove(&id) {
+            let runs = u64::try_from(dom.runs.len()).unwrap_or(u64::MAX);
+            self.runs_total = self.runs_total.saturating_sub(runs);
+        }
         Ok(())
     }
 
@@ -584,10 +591,12 @@ impl State {
         };
         let limit = config.iova_limit();
         let max_pages = config.max_mapped_pages_per_domain;
+        let max_runs = config.max_map_runs(ram::total_bytes(mem));
         let State {
             backends,
             domains,
             backend_errors,
+            runs_total,
             ..
         } = self;
         let Some(dom) = domains.get_mut(&id) else {
@@ -603,15 +612,17 @@ impl State {
         let mut pending: Option<(MapRun, usize)> = None;
         let mut region: Option<(u64, u64)> = None;
 
-        let mut commit = |dom: &mut Domain, pending: &mut Option<(MapRun, usize)>| {
-            if let Some((run, k)) = pending.take() {
-                if map_everywhere(backends, &dom.instances, id, run, backend_errors).is_err() {
-                    return Err(RepError::at(k, HvError::NO_RESOURCES));
+        let mut commit =
+            |dom: &mut Domain, runs_total: &mut u64, pending: &mut Option<(MapRun, usize)>| {
+                if let Some((run, k)) = pending.take() {
+                    if map_everywhere(backends, &dom.instances, id, run, backend_errors).is_err() {
+                        return Err(RepError::at(k, HvError::NO_RESOURCES));
+                    }
+                    dom.runs.insert(run);
+                    *runs_total += 1;
                 }
-                dom.runs.insert(run);
-            }
-            Ok(())
-        };
+                Ok(())
+            };
 
         for (k, gpn) in gpns.iter().enumerate() {
             let rep = u64::from(first_rep) + u64::try_from(k).unwrap_or(u64::MAX);
@@ -639,13 +650,13 @@ impl State {
             let (iova, gpa, reg) = match check() {
                 Ok(v) => v,
                 Err(e) => {
-                    commit(dom, &mut pending)?;
+                    commit(dom, runs_total, &mut pending)?;
                     return Err(RepError::at(k, e));
                 }
             };
             let pending_pages = pending.as_ref().map_or(0, |(r, _)| r.pages());
             if dom.runs.pages() + pending_pages >= max_pages {
-                commit(dom, &mut pending)?;
+                commit(dom, runs_total, &mut pending)?;
                 return Err(RepError::at(k, HvError::INSUFFICIENT_MEMORY));
             }
             let same_region = region == Some(reg);
@@ -660,7 +671,12 @@ impl State {
                     run.len += PAGE_SIZE;
                 }
                 _ => {
-                    commit(dom, &mut pending)?;
+                    commit(dom, runs_total, &mut pending)?;
+                    // A new run: the VM-wide limit keeps the VMM's memory
+                    // bounded whatever the guest maps (MAP_RUN_BYTES each).
+                    if *runs_total >= max_runs {
+                        return Err(RepError::at(k, HvError::INSUFFICIENT_MEMORY));
+                    }
                     pending = Some((
                         MapRun {
                             iova,
@@ -673,12 +689,14 @@ impl State {
                 }
             }
         }
-        commit(dom, &mut pending)
+        commit(dom, runs_total, &mut pending)
     }
 
     /// UNMAP_DEVICE_GPA_PAGES, reps `first_rep..first_rep + count`.
-    pub(crate) fn unmap(
+    pub(crate) fn unmap<M: GuestMemory + ?Sized>(
         &mut self,
+        config: &IommuConfig,
+        mem: &M,
         hdr: &InputUnmapDeviceGpaPages,
         first_rep: u16,
         count: usize,
@@ -688,10 +706,12 @@ impl State {
         if base & (PAGE_SIZE - 1) != 0 {
             return Err(HvError::INVALID_PARAMETER.into());
         }
+        let max_runs = config.max_map_runs(ram::total_bytes(mem));
         let State {
             backends,
             domains,
             backend_errors,
+            runs_total,
             ..
         } = self;
         let Some(dom) = domains.get_mut(&id) else {
@@ -707,7 +727,9 @@ impl State {
             .unwrap_or(!(PAGE_SIZE - 1));
         let mut first_failure: Option<u64> = None;
         let instances = &dom.instances;
-        let cursor = dom.runs.unmap_prefix(start, end, |op| {
+        let runs_before = dom.runs.len();
+        let mut spare = max_runs.saturating_sub(*runs_total);
+        let prefix = dom.runs.unmap_prefix(start, end, &mut spare, |op| {
             let (result_iova, ok) = match op {
                 UnmapOp::Whole(run) => {
                     let mut ok = true;
@@ -741,11 +763,20 @@ impl State {
                 first_failure = Some(result_iova);
             }
         });
+        let runs_after = dom.runs.len();
+        *runs_total = runs_total
+            .saturating_add(u64::try_from(runs_after).unwrap_or(u64::MAX))
+            .saturating_sub(u64::try_from(runs_before).unwrap_or(u64::MAX));
         let done = |iova: u64| usize::try_from((iova - start) >> PAGE_SHIFT).unwrap_or(usize::MAX);
         if let Some(at) = first_failure {
             return Err(RepError::at(done(at), HvError::NO_RESOURCES));
         }
-        let done_pages = done(cursor);
+        let done_pages = done(prefix.end);
+        if prefix.out_of_runs {
+            // Cutting a hole in a run would make one more run than the VM
+            // may hold; the guest can unmap the whole run instead.
+            return Err(RepError::at(done_pages, HvError::INSUFFICIENT_MEMORY));
+        }
         if done_pages < count {
             return Err(RepError::at(done_pages, HvError::INVALID_PARAMETER));
         }

@@ -150,6 +150,9 @@ fn run_with(mem: &GuestMemoryMmap<()>, data: &[u8], coverage: &mut Coverage) {
     let config = IommuConfig {
         max_domains: 4,
         max_mapped_pages_per_domain: 64,
+        // Small enough for the VM-wide run limit to be reached.
+        map_runs_per_mib: 0,
+        map_runs_floor: 48,
         rep_budget: u16::from(r.u8() % 32) + 1 + if cfg_byte & 1 != 0 { 500 } else { 0 },
         max_iova_width: [32, 39, 48, 64][usize::from(cfg_byte >> 1) % 4],
         s1: cfg_byte & 8 == 0,
@@ -436,6 +439,9 @@ fn check_consistency(iommu: &Iommu, rec: &RecordingBackend) {
         }
     }
     assert!(stats.domains.len() <= 2 + 4, "max_domains holds");
+    let runs: u64 = stats.domains.iter().map(|d| d.runs).sum();
+    assert_eq!(stats.map_runs, runs, "the VM-wide run count is exact");
+    assert!(runs <= iommu.config().max_map_runs(LOW_RAM + HIGH_RAM_LEN));
 }
 
 #[cfg(test)]

@@ -83,7 +83,10 @@ pub use backend::{
     AttachTarget, Backend, BackendError, DomainId, DomainKind, Invalidation, MapRun, PagingLevels,
     Perms, S1Config,
 };
-pub use config::{IommuConfig, IommuError, DEFAULT_PGSIZE_BITMAP};
+pub use config::{
+    IommuConfig, IommuError, DEFAULT_MAP_RUNS_FLOOR, DEFAULT_MAP_RUNS_PER_MIB,
+    DEFAULT_PGSIZE_BITMAP, MAP_RUN_BYTES,
+};
 pub use dispatch::{Caller, HypercallOutcome, HypercallRegs};
 pub use domains::{Attachment, FlushStats};
 pub use pviommu_abi as abi;
@@ -345,6 +348,7 @@ impl Iommu {
             },
             faults,
             backend_errors: state.backend_errors,
+            map_runs: state.runs_total,
         }
     }
 

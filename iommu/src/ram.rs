@@ -34,6 +34,14 @@ pub(crate) fn region_of<M: GuestMemory + ?Sized>(
     }
 }
 
+/// Bytes of guest RAM: the sum of the region sizes (0 for memory without a
+/// physical view).
+pub(crate) fn total_bytes<M: GuestMemory + ?Sized>(mem: &M) -> u64 {
+    mem.physical_memory().map_or(0, |phys| {
+        phys.iter().fold(0u64, |sum, r| sum.saturating_add(r.len()))
+    })
+}
+
 /// Reads exactly `buf.len()` bytes of guest RAM at `gpa`.
 pub(crate) fn read<M: GuestMemory + ?Sized>(mem: &M, gpa: u64, buf: &mut [u8]) -> bool {
     mem.read_slice(buf, GuestAddress(gpa)).is_ok()
@@ -77,5 +85,6 @@ mod tests {
         assert!(read(&mem, 0x5ff8, &mut b));
         assert_eq!(b, [7; 8]);
         assert!(!read(&mem, 0x5ffc, &mut b), "partly outside RAM");
+        assert_eq!(total_bytes(&mem), 0x6000);
     }
 }

@@ -83,14 +83,17 @@ impl RunMap {
 
     /// Unmaps the mapped prefix of `[start, end)` (page-aligned, start < end),
     /// calling `op` once per run it touches, in ascending order, after the map
-    /// has been updated. Returns the end of the prefix: `end` if every page was
-    /// mapped, else the first unmapped IOVA.
+    /// has been updated. `spare_runs` is how many more runs the VM may hold:
+    /// cutting a hole in a run (keeping a piece on each side) takes one,
+    /// removing a whole run gives one back; a hole that would need a run when
+    /// none is spare is not cut, and the prefix ends there.
     pub(crate) fn unmap_prefix(
         &mut self,
         start: u64,
         end: u64,
+        spare_runs: &mut u64,
         mut op: impl FnMut(UnmapOp),
-    ) -> u64 {
+    ) -> Prefix {
         let mut cursor = start;
         while cursor < end {
             let Some(run) = self.first_ending_after(cursor).copied() else {
@@ -100,14 +103,26 @@ impl RunMap {
                 break; // a gap: cursor is not mapped
             }
             let cut_end = run.iova_end().min(end);
+            let (keep_left, keep_right) = (run.iova < cursor, run.iova_end() > cut_end);
+            match (keep_left, keep_right) {
+                (true, true) if *spare_runs == 0 => {
+                    return Prefix {
+                        end: cursor,
+                        out_of_runs: true,
+                    };
+                }
+                (true, true) => *spare_runs -= 1,
+                (false, false) => *spare_runs = spare_runs.saturating_add(1),
+                _ => {}
+            }
             self.remove(run.iova);
-            let left = (run.iova < cursor).then(|| MapRun {
+            let left = keep_left.then(|| MapRun {
                 iova: run.iova,
                 gpa: run.gpa,
                 len: cursor - run.iova,
                 perms: run.perms,
             });
-            let right = (run.iova_end() > cut_end).then(|| MapRun {
+            let right = keep_right.then(|| MapRun {
                 iova: cut_end,
                 gpa: run.gpa + (cut_end - run.iova),
                 len: run.iova_end() - cut_end,
@@ -126,8 +141,21 @@ impl RunMap {
             });
             cursor = cut_end;
         }
-        cursor
+        Prefix {
+            end: cursor,
+            out_of_runs: false,
+        }
     }
+}
+
+/// How far [`RunMap::unmap_prefix`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Prefix {
+    /// `end` if every page was unmapped, else the first page left mapped
+    /// (a gap, or a hole that could not be cut).
+    pub end: u64,
+    /// The prefix stopped because cutting a hole needed a spare run.
+    pub out_of_runs: bool,
 }
 
 #[cfg(test)]
@@ -167,8 +195,9 @@ mod tests {
         let mut m = RunMap::default();
         m.insert(run(10, 100, 10));
         let mut ops = vec![];
-        let end = m.unmap_prefix(13 * P, 15 * P, |op| ops.push(op));
-        assert_eq!(end, 15 * P);
+        let mut spare = 1;
+        let end = m.unmap_prefix(13 * P, 15 * P, &mut spare, |op| ops.push(op));
+        assert_eq!((end.end, spare), (15 * P, 0));
         assert_eq!(
             ops,
             [UnmapOp::Split {
@@ -190,8 +219,10 @@ mod tests {
         m.insert(run(4, 9, 2));
         m.insert(run(8, 1, 2));
         let mut ops = vec![];
-        let end = m.unmap_prefix(2 * P, 10 * P, |op| ops.push(op));
-        assert_eq!(end, 6 * P, "page 6 is not mapped");
+        let mut spare = 0;
+        let end = m.unmap_prefix(2 * P, 10 * P, &mut spare, |op| ops.push(op));
+        assert_eq!(end.end, 6 * P, "page 6 is not mapped");
+        assert_eq!(spare, 1, "a whole run came back");
         assert_eq!(
             ops,
             [
@@ -206,11 +237,32 @@ mod tests {
             m.iter().copied().collect::<Vec<_>>(),
             [run(0, 50, 2), run(8, 1, 2)]
         );
-        assert_eq!(m.unmap_prefix(0, P, |_| {}), P);
+        assert_eq!(m.unmap_prefix(0, P, &mut spare, |_| {}).end, P);
         assert_eq!(
-            m.unmap_prefix(0, P, |_| {}),
+            m.unmap_prefix(0, P, &mut spare, |_| {}).end,
             0,
             "nothing mapped at 0 any more"
         );
+    }
+
+    #[test]
+    fn a_hole_needs_a_spare_run() {
+        let mut m = RunMap::default();
+        m.insert(run(0, 100, 8));
+        let mut spare = 0;
+        let mut ops = vec![];
+        let p = m.unmap_prefix(2 * P, 3 * P, &mut spare, |op| ops.push(op));
+        assert_eq!(
+            p,
+            Prefix {
+                end: 2 * P,
+                out_of_runs: true
+            }
+        );
+        assert!(ops.is_empty(), "nothing cut");
+        assert_eq!(m.len(), 1);
+        // Trimming an end needs no spare run.
+        let p = m.unmap_prefix(0, P, &mut spare, |op| ops.push(op));
+        assert_eq!((p.end, p.out_of_runs, m.len()), (P, false, 1));
     }
 }

@@ -106,6 +106,9 @@ pub struct IommuStats {
     pub faults: FaultStats,
     /// Backend operations that failed.
     pub backend_errors: u64,
+    /// Mapping runs of every guest domain together (held under
+    /// [`crate::IommuConfig::max_map_runs`]).
+    pub map_runs: u64,
 }
 
 /// Fault bookkeeping behind its own small lock (faults are rare).

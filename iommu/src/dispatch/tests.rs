@@ -1610,3 +1610,60 @@ fn attach_replay_failure_is_no_resources_and_leaves_nothing_behind() {
     assert_eq!(g.attach(S2, 5, dev(9)), ok());
     assert_eq!(g.rec.pages(5).expect("replayed").len(), 2);
 }
+
+// ---------------------------------------------------------------- security review (issue 11)
+
+/// Item 1: S2 domains mapping alternating GPNs (no two reps merge) cannot
+/// grow the VMM's memory past the VM-wide run limit, which is scaled to the
+/// guest's RAM; the refused rep is the reps-completed count.
+#[test]
+fn hostile_scattered_maps_stay_under_the_vm_wide_run_limit() {
+    let g = Guest::new(); // the default config; 68 MiB of guest RAM
+    let limit = g.iommu.config().max_map_runs(68 * MB);
+    assert_eq!(limit, crate::DEFAULT_MAP_RUNS_FLOOR);
+    let scattered: Vec<u64> = (0..507).map(|i| 0x1000 + 2 * i).collect();
+    let mut refused = None;
+    'attack: for id in 1..=4u32 {
+        assert_eq!(g.create(S2, id), ok());
+        for call in 0..200u64 {
+            let before = g.iommu.stats().map_runs;
+            let res = g.map(id, call * 507 * P, &scattered, R);
+            if res != (ok(), 507) {
+                refused = Some((id, before, res));
+                break 'attack;
+            }
+        }
+    }
+    let (id, before, res) = refused.expect("the limit refused a map");
+    assert_eq!(id, 1, "the first domain already reaches it");
+    let failing_rep = u16::try_from(limit - before).expect("within one call");
+    assert_eq!(res, (HvStatus::INSUFFICIENT_MEMORY, failing_rep));
+    assert_eq!(g.iommu.stats().map_runs, limit);
+    // Every other domain of the attack is refused at its first rep.
+    for id in 2..=256u32 {
+        assert_eq!(g.create(S2, id), ok());
+        assert_eq!(
+            g.map(id, 0, &scattered, R),
+            (HvStatus::INSUFFICIENT_MEMORY, 0)
+        );
+    }
+    let stats = g.iommu.stats();
+    let runs: u64 = stats.domains.iter().map(|d| d.runs).sum();
+    assert_eq!((stats.map_runs, runs), (limit, limit));
+    // Cutting a hole in a run needs a run too: unmap one run to get a spare,
+    // map three contiguous pages with it, then try to punch the middle out.
+    assert_eq!(g.unmap(1, 0, 1), (ok(), 1));
+    assert_eq!(g.map(2, 0, &[0x3000, 0x3001, 0x3002], R), (ok(), 3));
+    assert_eq!(
+        g.unmap(2, P, 1),
+        (HvStatus::INSUFFICIENT_MEMORY, 0),
+        "no run left for the hole"
+    );
+    assert_eq!(g.iommu.domains_info()[3].mapped_pages, 3, "nothing changed");
+    assert_eq!(g.unmap(2, 0, 3), (ok(), 3), "whole runs can always go");
+    assert_eq!(g.iommu.stats().map_runs, limit - 1);
+    // Deleting a domain gives its runs back.
+    assert_eq!(g.delete(S2, 1), ok());
+    assert_eq!(g.iommu.stats().map_runs, 0);
+    assert_eq!(g.map(3, 0, &scattered, R), (ok(), 507));
+}
