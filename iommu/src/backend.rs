@@ -218,9 +218,12 @@ pub trait Backend: Send + Sync {
     /// [`AttachTarget::Identity`].
     fn add_device(&self, device: DeviceId) -> Result<(), BackendError>;
 
-    /// A device leaves this backend. The domain layer has attached it back to
-    /// [`AttachTarget::Identity`] first; the backend returns it to the state
-    /// the host expects of a device the VM no longer uses and forgets it.
+    /// A device leaves this backend (hot-remove). The domain layer has
+    /// attached it to [`AttachTarget::Blocked`] first (never to
+    /// [`AttachTarget::Identity`] on its way out) and destroyed the domain
+    /// instance it leaves empty; the backend returns it to the state the host
+    /// expects of a device the VM no longer uses, with its DMA still blocked,
+    /// and forgets it.
     fn remove_device(&self, device: DeviceId) -> Result<(), BackendError>;
 
     /// Instantiates guest domain `domain` (empty: no runs; S1: blocked until

@@ -333,84 +333,57 @@ impl State {
 
     pub(crate) fn attach(&mut self, input: &InputAttachDeviceDomain) -> HvResult<()> {
         let domain = check_header(&input.device_domain)?;
-        let target = self.resolve(domain)?;
+        let target = match self.resolve(domain)? {
+            DomainRef::Default => Attachment::Default,
+            DomainRef::Null => Attachment::Null,
+            DomainRef::Guest(id) => Attachment::Domain(id),
+        };
         let device = DeviceId::from_bits(input.device_id.get());
         let Some(entry) = self.devices.get(&device) else {
             return Err(HvError::INVALID_DEVICE_ID);
         };
-        let backend_id = entry.backend;
-        match (entry.attached, &target) {
-            (Attachment::Default, DomainRef::Default) => return Ok(()),
+        match (entry.attached, target) {
+            (Attachment::Default, Attachment::Default) => return Ok(()),
             (Attachment::Default, _) => {}
             _ => return Err(HvError::DEVICE_ALREADY_IN_DOMAIN),
         }
-        let attached = match target {
-            DomainRef::Default => Attachment::Default,
-            DomainRef::Null => {
-                let b = Arc::clone(&self.backends[backend_id.0]);
-                if !record(
-                    &mut self.backend_errors,
-                    &*b,
-                    "attach to blocked",
-                    b.attach(device, AttachTarget::Blocked),
-                ) {
-                    return Err(HvError::NO_RESOURCES);
-                }
-                Attachment::Null
-            }
-            DomainRef::Guest(id) => {
-                if let Err(e) = self.attach_to_domain(device, backend_id, id) {
-                    self.backend_errors += 1;
-                    log::warn!("pvIOMMU: attach of {device} to domain {id} failed: {e}");
-                    return Err(HvError::NO_RESOURCES);
-                }
-                Attachment::Domain(id)
-            }
-        };
-        if let Some(entry) = self.devices.get_mut(&device) {
-            entry.attached = attached;
-        }
-        Ok(())
+        self.move_device(device, target).map_err(|e| {
+            log::warn!("pvIOMMU: attach of {device} to domain {target:?} failed: {e}");
+            HvError::NO_RESOURCES
+        })
     }
 
-    /// Instantiates domain `id` in the device's backend if needed (replaying
-    /// its state) and attaches the device there.
-    fn attach_to_domain(
+    /// Points a registered device's DMA at `to` with one backend call (a
+    /// replace: the device never passes through another domain), creating
+    /// the backend's instance of a guest domain first if needed (replaying
+    /// its state), then leaves its previous domain (the backend's instance
+    /// of it goes with its last device). If the backend refuses, nothing
+    /// changes here (the backend fails closed: the device is blocked).
+    pub(crate) fn move_device(
         &mut self,
         device: DeviceId,
-        backend_id: BackendId,
-        id: u32,
+        to: Attachment,
     ) -> Result<(), BackendError> {
+        let Some(entry) = self.devices.get(&device) else {
+            return Err(BackendError::UnknownDevice(device.into_bits()));
+        };
+        let backend_id = entry.backend;
         let backend = Arc::clone(&self.backends[backend_id.0]);
-        let Some(dom) = self.domains.get_mut(&id) else {
-            return Err(BackendError::UnknownDomain(id));
+        let target = match to {
+            Attachment::Default => AttachTarget::Identity,
+            Attachment::Null => AttachTarget::Blocked,
+            Attachment::Domain(id) => AttachTarget::Domain(id),
         };
-        let created = if dom.instances.iter().any(|i| i.backend == backend_id) {
-            false
-        } else {
-            backend.create_domain(id, dom.kind)?;
-            let replay = match dom.kind {
-                DomainKind::S2 => dom.runs.iter().try_for_each(|r| backend.map(id, *r)),
-                DomainKind::S1 => backend.set_s1(id, dom.s1),
-            };
-            if let Err(e) = replay {
-                record(
-                    &mut self.backend_errors,
-                    &*backend,
-                    "destroy",
-                    backend.destroy_domain(id),
-                );
-                return Err(e);
-            }
-            dom.instances.push(Instance {
-                backend: backend_id,
-                devices: 0,
-            });
-            true
+        let created = match to {
+            Attachment::Domain(id) => self.instantiate(id, backend_id)?,
+            _ => false,
         };
-        if let Err(e) = backend.attach(device, AttachTarget::Domain(id)) {
-            if created {
-                dom.instances.retain(|i| i.backend != backend_id);
+        if let Err(e) = backend.attach(device, target) {
+            self.backend_errors += 1;
+            if let (true, Attachment::Domain(id)) = (created, to) {
+                if let Some(dom) = self.domains.get_mut(&id) {
+                    dom.instances.retain(|i| i.backend != backend_id);
+                }
                 record(
                     &mut self.backend_errors,
                     &*backend,
@@ -420,65 +393,133 @@ impl State {
             }
             return Err(e);
         }
-        if let Some(inst) = dom.instances.iter_mut().find(|i| i.backend == backend_id) {
-            inst.devices += 1;
-        }
-        dom.devices.push(device);
-        Ok(())
-    }
-
-    /// Moves a device back to the default domain; destroys the backend's
-    /// instance of its domain if it was the backend's last device there.
-    /// Returns false if a backend call failed (the state is updated anyway).
-    pub(crate) fn detach_device(&mut self, device: DeviceId) -> bool {
-        let Some(entry) = self.devices.get_mut(&device) else {
-            return true;
-        };
-        let previous = entry.attached;
-        let backend_id = entry.backend;
-        entry.attached = Attachment::Default;
-        if previous == Attachment::Default {
-            return true;
-        }
-        let backend = Arc::clone(&self.backends[backend_id.0]);
-        let mut ok = record(
-            &mut self.backend_errors,
-            &*backend,
-            "attach to identity",
-            backend.attach(device, AttachTarget::Identity),
-        );
-        if let Attachment::Domain(id) = previous {
+        if let Attachment::Domain(id) = to {
             if let Some(dom) = self.domains.get_mut(&id) {
-                dom.devices.retain(|d| *d != device);
-                if let Some(pos) = dom.instances.iter().position(|i| i.backend == backend_id) {
-                    dom.instances[pos].devices = dom.instances[pos].devices.saturating_sub(1);
-                    if dom.instances[pos].devices == 0 {
-                        dom.instances.remove(pos);
-                        ok &= record(
-                            &mut self.backend_errors,
-                            &*backend,
-                            "destroy",
-                            backend.destroy_domain(id),
-                        );
-                    }
+                if let Some(inst) = dom.instances.iter_mut().find(|i| i.backend == backend_id) {
+                    inst.devices += 1;
                 }
+                dom.devices.push(device);
             }
         }
-        ok
+        let from = self
+            .devices
+            .get_mut(&device)
+            .map(|e| std::mem::replace(&mut e.attached, to));
+        match from {
+            Some(Attachment::Domain(old)) => self.leave_domain(device, backend_id, old),
+            _ => Ok(()),
+        }
+    }
+
+    /// Instantiates domain `id` in backend `backend_id` if it is not yet
+    /// (replaying its runs or S1 settings); returns whether it did.
+    fn instantiate(&mut self, id: u32, backend_id: BackendId) -> Result<bool, BackendError> {
+        let backend = Arc::clone(&self.backends[backend_id.0]);
+        let Some(dom) = self.domains.get_mut(&id) else {
+            return Err(BackendError::UnknownDomain(id));
+        };
+        if dom.instances.iter().any(|i| i.backend == backend_id) {
+            return Ok(false);
+        }
+        backend.create_domain(id, dom.kind)?;
+        let replay = match dom.kind {
+            DomainKind::S2 => dom.runs.iter().try_for_each(|r| backend.map(id, *r)),
+            DomainKind::S1 => backend.set_s1(id, dom.s1),
+        };
+        if let Err(e) = replay {
+            record(
+                &mut self.backend_errors,
+                &*backend,
+                "destroy",
+                backend.destroy_domain(id),
+            );
+            return Err(e);
+        }
+        dom.instances.push(Instance {
+            backend: backend_id,
+            devices: 0,
+        });
+        Ok(true)
+    }
+
+    /// Takes `device` off guest domain `id`'s books; destroys the backend's
+    /// instance of the domain if that was the backend's last device there.
+    /// The device's DMA must already point elsewhere. The error is the
+    /// destroy's (recorded; the instance is gone from the books anyway).
+    fn leave_domain(
+        &mut self,
+        device: DeviceId,
+        backend_id: BackendId,
+        id: u32,
+    ) -> Result<(), BackendError> {
+        let Some(dom) = self.domains.get_mut(&id) else {
+            return Ok(());
+        };
+        dom.devices.retain(|d| *d != device);
+        let Some(pos) = dom.instances.iter().position(|i| i.backend == backend_id) else {
+            return Ok(());
+        };
+        dom.instances[pos].devices = dom.instances[pos].devices.saturating_sub(1);
+        if dom.instances[pos].devices > 0 {
+            return Ok(());
+        }
+        dom.instances.remove(pos);
+        let backend = Arc::clone(&self.backends[backend_id.0]);
+        backend.destroy_domain(id).inspect_err(|e| {
+            self.backend_errors += 1;
+            log::warn!("pvIOMMU {} backend: destroy failed: {e}", backend.name());
+        })
+    }
+
+    /// Removes a device from the registry on its way out of the VM: blocks
+    /// its DMA first (never through the default, IOVA = GPA domain), then
+    /// drops it from its domain (and the backend's instance with its last
+    /// device), then tells its backend it is gone. Every step runs even if
+    /// an earlier one failed; the first failure is returned.
+    pub(crate) fn remove_device(&mut self, device: DeviceId) -> Result<(), BackendError> {
+        let Some(entry) = self.devices.get(&device) else {
+            return Err(BackendError::UnknownDevice(device.into_bits()));
+        };
+        let backend_id = entry.backend;
+        let mut result = match self.move_device(device, Attachment::Null) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                // The backend failed closed; take the device off its
+                // domain's books all the same.
+                log::warn!("pvIOMMU: blocking {device} for removal failed: {e}");
+                let from = self
+                    .devices
+                    .get_mut(&device)
+                    .map(|e| std::mem::replace(&mut e.attached, Attachment::Null));
+                if let Some(Attachment::Domain(old)) = from {
+                    let _ = self.leave_domain(device, backend_id, old);
+                }
+                Err(e)
+            }
+        };
+        self.devices.remove(&device);
+        let backend = Arc::clone(&self.backends[backend_id.0]);
+        if let Err(e) = backend.remove_device(device) {
+            self.backend_errors += 1;
+            result = result.and(Err(e));
+        }
+        result
     }
 
     pub(crate) fn detach(&mut self, input: &InputDetachDeviceDomain) -> HvResult<()> {
         check_partition(input.partition_id)?;
         let device = DeviceId::from_bits(input.device_id.get());
-        if !self.devices.contains_key(&device) {
+        let Some(entry) = self.devices.get(&device) else {
             return Err(HvError::INVALID_DEVICE_ID);
-        }
+        };
         // Detaching a device that is in the default domain is a no-op.
-        if self.detach_device(device) {
-            Ok(())
-        } else {
-            Err(HvError::NO_RESOURCES)
+        if entry.attached == Attachment::Default {
+            return Ok(());
         }
+        self.move_device(device, Attachment::Default).map_err(|e| {
+            log::warn!("pvIOMMU: detach of {device} failed: {e}");
+            HvError::NO_RESOURCES
+        })
     }
 
     pub(crate) fn configure<M: GuestMemory + ?Sized>(

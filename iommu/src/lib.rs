@@ -203,19 +203,19 @@ impl Iommu {
         Ok(())
     }
 
-    /// Unregisters a device: detaches it from its domain (the device returns
-    /// to the default domain, and its backend drops the domain if no other of
-    /// its devices uses it), then tells its backend the device is gone. The
-    /// guest's domain and its mappings stay: they are the guest's.
+    /// Unregisters a device on its way out of the VM (hot-remove): blocks its
+    /// DMA first (the null domain: never the default, IOVA = GPA domain, not
+    /// even for a moment), then takes it off its domain (its backend drops
+    /// the domain if no other of its devices uses it), then tells its
+    /// backend the device is gone. The guest's domain and its mappings stay:
+    /// they are the guest's. Every step runs even if an earlier one failed
+    /// (each backend fails closed); the first failure is returned.
     pub fn unregister_device(&self, device: DeviceId) -> Result<(), IommuError> {
         let mut state = self.lock_state();
-        let Some(backend) = state.devices.get(&device).map(|e| e.backend) else {
+        if !state.devices.contains_key(&device) {
             return Err(IommuError::UnknownDevice(device));
-        };
-        state.detach_device(device);
-        state.devices.remove(&device);
-        let b = Arc::clone(&state.backends[backend.0]);
-        b.remove_device(device).map_err(IommuError::Backend)
+        }
+        state.remove_device(device).map_err(IommuError::Backend)
     }
 
     /// Where a registered device's DMA goes now.

@@ -1513,14 +1513,15 @@ fn s2_domain_end_to_end_and_unregister() {
         .translate(dev(30), 0x10_0000, 8, Access::Read)
         .expect_err("unknown device");
     assert_eq!(f.reason, FaultReason::UnknownDevice);
-    // Unregistering detaches (the backend gets the device back at identity,
-    // and drops its instance when its last device leaves).
+    // Unregistering blocks the device first (never the default, IOVA = GPA
+    // domain), then drops the backend's instance with its last device, then
+    // removes the device.
     g.rec.take_calls();
     g.iommu.unregister_device(dev(9)).expect("unregister");
     assert_eq!(
         g.rec.take_calls(),
         [
-            Call::Attach(dev(9), AttachTarget::Identity),
+            Call::Attach(dev(9), AttachTarget::Blocked),
             Call::DestroyDomain(5),
             Call::RemoveDevice(dev(9))
         ]
@@ -1666,4 +1667,48 @@ fn hostile_scattered_maps_stay_under_the_vm_wide_run_limit() {
     assert_eq!(g.delete(S2, 1), ok());
     assert_eq!(g.iommu.stats().map_runs, 0);
     assert_eq!(g.map(3, 0, &scattered, R), (ok(), 507));
+}
+
+/// Item 2: a device being hot-removed is blocked before anything else
+/// happens to it, from every kind of domain, and never attached to the
+/// default (IOVA = GPA) domain on its way out.
+#[test]
+fn hot_remove_blocks_first_and_never_opens_the_default_domain() {
+    let g = Guest::new();
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.create(S1, 6), ok());
+    assert_eq!(g.map(5, 0, &[0x100], RW), (ok(), 1));
+    let dev2 = DeviceId::pci(0, 0, 10, 0);
+    g.iommu.register_device(dev2, g.rec_id).expect("register");
+    let dev3 = DeviceId::pci(0, 0, 11, 0);
+    g.iommu.register_device(dev3, g.rec_id).expect("register");
+    assert_eq!(g.attach(S2, 5, dev(9)), ok());
+    assert_eq!(g.attach(S1, 6, dev2), ok());
+    assert_eq!(g.attach(S2, 0xFFFF_FFFF, dev3), ok());
+    for device in [dev(9), dev2, dev3] {
+        g.rec.take_calls();
+        g.iommu.unregister_device(device).expect("unregister");
+        let calls = g.rec.take_calls();
+        assert_eq!(
+            calls.first(),
+            Some(&Call::Attach(device, AttachTarget::Blocked)),
+            "blocked first: {calls:?}"
+        );
+        assert_eq!(calls.last(), Some(&Call::RemoveDevice(device)));
+        assert!(
+            !calls.contains(&Call::Attach(device, AttachTarget::Identity)),
+            "never through the default domain: {calls:?}"
+        );
+        assert_eq!(g.rec.attachment(device), None);
+    }
+    // A software device: after removal its DMA is refused, never IOVA = GPA.
+    assert_eq!(g.attach(S2, 5, dev(1)), ok());
+    g.iommu.unregister_device(dev(1)).expect("unregister");
+    let f = g
+        .translate(dev(1), 0x100 * P, 8, Access::Read)
+        .expect_err("gone");
+    assert_eq!(f.reason, FaultReason::UnknownDevice);
+    // The guest's domains are the guest's: they stay, and can be deleted.
+    assert_eq!(g.delete(S2, 5), ok());
+    assert_eq!(g.delete(S1, 6), ok());
 }
