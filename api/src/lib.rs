@@ -38,7 +38,7 @@ pub use request::{
 };
 pub use server::{
     start_server, start_server_with, ApiError, ApiServer, RequestError, ServerOptions,
-    DEFAULT_TIMEOUT, MAX_BODY,
+    DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, DEFAULT_TIMEOUT, MAX_BODY,
 };
 pub use types::{
     AddDeviceRequest, AddDeviceResponse, Bdf, DeviceId, DeviceInfo, DeviceKind, DeviceSource,

@@ -100,7 +100,7 @@ mod tests {
         }
 
         // Every route can answer these; each error answer is an ErrorBody.
-        for status in ["400", "405", "413", "500", "503"] {
+        for status in ["400", "405", "408", "413", "500", "503"] {
             assert!(
                 responses.contains_key(status),
                 "{route:?} documents {status}"

@@ -1,6 +1,16 @@
-//! The HTTP server: axum on a Unix socket, in a thread of its own with a
-//! current-thread tokio runtime. Each request is parsed, handed to the VMM
-//! through the [`ApiSender`] and answered with what the VMM responds.
+//! The HTTP server: an axum router served by hyper's HTTP/1 connection
+//! builder on a Unix socket, in a thread of its own with a current-thread
+//! tokio runtime. Each request is parsed, handed to the VMM through the
+//! [`ApiSender`] and answered with what the VMM responds.
+//!
+//! No client can hold the server's resources for long: a request's head must
+//! arrive within [`ServerOptions::read_timeout`] (else hyper closes the
+//! connection without an answer), its body within as long again (else 408),
+//! and at most [`ServerOptions::max_connections`] connections are served at
+//! once: one more is closed as soon as it is accepted. The socket path is
+//! guarded by a lock file (see [`lock`]).
+
+mod lock;
 
 use std::error::Error as StdError;
 use std::io;
@@ -8,6 +18,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::pin::pin;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,9 +30,14 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{on, MethodFilter, MethodRouter};
 use axum::Router;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use socket2::{Domain, SockAddr, Socket, Type};
 use thiserror::Error;
 use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use self::lock::SocketLock;
 
 use crate::actions::{self, ApiAction, HttpMethod, Operation, Route, Success, ROUTES};
 use crate::request::{ApiSender, ChannelError, ErrorKind, Responder, VmmError};
@@ -30,8 +46,19 @@ use crate::types::ErrorBody;
 /// How long a request waits for the VMM's answer by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a client has to send a request's head, and then its body, by
+/// default.
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many connections are served at once by default.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 64;
+
 /// Largest request body accepted, in bytes.
 pub const MAX_BODY: usize = 64 * 1024;
+
+/// How long the server waits before accepting again after accept() failed
+/// for want of resources (such as file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// How long open connections may finish their exchange once the server stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
@@ -44,12 +71,24 @@ const SOCKET_MODE: libc::mode_t = 0o600;
 pub struct ServerOptions {
     /// How long a request waits for the VMM before it fails with 503.
     pub timeout: Duration,
+    /// How long a client has to send a request's head, counted from the
+    /// moment the connection awaits one (when it is accepted, or when the
+    /// previous answer of a kept-alive connection is sent): a connection
+    /// that misses it is closed without an answer. The body must then
+    /// arrive within as long again, or the answer is 408 and the connection
+    /// is closed.
+    pub read_timeout: Duration,
+    /// How many connections are served at once; a connection beyond them is
+    /// closed as soon as it is accepted, without an answer. At least 1.
+    pub max_connections: usize,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             timeout: DEFAULT_TIMEOUT,
+            read_timeout: DEFAULT_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -57,6 +96,28 @@ impl Default for ServerOptions {
 /// Errors of starting the API server.
 #[derive(Debug, Error)]
 pub enum ApiError {
+    #[error(
+        "API socket {socket} is in use by another pvmm, which holds its lock file {lock}; \
+         stop that pvmm or choose another path"
+    )]
+    Locked { socket: PathBuf, lock: PathBuf },
+    #[error(
+        "Cannot open the API socket's lock file {path}; check that its directory exists and \
+         that you may write there"
+    )]
+    OpenLock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("API socket lock file {0} is not a regular file; remove it or choose another path")]
+    LockNotAFile(PathBuf),
+    #[error("Cannot lock the API socket's lock file {path}")]
+    Lock {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("API socket {0} is in use by a running process; stop it or choose another path")]
     SocketInUse(PathBuf),
     #[error("API socket path {0} exists and is not a socket; remove it or choose another path")]
@@ -104,6 +165,8 @@ pub enum RequestError {
     BodyTooLarge,
     #[error("Cannot read the request body")]
     BodyRead(#[source] Box<dyn StdError + Send + Sync>),
+    #[error("The request body did not arrive within {0:?} of its head; send it at once")]
+    BodyTimeout(Duration),
     #[error("Request body is missing")]
     MissingBody,
     #[error("Invalid request body")]
@@ -127,6 +190,7 @@ impl RequestError {
             Self::UnknownEndpoint(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::BodyRead(_) | Self::MissingBody | Self::BadBody(_) => StatusCode::BAD_REQUEST,
             Self::Channel(ChannelError::Closed) | Self::Timeout(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -177,6 +241,7 @@ fn json_response(status: StatusCode, json: Vec<u8>) -> Response {
 struct Shared {
     sender: ApiSender,
     timeout: Duration,
+    read_timeout: Duration,
 }
 
 /// The router of every route in [`ROUTES`]: the one place routes get handlers.
@@ -235,7 +300,7 @@ async fn handle<A: ApiAction>(State(shared): State<Arc<Shared>>, body: Body) -> 
 /// client goes away meanwhile, this future is dropped with the receiving end
 /// of the answer, and the VMM's answer is dropped on arrival.
 async fn call<A: ApiAction>(shared: &Shared, body: Body) -> Result<A::Reply, RequestError> {
-    let bytes = read_body(body).await?;
+    let bytes = read_body(body, shared.read_timeout).await?;
     let body = parse_body::<A::Body>(A::route(), &bytes)?;
     let (responder, answer) = Responder::new();
     shared
@@ -249,11 +314,16 @@ async fn call<A: ApiAction>(shared: &Shared, body: Body) -> Result<A::Reply, Req
     }
 }
 
-async fn read_body(body: Body) -> Result<Bytes, RequestError> {
-    match Limited::new(body, MAX_BODY).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<LengthLimitError>() => Err(RequestError::BodyTooLarge),
-        Err(e) => Err(RequestError::BodyRead(e)),
+/// Reads the whole body, which must arrive within `deadline`: a client that
+/// stops halfway is answered 408, and hyper closes the connection since the
+/// body was not read to its end.
+async fn read_body(body: Body, deadline: Duration) -> Result<Bytes, RequestError> {
+    let collect = Limited::new(body, MAX_BODY).collect();
+    match tokio::time::timeout(deadline, collect).await {
+        Err(_) => Err(RequestError::BodyTimeout(deadline)),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<LengthLimitError>() => Err(RequestError::BodyTooLarge),
+        Ok(Err(e)) => Err(RequestError::BodyRead(e)),
     }
 }
 
@@ -277,13 +347,16 @@ fn parse_body<T: serde::de::DeserializeOwned>(
 type FileIdentity = (u64, u64);
 
 /// A running API server. Dropping it (or [`ApiServer::shutdown`]) stops the
-/// server, gives open exchanges a moment to finish and removes the socket file.
+/// server, gives open exchanges a moment to finish, removes the socket file
+/// and then its lock file.
 #[derive(Debug)]
 pub struct ApiServer {
     path: PathBuf,
     identity: FileIdentity,
     stop: watch::Sender<bool>,
     thread: Option<JoinHandle<()>>,
+    /// Released (after the socket file is removed) when the server is dropped.
+    _lock: SocketLock,
 }
 
 impl ApiServer {
@@ -324,13 +397,18 @@ pub fn start_server(path: &Path, sender: ApiSender) -> Result<ApiServer, ApiErro
 
 /// Starts the API server on `path`; requests go to the VMM through `sender`.
 ///
-/// The socket is created with mode 0600. A socket that a live process
-/// answers on is refused; a stale one (nobody listening) is replaced.
+/// The server first takes the lock file `<path>.lock` and holds it for its
+/// life: another server on the same path fails with [`ApiError::Locked`] and
+/// touches nothing. The socket is created with mode 0600. A socket that a
+/// live process answers on is refused; a stale one (nobody listening, nobody
+/// holding the lock) is replaced.
 pub fn start_server_with(
     path: &Path,
     sender: ApiSender,
     options: ServerOptions,
 ) -> Result<ApiServer, ApiError> {
+    // Dropped on every failure below, which removes the lock file again.
+    let lock = SocketLock::acquire(path)?;
     let (listener, identity) = bind_socket(path)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -341,10 +419,15 @@ pub fn start_server_with(
     let shared = Arc::new(Shared {
         sender,
         timeout: options.timeout,
+        read_timeout: options.read_timeout,
     });
+    let limits = Limits {
+        read_timeout: options.read_timeout,
+        max_connections: options.max_connections.max(1),
+    };
     let thread = std::thread::Builder::new()
         .name("api".into())
-        .spawn(move || runtime.block_on(serve(listener, router(shared), stopped)))
+        .spawn(move || runtime.block_on(serve(listener, router(shared), limits, stopped)))
         .map_err(ApiError::Thread);
     let thread = match thread {
         Ok(thread) => thread,
@@ -358,11 +441,30 @@ pub fn start_server_with(
         identity,
         stop,
         thread: Some(thread),
+        _lock: lock,
     })
 }
 
+/// What bounds the server's connections.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    read_timeout: Duration,
+    max_connections: usize,
+}
+
+/// Resolves when the server is told to stop (or its [`ApiServer`] is gone).
+async fn stop_signal(mut stopped: watch::Receiver<bool>) {
+    // An error means the ApiServer is gone: stop as well.
+    let _ = stopped.wait_for(|stop| *stop).await;
+}
+
 /// Serves until told to stop, then lets open exchanges finish for a moment.
-async fn serve(listener: UnixListener, router: Router, stopped: watch::Receiver<bool>) {
+async fn serve(
+    listener: UnixListener,
+    router: Router,
+    limits: Limits,
+    stopped: watch::Receiver<bool>,
+) {
     let listener = match tokio::net::UnixListener::from_std(listener) {
         Ok(listener) => listener,
         Err(e) => {
@@ -370,23 +472,81 @@ async fn serve(listener: UnixListener, router: Router, stopped: watch::Receiver<
             return;
         }
     };
-    let stop_signal = |mut stopped: watch::Receiver<bool>| async move {
-        // An error means the ApiServer is gone: stop as well.
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
-    let server = axum::serve(listener, router).with_graceful_shutdown(stop_signal(stopped.clone()));
-    let deadline = async {
-        stop_signal(stopped).await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
-    };
-    tokio::select! {
-        result = server => {
-            if let Err(e) = result {
-                log::error!("The API server failed: {e}");
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.read_timeout);
+    let service = TowerToHyperService::new(router);
+    let mut connections = JoinSet::new();
+    // Whether connections are being refused: warn once per episode, not once
+    // per connection.
+    let mut refusing = false;
+    let mut stop = pin!(stop_signal(stopped.clone()));
+    loop {
+        let stream = tokio::select! {
+            () = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    if !is_transient(&e) {
+                        log::warn!("Cannot accept an API connection: {e}");
+                        // Such as EMFILE: give connections time to end.
+                        tokio::select! {
+                            () = &mut stop => break,
+                            () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        }
+                    }
+                    continue;
+                }
+            },
+        };
+        while connections.try_join_next().is_some() {}
+        if connections.len() >= limits.max_connections {
+            if !refusing {
+                log::warn!(
+                    "{} API connections are open: closing new ones until some end",
+                    limits.max_connections
+                );
+                refusing = true;
             }
+            drop(stream);
+            continue;
         }
-        () = deadline => log::warn!("API connections still open at shutdown were closed"),
+        refusing = false;
+        let connection = http.serve_connection(TokioIo::new(stream), service.clone());
+        let stopped = stopped.clone();
+        connections.spawn(async move {
+            let mut connection = pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = stop_signal(stopped) => {
+                    // Finish the exchange under way, if any, then close.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                log::debug!("API connection ended: {e}");
+            }
+        });
     }
+    // New connections are refused from here on.
+    drop(listener);
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
+        log::warn!("API connections still open at shutdown were closed");
+    }
+    // Dropping `connections` aborts those that remain.
+}
+
+/// Whether an accept() error concerns only the connection being accepted.
+fn is_transient(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
 }
 
 /// Creates the listening socket at `path`, mode 0600 from the start.
@@ -429,7 +589,9 @@ fn bind_socket(path: &Path) -> Result<(UnixListener, FileIdentity), ApiError> {
 }
 
 /// Makes `path` free for a new socket: refuses a socket with a live server
-/// behind it or a file that is not a socket, removes a stale socket.
+/// behind it or a file that is not a socket, removes a stale socket. Called
+/// with the path's lock held, so no other server of ours is between its own
+/// check and bind: a socket that refuses connections is truly stale.
 fn claim_path(path: &Path) -> Result<(), ApiError> {
     let inspect = |source| ApiError::Inspect {
         path: path.to_owned(),
@@ -479,6 +641,10 @@ mod tests {
             405
         );
         assert_eq!(status(RequestError::BodyTooLarge), 413);
+        assert_eq!(
+            status(RequestError::BodyTimeout(Duration::from_secs(1))),
+            408
+        );
         assert_eq!(status(RequestError::BodyRead("reset".into())), 400);
         assert_eq!(status(RequestError::MissingBody), 400);
         assert_eq!(status(RequestError::BadBody(json_error())), 400);

@@ -3,7 +3,7 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 
 use common::{Harness, BROKEN_PATH, MOCK_VERSION};
 use serde_json::Value;
@@ -145,4 +145,31 @@ fn bad_arguments_are_refused_before_sending() {
         assert!(stderr.contains(reason), "{args:?}: {stderr}");
     }
     assert_eq!(harness.received(), 0);
+}
+
+#[test]
+fn a_closed_stdout_ends_the_client_quietly() {
+    let harness = Harness::start();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pvmm-remote"))
+        .arg("--api-socket")
+        .arg(&harness.socket)
+        // The mock VMM takes common::SLOW to add a `slow*` device, so the
+        // pipe is closed long before the answer is printed.
+        .args(["add-device", "kind=dma-test,id=slow1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pvmm-remote runs");
+    // What `pvmm-remote ... | head` sees once head has exited: the read end
+    // of its stdout pipe is closed.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("pvmm-remote ends");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.is_empty(), "{stderr}");
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(
+        harness.vmm().device("slow1").is_some(),
+        "the request was carried out"
+    );
 }

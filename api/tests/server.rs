@@ -2,9 +2,11 @@
 
 mod common;
 
-use std::io::Write;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use api::actions::{
@@ -322,6 +324,7 @@ async fn a_request_the_vmm_drops_is_500() {
 async fn a_request_the_vmm_never_answers_times_out_with_503() {
     let harness = Harness::start_with(ServerOptions {
         timeout: Duration::from_millis(300),
+        ..ServerOptions::default()
     });
     let client = harness.client();
     let spec = parse_device_spec("kind=dma-test,id=stuck1").expect("spec");
@@ -469,11 +472,29 @@ fn the_socket_is_private() {
     assert_eq!(metadata.permissions().mode() & 0o777, 0o600);
 }
 
+const PING: &[u8] = b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+/// The lock file the server holds beside `socket`.
+fn lock_path(socket: &Path) -> PathBuf {
+    let mut path = socket.as_os_str().to_owned();
+    path.push(".lock");
+    PathBuf::from(path)
+}
+
+/// The inode of the file at `path`: tells whether it was replaced.
+fn inode(path: &Path) -> u64 {
+    std::fs::symlink_metadata(path).expect("file exists").ino()
+}
+
 #[test]
 fn a_live_socket_is_refused_and_left_alone() {
-    let harness = Harness::start();
+    // A process that is not a pvmm of this version (it holds no lock file)
+    // serves on the path.
+    let dir = TestDir::new();
+    let socket = dir.path().join("api.sock");
+    let listener = UnixListener::bind(&socket).expect("bind");
     let (sender, _receiver) = api::channel().expect("channel");
-    match api::start_server(&harness.socket, sender) {
+    match api::start_server(&socket, sender) {
         Err(error @ ApiError::SocketInUse(_)) => {
             assert!(
                 error.to_string().contains("in use by a running process"),
@@ -482,12 +503,106 @@ fn a_live_socket_is_refused_and_left_alone() {
         }
         other => panic!("expected SocketInUse, got {other:?}"),
     }
-    // The first server still serves.
-    let answer = raw_exchange(
-        &harness.socket,
-        b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    );
+    // Its socket still works, and the lock file is gone again.
+    UnixStream::connect(&socket).expect("the socket is left alone");
+    listener
+        .accept()
+        .expect("the listener still gets connections");
+    assert!(!lock_path(&socket).exists());
+}
+
+#[test]
+fn a_second_server_on_the_same_socket_fails_until_the_first_stops() {
+    let mut harness = Harness::start();
+    let socket = harness.socket.clone();
+    let lock = lock_path(&socket);
+    assert!(lock.is_file(), "the server holds {}", lock.display());
+    let identity = inode(&socket);
+
+    let (sender, _receiver) = api::channel().expect("channel");
+    match api::start_server(&socket, sender) {
+        Err(error @ ApiError::Locked { .. }) => {
+            let message = error.to_string();
+            assert!(message.contains("in use by another pvmm"), "{message}");
+            assert!(message.contains(&*lock.to_string_lossy()), "{message}");
+        }
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    // The first server's socket was not touched, and it still serves.
+    assert_eq!(inode(&socket), identity);
+    let answer = raw_exchange(&socket, PING);
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+
+    // Once it has stopped, its socket and lock file are gone...
+    drop(harness.server.take());
+    assert!(!socket.exists());
+    assert!(!lock.exists());
+    // ... and a new server takes the path.
+    let (sender, _receiver) = api::channel().expect("channel");
+    let server = api::start_server(&socket, sender).expect("the path is free again");
+    UnixStream::connect(&socket).expect("the new server listens");
+    drop(server);
+}
+
+#[test]
+fn a_socket_whose_server_holds_the_lock_is_never_unlinked() {
+    // The race of two servers: the first has bound its socket but not yet
+    // called listen(), so a connection to it is refused as to a stale socket.
+    let harness = Harness::start();
+    let socket = harness.socket.clone();
+    std::fs::remove_file(&socket).expect("remove");
+    let binding =
+        socket2::Socket::new(socket2::Domain::UNIX, socket2::Type::STREAM, None).expect("socket");
+    binding
+        .bind(&socket2::SockAddr::unix(&socket).expect("address"))
+        .expect("bind");
+    let refused = UnixStream::connect(&socket).expect_err("not listening yet");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+    let identity = inode(&socket);
+
+    // The second server must not take it for stale and unlink it.
+    let (sender, _receiver) = api::channel().expect("channel");
+    let result = api::start_server(&socket, sender);
+    assert!(matches!(result, Err(ApiError::Locked { .. })), "{result:?}");
+    assert_eq!(
+        inode(&socket),
+        identity,
+        "the first server's socket is left"
+    );
+}
+
+#[test]
+fn servers_racing_for_a_stale_socket_leave_one_winner() {
+    const RACERS: usize = 8;
+    for _round in 0..200 {
+        let dir = TestDir::new();
+        let socket = dir.path().join("api.sock");
+        drop(UnixListener::bind(&socket).expect("bind"));
+        let start = Arc::new(Barrier::new(RACERS));
+        let racers: Vec<_> = (0..RACERS)
+            .map(|_| {
+                let socket = socket.clone();
+                let start = Arc::clone(&start);
+                std::thread::spawn(move || {
+                    let (sender, receiver) = api::channel().expect("channel");
+                    start.wait();
+                    api::start_server(&socket, sender).map(|server| (server, receiver))
+                })
+            })
+            .collect();
+        let results: Vec<_> = racers
+            .into_iter()
+            .map(|racer| racer.join().expect("racer"))
+            .collect();
+        let winners = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(winners, 1, "{results:?}");
+        for result in &results {
+            if let Err(error) = result {
+                assert!(matches!(error, ApiError::Locked { .. }), "{error:?}");
+            }
+        }
+        UnixStream::connect(&socket).expect("the winner's socket is in place");
+    }
 }
 
 #[test]
@@ -496,11 +611,30 @@ fn a_stale_socket_is_replaced() {
     let socket = dir.path().join("api.sock");
     drop(UnixListener::bind(&socket).expect("bind"));
     assert!(socket.exists(), "the stale socket file remains");
+    // So does the lock file of a server that was killed; nobody holds it.
+    std::fs::write(lock_path(&socket), "").expect("stale lock file");
     let (sender, _receiver) = api::channel().expect("channel");
     let server = api::start_server(&socket, sender).expect("stale socket replaced");
     UnixStream::connect(&socket).expect("the new server listens");
     drop(server);
     assert!(!socket.exists(), "the socket file is removed on shutdown");
+    assert!(!lock_path(&socket).exists(), "so is the lock file");
+}
+
+#[test]
+fn a_symbolic_link_as_lock_file_is_not_followed() {
+    let dir = TestDir::new();
+    let socket = dir.path().join("api.sock");
+    let target = dir.path().join("elsewhere");
+    std::os::unix::fs::symlink(&target, lock_path(&socket)).expect("symlink");
+    let (sender, _receiver) = api::channel().expect("channel");
+    let result = api::start_server(&socket, sender);
+    assert!(
+        matches!(result, Err(ApiError::OpenLock { .. })),
+        "{result:?}"
+    );
+    assert!(!target.exists());
+    assert!(!socket.exists());
 }
 
 #[test]
@@ -525,6 +659,25 @@ fn a_bad_socket_path_is_a_clear_error() {
     let (sender, _receiver) = api::channel().expect("channel");
     let missing = dir.path().join("no/such/dir/api.sock");
     let error = api::start_server(&missing, sender).expect_err("no such directory");
+    // The lock file beside the socket is the first thing created there.
+    assert!(matches!(error, ApiError::OpenLock { .. }), "{error:?}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("Cannot open the API socket's lock file"),
+        "{error}"
+    );
+    assert!(
+        error
+            .to_string()
+            .contains("check that its directory exists"),
+        "{error}"
+    );
+
+    // A path too long for a Unix socket address.
+    let (sender, _receiver) = api::channel().expect("channel");
+    let long = dir.path().join("x".repeat(120));
+    let error = api::start_server(&long, sender).expect_err("path too long");
     assert!(matches!(error, ApiError::Bind { .. }), "{error:?}");
     assert!(
         error
@@ -532,6 +685,7 @@ fn a_bad_socket_path_is_a_clear_error() {
             .starts_with("Cannot bind the API socket to"),
         "{error}"
     );
+    assert!(!lock_path(&long).exists(), "the lock file is removed again");
 }
 
 #[test]
@@ -584,4 +738,105 @@ fn stopping_the_server_does_not_wait_for_an_unanswered_request() {
     assert!(!harness.socket.exists());
     let result = call.join().expect("client thread");
     assert!(matches!(result, Err(ClientError::Http(_))), "{result:?}");
+}
+
+/// A connection to `socket` whose reads give up after a while.
+fn connect(socket: &Path) -> UnixStream {
+    let stream = UnixStream::connect(socket).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    stream
+}
+
+/// Reads until the server closes `stream` and returns what it sent; panics
+/// if it keeps the connection open.
+fn read_until_closed(stream: &mut UnixStream) -> String {
+    let mut answer = Vec::new();
+    match stream.read_to_end(&mut answer) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        Err(e) => panic!(
+            "the server kept the connection open ({e}) after sending {:?}",
+            String::from_utf8_lossy(&answer)
+        ),
+    }
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_half_sent_request_is_cut_off_while_others_are_served() {
+    const READ_TIMEOUT: Duration = Duration::from_millis(300);
+    let harness = Harness::start_with(ServerOptions {
+        read_timeout: READ_TIMEOUT,
+        ..ServerOptions::default()
+    });
+    let started = Instant::now();
+    // A client that connects and sends nothing...
+    let mut silent = connect(&harness.socket);
+    // ... one that sends half a head...
+    let mut half_head = connect(&harness.socket);
+    half_head
+        .write_all(b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n")
+        .expect("send part");
+    // ... and one that sends the head and half the body.
+    let mut half_body = connect(&harness.socket);
+    half_body
+        .write_all(
+            b"PUT /api/v1/vm.add-device HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"kind\"",
+        )
+        .expect("send part");
+
+    // Meanwhile the API answers others.
+    let client = harness.client();
+    client.call::<VmmPing>(&NoBody {}).await.expect("ping");
+
+    // The first two are closed without an answer once the time is up.
+    assert_eq!(read_until_closed(&mut silent), "");
+    assert_eq!(read_until_closed(&mut half_head), "");
+    assert!(started.elapsed() >= READ_TIMEOUT);
+    // The third is told why, then closed.
+    let answer = read_until_closed(&mut half_body);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("The request body did not arrive within 300ms of its head"),
+        "{answer}"
+    );
+    client.call::<VmmPing>(&NoBody {}).await.expect("ping");
+    assert_eq!(harness.received(), 2, "only the pings reached the VMM");
+}
+
+#[tokio::test]
+async fn idle_connections_beyond_the_cap_do_not_lock_clients_out() {
+    const CAP: usize = 4;
+    const READ_TIMEOUT: Duration = Duration::from_secs(1);
+    let harness = Harness::start_with(ServerOptions {
+        read_timeout: READ_TIMEOUT,
+        max_connections: CAP,
+        ..ServerOptions::default()
+    });
+    let client = harness.client();
+    let started = Instant::now();
+    let mut idle: Vec<UnixStream> = (0..5 * CAP).map(|_| connect(&harness.socket)).collect();
+
+    // The server serves CAP of them and closes the others at once, so they
+    // hold none of its file descriptors.
+    for stream in &mut idle[CAP..] {
+        assert_eq!(read_until_closed(stream), "");
+    }
+    assert!(started.elapsed() < READ_TIMEOUT, "closed at once");
+    // While CAP connections are open, a new one is closed as well.
+    let refused = client.call::<VmmPing>(&NoBody {}).await;
+    assert!(matches!(refused, Err(ClientError::Http(_))), "{refused:?}");
+
+    // The idle ones time out, and then a client is served again.
+    for stream in &mut idle[..CAP] {
+        assert_eq!(read_until_closed(stream), "");
+    }
+    assert!(started.elapsed() >= READ_TIMEOUT);
+    client
+        .call::<VmmPing>(&NoBody {})
+        .await
+        .expect("served once the idle connections timed out");
+    assert_eq!(harness.received(), 1);
 }

@@ -1,5 +1,12 @@
 //! `pvmm-remote`: calls a running pvmm's API and prints its JSON answer.
+//!
+//! A reader that goes away before the answer is printed (`pvmm-remote info |
+//! head -1`) is no error: the request has been carried out, so pvmm-remote
+//! exits quietly with status 0, as it does for `--help | head -1`. Nothing
+//! it prints can panic: other write errors on stdout are reported on stderr
+//! (status 1), and write errors on stderr itself are ignored.
 
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -83,6 +90,21 @@ fn report(error: &ClientError) -> String {
     text
 }
 
+/// Writes `text` and a newline to stderr; if stderr is gone there is no one
+/// to tell, so errors are ignored (`eprintln!` would panic).
+fn tell(text: &str) {
+    let mut stderr = io::stderr().lock();
+    let _ = writeln!(stderr, "{text}");
+}
+
+/// Writes the answer and a newline to stdout (`println!` would panic if
+/// stdout is closed).
+fn print_answer(answer: &str) -> io::Result<()> {
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "{answer}")?;
+    stdout.flush()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -91,19 +113,26 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("Error: cannot start the async runtime: {e}");
+            tell(&format!("Error: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(run(cli)) {
-        Ok(answer) => {
-            if !answer.is_empty() {
-                println!("{answer}");
+        Ok(answer) if answer.is_empty() => ExitCode::SUCCESS,
+        Ok(answer) => match print_answer(&answer) {
+            Ok(()) => ExitCode::SUCCESS,
+            // The reader has gone away (`| head`): it read what it wanted.
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+            Err(e) => {
+                tell(&format!(
+                    "Error: the request was carried out, but its answer cannot be written \
+                     to stdout: {e}; check where stdout goes"
+                ));
+                ExitCode::FAILURE
             }
-            ExitCode::SUCCESS
-        }
+        },
         Err(error) => {
-            eprintln!("{}", report(&error));
+            tell(&report(&error));
             ExitCode::FAILURE
         }
     }
