@@ -411,12 +411,16 @@ impl Iommu {
                     .and_then(|i| state.get_device_property(&i))
                     .map(|o| o.write_to_prefix(output).unwrap_or(())),
             ),
+            // A domain's fault count starts at zero and goes with it.
             HypercallCode::CREATE_DEVICE_DOMAIN => simple(
                 parse::<InputCreateDeviceDomain>(header)
-                    .and_then(|i| state.create_domain(config, &i)),
+                    .and_then(|i| state.create_domain(config, &i))
+                    .map(|id| self.lock_faults().forget_domain(id)),
             ),
             HypercallCode::DELETE_DEVICE_DOMAIN => simple(
-                parse::<InputDeleteDeviceDomain>(header).and_then(|i| state.delete_domain(&i)),
+                parse::<InputDeleteDeviceDomain>(header)
+                    .and_then(|i| state.delete_domain(&i))
+                    .map(|id| self.lock_faults().forget_domain(id)),
             ),
             HypercallCode::ATTACH_DEVICE_DOMAIN => {
                 simple(parse::<InputAttachDeviceDomain>(header).and_then(|i| state.attach(&i)))

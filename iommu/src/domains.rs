@@ -281,7 +281,7 @@ impl State {
         &mut self,
         config: &IommuConfig,
         input: &InputCreateDeviceDomain,
-    ) -> HvResult<()> {
+    ) -> HvResult<u32> {
         let domain = check_header(&input.device_domain)?;
         let flags = CreateDeviceDomainFlags::from_bits(input.create_device_domain_flags.get());
         if flags.reserved() != 0 {
@@ -312,10 +312,11 @@ impl State {
                 flush: FlushStats::default(),
             },
         );
-        Ok(())
+        Ok(id)
     }
 
-    pub(crate) fn delete_domain(&mut self, input: &InputDeleteDeviceDomain) -> HvResult<()> {
+    /// DELETE_DEVICE_DOMAIN; returns the id of the deleted domain.
+    pub(crate) fn delete_domain(&mut self, input: &InputDeleteDeviceDomain) -> HvResult<u32> {
         let domain = check_header(&input.device_domain)?;
         let DomainRef::Guest(id) = self.resolve(domain)? else {
             return Err(HvError::INVALID_PARAMETER);
@@ -328,7 +329,7 @@ impl State {
             let runs = u64::try_from(dom.runs.len()).unwrap_or(u64::MAX);
             self.runs_total = self.runs_total.saturating_sub(runs);
         }
-        Ok(())
+        Ok(id)
     }
 
     pub(crate) fn attach(&mut self, input: &InputAttachDeviceDomain) -> HvResult<()> {

@@ -145,12 +145,13 @@ impl Iommu {
         config.validate()?;
         let software = Arc::new(SoftwareBackend::new(&config));
         let state = State::new(Arc::clone(&software) as Arc<dyn Backend>);
+        let faults = FaultLog::new(config.max_domains);
         Ok(Self {
             config,
             software,
             state: Mutex::new(state),
             counters: Counters::default(),
-            faults: Mutex::new(FaultLog::default()),
+            faults: Mutex::new(faults),
             log_limit: RateLimit::new(),
         })
     }
@@ -164,7 +165,7 @@ impl Iommu {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn lock_faults(&self) -> MutexGuard<'_, FaultLog> {
+    pub(crate) fn lock_faults(&self) -> MutexGuard<'_, FaultLog> {
         self.faults.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -259,12 +260,11 @@ impl Iommu {
 
     /// A snapshot of domains, devices, hypercall and fault counters.
     pub fn stats(&self) -> IommuStats {
-        let (faults, by_domain) = {
-            let log = self.lock_faults();
-            (log.snapshot(), log.by_domain.clone())
-        };
+        // Lock order: state, then faults.
         let state = self.lock_state();
-        let fault_count = |id: u32| by_domain.get(&id).copied().unwrap_or(0);
+        let log = self.lock_faults();
+        let faults = log.snapshot();
+        let fault_count = |id: u32| log.of_domain(id);
 
         let mut devices: Vec<DeviceInfo> = state
             .devices

@@ -5,7 +5,7 @@ use crate::domains::{Attachment, FlushStats};
 use crate::software::IotlbStats;
 use crate::translate::{Fault, FaultReason};
 use pviommu_abi::{DeviceId, HypercallCode};
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 /// What kind of domain a [`DomainInfo`] describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -111,23 +111,62 @@ pub struct IommuStats {
     pub map_runs: u64,
 }
 
-/// Fault bookkeeping behind its own small lock (faults are rare).
-#[derive(Debug, Default)]
+/// Fault bookkeeping behind its own small lock (faults are rare). Lock
+/// order: the Iommu's state lock, then this one.
+#[derive(Debug)]
 pub(crate) struct FaultLog {
     pub total: u64,
     pub by_reason: [u64; FaultReason::COUNT],
-    pub by_domain: BTreeMap<u32, u64>,
+    /// Faults per guest domain id, for the domains that exist (DELETE
+    /// forgets a domain's count, so a reused id starts from zero). At most
+    /// `domain_capacity` ids: a fault recorded for a domain deleted meanwhile
+    /// (DMA racing the guest's DELETE) cannot grow it past the number of
+    /// domains that can exist.
+    pub by_domain: HashMap<u32, u64>,
+    domain_capacity: usize,
     pub last: Option<Fault>,
 }
 
 impl FaultLog {
+    /// A log that counts faults for at most `domains` guest domains plus the
+    /// default and null domains.
+    pub(crate) fn new(domains: u32) -> Self {
+        Self {
+            total: 0,
+            by_reason: [0; FaultReason::COUNT],
+            by_domain: HashMap::new(),
+            domain_capacity: usize::try_from(domains)
+                .unwrap_or(usize::MAX)
+                .saturating_add(2),
+            last: None,
+        }
+    }
+
     pub(crate) fn record(&mut self, fault: Fault) {
         self.total += 1;
         self.by_reason[fault.reason.index()] += 1;
         if let Some(d) = fault.domain {
-            *self.by_domain.entry(d).or_default() += 1;
+            let room = self.by_domain.len() < self.domain_capacity;
+            match self.by_domain.get_mut(&d) {
+                Some(n) => *n += 1,
+                None if room => {
+                    self.by_domain.insert(d, 1);
+                }
+                None => {} // still in `total` and `by_reason`
+            }
         }
         self.last = Some(fault);
+    }
+
+    /// Faults of devices while in domain `id`.
+    pub(crate) fn of_domain(&self, id: u32) -> u64 {
+        self.by_domain.get(&id).copied().unwrap_or(0)
+    }
+
+    /// Forgets the count of a domain that is deleted (or created: a fault
+    /// that raced the delete of an earlier domain with the same id).
+    pub(crate) fn forget_domain(&mut self, id: u32) {
+        self.by_domain.remove(&id);
     }
 
     pub(crate) fn snapshot(&self) -> FaultStats {

@@ -1712,3 +1712,38 @@ fn hot_remove_blocks_first_and_never_opens_the_default_domain() {
     assert_eq!(g.delete(S2, 5), ok());
     assert_eq!(g.delete(S1, 6), ok());
 }
+
+/// Item 3: fault counts per domain id go with the domain (a reused id
+/// starts from zero) and stay bounded however many ids the guest cycles
+/// through.
+#[test]
+fn fault_counts_per_domain_are_pruned_and_bounded() {
+    let g = Guest::with(IommuConfig {
+        max_domains: 4,
+        ..Default::default()
+    });
+    let fault_in = |id: u32| {
+        assert_eq!(g.create(S2, id), ok());
+        assert_eq!(g.attach(S2, id, dev(1)), ok());
+        assert!(g.translate(dev(1), 0x5000, 8, Access::Read).is_err());
+        assert_eq!(g.detach(dev(1)), ok());
+        assert_eq!(g.delete(S2, id), ok());
+    };
+    fault_in(7);
+    assert_eq!(g.create(S2, 7), ok());
+    let info = g.iommu.domains_info();
+    assert_eq!(
+        (info[2].id, info[2].faults),
+        (7, 0),
+        "a reused id starts at 0"
+    );
+    assert_eq!(g.delete(S2, 7), ok());
+    // The attack: cycle through ids, one fault each.
+    for id in 1..=2000 {
+        fault_in(id);
+    }
+    let stats = g.iommu.stats();
+    assert_eq!(stats.faults.total, 2001, "every fault is still counted");
+    let tracked = g.iommu.lock_faults().by_domain.len();
+    assert!(tracked <= 4 + 2, "{tracked} domain counters for 4 domains");
+}
