@@ -133,9 +133,16 @@ pub struct MapRun {
 }
 
 impl MapRun {
-    /// One past the last IOVA.
+    /// One past the last IOVA. The domain layer's runs lie below 2^57
+    /// (the widest IOVA space), so this does not overflow for them; for a
+    /// run that would end at 2^64 it saturates (see [`MapRun::iova_last`]).
     pub fn iova_end(&self) -> u64 {
-        self.iova + self.len
+        self.iova.saturating_add(self.len)
+    }
+
+    /// The last IOVA (inclusive), exact for every run.
+    pub fn iova_last(&self) -> u64 {
+        self.iova.saturating_add(self.len.saturating_sub(1))
     }
 
     /// Number of 4 KiB pages.

@@ -50,8 +50,10 @@ pub struct IommuConfig {
     /// Reps one dispatch runs before it asks the VMM to restart the call
     /// (time slicing). At least 1.
     pub rep_budget: u16,
-    /// Width of the device address space in bits (32..=64), reported by
-    /// GET_IOMMU_CAPABILITIES. IOVAs at or past 2^width are refused.
+    /// Width of the device address space in bits, reported by
+    /// GET_IOMMU_CAPABILITIES: 32..=48 (what 4-level x86 page tables
+    /// address), or up to 57 with `s1_5level`. IOVAs at or past 2^width are
+    /// refused; flushes are clamped to it.
     pub max_iova_width: u8,
     /// S1 (guest page table) domains are offered.
     pub s1: bool,
@@ -88,7 +90,8 @@ impl Default for IommuConfig {
 impl IommuConfig {
     /// Checks the values a user may have got wrong.
     pub fn validate(&self) -> Result<(), IommuError> {
-        if !(32..=64).contains(&self.max_iova_width) {
+        let max_width = if self.s1_5level { 57 } else { 48 };
+        if !(32..=max_width).contains(&self.max_iova_width) {
             return Err(IommuError::IovaWidth(self.max_iova_width));
         }
         if !(32..=52).contains(&self.phys_addr_width) {
@@ -120,7 +123,8 @@ impl IommuConfig {
             .max(self.map_runs_floor)
     }
 
-    /// One past the highest IOVA the guest may use.
+    /// One past the highest IOVA the guest may use (at most 2^57, so it
+    /// and every page number below it fit a u64 with room to spare).
     pub(crate) fn iova_limit(&self) -> u128 {
         1u128 << self.max_iova_width
     }
@@ -131,7 +135,7 @@ impl IommuConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum IommuError {
     /// max_iova_width out of range.
-    #[error("IOVA width {0} is not between 32 and 64 bits")]
+    #[error("IOVA width {0} is not between 32 and 48 bits (57 with 5-level S1 tables)")]
     IovaWidth(u8),
     /// phys_addr_width out of range.
     #[error("Physical address width {0} is not between 32 and 52 bits")]
@@ -172,11 +176,16 @@ mod tests {
     #[test]
     fn default_is_valid() {
         IommuConfig::default().validate().expect("default config");
+        let widest = IommuConfig {
+            max_iova_width: 57,
+            ..Default::default()
+        };
+        widest.validate().expect("57 bits with 5-level tables");
     }
 
     #[test]
     fn bad_values_are_refused_with_a_message() {
-        let cases: [(IommuConfig, &str); 7] = [
+        let cases: [(IommuConfig, &str); 9] = [
             (
                 IommuConfig {
                     max_iova_width: 31,
@@ -186,10 +195,25 @@ mod tests {
             ),
             (
                 IommuConfig {
-                    max_iova_width: 65,
+                    max_iova_width: 64,
                     ..Default::default()
                 },
-                "IOVA width 65",
+                "IOVA width 64",
+            ),
+            (
+                IommuConfig {
+                    max_iova_width: 58,
+                    ..Default::default()
+                },
+                "IOVA width 58",
+            ),
+            (
+                IommuConfig {
+                    max_iova_width: 49,
+                    s1_5level: false,
+                    ..Default::default()
+                },
+                "IOVA width 49",
             ),
             (
                 IommuConfig {

@@ -844,6 +844,8 @@ impl State {
             let mut n = 0;
             for (k, raw) in chunk.iter().enumerate() {
                 match decode_entry(FlushListEntry::from_bits(raw.get()), config.max_iova_width) {
+                    // Clamped to the aperture: a block past it flushes nothing.
+                    Some(r) if r.pages() == 0 => {}
                     Some(r) => {
                         ranges[n] = r;
                         n += 1;
@@ -886,10 +888,16 @@ impl State {
         for r in ranges {
             dom.flush.ranges += 1;
             dom.flush.pages += r.pages();
-            let what = Invalidation::Range {
-                iova: r.start << PAGE_SHIFT,
-                len: r.pages() << PAGE_SHIFT,
+            // Ranges lie in the aperture (at most 2^57 bytes): no overflow,
+            // and never an empty range for a non-empty one.
+            let (Some(iova), Some(len)) = (
+                r.start.checked_mul(PAGE_SIZE),
+                r.pages().checked_mul(PAGE_SIZE),
+            ) else {
+                ok = false;
+                continue;
             };
+            let what = Invalidation::Range { iova, len };
             for inst in &dom.instances {
                 let b = &*backends[inst.backend.0];
                 ok &= record(backend_errors, b, "invalidate", b.invalidate(id, what));

@@ -20,25 +20,30 @@ impl PageRange {
 }
 
 /// Decodes one entry: the naturally aligned block of 2^shift pages at
-/// page_number, which must end at or below 2^iova_width bytes. `None` if the
-/// block is misaligned, overflows, or passes the IOVA width (the guest gets
-/// INVALID_PARAMETER).
+/// page_number, clamped to the aperture `[0, 2^iova_width)`. `None` if the
+/// block is not naturally aligned (the guest gets INVALID_PARAMETER). A
+/// block reaching past the aperture is clamped to it, not refused: Linux's
+/// empty gather arrives as (page 0, shift 52) and means the whole aperture;
+/// a block wholly past it gives an empty range. The result's end is at most
+/// 2^52 pages, so neither it nor (for widths up to 57) its byte address
+/// overflows.
 pub fn decode_entry(entry: FlushListEntry, iova_width: u8) -> Option<PageRange> {
-    let shift = u32::from(entry.page_mask_shift());
-    let limit_pages = 1u128 << (iova_width.saturating_sub(12));
-    if shift >= 64 {
-        return None;
-    }
-    let pages = 1u64 << shift;
+    let shift = u32::from(entry.page_mask_shift()).min(64);
     let start = entry.page_number();
-    if start & (pages - 1) != 0 {
+    let misaligned = if shift < 64 {
+        start & ((1u64 << shift) - 1) != 0
+    } else {
+        start != 0
+    };
+    if misaligned {
         return None;
     }
-    let end = start.checked_add(pages)?;
-    if u128::from(end) > limit_pages {
-        return None;
-    }
-    Some(PageRange { start, end })
+    let aperture = 1u128 << u32::from(iova_width.saturating_sub(12)).min(52);
+    let clamp = |page: u128| u64::try_from(page.min(aperture)).unwrap_or(u64::MAX);
+    Some(PageRange {
+        start: clamp(u128::from(start)),
+        end: clamp(u128::from(start) + (1u128 << shift)),
+    })
 }
 
 /// Sorts `ranges` and merges overlapping or adjacent ones in place; returns
@@ -104,42 +109,35 @@ mod tests {
     }
 
     #[test]
-    fn decode_checks_alignment_overflow_and_width() {
-        assert_eq!(
-            decode_entry(e(8, 3), 48),
-            Some(PageRange { start: 8, end: 16 })
-        );
-        assert_eq!(
-            decode_entry(e(7, 0), 48),
-            Some(PageRange { start: 7, end: 8 })
-        );
+    fn decode_checks_alignment_and_clamps_to_the_aperture() {
+        let r = |start, end| Some(PageRange { start, end });
+        assert_eq!(decode_entry(e(8, 3), 48), r(8, 16));
+        assert_eq!(decode_entry(e(7, 0), 48), r(7, 8));
         assert_eq!(decode_entry(e(4, 3), 48), None, "misaligned block");
+        assert_eq!(decode_entry(e(0, 36), 48), r(0, 1 << 36));
+        assert_eq!(decode_entry(e(0, 37), 48), r(0, 1 << 36), "clamped");
         assert_eq!(
-            decode_entry(e(0, 36), 48),
-            Some(PageRange {
-                start: 0,
-                end: 1 << 36
-            })
-        );
-        assert_eq!(decode_entry(e(0, 37), 48), None, "past 2^48");
-        assert_eq!(
-            decode_entry(e((1 << 36) - 1, 0), 48).map(|r| r.end),
-            Some(1 << 36)
-        );
-        assert_eq!(decode_entry(e(1 << 36, 0), 48), None);
-        assert_eq!(decode_entry(e(0, 64), 64), None, "shift overflow");
-        assert_eq!(decode_entry(e(0, 0xFFF), 64), None);
-        assert_eq!(
-            decode_entry(e(0, 52), 64),
-            Some(PageRange {
-                start: 0,
-                end: 1 << 52
-            })
+            decode_entry(e((1 << 36) - 1, 0), 48),
+            r((1 << 36) - 1, 1 << 36)
         );
         assert_eq!(
-            decode_entry(e((1 << 52) - 1, 0), 64).map(|r| r.pages()),
-            Some(1)
+            decode_entry(e(1 << 36, 0), 48),
+            r(1 << 36, 1 << 36),
+            "wholly past the aperture: empty"
         );
+        // Linux's empty gather: the whole aperture, never an empty range.
+        assert_eq!(decode_entry(e(0, 52), 48), r(0, 1 << 36));
+        assert_eq!(decode_entry(e(0, 52), 57), r(0, 1 << 45));
+        assert_eq!(decode_entry(e(0, 64), 57), r(0, 1 << 45));
+        assert_eq!(decode_entry(e(0, 0xFFF), 57), r(0, 1 << 45));
+        assert_eq!(decode_entry(e(1 << 40, 0xFFF), 57), None, "misaligned");
+        // Widths the config refuses still cannot overflow.
+        assert_eq!(decode_entry(e(0, 52), 64), r(0, 1 << 52));
+        assert_eq!(
+            decode_entry(e((1 << 52) - 1, 0), 64),
+            r((1 << 52) - 1, 1 << 52)
+        );
+        assert_eq!(decode_entry(e(0, 52), 200), r(0, 1 << 52));
     }
 
     #[test]

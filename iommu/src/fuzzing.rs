@@ -154,7 +154,14 @@ fn run_with(mem: &GuestMemoryMmap<()>, data: &[u8], coverage: &mut Coverage) {
         map_runs_per_mib: 0,
         map_runs_floor: 48,
         rep_budget: u16::from(r.u8() % 32) + 1 + if cfg_byte & 1 != 0 { 500 } else { 0 },
-        max_iova_width: [32, 39, 48, 64][usize::from(cfg_byte >> 1) % 4],
+        // 57 bits needs 5-level tables (s1_5level below), else 48.
+        max_iova_width: match usize::from(cfg_byte >> 1) % 4 {
+            0 => 32,
+            1 => 39,
+            2 => 48,
+            _ if cfg_byte & 0x18 == 0 => 57,
+            _ => 48,
+        },
         s1: cfg_byte & 8 == 0,
         s1_5level: cfg_byte & 0x18 == 0,
         iotlb_entries: 1 + usize::from(cfg_byte >> 5) * 4,

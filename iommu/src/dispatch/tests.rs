@@ -1320,20 +1320,19 @@ fn flush_list_merges_into_exact_maximal_ranges() {
         (HvStatus::INVALID_PARAMETER, 2)
     );
     assert_eq!(g.rec.take_calls(), [inval(0, 1), inval(2, 1)]);
-    // Past the IOVA width (48): 2^36 pages.
+    // Past the IOVA width (48, 2^36 pages): clamped to the aperture, not an
+    // error; wholly past it flushes nothing.
+    assert_eq!(g.flush_list(S1, 6, &[entry(1 << 36, 0)]), (ok(), 1));
+    assert_eq!(g.rec.take_calls(), []);
+    for e in [entry(0, 37), entry(0, 0xFFF), entry(0, 36), entry(0, 52)] {
+        assert_eq!(g.flush_list(S1, 6, &[e]), (ok(), 1));
+        assert_eq!(g.rec.take_calls(), [inval(0, 1 << 36)]);
+    }
     assert_eq!(
-        g.flush_list(S1, 6, &[entry(1 << 36, 0)]),
-        (HvStatus::INVALID_PARAMETER, 0)
+        g.flush_list(S1, 6, &[entry(1 << 20, 0xFFF)]),
+        (HvStatus::INVALID_PARAMETER, 0),
+        "a huge block must still be aligned"
     );
-    assert_eq!(
-        g.flush_list(S1, 6, &[entry(0, 37)]),
-        (HvStatus::INVALID_PARAMETER, 0)
-    );
-    assert_eq!(
-        g.flush_list(S1, 6, &[entry(0, 0xFFF)]),
-        (HvStatus::INVALID_PARAMETER, 0)
-    );
-    assert_eq!(g.flush_list(S1, 6, &[entry(0, 36)]), (ok(), 1));
     g.rec.take_calls();
     // Flags: IOMMU format accepted, others not; reserved must be zero.
     let h = flush_list_hdr(S1, 6, 1);
@@ -1746,4 +1745,57 @@ fn fault_counts_per_domain_are_pruned_and_bounded() {
     assert_eq!(stats.faults.total, 2001, "every fault is still counted");
     let tracked = g.iommu.lock_faults().by_domain.len();
     assert!(tracked <= 4 + 2, "{tracked} domain counters for 4 domains");
+}
+
+/// Item 7: the IOVA width is capped at what x86 page tables address, and
+/// every range end is computed without overflow: the top of the widest
+/// aperture and Linux's empty gather (page 0, shift 52) flush real ranges.
+#[test]
+fn iova_width_is_capped_and_range_ends_do_not_overflow() {
+    for width in [58u8, 63, 64] {
+        let err = Iommu::new(IommuConfig {
+            max_iova_width: width,
+            ..Default::default()
+        })
+        .expect_err("wider than 5-level tables address");
+        assert!(err.to_string().contains("57 with 5-level"), "{err}");
+    }
+    assert!(Iommu::new(IommuConfig {
+        max_iova_width: 49,
+        s1_5level: false,
+        ..Default::default()
+    })
+    .is_err());
+    let g = Guest::with(IommuConfig {
+        max_iova_width: 57,
+        ..Default::default()
+    });
+    assert_eq!(g.create(S1, 6), ok());
+    assert_eq!(g.attach(S1, 6, dev(9)), ok());
+    g.rec.take_calls();
+    let top_page = (1u64 << 45) - 1;
+    assert_eq!(
+        g.flush_list(S1, 6, &[entry(0, 52), entry(top_page, 0)]),
+        (ok(), 2)
+    );
+    for call in g.rec.take_calls() {
+        if let Call::Invalidate(6, Invalidation::Range { iova, len }) = call {
+            assert_eq!((iova, len), (0, 1 << 57), "the whole aperture, not empty");
+        } else {
+            panic!("{call:?}");
+        }
+    }
+    // An S2 run at the top of the aperture maps, translates and unmaps.
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.attach(S2, 5, dev(1)), ok());
+    assert_eq!(g.map(5, top_page * P, &[0x100], RW), (ok(), 1));
+    assert_eq!(
+        g.map(5, (top_page + 1) * P, &[0x101], RW),
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    assert_eq!(
+        g.translate(dev(1), top_page * P + 8, 8, Access::Read),
+        Ok(vec![(0x100 * P + 8, 8)])
+    );
+    assert_eq!(g.unmap(5, top_page * P, 1), (ok(), 1));
 }
