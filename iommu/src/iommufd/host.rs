@@ -151,15 +151,23 @@ struct Region {
 struct Device {
     dev_id: u32,
     handle: Arc<dyn AttachHwpt>,
-    /// None until the domain layer adds the device.
+    /// Where the domain layer put the device: None until it adds the
+    /// device; Blocked after an attach failed (fail closed).
     target: Option<AttachTarget>,
+    /// The page table the device is attached to on the host, as far as the
+    /// host said yes: None while detached (VFIO then blocks its DMA).
+    pt: Option<u32>,
 }
 
 enum Domain {
-    /// Its own IOAS; `runs` by IOVA, exactly as mapped.
+    /// Its own IOAS; `runs` by IOVA, exactly as mapped on the host.
+    /// `failed`: a host unmap failed (or a split could not be rebuilt), so
+    /// the IOAS may map what the guest unmapped: no device uses it again
+    /// (they are blocked) until the domain is destroyed.
     S2 {
         ioas: u32,
         runs: BTreeMap<u64, MapRun>,
+        failed: bool,
     },
     /// A nested HWPT over the NEST_PARENT HWPT, while the guest's settings
     /// translate and a device needs it.
@@ -181,6 +189,13 @@ struct Inner {
     allowed: Option<Vec<IovaRange>>,
     devices: HashMap<DeviceId, Device>,
     domains: HashMap<DomainId, Domain>,
+    /// Objects whose IOMMU_DESTROY failed (a device was stuck on them),
+    /// emptied of mappings where possible; destroyed again once the device
+    /// is gone, or on drop.
+    zombies: Vec<u32>,
+    /// An unmap from the direct IOAS failed: it may still map a removed RAM
+    /// region, so no device uses it (or a nested HWPT over it) again.
+    direct_failed: bool,
     stats: IommufdStats,
 }
 
@@ -198,6 +213,17 @@ struct Inner {
 ///   when the host handles fewer entries than passed (entry_num read back),
 ///   the whole domain is flushed instead.
 /// - Null domain and fail-closed: an empty IOAS.
+///
+/// Failures fail closed: a device whose attach fails is put on the blocked
+/// IOAS (or detached, which VFIO blocks); a run is forgotten only once
+/// IOAS_UNMAP has removed it, and when an unmap fails the IOAS may still map
+/// what the guest unmapped, so every device of that domain is blocked and the
+/// domain is never attached again (the default domain too, for the direct
+/// IOAS); an object that cannot be destroyed because a device is stuck on it
+/// is emptied (IOAS_UNMAP of everything) and destroyed again later. IOAS_UNMAP
+/// cannot split a mapping, so a partial unmap unmaps the run and maps the
+/// kept pieces again: in between, the kept pages fault (closed), never the
+/// other way round.
 ///
 /// Devices are handed to the backend with [`IommufdBackend::add_host_device`]
 /// (their iommufd device id and a way to attach them) before the domain
@@ -247,6 +273,8 @@ impl IommufdBackend {
                 allowed: None,
                 devices: HashMap::new(),
                 domains: HashMap::new(),
+                zombies: Vec::new(),
+                direct_failed: false,
                 stats: IommufdStats::default(),
             }),
             memory: Mutex::new(Vec::new()),
@@ -306,6 +334,7 @@ impl IommufdBackend {
         let inner = self.lock();
         let mut ids = vec![inner.direct, inner.blocked];
         ids.extend(inner.parent);
+        ids.extend(inner.zombies.iter().copied());
         for d in inner.domains.values() {
             match d {
                 Domain::S2 { ioas, .. } => ids.push(*ioas),
@@ -334,6 +363,7 @@ impl IommufdBackend {
                 dev_id,
                 handle,
                 target: None,
+                pt: None,
             },
         );
         Ok(())
@@ -389,7 +419,10 @@ impl IommufdBackend {
     }
 
     /// Removes the guest RAM region that starts at `gpa` from every IOAS:
-    /// the direct one, and the S2 runs that map it.
+    /// the direct one, and the S2 runs that map it. A run is forgotten only
+    /// once unmapped; where an unmap fails, the domain (or, for the direct
+    /// IOAS, the default domain and every S1 domain nested over it) fails
+    /// closed: its devices are blocked.
     pub fn remove_ram_region(&self, gpa: u64) -> Result<(), BackendError> {
         let mut inner = self.lock();
         let region = inner
@@ -400,31 +433,47 @@ impl IommufdBackend {
         let mut first_err = None;
         let inside = |r: &MapRun| r.gpa >= region.gpa && r.gpa + r.len <= region.gpa + region.len;
         let mut unmaps = 0;
-        for dom in inner.domains.values_mut() {
-            if let Domain::S2 { ioas, runs } = dom {
-                let gone: Vec<u64> = runs
-                    .values()
-                    .filter(|r| inside(r))
-                    .map(|r| r.iova)
-                    .collect();
-                for iova in gone {
-                    if let Some(run) = runs.remove(&iova) {
-                        unmaps += 1;
-                        if let Err(e) = self.ops.ioas_unmap(*ioas, run.iova, run.len) {
-                            first_err.get_or_insert(e);
+        let mut failed_domains = Vec::new();
+        for (id, dom) in inner.domains.iter_mut() {
+            if let Domain::S2 { ioas, runs, .. } = dom {
+                let gone: Vec<MapRun> = runs.values().filter(|r| inside(r)).copied().collect();
+                for run in gone {
+                    unmaps += 1;
+                    match self.ops.ioas_unmap(*ioas, run.iova, run.len) {
+                        Ok(n) if n == run.len => {
+                            runs.remove(&run.iova);
+                        }
+                        Ok(_) => {
+                            first_err
+                                .get_or_insert(invalid("IOAS_UNMAP removed a different length"));
+                            failed_domains.push(*id);
+                        }
+                        Err(e) => {
+                            first_err.get_or_insert(host_err(e));
+                            failed_domains.push(*id);
                         }
                     }
                 }
             }
         }
+        for id in failed_domains {
+            self.fail_domain(&mut inner, id);
+        }
         let direct = inner.direct;
         unmaps += 1;
-        if let Err(e) = self.ops.ioas_unmap(direct, region.gpa, region.len) {
-            first_err.get_or_insert(e);
+        match self.ops.ioas_unmap(direct, region.gpa, region.len) {
+            Ok(n) if n == region.len => {}
+            result => {
+                first_err.get_or_insert(match result {
+                    Err(e) => host_err(e),
+                    Ok(_) => invalid("IOAS_UNMAP removed a different length"),
+                });
+                self.fail_direct(&mut inner);
+            }
         }
         inner.stats.unmaps += unmaps;
         inner.regions.remove(&gpa);
-        first_err.map_or(Ok(()), |e| Err(host_err(e)))
+        first_err.map_or(Ok(()), Err)
     }
 
     fn host_addr(inner: &Inner, gpa: u64, len: u64) -> Result<*mut u8, BackendError> {
@@ -451,13 +500,15 @@ impl IommufdBackend {
         target: AttachTarget,
     ) -> Result<u32, BackendError> {
         match target {
+            AttachTarget::Identity if inner.direct_failed => Ok(inner.blocked),
             AttachTarget::Identity => Ok(inner.direct),
             AttachTarget::Blocked => Ok(inner.blocked),
             AttachTarget::Domain(d) => match inner.domains.get(&d) {
                 None => Err(BackendError::UnknownDomain(d)),
+                Some(Domain::S2 { failed: true, .. }) => Ok(inner.blocked),
                 Some(Domain::S2 { ioas, .. }) => Ok(*ioas),
                 Some(Domain::S1 { config, nested }) => {
-                    if !config.translates() {
+                    if !config.translates() || inner.direct_failed {
                         return Ok(inner.blocked);
                     }
                     if let Some(n) = nested {
@@ -495,7 +546,6 @@ impl IommufdBackend {
 
     /// Attaches `device` to `pt`; on failure, fails closed (blocked).
     fn attach_pt(&self, inner: &mut Inner, device: DeviceId, pt: u32) -> Result<(), BackendError> {
-        let blocked = inner.blocked;
         let handle = inner
             .devices
             .get(&device)
@@ -503,11 +553,14 @@ impl IommufdBackend {
             .ok_or(BackendError::UnknownDevice(device.into_bits()))?;
         inner.stats.attaches += 1;
         if let Err(e) = handle.attach_hwpt(pt) {
-            let _ = handle.attach_hwpt(blocked);
+            self.block_device(inner, device);
             if let Some(d) = inner.devices.get_mut(&device) {
                 d.target = Some(AttachTarget::Blocked);
             }
             return Err(BackendError::Host(e));
+        }
+        if let Some(d) = inner.devices.get_mut(&device) {
+            d.pt = Some(pt);
         }
         if pt == inner.direct {
             // A device's reserved regions shrink what the IOAS allows.
@@ -518,7 +571,7 @@ impl IommufdBackend {
                 .all(|r| ranges.iter().any(|a| a.contains(r.gpa, r.len)));
             inner.allowed = Some(ranges);
             if !ok {
-                let _ = handle.attach_hwpt(blocked);
+                self.block_device(inner, device);
                 if let Some(d) = inner.devices.get_mut(&device) {
                     d.target = Some(AttachTarget::Blocked);
                 }
@@ -528,6 +581,152 @@ impl IommufdBackend {
             }
         }
         Ok(())
+    }
+
+    /// Stops a device's DMA after a failure: the blocked IOAS, else a
+    /// detach (VFIO blocks a detached device). False if both failed: the
+    /// device is then still on the page table it was on (`pt`). Leaves
+    /// `target` alone.
+    fn block_device(&self, inner: &mut Inner, device: DeviceId) -> bool {
+        let blocked = inner.blocked;
+        let Some(d) = inner.devices.get_mut(&device) else {
+            return true;
+        };
+        inner.stats.attaches += 1;
+        if d.handle.attach_hwpt(blocked).is_ok() {
+            d.pt = Some(blocked);
+            return true;
+        }
+        if d.handle.detach_hwpt().is_ok() {
+            d.pt = None;
+            return true;
+        }
+        log::error!(
+            "IOMMUFD backend: device {device} can be neither blocked nor detached; it stays on page table {:?}",
+            d.pt
+        );
+        false
+    }
+
+    /// The devices that use page table `pt` on the host, or that the domain
+    /// layer put on `target`.
+    fn devices_using(inner: &Inner, pt: Option<u32>, target: AttachTarget) -> Vec<DeviceId> {
+        let mut v: Vec<DeviceId> = inner
+            .devices
+            .iter()
+            .filter(|(_, d)| d.target == Some(target) || (pt.is_some() && d.pt == pt))
+            .map(|(id, _)| *id)
+            .collect();
+        v.sort_unstable_by_key(|d| d.into_bits());
+        v
+    }
+
+    /// An unmap from S2 domain `domain`'s IOAS failed (or a split could not
+    /// be rebuilt): the IOAS may map what the guest unmapped. Blocks every
+    /// device on it, marks the domain so that none is attached to it again,
+    /// and if a device cannot be moved off, empties the IOAS.
+    fn fail_domain(&self, inner: &mut Inner, domain: DomainId) {
+        let Some(Domain::S2 { ioas, failed, .. }) = inner.domains.get_mut(&domain) else {
+            return;
+        };
+        *failed = true;
+        let ioas = *ioas;
+        log::error!("IOMMUFD backend: an unmap of domain {domain} failed; its devices are blocked");
+        let mut stuck = false;
+        for device in Self::devices_using(inner, Some(ioas), AttachTarget::Domain(domain)) {
+            stuck |= !self.block_device(inner, device);
+        }
+        if stuck {
+            self.empty_ioas(inner, ioas);
+        }
+    }
+
+    /// An unmap from the direct IOAS failed: it may still map a removed RAM
+    /// region. Blocks every device using it, directly or through a nested
+    /// S1 HWPT (whose second stage it is), for good.
+    fn fail_direct(&self, inner: &mut Inner) {
+        inner.direct_failed = true;
+        log::error!("IOMMUFD backend: an unmap of the direct IOAS failed; its devices are blocked");
+        let (direct, blocked) = (inner.direct, inner.blocked);
+        let mut users: Vec<DeviceId> = inner
+            .devices
+            .iter()
+            .filter(|(_, d)| {
+                d.pt.is_some_and(|pt| pt != blocked && !Self::is_s2_ioas(inner, pt))
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        users.sort_unstable_by_key(|d| d.into_bits());
+        let mut stuck = false;
+        for device in users {
+            stuck |= !self.block_device(inner, device);
+        }
+        if stuck {
+            self.empty_ioas(inner, direct);
+        }
+    }
+
+    fn is_s2_ioas(inner: &Inner, pt: u32) -> bool {
+        inner
+            .domains
+            .values()
+            .any(|d| matches!(d, Domain::S2 { ioas, .. } if *ioas == pt))
+    }
+
+    /// The last resort when a device is stuck on an IOAS that must not
+    /// translate: unmap everything from it (IOAS_UNMAP of 0..U64_MAX).
+    fn empty_ioas(&self, inner: &mut Inner, ioas: u32) {
+        inner.stats.unmaps += 1;
+        match self.ops.ioas_unmap(ioas, 0, u64::MAX) {
+            Ok(_) => {
+                for dom in inner.domains.values_mut() {
+                    if let Domain::S2 { ioas: i, runs, .. } = dom {
+                        if *i == ioas {
+                            runs.clear();
+                        }
+                    }
+                }
+            }
+            Err(e) => log::error!("IOMMUFD backend: cannot empty IOAS {ioas}: {e}"),
+        }
+    }
+
+    /// Destroys an object no device should use any more. A device stuck on
+    /// it (its moves failed) is blocked again; if the object still cannot be
+    /// destroyed, an IOAS is emptied, and the object is kept to be destroyed
+    /// later ([`Inner::zombies`]).
+    fn destroy_object(
+        &self,
+        inner: &mut Inner,
+        id: u32,
+        is_ioas: bool,
+    ) -> Result<(), BackendError> {
+        let stuck: Vec<DeviceId> = inner
+            .devices
+            .iter()
+            .filter(|(_, d)| d.pt == Some(id))
+            .map(|(dev, _)| *dev)
+            .collect();
+        for device in stuck {
+            self.block_device(inner, device);
+        }
+        match self.ops.destroy(id) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                log::error!("IOMMUFD backend: cannot destroy object {id}: {e}");
+                if is_ioas {
+                    self.empty_ioas(inner, id);
+                }
+                inner.zombies.push(id);
+                Err(host_err(e))
+            }
+        }
+    }
+
+    /// Destroys the objects whose destroy failed before, where it now works.
+    fn reap_zombies(&self, inner: &mut Inner) {
+        let ops = &self.ops;
+        inner.zombies.retain(|id| ops.destroy(*id).is_err());
     }
 
     fn devices_on(inner: &Inner, target: AttachTarget) -> Vec<DeviceId> {
@@ -568,12 +767,20 @@ impl Backend for IommufdBackend {
         // detaching is not possible, the blocked IOAS keeps it safe (and
         // busy until the device is closed).
         if dev.handle.detach_hwpt().is_ok() {
+            self.reap_zombies(&mut inner);
             return Ok(());
         }
         inner.stats.attaches += 1;
-        dev.handle
-            .attach_hwpt(inner.blocked)
-            .map_err(BackendError::Host)
+        let blocked = dev.handle.attach_hwpt(inner.blocked);
+        if blocked.is_ok() {
+            self.reap_zombies(&mut inner);
+        } else if let Some(pt) = dev.pt {
+            // Stuck where it was: that page table must not translate.
+            if pt != inner.blocked && pt != inner.direct && Self::is_s2_ioas(&inner, pt) {
+                self.empty_ioas(&mut inner, pt);
+            }
+        }
+        blocked.map_err(BackendError::Host)
     }
 
     fn create_domain(&self, domain: DomainId, kind: DomainKind) -> Result<(), BackendError> {
@@ -585,6 +792,7 @@ impl Backend for IommufdBackend {
             DomainKind::S2 => Domain::S2 {
                 ioas: self.ops.ioas_alloc().map_err(host_err)?,
                 runs: BTreeMap::new(),
+                failed: false,
             },
             DomainKind::S1 => Domain::S1 {
                 config: S1Config::UNCONFIGURED,
@@ -601,13 +809,12 @@ impl Backend for IommufdBackend {
             .domains
             .remove(&domain)
             .ok_or(BackendError::UnknownDomain(domain))?;
-        let id = match dom {
-            Domain::S2 { ioas, .. } => Some(ioas),
-            Domain::S1 { nested, .. } => nested,
-        };
-        match id {
-            Some(id) => self.ops.destroy(id).map_err(host_err),
-            None => Ok(()),
+        match dom {
+            Domain::S2 { ioas, .. } => self.destroy_object(&mut inner, ioas, true),
+            Domain::S1 {
+                nested: Some(n), ..
+            } => self.destroy_object(&mut inner, n, false),
+            Domain::S1 { nested: None, .. } => Ok(()),
         }
     }
 
@@ -622,8 +829,7 @@ impl Backend for IommufdBackend {
             Ok(pt) => pt,
             Err(e) => {
                 // Fail closed: the device must not keep its old translation.
-                let blocked = inner.blocked;
-                let _ = self.attach_pt(&mut inner, device, blocked);
+                self.block_device(&mut inner, device);
                 if let Some(d) = inner.devices.get_mut(&device) {
                     d.target = Some(AttachTarget::Blocked);
                 }
@@ -640,7 +846,7 @@ impl Backend for IommufdBackend {
     fn map(&self, domain: DomainId, run: MapRun) -> Result<(), BackendError> {
         let mut inner = self.lock();
         let host = Self::host_addr(&inner, run.gpa, run.len)?;
-        let Some(Domain::S2 { ioas, runs }) = inner.domains.get_mut(&domain) else {
+        let Some(Domain::S2 { ioas, runs, .. }) = inner.domains.get_mut(&domain) else {
             return Err(BackendError::UnknownDomain(domain));
         };
         if runs.contains_key(&run.iova) {
@@ -658,7 +864,7 @@ impl Backend for IommufdBackend {
     fn unmap(&self, domain: DomainId, run: MapRun) -> Result<(), BackendError> {
         let mut inner = self.lock();
         let in_ram = Self::host_addr(&inner, run.gpa, run.len).is_ok();
-        let Some(Domain::S2 { ioas, runs }) = inner.domains.get_mut(&domain) else {
+        let Some(Domain::S2 { ioas, runs, .. }) = inner.domains.get_mut(&domain) else {
             return Err(BackendError::UnknownDomain(domain));
         };
         match runs.get(&run.iova) {
@@ -668,16 +874,47 @@ impl Backend for IommufdBackend {
             _ => return Err(invalid("unmap of a run that is not mapped as given")),
         }
         let ioas = *ioas;
-        runs.remove(&run.iova);
         inner.stats.unmaps += 1;
-        let n = self
-            .ops
-            .ioas_unmap(ioas, run.iova, run.len)
-            .map_err(host_err)?;
-        if n != run.len {
-            return Err(invalid("IOAS_UNMAP removed a different length"));
+        // The run is forgotten only once the host has unmapped it.
+        match self.ops.ioas_unmap(ioas, run.iova, run.len) {
+            Ok(n) if n == run.len => {
+                if let Some(Domain::S2 { runs, .. }) = inner.domains.get_mut(&domain) {
+                    runs.remove(&run.iova);
+                }
+                Ok(())
+            }
+            result => {
+                self.fail_domain(&mut inner, domain);
+                Err(match result {
+                    Err(e) => host_err(e),
+                    Ok(_) => invalid("IOAS_UNMAP removed a different length"),
+                })
+            }
         }
-        Ok(())
+    }
+
+    fn unmap_keep(
+        &self,
+        domain: DomainId,
+        run: MapRun,
+        keep: &[MapRun],
+    ) -> Result<(), BackendError> {
+        // IOAS_UNMAP cannot split a mapping: unmap the run (a failure blocks
+        // the domain's devices), then map the kept pieces again; in between
+        // they fault, which is closed. A piece that cannot be mapped again
+        // leaves the IOAS short of what the guest maps: the domain fails
+        // closed as well.
+        self.unmap(domain, run)?;
+        let mut result = Ok(());
+        for piece in keep {
+            if let Err(e) = self.map(domain, *piece) {
+                result = result.and(Err(e));
+            }
+        }
+        if result.is_err() {
+            self.fail_domain(&mut self.lock(), domain);
+        }
+        result
     }
 
     fn set_s1(&self, domain: DomainId, config: S1Config) -> Result<(), BackendError> {
@@ -769,6 +1006,7 @@ impl Drop for IommufdBackend {
                 ids.push(*ioas);
             }
         }
+        ids.extend(inner.zombies.iter().copied());
         ids.extend([inner.blocked, inner.direct]);
         for id in ids {
             if let Err(e) = self.ops.destroy(id) {
@@ -818,7 +1056,10 @@ mod tests {
         Destroy(u32),
     }
 
-    /// Records every call; ids count up from 1; can refuse invalidations.
+    /// Records every call; ids count up from 1; keeps what each IOAS maps
+    /// (IOAS_UNMAP of an exact mapping or of everything) and refuses to
+    /// destroy an object a device is attached to (EBUSY); can refuse
+    /// invalidations and unmaps.
     #[derive(Default)]
     struct FakeOps {
         calls: Mutex<Vec<Call>>,
@@ -828,6 +1069,14 @@ mod tests {
         /// HWPT allocation fails (a host IOMMU without nesting).
         no_nesting: Mutex<bool>,
         ranges: Mutex<Vec<IovaRange>>,
+        /// IOAS -> IOVA -> length, as the host maps it.
+        mapped: Mutex<HashMap<u32, BTreeMap<u64, u64>>>,
+        /// The next `n` IOAS_UNMAPs fail (EIO) and unmap nothing.
+        fail_unmaps: Mutex<u32>,
+        /// The next `n` IOAS_MAPs fail (ENOMEM).
+        fail_maps: Mutex<u32>,
+        /// The devices, for EBUSY on destroy.
+        devices: Mutex<Vec<Arc<FakeDevice>>>,
     }
 
     impl FakeOps {
@@ -877,11 +1126,32 @@ mod tests {
                 len,
                 perms,
             });
+            if take_one(&self.fail_maps) {
+                return Err(fake_err("IOMMU_IOAS_MAP", libc::ENOMEM));
+            }
+            let mut mapped = self.mapped.lock().expect("lock");
+            mapped.entry(ioas).or_default().insert(iova, len);
             Ok(())
         }
         fn ioas_unmap(&self, ioas: u32, iova: u64, len: u64) -> ioctl::Result<u64> {
             self.push(Call::Unmap { ioas, iova, len });
-            Ok(len)
+            if take_one(&self.fail_unmaps) {
+                return Err(fake_err("IOMMU_IOAS_UNMAP", libc::EIO));
+            }
+            let mut mapped = self.mapped.lock().expect("lock");
+            let maps = mapped.entry(ioas).or_default();
+            if (iova, len) == (0, u64::MAX) {
+                let all = maps.values().sum();
+                maps.clear();
+                return Ok(all);
+            }
+            match maps.get(&iova) {
+                Some(l) if *l == len => {
+                    maps.remove(&iova);
+                    Ok(len)
+                }
+                _ => Err(fake_err("IOMMU_IOAS_UNMAP", libc::ENOENT)),
+            }
         }
         fn iova_ranges(&self, ioas: u32) -> ioctl::Result<Vec<IovaRange>> {
             self.push(Call::Ranges(ioas));
@@ -933,7 +1203,26 @@ mod tests {
         }
         fn destroy(&self, id: u32) -> ioctl::Result<()> {
             self.push(Call::Destroy(id));
+            let devices = self.devices.lock().expect("lock");
+            if devices.iter().any(|d| d.on() == Some(id)) {
+                return Err(fake_err("IOMMU_DESTROY", libc::EBUSY));
+            }
+            self.mapped.lock().expect("lock").remove(&id);
             Ok(())
+        }
+    }
+
+    fn take_one(counter: &Mutex<u32>) -> bool {
+        let mut n = counter.lock().expect("lock");
+        let hit = *n > 0;
+        *n = n.saturating_sub(1);
+        hit
+    }
+
+    fn fake_err(op: &'static str, errno: i32) -> ioctl::Error {
+        ioctl::Error::Ioctl {
+            op,
+            source: errno::Error::new(errno),
         }
     }
 
@@ -942,15 +1231,41 @@ mod tests {
     #[derive(Default)]
     struct FakeDevice {
         pts: Mutex<Vec<u32>>,
-        refuse: Mutex<Option<u32>>,
+        /// Page tables it cannot be attached to.
+        refuse: Mutex<Vec<u32>>,
         no_detach: Mutex<bool>,
+    }
+
+    impl FakeDevice {
+        /// The page table the device is on now.
+        fn on(&self) -> Option<u32> {
+            self.pts
+                .lock()
+                .expect("lock")
+                .last()
+                .copied()
+                .filter(|pt| *pt != DETACHED)
+        }
+
+        /// What its DMA reaches now: (IOVA, length) of the host mappings
+        /// of the IOAS it is on (a nested HWPT counts as its own id).
+        fn reachable(&self, ops: &FakeOps) -> Vec<(u64, u64)> {
+            let Some(pt) = self.on() else {
+                return vec![];
+            };
+            let mapped = ops.mapped.lock().expect("lock");
+            mapped
+                .get(&pt)
+                .map(|m| m.iter().map(|(i, l)| (*i, *l)).collect())
+                .unwrap_or_default()
+        }
     }
 
     const DETACHED: u32 = u32::MAX;
 
     impl AttachHwpt for FakeDevice {
         fn attach_hwpt(&self, pt_id: u32) -> io::Result<()> {
-            if *self.refuse.lock().expect("lock") == Some(pt_id) {
+            if self.refuse.lock().expect("lock").contains(&pt_id) {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
             self.pts.lock().expect("lock").push(pt_id);
@@ -979,6 +1294,7 @@ mod tests {
         // SAFETY: the fake never touches the memory.
         unsafe { b.add_ram_region(0, RAM, host) }.expect("region");
         let dev = Arc::new(FakeDevice::default());
+        ops.devices.lock().expect("lock").push(dev.clone());
         b.add_host_device(DEV, 77, dev.clone()).expect("hand over");
         b.add_device(DEV).expect("add");
         (b, ops, dev, ram)
@@ -1307,7 +1623,7 @@ mod tests {
         let (b, ops, dev, _ram) = setup(NestFormat::VtdS1);
         b.create_domain(5, DomainKind::S2).expect("create");
         ops.take();
-        *dev.refuse.lock().expect("lock") = Some(3);
+        *dev.refuse.lock().expect("lock") = vec![3];
         assert!(matches!(
             b.attach(DEV, AttachTarget::Domain(5)),
             Err(BackendError::Host(_))
@@ -1414,5 +1730,166 @@ mod tests {
             .collect();
         // Nested (5), parent (4), S2 IOAS (3), blocked (2), direct (1).
         assert_eq!(destroyed, [5, 4, 3, 2, 1]);
+    }
+
+    fn s2_run(iova: u64, len: u64) -> MapRun {
+        MapRun {
+            iova,
+            gpa: 0x3000,
+            len,
+            perms: Perms::RW,
+        }
+    }
+
+    /// Item 8: a run is forgotten only once IOAS_UNMAP removed it; when the
+    /// unmap fails, the IOAS may still map it, so the domain's devices are
+    /// blocked and stay blocked (the domain is never attached again).
+    #[test]
+    fn a_failed_unmap_blocks_the_domains_devices() {
+        let (b, ops, dev, _ram) = setup(NestFormat::VtdS1);
+        b.create_domain(5, DomainKind::S2).expect("create");
+        let run = s2_run(0x40_0000, 0x2000);
+        b.map(5, run).expect("map");
+        b.attach(DEV, AttachTarget::Domain(5)).expect("attach");
+        assert_eq!(dev.reachable(&ops), [(0x40_0000, 0x2000)]);
+        *ops.fail_unmaps.lock().expect("lock") = 1;
+        assert!(b.unmap(5, run).is_err());
+        assert_eq!(
+            dev.reachable(&ops),
+            [],
+            "the stale mapping is not reachable"
+        );
+        assert_eq!(dev.on(), Some(2), "blocked");
+        // The domain stays closed, even when attached to again.
+        b.attach(DEV, AttachTarget::Identity).expect("identity");
+        b.attach(DEV, AttachTarget::Domain(5)).expect("attach");
+        assert_eq!(dev.on(), Some(2));
+        // The run is still known, so a later unmap or the destroy removes it.
+        b.unmap(5, run).expect("unmap again");
+        b.attach(DEV, AttachTarget::Blocked).expect("blocked");
+        b.destroy_domain(5).expect("destroy");
+        assert_eq!(b.object_ids(), [1, 2]);
+    }
+
+    /// Item 8: a partial unmap (split) leaves the hole unreachable at every
+    /// step; a failed unmap or a kept piece that cannot be mapped again
+    /// blocks the domain's devices.
+    #[test]
+    fn a_failed_split_fails_closed() {
+        let (b, ops, dev, _ram) = setup(NestFormat::VtdS1);
+        b.create_domain(5, DomainKind::S2).expect("create");
+        let run = s2_run(0x40_0000, 0x3000);
+        b.map(5, run).expect("map");
+        b.attach(DEV, AttachTarget::Domain(5)).expect("attach");
+        let left = MapRun { len: 0x1000, ..run };
+        let right = MapRun {
+            iova: 0x40_2000,
+            gpa: 0x5000,
+            len: 0x1000,
+            ..run
+        };
+        b.unmap_keep(5, run, &[left, right]).expect("split");
+        assert_eq!(
+            dev.reachable(&ops),
+            [(0x40_0000, 0x1000), (0x40_2000, 0x1000)],
+            "the hole is gone, the pieces stay"
+        );
+        // The unmap of a split fails: blocked.
+        let run2 = s2_run(0x50_0000, 0x3000);
+        b.map(5, run2).expect("map");
+        *ops.fail_unmaps.lock().expect("lock") = 1;
+        let piece = MapRun {
+            len: 0x1000,
+            ..run2
+        };
+        assert!(b.unmap_keep(5, run2, &[piece]).is_err());
+        assert_eq!(dev.reachable(&ops), []);
+        // A kept piece that cannot be mapped again: blocked too.
+        b.create_domain(6, DomainKind::S2).expect("create");
+        b.map(6, run).expect("map");
+        b.attach(DEV, AttachTarget::Domain(6)).expect("attach");
+        *ops.fail_maps.lock().expect("lock") = 1;
+        assert!(b.unmap_keep(6, run, &[left, right]).is_err());
+        assert_eq!(dev.reachable(&ops), []);
+        assert_eq!(dev.on(), Some(2));
+    }
+
+    /// Item 8: the domain layer's removal of a device whose moves all fail
+    /// (blocked IOAS refused, detach refused) destroys its domain under it:
+    /// the IOAS cannot be destroyed (EBUSY), so it is emptied and kept to be
+    /// destroyed later, and nothing stays reachable.
+    #[test]
+    fn a_double_failure_on_detach_leaves_nothing_reachable() {
+        let (b, ops, dev, _ram) = setup(NestFormat::VtdS1);
+        b.create_domain(5, DomainKind::S2).expect("create");
+        b.map(5, s2_run(0x40_0000, 0x2000)).expect("map");
+        b.attach(DEV, AttachTarget::Domain(5)).expect("attach");
+        *dev.refuse.lock().expect("lock") = vec![1, 2];
+        *dev.no_detach.lock().expect("lock") = true;
+        // What Iommu::unregister_device does: block, drop the domain's
+        // instance, remove the device.
+        assert!(b.attach(DEV, AttachTarget::Blocked).is_err());
+        assert_eq!(dev.on(), Some(3), "stuck on the S2 IOAS");
+        assert!(b.destroy_domain(5).is_err(), "EBUSY");
+        assert_eq!(dev.reachable(&ops), [], "the stuck IOAS was emptied");
+        assert_eq!(b.object_ids(), [1, 2, 3], "kept, not orphaned");
+        assert!(b.remove_device(DEV).is_err());
+        assert_eq!(dev.reachable(&ops), []);
+        ops.take();
+        drop(b);
+        assert!(
+            ops.take().contains(&Call::Destroy(3)),
+            "destroyed again on drop"
+        );
+    }
+
+    /// Item 8: when only the blocked IOAS is refused, the device is detached
+    /// (VFIO blocks its DMA) and everything is destroyed at once; an object
+    /// left behind is destroyed once the device has gone.
+    #[test]
+    fn a_device_that_cannot_be_blocked_is_detached() {
+        let (b, ops, dev, _ram) = setup(NestFormat::VtdS1);
+        b.create_domain(5, DomainKind::S2).expect("create");
+        b.map(5, s2_run(0x40_0000, 0x2000)).expect("map");
+        b.attach(DEV, AttachTarget::Domain(5)).expect("attach");
+        *dev.refuse.lock().expect("lock") = vec![2];
+        assert!(b.attach(DEV, AttachTarget::Blocked).is_err());
+        assert_eq!(dev.on(), None, "detached");
+        b.destroy_domain(5).expect("nothing on it");
+        assert_eq!(b.object_ids(), [1, 2]);
+        // A stuck device whose removal can detach it lets its zombie go.
+        b.create_domain(6, DomainKind::S2).expect("create");
+        b.map(6, s2_run(0x40_0000, 0x2000)).expect("map");
+        *dev.refuse.lock().expect("lock") = vec![];
+        b.attach(DEV, AttachTarget::Domain(6)).expect("attach");
+        *dev.refuse.lock().expect("lock") = vec![1, 2];
+        *dev.no_detach.lock().expect("lock") = true;
+        assert!(b.attach(DEV, AttachTarget::Identity).is_err());
+        assert!(b.destroy_domain(6).is_err());
+        assert_eq!(dev.reachable(&ops), []);
+        *dev.no_detach.lock().expect("lock") = false;
+        b.remove_device(DEV).expect("detached");
+        assert_eq!(b.object_ids(), [1, 2], "the zombie is destroyed");
+    }
+
+    /// Item 8: a RAM region whose unmap fails (from an S2 IOAS or from the
+    /// direct IOAS) leaves no device able to reach it.
+    #[test]
+    fn a_failed_region_unmap_blocks_its_users() {
+        let (b, ops, dev, _ram) = setup(NestFormat::VtdS1);
+        b.create_domain(5, DomainKind::S2).expect("create");
+        b.map(5, s2_run(0x40_0000, 0x2000)).expect("map");
+        b.attach(DEV, AttachTarget::Domain(5)).expect("attach");
+        *ops.fail_unmaps.lock().expect("lock") = 1;
+        assert!(b.remove_ram_region(0).is_err());
+        assert_eq!(dev.reachable(&ops), [], "S2 domain blocked");
+        // The direct IOAS.
+        let (b, ops, dev, _ram) = setup(NestFormat::VtdS1);
+        assert_eq!(dev.reachable(&ops), [(0, RAM)]);
+        *ops.fail_unmaps.lock().expect("lock") = 1;
+        assert!(b.remove_ram_region(0).is_err());
+        assert_eq!(dev.reachable(&ops), [], "default domain blocked");
+        b.attach(DEV, AttachTarget::Identity).expect("identity");
+        assert_eq!(dev.on(), Some(2), "and stays blocked");
     }
 }
