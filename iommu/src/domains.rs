@@ -343,10 +343,10 @@ impl State {
         let Some(entry) = self.devices.get(&device) else {
             return Err(HvError::INVALID_DEVICE_ID);
         };
-        match (entry.attached, target) {
-            (Attachment::Default, Attachment::Default) => return Ok(()),
-            (Attachment::Default, _) => {}
-            _ => return Err(HvError::DEVICE_ALREADY_IN_DOMAIN),
+        // ATTACH replaces (Linux's driver never DETACHes): a device in
+        // another domain moves there in one step.
+        if entry.attached == target {
+            return Err(HvError::DEVICE_ALREADY_IN_DOMAIN);
         }
         self.move_device(device, target).map_err(|e| {
             log::warn!("pvIOMMU: attach of {device} to domain {target:?} failed: {e}");

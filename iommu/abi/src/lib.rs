@@ -280,7 +280,8 @@ statuses! {
     INVALID_DEVICE_ID = 0x0057,
     /// The device is not in a state that allows this.
     INVALID_DEVICE_STATE = 0x0058,
-    /// The device is already attached to a domain other than the default.
+    /// ATTACH named the domain the device is already in (an ATTACH to
+    /// another domain moves the device).
     DEVICE_ALREADY_IN_DOMAIN = 0x0066,
 }
 

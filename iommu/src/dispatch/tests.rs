@@ -913,8 +913,8 @@ fn attach_and_detach_rules() {
     );
     assert_eq!(
         g.attach(S2, 0, dev(1)),
-        ok(),
-        "default to default is a no-op"
+        HvStatus::DEVICE_ALREADY_IN_DOMAIN,
+        "already in the default domain"
     );
     assert_eq!(g.attach(S2, 5, dev(1)), ok());
     assert_eq!(
@@ -922,11 +922,21 @@ fn attach_and_detach_rules() {
         HvStatus::DEVICE_ALREADY_IN_DOMAIN,
         "double attach"
     );
-    assert_eq!(g.attach(S2, 6, dev(1)), HvStatus::DEVICE_ALREADY_IN_DOMAIN);
-    assert_eq!(g.attach(S2, 0, dev(1)), HvStatus::DEVICE_ALREADY_IN_DOMAIN);
+    assert_eq!(
+        g.iommu.device_attachment(dev(1)),
+        Some(Attachment::Domain(5)),
+        "nothing changed"
+    );
+    // ATTACH replaces: a device in another domain moves.
+    assert_eq!(g.attach(S2, 6, dev(1)), ok());
+    assert_eq!(g.attach(S2, 0, dev(1)), ok());
+    assert_eq!(g.attach(S2, 5, dev(1)), ok());
     assert_eq!(g.attach(S2, 0xFFFF_FFFF, dev(2)), ok());
     assert_eq!(g.iommu.device_attachment(dev(2)), Some(Attachment::Null));
-    assert_eq!(g.attach(S2, 5, dev(2)), HvStatus::DEVICE_ALREADY_IN_DOMAIN);
+    assert_eq!(
+        g.attach(S2, 0xFFFF_FFFF, dev(2)),
+        HvStatus::DEVICE_ALREADY_IN_DOMAIN
+    );
     let fault = g
         .translate(dev(2), 0x1000, 8, Access::Read)
         .expect_err("null domain");
@@ -1798,4 +1808,52 @@ fn iova_width_is_capped_and_range_ends_do_not_overflow() {
         Ok(vec![(0x100 * P + 8, 8)])
     );
     assert_eq!(g.unmap(5, top_page * P, 1), (ok(), 1));
+}
+
+// ---------------------------------------------------------------- Linux's driver (issue 12)
+
+/// ATTACH is a replace (Linux's v2 driver never DETACHes): a device in
+/// another domain moves in one backend call, never through the default
+/// domain; the old domain's instance goes with its last device, and the
+/// domain can then be deleted. Attaching to the domain a device is in
+/// changes nothing.
+#[test]
+fn attach_replaces_and_the_old_domain_can_be_deleted() {
+    let g = Guest::new();
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.create(S1, 6), ok());
+    assert_eq!(g.map(5, 0, &[0x100], RW), (ok(), 1));
+    assert_eq!(g.attach(S2, 5, dev(9)), ok());
+    g.rec.take_calls();
+    assert_eq!(g.attach(S1, 6, dev(9)), ok());
+    assert_eq!(
+        g.rec.take_calls(),
+        [
+            Call::CreateDomain(6, DomainKind::S1),
+            Call::SetS1(6, crate::S1Config::UNCONFIGURED),
+            Call::Attach(dev(9), AttachTarget::Domain(6)),
+            Call::DestroyDomain(5),
+        ]
+    );
+    assert_eq!(
+        g.iommu.device_attachment(dev(9)),
+        Some(Attachment::Domain(6))
+    );
+    assert_eq!(g.attach(S1, 6, dev(9)), HvStatus::DEVICE_ALREADY_IN_DOMAIN);
+    assert!(g.rec.take_calls().is_empty(), "nothing changes");
+    let info = g.iommu.domains_info();
+    assert_eq!((info[2].id, info[2].devices.len()), (5, 0));
+    assert_eq!((info[3].id, info[3].devices.clone()), (6, vec![dev(9)]));
+    assert_eq!(g.delete(S2, 5), ok(), "its devices moved away");
+    assert_eq!(g.delete(S1, 6), HvStatus::OPERATION_DENIED);
+    // To the null domain and back: replaces too.
+    assert_eq!(g.attach(S2, 0xFFFF_FFFF, dev(9)), ok());
+    assert_eq!(
+        g.rec.take_calls(),
+        [
+            Call::Attach(dev(9), AttachTarget::Blocked),
+            Call::DestroyDomain(6)
+        ]
+    );
+    assert_eq!(g.delete(S1, 6), ok());
 }
