@@ -150,6 +150,7 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, _base: u64, offset: u64, data: &[u8]) {
         if let (&[value], Ok(off)) = (data, u8::try_from(offset)) {
+            log::trace!("i8042: {value:#x} to port {:#x}", 0x60 + u64::from(off));
             if let Err(e) = self.dev.write(off, value) {
                 log::error!("i8042: cannot signal reset: {e}");
             }
@@ -215,7 +216,10 @@ impl BusDevice for AcpiSleep {
                     Ok(())
                 }
             }
-            RESET_REGISTER if value == RESET_VALUE => self.exit.reset.write(1),
+            RESET_REGISTER if value == RESET_VALUE => {
+                log::debug!("acpi: reset register written");
+                self.exit.reset.write(1)
+            }
             _ => Ok(()),
         };
         if let Err(e) = res {

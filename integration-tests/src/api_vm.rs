@@ -135,5 +135,9 @@ impl Drop for ApiVm {
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.serial);
         let _ = std::fs::remove_file(&self.socket);
+        // The server's lock file beside the socket (api::server).
+        let mut lock = self.socket.clone().into_os_string();
+        lock.push(".lock");
+        let _ = std::fs::remove_file(lock);
     }
 }

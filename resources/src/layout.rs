@@ -116,7 +116,11 @@ pub mod boot {
     /// ACPI tables (RSDP first), in the reserved legacy BIOS area.
     pub const ACPI_START: u64 = 0xE_0000;
     /// End (exclusive) of the ACPI tables area.
-    pub const ACPI_END: u64 = 0x10_0000;
+    pub const ACPI_END: u64 = RESET_VECTOR;
+    /// Where a real-mode CPU reset starts (F000:FFF0): Linux jumps there
+    /// as its last way to reboot ("BIOS" reboot, tried after EFI on
+    /// hardware-reduced ACPI); pvmm puts a stub that resets the VM.
+    pub const RESET_VECTOR: u64 = 0xF_FFF0;
     /// Start of RAM above the legacy area.
     pub const HIMEM_START: u64 = 0x10_0000;
 }
@@ -324,7 +328,8 @@ const _: () = {
     assert!(boot::BOOT_STACK_POINTER < boot::PML4_START);
     assert!(boot::PD_START + 4 * PAGE_SIZE <= boot::CMDLINE_START);
     assert!(boot::CMDLINE_START + boot::CMDLINE_MAX_SIZE as u64 <= boot::EBDA_START);
-    assert!(boot::ACPI_START >= boot::EBDA_START && boot::ACPI_END == boot::HIMEM_START);
+    assert!(boot::ACPI_START >= boot::EBDA_START && boot::ACPI_END <= boot::RESET_VECTOR);
+    assert!(boot::RESET_VECTOR + 16 == boot::HIMEM_START);
 };
 
 #[cfg(test)]

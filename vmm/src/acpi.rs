@@ -276,6 +276,34 @@ pub fn write_tables(
     })
 }
 
+/// Real-mode code at the reset vector (F000:FFF0): writes the FADT's reset
+/// value to its reset register and halts. A guest that restarts "through
+/// the BIOS" (Linux does, after ACPI, the keyboard controller and EFI, and
+/// first of all on hardware-reduced ACPI without EFI) resets the VM instead
+/// of running whatever lies there.
+fn reset_vector_code() -> [u8; 10] {
+    let port = u64::from(layout::ACPI_SLEEP_PORT) + RESET_REGISTER;
+    let [lo, hi, ..] = port.to_le_bytes();
+    [
+        0xba,
+        lo,
+        hi, // mov dx, reset register
+        0xb0,
+        RESET_VALUE, // mov al, reset value
+        0xee,        // out dx, al
+        0xf4,        // hlt
+        0xeb,
+        0xfd, // jmp back to hlt
+        0x90,
+    ]
+}
+
+/// Writes [`reset_vector_code`] at the reset vector.
+pub fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<()> {
+    mem.write_slice(&reset_vector_code(), GuestAddress(boot::RESET_VECTOR))
+        .map_err(|_| Error::BootWrite("the reset vector"))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -388,5 +416,32 @@ mod tests {
         let m = mem();
         let t = write_tables(&m, layout::MAX_MEMORY, crate::config::MAX_VCPUS, 9).unwrap();
         assert!(t.end <= boot::ACPI_END);
+    }
+
+    #[test]
+    fn the_reset_vector_writes_the_fadt_reset_register() {
+        let m = mem();
+        write_reset_vector(&m).unwrap();
+        let code = read(&m, boot::RESET_VECTOR, 10);
+        // mov dx, 0x602; mov al, 0x42; out dx, al; hlt; jmp $-1
+        assert_eq!(
+            code,
+            [
+                0xba,
+                0x02,
+                0x06,
+                0xb0,
+                RESET_VALUE,
+                0xee,
+                0xf4,
+                0xeb,
+                0xfd,
+                0x90
+            ]
+        );
+        assert_eq!(RESET_VALUE, 0x42);
+        // The ACPI tables end before it.
+        let t = write_tables(&m, 256 << 20, 1, 5).unwrap();
+        assert!(t.end <= boot::RESET_VECTOR);
     }
 }

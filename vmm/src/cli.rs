@@ -20,8 +20,9 @@ pub struct Cli {
     /// Initial ramdisk.
     #[arg(long, value_name = "PATH")]
     pub initrd: Option<PathBuf>,
-    /// Kernel command line. Default: "console=ttyS0" (plus what the test
-    /// kernel should expect, for the embedded kernel).
+    /// Kernel command line. Default: "console=ttyS0 panic=1" for --kernel;
+    /// "console=ttyS0 tk.mem=<bytes> tk.cpus=<n>" (what the test kernel
+    /// should expect) for the embedded kernel.
     #[arg(long, value_name = "STR")]
     pub cmdline: Option<String>,
     /// Guest memory, with an optional K, M or G suffix.

@@ -148,15 +148,16 @@ impl Default for VmConfig {
 
 impl VmConfig {
     /// The command line the guest gets: the configured one, or the default
-    /// (`console=ttyS0`, plus `tk.mem` and `tk.cpus` for the embedded test
-    /// kernel so that it checks what it was given).
+    /// (`console=ttyS0 panic=1` for a kernel file; `console=ttyS0` plus
+    /// `tk.mem` and `tk.cpus` for the embedded test kernel, so that it checks
+    /// what it was given).
     pub fn effective_cmdline(&self) -> String {
         match (&self.cmdline, &self.kernel) {
             (Some(c), _) => c.clone(),
             (None, KernelSource::Embedded) => {
                 format!("console=ttyS0 tk.mem={} tk.cpus={}", self.memory, self.cpus)
             }
-            (None, KernelSource::Path(_)) => "console=ttyS0 reboot=k panic=1".to_string(),
+            (None, KernelSource::Path(_)) => "console=ttyS0 panic=1".to_string(),
         }
     }
 }

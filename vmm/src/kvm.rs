@@ -174,6 +174,8 @@ pub fn create_vm(
 pub struct IrqRouting {
     pins: [Option<MsiMessage>; layout::IOAPIC_PINS as usize],
     msi: Vec<(u32, MsiMessage)>,
+    /// Tables sent to KVM so far.
+    commits: u64,
 }
 
 fn msi_route(gsi: u32, m: MsiMessage) -> kvm_irq_routing_entry {
@@ -206,7 +208,14 @@ impl IrqRouting {
         pins.chain(msi).collect()
     }
 
-    fn commit(&self, vm: &VmFd) -> Result<()> {
+    /// How many times the table went to KVM (each is one KVM_SET_GSI_ROUTING
+    /// of the whole table).
+    pub fn commits(&self) -> u64 {
+        self.commits
+    }
+
+    fn commit(&mut self, vm: &VmFd) -> Result<()> {
+        self.commits += 1;
         let routing = KvmIrqRouting::from_entries(&self.entries())
             .map_err(|_| Error::Kvm("GSI routing table", kvm_ioctls::Error::new(libc::E2BIG)))?;
         vm.set_gsi_routing(&routing)
@@ -239,14 +248,22 @@ impl IrqRouting {
                 kvm_ioctls::Error::new(libc::EINVAL),
             ));
         }
+        let route = (gsi, MsiMessage { address, data });
+        if self.msi.contains(&route) {
+            // The guest rewrote what it had: nothing for KVM.
+            return Ok(());
+        }
         let old = self.msi.clone();
         self.msi.retain(|r| r.0 != gsi);
-        self.msi.push((gsi, MsiMessage { address, data }));
+        self.msi.push(route);
         self.commit(vm).inspect_err(|_| self.msi = old)
     }
 
     /// Removes the MSI route of `gsi`.
     pub fn remove_msi_route(&mut self, vm: &VmFd, gsi: u32) -> Result<()> {
+        if !self.msi.iter().any(|r| r.0 == gsi) {
+            return Ok(());
+        }
         let old = self.msi.clone();
         self.msi.retain(|r| r.0 != gsi);
         self.commit(vm).inspect_err(|_| self.msi = old)
@@ -387,9 +404,18 @@ mod kvm_tests {
         routing.set_msi_route(&vm, 24, 0xfee0_0000, 0x30).unwrap();
         routing.set_msi_route(&vm, 24, 0xfee0_1000, 0x31).unwrap();
         assert_eq!(routing.msi, vec![(24, msi(0xfee0_1000, 0x31))]);
+        assert_eq!(routing.commits(), 2);
+        // A guest that rewrites an MSI-X entry with what it holds (in a
+        // loop, say) costs no KVM_SET_GSI_ROUTING.
+        for _ in 0..1000 {
+            routing.set_msi_route(&vm, 24, 0xfee0_1000, 0x31).unwrap();
+        }
+        assert_eq!(routing.commits(), 2, "unchanged routes went to KVM");
         assert!(routing.set_msi_route(&vm, 4, 0xfee0_0000, 0x30).is_err());
         routing.remove_msi_route(&vm, 24).unwrap();
         assert!(routing.msi.is_empty());
+        routing.remove_msi_route(&vm, 24).unwrap();
+        assert_eq!(routing.commits(), 3, "removing no route sends nothing");
         // IOAPIC pins: routed, unrouted, a pin that does not exist.
         routing
             .set_pin_route(&vm, 4, Some(msi(0xfee0_0000, 0x24)))

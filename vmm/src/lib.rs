@@ -204,6 +204,7 @@ impl Vmm {
         };
         let tables =
             acpi::write_tables(&memory, config.memory, config.cpus, devices.hotplug_gsi())?;
+        acpi::write_reset_vector(&memory)?;
         let map = resources::memory_map(config.memory).map_err(Error::Memory)?;
         let boot_info = match kernel.entry {
             Entry::Linux64 { .. } => {

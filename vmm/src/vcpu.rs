@@ -171,17 +171,31 @@ impl Vcpu {
     fn step(&mut self, shared: &VcpuShared) -> Next {
         match self.fd.run() {
             Ok(exit) => match exit {
+                // String I/O (`rep ins`/`rep outs`) arrives as `count`
+                // elements of `size` bytes: one device access each.
                 VcpuExit::IoIn(port, data) => {
-                    if !shared.pio_bus.read(u64::from(port), data) {
-                        data.fill(0xff);
+                    let size = pio_element_size(data.len());
+                    for element in data.chunks_mut(size) {
+                        if !shared.pio_bus.read(u64::from(port), element) {
+                            element.fill(0xff);
+                        }
                     }
                     Next::Continue
                 }
                 VcpuExit::IoOut(port, data) => {
+                    let size = pio_element_size(data.len());
                     if port == HYPERCALL_PORT && shared.hooks.hypercall.is_some() {
-                        Next::Hypercall
+                        // Only the stub's `out 0xE4, al` is a hypercall; a
+                        // string or wider write there goes nowhere.
+                        if data.len() == 1 {
+                            Next::Hypercall
+                        } else {
+                            Next::Continue
+                        }
                     } else {
-                        shared.pio_bus.write(u64::from(port), data);
+                        for element in data.chunks(size) {
+                            shared.pio_bus.write(u64::from(port), element);
+                        }
                         Next::Continue
                     }
                 }
@@ -359,5 +373,25 @@ fn cpl(sregs: &kvm_bindings::kvm_sregs, rflags: u64) -> u8 {
         3
     } else {
         sregs.ss.dpl & 3
+    }
+}
+
+/// The size in bytes of one element of this thread's current port-I/O exit
+/// (1, 2 or 4), whose data is `len` bytes; `len` when it cannot be read.
+fn pio_element_size(len: usize) -> usize {
+    let size = KVM_RUN.with(|p| {
+        let run = p.get();
+        if run.is_null() {
+            return 0;
+        }
+        // SAFETY: `run` is this thread's live kvm_run mapping (set before
+        // its first KVM_RUN), the exit reason is KVM_EXIT_IO, so the kernel
+        // filled the `io` member; `size` is a byte of the struct's header,
+        // apart from the data area the caller borrows.
+        unsafe { std::ptr::addr_of!((*run).__bindgen_anon_1.io.size).read() }
+    });
+    match usize::from(size) {
+        s @ (1 | 2 | 4) if len % s == 0 => s,
+        _ => len.max(1),
     }
 }

@@ -930,10 +930,15 @@ impl PciDevice for VfioPciDevice {
             return;
         };
         for area in self.bar_areas.iter_mut().filter(|a| a.index == index) {
-            if let Some(slot) = area.slot.take() {
+            if let Some(slot) = area.slot {
                 if let Err(e) = slots.remove(slot) {
+                    // The slot still points at the mapping: keep both (the
+                    // guest keeps reaching the BAR where it was) rather than
+                    // add a second slot or ever unmap what KVM maps.
                     log::warn!("VFIO: cannot remove the slot of BAR {index}: {e}");
+                    continue;
                 }
+                area.slot = None;
             }
             let Some(gpa) = new.and_then(|base| base.checked_add(area.offset)) else {
                 continue;
@@ -981,10 +986,20 @@ impl BusDevice for VfioPciDevice {
 
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
-        // Guest slots go before the mappings they point to.
-        if let Some(slots) = &self.bar_slots {
-            for slot in self.bar_areas.iter_mut().filter_map(|a| a.slot.take()) {
-                let _ = slots.remove(slot);
+        // Guest slots go before the mappings they point to. A mapping whose
+        // slot KVM would not remove is leaked, never unmapped: the guest
+        // could otherwise reach whatever this process maps there next.
+        for area in std::mem::take(&mut self.bar_areas) {
+            let removed = match (area.slot, &self.bar_slots) {
+                (Some(slot), Some(slots)) => slots.remove(slot),
+                _ => Ok(()),
+            };
+            if let Err(e) = removed {
+                log::error!(
+                    "VFIO: KVM kept the slot of BAR {} ({e}): leaking its host mapping",
+                    area.index
+                );
+                std::mem::forget(area);
             }
         }
         if self.msi.is_some_and(|m| m.enabled()) {
@@ -1129,11 +1144,13 @@ mod tests {
         }
     }
 
-    /// Records slots; refuses GPAs above 4 GiB.
+    /// Records slots; refuses GPAs above 4 GiB; fails removals while
+    /// `fail_remove` is set.
     #[derive(Default)]
     struct FakeSlots {
         slots: Mutex<Vec<(u32, u64, u64)>>,
         next: Mutex<u32>,
+        fail_remove: std::sync::atomic::AtomicBool,
     }
 
     impl BarSlots for FakeSlots {
@@ -1147,9 +1164,63 @@ mod tests {
             Ok(*next)
         }
         fn remove(&self, slot: u32) -> io::Result<()> {
+            if self.fail_remove.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(io::Error::from_raw_os_error(libc::EIO));
+            }
             self.slots.lock().expect("lock").retain(|s| s.0 != slot);
             Ok(())
         }
+    }
+
+    /// Whether `[ptr, ptr + len)` is mapped in this process.
+    fn mapped(ptr: *mut u8, len: u64) -> bool {
+        let len = usize::try_from(len).expect("a small mapping");
+        // SAFETY: msync only inspects the range; ENOMEM says unmapped.
+        unsafe { libc::msync(ptr.cast(), len, libc::MS_ASYNC) == 0 }
+    }
+
+    /// A slot KVM will not remove keeps its mapping: the BAR stays where
+    /// it was when the guest moves it, and the mapping is leaked, not
+    /// unmapped, when the device goes.
+    #[test]
+    fn a_slot_kvm_keeps_keeps_its_mapping() {
+        let slots = Arc::new(FakeSlots::default());
+        let hooks = VfioHooks {
+            msi: None,
+            bar_slots: Some(slots.clone() as Arc<dyn BarSlots>),
+        };
+        let mut d = VfioPciDevice::from_hw(FakeHw::new(), hooks).expect("device");
+        d.bar_moved(0, None, Some(0xc000_0000));
+        let m = d.bar_mappings()[0];
+        assert_eq!(m.slot, Some(1));
+        slots
+            .fail_remove
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        d.bar_moved(0, Some(0xc000_0000), Some(0xd000_0000));
+        assert_eq!(
+            *slots.slots.lock().expect("lock"),
+            vec![(1, 0xc000_1000, 0x1000)],
+            "no second slot on the same mapping"
+        );
+        assert_eq!(d.bar_mappings()[0].slot, Some(1));
+        drop(d);
+        assert!(
+            mapped(m.host, m.len),
+            "the mapping behind a slot KVM kept was unmapped"
+        );
+        // With removal working, drop unmaps as before.
+        slots
+            .fail_remove
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        let hooks = VfioHooks {
+            msi: None,
+            bar_slots: Some(slots.clone() as Arc<dyn BarSlots>),
+        };
+        let mut d = VfioPciDevice::from_hw(FakeHw::new(), hooks).expect("device");
+        d.bar_moved(0, None, Some(0xc000_0000));
+        let m = d.bar_mappings()[0];
+        drop(d);
+        assert!(!mapped(m.host, m.len), "unmapped on drop");
     }
 
     #[derive(Default)]

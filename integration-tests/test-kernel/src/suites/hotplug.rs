@@ -11,6 +11,11 @@
 //! succeeds only once the VMM has detached the removed device (a domain
 //! with a device attached cannot be deleted).
 //!
+//! An edu device (a host's, passed through with VFIO) is driven by
+//! [`super::edu`]: DMA and MSI at IOVA = GPA, then through an S2 domain of
+//! its own, a DMA refused after UNMAP; its domain too is deleted after the
+//! eject.
+//!
 //! `tk.hotplug_ack=0` makes the guest ignore eject requests: it then waits
 //! for the VMM's forced removal (the slot stops answering) and prints
 //! `# hotplug: removed without eject 00:SS.0`.
@@ -52,14 +57,34 @@ fn cfg_addr(slot: u8, reg: u8) -> u32 {
     0x8000_0000 | u32::from(slot) << 11 | u32::from(reg & 0xfc)
 }
 
-fn cfg_read(slot: u8, reg: u8) -> u32 {
+pub(super) fn cfg_read(slot: u8, reg: u8) -> u32 {
     x86::outl(CF8, cfg_addr(slot, reg));
     x86::inl(CFC)
 }
 
-fn cfg_write(slot: u8, reg: u8, value: u32) {
+pub(super) fn cfg_write(slot: u8, reg: u8, value: u32) {
     x86::outl(CF8, cfg_addr(slot, reg));
     x86::outl(CFC, value);
+}
+
+/// The config-space offset of the first capability with id `id` of the
+/// function in `slot`, walking at most 48 entries.
+pub(super) fn find_capability(slot: u8, id: u8) -> Option<u8> {
+    if cfg_read(slot, 0x04) >> 16 & 0x10 == 0 {
+        return None;
+    }
+    let mut at = (cfg_read(slot, 0x34) & 0xfc) as u8;
+    for _ in 0..48 {
+        if at < 0x40 {
+            return None;
+        }
+        let header = cfg_read(slot, at);
+        if header & 0xff == u32::from(id) {
+            return Some(at);
+        }
+        at = ((header >> 8) & 0xfc) as u8;
+    }
+    None
 }
 
 #[repr(C, align(4096))]
@@ -241,7 +266,12 @@ pub fn run(ctx: &Ctx) -> Verdict {
                     id & 0xffff,
                     id >> 16
                 );
-                if id == DMA_TEST_ID {
+                if id == super::edu::EDU_ID {
+                    let d = super::edu::check(io.as_ref(), slot, domain_number(slot))?;
+                    domains[usize::from(slot)] = d;
+                    dmas += 1;
+                    diag!("hotplug: edu ok 00:{:02x}.0", slot);
+                } else if id == DMA_TEST_ID {
                     dma_fill(slot)?;
                     dmas += 1;
                     diag!("hotplug: dma ok 00:{:02x}.0", slot);

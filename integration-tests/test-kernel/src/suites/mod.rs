@@ -2,6 +2,7 @@
 
 pub mod cmdline;
 pub mod dma;
+pub mod edu;
 pub mod hotplug;
 pub mod hvbench;
 pub mod irq;
