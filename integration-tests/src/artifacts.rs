@@ -135,6 +135,19 @@ pub fn pvmm() -> Result<PathBuf, String> {
     .clone()
 }
 
+/// The `pvmm-remote` binary: `PVMM_REMOTE_BIN` if set; else
+/// [`workspace_binary`], once per test process.
+pub fn pvmm_remote() -> Result<PathBuf, String> {
+    static BIN: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(p) = std::env::var_os("PVMM_REMOTE_BIN") {
+            return Ok(PathBuf::from(p));
+        }
+        workspace_binary("api", "pvmm-remote")
+    })
+    .clone()
+}
+
 /// The executables of test and bench targets, built (as `cargo test
 /// --no-run <args>` builds them) into this test binary's own target
 /// directory and profile: (target kind, target name, path), the kind as

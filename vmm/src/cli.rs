@@ -111,6 +111,7 @@ impl Cli {
             },
             pviommu: self.pviommu,
             pviommu_rep_budget: self.pviommu_rep_budget,
+            api: self.api_socket.is_some(),
             devices: if self.devices.is_empty()
                 && self.kernel.is_none()
                 && self.cmdline.is_none()

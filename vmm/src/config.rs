@@ -8,6 +8,9 @@ use resources::layout::MIB;
 
 /// Default guest memory.
 pub const DEFAULT_MEMORY: u64 = 512 * MIB;
+/// The embedded test kernel's default suites, in order.
+pub const EMBEDDED_SUITES: &str = "mem,cmdline,smp,pci,irq,pviommu,dma,demo";
+
 /// Most vCPUs pvmm supports (xAPIC ids 0-253; 255 is broadcast).
 pub const MAX_VCPUS: u8 = 254;
 
@@ -127,6 +130,9 @@ pub struct VmConfig {
     /// PCI devices plugged in before boot: the request `vm.add-device`
     /// takes (`--device` is parsed like `pvmm-remote add-device`).
     pub devices: Vec<api::AddDeviceRequest>,
+    /// The API serves this VM: the embedded test kernel, after its suites,
+    /// stays up and serves hotplug until the VM is shut down.
+    pub api: bool,
 }
 
 impl Default for VmConfig {
@@ -142,6 +148,7 @@ impl Default for VmConfig {
             pviommu: true,
             pviommu_rep_budget: None,
             devices: Vec::new(),
+            api: false,
         }
     }
 }
@@ -150,12 +157,18 @@ impl VmConfig {
     /// The command line the guest gets: the configured one, or the default
     /// (`console=ttyS0 panic=1` for a kernel file; `console=ttyS0` plus
     /// `tk.mem` and `tk.cpus` for the embedded test kernel, so that it checks
-    /// what it was given).
+    /// what it was given, and with the API its default suites and then
+    /// hotplug until the VM is shut down).
     pub fn effective_cmdline(&self) -> String {
         match (&self.cmdline, &self.kernel) {
             (Some(c), _) => c.clone(),
             (None, KernelSource::Embedded) => {
-                format!("console=ttyS0 tk.mem={} tk.cpus={}", self.memory, self.cpus)
+                let base = format!("console=ttyS0 tk.mem={} tk.cpus={}", self.memory, self.cpus);
+                if self.api {
+                    format!("{base} tk.tests={EMBEDDED_SUITES},hotplug tk.hotplug=0")
+                } else {
+                    base
+                }
             }
             (None, KernelSource::Path(_)) => "console=ttyS0 panic=1".to_string(),
         }
@@ -221,5 +234,13 @@ mod tests {
         assert!(c.effective_cmdline().starts_with("console=ttyS0"));
         c.cmdline = Some("x".into());
         assert_eq!(c.effective_cmdline(), "x");
+        // With the API, the embedded kernel stays up for hotplug.
+        let c = VmConfig {
+            api: true,
+            ..Default::default()
+        };
+        assert!(c
+            .effective_cmdline()
+            .ends_with("tk.tests=mem,cmdline,smp,pci,irq,pviommu,dma,demo,hotplug tk.hotplug=0"));
     }
 }

@@ -22,7 +22,8 @@
 //!
 //! Polls the GEDS register (no interrupt handler: ring 0 is emulated, and
 //! a poll every ~20 µs is cheap). Keys: `tk.hotplug=N` removals to wait
-//! for (default 1), `tk.hotplug_ms=T` the wait in milliseconds (default
+//! for (default 1; 0: serve until the VM is shut down, with no time
+//! limit), `tk.hotplug_ms=T` the wait in milliseconds (default
 //! 60000, measured with an assumed 3 GHz TSC). Prints
 //! `# hotplug: ready`, `# hotplug: found 00:SS.0 [vvvv:dddd]`,
 //! `# hotplug: dma ok 00:SS.0`, `# hotplug: s2 dma ok 00:SS.0 domain N`,
@@ -229,9 +230,15 @@ pub fn run(ctx: &Ctx) -> Verdict {
     let deadline = wait_ms.saturating_mul(x86::TSC_PER_MS);
     let start = x86::rdtsc();
     let (mut added, mut dmas, mut ejected) = (0u32, 0u32, 0u32);
-    diag!("hotplug: ready");
-    while ejected < removals {
-        if x86::rdtsc().wrapping_sub(start) > deadline {
+    // tk.hotplug=0: serve hot-adds and removals until the VM is shut down.
+    let forever = removals == 0;
+    if forever {
+        diag!("hotplug: ready, serving until shut down");
+    } else {
+        diag!("hotplug: ready");
+    }
+    while forever || ejected < removals {
+        if !forever && x86::rdtsc().wrapping_sub(start) > deadline {
             fail!(
                 "timed out: {} added, {} ejected of {} expected",
                 added,
