@@ -160,19 +160,38 @@ pub enum PagingLevels {
     Five,
 }
 
-/// The S1 settings of a domain (CONFIGURE_DEVICE_DOMAIN), already validated:
-/// if `translation_enabled`, `root` is a page-aligned GPA in guest RAM.
-/// A domain that is blocked or has translation disabled blocks all DMA.
+/// The S1 settings of a domain (CONFIGURE_DEVICE_DOMAIN), already validated.
+/// What they mean ([`S1Config::mode`]):
+/// - `blocked`: all DMA is blocked (whatever `translation_enabled`; Linux's
+///   blocking domain sets both);
+/// - else `translation_enabled`: DMA goes through the guest's table at
+///   `root`, a page-aligned GPA in guest RAM;
+/// - else identity: IOVA = GPA, guest RAM only, like the default domain
+///   (Linux's identity domain).
+///
+/// The domain layer passes `root` 0 and 4-level paging when the table is not
+/// used.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct S1Config {
     /// GPA of the top-level table.
     pub root: u64,
     /// 4- or 5-level.
     pub levels: PagingLevels,
-    /// Translation through the guest's table is on.
+    /// Translation through the guest's table is on (off: identity).
     pub translation_enabled: bool,
     /// All DMA is blocked.
     pub blocked: bool,
+}
+
+/// What an S1 domain does with DMA, from its [`S1Config`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum S1Mode {
+    /// All DMA blocked.
+    Blocked,
+    /// IOVA = GPA (guest RAM only), no table.
+    Identity,
+    /// Through the guest's first-stage table.
+    Translate,
 }
 
 impl S1Config {
@@ -181,12 +200,21 @@ impl S1Config {
         root: 0,
         levels: PagingLevels::Four,
         translation_enabled: false,
-        blocked: false,
+        blocked: true,
     };
 
-    /// Whether DMA through this domain can succeed at all.
+    /// What the domain does with DMA.
+    pub fn mode(&self) -> S1Mode {
+        match (self.blocked, self.translation_enabled) {
+            (true, _) => S1Mode::Blocked,
+            (false, true) => S1Mode::Translate,
+            (false, false) => S1Mode::Identity,
+        }
+    }
+
+    /// Whether DMA goes through the guest's table.
     pub fn translates(&self) -> bool {
-        self.translation_enabled && !self.blocked
+        self.mode() == S1Mode::Translate
     }
 }
 

@@ -534,24 +534,34 @@ impl State {
         if flags.reserved() != 0 {
             return Err(HvError::INVALID_PARAMETER);
         }
-        if flags.first_stage_paging_mode() && !config.s1_5level {
-            return Err(HvError::INVALID_PARAMETER);
-        }
         let root = input.settings.page_table_root.get();
-        if (flags.translation_enabled() || root != 0)
-            && (root & (PAGE_SIZE - 1) != 0 || !ram::in_ram(mem, root, PAGE_SIZE))
-        {
-            return Err(HvError::INVALID_PARAMETER);
-        }
-        let s1 = S1Config {
-            root,
-            levels: if flags.first_stage_paging_mode() {
-                PagingLevels::Five
-            } else {
-                PagingLevels::Four
-            },
-            translation_enabled: flags.translation_enabled(),
-            blocked: flags.blocked(),
+        let s1 = if flags.blocked() || !flags.translation_enabled() {
+            // Blocked (Linux's blocking domain: translation_enabled = 1,
+            // blocked = 1) or identity (translation_enabled = 0): no table,
+            // the root is ignored (Linux sends 0).
+            S1Config {
+                root: 0,
+                levels: PagingLevels::Four,
+                translation_enabled: flags.translation_enabled(),
+                blocked: flags.blocked(),
+            }
+        } else {
+            if flags.first_stage_paging_mode() && !config.s1_5level {
+                return Err(HvError::INVALID_PARAMETER);
+            }
+            if root & (PAGE_SIZE - 1) != 0 || !ram::in_ram(mem, root, PAGE_SIZE) {
+                return Err(HvError::INVALID_PARAMETER);
+            }
+            S1Config {
+                root,
+                levels: if flags.first_stage_paging_mode() {
+                    PagingLevels::Five
+                } else {
+                    PagingLevels::Four
+                },
+                translation_enabled: true,
+                blocked: false,
+            }
         };
         let State {
             backends,

@@ -81,7 +81,7 @@ mod translate;
 
 pub use backend::{
     AttachTarget, Backend, BackendError, DomainId, DomainKind, Invalidation, MapRun, PagingLevels,
-    Perms, S1Config,
+    Perms, S1Config, S1Mode,
 };
 pub use config::{
     IommuConfig, IommuError, DEFAULT_MAP_RUNS_FLOOR, DEFAULT_MAP_RUNS_PER_MIB,

@@ -21,7 +21,7 @@
 
 use crate::backend::{
     AttachTarget, Backend, BackendError, DomainId, DomainKind, Invalidation, MapRun, PagingLevels,
-    S1Config,
+    S1Config, S1Mode,
 };
 use crate::config::{IommuConfig, PAGE_SHIFT, PAGE_SIZE};
 use crate::ram;
@@ -290,11 +290,14 @@ impl SoftwareBackend {
         access: Access,
         segments: &mut Segments,
     ) -> Result<(), (u64, FaultReason)> {
-        if dom.s1.blocked {
-            return Err((iova, FaultReason::Blocked));
-        }
-        if !dom.s1.translation_enabled {
-            return Err((iova, FaultReason::TranslationDisabled));
+        match dom.s1.mode() {
+            S1Mode::Blocked => return Err((iova, FaultReason::Blocked)),
+            S1Mode::Identity => {
+                // IOVA = GPA; the guard in translate keeps it in guest RAM.
+                segments.push(iova, end - iova);
+                return Ok(());
+            }
+            S1Mode::Translate => {}
         }
         let mut cursor = iova;
         while cursor < end {
@@ -656,7 +659,19 @@ mod tests {
         let err = b
             .translate(&m, dev(), 0x4000_0000, 8, Access::Read)
             .expect_err("unconf");
-        assert_eq!(err.reason, FaultReason::TranslationDisabled);
+        assert_eq!(err.reason, FaultReason::Blocked, "unconfigured: blocked");
+        b.set_s1(
+            9,
+            S1Config {
+                blocked: false,
+                ..S1Config::UNCONFIGURED
+            },
+        )
+        .expect("identity");
+        let s = b
+            .translate(&m, dev(), 0x4000, 8, Access::Write)
+            .expect("identity");
+        assert_eq!(gpas(&s), [(0x4000, 8)]);
         let cfg = build_s1(&m);
         b.set_s1(9, cfg).expect("configure");
         let s = b

@@ -130,7 +130,8 @@ pub enum FaultReason {
     IovaOutOfRange,
     /// The device is in the null domain or a blocked S1 domain.
     Blocked,
-    /// The device's S1 domain has translation disabled (or is unconfigured).
+    /// Not produced any more (an S1 domain with translation disabled is
+    /// identity, an unconfigured one blocked); kept for its index and name.
     TranslationDisabled,
     /// No S2 mapping at this IOVA.
     NotMapped,

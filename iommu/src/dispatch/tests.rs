@@ -1002,11 +1002,12 @@ fn configure_rules() {
     assert_eq!(
         g.configure(6, DeviceDomainSettingsFlags::new(), 0),
         ok(),
-        "disable"
+        "identity"
     );
     assert_eq!(
         g.configure(6, DeviceDomainSettingsFlags::new(), 0x1001),
-        HvStatus::INVALID_PARAMETER
+        ok(),
+        "the root is ignored without translation"
     );
     let input = InputConfigureDeviceDomain {
         device_domain: hdr(S2, 5),
@@ -1022,7 +1023,7 @@ fn configure_rules() {
         "default domain"
     );
     let s1 = g.iommu.domains_info()[3].s1.expect("s1");
-    assert!(!s1.translation_enabled);
+    assert_eq!((s1.mode(), s1.root), (crate::S1Mode::Identity, 0));
     let g5 = Guest::new();
     assert_eq!(g5.create(S1, 6), ok());
     assert_eq!(
@@ -1439,7 +1440,8 @@ fn s1_domain_end_to_end_with_stale_translation() {
     assert_eq!(
         g.translate(dev(1), 0x5000, 8, Access::Read)
             .map_err(|f| f.reason),
-        Err(FaultReason::TranslationDisabled)
+        Err(FaultReason::Blocked),
+        "an unconfigured S1 domain blocks"
     );
     let on = DeviceDomainSettingsFlags::new().with_translation_enabled(true);
     assert_eq!(g.configure(6, on, pml4), ok());
@@ -1856,4 +1858,74 @@ fn attach_replaces_and_the_old_domain_can_be_deleted() {
         ]
     );
     assert_eq!(g.delete(S1, 6), ok());
+}
+
+/// CONFIGURE of an S1 domain the way Linux's driver does it: identity
+/// (translation_enabled = 0, blocked = 0: IOVA = GPA, root ignored), blocking
+/// (translation_enabled = 1, blocked = 1, root 0: everything blocked) and
+/// paging (translation_enabled = 1, blocked = 0: a page-aligned root in RAM).
+#[test]
+fn s1_configure_identity_blocking_and_paging() {
+    let g = Guest::with(IommuConfig {
+        s1_5level: false,
+        ..Default::default()
+    });
+    for id in [1, 2, 3] {
+        assert_eq!(g.create(S1, id), ok());
+    }
+    let flags = |t: bool, b: bool| {
+        DeviceDomainSettingsFlags::new()
+            .with_translation_enabled(t)
+            .with_blocked(b)
+    };
+    assert_eq!(g.configure(1, flags(false, false), 0), ok());
+    assert_eq!(g.configure(2, flags(true, true), 0), ok(), "root 0 ignored");
+    assert_eq!(
+        g.configure(2, flags(false, true), RAM_TOP + 0x123),
+        ok(),
+        "blocked: any root is ignored"
+    );
+    assert_eq!(
+        g.configure(1, flags(false, false).with_first_stage_paging_mode(true), 0),
+        ok(),
+        "the paging mode only matters with a table"
+    );
+    assert_eq!(g.configure(3, flags(true, false), 0), ok(), "GPA 0 is RAM");
+    for bad in [RAM_TOP, 0x10800, !0xFFF] {
+        assert_eq!(
+            g.configure(3, flags(true, false), bad),
+            HvStatus::INVALID_PARAMETER,
+            "{bad:#x}"
+        );
+    }
+    // The software model: identity is IOVA = GPA in guest RAM only.
+    assert_eq!(g.attach(S1, 1, dev(1)), ok());
+    assert_eq!(
+        g.translate(dev(1), 0x12345, 8, Access::Write),
+        Ok(vec![(0x12345, 8)])
+    );
+    assert_eq!(
+        g.translate(dev(1), RAM_TOP, 8, Access::Read)
+            .map_err(|f| f.reason),
+        Err(FaultReason::GpaOutsideRam)
+    );
+    assert_eq!(g.attach(S1, 2, dev(1)), ok());
+    assert_eq!(
+        g.translate(dev(1), 0x12345, 8, Access::Read)
+            .map_err(|f| f.reason),
+        Err(FaultReason::Blocked)
+    );
+    // A backend sees the settings with the ignored root dropped.
+    assert_eq!(g.attach(S1, 1, dev(9)), ok());
+    let set: Vec<crate::S1Config> = g
+        .rec
+        .take_calls()
+        .into_iter()
+        .filter_map(|c| match c {
+            Call::SetS1(1, cfg) => Some(cfg),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(set.len(), 1);
+    assert_eq!((set[0].mode(), set[0].root), (crate::S1Mode::Identity, 0));
 }

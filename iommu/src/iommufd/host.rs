@@ -19,7 +19,7 @@ use super::uapi::{
 };
 use super::{
     AttachTarget, Backend, BackendError, DeviceId, DomainId, DomainKind, Invalidation, MapRun,
-    PagingLevels, Perms, S1Config,
+    PagingLevels, Perms, S1Config, S1Mode,
 };
 
 const PAGE_SHIFT: u32 = 12;
@@ -209,7 +209,8 @@ struct Inner {
 ///   domain layer never asks it to).
 /// - S1 domains: a nested HWPT (the guest's table, [`NestFormat`]) over one
 ///   NEST_PARENT HWPT of the direct IOAS, so the guest's table and the
-///   addresses in it are GPAs. Guest flushes become IOMMU_HWPT_INVALIDATE;
+///   addresses in it are GPAs. An S1 domain in identity mode (translation
+///   disabled) uses the direct IOAS itself; a blocked one the blocked IOAS. Guest flushes become IOMMU_HWPT_INVALIDATE;
 ///   when the host handles fewer entries than passed (entry_num read back),
 ///   the whole domain is flushed instead.
 /// - Null domain and fail-closed: an empty IOAS.
@@ -508,8 +509,12 @@ impl IommufdBackend {
                 Some(Domain::S2 { failed: true, .. }) => Ok(inner.blocked),
                 Some(Domain::S2 { ioas, .. }) => Ok(*ioas),
                 Some(Domain::S1 { config, nested }) => {
-                    if !config.translates() || inner.direct_failed {
-                        return Ok(inner.blocked);
+                    match config.mode() {
+                        _ if inner.direct_failed => return Ok(inner.blocked),
+                        S1Mode::Blocked => return Ok(inner.blocked),
+                        // Identity: the default domain's IOAS (IOVA = GPA).
+                        S1Mode::Identity => return Ok(inner.direct),
+                        S1Mode::Translate => {}
                     }
                     if let Some(n) = nested {
                         return Ok(*n);
@@ -1891,5 +1896,39 @@ mod tests {
         assert_eq!(dev.reachable(&ops), [], "default domain blocked");
         b.attach(DEV, AttachTarget::Identity).expect("identity");
         assert_eq!(dev.on(), Some(2), "and stays blocked");
+    }
+
+    /// Linux's identity S1 domain (translation disabled) is the direct IOAS
+    /// (IOVA = GPA), its blocking domain the blocked IOAS; no HWPT needed.
+    #[test]
+    fn s1_identity_is_the_direct_ioas() {
+        let (b, ops, dev, _ram) = setup(NestFormat::VtdS1);
+        b.create_domain(1, DomainKind::S1).expect("create");
+        b.create_domain(2, DomainKind::S1).expect("create");
+        let identity = S1Config {
+            blocked: false,
+            ..S1Config::UNCONFIGURED
+        };
+        b.set_s1(1, identity).expect("identity");
+        b.set_s1(
+            2,
+            S1Config {
+                translation_enabled: true,
+                ..S1Config::UNCONFIGURED
+            },
+        )
+        .expect("blocking");
+        ops.take();
+        b.attach(DEV, AttachTarget::Domain(2)).expect("blocking");
+        assert_eq!(dev.on(), Some(2));
+        b.attach(DEV, AttachTarget::Domain(1)).expect("identity");
+        assert_eq!(dev.on(), Some(1));
+        assert_eq!(dev.reachable(&ops), [(0, RAM)]);
+        assert!(
+            !ops.take()
+                .iter()
+                .any(|c| matches!(c, Call::HwptAlloc { .. })),
+            "no nested HWPT"
+        );
     }
 }

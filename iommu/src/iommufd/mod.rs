@@ -20,6 +20,6 @@ pub use iommufd_ioctls::AttachHwpt;
 
 use super::backend::{
     AttachTarget, Backend, BackendError, DomainId, DomainKind, Invalidation, MapRun, PagingLevels,
-    Perms, S1Config,
+    Perms, S1Config, S1Mode,
 };
 use super::DeviceId;
