@@ -161,6 +161,17 @@ pub enum IommuError {
     /// A device id that is not in the PCI form.
     #[error("Device id {0:#x} is not in the PCI form")]
     NotPciDevice(u64),
+    /// A device id that is not in the LOGICAL form.
+    #[error("Device id {0:#x} is not in the LOGICAL form")]
+    NotLogicalDevice(u64),
+    /// register_device_alias of a device that has a LOGICAL id already.
+    #[error("Device {device} already has the LOGICAL id {logical}")]
+    AliasExists {
+        /// The device (PCI form).
+        device: DeviceId,
+        /// Its LOGICAL id.
+        logical: DeviceId,
+    },
     /// A backend id that was never added.
     #[error("Backend {0:?} does not exist")]
     UnknownBackend(BackendId),

@@ -94,6 +94,8 @@ pub struct FlushStats {
 pub(crate) struct DeviceEntry {
     pub backend: BackendId,
     pub attached: Attachment,
+    /// The device's LOGICAL id, if it has one (a device on a vPCI bus).
+    pub logical: Option<DeviceId>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -115,7 +117,10 @@ pub(crate) struct Domain {
 /// Everything behind the Iommu's state lock.
 pub(crate) struct State {
     pub backends: Vec<Arc<dyn Backend>>,
+    /// Registered devices by their PCI id.
     pub devices: HashMap<DeviceId, DeviceEntry>,
+    /// LOGICAL id -> PCI id of the devices that have one.
+    pub aliases: HashMap<DeviceId, DeviceId>,
     pub domains: HashMap<u32, Domain>,
     pub backend_errors: u64,
     /// Runs of every guest domain (the sum of their `runs.len()`), held
@@ -207,10 +212,24 @@ impl State {
         Self {
             backends: vec![software],
             devices: HashMap::new(),
+            aliases: HashMap::new(),
             domains: HashMap::new(),
             backend_errors: 0,
             runs_total: 0,
         }
+    }
+
+    /// The registered device a guest's `hv_device_id` names, in its PCI
+    /// form or its LOGICAL form (compared whole).
+    pub(crate) fn device_named(&self, raw: u64) -> HvResult<DeviceId> {
+        let id = DeviceId::from_bits(raw);
+        if self.devices.contains_key(&id) {
+            return Ok(id);
+        }
+        self.aliases
+            .get(&id)
+            .copied()
+            .ok_or(HvError::INVALID_DEVICE_ID)
     }
 
     fn resolve(&self, domain: DeviceDomainId) -> HvResult<DomainRef> {
@@ -267,10 +286,7 @@ impl State {
         if input.reserved.get() != 0 || input.code.get() != device_property::PVIOMMU {
             return Err(HvError::INVALID_PARAMETER);
         }
-        let device = DeviceId::from_bits(input.logical_device_id.get());
-        if !self.devices.contains_key(&device) {
-            return Err(HvError::INVALID_DEVICE_ID);
-        }
+        self.device_named(input.logical_device_id.get())?;
         Ok(OutputGetLogicalDeviceProperty {
             device_iommu: U64::new(DeviceIommuProperty::new().with_enabled(true).into_bits()),
             reserved: U64::new(0),
@@ -339,7 +355,7 @@ impl State {
             DomainRef::Null => Attachment::Null,
             DomainRef::Guest(id) => Attachment::Domain(id),
         };
-        let device = DeviceId::from_bits(input.device_id.get());
+        let device = self.device_named(input.device_id.get())?;
         let Some(entry) = self.devices.get(&device) else {
             return Err(HvError::INVALID_DEVICE_ID);
         };
@@ -498,7 +514,9 @@ impl State {
                 Err(e)
             }
         };
-        self.devices.remove(&device);
+        if let Some(logical) = self.devices.remove(&device).and_then(|e| e.logical) {
+            self.aliases.remove(&logical);
+        }
         let backend = Arc::clone(&self.backends[backend_id.0]);
         if let Err(e) = backend.remove_device(device) {
             self.backend_errors += 1;
@@ -509,7 +527,7 @@ impl State {
 
     pub(crate) fn detach(&mut self, input: &InputDetachDeviceDomain) -> HvResult<()> {
         check_partition(input.partition_id)?;
-        let device = DeviceId::from_bits(input.device_id.get());
+        let device = self.device_named(input.device_id.get())?;
         let Some(entry) = self.devices.get(&device) else {
             return Err(HvError::INVALID_DEVICE_ID);
         };

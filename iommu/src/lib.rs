@@ -10,8 +10,9 @@
 //!   get guest-physical [`Segments`] or a [`Fault`];
 //! - the device manager registers devices with [`Iommu::register_device`]
 //!   (with the software backend, [`BackendId::SOFTWARE`], or a backend added
-//!   with [`Iommu::add_backend`], such as IOMMUFD) and unregisters them on
-//!   removal;
+//!   with [`Iommu::add_backend`], such as IOMMUFD), gives a device offered on
+//!   a vPCI bus its LOGICAL id too with [`Iommu::register_device_alias`], and
+//!   unregisters them on removal (blocked first);
 //! - the API reads [`Iommu::stats`].
 //!
 //! # Wiring (VMM side)
@@ -199,8 +200,41 @@ impl Iommu {
             DeviceEntry {
                 backend,
                 attached: Attachment::Default,
+                logical: None,
             },
         );
+        Ok(())
+    }
+
+    /// Gives registered device `pci` its LOGICAL id too (a device offered on
+    /// a vPCI bus: `logical` is [`DeviceId::logical_vpci`] of its bus's
+    /// channel and its function). The guest may then name the device by
+    /// either id in GET_LOGICAL_DEVICE_PROPERTY, ATTACH and DETACH; the
+    /// registry, statistics and [`Iommu::translate`] keep using the PCI id.
+    /// [`Iommu::unregister_device`] drops the alias with the device.
+    pub fn register_device_alias(
+        &self,
+        logical: DeviceId,
+        pci: DeviceId,
+    ) -> Result<(), IommuError> {
+        if !logical.is_logical() {
+            return Err(IommuError::NotLogicalDevice(logical.into_bits()));
+        }
+        let mut state = self.lock_state();
+        if state.aliases.contains_key(&logical) || state.devices.contains_key(&logical) {
+            return Err(IommuError::DeviceExists(logical));
+        }
+        let Some(entry) = state.devices.get_mut(&pci) else {
+            return Err(IommuError::UnknownDevice(pci));
+        };
+        if let Some(old) = entry.logical {
+            return Err(IommuError::AliasExists {
+                device: pci,
+                logical: old,
+            });
+        }
+        entry.logical = Some(logical);
+        state.aliases.insert(logical, pci);
         Ok(())
     }
 
@@ -271,6 +305,7 @@ impl Iommu {
             .iter()
             .map(|(id, e)| DeviceInfo {
                 id: *id,
+                logical: e.logical,
                 backend: state.backends[e.backend.0].name(),
                 attachment: e.attached,
             })

@@ -61,6 +61,8 @@ pub struct DomainInfo {
 pub struct DeviceInfo {
     /// Device id (PCI form).
     pub id: DeviceId,
+    /// Its LOGICAL id, if it has one ([`crate::Iommu::register_device_alias`]).
+    pub logical: Option<DeviceId>,
     /// Name of its backend.
     pub backend: &'static str,
     /// Where its DMA goes.

@@ -515,8 +515,11 @@ pub struct PciRid {
     pub bus: u8,
 }
 
-/// `hv_device_id` in its PCI form (contract section 4). VMM choice: devices
-/// are named by this form with every other field zero.
+/// `hv_device_id` (contract section 4), with the fields of its PCI form.
+/// VMM choice: devices are registered by the PCI form with every other field
+/// zero; a device offered on a vPCI bus also has a LOGICAL form (bits 63:62
+/// zero, low 32 bits `prefix | function`, see [`DeviceId::logical_vpci`]),
+/// which Linux's driver sends.
 #[bitfield(u64)]
 #[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId {
@@ -555,11 +558,42 @@ impl DeviceId {
     }
 
     /// Whether this is the PCI form with only requester id and segment set
-    /// (the only form this VMM names devices by).
+    /// (the form this VMM registers devices by).
     pub const fn is_plain_pci(self) -> bool {
         let pci_fields = ((1u64 << 32) - 1) | (3 << 62);
         self.device_type() == device_type::PCI && self.0 & !pci_fields == 0
     }
+
+    /// The LOGICAL form of a device id: type 0 (bits 63:62), `id` in the low
+    /// 32 bits, every other bit zero.
+    pub const fn logical(id: u32) -> Self {
+        Self::from_bits(id as u64)
+    }
+
+    /// The LOGICAL id Linux's driver sends for PCI function `function` of the
+    /// vPCI bus offered by the VMBus channel with instance GUID `instance`
+    /// (the bytes of the GUID as Linux stores it): `prefix | function`, with
+    /// [`logical_device_id_prefix`].
+    pub const fn logical_vpci(instance: &[u8; 16], function: u8) -> Self {
+        Self::logical(logical_device_id_prefix(instance) | (function & 0x7) as u32)
+    }
+
+    /// Whether this is the LOGICAL form: type 0 and bits 61:32 zero.
+    pub const fn is_logical(self) -> bool {
+        self.0 >> 32 == 0
+    }
+}
+
+/// The logical device id prefix of a vPCI bus, from the instance GUID of the
+/// VMBus channel that offers it: `b[5] << 24 | b[4] << 16 | b[7] << 8 |
+/// (b[6] & 0xf8)` (Linux's `hv_build_logical_dev_id_prefix`, the id
+/// pci-hyperv also passes to RETARGET_INTERRUPT). The low 3 bits are zero:
+/// they hold the PCI function.
+pub const fn logical_device_id_prefix(instance: &[u8; 16]) -> u32 {
+    ((instance[5] as u32) << 24)
+        | ((instance[4] as u32) << 16)
+        | ((instance[7] as u32) << 8)
+        | (instance[6] & 0xf8) as u32
 }
 
 impl fmt::Display for DeviceId {
@@ -1303,6 +1337,18 @@ mod tests {
             .with_page_mask_shift(9)
             .with_page_number(0x200);
         assert_eq!(e.into_bits(), 0x200 << 12 | 9);
+
+        // LOGICAL form: Linux's prefix from the vPCI channel's instance GUID.
+        let guid = [
+            0x10, 0x11, 0x12, 0x13, 0xA4, 0xA5, 0xB6, 0xB7, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        assert_eq!(logical_device_id_prefix(&guid), 0xA5A4_B7B0);
+        let l = DeviceId::logical_vpci(&guid, 3);
+        assert_eq!(l.into_bits(), 0xA5A4_B7B3);
+        assert!(l.is_logical() && !l.is_plain_pci());
+        assert_eq!(l.device_type(), device_type::LOGICAL);
+        assert!(!dev.is_logical());
+        assert!(!DeviceId::from_bits(1 << 40).is_logical());
     }
 
     #[test]

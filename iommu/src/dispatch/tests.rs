@@ -1929,3 +1929,82 @@ fn s1_configure_identity_blocking_and_paging() {
     assert_eq!(set.len(), 1);
     assert_eq!((set[0].mode(), set[0].root), (crate::S1Mode::Identity, 0));
 }
+
+/// A device offered on a vPCI bus has a PCI id and a LOGICAL id (what
+/// Linux's driver sends); GET_LOGICAL_DEVICE_PROPERTY, ATTACH and DETACH
+/// accept either for the same device.
+#[test]
+fn logical_and_pci_ids_name_the_same_device() {
+    let g = Guest::new();
+    let guid = [
+        0, 1, 2, 3, 0x44, 0x55, 0x6F, 0x77, 8, 9, 10, 11, 12, 13, 14, 15,
+    ];
+    let logical = DeviceId::logical_vpci(&guid, 0);
+    assert_eq!(logical.into_bits(), 0x5544_7768);
+    g.iommu
+        .register_device_alias(logical, dev(9))
+        .expect("alias");
+    let property = |device: DeviceId| {
+        let input = InputGetLogicalDeviceProperty {
+            partition_id: U64::new(HV_PARTITION_ID_SELF),
+            logical_device_id: U64::new(device.into_bits()),
+            code: U32::new(device_property::PVIOMMU),
+            reserved: U32::new(0),
+        };
+        g.simple(HypercallCode::GET_LOGICAL_DEVICE_PROPERTY, input.as_bytes())
+    };
+    assert_eq!(property(logical), ok());
+    assert_eq!(property(dev(9)), ok());
+    assert_eq!(
+        property(DeviceId::logical_vpci(&guid, 1)),
+        HvStatus::INVALID_DEVICE_ID,
+        "another function of the bus"
+    );
+    assert_eq!(
+        property(DeviceId::from_bits(logical.into_bits() | 1 << 40)),
+        HvStatus::INVALID_DEVICE_ID,
+        "ids are compared whole"
+    );
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.attach(S2, 5, logical), ok());
+    assert_eq!(
+        g.iommu.device_attachment(dev(9)),
+        Some(Attachment::Domain(5))
+    );
+    assert_eq!(
+        g.attach(S2, 5, dev(9)),
+        HvStatus::DEVICE_ALREADY_IN_DOMAIN,
+        "the same device"
+    );
+    assert_eq!(g.detach(dev(9)), ok());
+    assert_eq!(g.attach(S2, 5, dev(9)), ok());
+    assert_eq!(g.detach(logical), ok());
+    assert_eq!(g.iommu.device_attachment(dev(9)), Some(Attachment::Default));
+    let info = g.iommu.stats().devices;
+    let d9 = info.iter().find(|d| d.id == dev(9)).expect("dev 9");
+    assert_eq!(d9.logical, Some(logical));
+    // Registration rules.
+    assert!(matches!(
+        g.iommu.register_device_alias(dev(1), dev(2)),
+        Err(crate::IommuError::NotLogicalDevice(_))
+    ));
+    assert!(matches!(
+        g.iommu.register_device_alias(logical, dev(1)),
+        Err(crate::IommuError::DeviceExists(_))
+    ));
+    assert!(matches!(
+        g.iommu.register_device_alias(DeviceId::logical(8), dev(9)),
+        Err(crate::IommuError::AliasExists { .. })
+    ));
+    assert!(matches!(
+        g.iommu.register_device_alias(DeviceId::logical(8), dev(30)),
+        Err(crate::IommuError::UnknownDevice(_))
+    ));
+    // The alias goes with the device.
+    g.iommu.unregister_device(dev(9)).expect("unregister");
+    assert_eq!(property(logical), HvStatus::INVALID_DEVICE_ID);
+    g.iommu.register_device(dev(9), g.rec_id).expect("register");
+    g.iommu
+        .register_device_alias(logical, dev(9))
+        .expect("alias again");
+}
