@@ -31,13 +31,13 @@ use pviommu_abi::{
     Control, HvError, HvStatus, HypercallCode, HypercallOutput, InputAttachDeviceDomain,
     InputConfigureDeviceDomain, InputCreateDeviceDomain, InputDeleteDeviceDomain,
     InputDetachDeviceDomain, InputFlushDeviceDomain, InputFlushDeviceDomainList,
-    InputGetIommuCapabilities, InputGetLogicalDeviceProperty, InputMapDeviceGpaPages,
-    InputUnmapDeviceGpaPages, HV_PAGE_SIZE,
+    InputGetIommuCapabilities, InputGetLogicalDeviceProperty, InputGetVpRegisters,
+    InputMapDeviceGpaPages, InputUnmapDeviceGpaPages, HV_PAGE_SIZE,
 };
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 use vm_memory::GuestMemory;
-use zerocopy::little_endian::U64;
+use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
 /// The registers of a hypercall: RCX (input value), RDX (input GPA or fast
@@ -98,13 +98,14 @@ pub enum HypercallOutcome {
 }
 
 /// The shape of a call: simple or rep, fixed header size, per-rep element
-/// size, output size.
+/// size, output size (simple calls), per-rep output size (rep calls).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Shape {
     pub rep: bool,
     pub header: usize,
     pub elem: usize,
     pub output: usize,
+    pub out_elem: usize,
 }
 
 pub(crate) fn shape(code: HypercallCode) -> Option<Shape> {
@@ -113,14 +114,20 @@ pub(crate) fn shape(code: HypercallCode) -> Option<Shape> {
         header,
         elem: 0,
         output,
+        out_elem: 0,
     };
     let rep = |header, elem| Shape {
         rep: true,
         header,
         elem,
         output: 0,
+        out_elem: 0,
     };
     Some(match code {
+        HypercallCode::GET_VP_REGISTERS => Shape {
+            out_elem: 16,
+            ..rep(16, 4)
+        },
         HypercallCode::GET_IOMMU_CAPABILITIES => simple(16, 24),
         HypercallCode::GET_LOGICAL_DEVICE_PROPERTY => simple(24, 16),
         HypercallCode::CREATE_DEVICE_DOMAIN => simple(28, 0),
@@ -142,10 +149,15 @@ const MAX_OUTPUT: usize = 24;
 const MAX_HEADER: usize = 40;
 const FAST_BYTES: usize = 16;
 
+/// Reps of a call with per-rep output run in chunks of this many, through a
+/// small output buffer on the stack.
+const OUT_CHUNK: u16 = 16;
+const MAX_OUT_ELEM: usize = 16;
+
 /// Per-code counters (index in [`HypercallCode::ALL`], last slot: unknown).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub calls: [AtomicU64; 12],
+    pub calls: [AtomicU64; HypercallCode::ALL.len() + 1],
     pub errors: AtomicU64,
     pub continuations: AtomicU64,
 }
@@ -239,7 +251,7 @@ impl Iommu {
             } else {
                 u16::MAX
             };
-            self.dispatch_inner(mem, control, regs, budget)
+            self.dispatch_inner(mem, vp_index, control, regs, budget)
         };
         match result {
             Ok(Slice::Done(reps)) => HypercallOutcome::Complete {
@@ -270,6 +282,7 @@ impl Iommu {
     fn dispatch_inner<M: GuestMemory + ?Sized>(
         &self,
         mem: &M,
+        vp_index: u32,
         control: Control,
         regs: HypercallRegs,
         budget: u16,
@@ -308,13 +321,14 @@ impl Iommu {
         let mut header = [0u8; MAX_HEADER];
         let mut output = [0u8; MAX_OUTPUT];
         let result = if control.fast() {
-            if input_size > FAST_BYTES || shape.output != 0 {
+            if input_size > FAST_BYTES || shape.output != 0 || shape.out_elem != 0 {
                 return fail(HvError::INVALID_HYPERCALL_INPUT);
             }
             header[..8].copy_from_slice(&regs.rdx.to_le_bytes());
             header[8..16].copy_from_slice(&regs.r8.to_le_bytes());
             self.run_call(
                 mem,
+                vp_index,
                 code,
                 &header[..shape.header],
                 &[],
@@ -326,11 +340,12 @@ impl Iommu {
             if let Err(e) = check_block(regs.rdx, input_size) {
                 return fail(e);
             }
-            if shape.output != 0 {
-                if let Err(e) = check_block(regs.r8, shape.output) {
+            let output_size = shape.output + usize::from(count) * shape.out_elem;
+            if output_size != 0 {
+                if let Err(e) = check_block(regs.r8, output_size) {
                     return fail(e);
                 }
-                if !ram::in_ram(mem, regs.r8, u64::try_from(shape.output).unwrap_or(0)) {
+                if !ram::in_ram(mem, regs.r8, u64::try_from(output_size).unwrap_or(0)) {
                     return fail(HvError::INVALID_PARAMETER);
                 }
             }
@@ -345,18 +360,33 @@ impl Iommu {
                 if !ram::read(mem, elems_gpa, elems) {
                     return fail(HvError::INVALID_PARAMETER);
                 }
-                self.run_call(
-                    mem,
-                    code,
-                    &header[..shape.header],
-                    elems,
-                    start,
-                    end,
-                    &mut output,
-                )
+                if shape.out_elem != 0 {
+                    self.run_with_rep_output(
+                        mem,
+                        vp_index,
+                        code,
+                        shape,
+                        &header[..shape.header],
+                        elems,
+                        (start, end),
+                        regs.r8,
+                    )
+                } else {
+                    self.run_call(
+                        mem,
+                        vp_index,
+                        code,
+                        &header[..shape.header],
+                        elems,
+                        start,
+                        end,
+                        &mut output,
+                    )
+                }
             } else {
                 self.run_call(
                     mem,
+                    vp_index,
                     code,
                     &header[..shape.header],
                     &[],
@@ -384,23 +414,78 @@ impl Iommu {
 }
 
 impl Iommu {
+    /// Runs reps `start..end` of a call with per-rep output, in chunks of
+    /// [`OUT_CHUNK`] reps through a small buffer, writing each completed
+    /// rep's output to its place in the guest's output block (at `out_gpa`,
+    /// already checked) as it goes: the output of every completed rep is
+    /// there, also when a later rep fails.
+    #[allow(clippy::too_many_arguments)]
+    fn run_with_rep_output<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        vp_index: u32,
+        code: HypercallCode,
+        shape: Shape,
+        header: &[u8],
+        elems: &[u8],
+        (start, end): (u16, u16),
+        out_gpa: u64,
+    ) -> Result<(), RepError> {
+        let mut first = start;
+        while first < end {
+            let last = end.min(first.saturating_add(OUT_CHUNK));
+            let at = |rep: u16, size: usize| usize::from(rep - start) * size;
+            let chunk = &elems[at(first, shape.elem)..at(last, shape.elem)];
+            let mut out = [0u8; OUT_CHUNK as usize * MAX_OUT_ELEM];
+            let result = self.run_call(mem, vp_index, code, header, chunk, first, last, &mut out);
+            let done = match result {
+                Ok(()) => usize::from(last - first),
+                Err(e) => e.done,
+            };
+            let bytes = &out[..done * shape.out_elem];
+            // Inside the output block checked by the caller: no overflow.
+            let gpa = out_gpa + u64::try_from(usize::from(first) * shape.out_elem).unwrap_or(0);
+            if !bytes.is_empty() && !ram::write(mem, gpa, bytes) {
+                return Err(RepError {
+                    done: usize::from(first - start),
+                    error: HvError::INVALID_PARAMETER,
+                });
+            }
+            if let Err(e) = result {
+                return Err(RepError {
+                    done: usize::from(first - start) + e.done,
+                    error: e.error,
+                });
+            }
+            first = last;
+        }
+        Ok(())
+    }
+
     /// Runs the typed handler of `code` under the state lock.
     #[allow(clippy::too_many_arguments)]
     fn run_call<M: GuestMemory + ?Sized>(
         &self,
         mem: &M,
+        vp_index: u32,
         code: HypercallCode,
         header: &[u8],
         elems: &[u8],
         start: u16,
         end: u16,
-        output: &mut [u8; MAX_OUTPUT],
+        output: &mut [u8],
     ) -> Result<(), RepError> {
         let mut state = self.lock_state();
         let state = &mut *state;
         let config = &self.config;
         let simple = |r: Result<(), HvError>| r.map_err(RepError::from);
         match code {
+            HypercallCode::GET_VP_REGISTERS => {
+                match (parse::<InputGetVpRegisters>(header), names(elems)) {
+                    (Ok(hdr), Ok(names)) => state.get_vp_registers(vp_index, &hdr, names, output),
+                    (Err(e), _) | (_, Err(e)) => Err(e.into()),
+                }
+            }
             HypercallCode::GET_IOMMU_CAPABILITIES => simple(
                 parse::<InputGetIommuCapabilities>(header)
                     .and_then(|i| state.get_capabilities(config, &i))
@@ -460,6 +545,10 @@ impl Iommu {
 
 fn elements(bytes: &[u8]) -> Result<&[U64], HvError> {
     <[U64]>::ref_from_bytes(bytes).map_err(|_| HvError::INVALID_PARAMETER)
+}
+
+fn names(bytes: &[u8]) -> Result<&[U32], HvError> {
+    <[U32]>::ref_from_bytes(bytes).map_err(|_| HvError::INVALID_PARAMETER)
 }
 
 #[cfg(test)]

@@ -15,19 +15,22 @@ use crate::flush::{decode_entry, merge_ranges, PageRange};
 use crate::ram;
 use crate::runs::{RunMap, UnmapOp};
 use crate::BackendId;
+use pviommu_abi::register;
 use pviommu_abi::{
     device_property, CreateDeviceDomainFlags, DeviceDomainId, DeviceDomainSettingsFlags,
     DeviceDomainType, DeviceId, DeviceIommuProperty, FlushListEntry, FlushListFlags, HvError,
     InputAttachDeviceDomain, InputConfigureDeviceDomain, InputCreateDeviceDomain,
     InputDeleteDeviceDomain, InputDetachDeviceDomain, InputDeviceDomain, InputFlushDeviceDomain,
     InputFlushDeviceDomainList, InputGetIommuCapabilities, InputGetLogicalDeviceProperty,
-    InputMapDeviceGpaPages, InputUnmapDeviceGpaPages, InputVtl, IommuCapabilities, MapFlags,
-    OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty, HV_PARTITION_ID_SELF,
+    InputGetVpRegisters, InputMapDeviceGpaPages, InputUnmapDeviceGpaPages, InputVtl,
+    IommuCapabilities, MapFlags, OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty,
+    RegisterValue, HV_PARTITION_ID_SELF, HV_VP_INDEX_SELF,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
 use vm_memory::GuestMemory;
 use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::IntoBytes;
 
 /// Size of OutputGetIommuCapabilities, reported in its `size` field.
 pub(crate) const CAPABILITIES_SIZE: u32 = 24;
@@ -253,6 +256,38 @@ impl State {
     }
 
     // ---- simple calls ----
+
+    /// GET_VP_REGISTERS, reps `0..names.len()` of this chunk: the value of
+    /// each named register of the calling VP, one [`RegisterValue`] each in
+    /// `output`. Only HV_REGISTER_VSM_VP_STATUS is known: 0 (VTL 0 active,
+    /// no other VTL enabled); any other name is INVALID_PARAMETER at its
+    /// rep. VMM choice: the VP is [`HV_VP_INDEX_SELF`] or the caller's own
+    /// index (no other VP's registers).
+    pub(crate) fn get_vp_registers(
+        &self,
+        caller_vp: u32,
+        input: &InputGetVpRegisters,
+        names: &[U32],
+        output: &mut [u8],
+    ) -> Result<(), RepError> {
+        check_partition(input.partition_id)?;
+        let vp = input.vp_index.get();
+        if (vp != HV_VP_INDEX_SELF && vp != caller_vp)
+            || !InputVtl::from_bits(input.input_vtl).is_vtl0()
+            || input.padding != [0; 3]
+        {
+            return Err(HvError::INVALID_PARAMETER.into());
+        }
+        let values = output.chunks_exact_mut(size_of::<RegisterValue>());
+        for (k, (name, out)) in names.iter().zip(values).enumerate() {
+            let value = match name.get() {
+                register::VSM_VP_STATUS => RegisterValue::default(),
+                _ => return Err(RepError::at(k, HvError::INVALID_PARAMETER)),
+            };
+            out.copy_from_slice(value.as_bytes());
+        }
+        Ok(())
+    }
 
     pub(crate) fn get_capabilities(
         &self,

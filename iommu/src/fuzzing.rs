@@ -115,7 +115,7 @@ fn domain_word(r: &mut Reader<'_>) -> u64 {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Coverage {
     /// Calls that ended with SUCCESS, per [`HypercallCode::ALL`] index.
-    pub successes: [u64; 11],
+    pub successes: [u64; HypercallCode::ALL.len()],
     /// Translations that succeeded through a guest-created domain.
     pub domain_translations: u64,
     /// Translations that faulted.

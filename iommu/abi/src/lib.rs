@@ -26,6 +26,8 @@ pub const HV_PAGE_SHIFT: u32 = 12;
 pub const HV_PAGE_SIZE: u64 = 1 << HV_PAGE_SHIFT;
 /// The only partition id accepted: the caller's own partition.
 pub const HV_PARTITION_ID_SELF: u64 = u64::MAX;
+/// The calling virtual processor, as a vp_index (GET_VP_REGISTERS).
+pub const HV_VP_INDEX_SELF: u32 = 0xFFFF_FFFE;
 
 /// VMM choice (transport): the port whose `out` is the hypercall.
 pub const HYPERCALL_PORT: u16 = 0xE4;
@@ -78,6 +80,16 @@ pub const MAP_MAX_REPS_PER_PAGE: u16 = 507;
 /// Most FLUSH_DEVICE_DOMAIN_LIST entries whose input fits one page:
 /// (4096 - 32) / 8.
 pub const FLUSH_LIST_MAX_REPS_PER_PAGE: u16 = 508;
+/// Most GET_VP_REGISTERS reps whose output fits one page: 4096 / 16 (the
+/// input, 16 + 4 bytes a rep, would fit 1020).
+pub const GET_VP_REGISTERS_MAX_REPS_PER_PAGE: u16 = 256;
+
+/// Register names of GET_VP_REGISTERS.
+pub mod register {
+    /// HV_REGISTER_VSM_VP_STATUS: the VP's active VTL and enabled VTLs
+    /// (Linux reads it at boot; 0 means VTL 0, no other VTL).
+    pub const VSM_VP_STATUS: u32 = 0x000D_0003;
+}
 
 /// CPUID leaves and bits of the Hyper-V discovery interface (contract section 1).
 pub mod cpuid {
@@ -147,6 +159,8 @@ pub struct HypercallMsr {
 pub struct HypercallCode(pub u16);
 
 impl HypercallCode {
+    /// HvCallGetVpRegisters (rep).
+    pub const GET_VP_REGISTERS: Self = Self(0x0050);
     /// HvCallCreateDeviceDomain.
     pub const CREATE_DEVICE_DOMAIN: Self = Self(0x00B1);
     /// HvCallAttachDeviceDomain.
@@ -171,7 +185,7 @@ impl HypercallCode {
     pub const GET_LOGICAL_DEVICE_PROPERTY: Self = Self(0x0127);
 
     /// Every call of the contract.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::CREATE_DEVICE_DOMAIN,
         Self::ATTACH_DEVICE_DOMAIN,
         Self::MAP_DEVICE_GPA_PAGES,
@@ -183,11 +197,13 @@ impl HypercallCode {
         Self::FLUSH_DEVICE_DOMAIN_LIST,
         Self::GET_IOMMU_CAPABILITIES,
         Self::GET_LOGICAL_DEVICE_PROPERTY,
+        Self::GET_VP_REGISTERS,
     ];
 
     /// The call's name, or `None` for a code the contract does not define.
     pub const fn name(self) -> Option<&'static str> {
         Some(match self {
+            Self::GET_VP_REGISTERS => "GET_VP_REGISTERS",
             Self::CREATE_DEVICE_DOMAIN => "CREATE_DEVICE_DOMAIN",
             Self::ATTACH_DEVICE_DOMAIN => "ATTACH_DEVICE_DOMAIN",
             Self::MAP_DEVICE_GPA_PAGES => "MAP_DEVICE_GPA_PAGES",
@@ -1124,6 +1140,56 @@ pub struct InputFlushDeviceDomainList {
     pub reserved: U32,
 }
 
+/// GET_VP_REGISTERS input header (16 bytes), followed by one u32 register
+/// name per rep (see [`register`]).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputGetVpRegisters {
+    /// Must be [`HV_PARTITION_ID_SELF`].
+    pub partition_id: U64,
+    /// The VP: [`HV_VP_INDEX_SELF`] or an index.
+    pub vp_index: U32,
+    /// [`InputVtl`] of the registers.
+    pub input_vtl: u8,
+    /// Must be zero (Linux's rsvd_z8 and rsvd_z16).
+    pub padding: [u8; 3],
+}
+
+/// One register value of GET_VP_REGISTERS's output (`hv_register_value`,
+/// 16 bytes), one per rep.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct RegisterValue {
+    /// Bits 63:0 (a 64-bit register's value).
+    pub low: U64,
+    /// Bits 127:64.
+    pub high: U64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1245,6 +1311,16 @@ mod tests {
         assert_eq!(offset_of!(InputFlushDeviceDomain, flags), 24);
         assert_eq!(offset_of!(InputFlushDeviceDomain, reserved), 28);
 
+        assert_eq!(size_of::<InputGetVpRegisters>(), 16);
+        assert_eq!(offset_of!(InputGetVpRegisters, partition_id), 0);
+        assert_eq!(offset_of!(InputGetVpRegisters, vp_index), 8);
+        assert_eq!(offset_of!(InputGetVpRegisters, input_vtl), 12);
+        assert_eq!(offset_of!(InputGetVpRegisters, padding), 13);
+
+        assert_eq!(size_of::<RegisterValue>(), 16);
+        assert_eq!(offset_of!(RegisterValue, low), 0);
+        assert_eq!(offset_of!(RegisterValue, high), 8);
+
         assert_eq!(size_of::<InputFlushDeviceDomainList>(), 32);
         assert_eq!(offset_of!(InputFlushDeviceDomainList, device_domain), 0);
         assert_eq!(offset_of!(InputFlushDeviceDomainList, flags), 24);
@@ -1258,6 +1334,11 @@ mod tests {
         let flush = size_of::<InputFlushDeviceDomainList>() as u64
             + FLUSH_LIST_MAX_REPS_PER_PAGE as u64 * 8;
         assert_eq!(flush, HV_PAGE_SIZE);
+        let vp_out = size_of::<RegisterValue>() as u64 * GET_VP_REGISTERS_MAX_REPS_PER_PAGE as u64;
+        assert_eq!(vp_out, HV_PAGE_SIZE);
+        let vp_in =
+            size_of::<InputGetVpRegisters>() as u64 + GET_VP_REGISTERS_MAX_REPS_PER_PAGE as u64 * 4;
+        assert!(vp_in <= HV_PAGE_SIZE);
     }
 
     #[test]
@@ -1386,6 +1467,9 @@ mod tests {
 
     #[test]
     fn codes_and_statuses() {
+        assert_eq!(HypercallCode::GET_VP_REGISTERS.0, 0x0050);
+        assert_eq!(register::VSM_VP_STATUS, 0x000D_0003);
+        assert_eq!(HV_VP_INDEX_SELF, 0xFFFF_FFFE);
         assert_eq!(HypercallCode::GET_IOMMU_CAPABILITIES.0, 0x0125);
         assert_eq!(HypercallCode::GET_LOGICAL_DEVICE_PROPERTY.0, 0x0127);
         assert_eq!(HypercallCode::CREATE_DEVICE_DOMAIN.0, 0x00B1);

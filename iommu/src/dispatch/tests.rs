@@ -12,6 +12,7 @@ use pviommu_abi::{
     DeviceDomainSettingsFlags, DeviceDomainType, FlushListEntry, InputDeviceDomain,
     OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty, HV_PARTITION_ID_SELF,
 };
+use pviommu_abi::{register, InputGetVpRegisters, HV_VP_INDEX_SELF};
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::little_endian::{U32, U64};
@@ -662,6 +663,11 @@ fn partition_id_must_be_self_for_every_call() {
         .as_bytes()
         .to_vec(),
         0,
+    ));
+    calls.push((
+        HypercallCode::GET_VP_REGISTERS,
+        vp_registers_input(HV_VP_INDEX_SELF, &[register::VSM_VP_STATUS]),
+        1,
     ));
     assert_eq!(calls.len(), HypercallCode::ALL.len());
     for (code, bytes, reps) in calls {
@@ -2007,4 +2013,120 @@ fn logical_and_pci_ids_name_the_same_device() {
     g.iommu
         .register_device_alias(logical, dev(9))
         .expect("alias again");
+}
+
+pub(crate) fn vp_registers_input(vp_index: u32, names: &[u32]) -> Vec<u8> {
+    let mut bytes = InputGetVpRegisters {
+        partition_id: U64::new(HV_PARTITION_ID_SELF),
+        vp_index: U32::new(vp_index),
+        input_vtl: 0,
+        padding: [0; 3],
+    }
+    .as_bytes()
+    .to_vec();
+    for n in names {
+        bytes.extend_from_slice(&n.to_le_bytes());
+    }
+    bytes
+}
+
+/// GET_VP_REGISTERS: HV_REGISTER_VSM_VP_STATUS reads 0 (Linux reads it at
+/// boot and BUG()s on an error); other registers are INVALID_PARAMETER at
+/// their rep, with the output of the reps before it written.
+#[test]
+fn get_vp_registers_answers_vsm_vp_status() {
+    let g = Guest::with(IommuConfig {
+        rep_budget: 5,
+        ..Default::default()
+    });
+    let call = |input: &[u8], count: u16, r8: u64| {
+        g.write_input(input);
+        g.mem
+            .write_slice(&[0xA5; 4096], GuestAddress(OUTPUT))
+            .expect("pattern");
+        let rcx = Control::new()
+            .with_code(HypercallCode::GET_VP_REGISTERS.0)
+            .with_rep_count(count)
+            .into_bits();
+        g.issue(rcx, INPUT, r8)
+    };
+    let output = |n: usize| {
+        let mut out = vec![0u8; n];
+        g.mem
+            .read_slice(&mut out, GuestAddress(OUTPUT))
+            .expect("read");
+        out
+    };
+    let vsm = register::VSM_VP_STATUS;
+    // What Linux's get_vtl() sends: one rep, HV_VP_INDEX_SELF.
+    let (res, slices) = call(&vp_registers_input(HV_VP_INDEX_SELF, &[vsm]), 1, OUTPUT);
+    assert_eq!((res, slices), ((ok(), 1), 1));
+    assert_eq!(output(17), [&[0u8; 16][..], &[0xA5]].concat());
+    // Many reps, time-sliced (budget 5), and the caller's own index.
+    let names = vec![vsm; 40];
+    let (res, slices) = call(&vp_registers_input(0, &names), 40, OUTPUT);
+    assert_eq!((res, slices), ((ok(), 40), 8));
+    assert_eq!(output(641), [&[0u8; 640][..], &[0xA5]].concat());
+    // An unknown register at rep 21: the 21 values before it are written.
+    let mut names = vec![vsm; 30];
+    names[21] = 0x0009_0001;
+    let (res, _) = call(&vp_registers_input(HV_VP_INDEX_SELF, &names), 30, OUTPUT);
+    assert_eq!(res, (HvStatus::INVALID_PARAMETER, 21));
+    assert_eq!(output(21 * 16 + 1), [&[0u8; 21 * 16][..], &[0xA5]].concat());
+    // The header.
+    let bad_input = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = vp_registers_input(HV_VP_INDEX_SELF, &[vsm]);
+        f(&mut b);
+        call(&b, 1, OUTPUT).0
+    };
+    assert_eq!(
+        bad_input(&|b| b[0] = 0),
+        (HvStatus::INVALID_PARTITION_ID, 0)
+    );
+    assert_eq!(
+        bad_input(&|b| b[8..12].copy_from_slice(&7u32.to_le_bytes())),
+        (HvStatus::INVALID_PARAMETER, 0),
+        "another VP"
+    );
+    assert_eq!(bad_input(&|b| b[12] = 0x10), (ok(), 1), "VTL 0 named");
+    assert_eq!(bad_input(&|b| b[12] = 1), (HvStatus::INVALID_PARAMETER, 0));
+    for i in 13..16 {
+        assert_eq!(bad_input(&|b| b[i] = 1), (HvStatus::INVALID_PARAMETER, 0));
+    }
+    // The output block: 16 bytes a rep, within a page, in RAM.
+    let names = vec![vsm; 257];
+    assert_eq!(
+        call(&vp_registers_input(HV_VP_INDEX_SELF, &names), 257, OUTPUT).0,
+        (HvStatus::INVALID_ALIGNMENT, 0)
+    );
+    assert_eq!(
+        call(
+            &vp_registers_input(HV_VP_INDEX_SELF, &[vsm, vsm]),
+            2,
+            OUTPUT + 0xFF0
+        )
+        .0,
+        (HvStatus::INVALID_ALIGNMENT, 0)
+    );
+    assert_eq!(
+        call(&vp_registers_input(HV_VP_INDEX_SELF, &[vsm]), 1, RAM_TOP).0,
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    // Not a fast call (it has output); not a simple call.
+    let fast = Control::new()
+        .with_code(HypercallCode::GET_VP_REGISTERS.0)
+        .with_fast(true)
+        .with_rep_count(1)
+        .into_bits();
+    assert_eq!(
+        g.issue(fast, HV_PARTITION_ID_SELF, 0).0,
+        (HvStatus::INVALID_HYPERCALL_INPUT, 0)
+    );
+    let simple = Control::new()
+        .with_code(HypercallCode::GET_VP_REGISTERS.0)
+        .into_bits();
+    assert_eq!(
+        g.issue(simple, INPUT, OUTPUT).0,
+        (HvStatus::INVALID_HYPERCALL_INPUT, 0)
+    );
 }
