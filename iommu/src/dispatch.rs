@@ -154,10 +154,20 @@ const FAST_BYTES: usize = 16;
 const OUT_CHUNK: u16 = 16;
 const MAX_OUT_ELEM: usize = 16;
 
+/// Code slots of the counters: one per [`HypercallCode::ALL`], then one
+/// for unknown codes.
+pub(crate) const CODE_SLOTS: usize = HypercallCode::ALL.len() + 1;
+/// Status slots of the counters: SUCCESS, one per [`HvError::ALL`], then one
+/// for a status outside the contract (never produced).
+pub(crate) const STATUS_SLOTS: usize = HvError::ALL.len() + 2;
+
 /// Per-code counters (index in [`HypercallCode::ALL`], last slot: unknown).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub calls: [AtomicU64; HypercallCode::ALL.len() + 1],
+    /// Dispatches (slices) per code.
+    pub calls: [AtomicU64; CODE_SLOTS],
+    /// Completed calls per code and final status.
+    pub statuses: [[AtomicU64; STATUS_SLOTS]; CODE_SLOTS],
     pub errors: AtomicU64,
     pub continuations: AtomicU64,
 }
@@ -168,6 +178,29 @@ impl Counters {
             .iter()
             .position(|c| *c == code)
             .unwrap_or(HypercallCode::ALL.len())
+    }
+
+    /// The status slot of `status`; the inverse of [`Counters::status_of`].
+    pub(crate) fn status_slot(status: HvStatus) -> usize {
+        match HvError::from_status(status) {
+            None => 0,
+            Some(e) => HvError::ALL
+                .iter()
+                .position(|x| *x == e)
+                .map_or(STATUS_SLOTS - 1, |i| i + 1),
+        }
+    }
+
+    /// The status counted in `slot` (`None` for the out-of-contract slot).
+    pub(crate) fn status_of(slot: usize) -> Option<HvStatus> {
+        match slot {
+            0 => Some(HvStatus::SUCCESS),
+            _ => HvError::ALL.get(slot - 1).map(|e| e.status()),
+        }
+    }
+
+    fn complete(&self, code: HypercallCode, status: HvStatus) {
+        self.statuses[Self::slot(code)][Self::status_slot(status)].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -254,9 +287,13 @@ impl Iommu {
             self.dispatch_inner(mem, vp_index, control, regs, budget)
         };
         match result {
-            Ok(Slice::Done(reps)) => HypercallOutcome::Complete {
-                rax: HypercallOutput::from_status(HvStatus::SUCCESS, reps).into_bits(),
-            },
+            Ok(Slice::Done(reps)) => {
+                self.counters
+                    .complete(control.call_code(), HvStatus::SUCCESS);
+                HypercallOutcome::Complete {
+                    rax: HypercallOutput::from_status(HvStatus::SUCCESS, reps).into_bits(),
+                }
+            }
             Ok(Slice::Continue(next)) => {
                 self.counters.continuations.fetch_add(1, Ordering::Relaxed);
                 HypercallOutcome::Continue {
@@ -265,6 +302,7 @@ impl Iommu {
             }
             Err((error, reps)) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.counters.complete(control.call_code(), error.status());
                 if self.log_limit.allow() {
                     log::debug!(
                         "pvIOMMU: vp {vp_index}: {:?} (rcx {:#x}) -> {error} after {reps} reps",

@@ -93,7 +93,9 @@ pub use domains::{Attachment, FlushStats};
 pub use pviommu_abi as abi;
 pub use pviommu_abi::DeviceId;
 pub use software::{IotlbStats, SoftwareBackend};
-pub use stats::{DeviceInfo, DomainInfo, DomainInfoKind, FaultStats, HypercallStats, IommuStats};
+pub use stats::{
+    DeviceInfo, DomainInfo, DomainInfoKind, FaultStats, HypercallStats, IommuStats, StatusCount,
+};
 pub use translate::{Access, Fault, FaultReason, Segment, Segments};
 
 use dispatch::{Counters, RateLimit};
@@ -371,6 +373,20 @@ impl Iommu {
             .map(|c| (*c, load(Counters::slot(*c))))
             .collect();
         let unknown = load(HypercallCode::ALL.len());
+        let mut by_status = Vec::new();
+        for (code_slot, statuses) in self.counters.statuses.iter().enumerate() {
+            let code = HypercallCode::ALL.get(code_slot).copied();
+            for (status_slot, n) in statuses.iter().enumerate() {
+                let count = n.load(Ordering::Relaxed);
+                if let (true, Some(status)) = (count > 0, Counters::status_of(status_slot)) {
+                    by_status.push(StatusCount {
+                        code,
+                        status,
+                        count,
+                    });
+                }
+            }
+        }
         IommuStats {
             domains,
             devices,
@@ -379,6 +395,7 @@ impl Iommu {
                 by_code,
                 unknown,
                 errors: self.counters.errors.load(Ordering::Relaxed),
+                by_status,
                 continuations: self.counters.continuations.load(Ordering::Relaxed),
             },
             faults,

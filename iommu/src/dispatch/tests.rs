@@ -2130,3 +2130,45 @@ fn get_vp_registers_answers_vsm_vp_status() {
         (HvStatus::INVALID_HYPERCALL_INPUT, 0)
     );
 }
+
+/// Completed calls are counted per code and final status, so the VMM can
+/// tell which calls of a guest got which error (or that none did).
+#[test]
+fn statuses_are_counted_per_call_code() {
+    let g = Guest::with(IommuConfig {
+        rep_budget: 2,
+        ..Default::default()
+    });
+    assert!(g.iommu.stats().hypercalls.by_status.is_empty());
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.create(S2, 5), HvStatus::INVALID_PARAMETER);
+    assert_eq!(g.create(S2, 0), HvStatus::INVALID_PARAMETER);
+    assert_eq!(g.attach(S2, 5, dev(20)), HvStatus::INVALID_DEVICE_ID);
+    // A time-sliced call (3 slices) counts once, with its final status.
+    assert_eq!(
+        g.map(5, 0, &[0x100, 0x102, 0x104, 0x106, 0x108], R),
+        (ok(), 5)
+    );
+    let unknown = Control::new().with_code(0x0001).into_bits();
+    assert_eq!(
+        g.issue(unknown, INPUT, OUTPUT).0,
+        (HvStatus::INVALID_HYPERCALL_CODE, 0)
+    );
+    let h = g.iommu.stats().hypercalls;
+    let create = Some(HypercallCode::CREATE_DEVICE_DOMAIN);
+    assert_eq!(h.count(create, HvStatus::SUCCESS), 1);
+    assert_eq!(h.count(create, HvStatus::INVALID_PARAMETER), 2);
+    assert_eq!(h.errors_of(create), 2);
+    let attach = Some(HypercallCode::ATTACH_DEVICE_DOMAIN);
+    assert_eq!(h.count(attach, HvStatus::INVALID_DEVICE_ID), 1);
+    let map = Some(HypercallCode::MAP_DEVICE_GPA_PAGES);
+    assert_eq!((h.count(map, HvStatus::SUCCESS), h.errors_of(map)), (1, 0));
+    assert_eq!(h.count(None, HvStatus::INVALID_HYPERCALL_CODE), 1);
+    assert_eq!(h.error_counts().map(|s| s.count).sum::<u64>(), h.errors);
+    assert_eq!(
+        h.by_status.iter().map(|s| s.count).sum::<u64>(),
+        6,
+        "completed calls, not slices"
+    );
+    assert_eq!(h.total, 8, "slices: MAP took 3");
+}
