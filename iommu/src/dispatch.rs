@@ -590,4 +590,6 @@ fn names(bytes: &[u8]) -> Result<&[U32], HvError> {
 }
 
 #[cfg(test)]
+mod linux_replay;
+#[cfg(test)]
 pub(crate) mod tests;
