@@ -30,10 +30,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use vm_memory::GuestMemory;
 use zerocopy::little_endian::{U16, U32, U64};
-use zerocopy::IntoBytes;
 
 /// Size of OutputGetIommuCapabilities, reported in its `size` field.
-pub(crate) const CAPABILITIES_SIZE: u32 = 24;
+pub(crate) const CAPABILITIES_SIZE: u32 = {
+    let size = size_of::<OutputGetIommuCapabilities>();
+    assert!(size <= u32::MAX as usize);
+    #[allow(clippy::cast_possible_truncation)] // checked just above
+    let size = size as u32;
+    size
+};
 
 /// Result of a simple call.
 pub(crate) type HvResult<T> = Result<T, HvError>;
@@ -268,7 +273,7 @@ impl State {
         caller_vp: u32,
         input: &InputGetVpRegisters,
         names: &[U32],
-        output: &mut [u8],
+        output: &mut [RegisterValue],
     ) -> Result<(), RepError> {
         check_partition(input.partition_id)?;
         let vp = input.vp_index.get();
@@ -278,13 +283,11 @@ impl State {
         {
             return Err(HvError::INVALID_PARAMETER.into());
         }
-        let values = output.chunks_exact_mut(size_of::<RegisterValue>());
-        for (k, (name, out)) in names.iter().zip(values).enumerate() {
-            let value = match name.get() {
+        for (k, (name, out)) in names.iter().zip(output.iter_mut()).enumerate() {
+            *out = match name.get() {
                 register::VSM_VP_STATUS => RegisterValue::default(),
                 _ => return Err(RepError::at(k, HvError::INVALID_PARAMETER)),
             };
-            out.copy_from_slice(value.as_bytes());
         }
         Ok(())
     }

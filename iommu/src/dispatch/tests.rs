@@ -2172,3 +2172,52 @@ fn statuses_are_counted_per_call_code() {
     );
     assert_eq!(h.total, 8, "slices: MAP took 3");
 }
+
+/// The hypercall table, derived from the ABI types, has the sizes the
+/// contract (section 5) gives, for every call in HypercallCode::ALL.
+#[test]
+fn the_table_is_the_contract() {
+    // (code, rep, header, rep element, output, rep output), in bytes.
+    let contract = [
+        (HypercallCode::CREATE_DEVICE_DOMAIN, false, 28, 0, 0, 0),
+        (HypercallCode::ATTACH_DEVICE_DOMAIN, false, 32, 0, 0, 0),
+        (HypercallCode::MAP_DEVICE_GPA_PAGES, true, 40, 8, 0, 0),
+        (HypercallCode::UNMAP_DEVICE_GPA_PAGES, true, 32, 0, 0, 0),
+        (HypercallCode::DETACH_DEVICE_DOMAIN, false, 16, 0, 0, 0),
+        (HypercallCode::DELETE_DEVICE_DOMAIN, false, 24, 0, 0, 0),
+        (HypercallCode::CONFIGURE_DEVICE_DOMAIN, false, 40, 0, 0, 0),
+        (HypercallCode::FLUSH_DEVICE_DOMAIN, false, 32, 0, 0, 0),
+        (HypercallCode::FLUSH_DEVICE_DOMAIN_LIST, true, 32, 8, 0, 0),
+        (HypercallCode::GET_IOMMU_CAPABILITIES, false, 16, 0, 24, 0),
+        (
+            HypercallCode::GET_LOGICAL_DEVICE_PROPERTY,
+            false,
+            24,
+            0,
+            16,
+            0,
+        ),
+        (HypercallCode::GET_VP_REGISTERS, true, 16, 4, 0, 16),
+    ];
+    assert_eq!(contract.len(), HypercallCode::ALL.len());
+    for (code, rep, header, elem, output, out_elem) in contract {
+        assert_eq!(
+            shape(code),
+            Some(Shape {
+                code,
+                rep,
+                header,
+                elem,
+                output,
+                out_elem
+            }),
+            "{code:?}"
+        );
+    }
+    assert_eq!(CALLS.map(|s| s.code), HypercallCode::ALL);
+    assert_eq!(shape(HypercallCode(0x0001)), None);
+    assert_eq!(
+        crate::domains::CAPABILITIES_SIZE as usize,
+        size_of::<OutputGetIommuCapabilities>()
+    );
+}
