@@ -64,7 +64,8 @@
 //! software backend has its own mutex, taken by `translate` only while it
 //! looks up a translation; no lock is held while a device touches guest
 //! memory, and `translate` never takes the state lock on its fast path, so
-//! DMA cannot deadlock against hypercalls. Lock order: state, then backend.
+//! DMA cannot deadlock against hypercalls. The fault log has a small lock of
+//! its own. Lock order: state, then backend or fault log.
 
 pub mod backend;
 mod config;
