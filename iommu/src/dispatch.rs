@@ -23,21 +23,28 @@
 //! From step 4 on, an error reports the rep start as reps completed (the
 //! reps of earlier slices stay done); a handler error reports the index of
 //! the failing rep.
+//!
+//! The calls are one table (`hypercalls!` below): per call its code, its ABI
+//! input, rep element, rep output and output types, and its handler. The
+//! shapes the checks use ([`CALLS`]) are `size_of` those types, the table is
+//! checked at compile time to be [`HypercallCode::ALL`] in order (the
+//! counters' slots follow that list), and the handlers get typed values.
 
-use crate::domains::RepError;
+use crate::domains::{RepError, State};
 use crate::ram;
 use crate::Iommu;
 use pviommu_abi::{
     Control, HvError, HvStatus, HypercallCode, HypercallOutput, InputAttachDeviceDomain,
     InputConfigureDeviceDomain, InputCreateDeviceDomain, InputDeleteDeviceDomain,
     InputDetachDeviceDomain, InputFlushDeviceDomain, InputFlushDeviceDomainList,
-    InputGetIommuCapabilities, InputGetLogicalDeviceProperty, InputMapDeviceGpaPages,
-    InputUnmapDeviceGpaPages, HV_PAGE_SIZE,
+    InputGetIommuCapabilities, InputGetLogicalDeviceProperty, InputGetVpRegisters,
+    InputMapDeviceGpaPages, InputUnmapDeviceGpaPages, OutputGetIommuCapabilities,
+    OutputGetLogicalDeviceProperty, RegisterValue, HV_PAGE_SIZE,
 };
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Instant;
 use vm_memory::GuestMemory;
-use zerocopy::little_endian::U64;
+use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
 /// The registers of a hypercall: RCX (input value), RDX (input GPA or fast
@@ -97,55 +104,317 @@ pub enum HypercallOutcome {
     },
 }
 
-/// The shape of a call: simple or rep, fixed header size, per-rep element
-/// size, output size.
+/// The shape of a call, from its ABI types ([`CALLS`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Shape {
+    /// The call code.
+    pub code: HypercallCode,
+    /// A rep call (else simple).
     pub rep: bool,
+    /// `size_of` the fixed input header.
     pub header: usize,
+    /// `size_of` one rep's input element (0: none).
     pub elem: usize,
+    /// `size_of` a simple call's output (0: none).
     pub output: usize,
+    /// `size_of` one rep's output element (0: none).
+    pub out_elem: usize,
 }
 
-pub(crate) fn shape(code: HypercallCode) -> Option<Shape> {
-    let simple = |header, output| Shape {
-        rep: false,
-        header,
-        elem: 0,
-        output,
+/// The reps of this time slice, as a typed handler gets them.
+pub(crate) struct Reps<'a, E, O> {
+    /// Index of the first rep (reps of earlier slices are done).
+    pub start: u16,
+    /// Reps in this slice.
+    pub count: usize,
+    /// Their input elements (empty for a call without any).
+    pub elems: &'a [E],
+    /// Their output elements, zeroed (empty for a call without any).
+    pub out: &'a mut [O],
+}
+
+/// What a typed handler gets beside the state and its input.
+pub(crate) struct Ctx<'a, M: ?Sized> {
+    pub iommu: &'a Iommu,
+    pub mem: &'a M,
+    pub vp_index: u32,
+}
+
+/// A rep element type: a slice of them over guest bytes, typed (no
+/// alignment needed: the ABI's integers are byte arrays). `()` is "none".
+pub(crate) trait Element: Sized {
+    fn slice(bytes: &[u8]) -> Option<&[Self]>;
+    fn slice_mut(bytes: &mut [u8]) -> Option<&mut [Self]>;
+}
+
+impl Element for () {
+    fn slice(_: &[u8]) -> Option<&[Self]> {
+        Some(&[])
+    }
+    fn slice_mut(_: &mut [u8]) -> Option<&mut [Self]> {
+        Some(&mut [])
+    }
+}
+
+macro_rules! elements {
+    ($($t:ty),*) => {$(
+        impl Element for $t {
+            fn slice(bytes: &[u8]) -> Option<&[Self]> {
+                <[Self]>::ref_from_bytes(bytes).ok()
+            }
+            fn slice_mut(bytes: &mut [u8]) -> Option<&mut [Self]> {
+                <[Self]>::mut_from_bytes(bytes).ok()
+            }
+        }
+    )*};
+}
+elements!(U32, U64, RegisterValue);
+
+/// A simple call's output type, written at the start of the output block.
+/// `()` is "none".
+pub(crate) trait Output {
+    fn write(&self, out: &mut [u8]);
+}
+
+impl Output for () {
+    fn write(&self, _: &mut [u8]) {}
+}
+
+macro_rules! outputs {
+    ($($t:ty),*) => {$(
+        impl Output for $t {
+            fn write(&self, out: &mut [u8]) {
+                // The buffer is MAX_OUTPUT bytes, at least size_of::<Self>().
+                let _ = self.write_to_prefix(out);
+            }
+        }
+    )*};
+}
+outputs!(OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty);
+
+/// A handler's result: a simple call's (`HvResult`) or a rep call's
+/// (`Result<_, RepError>`, the failing rep in it).
+pub(crate) trait HandlerResult<T> {
+    fn into_rep(self) -> Result<T, RepError>;
+}
+
+impl<T> HandlerResult<T> for Result<T, HvError> {
+    fn into_rep(self) -> Result<T, RepError> {
+        self.map_err(RepError::from)
+    }
+}
+
+impl<T> HandlerResult<T> for Result<T, RepError> {
+    fn into_rep(self) -> Self {
+        self
+    }
+}
+
+/// Parses a call's typed input and elements out of the zeroed copies the
+/// dispatcher made, runs `handler` on them, and writes its output.
+#[allow(clippy::too_many_arguments)]
+fn run_typed<M, I, E, O, Out, R>(
+    cx: &Ctx<'_, M>,
+    state: &mut State,
+    header: &[u8],
+    elems: &[u8],
+    (start, end): (u16, u16),
+    output: &mut [u8],
+    handler: impl FnOnce(&Ctx<'_, M>, &mut State, &I, Reps<'_, E, O>) -> R,
+) -> Result<(), RepError>
+where
+    M: GuestMemory + ?Sized,
+    I: FromBytes,
+    E: Element,
+    O: Element,
+    Out: Output,
+    R: HandlerResult<Out>,
+{
+    let invalid = || RepError::from(HvError::INVALID_PARAMETER);
+    let (input, _) = I::read_from_prefix(header).map_err(|_| invalid())?;
+    let count = usize::from(end.saturating_sub(start));
+    let elems = E::slice(elems).ok_or_else(invalid)?;
+    // The dispatcher gives a rep-output call a buffer for its chunk's reps
+    // (never short); other calls have no per-rep output, so `out` is empty
+    // and `rest` is the whole buffer, for a simple call's output.
+    let out_len = count * size_of::<O>();
+    if out_len > output.len() {
+        return Err(invalid());
+    }
+    let (out, rest) = output.split_at_mut(out_len);
+    let out = O::slice_mut(out).ok_or_else(invalid)?;
+    let reps = Reps {
+        start,
+        count,
+        elems,
+        out,
     };
-    let rep = |header, elem| Shape {
-        rep: true,
-        header,
-        elem,
-        output: 0,
+    handler(cx, state, &input, reps).into_rep()?.write(rest);
+    Ok(())
+}
+
+/// The hypercall table: one line per call of the contract, in
+/// [`HypercallCode::ALL`]'s order (checked at compile time): its kind, its
+/// input header, rep element and rep output types, its output type, and its
+/// handler. [`CALLS`] (the shapes, every size a `size_of`) and the
+/// dispatcher's `run_call` are both generated from it.
+macro_rules! hypercalls {
+    ($(
+        $code:ident: $kind:ident($input:ty, $elem:ty => $out_elem:ty) -> $output:ty
+            = $handler:expr;
+    )*) => {
+        /// Every call's shape, in [`HypercallCode::ALL`]'s order.
+        pub(crate) const CALLS: [Shape; HypercallCode::ALL.len()] = [$(
+            Shape {
+                code: HypercallCode::$code,
+                rep: hypercalls!(@rep $kind),
+                header: size_of::<$input>(),
+                elem: size_of::<$elem>(),
+                output: size_of::<$output>(),
+                out_elem: size_of::<$out_elem>(),
+            },
+        )*];
+
+        impl Iommu {
+            /// Runs the typed handler of `code` under the state lock, on
+            /// reps `start..end` (rep calls).
+            #[allow(clippy::too_many_arguments)]
+            fn run_call<M: GuestMemory + ?Sized>(
+                &self,
+                cx: &Ctx<'_, M>,
+                code: HypercallCode,
+                header: &[u8],
+                elems: &[u8],
+                start: u16,
+                end: u16,
+                output: &mut [u8],
+            ) -> Result<(), RepError> {
+                let mut state = self.lock_state();
+                let state = &mut *state;
+                let reps = (start, end);
+                match code {
+                    $(HypercallCode::$code => run_typed::<M, $input, $elem, $out_elem, $output, _>(
+                        cx, state, header, elems, reps, output, $handler,
+                    ),)*
+                    _ => Err(HvError::INVALID_HYPERCALL_CODE.into()),
+                }
+            }
+        }
     };
-    Some(match code {
-        HypercallCode::GET_IOMMU_CAPABILITIES => simple(16, 24),
-        HypercallCode::GET_LOGICAL_DEVICE_PROPERTY => simple(24, 16),
-        HypercallCode::CREATE_DEVICE_DOMAIN => simple(28, 0),
-        HypercallCode::DELETE_DEVICE_DOMAIN => simple(24, 0),
-        HypercallCode::ATTACH_DEVICE_DOMAIN => simple(32, 0),
-        HypercallCode::DETACH_DEVICE_DOMAIN => simple(16, 0),
-        HypercallCode::CONFIGURE_DEVICE_DOMAIN => simple(40, 0),
-        HypercallCode::FLUSH_DEVICE_DOMAIN => simple(32, 0),
-        HypercallCode::MAP_DEVICE_GPA_PAGES => rep(40, 8),
-        HypercallCode::UNMAP_DEVICE_GPA_PAGES => rep(32, 0),
-        HypercallCode::FLUSH_DEVICE_DOMAIN_LIST => rep(32, 8),
-        _ => return None,
-    })
+    (@rep simple) => { false };
+    (@rep rep) => { true };
+}
+
+hypercalls! {
+    CREATE_DEVICE_DOMAIN: simple(InputCreateDeviceDomain, () => ()) -> ()
+        // A domain's fault count starts at zero (and goes with it below).
+        = |cx, state, input, _| state
+            .create_domain(&cx.iommu.config, input)
+            .map(|id| cx.iommu.lock_faults().forget_domain(id));
+    ATTACH_DEVICE_DOMAIN: simple(InputAttachDeviceDomain, () => ()) -> ()
+        = |_, state, input, _| state.attach(input);
+    MAP_DEVICE_GPA_PAGES: rep(InputMapDeviceGpaPages, U64 => ()) -> ()
+        = |cx, state, input, reps| {
+            state.map(&cx.iommu.config, cx.mem, input, reps.start, reps.elems)
+        };
+    UNMAP_DEVICE_GPA_PAGES: rep(InputUnmapDeviceGpaPages, () => ()) -> ()
+        = |cx, state, input, reps| {
+            state.unmap(&cx.iommu.config, cx.mem, input, reps.start, reps.count)
+        };
+    DETACH_DEVICE_DOMAIN: simple(InputDetachDeviceDomain, () => ()) -> ()
+        = |_, state, input, _| state.detach(input);
+    DELETE_DEVICE_DOMAIN: simple(InputDeleteDeviceDomain, () => ()) -> ()
+        = |cx, state, input, _| state
+            .delete_domain(input)
+            .map(|id| cx.iommu.lock_faults().forget_domain(id));
+    CONFIGURE_DEVICE_DOMAIN: simple(InputConfigureDeviceDomain, () => ()) -> ()
+        = |cx, state, input, _| state.configure(&cx.iommu.config, cx.mem, input);
+    FLUSH_DEVICE_DOMAIN: simple(InputFlushDeviceDomain, () => ()) -> ()
+        = |_, state, input, _| state.flush(input);
+    FLUSH_DEVICE_DOMAIN_LIST: rep(InputFlushDeviceDomainList, U64 => ()) -> ()
+        = |cx, state, input, reps| state.flush_list(&cx.iommu.config, input, reps.elems);
+    GET_IOMMU_CAPABILITIES: simple(InputGetIommuCapabilities, () => ()) -> OutputGetIommuCapabilities
+        = |cx, state, input, _| state.get_capabilities(&cx.iommu.config, input);
+    GET_LOGICAL_DEVICE_PROPERTY: simple(InputGetLogicalDeviceProperty, () => ())
+        -> OutputGetLogicalDeviceProperty
+        = |_, state, input, _| state.get_device_property(input);
+    GET_VP_REGISTERS: rep(InputGetVpRegisters, U32 => RegisterValue) -> ()
+        = |cx, state, input, reps| {
+            state.get_vp_registers(cx.vp_index, input, reps.elems, reps.out)
+        };
+}
+
+/// The largest `field` over the table (for the dispatcher's stack buffers).
+macro_rules! table_max {
+    ($field:ident) => {{
+        let mut max = 0;
+        let mut i = 0;
+        while i < CALLS.len() {
+            if CALLS[i].$field > max {
+                max = CALLS[i].$field;
+            }
+            i += 1;
+        }
+        max
+    }};
 }
 
 const PAGE: usize = 4096;
-const _: () = assert!(PAGE as u64 == HV_PAGE_SIZE);
-const MAX_OUTPUT: usize = 24;
-const MAX_HEADER: usize = 40;
+const MAX_HEADER: usize = table_max!(header);
+const MAX_OUTPUT: usize = table_max!(output);
+const MAX_OUT_ELEM: usize = table_max!(out_elem);
 const FAST_BYTES: usize = 16;
+/// Reps of a call with per-rep output run in chunks of this many, through a
+/// small output buffer on the stack.
+const OUT_CHUNK: u16 = 16;
+
+// The table is HypercallCode::ALL, in order (the counters' slots follow it);
+// its shapes fit the dispatcher's buffers and the contract's rules.
+const _: () = {
+    assert!(PAGE as u64 == HV_PAGE_SIZE);
+    let mut i = 0;
+    while i < CALLS.len() {
+        let c = &CALLS[i];
+        assert!(
+            c.code.0 == HypercallCode::ALL[i].0,
+            "table out of ALL's order"
+        );
+        assert!(
+            c.header % 8 == 0 || !c.rep,
+            "rep elements must be 8-byte aligned"
+        );
+        assert!(
+            c.rep || (c.elem == 0 && c.out_elem == 0),
+            "only rep calls have elements"
+        );
+        assert!(
+            !c.rep || c.output == 0,
+            "rep calls return per-rep output only"
+        );
+        assert!(c.header + c.elem <= PAGE && c.output <= PAGE && c.out_elem <= PAGE);
+        i += 1;
+    }
+};
+
+/// The shape of `code`, `None` for a code outside the contract.
+pub(crate) fn shape(code: HypercallCode) -> Option<Shape> {
+    CALLS.iter().find(|s| s.code == code).copied()
+}
+
+/// Code slots of the counters: one per [`HypercallCode::ALL`], then one
+/// for unknown codes.
+pub(crate) const CODE_SLOTS: usize = HypercallCode::ALL.len() + 1;
+/// Status slots of the counters: SUCCESS, one per [`HvError::ALL`], then one
+/// for a status outside the contract (never produced).
+pub(crate) const STATUS_SLOTS: usize = HvError::ALL.len() + 2;
 
 /// Per-code counters (index in [`HypercallCode::ALL`], last slot: unknown).
 #[derive(Debug, Default)]
 pub(crate) struct Counters {
-    pub calls: [AtomicU64; 12],
+    /// Dispatches (slices) per code.
+    pub calls: [AtomicU64; CODE_SLOTS],
+    /// Completed calls per code and final status.
+    pub statuses: [[AtomicU64; STATUS_SLOTS]; CODE_SLOTS],
     pub errors: AtomicU64,
     pub continuations: AtomicU64,
 }
@@ -156,6 +425,29 @@ impl Counters {
             .iter()
             .position(|c| *c == code)
             .unwrap_or(HypercallCode::ALL.len())
+    }
+
+    /// The status slot of `status`; the inverse of [`Counters::status_of`].
+    pub(crate) fn status_slot(status: HvStatus) -> usize {
+        match HvError::from_status(status) {
+            None => 0,
+            Some(e) => HvError::ALL
+                .iter()
+                .position(|x| *x == e)
+                .map_or(STATUS_SLOTS - 1, |i| i + 1),
+        }
+    }
+
+    /// The status counted in `slot` (`None` for the out-of-contract slot).
+    pub(crate) fn status_of(slot: usize) -> Option<HvStatus> {
+        match slot {
+            0 => Some(HvStatus::SUCCESS),
+            _ => HvError::ALL.get(slot - 1).map(|e| e.status()),
+        }
+    }
+
+    fn complete(&self, code: HypercallCode, status: HvStatus) {
+        self.statuses[Self::slot(code)][Self::status_slot(status)].fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -200,12 +492,6 @@ fn check_block(gpa: u64, size: usize) -> Result<(), HvError> {
     Ok(())
 }
 
-fn parse<T: FromBytes>(bytes: &[u8]) -> Result<T, HvError> {
-    T::read_from_prefix(bytes)
-        .map(|(t, _)| t)
-        .map_err(|_| HvError::INVALID_PARAMETER)
-}
-
 impl Iommu {
     /// Runs the hypercall in `regs` from guest kernel code on vCPU
     /// `vp_index` ([`Caller::kernel`]) against guest memory `mem`; see
@@ -239,12 +525,16 @@ impl Iommu {
             } else {
                 u16::MAX
             };
-            self.dispatch_inner(mem, control, regs, budget)
+            self.dispatch_inner(mem, vp_index, control, regs, budget)
         };
         match result {
-            Ok(Slice::Done(reps)) => HypercallOutcome::Complete {
-                rax: HypercallOutput::from_status(HvStatus::SUCCESS, reps).into_bits(),
-            },
+            Ok(Slice::Done(reps)) => {
+                self.counters
+                    .complete(control.call_code(), HvStatus::SUCCESS);
+                HypercallOutcome::Complete {
+                    rax: HypercallOutput::from_status(HvStatus::SUCCESS, reps).into_bits(),
+                }
+            }
             Ok(Slice::Continue(next)) => {
                 self.counters.continuations.fetch_add(1, Ordering::Relaxed);
                 HypercallOutcome::Continue {
@@ -253,6 +543,7 @@ impl Iommu {
             }
             Err((error, reps)) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
+                self.counters.complete(control.call_code(), error.status());
                 if self.log_limit.allow() {
                     log::debug!(
                         "pvIOMMU: vp {vp_index}: {:?} (rcx {:#x}) -> {error} after {reps} reps",
@@ -270,6 +561,7 @@ impl Iommu {
     fn dispatch_inner<M: GuestMemory + ?Sized>(
         &self,
         mem: &M,
+        vp_index: u32,
         control: Control,
         regs: HypercallRegs,
         budget: u16,
@@ -303,18 +595,23 @@ impl Iommu {
         let elems_lo = shape.header + usize::from(start) * shape.elem;
         let elems_hi = shape.header + usize::from(end) * shape.elem;
 
-        // Zeroed copies: the header (at most 40 bytes) and, for rep calls
-        // with elements, this slice's elements (at most one page).
+        // Zeroed copies: the header (at most MAX_HEADER bytes) and, for rep
+        // calls with elements, this slice's elements (at most one page).
         let mut header = [0u8; MAX_HEADER];
         let mut output = [0u8; MAX_OUTPUT];
+        let cx = Ctx {
+            iommu: self,
+            mem,
+            vp_index,
+        };
         let result = if control.fast() {
-            if input_size > FAST_BYTES || shape.output != 0 {
+            if input_size > FAST_BYTES || shape.output != 0 || shape.out_elem != 0 {
                 return fail(HvError::INVALID_HYPERCALL_INPUT);
             }
             header[..8].copy_from_slice(&regs.rdx.to_le_bytes());
             header[8..16].copy_from_slice(&regs.r8.to_le_bytes());
             self.run_call(
-                mem,
+                &cx,
                 code,
                 &header[..shape.header],
                 &[],
@@ -326,11 +623,12 @@ impl Iommu {
             if let Err(e) = check_block(regs.rdx, input_size) {
                 return fail(e);
             }
-            if shape.output != 0 {
-                if let Err(e) = check_block(regs.r8, shape.output) {
+            let output_size = shape.output + usize::from(count) * shape.out_elem;
+            if output_size != 0 {
+                if let Err(e) = check_block(regs.r8, output_size) {
                     return fail(e);
                 }
-                if !ram::in_ram(mem, regs.r8, u64::try_from(shape.output).unwrap_or(0)) {
+                if !ram::in_ram(mem, regs.r8, u64::try_from(output_size).unwrap_or(0)) {
                     return fail(HvError::INVALID_PARAMETER);
                 }
             }
@@ -345,18 +643,30 @@ impl Iommu {
                 if !ram::read(mem, elems_gpa, elems) {
                     return fail(HvError::INVALID_PARAMETER);
                 }
-                self.run_call(
-                    mem,
-                    code,
-                    &header[..shape.header],
-                    elems,
-                    start,
-                    end,
-                    &mut output,
-                )
+                if shape.out_elem != 0 {
+                    self.run_with_rep_output(
+                        &cx,
+                        code,
+                        shape,
+                        &header[..shape.header],
+                        elems,
+                        (start, end),
+                        regs.r8,
+                    )
+                } else {
+                    self.run_call(
+                        &cx,
+                        code,
+                        &header[..shape.header],
+                        elems,
+                        start,
+                        end,
+                        &mut output,
+                    )
+                }
             } else {
                 self.run_call(
-                    mem,
+                    &cx,
                     code,
                     &header[..shape.header],
                     &[],
@@ -384,83 +694,55 @@ impl Iommu {
 }
 
 impl Iommu {
-    /// Runs the typed handler of `code` under the state lock.
+    /// Runs reps `start..end` of a call with per-rep output, in chunks of
+    /// [`OUT_CHUNK`] reps through a small buffer, writing each completed
+    /// rep's output to its place in the guest's output block (at `out_gpa`,
+    /// already checked) as it goes: the output of every completed rep is
+    /// there, also when a later rep fails.
     #[allow(clippy::too_many_arguments)]
-    fn run_call<M: GuestMemory + ?Sized>(
+    fn run_with_rep_output<M: GuestMemory + ?Sized>(
         &self,
-        mem: &M,
+        cx: &Ctx<'_, M>,
         code: HypercallCode,
+        shape: Shape,
         header: &[u8],
         elems: &[u8],
-        start: u16,
-        end: u16,
-        output: &mut [u8; MAX_OUTPUT],
+        (start, end): (u16, u16),
+        out_gpa: u64,
     ) -> Result<(), RepError> {
-        let mut state = self.lock_state();
-        let state = &mut *state;
-        let config = &self.config;
-        let simple = |r: Result<(), HvError>| r.map_err(RepError::from);
-        match code {
-            HypercallCode::GET_IOMMU_CAPABILITIES => simple(
-                parse::<InputGetIommuCapabilities>(header)
-                    .and_then(|i| state.get_capabilities(config, &i))
-                    .map(|o| o.write_to_prefix(output).unwrap_or(())),
-            ),
-            HypercallCode::GET_LOGICAL_DEVICE_PROPERTY => simple(
-                parse::<InputGetLogicalDeviceProperty>(header)
-                    .and_then(|i| state.get_device_property(&i))
-                    .map(|o| o.write_to_prefix(output).unwrap_or(())),
-            ),
-            // A domain's fault count starts at zero and goes with it.
-            HypercallCode::CREATE_DEVICE_DOMAIN => simple(
-                parse::<InputCreateDeviceDomain>(header)
-                    .and_then(|i| state.create_domain(config, &i))
-                    .map(|id| self.lock_faults().forget_domain(id)),
-            ),
-            HypercallCode::DELETE_DEVICE_DOMAIN => simple(
-                parse::<InputDeleteDeviceDomain>(header)
-                    .and_then(|i| state.delete_domain(&i))
-                    .map(|id| self.lock_faults().forget_domain(id)),
-            ),
-            HypercallCode::ATTACH_DEVICE_DOMAIN => {
-                simple(parse::<InputAttachDeviceDomain>(header).and_then(|i| state.attach(&i)))
+        let mut first = start;
+        while first < end {
+            let last = end.min(first.saturating_add(OUT_CHUNK));
+            let at = |rep: u16, size: usize| usize::from(rep - start) * size;
+            let chunk = &elems[at(first, shape.elem)..at(last, shape.elem)];
+            let mut out = [0u8; OUT_CHUNK as usize * MAX_OUT_ELEM];
+            let result = self.run_call(cx, code, header, chunk, first, last, &mut out);
+            let done = match result {
+                Ok(()) => usize::from(last - first),
+                Err(e) => e.done,
+            };
+            let bytes = &out[..done * shape.out_elem];
+            // Inside the output block checked by the caller: no overflow.
+            let gpa = out_gpa + u64::try_from(usize::from(first) * shape.out_elem).unwrap_or(0);
+            if !bytes.is_empty() && !ram::write(cx.mem, gpa, bytes) {
+                return Err(RepError {
+                    done: usize::from(first - start),
+                    error: HvError::INVALID_PARAMETER,
+                });
             }
-            HypercallCode::DETACH_DEVICE_DOMAIN => {
-                simple(parse::<InputDetachDeviceDomain>(header).and_then(|i| state.detach(&i)))
+            if let Err(e) = result {
+                return Err(RepError {
+                    done: usize::from(first - start) + e.done,
+                    error: e.error,
+                });
             }
-            HypercallCode::CONFIGURE_DEVICE_DOMAIN => simple(
-                parse::<InputConfigureDeviceDomain>(header)
-                    .and_then(|i| state.configure(config, mem, &i)),
-            ),
-            HypercallCode::FLUSH_DEVICE_DOMAIN => {
-                simple(parse::<InputFlushDeviceDomain>(header).and_then(|i| state.flush(&i)))
-            }
-            HypercallCode::MAP_DEVICE_GPA_PAGES => {
-                match (parse::<InputMapDeviceGpaPages>(header), elements(elems)) {
-                    (Ok(hdr), Ok(gpns)) => state.map(config, mem, &hdr, start, gpns),
-                    (Err(e), _) | (_, Err(e)) => Err(e.into()),
-                }
-            }
-            HypercallCode::UNMAP_DEVICE_GPA_PAGES => {
-                match parse::<InputUnmapDeviceGpaPages>(header) {
-                    Ok(hdr) => state.unmap(config, mem, &hdr, start, usize::from(end - start)),
-                    Err(e) => Err(e.into()),
-                }
-            }
-            HypercallCode::FLUSH_DEVICE_DOMAIN_LIST => {
-                match (parse::<InputFlushDeviceDomainList>(header), elements(elems)) {
-                    (Ok(hdr), Ok(entries)) => state.flush_list(config, &hdr, entries),
-                    (Err(e), _) | (_, Err(e)) => Err(e.into()),
-                }
-            }
-            _ => Err(HvError::INVALID_HYPERCALL_CODE.into()),
+            first = last;
         }
+        Ok(())
     }
 }
 
-fn elements(bytes: &[u8]) -> Result<&[U64], HvError> {
-    <[U64]>::ref_from_bytes(bytes).map_err(|_| HvError::INVALID_PARAMETER)
-}
-
+#[cfg(test)]
+mod linux_replay;
 #[cfg(test)]
 pub(crate) mod tests;

@@ -15,14 +15,16 @@ use crate::flush::{decode_entry, merge_ranges, PageRange};
 use crate::ram;
 use crate::runs::{RunMap, UnmapOp};
 use crate::BackendId;
+use pviommu_abi::register;
 use pviommu_abi::{
     device_property, CreateDeviceDomainFlags, DeviceDomainId, DeviceDomainSettingsFlags,
     DeviceDomainType, DeviceId, DeviceIommuProperty, FlushListEntry, FlushListFlags, HvError,
     InputAttachDeviceDomain, InputConfigureDeviceDomain, InputCreateDeviceDomain,
     InputDeleteDeviceDomain, InputDetachDeviceDomain, InputDeviceDomain, InputFlushDeviceDomain,
     InputFlushDeviceDomainList, InputGetIommuCapabilities, InputGetLogicalDeviceProperty,
-    InputMapDeviceGpaPages, InputUnmapDeviceGpaPages, InputVtl, IommuCapabilities, MapFlags,
-    OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty, HV_PARTITION_ID_SELF,
+    InputGetVpRegisters, InputMapDeviceGpaPages, InputUnmapDeviceGpaPages, InputVtl,
+    IommuCapabilities, MapFlags, OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty,
+    RegisterValue, HV_PARTITION_ID_SELF, HV_VP_INDEX_SELF,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,7 +32,13 @@ use vm_memory::GuestMemory;
 use zerocopy::little_endian::{U16, U32, U64};
 
 /// Size of OutputGetIommuCapabilities, reported in its `size` field.
-pub(crate) const CAPABILITIES_SIZE: u32 = 24;
+pub(crate) const CAPABILITIES_SIZE: u32 = {
+    let size = size_of::<OutputGetIommuCapabilities>();
+    assert!(size <= u32::MAX as usize);
+    #[allow(clippy::cast_possible_truncation)] // checked just above
+    let size = size as u32;
+    size
+};
 
 /// Result of a simple call.
 pub(crate) type HvResult<T> = Result<T, HvError>;
@@ -94,6 +102,8 @@ pub struct FlushStats {
 pub(crate) struct DeviceEntry {
     pub backend: BackendId,
     pub attached: Attachment,
+    /// The device's LOGICAL id, if it has one (a device on a vPCI bus).
+    pub logical: Option<DeviceId>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -115,7 +125,10 @@ pub(crate) struct Domain {
 /// Everything behind the Iommu's state lock.
 pub(crate) struct State {
     pub backends: Vec<Arc<dyn Backend>>,
+    /// Registered devices by their PCI id.
     pub devices: HashMap<DeviceId, DeviceEntry>,
+    /// LOGICAL id -> PCI id of the devices that have one.
+    pub aliases: HashMap<DeviceId, DeviceId>,
     pub domains: HashMap<u32, Domain>,
     pub backend_errors: u64,
     /// Runs of every guest domain (the sum of their `runs.len()`), held
@@ -207,10 +220,24 @@ impl State {
         Self {
             backends: vec![software],
             devices: HashMap::new(),
+            aliases: HashMap::new(),
             domains: HashMap::new(),
             backend_errors: 0,
             runs_total: 0,
         }
+    }
+
+    /// The registered device a guest's `hv_device_id` names, in its PCI
+    /// form or its LOGICAL form (compared whole).
+    pub(crate) fn device_named(&self, raw: u64) -> HvResult<DeviceId> {
+        let id = DeviceId::from_bits(raw);
+        if self.devices.contains_key(&id) {
+            return Ok(id);
+        }
+        self.aliases
+            .get(&id)
+            .copied()
+            .ok_or(HvError::INVALID_DEVICE_ID)
     }
 
     fn resolve(&self, domain: DeviceDomainId) -> HvResult<DomainRef> {
@@ -234,6 +261,36 @@ impl State {
     }
 
     // ---- simple calls ----
+
+    /// GET_VP_REGISTERS, reps `0..names.len()` of this chunk: the value of
+    /// each named register of the calling VP, one [`RegisterValue`] each in
+    /// `output`. Only HV_REGISTER_VSM_VP_STATUS is known: 0 (VTL 0 active,
+    /// no other VTL enabled); any other name is INVALID_PARAMETER at its
+    /// rep. VMM choice: the VP is [`HV_VP_INDEX_SELF`] or the caller's own
+    /// index (no other VP's registers).
+    pub(crate) fn get_vp_registers(
+        &self,
+        caller_vp: u32,
+        input: &InputGetVpRegisters,
+        names: &[U32],
+        output: &mut [RegisterValue],
+    ) -> Result<(), RepError> {
+        check_partition(input.partition_id)?;
+        let vp = input.vp_index.get();
+        if (vp != HV_VP_INDEX_SELF && vp != caller_vp)
+            || !InputVtl::from_bits(input.input_vtl).is_vtl0()
+            || input.padding != [0; 3]
+        {
+            return Err(HvError::INVALID_PARAMETER.into());
+        }
+        for (k, (name, out)) in names.iter().zip(output.iter_mut()).enumerate() {
+            *out = match name.get() {
+                register::VSM_VP_STATUS => RegisterValue::default(),
+                _ => return Err(RepError::at(k, HvError::INVALID_PARAMETER)),
+            };
+        }
+        Ok(())
+    }
 
     pub(crate) fn get_capabilities(
         &self,
@@ -267,10 +324,7 @@ impl State {
         if input.reserved.get() != 0 || input.code.get() != device_property::PVIOMMU {
             return Err(HvError::INVALID_PARAMETER);
         }
-        let device = DeviceId::from_bits(input.logical_device_id.get());
-        if !self.devices.contains_key(&device) {
-            return Err(HvError::INVALID_DEVICE_ID);
-        }
+        self.device_named(input.logical_device_id.get())?;
         Ok(OutputGetLogicalDeviceProperty {
             device_iommu: U64::new(DeviceIommuProperty::new().with_enabled(true).into_bits()),
             reserved: U64::new(0),
@@ -339,7 +393,7 @@ impl State {
             DomainRef::Null => Attachment::Null,
             DomainRef::Guest(id) => Attachment::Domain(id),
         };
-        let device = DeviceId::from_bits(input.device_id.get());
+        let device = self.device_named(input.device_id.get())?;
         let Some(entry) = self.devices.get(&device) else {
             return Err(HvError::INVALID_DEVICE_ID);
         };
@@ -498,7 +552,9 @@ impl State {
                 Err(e)
             }
         };
-        self.devices.remove(&device);
+        if let Some(logical) = self.devices.remove(&device).and_then(|e| e.logical) {
+            self.aliases.remove(&logical);
+        }
         let backend = Arc::clone(&self.backends[backend_id.0]);
         if let Err(e) = backend.remove_device(device) {
             self.backend_errors += 1;
@@ -509,7 +565,7 @@ impl State {
 
     pub(crate) fn detach(&mut self, input: &InputDetachDeviceDomain) -> HvResult<()> {
         check_partition(input.partition_id)?;
-        let device = DeviceId::from_bits(input.device_id.get());
+        let device = self.device_named(input.device_id.get())?;
         let Some(entry) = self.devices.get(&device) else {
             return Err(HvError::INVALID_DEVICE_ID);
         };

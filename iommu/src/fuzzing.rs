@@ -79,6 +79,9 @@ fn dev(n: u8) -> DeviceId {
 
 const DEVICES: [u8; 4] = [1, 2, 9, 30];
 
+/// dev(9)'s LOGICAL id (a device on a vPCI bus has both).
+const LOGICAL_9: DeviceId = DeviceId::logical(0x5544_7708);
+
 thread_local! {
     static MEMORY: RefCell<Option<GuestMemoryMmap<()>>> = const { RefCell::new(None) };
 }
@@ -112,7 +115,7 @@ fn domain_word(r: &mut Reader<'_>) -> u64 {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Coverage {
     /// Calls that ended with SUCCESS, per [`HypercallCode::ALL`] index.
-    pub successes: [u64; 11],
+    pub successes: [u64; HypercallCode::ALL.len()],
     /// Translations that succeeded through a guest-created domain.
     pub domain_translations: u64,
     /// Translations that faulted.
@@ -177,6 +180,9 @@ fn run_with(mem: &GuestMemoryMmap<()>, data: &[u8], coverage: &mut Coverage) {
             .expect("register");
     }
     iommu.register_device(dev(9), rec_id).expect("register");
+    iommu
+        .register_device_alias(LOGICAL_9, dev(9))
+        .expect("alias");
 
     for _ in 0..64 {
         if r.is_empty() {
@@ -208,6 +214,11 @@ fn run_with(mem: &GuestMemoryMmap<()>, data: &[u8], coverage: &mut Coverage) {
                     iommu.unregister_device(device).expect("unregister");
                 } else {
                     iommu.register_device(device, backend).expect("register");
+                    if device == dev(9) {
+                        iommu
+                            .register_device_alias(LOGICAL_9, device)
+                            .expect("alias");
+                    }
                 }
             }
         }
@@ -285,7 +296,12 @@ fn hypercall(
         page[16..24].copy_from_slice(&domain_word(r).to_le_bytes());
     }
     if fix & 4 != 0 {
-        let d = dev(DEVICES[usize::from(r.u8()) % DEVICES.len()]).into_bits();
+        let n = usize::from(r.u8());
+        let d = if n % 8 == 7 {
+            LOGICAL_9.into_bits()
+        } else {
+            dev(DEVICES[n % DEVICES.len()]).into_bits()
+        };
         let at = if r.u8() & 1 == 0 { 24 } else { 8 };
         page[at..at + 8].copy_from_slice(&d.to_le_bytes());
     }

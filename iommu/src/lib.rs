@@ -10,8 +10,9 @@
 //!   get guest-physical [`Segments`] or a [`Fault`];
 //! - the device manager registers devices with [`Iommu::register_device`]
 //!   (with the software backend, [`BackendId::SOFTWARE`], or a backend added
-//!   with [`Iommu::add_backend`], such as IOMMUFD) and unregisters them on
-//!   removal;
+//!   with [`Iommu::add_backend`], such as IOMMUFD), gives a device offered on
+//!   a vPCI bus its LOGICAL id too with [`Iommu::register_device_alias`], and
+//!   unregisters them on removal (blocked first);
 //! - the API reads [`Iommu::stats`].
 //!
 //! # Wiring (VMM side)
@@ -63,7 +64,8 @@
 //! software backend has its own mutex, taken by `translate` only while it
 //! looks up a translation; no lock is held while a device touches guest
 //! memory, and `translate` never takes the state lock on its fast path, so
-//! DMA cannot deadlock against hypercalls. Lock order: state, then backend.
+//! DMA cannot deadlock against hypercalls. The fault log has a small lock of
+//! its own. Lock order: state, then backend or fault log.
 
 pub mod backend;
 mod config;
@@ -92,7 +94,9 @@ pub use domains::{Attachment, FlushStats};
 pub use pviommu_abi as abi;
 pub use pviommu_abi::DeviceId;
 pub use software::{IotlbStats, SoftwareBackend};
-pub use stats::{DeviceInfo, DomainInfo, DomainInfoKind, FaultStats, HypercallStats, IommuStats};
+pub use stats::{
+    DeviceInfo, DomainInfo, DomainInfoKind, FaultStats, HypercallStats, IommuStats, StatusCount,
+};
 pub use translate::{Access, Fault, FaultReason, Segment, Segments};
 
 use dispatch::{Counters, RateLimit};
@@ -199,8 +203,41 @@ impl Iommu {
             DeviceEntry {
                 backend,
                 attached: Attachment::Default,
+                logical: None,
             },
         );
+        Ok(())
+    }
+
+    /// Gives registered device `pci` its LOGICAL id too (a device offered on
+    /// a vPCI bus: `logical` is [`DeviceId::logical_vpci`] of its bus's
+    /// channel and its function). The guest may then name the device by
+    /// either id in GET_LOGICAL_DEVICE_PROPERTY, ATTACH and DETACH; the
+    /// registry, statistics and [`Iommu::translate`] keep using the PCI id.
+    /// [`Iommu::unregister_device`] drops the alias with the device.
+    pub fn register_device_alias(
+        &self,
+        logical: DeviceId,
+        pci: DeviceId,
+    ) -> Result<(), IommuError> {
+        if !logical.is_logical() {
+            return Err(IommuError::NotLogicalDevice(logical.into_bits()));
+        }
+        let mut state = self.lock_state();
+        if state.aliases.contains_key(&logical) || state.devices.contains_key(&logical) {
+            return Err(IommuError::DeviceExists(logical));
+        }
+        let Some(entry) = state.devices.get_mut(&pci) else {
+            return Err(IommuError::UnknownDevice(pci));
+        };
+        if let Some(old) = entry.logical {
+            return Err(IommuError::AliasExists {
+                device: pci,
+                logical: old,
+            });
+        }
+        entry.logical = Some(logical);
+        state.aliases.insert(logical, pci);
         Ok(())
     }
 
@@ -271,6 +308,7 @@ impl Iommu {
             .iter()
             .map(|(id, e)| DeviceInfo {
                 id: *id,
+                logical: e.logical,
                 backend: state.backends[e.backend.0].name(),
                 attachment: e.attached,
             })
@@ -336,6 +374,20 @@ impl Iommu {
             .map(|c| (*c, load(Counters::slot(*c))))
             .collect();
         let unknown = load(HypercallCode::ALL.len());
+        let mut by_status = Vec::new();
+        for (code_slot, statuses) in self.counters.statuses.iter().enumerate() {
+            let code = HypercallCode::ALL.get(code_slot).copied();
+            for (status_slot, n) in statuses.iter().enumerate() {
+                let count = n.load(Ordering::Relaxed);
+                if let (true, Some(status)) = (count > 0, Counters::status_of(status_slot)) {
+                    by_status.push(StatusCount {
+                        code,
+                        status,
+                        count,
+                    });
+                }
+            }
+        }
         IommuStats {
             domains,
             devices,
@@ -344,6 +396,7 @@ impl Iommu {
                 by_code,
                 unknown,
                 errors: self.counters.errors.load(Ordering::Relaxed),
+                by_status,
                 continuations: self.counters.continuations.load(Ordering::Relaxed),
             },
             faults,

@@ -4,7 +4,7 @@ use crate::backend::{DomainKind, S1Config};
 use crate::domains::{Attachment, FlushStats};
 use crate::software::IotlbStats;
 use crate::translate::{Fault, FaultReason};
-use pviommu_abi::{DeviceId, HypercallCode};
+use pviommu_abi::{DeviceId, HvStatus, HypercallCode};
 use std::collections::HashMap;
 
 /// What kind of domain a [`DomainInfo`] describes.
@@ -61,10 +61,23 @@ pub struct DomainInfo {
 pub struct DeviceInfo {
     /// Device id (PCI form).
     pub id: DeviceId,
+    /// Its LOGICAL id, if it has one ([`crate::Iommu::register_device_alias`]).
+    pub logical: Option<DeviceId>,
     /// Name of its backend.
     pub backend: &'static str,
     /// Where its DMA goes.
     pub attachment: Attachment,
+}
+
+/// Completed calls of one call code that ended with one status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StatusCount {
+    /// The call code (`None`: codes outside the contract).
+    pub code: Option<HypercallCode>,
+    /// The final status.
+    pub status: HvStatus,
+    /// How many calls.
+    pub count: u64,
 }
 
 /// Hypercall counters.
@@ -78,8 +91,40 @@ pub struct HypercallStats {
     pub unknown: u64,
     /// Calls that ended with an error status.
     pub errors: u64,
+    /// Completed calls per code and final status, successes included; only
+    /// non-zero counts, by code (as in [`HypercallCode::ALL`], unknown codes
+    /// last) then status.
+    pub by_status: Vec<StatusCount>,
     /// Slices that ended with "continue".
     pub continuations: u64,
+}
+
+impl HypercallStats {
+    /// Completed calls of `code` (`None`: unknown codes) that ended with
+    /// `status`.
+    pub fn count(&self, code: Option<HypercallCode>, status: HvStatus) -> u64 {
+        self.by_status
+            .iter()
+            .filter(|s| s.code == code && s.status == status)
+            .map(|s| s.count)
+            .sum()
+    }
+
+    /// Completed calls of `code` that ended with an error status.
+    pub fn errors_of(&self, code: Option<HypercallCode>) -> u64 {
+        self.by_status
+            .iter()
+            .filter(|s| s.code == code && !s.status.is_success())
+            .map(|s| s.count)
+            .sum()
+    }
+
+    /// The (code, status) pairs that ended with an error, with their counts:
+    /// empty when no hypercall got an error (for example a Linux guest's
+    /// boot, as the VMM reports it).
+    pub fn error_counts(&self) -> impl Iterator<Item = &StatusCount> {
+        self.by_status.iter().filter(|s| !s.status.is_success())
+    }
 }
 
 /// DMA fault counters.

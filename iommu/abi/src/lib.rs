@@ -26,6 +26,8 @@ pub const HV_PAGE_SHIFT: u32 = 12;
 pub const HV_PAGE_SIZE: u64 = 1 << HV_PAGE_SHIFT;
 /// The only partition id accepted: the caller's own partition.
 pub const HV_PARTITION_ID_SELF: u64 = u64::MAX;
+/// The calling virtual processor, as a vp_index (GET_VP_REGISTERS).
+pub const HV_VP_INDEX_SELF: u32 = 0xFFFF_FFFE;
 
 /// VMM choice (transport): the port whose `out` is the hypercall.
 pub const HYPERCALL_PORT: u16 = 0xE4;
@@ -78,6 +80,16 @@ pub const MAP_MAX_REPS_PER_PAGE: u16 = 507;
 /// Most FLUSH_DEVICE_DOMAIN_LIST entries whose input fits one page:
 /// (4096 - 32) / 8.
 pub const FLUSH_LIST_MAX_REPS_PER_PAGE: u16 = 508;
+/// Most GET_VP_REGISTERS reps whose output fits one page: 4096 / 16 (the
+/// input, 16 + 4 bytes a rep, would fit 1020).
+pub const GET_VP_REGISTERS_MAX_REPS_PER_PAGE: u16 = 256;
+
+/// Register names of GET_VP_REGISTERS.
+pub mod register {
+    /// HV_REGISTER_VSM_VP_STATUS: the VP's active VTL and enabled VTLs
+    /// (Linux reads it at boot; 0 means VTL 0, no other VTL).
+    pub const VSM_VP_STATUS: u32 = 0x000D_0003;
+}
 
 /// CPUID leaves and bits of the Hyper-V discovery interface (contract section 1).
 pub mod cpuid {
@@ -147,6 +159,8 @@ pub struct HypercallMsr {
 pub struct HypercallCode(pub u16);
 
 impl HypercallCode {
+    /// HvCallGetVpRegisters (rep).
+    pub const GET_VP_REGISTERS: Self = Self(0x0050);
     /// HvCallCreateDeviceDomain.
     pub const CREATE_DEVICE_DOMAIN: Self = Self(0x00B1);
     /// HvCallAttachDeviceDomain.
@@ -171,7 +185,7 @@ impl HypercallCode {
     pub const GET_LOGICAL_DEVICE_PROPERTY: Self = Self(0x0127);
 
     /// Every call of the contract.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::CREATE_DEVICE_DOMAIN,
         Self::ATTACH_DEVICE_DOMAIN,
         Self::MAP_DEVICE_GPA_PAGES,
@@ -183,11 +197,13 @@ impl HypercallCode {
         Self::FLUSH_DEVICE_DOMAIN_LIST,
         Self::GET_IOMMU_CAPABILITIES,
         Self::GET_LOGICAL_DEVICE_PROPERTY,
+        Self::GET_VP_REGISTERS,
     ];
 
     /// The call's name, or `None` for a code the contract does not define.
     pub const fn name(self) -> Option<&'static str> {
         Some(match self {
+            Self::GET_VP_REGISTERS => "GET_VP_REGISTERS",
             Self::CREATE_DEVICE_DOMAIN => "CREATE_DEVICE_DOMAIN",
             Self::ATTACH_DEVICE_DOMAIN => "ATTACH_DEVICE_DOMAIN",
             Self::MAP_DEVICE_GPA_PAGES => "MAP_DEVICE_GPA_PAGES",
@@ -515,8 +531,11 @@ pub struct PciRid {
     pub bus: u8,
 }
 
-/// `hv_device_id` in its PCI form (contract section 4). VMM choice: devices
-/// are named by this form with every other field zero.
+/// `hv_device_id` (contract section 4), with the fields of its PCI form.
+/// VMM choice: devices are registered by the PCI form with every other field
+/// zero; a device offered on a vPCI bus also has a LOGICAL form (bits 63:62
+/// zero, low 32 bits `prefix | function`, see [`DeviceId::logical_vpci`]),
+/// which Linux's driver sends.
 #[bitfield(u64)]
 #[derive(PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DeviceId {
@@ -555,11 +574,42 @@ impl DeviceId {
     }
 
     /// Whether this is the PCI form with only requester id and segment set
-    /// (the only form this VMM names devices by).
+    /// (the form this VMM registers devices by).
     pub const fn is_plain_pci(self) -> bool {
         let pci_fields = ((1u64 << 32) - 1) | (3 << 62);
         self.device_type() == device_type::PCI && self.0 & !pci_fields == 0
     }
+
+    /// The LOGICAL form of a device id: type 0 (bits 63:62), `id` in the low
+    /// 32 bits, every other bit zero.
+    pub const fn logical(id: u32) -> Self {
+        Self::from_bits(id as u64)
+    }
+
+    /// The LOGICAL id Linux's driver sends for PCI function `function` of the
+    /// vPCI bus offered by the VMBus channel with instance GUID `instance`
+    /// (the bytes of the GUID as Linux stores it): `prefix | function`, with
+    /// [`logical_device_id_prefix`].
+    pub const fn logical_vpci(instance: &[u8; 16], function: u8) -> Self {
+        Self::logical(logical_device_id_prefix(instance) | (function & 0x7) as u32)
+    }
+
+    /// Whether this is the LOGICAL form: type 0 and bits 61:32 zero.
+    pub const fn is_logical(self) -> bool {
+        self.0 >> 32 == 0
+    }
+}
+
+/// The logical device id prefix of a vPCI bus, from the instance GUID of the
+/// VMBus channel that offers it: `b[5] << 24 | b[4] << 16 | b[7] << 8 |
+/// (b[6] & 0xf8)` (Linux's `hv_build_logical_dev_id_prefix`, the id
+/// pci-hyperv also passes to RETARGET_INTERRUPT). The low 3 bits are zero:
+/// they hold the PCI function.
+pub const fn logical_device_id_prefix(instance: &[u8; 16]) -> u32 {
+    ((instance[5] as u32) << 24)
+        | ((instance[4] as u32) << 16)
+        | ((instance[7] as u32) << 8)
+        | (instance[6] & 0xf8) as u32
 }
 
 impl fmt::Display for DeviceId {
@@ -1090,6 +1140,56 @@ pub struct InputFlushDeviceDomainList {
     pub reserved: U32,
 }
 
+/// GET_VP_REGISTERS input header (16 bytes), followed by one u32 register
+/// name per rep (see [`register`]).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputGetVpRegisters {
+    /// Must be [`HV_PARTITION_ID_SELF`].
+    pub partition_id: U64,
+    /// The VP: [`HV_VP_INDEX_SELF`] or an index.
+    pub vp_index: U32,
+    /// [`InputVtl`] of the registers.
+    pub input_vtl: u8,
+    /// Must be zero (Linux's rsvd_z8 and rsvd_z16).
+    pub padding: [u8; 3],
+}
+
+/// One register value of GET_VP_REGISTERS's output (`hv_register_value`,
+/// 16 bytes), one per rep.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct RegisterValue {
+    /// Bits 63:0 (a 64-bit register's value).
+    pub low: U64,
+    /// Bits 127:64.
+    pub high: U64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1211,6 +1311,16 @@ mod tests {
         assert_eq!(offset_of!(InputFlushDeviceDomain, flags), 24);
         assert_eq!(offset_of!(InputFlushDeviceDomain, reserved), 28);
 
+        assert_eq!(size_of::<InputGetVpRegisters>(), 16);
+        assert_eq!(offset_of!(InputGetVpRegisters, partition_id), 0);
+        assert_eq!(offset_of!(InputGetVpRegisters, vp_index), 8);
+        assert_eq!(offset_of!(InputGetVpRegisters, input_vtl), 12);
+        assert_eq!(offset_of!(InputGetVpRegisters, padding), 13);
+
+        assert_eq!(size_of::<RegisterValue>(), 16);
+        assert_eq!(offset_of!(RegisterValue, low), 0);
+        assert_eq!(offset_of!(RegisterValue, high), 8);
+
         assert_eq!(size_of::<InputFlushDeviceDomainList>(), 32);
         assert_eq!(offset_of!(InputFlushDeviceDomainList, device_domain), 0);
         assert_eq!(offset_of!(InputFlushDeviceDomainList, flags), 24);
@@ -1224,6 +1334,11 @@ mod tests {
         let flush = size_of::<InputFlushDeviceDomainList>() as u64
             + FLUSH_LIST_MAX_REPS_PER_PAGE as u64 * 8;
         assert_eq!(flush, HV_PAGE_SIZE);
+        let vp_out = size_of::<RegisterValue>() as u64 * GET_VP_REGISTERS_MAX_REPS_PER_PAGE as u64;
+        assert_eq!(vp_out, HV_PAGE_SIZE);
+        let vp_in =
+            size_of::<InputGetVpRegisters>() as u64 + GET_VP_REGISTERS_MAX_REPS_PER_PAGE as u64 * 4;
+        assert!(vp_in <= HV_PAGE_SIZE);
     }
 
     #[test]
@@ -1303,6 +1418,18 @@ mod tests {
             .with_page_mask_shift(9)
             .with_page_number(0x200);
         assert_eq!(e.into_bits(), 0x200 << 12 | 9);
+
+        // LOGICAL form: Linux's prefix from the vPCI channel's instance GUID.
+        let guid = [
+            0x10, 0x11, 0x12, 0x13, 0xA4, 0xA5, 0xB6, 0xB7, 0, 0, 0, 0, 0, 0, 0, 0,
+        ];
+        assert_eq!(logical_device_id_prefix(&guid), 0xA5A4_B7B0);
+        let l = DeviceId::logical_vpci(&guid, 3);
+        assert_eq!(l.into_bits(), 0xA5A4_B7B3);
+        assert!(l.is_logical() && !l.is_plain_pci());
+        assert_eq!(l.device_type(), device_type::LOGICAL);
+        assert!(!dev.is_logical());
+        assert!(!DeviceId::from_bits(1 << 40).is_logical());
     }
 
     #[test]
@@ -1340,6 +1467,9 @@ mod tests {
 
     #[test]
     fn codes_and_statuses() {
+        assert_eq!(HypercallCode::GET_VP_REGISTERS.0, 0x0050);
+        assert_eq!(register::VSM_VP_STATUS, 0x000D_0003);
+        assert_eq!(HV_VP_INDEX_SELF, 0xFFFF_FFFE);
         assert_eq!(HypercallCode::GET_IOMMU_CAPABILITIES.0, 0x0125);
         assert_eq!(HypercallCode::GET_LOGICAL_DEVICE_PROPERTY.0, 0x0127);
         assert_eq!(HypercallCode::CREATE_DEVICE_DOMAIN.0, 0x00B1);

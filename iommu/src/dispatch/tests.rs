@@ -12,6 +12,7 @@ use pviommu_abi::{
     DeviceDomainSettingsFlags, DeviceDomainType, FlushListEntry, InputDeviceDomain,
     OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty, HV_PARTITION_ID_SELF,
 };
+use pviommu_abi::{register, InputGetVpRegisters, HV_VP_INDEX_SELF};
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::little_endian::{U32, U64};
@@ -662,6 +663,11 @@ fn partition_id_must_be_self_for_every_call() {
         .as_bytes()
         .to_vec(),
         0,
+    ));
+    calls.push((
+        HypercallCode::GET_VP_REGISTERS,
+        vp_registers_input(HV_VP_INDEX_SELF, &[register::VSM_VP_STATUS]),
+        1,
     ));
     assert_eq!(calls.len(), HypercallCode::ALL.len());
     for (code, bytes, reps) in calls {
@@ -1891,7 +1897,7 @@ fn s1_configure_identity_blocking_and_paging() {
         "the paging mode only matters with a table"
     );
     assert_eq!(g.configure(3, flags(true, false), 0), ok(), "GPA 0 is RAM");
-    for bad in [RAM_TOP, 0x10800, u64::MAX & !0xFFF] {
+    for bad in [RAM_TOP, 0x10800, !0xFFF] {
         assert_eq!(
             g.configure(3, flags(true, false), bad),
             HvStatus::INVALID_PARAMETER,
@@ -1928,4 +1934,290 @@ fn s1_configure_identity_blocking_and_paging() {
         .collect();
     assert_eq!(set.len(), 1);
     assert_eq!((set[0].mode(), set[0].root), (crate::S1Mode::Identity, 0));
+}
+
+/// A device offered on a vPCI bus has a PCI id and a LOGICAL id (what
+/// Linux's driver sends); GET_LOGICAL_DEVICE_PROPERTY, ATTACH and DETACH
+/// accept either for the same device.
+#[test]
+fn logical_and_pci_ids_name_the_same_device() {
+    let g = Guest::new();
+    let guid = [
+        0, 1, 2, 3, 0x44, 0x55, 0x6F, 0x77, 8, 9, 10, 11, 12, 13, 14, 15,
+    ];
+    let logical = DeviceId::logical_vpci(&guid, 0);
+    assert_eq!(logical.into_bits(), 0x5544_7768);
+    g.iommu
+        .register_device_alias(logical, dev(9))
+        .expect("alias");
+    let property = |device: DeviceId| {
+        let input = InputGetLogicalDeviceProperty {
+            partition_id: U64::new(HV_PARTITION_ID_SELF),
+            logical_device_id: U64::new(device.into_bits()),
+            code: U32::new(device_property::PVIOMMU),
+            reserved: U32::new(0),
+        };
+        g.simple(HypercallCode::GET_LOGICAL_DEVICE_PROPERTY, input.as_bytes())
+    };
+    assert_eq!(property(logical), ok());
+    assert_eq!(property(dev(9)), ok());
+    assert_eq!(
+        property(DeviceId::logical_vpci(&guid, 1)),
+        HvStatus::INVALID_DEVICE_ID,
+        "another function of the bus"
+    );
+    assert_eq!(
+        property(DeviceId::from_bits(logical.into_bits() | 1 << 40)),
+        HvStatus::INVALID_DEVICE_ID,
+        "ids are compared whole"
+    );
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.attach(S2, 5, logical), ok());
+    assert_eq!(
+        g.iommu.device_attachment(dev(9)),
+        Some(Attachment::Domain(5))
+    );
+    assert_eq!(
+        g.attach(S2, 5, dev(9)),
+        HvStatus::DEVICE_ALREADY_IN_DOMAIN,
+        "the same device"
+    );
+    assert_eq!(g.detach(dev(9)), ok());
+    assert_eq!(g.attach(S2, 5, dev(9)), ok());
+    assert_eq!(g.detach(logical), ok());
+    assert_eq!(g.iommu.device_attachment(dev(9)), Some(Attachment::Default));
+    let info = g.iommu.stats().devices;
+    let d9 = info.iter().find(|d| d.id == dev(9)).expect("dev 9");
+    assert_eq!(d9.logical, Some(logical));
+    // Registration rules.
+    assert!(matches!(
+        g.iommu.register_device_alias(dev(1), dev(2)),
+        Err(crate::IommuError::NotLogicalDevice(_))
+    ));
+    assert!(matches!(
+        g.iommu.register_device_alias(logical, dev(1)),
+        Err(crate::IommuError::DeviceExists(_))
+    ));
+    assert!(matches!(
+        g.iommu.register_device_alias(DeviceId::logical(8), dev(9)),
+        Err(crate::IommuError::AliasExists { .. })
+    ));
+    assert!(matches!(
+        g.iommu.register_device_alias(DeviceId::logical(8), dev(30)),
+        Err(crate::IommuError::UnknownDevice(_))
+    ));
+    // The alias goes with the device.
+    g.iommu.unregister_device(dev(9)).expect("unregister");
+    assert_eq!(property(logical), HvStatus::INVALID_DEVICE_ID);
+    g.iommu.register_device(dev(9), g.rec_id).expect("register");
+    g.iommu
+        .register_device_alias(logical, dev(9))
+        .expect("alias again");
+}
+
+pub(crate) fn vp_registers_input(vp_index: u32, names: &[u32]) -> Vec<u8> {
+    let mut bytes = InputGetVpRegisters {
+        partition_id: U64::new(HV_PARTITION_ID_SELF),
+        vp_index: U32::new(vp_index),
+        input_vtl: 0,
+        padding: [0; 3],
+    }
+    .as_bytes()
+    .to_vec();
+    for n in names {
+        bytes.extend_from_slice(&n.to_le_bytes());
+    }
+    bytes
+}
+
+/// GET_VP_REGISTERS: HV_REGISTER_VSM_VP_STATUS reads 0 (Linux reads it at
+/// boot and BUG()s on an error); other registers are INVALID_PARAMETER at
+/// their rep, with the output of the reps before it written.
+#[test]
+fn get_vp_registers_answers_vsm_vp_status() {
+    let g = Guest::with(IommuConfig {
+        rep_budget: 5,
+        ..Default::default()
+    });
+    let call = |input: &[u8], count: u16, r8: u64| {
+        g.write_input(input);
+        g.mem
+            .write_slice(&[0xA5; 4096], GuestAddress(OUTPUT))
+            .expect("pattern");
+        let rcx = Control::new()
+            .with_code(HypercallCode::GET_VP_REGISTERS.0)
+            .with_rep_count(count)
+            .into_bits();
+        g.issue(rcx, INPUT, r8)
+    };
+    let output = |n: usize| {
+        let mut out = vec![0u8; n];
+        g.mem
+            .read_slice(&mut out, GuestAddress(OUTPUT))
+            .expect("read");
+        out
+    };
+    let vsm = register::VSM_VP_STATUS;
+    // What Linux's get_vtl() sends: one rep, HV_VP_INDEX_SELF.
+    let (res, slices) = call(&vp_registers_input(HV_VP_INDEX_SELF, &[vsm]), 1, OUTPUT);
+    assert_eq!((res, slices), ((ok(), 1), 1));
+    assert_eq!(output(17), [&[0u8; 16][..], &[0xA5]].concat());
+    // Many reps, time-sliced (budget 5), and the caller's own index.
+    let names = vec![vsm; 40];
+    let (res, slices) = call(&vp_registers_input(0, &names), 40, OUTPUT);
+    assert_eq!((res, slices), ((ok(), 40), 8));
+    assert_eq!(output(641), [&[0u8; 640][..], &[0xA5]].concat());
+    // An unknown register at rep 21: the 21 values before it are written.
+    let mut names = vec![vsm; 30];
+    names[21] = 0x0009_0001;
+    let (res, _) = call(&vp_registers_input(HV_VP_INDEX_SELF, &names), 30, OUTPUT);
+    assert_eq!(res, (HvStatus::INVALID_PARAMETER, 21));
+    assert_eq!(output(21 * 16 + 1), [&[0u8; 21 * 16][..], &[0xA5]].concat());
+    // The header.
+    let bad_input = |f: &dyn Fn(&mut Vec<u8>)| {
+        let mut b = vp_registers_input(HV_VP_INDEX_SELF, &[vsm]);
+        f(&mut b);
+        call(&b, 1, OUTPUT).0
+    };
+    assert_eq!(
+        bad_input(&|b| b[0] = 0),
+        (HvStatus::INVALID_PARTITION_ID, 0)
+    );
+    assert_eq!(
+        bad_input(&|b| b[8..12].copy_from_slice(&7u32.to_le_bytes())),
+        (HvStatus::INVALID_PARAMETER, 0),
+        "another VP"
+    );
+    assert_eq!(bad_input(&|b| b[12] = 0x10), (ok(), 1), "VTL 0 named");
+    assert_eq!(bad_input(&|b| b[12] = 1), (HvStatus::INVALID_PARAMETER, 0));
+    for i in 13..16 {
+        assert_eq!(bad_input(&|b| b[i] = 1), (HvStatus::INVALID_PARAMETER, 0));
+    }
+    // The output block: 16 bytes a rep, within a page, in RAM.
+    let names = vec![vsm; 257];
+    assert_eq!(
+        call(&vp_registers_input(HV_VP_INDEX_SELF, &names), 257, OUTPUT).0,
+        (HvStatus::INVALID_ALIGNMENT, 0)
+    );
+    assert_eq!(
+        call(
+            &vp_registers_input(HV_VP_INDEX_SELF, &[vsm, vsm]),
+            2,
+            OUTPUT + 0xFF0
+        )
+        .0,
+        (HvStatus::INVALID_ALIGNMENT, 0)
+    );
+    assert_eq!(
+        call(&vp_registers_input(HV_VP_INDEX_SELF, &[vsm]), 1, RAM_TOP).0,
+        (HvStatus::INVALID_PARAMETER, 0)
+    );
+    // Not a fast call (it has output); not a simple call.
+    let fast = Control::new()
+        .with_code(HypercallCode::GET_VP_REGISTERS.0)
+        .with_fast(true)
+        .with_rep_count(1)
+        .into_bits();
+    assert_eq!(
+        g.issue(fast, HV_PARTITION_ID_SELF, 0).0,
+        (HvStatus::INVALID_HYPERCALL_INPUT, 0)
+    );
+    let simple = Control::new()
+        .with_code(HypercallCode::GET_VP_REGISTERS.0)
+        .into_bits();
+    assert_eq!(
+        g.issue(simple, INPUT, OUTPUT).0,
+        (HvStatus::INVALID_HYPERCALL_INPUT, 0)
+    );
+}
+
+/// Completed calls are counted per code and final status, so the VMM can
+/// tell which calls of a guest got which error (or that none did).
+#[test]
+fn statuses_are_counted_per_call_code() {
+    let g = Guest::with(IommuConfig {
+        rep_budget: 2,
+        ..Default::default()
+    });
+    assert!(g.iommu.stats().hypercalls.by_status.is_empty());
+    assert_eq!(g.create(S2, 5), ok());
+    assert_eq!(g.create(S2, 5), HvStatus::INVALID_PARAMETER);
+    assert_eq!(g.create(S2, 0), HvStatus::INVALID_PARAMETER);
+    assert_eq!(g.attach(S2, 5, dev(20)), HvStatus::INVALID_DEVICE_ID);
+    // A time-sliced call (3 slices) counts once, with its final status.
+    assert_eq!(
+        g.map(5, 0, &[0x100, 0x102, 0x104, 0x106, 0x108], R),
+        (ok(), 5)
+    );
+    let unknown = Control::new().with_code(0x0001).into_bits();
+    assert_eq!(
+        g.issue(unknown, INPUT, OUTPUT).0,
+        (HvStatus::INVALID_HYPERCALL_CODE, 0)
+    );
+    let h = g.iommu.stats().hypercalls;
+    let create = Some(HypercallCode::CREATE_DEVICE_DOMAIN);
+    assert_eq!(h.count(create, HvStatus::SUCCESS), 1);
+    assert_eq!(h.count(create, HvStatus::INVALID_PARAMETER), 2);
+    assert_eq!(h.errors_of(create), 2);
+    let attach = Some(HypercallCode::ATTACH_DEVICE_DOMAIN);
+    assert_eq!(h.count(attach, HvStatus::INVALID_DEVICE_ID), 1);
+    let map = Some(HypercallCode::MAP_DEVICE_GPA_PAGES);
+    assert_eq!((h.count(map, HvStatus::SUCCESS), h.errors_of(map)), (1, 0));
+    assert_eq!(h.count(None, HvStatus::INVALID_HYPERCALL_CODE), 1);
+    assert_eq!(h.error_counts().map(|s| s.count).sum::<u64>(), h.errors);
+    assert_eq!(
+        h.by_status.iter().map(|s| s.count).sum::<u64>(),
+        6,
+        "completed calls, not slices"
+    );
+    assert_eq!(h.total, 8, "slices: MAP took 3");
+}
+
+/// The hypercall table, derived from the ABI types, has the sizes the
+/// contract (section 5) gives, for every call in HypercallCode::ALL.
+#[test]
+fn the_table_is_the_contract() {
+    // (code, rep, header, rep element, output, rep output), in bytes.
+    let contract = [
+        (HypercallCode::CREATE_DEVICE_DOMAIN, false, 28, 0, 0, 0),
+        (HypercallCode::ATTACH_DEVICE_DOMAIN, false, 32, 0, 0, 0),
+        (HypercallCode::MAP_DEVICE_GPA_PAGES, true, 40, 8, 0, 0),
+        (HypercallCode::UNMAP_DEVICE_GPA_PAGES, true, 32, 0, 0, 0),
+        (HypercallCode::DETACH_DEVICE_DOMAIN, false, 16, 0, 0, 0),
+        (HypercallCode::DELETE_DEVICE_DOMAIN, false, 24, 0, 0, 0),
+        (HypercallCode::CONFIGURE_DEVICE_DOMAIN, false, 40, 0, 0, 0),
+        (HypercallCode::FLUSH_DEVICE_DOMAIN, false, 32, 0, 0, 0),
+        (HypercallCode::FLUSH_DEVICE_DOMAIN_LIST, true, 32, 8, 0, 0),
+        (HypercallCode::GET_IOMMU_CAPABILITIES, false, 16, 0, 24, 0),
+        (
+            HypercallCode::GET_LOGICAL_DEVICE_PROPERTY,
+            false,
+            24,
+            0,
+            16,
+            0,
+        ),
+        (HypercallCode::GET_VP_REGISTERS, true, 16, 4, 0, 16),
+    ];
+    assert_eq!(contract.len(), HypercallCode::ALL.len());
+    for (code, rep, header, elem, output, out_elem) in contract {
+        assert_eq!(
+            shape(code),
+            Some(Shape {
+                code,
+                rep,
+                header,
+                elem,
+                output,
+                out_elem
+            }),
+            "{code:?}"
+        );
+    }
+    assert_eq!(CALLS.map(|s| s.code), HypercallCode::ALL);
+    assert_eq!(shape(HypercallCode(0x0001)), None);
+    assert_eq!(
+        crate::domains::CAPABILITIES_SIZE as usize,
+        size_of::<OutputGetIommuCapabilities>()
+    );
 }
