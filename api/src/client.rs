@@ -158,7 +158,7 @@ pub enum SpecError {
     UnknownKey(String),
     #[error("Key {0:?} is given twice")]
     Repeated(String),
-    #[error("Unknown device kind {0:?}: use dma-test")]
+    #[error("Unknown device kind {0:?}: use dma-test, or vfio with path=")]
     Kind(String),
     #[error("Unknown IOMMU mode {0:?}: use direct or pviommu")]
     Iommu(String),
@@ -187,7 +187,10 @@ pub fn parse_device_spec(spec: &str) -> Result<AddDeviceRequest, SpecError> {
             vfio = true;
             items.next();
         }
-        Some(&first) if !first.contains('=') && names::<EmulatedKind>(first) => {
+        Some(&first) if !first.contains('=') => {
+            if !names::<EmulatedKind>(first) {
+                return Err(SpecError::Kind(first.to_owned()));
+            }
             body.insert("kind".to_owned(), first.into());
             items.next();
         }
@@ -264,7 +267,7 @@ mod tests {
     fn bad_specs_say_why() {
         use SpecError::*;
         let cases = [
-            ("nvme", NotKeyValue("nvme".into())),
+            ("nvme", Kind("nvme".into())),
             ("vfio", VfioPath),
             ("vfio,id=a", VfioPath),
             ("vfio,kind=dma-test,path=/a", Repeated("kind".into())),

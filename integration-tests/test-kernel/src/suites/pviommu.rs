@@ -566,8 +566,8 @@ fn device(io: &Io, dev: DeviceId) -> Result<(), Msg> {
     expect("CREATE domain 11", create(io, b), HvStatus::SUCCESS, None)?;
     expect("ATTACH to domain 10", attach(a), HvStatus::SUCCESS, None)?;
     expect(
-        "ATTACH to domain 11 while in 10",
-        attach(b),
+        "ATTACH to domain 10 again",
+        attach(a),
         HvStatus::DEVICE_ALREADY_IN_DOMAIN,
         None,
     )?;
@@ -577,17 +577,29 @@ fn device(io: &Io, dev: DeviceId) -> Result<(), Msg> {
         HvStatus::OPERATION_DENIED,
         None,
     )?;
-    expect("DETACH", detach(), HvStatus::SUCCESS, None)?;
+    // ATTACH is a replace: the device moves to domain 11, and domain 10,
+    // empty now, can go.
     expect(
-        "ATTACH to domain 11 after the detach",
+        "ATTACH to domain 11 while in 10",
         attach(b),
         HvStatus::SUCCESS,
         None,
     )?;
-    expect("DETACH again", detach(), HvStatus::SUCCESS, None)?;
-    expect("DELETE domain 10", delete(io, a), HvStatus::SUCCESS, None)?;
+    expect(
+        "DELETE domain 11 with the device attached",
+        delete(io, b),
+        HvStatus::OPERATION_DENIED,
+        None,
+    )?;
+    expect(
+        "DELETE domain 10 after the move",
+        delete(io, a),
+        HvStatus::SUCCESS,
+        None,
+    )?;
+    expect("DETACH", detach(), HvStatus::SUCCESS, None)?;
     expect("DELETE domain 11", delete(io, b), HvStatus::SUCCESS, None)?;
-    diag!("pviommu: device {}: attach, double attach, delete while attached, detach: as the contract says", dev);
+    diag!("pviommu: device {}: attach, double attach, delete while attached, attach as a replace, detach: as the contract says", dev);
     Ok(())
 }
 
