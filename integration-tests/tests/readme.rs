@@ -154,7 +154,10 @@ fn linux_example() {
 fn vfio_example() {
     let _vm = run::vm_lock();
     let (stdout, stderr) = run_example("vfio", &[]);
-    assert!(stdout.contains("[1234:11e8]"), "the guest saw no edu:\n{stdout}");
+    assert!(
+        stdout.contains("[1234:11e8]"),
+        "the guest saw no edu:\n{stdout}"
+    );
     assert!(stdout.contains("ok 1 - pci"), "{stdout}");
     assert!(stderr.contains("pvmm: guest powered off"), "{stderr}");
 }

@@ -224,11 +224,7 @@ pub fn check(io: Option<&Io>, slot: u8, domain: u32) -> Result<Option<DeviceDoma
     let d = hv::s2(domain);
     let o = hv::create_domain(io, d);
     if !o.ok() {
-        fail!(
-            "CREATE domain {:#x}: {}",
-            domain,
-            hv::status_name(o.status)
-        );
+        fail!("CREATE domain {:#x}: {}", domain, hv::status_name(o.status));
     }
     let flags = MapFlags::new().with_readable(true).with_writable(true);
     if let Err((s, _)) = hv::map_pages(io, d, S2_IOVA, page(dst) / 4096, 1, flags) {
