@@ -314,3 +314,39 @@ fn command_line_devices_are_listed_and_removable() {
     assert_eq!(ids, ["named"], "{body}");
     assert_eq!(vm.serial().matches("# hotplug: ejected").count(), 2);
 }
+
+/// `"iommu": "direct"` means what api/openapi.json says: the device stays in
+/// the default domain (IOVA = GPA) and the guest cannot move it. The guest
+/// tries (ATTACH to a domain of its own) and is refused.
+#[test]
+fn a_direct_device_stays_where_the_vmm_put_it() {
+    let _lock = run::vm_lock();
+    let vm = Vm::start("direct", "console=ttyS0 tk.tests=hotplug tk.hotplug=1");
+    vm.wait_for("# hotplug: ready", Duration::from_secs(60));
+    let socket = &vm.socket;
+    let (code, body) = request(
+        socket,
+        "PUT",
+        "vm.add-device",
+        Some(r#"{"kind":"dma-test","id":"pinned","iommu":"direct"}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    vm.wait_for(
+        "stays at IOVA = GPA: ATTACH refused (INVALID_DEVICE_ID)",
+        Duration::from_secs(30),
+    );
+    assert!(vm.serial().contains("# hotplug: dma ok"), "{}", vm.serial());
+    let d = domain_of(socket, "pinned").expect("in a domain");
+    assert_eq!(d["type"], "default", "{d}");
+    let (code, body) = request(socket, "GET", "vm.info", None);
+    assert_eq!(code, 200);
+    assert!(body.contains(r#""iommu":"direct""#), "{body}");
+    let (code, body) = request(
+        socket,
+        "PUT",
+        "vm.remove-device",
+        Some(r#"{"id":"pinned"}"#),
+    );
+    assert_eq!(code, 204, "{body}");
+    vm.wait_for("ok 1 - hotplug", Duration::from_secs(30));
+}

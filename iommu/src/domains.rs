@@ -104,6 +104,9 @@ pub(crate) struct DeviceEntry {
     pub attached: Attachment,
     /// The device's LOGICAL id, if it has one (a device on a vPCI bus).
     pub logical: Option<DeviceId>,
+    /// Whether the guest may name it (ATTACH, DETACH, property): not for a
+    /// device the VMM keeps in the default domain (direct attach).
+    pub guest_visible: bool,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -229,15 +232,21 @@ impl State {
 
     /// The registered device a guest's `hv_device_id` names, in its PCI
     /// form or its LOGICAL form (compared whole).
+    /// A device the VMM attached directly is not the guest's to name.
     pub(crate) fn device_named(&self, raw: u64) -> HvResult<DeviceId> {
         let id = DeviceId::from_bits(raw);
-        if self.devices.contains_key(&id) {
-            return Ok(id);
+        let id = if self.devices.contains_key(&id) {
+            id
+        } else {
+            self.aliases
+                .get(&id)
+                .copied()
+                .ok_or(HvError::INVALID_DEVICE_ID)?
+        };
+        match self.devices.get(&id) {
+            Some(e) if e.guest_visible => Ok(id),
+            _ => Err(HvError::INVALID_DEVICE_ID),
         }
-        self.aliases
-            .get(&id)
-            .copied()
-            .ok_or(HvError::INVALID_DEVICE_ID)
     }
 
     fn resolve(&self, domain: DeviceDomainId) -> HvResult<DomainRef> {

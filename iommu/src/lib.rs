@@ -185,6 +185,28 @@ impl Iommu {
     /// zero) with a backend; it starts in the default domain. The guest can
     /// only name registered devices.
     pub fn register_device(&self, device: DeviceId, backend: BackendId) -> Result<(), IommuError> {
+        self.register(device, backend, true)
+    }
+
+    /// Registers `device` like [`Iommu::register_device`], in the default
+    /// domain (IOVA = GPA), but hidden from the guest (direct attach: the
+    /// guest's pvIOMMU driver cannot name it, so it cannot move it to a
+    /// domain of its own; GET_LOGICAL_DEVICE_PROPERTY, ATTACH and DETACH
+    /// answer INVALID_DEVICE_ID).
+    pub fn register_direct_device(
+        &self,
+        device: DeviceId,
+        backend: BackendId,
+    ) -> Result<(), IommuError> {
+        self.register(device, backend, false)
+    }
+
+    fn register(
+        &self,
+        device: DeviceId,
+        backend: BackendId,
+        guest_visible: bool,
+    ) -> Result<(), IommuError> {
         if !device.is_plain_pci() {
             return Err(IommuError::NotPciDevice(device.into_bits()));
         }
@@ -204,6 +226,7 @@ impl Iommu {
                 backend,
                 attached: Attachment::Default,
                 logical: None,
+                guest_visible,
             },
         );
         Ok(())

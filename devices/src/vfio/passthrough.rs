@@ -104,12 +104,34 @@ impl Passthrough {
     }
 
     /// Hands `dev` to the IOMMUFD backend and registers it with `iommu` as
-    /// `id`: it starts in the guest's default domain (IOVA = GPA).
+    /// `id`: it starts in the guest's default domain (IOVA = GPA), and the
+    /// guest may move it to domains of its own.
     pub fn register(
         &self,
         iommu: &Iommu,
         id: DeviceId,
         dev: &VfioPciDevice,
+    ) -> Result<(), PassthroughError> {
+        self.register_as(iommu, id, dev, true)
+    }
+
+    /// [`Passthrough::register`] for a device the guest may not move: it
+    /// stays in the default domain (direct attach, IOVA = GPA).
+    pub fn register_direct(
+        &self,
+        iommu: &Iommu,
+        id: DeviceId,
+        dev: &VfioPciDevice,
+    ) -> Result<(), PassthroughError> {
+        self.register_as(iommu, id, dev, false)
+    }
+
+    fn register_as(
+        &self,
+        iommu: &Iommu,
+        id: DeviceId,
+        dev: &VfioPciDevice,
+        guest_visible: bool,
     ) -> Result<(), PassthroughError> {
         let (Some(dev_id), Some(handle)) = (dev.iommufd_dev_id(), dev.attach_handle()) else {
             return Err(PassthroughError::NotIommufd);
@@ -117,7 +139,12 @@ impl Passthrough {
         self.backend
             .add_host_device(id, dev_id, handle)
             .map_err(PassthroughError::Backend)?;
-        if let Err(e) = iommu.register_device(id, self.backend_id) {
+        let registered = if guest_visible {
+            iommu.register_device(id, self.backend_id)
+        } else {
+            iommu.register_direct_device(id, self.backend_id)
+        };
+        if let Err(e) = registered {
             // Undo the hand-over; the device stays blocked.
             let _ = self.backend.remove_device(id);
             return Err(PassthroughError::Register(e));

@@ -2221,3 +2221,39 @@ fn the_table_is_the_contract() {
         size_of::<OutputGetIommuCapabilities>()
     );
 }
+
+/// A device the VMM attached directly (`"iommu": "direct"`) stays at
+/// IOVA = GPA whatever the guest asks: the guest cannot name it.
+#[test]
+fn a_direct_device_is_not_the_guests_to_move() {
+    let g = Guest::new();
+    g.iommu
+        .register_direct_device(dev(20), BackendId::SOFTWARE)
+        .expect("register");
+    let property = InputGetLogicalDeviceProperty {
+        partition_id: U64::new(HV_PARTITION_ID_SELF),
+        logical_device_id: U64::new(dev(20).into_bits()),
+        code: U32::new(device_property::PVIOMMU),
+        reserved: U32::new(0),
+    };
+    assert_eq!(
+        g.simple(
+            HypercallCode::GET_LOGICAL_DEVICE_PROPERTY,
+            property.as_bytes()
+        ),
+        HvStatus::INVALID_DEVICE_ID
+    );
+    assert_eq!(g.create(S2, 7), ok());
+    assert_eq!(g.attach(S2, 7, dev(20)), HvStatus::INVALID_DEVICE_ID);
+    assert_eq!(g.detach(dev(20)), HvStatus::INVALID_DEVICE_ID);
+    assert_eq!(
+        g.iommu.device_attachment(dev(20)),
+        Some(Attachment::Default)
+    );
+    // Its DMA goes to guest RAM at IOVA = GPA.
+    assert_eq!(
+        g.translate(dev(20), 0x3000, 16, Access::Write),
+        Ok(vec![(0x3000, 16)])
+    );
+    g.iommu.unregister_device(dev(20)).expect("unregister");
+}

@@ -239,9 +239,11 @@ impl DeviceManager {
         let dev = Arc::new(Mutex::new(dev));
         let iommu = self.iommu.clone();
         self.plug(dev.clone(), id, DeviceKind::DmaTest, mode, None, |iid| {
-            iommu
-                .register_device(iid, BackendId::SOFTWARE)
-                .map_err(DeviceError::Iommu)?;
+            match mode {
+                IommuMode::Pviommu => iommu.register_device(iid, BackendId::SOFTWARE),
+                IommuMode::Direct => iommu.register_direct_device(iid, BackendId::SOFTWARE),
+            }
+            .map_err(DeviceError::Iommu)?;
             devices::lock::mutex(&dev).set_device_id(iid);
             Ok(())
         })
@@ -298,8 +300,12 @@ impl DeviceManager {
             mode,
             Some(path.clone()),
             |iid| {
-                pt.register(&iommu, iid, &devices::lock::mutex(&dev))
-                    .map_err(|e| DeviceError::Passthrough(path.clone(), e))
+                let d = devices::lock::mutex(&dev);
+                match mode {
+                    IommuMode::Pviommu => pt.register(&iommu, iid, &d),
+                    IommuMode::Direct => pt.register_direct(&iommu, iid, &d),
+                }
+                .map_err(|e| DeviceError::Passthrough(path.clone(), e))
             },
         )
     }

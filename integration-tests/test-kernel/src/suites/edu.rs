@@ -22,7 +22,7 @@ use crate::smp::{self, Lapic};
 use crate::tap::Msg;
 use crate::{diag, fail, idt, x86};
 use core::sync::atomic::Ordering;
-use pviommu_abi::{DeviceDomainId, DeviceId, MapFlags};
+use pviommu_abi::{DeviceDomainId, DeviceId, HvStatus, MapFlags};
 
 /// Vendor and device id, as config register 0 reads.
 pub const EDU_ID: u32 = 0x11e8_1234;
@@ -231,6 +231,18 @@ pub fn check(io: Option<&Io>, slot: u8, domain: u32) -> Result<Option<DeviceDoma
         fail!("MAP in the edu's domain: {}", hv::status_name(s));
     }
     let o = hv::attach(io, d, DeviceId::pci(0, 0, slot, 0));
+    if o.status == HvStatus::INVALID_DEVICE_ID {
+        // Passed through with "iommu": "direct": not the guest's to move.
+        let o = hv::delete_domain(io, d);
+        if !o.ok() {
+            fail!("DELETE of the unused domain: {}", hv::status_name(o.status));
+        }
+        diag!(
+            "edu: 00:{:02x}.0 stays at IOVA = GPA: ATTACH refused (INVALID_DEVICE_ID)",
+            slot
+        );
+        return Ok(None);
+    }
     if !o.ok() {
         fail!("ATTACH 00:{:02x}.0: {}", slot, hv::status_name(o.status));
     }

@@ -32,7 +32,7 @@
 use crate::pviommu::{self as hv, Io};
 use crate::tap::{Msg, Verdict};
 use crate::{diag, fail, x86, Ctx};
-use pviommu_abi::{DeviceDomainId, DeviceId, MapFlags};
+use pviommu_abi::{DeviceDomainId, DeviceId, HvStatus, MapFlags};
 
 const PORT: u16 = 0x610;
 const PCIU: u16 = PORT;
@@ -145,8 +145,9 @@ fn domain_number(slot: u8) -> u32 {
 }
 
 /// The S2 domain of the device in `slot`: created, the DMA page mapped at
-/// [`S2_IOVA`], the device attached, a fill through it checked.
-fn s2_dma(io: &Io, slot: u8) -> Result<DeviceDomainId, Msg> {
+/// [`S2_IOVA`], the device attached, a fill through it checked; `None` for
+/// a device the guest may not attach (direct).
+fn s2_dma(io: &Io, slot: u8) -> Result<Option<DeviceDomainId>, Msg> {
     let d = hv::s2(domain_number(slot));
     let o = hv::create_domain(io, d);
     if !o.ok() {
@@ -162,11 +163,23 @@ fn s2_dma(io: &Io, slot: u8) -> Result<DeviceDomainId, Msg> {
         fail!("MAP in the device's domain: {}", hv::status_name(status));
     }
     let o = hv::attach(io, d, DeviceId::pci(0, 0, slot, 0));
+    if o.status == HvStatus::INVALID_DEVICE_ID {
+        // A device the VMM attached directly: not the guest's to move.
+        let o = hv::delete_domain(io, d);
+        if !o.ok() {
+            fail!("DELETE of the unused domain: {}", hv::status_name(o.status));
+        }
+        diag!(
+            "hotplug: 00:{:02x}.0 stays at IOVA = GPA: ATTACH refused (INVALID_DEVICE_ID)",
+            slot
+        );
+        return Ok(None);
+    }
     if !o.ok() {
         fail!("ATTACH 00:{:02x}.0: {}", slot, hv::status_name(o.status));
     }
     dma_fill_at(slot, S2_IOVA)?;
-    Ok(d)
+    Ok(Some(d))
 }
 
 /// After the device in `slot` is gone: deletes its S2 domain, if it has
@@ -283,13 +296,14 @@ pub fn run(ctx: &Ctx) -> Verdict {
                     dmas += 1;
                     diag!("hotplug: dma ok 00:{:02x}.0", slot);
                     if let Some(io) = &io {
-                        let d = s2_dma(io, slot)?;
-                        domains[usize::from(slot)] = Some(d);
-                        diag!(
-                            "hotplug: s2 dma ok 00:{:02x}.0 domain {:#x}",
-                            slot,
-                            domain_number(slot)
-                        );
+                        if let Some(d) = s2_dma(io, slot)? {
+                            domains[usize::from(slot)] = Some(d);
+                            diag!(
+                                "hotplug: s2 dma ok 00:{:02x}.0 domain {:#x}",
+                                slot,
+                                domain_number(slot)
+                            );
+                        }
                     }
                 }
             }
