@@ -18,6 +18,7 @@ use std::io;
 use bitfield_struct::bitfield;
 
 use crate::bus::BusDevice;
+use crate::guest_warn;
 use crate::interrupt::MsiMessage;
 
 /// Number of pins (redirection entries).
@@ -144,7 +145,7 @@ impl Ioapic {
                 self.table[pin as usize] = new;
                 if new.msi() != old.msi() {
                     if let Err(e) = self.routes.route_pin(pin, new.msi()) {
-                        log::error!("IOAPIC: cannot route pin {pin}: {e}");
+                        guest_warn!("IOAPIC: cannot route pin {pin}: {e}");
                     }
                 }
             }

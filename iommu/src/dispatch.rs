@@ -41,8 +41,7 @@ use pviommu_abi::{
     InputMapDeviceGpaPages, InputUnmapDeviceGpaPages, OutputGetIommuCapabilities,
     OutputGetLogicalDeviceProperty, RegisterValue, HV_PAGE_SIZE,
 };
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::GuestMemory;
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
@@ -451,34 +450,6 @@ impl Counters {
     }
 }
 
-/// At most `PER_SECOND` log lines a second for guest-caused events.
-#[derive(Debug)]
-pub(crate) struct RateLimit {
-    start: Instant,
-    window: AtomicU64,
-    count: AtomicU32,
-}
-
-impl RateLimit {
-    const PER_SECOND: u32 = 10;
-
-    pub(crate) fn new() -> Self {
-        Self {
-            start: Instant::now(),
-            window: AtomicU64::new(0),
-            count: AtomicU32::new(0),
-        }
-    }
-
-    pub(crate) fn allow(&self) -> bool {
-        let now = self.start.elapsed().as_secs();
-        if self.window.swap(now, Ordering::Relaxed) != now {
-            self.count.store(0, Ordering::Relaxed);
-        }
-        self.count.fetch_add(1, Ordering::Relaxed) < Self::PER_SECOND
-    }
-}
-
 enum Slice {
     Done(u16),
     Continue(u16),
@@ -544,13 +515,12 @@ impl Iommu {
             Err((error, reps)) => {
                 self.counters.errors.fetch_add(1, Ordering::Relaxed);
                 self.counters.complete(control.call_code(), error.status());
-                if self.log_limit.allow() {
-                    log::debug!(
-                        "pvIOMMU: vp {vp_index}: {:?} (rcx {:#x}) -> {error} after {reps} reps",
-                        control.call_code(),
-                        regs.rcx
-                    );
-                }
+                crate::guest_log!(
+                    Debug,
+                    "pvIOMMU: vp {vp_index}: {:?} (rcx {:#x}) -> {error} after {reps} reps",
+                    control.call_code(),
+                    regs.rcx
+                );
                 HypercallOutcome::Complete {
                     rax: HypercallOutput::from_status(error.status(), reps).into_bits(),
                 }

@@ -187,7 +187,11 @@ fn record(
         Ok(()) => true,
         Err(e) => {
             *errors += 1;
-            log::warn!("pvIOMMU {} backend: {what} failed: {e}", backend.name());
+            crate::guest_log!(
+                Warn,
+                "pvIOMMU {} backend: {what} failed: {e}",
+                backend.name()
+            );
             false
         }
     }
@@ -204,7 +208,8 @@ fn map_everywhere(
     for (k, inst) in instances.iter().enumerate() {
         if let Err(e) = backends[inst.backend.0].map(id, run) {
             *errors += 1;
-            log::warn!(
+            crate::guest_log!(
+                Warn,
                 "pvIOMMU {} backend: map failed: {e}",
                 backends[inst.backend.0].name()
             );
@@ -412,7 +417,10 @@ impl State {
             return Err(HvError::DEVICE_ALREADY_IN_DOMAIN);
         }
         self.move_device(device, target).map_err(|e| {
-            log::warn!("pvIOMMU: attach of {device} to domain {target:?} failed: {e}");
+            crate::guest_log!(
+                Warn,
+                "pvIOMMU: attach of {device} to domain {target:?} failed: {e}"
+            );
             HvError::NO_RESOURCES
         })
     }
@@ -531,7 +539,11 @@ impl State {
         let backend = Arc::clone(&self.backends[backend_id.0]);
         backend.destroy_domain(id).inspect_err(|e| {
             self.backend_errors += 1;
-            log::warn!("pvIOMMU {} backend: destroy failed: {e}", backend.name());
+            crate::guest_log!(
+                Warn,
+                "pvIOMMU {} backend: destroy failed: {e}",
+                backend.name()
+            );
         })
     }
 
@@ -550,7 +562,7 @@ impl State {
             Err(e) => {
                 // The backend failed closed; take the device off its
                 // domain's books all the same.
-                log::warn!("pvIOMMU: blocking {device} for removal failed: {e}");
+                crate::guest_log!(Warn, "pvIOMMU: blocking {device} for removal failed: {e}");
                 let from = self
                     .devices
                     .get_mut(&device)
@@ -583,7 +595,7 @@ impl State {
             return Ok(());
         }
         self.move_device(device, Attachment::Default).map_err(|e| {
-            log::warn!("pvIOMMU: detach of {device} failed: {e}");
+            crate::guest_log!(Warn, "pvIOMMU: detach of {device} failed: {e}");
             HvError::NO_RESOURCES
         })
     }

@@ -73,6 +73,7 @@ mod dispatch;
 mod domains;
 pub mod flush;
 pub mod fuzzing;
+pub mod guest_log;
 pub mod iommufd;
 mod ram;
 mod runs;
@@ -99,7 +100,7 @@ pub use stats::{
 };
 pub use translate::{Access, Fault, FaultReason, Segment, Segments};
 
-use dispatch::{Counters, RateLimit};
+use dispatch::Counters;
 use domains::{DeviceEntry, State};
 use pviommu_abi::{DeviceDomainId, HypercallCode};
 use stats::FaultLog;
@@ -130,7 +131,6 @@ pub struct Iommu {
     state: Mutex<State>,
     counters: Counters,
     faults: Mutex<FaultLog>,
-    log_limit: RateLimit,
 }
 
 impl fmt::Debug for Iommu {
@@ -156,7 +156,6 @@ impl Iommu {
             state: Mutex::new(state),
             counters: Counters::default(),
             faults: Mutex::new(faults),
-            log_limit: RateLimit::new(),
         })
     }
 
@@ -312,9 +311,7 @@ impl Iommu {
             reason,
         };
         self.lock_faults().record(fault);
-        if self.log_limit.allow() {
-            log::debug!("pvIOMMU: {fault}");
-        }
+        guest_log!(Debug, "pvIOMMU: {fault}");
         Err(fault)
     }
 
@@ -425,6 +422,7 @@ impl Iommu {
             faults,
             backend_errors: state.backend_errors,
             map_runs: state.runs_total,
+            guest_log: guest_log::counts(),
         }
     }
 

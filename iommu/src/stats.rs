@@ -154,6 +154,9 @@ pub struct IommuStats {
     /// Mapping runs of every guest domain together (held under
     /// [`crate::IommuConfig::max_map_runs`]).
     pub map_runs: u64,
+    /// Guest-caused log lines of the whole VMM, sent and dropped by the one
+    /// limiter ([`crate::guest_log`]).
+    pub guest_log: crate::guest_log::Counts,
 }
 
 /// Fault bookkeeping behind its own small lock (faults are rare). Lock

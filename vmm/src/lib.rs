@@ -331,13 +331,21 @@ impl Vmm {
             }
         };
         threads.stop();
-        let calls = self.iommu.stats().hypercalls;
+        let stats = self.iommu.stats();
+        let calls = stats.hypercalls;
         if calls.total > 0 {
             log::info!(
                 "pvIOMMU: {} hypercalls, {} failed, {} time-sliced restarts",
                 calls.total,
                 calls.errors,
                 calls.continuations
+            );
+        }
+        if stats.guest_log.dropped > 0 {
+            log::warn!(
+                "{} guest-caused log lines were dropped ({} logged)",
+                stats.guest_log.dropped,
+                stats.guest_log.emitted
             );
         }
         result

@@ -168,7 +168,7 @@ impl PciRoot {
             .ok_or(PciError::SlotEmpty(slot))?;
         for r in &s.mapped {
             if let Err(e) = self.bus_for(r.kind).remove(r.addr, r.size) {
-                log::error!("pci: unmapping BAR {} of slot {slot}: {e}", r.index);
+                guest_warn!("pci: unmapping BAR {} of slot {slot}: {e}", r.index);
             }
         }
         let mut d = lock::mutex(&s.dev);
@@ -278,7 +278,7 @@ impl PciRoot {
             }
             if let Some(o) = old {
                 if let Err(e) = self.bus_for(o.kind).remove(o.addr, o.size) {
-                    log::error!("pci: unmapping BAR {index} of slot {slot}: {e}");
+                    guest_warn!("pci: unmapping BAR {index} of slot {slot}: {e}");
                 }
             }
             changes.push((index, old.map(|o| o.addr), new));

@@ -48,6 +48,7 @@ use super::pci::{
     reg, BarKind, PciBarRegion, PciConfiguration, PciDevice, PciError, PciHeader,
     COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, NUM_BARS,
 };
+use crate::guest_warn;
 
 /// VFIO region index of the configuration space (`VFIO_PCI_CONFIG_REGION_INDEX`).
 pub const CONFIG_REGION: u32 = 7;
@@ -750,7 +751,7 @@ impl VfioPciDevice {
         match m.route_of(v) {
             Some((address, data)) => match routes.route(vector, address, data, fd) {
                 Ok(()) => *routed = true,
-                Err(e) => log::warn!("VFIO: cannot route MSI-X vector {v}: {e}"),
+                Err(e) => guest_warn!("VFIO: cannot route MSI-X vector {v}: {e}"),
             },
             None if *routed => {
                 let _ = routes.unroute(vector, fd);
@@ -777,7 +778,7 @@ impl VfioPciDevice {
                 .collect();
             let refs: Vec<&EventFd> = fds.iter().collect();
             if fds.len() != n || self.hw.enable_msix(&refs).is_err() {
-                log::warn!("VFIO: cannot enable MSI-X");
+                guest_warn!("VFIO: cannot enable MSI-X");
                 return;
             }
             self.msix_routed = vec![false; n];
@@ -829,7 +830,7 @@ impl VfioPciDevice {
                 .collect();
             let fds: Vec<&EventFd> = self.msi_fds.iter().collect();
             if self.hw.enable_msi(&fds).is_err() {
-                log::warn!("VFIO: cannot enable MSI");
+                guest_warn!("VFIO: cannot enable MSI");
                 return;
             }
         }
@@ -838,7 +839,7 @@ impl VfioPciDevice {
                 // Multiple messages: the vector number goes in the low data bits.
                 let data = u32::from(msi.data) | v;
                 if let Err(e) = routes.route(v, msi.address, data, fd) {
-                    log::warn!("VFIO: cannot route MSI vector {v}: {e}");
+                    guest_warn!("VFIO: cannot route MSI vector {v}: {e}");
                 }
             }
         }
@@ -935,7 +936,7 @@ impl PciDevice for VfioPciDevice {
                     // The slot still points at the mapping: keep both (the
                     // guest keeps reaching the BAR where it was) rather than
                     // add a second slot or ever unmap what KVM maps.
-                    log::warn!("VFIO: cannot remove the slot of BAR {index}: {e}");
+                    guest_warn!("VFIO: cannot remove the slot of BAR {index}: {e}");
                     continue;
                 }
                 area.slot = None;
@@ -946,7 +947,7 @@ impl PciDevice for VfioPciDevice {
             match slots.add(gpa, area.map.len() as u64, area.map.as_ptr()) {
                 Ok(slot) => area.slot = Some(slot),
                 // Still correct, only slower: accesses trap to BusDevice.
-                Err(e) => log::warn!("VFIO: BAR {index} at {gpa:#x} stays trapped: {e}"),
+                Err(e) => guest_warn!("VFIO: BAR {index} at {gpa:#x} stays trapped: {e}"),
             }
         }
     }
