@@ -7,7 +7,9 @@
 //! writes COMMAND: every access goes through [`Iommu::translate`] for the
 //! device's id (the PCI form of its BDF) — the default domain is GPA, the
 //! null domain faults, S2 and S1 domains translate — then to guest memory.
-//! `translate` holds no lock when it returns, so no IOMMU lock is held while
+//! Each command holds an `iommu::DmaPin` from its first translation to its
+//! last byte, so an UNMAP or flush returns only after it. `translate` holds
+//! no lock when it returns, so no IOMMU lock is held while
 //! guest memory is touched. A fault is recorded in the registers, never a
 //! panic; a faulting copy or fill writes nothing. Completion raises the MSI
 //! of the MSI capability when the guest asked for it (polling STATUS and
@@ -225,6 +227,10 @@ impl DmaTest {
         }
         self.bounce.clear();
         self.bounce.resize(len as usize, 0);
+        // From the first translation to the last byte written: a hypercall
+        // that takes a translation away returns only after this DMA ends.
+        let iommu = Arc::clone(&self.iommu);
+        let _pin = iommu.dma_pin();
         let (src, dst) = (self.regs.src_iova, self.regs.dst_iova);
         match cmd {
             command::COPY => {

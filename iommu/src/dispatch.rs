@@ -496,7 +496,20 @@ impl Iommu {
             } else {
                 u16::MAX
             };
-            self.dispatch_inner(mem, vp_index, control, regs, budget)
+            let r = self.dispatch_inner(mem, vp_index, control, regs, budget);
+            // A call that may have taken translations away returns only
+            // after the emulated DMA that may still use them has finished.
+            if !matches!(
+                control.call_code(),
+                HypercallCode::GET_IOMMU_CAPABILITIES
+                    | HypercallCode::GET_LOGICAL_DEVICE_PROPERTY
+                    | HypercallCode::GET_VP_REGISTERS
+                    | HypercallCode::CREATE_DEVICE_DOMAIN
+                    | HypercallCode::MAP_DEVICE_GPA_PAGES
+            ) {
+                self.dma_barrier();
+            }
+            r
         };
         match result {
             Ok(Slice::Done(reps)) => {

@@ -106,7 +106,7 @@ use pviommu_abi::{DeviceDomainId, HypercallCode};
 use stats::FaultLog;
 use std::fmt;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard};
 use vm_memory::GuestMemory;
 
 /// A backend of an [`Iommu`], as returned by [`Iommu::add_backend`].
@@ -131,7 +131,19 @@ pub struct Iommu {
     state: Mutex<State>,
     counters: Counters,
     faults: Mutex<FaultLog>,
+    /// Emulated DMA in flight holds this for reading ([`Iommu::dma_pin`]);
+    /// a call that can take translations away takes it for writing once it
+    /// is done, so that it returns only after every DMA that may still use
+    /// an old translation has finished.
+    dma_inflight: RwLock<()>,
 }
+
+/// An emulated device's DMA in flight: while it lives, no hypercall that
+/// takes a translation away (UNMAP, a flush, DETACH, ...) returns, and no
+/// device is unregistered. Hold it from [`Iommu::translate`] until the last
+/// byte of the access has been read or written.
+#[derive(Debug)]
+pub struct DmaPin<'a>(#[allow(dead_code)] RwLockReadGuard<'a, ()>);
 
 impl fmt::Debug for Iommu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -156,7 +168,19 @@ impl Iommu {
             state: Mutex::new(state),
             counters: Counters::default(),
             faults: Mutex::new(faults),
+            dma_inflight: RwLock::new(()),
         })
+    }
+
+    /// Marks an emulated device's DMA in flight (see [`DmaPin`]).
+    pub fn dma_pin(&self) -> DmaPin<'_> {
+        DmaPin(self.dma_inflight.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Waits for every emulated DMA in flight to finish. Called with no lock
+    /// held: a DMA may take the state lock (its fault path) while pinned.
+    pub(crate) fn dma_barrier(&self) {
+        drop(self.dma_inflight.write().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// The configuration.
@@ -271,11 +295,16 @@ impl Iommu {
     /// they are the guest's. Every step runs even if an earlier one failed
     /// (each backend fails closed); the first failure is returned.
     pub fn unregister_device(&self, device: DeviceId) -> Result<(), IommuError> {
-        let mut state = self.lock_state();
-        if !state.devices.contains_key(&device) {
-            return Err(IommuError::UnknownDevice(device));
-        }
-        state.remove_device(device).map_err(IommuError::Backend)
+        let result = {
+            let mut state = self.lock_state();
+            if !state.devices.contains_key(&device) {
+                return Err(IommuError::UnknownDevice(device));
+            }
+            state.remove_device(device).map_err(IommuError::Backend)
+        };
+        // Its DMA in flight ends before the caller unplugs it.
+        self.dma_barrier();
+        result
     }
 
     /// Where a registered device's DMA goes now.

@@ -2257,3 +2257,42 @@ fn a_direct_device_is_not_the_guests_to_move() {
     );
     g.iommu.unregister_device(dev(20)).expect("unregister");
 }
+
+/// An emulated device's DMA in flight on one vCPU and an UNMAP of its page
+/// on another: the UNMAP returns only after the DMA's last write, so a
+/// guest that reuses the page once UNMAP returned never sees the device
+/// write into it.
+#[test]
+fn unmap_returns_only_after_the_dma_in_flight_ends() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Barrier;
+    let g = Guest::new();
+    assert_eq!(g.create(S2, 6), ok());
+    assert_eq!(g.map(6, 0x40_0000, &[0x30], 3), (HvStatus::SUCCESS, 1));
+    assert_eq!(g.attach(S2, 6, dev(2)), ok());
+    let written = AtomicBool::new(false);
+    let translated = Barrier::new(2);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // The device: translate, then take its time over the write.
+            let _pin = g.iommu.dma_pin();
+            let segs = g
+                .translate(dev(2), 0x40_0000, 8, Access::Write)
+                .expect("mapped");
+            translated.wait();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            g.mem
+                .write_obj(0xdead_u64, GuestAddress(segs[0].0))
+                .expect("write");
+            written.store(true, Ordering::SeqCst);
+        });
+        translated.wait();
+        assert_eq!(g.unmap(6, 0x40_0000, 1), (HvStatus::SUCCESS, 1));
+        assert!(
+            written.load(Ordering::SeqCst),
+            "UNMAP returned while the device was still writing through it"
+        );
+    });
+    // Later DMA faults.
+    assert!(g.translate(dev(2), 0x40_0000, 8, Access::Write).is_err());
+}
