@@ -2,8 +2,9 @@
 //! needs them): the hypercall port, user-space MSRs and CPUID.
 //!
 //! - [`PortIoHypercall`]: an `out` to port [`HYPERCALL_PORT`] (0xE4, what the
-//!   hypercall page's stub runs) hands RCX, RDX and R8, RIP and the CPL (read
-//!   from KVM sync regs) to the handler on the vCPU's own thread, which says
+//!   hypercall page's stub runs) hands RCX, RDX and R8 and RIP (from KVM sync
+//!   regs) and the CPL (KVM_GET_SREGS, on this exit only) to the handler on
+//!   the vCPU's own thread, which says
 //!   what to do: write RAX, restart the call at a RIP of its choice with a
 //!   new RCX (rep time slicing), or treat the `out` as one to an unused port.
 //! - [`MsrHandler`]: the MSRs it lists are filtered out of KVM
