@@ -311,9 +311,12 @@ fn linux_acpi_hotplug_through_the_api() {
         ],
     )
     .expect("pvmm starts");
-    let fail = |c: &Console, e: String| -> ! { panic!("{e}\n{}", c.text()) };
+    let fail = |c: Console, e: String| -> ! {
+        let (code, stderr, lines) = c.finish(Duration::from_secs(5));
+        panic!("{e}\npvmm: {code:?}, {stderr}\n{}", lines.join("\n"))
+    };
     if let Err(e) = c.wait_for("PVMM-PCI-WATCH", BOOT_DEADLINE) {
-        fail(&c, e);
+        fail(c, e);
     }
     for round in 0..3 {
         let id = format!("hp{round}");
@@ -321,7 +324,7 @@ fn linux_acpi_hotplug_through_the_api() {
         let (status, answer) = request(&socket, "PUT", "vm.add-device", Some(&body));
         assert_eq!(status, 200, "add-device: {answer}");
         if let Err(e) = c.wait_for("PVMM-PCI add", Duration::from_secs(60)) {
-            fail(&c, e);
+            fail(c, e);
         }
         let added = c.seen.last().cloned().unwrap_or_default();
         assert!(added.contains("0x1234:0x0d7a"), "round {round}: {added}");
@@ -331,7 +334,7 @@ fn linux_acpi_hotplug_through_the_api() {
         let took = start.elapsed();
         assert_eq!(status, 204, "remove-device: {answer}");
         if let Err(e) = c.wait_for("PVMM-PCI remove", Duration::from_secs(30)) {
-            fail(&c, e);
+            fail(c, e);
         }
         // pvmm forces a removal the guest ignores after its eject timeout;
         // Linux ejects at once.

@@ -1,7 +1,7 @@
 //! The README's examples, run as written.
 //!
 //! Each example is a ```sh block right after a line
-//! `<!-- example: NAME ... -->`; its commands run with bash (`set -e`) in a
+//! `<!-- example: NAME ... -->`; its commands run with `sh -e` in a
 //! scratch directory, with `pvmm` and `pvmm-remote` of this build first on
 //! `PATH`. Examples that need a standard KVM or a VFIO device are
 //! `#[ignore]`d here and run inside the nested-KVM harness (tests/nested.rs),
@@ -45,7 +45,7 @@ fn example(name: &str) -> String {
         .unwrap_or_else(|| panic!("the README has no example {name}"))
 }
 
-/// Runs `script` with bash in a scratch directory holding `files`; returns
+/// Runs the example with `sh -e` in a scratch directory holding `files`; returns
 /// stdout and stderr, panicking on a non-zero status.
 fn run_example(name: &str, files: &[(&str, &Path)]) -> (String, String) {
     let pvmm = artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"));
@@ -62,11 +62,12 @@ fn run_example(name: &str, files: &[(&str, &Path)]) -> (String, String) {
     path.extend(std::env::split_paths(
         &std::env::var_os("PATH").unwrap_or_default(),
     ));
-    let mut c = Command::new("bash");
+    // POSIX sh (busybox's inside the nested harness, dash or bash here).
+    let mut c = Command::new("sh");
     c.args(["-e", "-c", &example(name)])
         .current_dir(&dir)
         .env("PATH", std::env::join_paths(path).expect("PATH"));
-    let out = run::run(c, Duration::from_secs(600)).expect("bash runs");
+    let out = run::run(c, Duration::from_secs(600)).expect("sh runs");
     std::fs::remove_dir_all(&dir).ok();
     assert!(
         out.success(),
