@@ -131,8 +131,21 @@ impl ApiVm {
 
 impl Drop for ApiVm {
     fn drop(&mut self) {
+        let exited = self.child.try_wait().ok().flatten();
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failing test shows what pvmm said, and the guest's console.
+        if std::thread::panicking() {
+            let mut stderr = String::new();
+            if let Some(mut e) = self.child.stderr.take() {
+                let _ = e.read_to_string(&mut stderr);
+            }
+            eprintln!(
+                "--- pvmm ({}) stderr ---\n{stderr}\n--- guest console ---\n{}",
+                exited.map_or("killed".to_string(), |s| format!("exited: {s}")),
+                self.serial()
+            );
+        }
         let _ = std::fs::remove_file(&self.serial);
         let _ = std::fs::remove_file(&self.socket);
         // The server's lock file beside the socket (api::server).

@@ -106,6 +106,15 @@ fn vfio_edu_hot_added_into_the_test_kernel() {
     for round in 0..2 {
         let (code, answer) = vm.request("PUT", "vm.add-device", Some(&body));
         assert_eq!(code, 200, "round {round}: {answer}");
+        // The same function under another spelling is the same device.
+        let canonical = edu.canonicalize().expect("canonical path");
+        assert_ne!(canonical, edu);
+        let again = format!(
+            r#"{{"path":{:?},"id":"edu-again"}}"#,
+            canonical.display().to_string()
+        );
+        let (code, answer) = vm.request("PUT", "vm.add-device", Some(&again));
+        assert_eq!(code, 409, "round {round}: the same function twice: {answer}");
         // pvmm holds it now: nobody else can bind it.
         let held = free_for_others(&edu);
         assert!(
