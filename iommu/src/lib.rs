@@ -83,8 +83,8 @@ pub mod testing;
 mod translate;
 
 pub use backend::{
-    AttachTarget, Backend, BackendError, DomainId, DomainKind, Invalidation, MapRun, PagingLevels,
-    Perms, S1Config, S1Mode,
+    AttachTarget, Backend, BackendError, DomainId, DomainKind, InvalidRequest, Invalidation,
+    MapRun, PagingLevels, Perms, S1Config, S1Mode,
 };
 pub use config::{
     IommuConfig, IommuError, DEFAULT_MAP_RUNS_FLOOR, DEFAULT_MAP_RUNS_PER_MIB,

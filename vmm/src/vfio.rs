@@ -25,10 +25,33 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::{DeviceManager, SharedIdPool};
-use crate::kvm::SharedIrqRouting;
+use crate::kvm::{RoutingError, SharedIrqRouting};
 
-fn other(e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(e.to_string())
+/// Why a hook failed. `devices` takes hook errors as `io::Error`s; this one
+/// travels inside, with its sources.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// No GSI left for an MSI vector.
+    #[error("No GSI left for the vector")]
+    NoGsi(#[source] resources::Error),
+    /// The vector's MSI route could not be set.
+    #[error("Cannot route the vector")]
+    Route(#[source] RoutingError),
+    /// KVM_IRQFD failed.
+    #[error("KVM KVM_IRQFD failed")]
+    Irqfd(#[source] kvm_ioctls::Error),
+    /// No memory slot number left for a BAR area.
+    #[error("No KVM memory slot left")]
+    NoSlot(#[source] resources::Error),
+    /// KVM_SET_USER_MEMORY_REGION failed.
+    #[error("KVM KVM_SET_USER_MEMORY_REGION failed")]
+    Slot(#[source] kvm_ioctls::Error),
+}
+
+impl From<HookError> for io::Error {
+    fn from(e: HookError) -> Self {
+        io::Error::other(e)
+    }
 }
 
 /// The hooks for a VFIO device in the VM of `dm`.
@@ -84,16 +107,22 @@ impl MsiRoutes for KvmMsiRoutes {
             // A new address or data for a routed vector: the irqfd stays.
             return devices::lock::mutex(&self.routing)
                 .set_msi_route(&self.vm, gsi, address, data)
-                .map_err(other);
+                .map_err(|e| HookError::Route(e).into());
         }
-        let gsi = devices::lock::mutex(&self.gsis).allocate().map_err(other)?;
+        let gsi = devices::lock::mutex(&self.gsis)
+            .allocate()
+            .map_err(HookError::NoGsi)?;
         let result = devices::lock::mutex(&self.routing)
             .set_msi_route(&self.vm, gsi, address, data)
-            .map_err(other)
-            .and_then(|()| self.vm.register_irqfd(eventfd, gsi).map_err(other));
+            .map_err(HookError::Route)
+            .and_then(|()| {
+                self.vm
+                    .register_irqfd(eventfd, gsi)
+                    .map_err(HookError::Irqfd)
+            });
         if let Err(e) = result {
             self.release(gsi);
-            return Err(e);
+            return Err(e.into());
         }
         routed.insert(vector, gsi);
         Ok(())
@@ -103,9 +132,9 @@ impl MsiRoutes for KvmMsiRoutes {
         let Some(gsi) = devices::lock::mutex(&self.routed).remove(&vector) else {
             return Ok(());
         };
-        let result = self.vm.unregister_irqfd(eventfd, gsi).map_err(other);
+        let result = self.vm.unregister_irqfd(eventfd, gsi);
         self.release(gsi);
-        result
+        result.map_err(|e| HookError::Irqfd(e).into())
     }
 }
 
@@ -137,7 +166,7 @@ impl KvmBarSlots {
     /// # Safety
     /// `[host, host + size)` must stay mapped in this process until the
     /// slot is deleted.
-    unsafe fn set(&self, slot: u32, gpa: u64, size: u64, host: u64) -> io::Result<()> {
+    unsafe fn set(&self, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), HookError> {
         let region = kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -147,7 +176,7 @@ impl KvmBarSlots {
         };
         // SAFETY: guaranteed by the caller; KVM checks the slot against the
         // others (an overlap is EEXIST).
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(other)
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(HookError::Slot)
     }
 }
 
@@ -155,12 +184,12 @@ impl BarSlots for KvmBarSlots {
     fn add(&self, gpa: u64, size: u64, host: *mut u8) -> io::Result<u32> {
         let slot = devices::lock::mutex(&self.slots)
             .allocate()
-            .map_err(other)?;
+            .map_err(HookError::NoSlot)?;
         // SAFETY: `host` is the device's mmap of the BAR area, which
         // `VfioPciDevice` keeps until after it has removed the slot.
         if let Err(e) = unsafe { self.set(slot, gpa, size, host as u64) } {
             let _ = devices::lock::mutex(&self.slots).free(slot);
-            return Err(e);
+            return Err(e.into());
         }
         Ok(slot)
     }
@@ -171,7 +200,7 @@ impl BarSlots for KvmBarSlots {
         if result.is_ok() {
             let _ = devices::lock::mutex(&self.slots).free(slot);
         }
-        result
+        result.map_err(io::Error::from)
     }
 }
 

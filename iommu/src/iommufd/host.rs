@@ -2,7 +2,6 @@
 #![allow(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use iommufd_bindings::iommufd::{
@@ -18,8 +17,8 @@ use super::uapi::{
     MOCK_NESTED_DOMAIN_IOTLB_NUM,
 };
 use super::{
-    AttachTarget, Backend, BackendError, DeviceId, DomainId, DomainKind, Invalidation, MapRun,
-    PagingLevels, Perms, S1Config, S1Mode,
+    AttachTarget, Backend, BackendError, DeviceId, DomainId, DomainKind, InvalidRequest,
+    Invalidation, MapRun, PagingLevels, Perms, S1Config, S1Mode,
 };
 
 const PAGE_SHIFT: u32 = 12;
@@ -243,12 +242,8 @@ fn host_err(e: ioctl::Error) -> BackendError {
     match e.errno() {
         Some(libc::ENOMEM) | Some(libc::ENOSPC) => BackendError::NoResources,
         Some(libc::EOPNOTSUPP) => BackendError::Unsupported,
-        _ => BackendError::Host(io::Error::other(e)),
+        _ => BackendError::Iommufd(e),
     }
-}
-
-fn invalid(msg: &str) -> BackendError {
-    BackendError::Host(io::Error::new(io::ErrorKind::InvalidInput, msg.to_string()))
 }
 
 impl IommufdBackend {
@@ -356,7 +351,7 @@ impl IommufdBackend {
     ) -> Result<(), BackendError> {
         let mut inner = self.lock();
         if inner.devices.contains_key(&device) {
-            return Err(invalid("device already handed to the IOMMUFD backend"));
+            return Err(InvalidRequest::DeviceExists(device.into_bits()).into());
         }
         inner.devices.insert(
             device,
@@ -385,24 +380,22 @@ impl IommufdBackend {
     ) -> Result<(), BackendError> {
         let page = (1u64 << PAGE_SHIFT) - 1;
         let Some(last) = gpa.checked_add(len).and_then(|end| end.checked_sub(1)) else {
-            return Err(invalid("guest RAM region wraps around"));
+            return Err(InvalidRequest::BadRegion { gpa, len }.into());
         };
         if len == 0 || gpa & page != 0 || len & page != 0 || host as u64 & page != 0 {
-            return Err(invalid("guest RAM region not page-aligned"));
+            return Err(InvalidRequest::BadRegion { gpa, len }.into());
         }
         let mut inner = self.lock();
         let overlaps = |r: &Region| gpa <= r.gpa + (r.len - 1) && r.gpa <= last;
         if inner.regions.values().any(overlaps) {
-            return Err(invalid("guest RAM region overlaps another"));
+            return Err(InvalidRequest::RegionOverlaps { gpa, len }.into());
         }
         let allowed = match &inner.allowed {
             Some(ranges) => ranges.iter().any(|r| r.contains(gpa, len)),
             None => last < MSI_WINDOW.start || gpa > MSI_WINDOW.last,
         };
         if !allowed {
-            return Err(invalid(
-                "guest RAM region overlaps a reserved IOVA range (MSI window)",
-            ));
+            return Err(BackendError::ReservedOverlap);
         }
         let direct = inner.direct;
         // SAFETY: the caller guarantees the mapping's lifetime and use.
@@ -430,7 +423,7 @@ impl IommufdBackend {
             .regions
             .get(&gpa)
             .copied()
-            .ok_or_else(|| invalid("no guest RAM region starts there"))?;
+            .ok_or(InvalidRequest::NoRegion(gpa))?;
         let mut first_err = None;
         let inside = |r: &MapRun| r.gpa >= region.gpa && r.gpa + r.len <= region.gpa + region.len;
         let mut unmaps = 0;
@@ -444,9 +437,11 @@ impl IommufdBackend {
                         Ok(n) if n == run.len => {
                             runs.remove(&run.iova);
                         }
-                        Ok(_) => {
-                            first_err
-                                .get_or_insert(invalid("IOAS_UNMAP removed a different length"));
+                        Ok(removed) => {
+                            first_err.get_or_insert(BackendError::ShortUnmap {
+                                len: run.len,
+                                removed,
+                            });
                             failed_domains.push(*id);
                         }
                         Err(e) => {
@@ -467,7 +462,10 @@ impl IommufdBackend {
             result => {
                 first_err.get_or_insert(match result {
                     Err(e) => host_err(e),
-                    Ok(_) => invalid("IOAS_UNMAP removed a different length"),
+                    Ok(removed) => BackendError::ShortUnmap {
+                        len: region.len,
+                        removed,
+                    },
                 });
                 self.fail_direct(&mut inner);
             }
@@ -484,12 +482,14 @@ impl IommufdBackend {
             .next_back()
             .map(|(_, r)| *r)
             .filter(|r| gpa - r.gpa <= r.len && len <= r.len - (gpa - r.gpa))
-            .ok_or_else(|| invalid("run outside the guest RAM known to the IOMMUFD backend"))?;
+            .ok_or(InvalidRequest::RunOutsideRam { gpa, len })?;
+        // A region's host range lies in this address space (add_ram_region
+        // took it from a live mapping), so this does not fail for a run in it.
         usize::try_from(gpa - region.gpa)
             .ok()
             .and_then(|off| region.host.checked_add(off))
             .map(|addr| addr as *mut u8)
-            .ok_or_else(|| invalid("guest RAM region beyond this address space"))
+            .ok_or_else(|| InvalidRequest::RunOutsideRam { gpa, len }.into())
     }
 
     /// The page table a device attached to `target` uses, allocating the
@@ -580,9 +580,7 @@ impl IommufdBackend {
                 if let Some(d) = inner.devices.get_mut(&device) {
                     d.target = Some(AttachTarget::Blocked);
                 }
-                return Err(invalid(
-                    "guest RAM overlaps an IOVA range the device reserves",
-                ));
+                return Err(BackendError::ReservedOverlap);
             }
         }
         Ok(())
@@ -791,7 +789,7 @@ impl Backend for IommufdBackend {
     fn create_domain(&self, domain: DomainId, kind: DomainKind) -> Result<(), BackendError> {
         let mut inner = self.lock();
         if inner.domains.contains_key(&domain) {
-            return Err(invalid("domain already instantiated"));
+            return Err(InvalidRequest::DomainExists(domain).into());
         }
         let dom = match kind {
             DomainKind::S2 => Domain::S2 {
@@ -855,7 +853,7 @@ impl Backend for IommufdBackend {
             return Err(BackendError::UnknownDomain(domain));
         };
         if runs.contains_key(&run.iova) {
-            return Err(invalid("run already mapped"));
+            return Err(InvalidRequest::RunMapped(run.iova).into());
         }
         // SAFETY: `host` lies in a region registered with add_ram_region,
         // whose caller guaranteed the mapping outlives its use here.
@@ -876,7 +874,7 @@ impl Backend for IommufdBackend {
             Some(r) if *r == run => {}
             // Its RAM region was removed, and the run with it.
             None if !in_ram => return Ok(()),
-            _ => return Err(invalid("unmap of a run that is not mapped as given")),
+            _ => return Err(InvalidRequest::RunNotMapped(run.iova).into()),
         }
         let ioas = *ioas;
         inner.stats.unmaps += 1;
@@ -892,7 +890,10 @@ impl Backend for IommufdBackend {
                 self.fail_domain(&mut inner, domain);
                 Err(match result {
                     Err(e) => host_err(e),
-                    Ok(_) => invalid("IOAS_UNMAP removed a different length"),
+                    Ok(removed) => BackendError::ShortUnmap {
+                        len: run.len,
+                        removed,
+                    },
                 })
             }
         }
@@ -986,7 +987,7 @@ impl Backend for IommufdBackend {
         inner.stats.full_flush_fallbacks += 1;
         match self.ops.hwpt_invalidate(hwpt, all.as_entries()) {
             Ok(1) => Ok(()),
-            Ok(_) => Err(invalid("full flush not handled")),
+            Ok(_) => Err(BackendError::FlushIgnored),
             Err(e) => Err(host_err(e)),
         }
     }
@@ -1024,6 +1025,7 @@ impl Drop for IommufdBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
     use std::sync::atomic::{AtomicU32, Ordering};
     use vmm_sys_util::errno;
 
@@ -1338,21 +1340,41 @@ mod tests {
     fn bad_regions_are_refused() {
         let (b, ops, _dev, mut ram) = setup(NestFormat::VtdS1);
         ops.take();
-        let host = ram.as_mut_ptr();
+        // Page-aligned, so that only what each case tests is wrong.
+        let off = ram.as_ptr().align_offset(0x1000);
+        let host = ram[off..].as_mut_ptr();
         let add = |gpa, len| {
             // SAFETY: every call here is refused before the backend keeps
             // `host`, and the fake host never touches memory anyway.
             unsafe { b.add_ram_region(gpa, len, host) }
         };
         let err = add(0x8_0000, 0x1000).expect_err("overlap");
-        assert!(err.to_string().contains("Host"), "{err}");
-        assert!(add(0xfee0_0000, 0x1000).is_err(), "MSI window");
-        assert!(add(0x20_0800, 0x1000).is_err(), "misaligned");
-        assert!(add(u64::MAX - 0xfff, 0x2000).is_err(), "wraps");
-        assert!(add(0x20_0000, 0).is_err(), "empty");
+        assert!(
+            matches!(
+                err,
+                BackendError::Invalid(InvalidRequest::RegionOverlaps { .. })
+            ),
+            "{err}"
+        );
+        assert!(
+            matches!(add(0xfee0_0000, 0x1000), Err(BackendError::ReservedOverlap)),
+            "MSI window"
+        );
+        let bad = |r: Result<(), BackendError>| {
+            matches!(
+                r,
+                Err(BackendError::Invalid(InvalidRequest::BadRegion { .. }))
+            )
+        };
+        assert!(bad(add(0x20_0800, 0x1000)), "misaligned");
+        assert!(bad(add(u64::MAX - 0xfff, 0x2000)), "wraps");
+        assert!(bad(add(0x20_0000, 0)), "empty");
         assert!(ops.take().is_empty());
         assert!(
-            b.remove_ram_region(0x1000).is_err(),
+            matches!(
+                b.remove_ram_region(0x1000),
+                Err(BackendError::Invalid(InvalidRequest::NoRegion(0x1000)))
+            ),
             "no region starts there"
         );
     }
@@ -1675,7 +1697,7 @@ mod tests {
             .expect("no device yet: nothing to allocate");
         assert!(matches!(
             b.attach(DEV, AttachTarget::Domain(6)),
-            Err(BackendError::Unsupported) | Err(BackendError::Host(_))
+            Err(BackendError::Unsupported) | Err(BackendError::Iommufd(_))
         ));
         assert_eq!(
             *dev.pts.lock().expect("lock"),

@@ -19,7 +19,7 @@ pub use ioctl::{Iommufd, IommufdOps, IovaRange, DEV_IOMMU};
 pub use iommufd_ioctls::AttachHwpt;
 
 use super::backend::{
-    AttachTarget, Backend, BackendError, DomainId, DomainKind, Invalidation, MapRun, PagingLevels,
-    Perms, S1Config, S1Mode,
+    AttachTarget, Backend, BackendError, DomainId, DomainKind, InvalidRequest, Invalidation,
+    MapRun, PagingLevels, Perms, S1Config, S1Mode,
 };
 use super::DeviceId;
