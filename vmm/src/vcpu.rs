@@ -6,7 +6,6 @@
 //! is stopped by a flag and a signal whose handler sets
 //! `kvm_run.immediate_exit`, so a stop request cannot be lost between the
 //! flag check and `KVM_RUN`.
-#![allow(unsafe_code)]
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -91,6 +90,7 @@ thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
 }
 
+#[allow(unsafe_code)]
 extern "C" fn stop_signal_handler(
     _num: libc::c_int,
     _info: *mut libc::siginfo_t,
@@ -291,6 +291,7 @@ impl Vcpu {
     }
 
     /// The details of a KVM_EXIT_INTERNAL_ERROR.
+    #[allow(unsafe_code)]
     fn internal_error(&mut self) -> VcpuExitError {
         let run = self.fd.get_kvm_run();
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the kernel
@@ -335,6 +336,7 @@ impl VcpuThreads {
         self.stop_all();
     }
 
+    #[allow(unsafe_code)]
     fn stop_all(&mut self) {
         use std::os::unix::thread::JoinHandleExt;
         self.shared.stop.store(true, Ordering::Release);
@@ -377,6 +379,7 @@ fn cpl(sregs: &kvm_bindings::kvm_sregs, rflags: u64) -> u8 {
 
 /// The size in bytes of one element of this thread's current port-I/O exit
 /// (1, 2 or 4), whose data is `len` bytes; `len` when it cannot be read.
+#[allow(unsafe_code)]
 fn pio_element_size(len: usize) -> usize {
     let size = KVM_RUN.with(|p| {
         let run = p.get();

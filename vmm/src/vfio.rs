@@ -13,7 +13,6 @@
 //! Both are called with the device's lock held (from a vCPU's config space
 //! write, or from the device's drop); they take only the pool and routing
 //! locks, which are never held while taking a device's.
-#![allow(unsafe_code)]
 
 use std::collections::HashMap;
 use std::io;
@@ -166,6 +165,7 @@ impl KvmBarSlots {
     /// # Safety
     /// `[host, host + size)` must stay mapped in this process until the
     /// slot is deleted.
+    #[allow(unsafe_code)]
     unsafe fn set(&self, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), HookError> {
         let region = kvm_userspace_memory_region {
             slot,
@@ -181,12 +181,13 @@ impl KvmBarSlots {
 }
 
 impl BarSlots for KvmBarSlots {
-    fn add(&self, gpa: u64, size: u64, host: *mut u8) -> io::Result<u32> {
+    #[allow(unsafe_code)]
+    unsafe fn add(&self, gpa: u64, size: u64, host: *mut u8) -> io::Result<u32> {
         let slot = devices::lock::mutex(&self.slots)
             .allocate()
             .map_err(HookError::NoSlot)?;
-        // SAFETY: `host` is the device's mmap of the BAR area, which
-        // `VfioPciDevice` keeps until after it has removed the slot.
+        // SAFETY: the caller keeps `[host, host + size)` mapped until the
+        // slot is removed (`BarSlots::add`'s contract).
         if let Err(e) = unsafe { self.set(slot, gpa, size, host as u64) } {
             let _ = devices::lock::mutex(&self.slots).free(slot);
             return Err(e.into());
@@ -194,6 +195,7 @@ impl BarSlots for KvmBarSlots {
         Ok(slot)
     }
 
+    #[allow(unsafe_code)]
     fn remove(&self, slot: u32) -> io::Result<()> {
         // SAFETY: deleting a slot maps nothing.
         let result = unsafe { self.set(slot, 0, 0, 0) };
@@ -260,21 +262,25 @@ mod tests {
     }
 
     #[test]
+    #[allow(unsafe_code)]
     fn bar_slots_map_and_unmap() {
         let (vm, _, _, slots) = vm();
         // Stands in for a BAR's mmap: page-aligned memory of this process.
         let bar = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let host = bar.get_host_address(GuestAddress(0)).unwrap();
         let s = KvmBarSlots::new(vm, slots.clone());
-        let a = s.add(0xc000_0000, 0x1000, host).unwrap();
+        // SAFETY: `bar` outlives `s` and its VM (declared before them, so
+        // dropped after), and no vCPU ever runs to touch it.
+        let add = |gpa| unsafe { s.add(gpa, 0x1000, host) };
+        let a = add(0xc000_0000).unwrap();
         // KVM refuses an overlap; the slot number goes back.
-        assert!(s.add(0xc000_0000, 0x1000, host).is_err());
-        let b = s.add(0xc000_1000, 0x1000, host).unwrap();
+        assert!(add(0xc000_0000).is_err());
+        let b = add(0xc000_1000).unwrap();
         assert_ne!(a, b);
         // No slot numbers left.
-        assert!(s.add(0xc000_2000, 0x1000, host).is_err());
+        assert!(add(0xc000_2000).is_err());
         s.remove(a).unwrap();
-        let c = s.add(0xc000_0000, 0x1000, host).unwrap();
+        let c = add(0xc000_0000).unwrap();
         assert_eq!(c, a, "the freed number is used again");
         s.remove(b).unwrap();
         s.remove(c).unwrap();

@@ -25,7 +25,6 @@
 //! - The device is reset when opened and when dropped (if it supports it).
 //! - [`Passthrough`]: one VM's `/dev/iommu` and IOMMUFD backend, through
 //!   which the VMM opens devices and registers them with the pvIOMMU.
-#![allow(unsafe_code)]
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -163,12 +162,15 @@ pub struct HostMapping {
 
 // SAFETY: the mapping is plain shared memory (device MMIO) owned by this
 // value; it is only accessed through raw pointers by whoever holds them.
+#[allow(unsafe_code)]
 unsafe impl Send for HostMapping {}
 // SAFETY: as for Send: no references into the mapping are handed out.
+#[allow(unsafe_code)]
 unsafe impl Sync for HostMapping {}
 
 impl HostMapping {
     /// Maps `len` bytes of `fd` at `offset`, shared and read-write.
+    #[allow(unsafe_code)]
     pub fn map_fd(fd: i32, offset: u64, len: u64) -> io::Result<Self> {
         let len = usize::try_from(len).map_err(io::Error::other)?;
         let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
@@ -208,6 +210,7 @@ impl HostMapping {
 }
 
 impl Drop for HostMapping {
+    #[allow(unsafe_code)]
     fn drop(&mut self) {
         // SAFETY: exactly the mapping made in `map_fd`, owned by `self`.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
@@ -223,6 +226,7 @@ impl VfioHw for VfioDevice {
         self.get_region_size(index)
     }
 
+    #[allow(unsafe_code)]
     fn read(&self, index: u32, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let pos = region_pos(self, index, offset, buf.len())?;
         // SAFETY: `buf` is valid for `buf.len()` bytes of writes, the fd is
@@ -231,6 +235,7 @@ impl VfioHw for VfioDevice {
         check_len(n, buf.len())
     }
 
+    #[allow(unsafe_code)]
     fn write(&self, index: u32, offset: u64, data: &[u8]) -> io::Result<()> {
         let pos = region_pos(self, index, offset, data.len())?;
         // SAFETY: `data` is valid for `data.len()` bytes of reads, the fd is
@@ -328,7 +333,17 @@ pub trait MsiRoutes: Send + Sync {
 pub trait BarSlots: Send + Sync {
     /// Maps `size` bytes of this process's memory at `host` at guest-physical
     /// `gpa`; returns a handle for [`BarSlots::remove`].
-    fn add(&self, gpa: u64, size: u64, host: *mut u8) -> io::Result<u32>;
+    ///
+    /// # Safety
+    ///
+    /// `[host, host + size)` must be a mapping of this process that stays
+    /// mapped until [`BarSlots::remove`] has removed the slot (returned
+    /// `Ok`): the guest reaches it without the VMM, so unmapping it earlier
+    /// would give the guest whatever this process maps there next. While the
+    /// slot exists, the memory must only be accessed through raw pointers
+    /// (the guest writes it behind Rust's back).
+    #[allow(unsafe_code)]
+    unsafe fn add(&self, gpa: u64, size: u64, host: *mut u8) -> io::Result<u32>;
     /// Removes a slot that [`BarSlots::add`] returned.
     fn remove(&self, slot: u32) -> io::Result<()>;
 }
@@ -944,7 +959,14 @@ impl PciDevice for VfioPciDevice {
             let Some(gpa) = new.and_then(|base| base.checked_add(area.offset)) else {
                 continue;
             };
-            match slots.add(gpa, area.map.len() as u64, area.map.as_ptr()) {
+            // SAFETY: `area.map` is this device's mapping of the BAR area,
+            // accessed only through raw pointers; it is unmapped only in
+            // `drop`, after its slot is removed (a mapping whose slot KVM
+            // keeps is leaked, never unmapped), and this loop removes an
+            // area's slot before it adds another.
+            #[allow(unsafe_code)]
+            let added = unsafe { slots.add(gpa, area.map.len() as u64, area.map.as_ptr()) };
+            match added {
                 Ok(slot) => area.slot = Some(slot),
                 // Still correct, only slower: accesses trap to BusDevice.
                 Err(e) => guest_warn!("VFIO: BAR {index} at {gpa:#x} stays trapped: {e}"),
@@ -1124,6 +1146,7 @@ mod tests {
                 _ => Vec::new(),
             }
         }
+        #[allow(unsafe_code)]
         fn mmap(&self, _index: u32, _offset: u64, size: u64) -> io::Result<HostMapping> {
             let len = usize::try_from(size).map_err(io::Error::other)?;
             // SAFETY: a new anonymous mapping; the result is checked.
@@ -1155,7 +1178,8 @@ mod tests {
     }
 
     impl BarSlots for FakeSlots {
-        fn add(&self, gpa: u64, size: u64, _host: *mut u8) -> io::Result<u32> {
+        #[allow(unsafe_code)]
+        unsafe fn add(&self, gpa: u64, size: u64, _host: *mut u8) -> io::Result<u32> {
             if gpa >= 1 << 32 {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
@@ -1174,6 +1198,7 @@ mod tests {
     }
 
     /// Whether `[ptr, ptr + len)` is mapped in this process.
+    #[allow(unsafe_code)]
     fn mapped(ptr: *mut u8, len: u64) -> bool {
         let len = usize::try_from(len).expect("a small mapping");
         // SAFETY: msync only inspects the range; ENOMEM says unmapped.

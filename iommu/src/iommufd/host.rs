@@ -1,5 +1,4 @@
 //! [`IommufdBackend`]: the guest's domains mirrored into IOMMUFD objects.
-#![allow(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -280,6 +279,7 @@ impl IommufdBackend {
     /// Mirrors every region of the VM's RAM into the direct-attach IOAS
     /// (IOVA = GPA) and keeps `memory` alive as long as the backend. On an
     /// error, the regions added by this call are removed again.
+    #[allow(unsafe_code)]
     pub fn add_guest_memory(&self, memory: Arc<GuestMemoryMmap>) -> Result<(), BackendError> {
         let mut added = Vec::new();
         for region in memory.iter() {
@@ -372,6 +372,7 @@ impl IommufdBackend {
     /// `[host, host + len)` must be this process's mapping of the region and
     /// stay mapped until [`Self::remove_ram_region`] or the backend's drop,
     /// and it must only be accessed through raw pointers (guest memory is).
+    #[allow(unsafe_code)]
     pub unsafe fn add_ram_region(
         &self,
         gpa: u64,
@@ -846,6 +847,7 @@ impl Backend for IommufdBackend {
         Ok(())
     }
 
+    #[allow(unsafe_code)]
     fn map(&self, domain: DomainId, run: MapRun) -> Result<(), BackendError> {
         let mut inner = self.lock();
         let host = Self::host_addr(&inner, run.gpa, run.len)?;
@@ -1118,6 +1120,7 @@ mod tests {
             self.push(Call::IoasAlloc(id));
             Ok(id)
         }
+        #[allow(unsafe_code)]
         unsafe fn ioas_map(
             &self,
             ioas: u32,
@@ -1292,6 +1295,7 @@ mod tests {
 
     /// A backend (direct IOAS 1, blocked IOAS 2) with 1 MiB of RAM at GPA 0
     /// and one device (dev_id 77) added.
+    #[allow(unsafe_code)]
     fn setup(format: NestFormat) -> (IommufdBackend, Arc<FakeOps>, Arc<FakeDevice>, Vec<u8>) {
         let ops = FakeOps::new();
         let b = IommufdBackend::new(ops.clone(), format).expect("backend");
@@ -1337,6 +1341,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(unsafe_code)]
     fn bad_regions_are_refused() {
         let (b, ops, _dev, mut ram) = setup(NestFormat::VtdS1);
         ops.take();
