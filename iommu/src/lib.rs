@@ -72,6 +72,7 @@ mod config;
 mod dispatch;
 mod domains;
 pub mod flush;
+#[cfg(any(test, feature = "testing"))]
 pub mod fuzzing;
 pub mod guest_log;
 pub mod iommufd;
@@ -79,6 +80,7 @@ mod ram;
 mod runs;
 mod software;
 mod stats;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod translate;
 
