@@ -8,6 +8,7 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
+use resources::ErrorChain;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
@@ -492,15 +493,12 @@ pub struct ErrorBody {
 impl ErrorBody {
     /// `error`'s message and those of its sources, outermost first.
     pub fn from_chain(error: &(dyn std::error::Error + 'static)) -> Self {
-        let mut causes = Vec::new();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            causes.push(cause.to_string());
-            source = cause.source();
-        }
         Self {
             error: error.to_string(),
-            causes,
+            causes: ErrorChain(error)
+                .causes()
+                .map(|cause| cause.to_string())
+                .collect(),
         }
     }
 }

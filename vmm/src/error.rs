@@ -261,31 +261,16 @@ fn internal_error_name(suberror: u32) -> &'static str {
 /// Result of the VMM.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// The whole chain of an error, `outer: inner: innermost`, for one line on
-/// stderr.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let msg = inner.to_string();
-        if !s.ends_with(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        source = inner.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use resources::ErrorChain;
 
     #[test]
     fn chains_are_joined() {
         let e = Error::KernelOpen("/nope".into(), io::Error::from_raw_os_error(libc::ENOENT));
         assert_eq!(
-            error_chain(&e),
+            ErrorChain(&e).to_string(),
             "Cannot read kernel /nope: No such file or directory (os error 2)"
         );
         let e = Error::Memory(resources::Error::MemoryTooSmall {
@@ -293,7 +278,7 @@ mod tests {
             min: 8 << 20,
         });
         assert_eq!(
-            error_chain(&e),
+            ErrorChain(&e).to_string(),
             "Invalid --memory: Memory size 1 MiB is too small: the guest needs at least 8 MiB"
         );
     }
@@ -307,7 +292,7 @@ mod tests {
             source: VcpuExitError::UnexpectedExit(kvm_bindings::KVM_EXIT_HLT),
         };
         assert_eq!(
-            error_chain(&e),
+            ErrorChain(&e).to_string(),
             "vCPU 1 stopped at RIP 0x100000 (RSP 0x8000): Unexpected exit KVM_EXIT_HLT (5)"
         );
         let e = VcpuExitError::InternalError {

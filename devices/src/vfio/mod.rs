@@ -63,6 +63,7 @@ use super::pci::{
     COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, NUM_BARS,
 };
 use crate::guest_warn;
+use resources::ErrorChain;
 
 const PAGE_SIZE: u64 = 4096;
 
@@ -341,6 +342,16 @@ impl VfioPciDevice {
 }
 
 impl PciDevice for VfioPciDevice {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
+    }
+
+    /// The device's own configuration space, but for what is emulated (see
+    /// the module's documentation).
     fn read_config(&mut self, offset: u16, data: &mut [u8]) {
         let reg = offset & !3;
         let v = self.read_dword(reg).to_le_bytes();
@@ -400,18 +411,6 @@ impl PciDevice for VfioPciDevice {
         let _ = self.hw.write(CONFIG_REGION, u64::from(offset), data);
     }
 
-    fn bar_regions(&self) -> Vec<PciBarRegion> {
-        self.config.decoded_bars()
-    }
-
-    fn declared_bars(&self) -> Vec<(usize, u64, BarKind)> {
-        self.config.declared_bars()
-    }
-
-    fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciError> {
-        self.config.set_bar_address(index, addr)
-    }
-
     fn bar_moved(&mut self, index: usize, _old: Option<u64>, new: Option<u64>) {
         let Some(slots) = self.bar_slots.clone() else {
             return;
@@ -422,7 +421,10 @@ impl PciDevice for VfioPciDevice {
                     // The slot still points at the mapping: keep both (the
                     // guest keeps reaching the BAR where it was) rather than
                     // add a second slot or ever unmap what KVM maps.
-                    guest_warn!("VFIO: cannot remove the slot of BAR {index}: {e}");
+                    guest_warn!(
+                        "VFIO: cannot remove the slot of BAR {index}: {}",
+                        ErrorChain(&e)
+                    );
                     continue;
                 }
                 area.slot = None;
@@ -440,7 +442,10 @@ impl PciDevice for VfioPciDevice {
             match added {
                 Ok(slot) => area.slot = Some(slot),
                 // Still correct, only slower: accesses trap to BusDevice.
-                Err(e) => guest_warn!("VFIO: BAR {index} at {gpa:#x} stays trapped: {e}"),
+                Err(e) => guest_warn!(
+                    "VFIO: BAR {index} at {gpa:#x} stays trapped: {}",
+                    ErrorChain(&e)
+                ),
             }
         }
     }
@@ -489,8 +494,9 @@ impl Drop for VfioPciDevice {
             };
             if let Err(e) = removed {
                 log::error!(
-                    "VFIO: KVM kept the slot of BAR {} ({e}): leaking its host mapping",
-                    area.index
+                    "VFIO: KVM kept the slot of BAR {} ({}): leaking its host mapping",
+                    area.index,
+                    ErrorChain(&e)
                 );
                 std::mem::forget(area);
             }

@@ -9,6 +9,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::msix::Msix;
 use super::VfioPciDevice;
 use crate::guest_warn;
+use resources::ErrorChain;
 
 /// Capability ID of MSI.
 pub(super) const CAP_ID_MSI: u8 = 0x05;
@@ -116,7 +117,7 @@ impl VfioPciDevice {
         match m.route_of(v) {
             Some((address, data)) => match routes.route(vector, address, data, fd) {
                 Ok(()) => *routed = true,
-                Err(e) => guest_warn!("VFIO: cannot route MSI-X vector {v}: {e}"),
+                Err(e) => guest_warn!("VFIO: cannot route MSI-X vector {v}: {}", ErrorChain(&e)),
             },
             None if *routed => {
                 let _ = routes.unroute(vector, fd);
@@ -204,7 +205,7 @@ impl VfioPciDevice {
                 // Multiple messages: the vector number goes in the low data bits.
                 let data = u32::from(msi.data) | v;
                 if let Err(e) = routes.route(v, msi.address, data, fd) {
-                    guest_warn!("VFIO: cannot route MSI vector {v}: {e}");
+                    guest_warn!("VFIO: cannot route MSI vector {v}: {}", ErrorChain(&e));
                 }
             }
         }

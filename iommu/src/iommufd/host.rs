@@ -8,6 +8,7 @@ use iommufd_bindings::iommufd::{
     iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT as HWPT_ALLOC_NEST_PARENT,
 };
 use iommufd_ioctls::AttachHwpt;
+use resources::ErrorChain;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::ioctl::{self, HwptData, InvalidateEntries, IommufdOps, IovaRange};
@@ -691,7 +692,10 @@ impl IommufdBackend {
                     }
                 }
             }
-            Err(e) => log::error!("IOMMUFD backend: cannot empty IOAS {ioas}: {e}"),
+            Err(e) => log::error!(
+                "IOMMUFD backend: cannot empty IOAS {ioas}: {}",
+                ErrorChain(&e)
+            ),
         }
     }
 
@@ -717,7 +721,10 @@ impl IommufdBackend {
         match self.ops.destroy(id) {
             Ok(()) => Ok(()),
             Err(e) => {
-                log::error!("IOMMUFD backend: cannot destroy object {id}: {e}");
+                log::error!(
+                    "IOMMUFD backend: cannot destroy object {id}: {}",
+                    ErrorChain(&e)
+                );
                 if is_ioas {
                     self.empty_ioas(inner, id);
                 }
@@ -1018,7 +1025,10 @@ impl Drop for IommufdBackend {
         ids.extend([inner.blocked, inner.direct]);
         for id in ids {
             if let Err(e) = self.ops.destroy(id) {
-                log::warn!("IOMMUFD backend: cannot destroy object {id}: {e}");
+                log::warn!(
+                    "IOMMUFD backend: cannot destroy object {id}: {}",
+                    ErrorChain(&e)
+                );
             }
         }
     }
