@@ -478,7 +478,7 @@ pub struct FaultInfo {
 #[serde(deny_unknown_fields)]
 pub struct IommuDomainsResponse {
     pub domains: Vec<DomainInfo>,
-    /// The most recent faults, oldest first.
+    /// The most recent faults (at most 16), oldest first.
     pub faults: Vec<FaultInfo>,
 }
 

@@ -99,6 +99,7 @@ pub use pviommu_abi::DeviceId;
 pub use software::{IotlbStats, SoftwareBackend};
 pub use stats::{
     DeviceInfo, DomainInfo, DomainInfoKind, FaultStats, HypercallStats, IommuStats, StatusCount,
+    RECENT_FAULTS,
 };
 pub use translate::{Access, Fault, FaultReason, Segment, Segments};
 
