@@ -8,6 +8,7 @@ use std::fmt;
 use std::path::{Component, Path, PathBuf};
 use std::str::FromStr;
 
+use resources::ErrorChain;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
 
@@ -477,7 +478,7 @@ pub struct FaultInfo {
 #[serde(deny_unknown_fields)]
 pub struct IommuDomainsResponse {
     pub domains: Vec<DomainInfo>,
-    /// The most recent faults, oldest first.
+    /// The most recent faults (at most 16), oldest first.
     pub faults: Vec<FaultInfo>,
 }
 
@@ -492,15 +493,12 @@ pub struct ErrorBody {
 impl ErrorBody {
     /// `error`'s message and those of its sources, outermost first.
     pub fn from_chain(error: &(dyn std::error::Error + 'static)) -> Self {
-        let mut causes = Vec::new();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            causes.push(cause.to_string());
-            source = cause.source();
-        }
         Self {
             error: error.to_string(),
-            causes,
+            causes: ErrorChain(error)
+                .causes()
+                .map(|cause| cause.to_string())
+                .collect(),
         }
     }
 }

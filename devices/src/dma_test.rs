@@ -25,7 +25,7 @@ use zerocopy::IntoBytes;
 
 use crate::bus::BusDevice;
 use crate::interrupt::MsiSink;
-use crate::pci::{BarKind, PciBarRegion, PciConfiguration, PciDevice, PciError, PciHeader};
+use crate::pci::{BarKind, PciConfiguration, PciDevice, PciError, PciHeader};
 use regs::{command, fault, offset, status, DmaTestRegs};
 
 /// PCI capability id of MSI.
@@ -298,24 +298,12 @@ impl DmaTest {
 }
 
 impl PciDevice for DmaTest {
-    fn read_config(&mut self, offset: u16, data: &mut [u8]) {
-        self.config.read(offset, data)
+    fn config(&self) -> &PciConfiguration {
+        &self.config
     }
 
-    fn write_config(&mut self, offset: u16, data: &[u8]) {
-        self.config.write(offset, data)
-    }
-
-    fn bar_regions(&self) -> Vec<PciBarRegion> {
-        self.config.decoded_bars()
-    }
-
-    fn declared_bars(&self) -> Vec<(usize, u64, BarKind)> {
-        self.config.declared_bars()
-    }
-
-    fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciError> {
-        self.config.set_bar_address(index, addr)
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
     }
 }
 

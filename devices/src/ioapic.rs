@@ -20,6 +20,7 @@ use bitfield_struct::bitfield;
 use crate::bus::BusDevice;
 use crate::guest_warn;
 use crate::interrupt::MsiMessage;
+use resources::ErrorChain;
 
 /// Number of pins (redirection entries).
 pub const PINS: u32 = 24;
@@ -145,7 +146,7 @@ impl Ioapic {
                 self.table[pin as usize] = new;
                 if new.msi() != old.msi() {
                     if let Err(e) = self.routes.route_pin(pin, new.msi()) {
-                        guest_warn!("IOAPIC: cannot route pin {pin}: {e}");
+                        guest_warn!("IOAPIC: cannot route pin {pin}: {}", ErrorChain(&e));
                     }
                 }
             }

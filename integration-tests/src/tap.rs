@@ -1,7 +1,8 @@
-//! A parser for TAP version 13 as the test kernel prints it.
+//! A parser for TAP version 13 as the test kernel and hk-guest (the
+//! host-kernel harness's guest program) print it.
 //!
-//! Lines that are not TAP (the VMM's own output) are ignored; `\r` is
-//! stripped (the kernel writes CR LF).
+//! Lines that are not TAP (the VMM's own output, kernel messages) are
+//! ignored; `\r` is stripped (the kernel writes CR LF).
 
 use std::fmt;
 
@@ -114,6 +115,45 @@ impl Report {
         self.expect_ok_or_skipped(names, &[])
     }
 
+    /// Checks a run against its own plan, for a stream with neither known
+    /// names nor a summary line (hk-guest's): a plan, every planned test
+    /// reported, numbered in order, none failed, no bail-out. Lists every
+    /// problem, one per line.
+    pub fn expect_plan_ok(&self) -> Result<(), Problem> {
+        let plan = self
+            .plan
+            .ok_or_else(|| Problem("no TAP plan (1..N) in the output".into()))?;
+        let mut problems = Vec::new();
+        if let Some(b) = &self.bail_out {
+            problems.push(format!("bailed out: {b}"));
+        }
+        for (i, t) in self.tests.iter().enumerate() {
+            if usize::try_from(t.number).ok() != Some(i + 1) {
+                problems.push(format!("test {} reported as number {}", i + 1, t.number));
+            }
+            if !t.ok {
+                let reason = t.reason.as_deref().map(|r| format!(": {r}"));
+                problems.push(format!(
+                    "not ok {} - {}{}",
+                    t.number,
+                    t.name,
+                    reason.unwrap_or_default()
+                ));
+            }
+        }
+        if u32::try_from(self.tests.len()).ok() != Some(plan) {
+            problems.push(format!(
+                "{} of {plan} planned tests reported",
+                self.tests.len()
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Problem(problems.join("\n")))
+        }
+    }
+
     /// `expect_all_ok`, but the tests in `may_skip` may be skipped.
     pub fn expect_ok_or_skipped(&self, names: &[&str], may_skip: &[&str]) -> Result<(), Problem> {
         if let Some(b) = &self.bail_out {
@@ -219,6 +259,32 @@ mod tests {
         assert!(parse(no_summary).expect_all_ok(&["mem", "pci"]).is_err());
         let misnumbered = "TAP version 13\n1..2\nok 1 - mem\nok 3 - pci\n2 passed, 0 failed\n";
         assert!(parse(misnumbered).expect_all_ok(&["mem", "pci"]).is_err());
+    }
+
+    /// hk-guest's stream: results among kernel noise, checked against the
+    /// plan alone.
+    #[test]
+    fn plan_only_checks() {
+        let text = "[    0.5] DMAR: fault\r\nTAP version 13\r\n1..3\r\nok 1 - first\r\n# diag\r\n\
+                    not ok 2 - second: it broke\r\nok 3 - third\r\nok x - junk\r\n";
+        let r = parse(text);
+        assert_eq!(r.plan, Some(3));
+        assert_eq!(r.tests.len(), 3);
+        let err = r.expect_plan_ok().expect_err("a test failed").0;
+        assert!(err.contains("not ok 2 - second: it broke"), "{err}");
+        assert_eq!(parse("1..2\nok 1 - a\nok 2 - b\n").expect_plan_ok(), Ok(()));
+        assert!(parse("ok 1 - a\n").expect_plan_ok().is_err());
+        let err = parse("1..3\nok 1 - a\nok 2 - b\n")
+            .expect_plan_ok()
+            .expect_err("one missing")
+            .0;
+        assert!(err.contains("2 of 3"), "{err}");
+        let err = parse("1..2\nok 1 - a\nok 3 - b\n")
+            .expect_plan_ok()
+            .expect_err("numbering")
+            .0;
+        assert!(err.contains("number 3"), "{err}");
+        assert!(parse("").expect_plan_ok().is_err());
     }
 
     #[test]

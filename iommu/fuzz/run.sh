@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the dispatcher fuzz target. Usage: iommu/fuzz/run.sh [SECONDS] [extra libFuzzer flags]
-# SANITIZER=none (cargo-fuzz -s) trades AddressSanitizer for speed; the crate
-# has no unsafe code, ASan only watches its dependencies.
+# SANITIZER=none (cargo-fuzz -s) trades AddressSanitizer for speed: the code
+# the target runs (dispatcher, domains, software and recording backends) has
+# no unsafe code (the crate's only unsafe code is the IOMMUFD backend, which
+# the target does not reach), so ASan only watches its dependencies.
 # Needs `cargo install cargo-fuzz`. Uses the nightly toolchain when rustup has
 # one, else RUSTC_BOOTSTRAP=1 with the stable compiler (cargo-fuzz needs
 # nightly-only flags such as -Zsanitizer).

@@ -84,6 +84,80 @@ pub enum BackendError {
     /// A host call failed.
     #[error("Host IOMMU operation failed")]
     Host(#[source] std::io::Error),
+    /// An IOMMUFD call failed.
+    #[error("Host IOMMU operation failed")]
+    Iommufd(#[source] crate::iommufd::ioctl::Error),
+    /// Guest RAM overlaps an IOVA range the host IOMMU reserves (the MSI
+    /// window, or a device's reserved regions).
+    #[error("Guest RAM overlaps an IOVA range the host IOMMU reserves")]
+    ReservedOverlap,
+    /// IOAS_UNMAP removed another length than the run's.
+    #[error("IOAS_UNMAP removed {removed:#x} bytes of {len:#x}")]
+    ShortUnmap {
+        /// The run's length.
+        len: u64,
+        /// What the host removed.
+        removed: u64,
+    },
+    /// The host did not handle a full IOTLB flush.
+    #[error("The host IOMMU did not handle a full flush")]
+    FlushIgnored,
+    /// The request contradicts what the backend was told before: a bug in
+    /// its caller, not a host failure.
+    #[error("Request inconsistent with the backend's state")]
+    Invalid(#[source] InvalidRequest),
+}
+
+/// A request a backend refuses because it contradicts what it was told
+/// before (see [`BackendError::Invalid`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidRequest {
+    /// The device was already handed to the backend.
+    #[error("Device {0:#x} was already handed to the backend")]
+    DeviceExists(u64),
+    /// A guest RAM region that wraps around, is empty or is not
+    /// page-aligned.
+    #[error("Guest RAM region {gpa:#x}+{len:#x} is empty, wraps or is not page-aligned")]
+    BadRegion {
+        /// First guest physical address.
+        gpa: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// A guest RAM region that overlaps one already known.
+    #[error("Guest RAM region {gpa:#x}+{len:#x} overlaps another")]
+    RegionOverlaps {
+        /// First guest physical address.
+        gpa: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// No guest RAM region starts at this address.
+    #[error("No guest RAM region starts at {0:#x}")]
+    NoRegion(u64),
+    /// A run outside the guest RAM known to the backend.
+    #[error("Run at GPA {gpa:#x}+{len:#x} lies outside the guest RAM known to the backend")]
+    RunOutsideRam {
+        /// First guest physical address.
+        gpa: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// The domain is already instantiated.
+    #[error("Domain {0} is already instantiated")]
+    DomainExists(DomainId),
+    /// A run already mapped at this IOVA.
+    #[error("A run is already mapped at IOVA {0:#x}")]
+    RunMapped(u64),
+    /// An unmap of a run not mapped as given.
+    #[error("No run is mapped at IOVA {0:#x} as given")]
+    RunNotMapped(u64),
+}
+
+impl From<InvalidRequest> for BackendError {
+    fn from(e: InvalidRequest) -> Self {
+        BackendError::Invalid(e)
+    }
 }
 
 /// The kind of a guest device domain.

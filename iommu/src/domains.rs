@@ -26,6 +26,7 @@ use pviommu_abi::{
     IommuCapabilities, MapFlags, OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty,
     RegisterValue, HV_PARTITION_ID_SELF, HV_VP_INDEX_SELF,
 };
+use resources::ErrorChain;
 use std::collections::HashMap;
 use std::sync::Arc;
 use vm_memory::GuestMemory;
@@ -189,8 +190,9 @@ fn record(
             *errors += 1;
             crate::guest_log!(
                 Warn,
-                "pvIOMMU {} backend: {what} failed: {e}",
-                backend.name()
+                "pvIOMMU {} backend: {what} failed: {}",
+                backend.name(),
+                ErrorChain(&e)
             );
             false
         }
@@ -210,8 +212,9 @@ fn map_everywhere(
             *errors += 1;
             crate::guest_log!(
                 Warn,
-                "pvIOMMU {} backend: map failed: {e}",
-                backends[inst.backend.0].name()
+                "pvIOMMU {} backend: map failed: {}",
+                backends[inst.backend.0].name(),
+                ErrorChain(&e)
             );
             for prev in &instances[..k] {
                 let b = &*backends[prev.backend.0];
@@ -419,7 +422,8 @@ impl State {
         self.move_device(device, target).map_err(|e| {
             crate::guest_log!(
                 Warn,
-                "pvIOMMU: attach of {device} to domain {target:?} failed: {e}"
+                "pvIOMMU: attach of {device} to domain {target:?} failed: {}",
+                ErrorChain(&e)
             );
             HvError::NO_RESOURCES
         })
@@ -541,8 +545,9 @@ impl State {
             self.backend_errors += 1;
             crate::guest_log!(
                 Warn,
-                "pvIOMMU {} backend: destroy failed: {e}",
-                backend.name()
+                "pvIOMMU {} backend: destroy failed: {}",
+                backend.name(),
+                ErrorChain(&e)
             );
         })
     }
@@ -562,7 +567,11 @@ impl State {
             Err(e) => {
                 // The backend failed closed; take the device off its
                 // domain's books all the same.
-                crate::guest_log!(Warn, "pvIOMMU: blocking {device} for removal failed: {e}");
+                crate::guest_log!(
+                    Warn,
+                    "pvIOMMU: blocking {device} for removal failed: {}",
+                    ErrorChain(&e)
+                );
                 let from = self
                     .devices
                     .get_mut(&device)
@@ -595,7 +604,11 @@ impl State {
             return Ok(());
         }
         self.move_device(device, Attachment::Default).map_err(|e| {
-            crate::guest_log!(Warn, "pvIOMMU: detach of {device} failed: {e}");
+            crate::guest_log!(
+                Warn,
+                "pvIOMMU: detach of {device} failed: {}",
+                ErrorChain(&e)
+            );
             HvError::NO_RESOURCES
         })
     }

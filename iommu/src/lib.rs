@@ -72,6 +72,7 @@ mod config;
 mod dispatch;
 mod domains;
 pub mod flush;
+#[cfg(any(test, feature = "testing"))]
 pub mod fuzzing;
 pub mod guest_log;
 pub mod iommufd;
@@ -79,12 +80,13 @@ mod ram;
 mod runs;
 mod software;
 mod stats;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 mod translate;
 
 pub use backend::{
-    AttachTarget, Backend, BackendError, DomainId, DomainKind, Invalidation, MapRun, PagingLevels,
-    Perms, S1Config, S1Mode,
+    AttachTarget, Backend, BackendError, DomainId, DomainKind, InvalidRequest, Invalidation,
+    MapRun, PagingLevels, Perms, S1Config, S1Mode,
 };
 pub use config::{
     IommuConfig, IommuError, DEFAULT_MAP_RUNS_FLOOR, DEFAULT_MAP_RUNS_PER_MIB,
@@ -97,6 +99,7 @@ pub use pviommu_abi::DeviceId;
 pub use software::{IotlbStats, SoftwareBackend};
 pub use stats::{
     DeviceInfo, DomainInfo, DomainInfoKind, FaultStats, HypercallStats, IommuStats, StatusCount,
+    RECENT_FAULTS,
 };
 pub use translate::{Access, Fault, FaultReason, Segment, Segments};
 

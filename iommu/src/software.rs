@@ -20,8 +20,8 @@
 //! is checked to lie in guest RAM before it is returned.
 
 use crate::backend::{
-    AttachTarget, Backend, BackendError, DomainId, DomainKind, Invalidation, MapRun, PagingLevels,
-    S1Config, S1Mode,
+    AttachTarget, Backend, BackendError, DomainId, DomainKind, InvalidRequest, Invalidation,
+    MapRun, PagingLevels, S1Config, S1Mode,
 };
 use crate::config::{IommuConfig, PAGE_SHIFT, PAGE_SIZE};
 use crate::ram;
@@ -451,7 +451,7 @@ impl Backend for SoftwareBackend {
         let dom = Self::domain_mut(&mut state, domain)?;
         match dom.runs.lookup(run.iova) {
             Some(r) if *r == run => {}
-            _ => return Err(BackendError::Host(std::io::ErrorKind::NotFound.into())),
+            _ => return Err(InvalidRequest::RunNotMapped(run.iova).into()),
         }
         dom.runs.remove(run.iova);
         for piece in keep {

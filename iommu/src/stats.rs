@@ -5,7 +5,7 @@ use crate::domains::{Attachment, FlushStats};
 use crate::software::IotlbStats;
 use crate::translate::{Fault, FaultReason};
 use pviommu_abi::{DeviceId, HvStatus, HypercallCode};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 /// What kind of domain a [`DomainInfo`] describes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -134,9 +134,19 @@ pub struct FaultStats {
     pub total: u64,
     /// Faults per reason name (zero counts included).
     pub by_reason: Vec<(&'static str, u64)>,
-    /// The most recent fault.
-    pub last: Option<Fault>,
+    /// The most recent faults (at most [`RECENT_FAULTS`]), oldest first.
+    pub recent: Vec<Fault>,
 }
+
+impl FaultStats {
+    /// The most recent fault.
+    pub fn last(&self) -> Option<&Fault> {
+        self.recent.last()
+    }
+}
+
+/// How many of the most recent faults a snapshot lists.
+pub const RECENT_FAULTS: usize = 16;
 
 /// A snapshot of one VM's pvIOMMU.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -172,7 +182,8 @@ pub(crate) struct FaultLog {
     /// domains that can exist.
     pub by_domain: HashMap<u32, u64>,
     domain_capacity: usize,
-    pub last: Option<Fault>,
+    /// The last [`RECENT_FAULTS`] faults, oldest first.
+    recent: VecDeque<Fault>,
 }
 
 impl FaultLog {
@@ -186,7 +197,7 @@ impl FaultLog {
             domain_capacity: usize::try_from(domains)
                 .unwrap_or(usize::MAX)
                 .saturating_add(2),
-            last: None,
+            recent: VecDeque::with_capacity(RECENT_FAULTS),
         }
     }
 
@@ -203,7 +214,10 @@ impl FaultLog {
                 None => {} // still in `total` and `by_reason`
             }
         }
-        self.last = Some(fault);
+        if self.recent.len() == RECENT_FAULTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(fault);
     }
 
     /// Faults of devices while in domain `id`.
@@ -225,7 +239,36 @@ impl FaultLog {
                 .zip(self.by_reason)
                 .map(|(n, c)| (*n, c))
                 .collect(),
-            last: self.last,
+            recent: self.recent.iter().copied().collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Access;
+
+    #[test]
+    fn the_most_recent_faults_are_kept_oldest_first() {
+        let mut log = FaultLog::new(4);
+        assert!(log.snapshot().recent.is_empty());
+        for i in 0..RECENT_FAULTS as u64 + 3 {
+            log.record(Fault {
+                device: DeviceId::pci(0, 0, 3, 0),
+                domain: Some(1),
+                iova: i << 12,
+                access: Access::Read,
+                reason: FaultReason::NotMapped,
+            });
+        }
+        let s = log.snapshot();
+        assert_eq!(s.total, RECENT_FAULTS as u64 + 3);
+        let iovas: Vec<u64> = s.recent.iter().map(|f| f.iova >> 12).collect();
+        assert_eq!(iovas, (3..RECENT_FAULTS as u64 + 3).collect::<Vec<_>>());
+        assert_eq!(
+            s.last().map(|f| f.iova),
+            Some((RECENT_FAULTS as u64 + 2) << 12)
+        );
     }
 }

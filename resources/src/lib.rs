@@ -1,12 +1,16 @@
 //! Guest physical layout and allocators (MMIO, GSI, PCI slot, device id).
 //!
 //! [`layout`] says where everything lives in the guest; [`alloc`] hands out
-//! what devices need at run time ([`SystemAllocator`]).
+//! what devices need at run time ([`SystemAllocator`]). It also holds what
+//! every crate shares that is not the guest's: [`ErrorChain`], how errors
+//! are printed with their sources.
 
 pub mod alloc;
+mod chain;
 pub mod layout;
 
 pub use alloc::{BarKind, IdPool, RangeAllocator, SystemAllocator};
+pub use chain::ErrorChain;
 pub use layout::{memory_map, ram_regions, MemoryMapEntry, MemoryType, RamRegion};
 
 /// Errors of the layout and the allocators.

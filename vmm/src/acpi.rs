@@ -247,7 +247,7 @@ pub fn write_tables(
             return Err(Error::BootWrite(what));
         }
         mem.write_slice(bytes, GuestAddress(at))
-            .map_err(|_| Error::BootWrite(what))?;
+            .map_err(|e| Error::GuestWrite(what, e))?;
         next = end;
         Ok(at)
     };
@@ -269,7 +269,7 @@ pub fn write_tables(
     let xsdt_addr = put(&to_bytes(&xsdt), "the XSDT")?;
     let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt_addr));
     mem.write_slice(&rsdp, GuestAddress(rsdp_addr))
-        .map_err(|_| Error::BootWrite("the RSDP"))?;
+        .map_err(|e| Error::GuestWrite("the RSDP", e))?;
     Ok(AcpiTables {
         rsdp: rsdp_addr,
         end: next,
@@ -301,7 +301,7 @@ fn reset_vector_code() -> [u8; 10] {
 /// Writes [`reset_vector_code`] at the reset vector.
 pub fn write_reset_vector(mem: &GuestMemoryMmap) -> Result<()> {
     mem.write_slice(&reset_vector_code(), GuestAddress(boot::RESET_VECTOR))
-        .map_err(|_| Error::BootWrite("the reset vector"))
+        .map_err(|e| Error::GuestWrite("the reset vector", e))
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 //! `boot_params` with the e820 map (Linux 64-bit protocol) or
 //! `hvm_start_info` with its memory map (PVH).
 
+use std::fmt;
 use std::fs::File;
 use std::io::{Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
@@ -65,10 +66,11 @@ impl KernelImage {
         ))
     }
 
-    fn name(&self) -> String {
+    /// The path of the kernel, as messages name it.
+    fn path(&self) -> PathBuf {
         match self {
-            Self::File(p, _) => p.display().to_string(),
-            Self::Bytes(n, _) => (*n).to_string(),
+            Self::File(p, _) => p.clone(),
+            Self::Bytes(n, _) => PathBuf::from(n),
         }
     }
 }
@@ -82,9 +84,45 @@ pub enum KernelFormat {
     BzImage,
 }
 
+/// What an image that is no kernel pvmm boots turned out to be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UnknownFormat {
+    /// Too short for either header.
+    Short(usize),
+    /// Neither the ELF magic nor a bzImage header: its first bytes.
+    Magic([u8; 4]),
+    /// linux-loader took it for a bzImage but found no setup header.
+    NoSetupHeader,
+}
+
+impl fmt::Display for UnknownFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Short(n) => write!(f, "a file of {n} bytes"),
+            Self::Magic(b) => write!(
+                f,
+                "a file that starts with {:02x} {:02x} {:02x} {:02x}",
+                b[0], b[1], b[2], b[3]
+            ),
+            Self::NoSetupHeader => write!(f, "a bzImage without a setup header"),
+        }
+    }
+}
+
+/// The bytes that tell the format: the ELF magic, or the bzImage setup
+/// header's "HdrS" at 0x202.
+const HEAD_LEN: usize = 0x206;
+
 /// Tells the format from the image's first bytes.
 pub fn detect_format<R: Read + Seek>(image: &mut R) -> std::io::Result<Option<KernelFormat>> {
-    let mut head = [0u8; 0x206];
+    Ok(identify(image)?.ok())
+}
+
+/// The image's format, or what it is instead.
+fn identify<R: Read + Seek>(
+    image: &mut R,
+) -> std::io::Result<std::result::Result<KernelFormat, UnknownFormat>> {
+    let mut head = [0u8; HEAD_LEN];
     image.seek(SeekFrom::Start(0))?;
     let mut n = 0;
     while n < head.len() {
@@ -95,12 +133,16 @@ pub fn detect_format<R: Read + Seek>(image: &mut R) -> std::io::Result<Option<Ke
     }
     image.seek(SeekFrom::Start(0))?;
     if n >= 4 && head[..4] == *b"\x7fELF" {
-        return Ok(Some(KernelFormat::Elf));
+        return Ok(Ok(KernelFormat::Elf));
     }
-    if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
-        return Ok(Some(KernelFormat::BzImage));
+    if n >= HEAD_LEN && head[0x202..HEAD_LEN] == *b"HdrS" {
+        return Ok(Ok(KernelFormat::BzImage));
     }
-    Ok(None)
+    Ok(Err(if n < 4 {
+        UnknownFormat::Short(n)
+    } else {
+        UnknownFormat::Magic([head[0], head[1], head[2], head[3]])
+    }))
 }
 
 /// A loaded kernel.
@@ -122,17 +164,21 @@ const MIN_BZIMAGE_VERSION: u16 = 0x020c;
 fn load_with<R>(
     mem: &GuestMemoryMmap,
     image: &mut R,
-    name: &str,
+    path: &Path,
     protocol: BootProtocol,
 ) -> Result<LoadedKernel>
 where
     R: Read + ReadVolatile + Seek,
 {
-    let format = detect_format(image)
-        .map_err(|e| Error::KernelOpen(PathBuf::from(name), e))?
-        .ok_or_else(|| Error::KernelFormat(name.to_string()))?;
+    let unknown = |found| Error::KernelFormat {
+        path: path.to_path_buf(),
+        found,
+    };
+    let format = identify(image)
+        .map_err(|e| Error::KernelOpen(path.to_path_buf(), e))?
+        .map_err(unknown)?;
     let himem = Some(GuestAddress(boot::HIMEM_START));
-    let load_err = |e| Error::KernelLoad(name.to_string(), e);
+    let load_err = |e| Error::KernelLoad(path.to_path_buf(), e);
     match format {
         KernelFormat::Elf => {
             let r: KernelLoaderResult = Elf::load(mem, None, image, himem).map_err(load_err)?;
@@ -154,10 +200,13 @@ where
             let r = BzImage::load(mem, None, image, himem).map_err(load_err)?;
             let hdr = r
                 .setup_header
-                .ok_or_else(|| Error::KernelFormat(name.to_string()))?;
+                .ok_or_else(|| unknown(UnknownFormat::NoSetupHeader))?;
             let (version, xload) = (hdr.version, hdr.xloadflags);
             if version < MIN_BZIMAGE_VERSION || xload & XLF_KERNEL_64 == 0 {
-                return Err(Error::KernelNot64Bit(name.to_string(), version));
+                return Err(Error::KernelNot64Bit {
+                    path: path.to_path_buf(),
+                    version,
+                });
             }
             Ok(LoadedKernel {
                 entry: Entry::Linux64 {
@@ -176,26 +225,25 @@ pub fn load_kernel(
     image: KernelImage,
     protocol: BootProtocol,
 ) -> Result<LoadedKernel> {
-    let name = image.name();
+    let path = image.path();
     match image {
-        KernelImage::File(_, mut f) => load_with(mem, &mut f, &name, protocol),
-        KernelImage::Bytes(_, mut c) => load_with(mem, &mut c, &name, protocol),
+        KernelImage::File(_, mut f) => load_with(mem, &mut f, &path, protocol),
+        KernelImage::Bytes(_, mut c) => load_with(mem, &mut c, &path, protocol),
     }
 }
 
 /// Writes the NUL-terminated command line at `boot::CMDLINE_START`.
 pub fn write_cmdline(mem: &GuestMemoryMmap, cmdline: &str) -> Result<usize> {
-    let bad = || {
-        Error::Cmdline(
-            cmdline.chars().take(40).collect(),
-            boot::CMDLINE_MAX_SIZE - 1,
-        )
+    let bad = |source| Error::Cmdline {
+        start: cmdline.chars().take(40).collect(),
+        max: boot::CMDLINE_MAX_SIZE - 1,
+        source,
     };
-    let mut c = Cmdline::new(boot::CMDLINE_MAX_SIZE).map_err(|_| bad())?;
+    let mut c = Cmdline::new(boot::CMDLINE_MAX_SIZE).map_err(bad)?;
     if !cmdline.is_empty() {
-        c.insert_str(cmdline).map_err(|_| bad())?;
+        c.insert_str(cmdline).map_err(bad)?;
     }
-    load_cmdline(mem, GuestAddress(boot::CMDLINE_START), &c).map_err(|_| bad())?;
+    load_cmdline(mem, GuestAddress(boot::CMDLINE_START), &c).map_err(Error::CmdlineWrite)?;
     Ok(cmdline.len() + 1)
 }
 
@@ -245,7 +293,7 @@ pub fn load_initrd(
         room: 0,
     })?;
     mem.read_exact_volatile_from(GuestAddress(addr), &mut f, len)
-        .map_err(|_| Error::InitrdOpen(path.to_path_buf(), std::io::Error::other("short read")))?;
+        .map_err(|e| Error::InitrdRead(path.to_path_buf(), e))?;
     Ok(InitrdPlacement { addr, size })
 }
 
@@ -305,7 +353,7 @@ pub fn write_boot_params(
     params.e820_entries = u8::try_from(map.len()).map_err(|_| Error::BootWrite("the e820 map"))?;
     let bp = BootParams::new(&params, GuestAddress(boot::ZERO_PAGE_START));
     LinuxBootConfigurator::write_bootparams(&bp, mem)
-        .map_err(|_| Error::BootWrite("boot_params"))?;
+        .map_err(|e| Error::BootInfo("boot_params", e))?;
     Ok(boot::ZERO_PAGE_START)
 }
 
@@ -353,7 +401,7 @@ pub fn write_pvh_info(
     }
     bp.set_sections(&memmap, GuestAddress(boot::PVH_MEMMAP_START));
     PvhBootConfigurator::write_bootparams(&bp, mem)
-        .map_err(|_| Error::BootWrite("hvm_start_info"))?;
+        .map_err(|e| Error::BootInfo("hvm_start_info", e))?;
     Ok(boot::PVH_INFO_START)
 }
 
@@ -449,7 +497,10 @@ mod tests {
     fn bad_kernels() {
         assert!(matches!(
             load_bytes(b"not a kernel at all".to_vec(), BootProtocol::Auto),
-            Err(Error::KernelFormat(_))
+            Err(Error::KernelFormat {
+                found: UnknownFormat::Magic(_),
+                ..
+            })
         ));
         // An ELF whose segment lies beyond RAM.
         let mut e = tiny_elf(&[0xf4], false);
@@ -473,7 +524,10 @@ mod tests {
         bz[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes());
         assert!(matches!(
             load_bytes(bz, BootProtocol::Auto),
-            Err(Error::KernelNot64Bit(_, 0x0202))
+            Err(Error::KernelNot64Bit {
+                version: 0x0202,
+                ..
+            })
         ));
     }
 
@@ -488,7 +542,7 @@ mod tests {
         assert!(write_cmdline(&m, "").is_ok());
         assert!(matches!(
             write_cmdline(&m, &"x".repeat(boot::CMDLINE_MAX_SIZE)),
-            Err(Error::Cmdline(..))
+            Err(Error::Cmdline { .. })
         ));
         assert!(write_cmdline(&m, "a\0b").is_err());
     }

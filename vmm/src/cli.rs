@@ -151,7 +151,7 @@ where
             0
         }
         Err(e) => {
-            eprintln!("pvmm: error: {}", crate::error::error_chain(&e));
+            eprintln!("pvmm: error: {}", resources::ErrorChain(&e));
             1
         }
     }

@@ -89,8 +89,7 @@ pub fn apply_topology(entries: &mut Vec<kvm_cpuid_entry2>, index: u32, count: u3
 
 /// Builds a [`CpuId`] from entries.
 pub fn to_cpuid(entries: &[kvm_cpuid_entry2]) -> Result<CpuId> {
-    CpuId::from_entries(entries)
-        .map_err(|_| Error::Kvm("CPUID table", kvm_ioctls::Error::new(libc::E2BIG)))
+    CpuId::from_entries(entries).map_err(|e| Error::KvmTable("CPUID table", e))
 }
 
 const MSR_IA32_SYSENTER_CS: u32 = 0x174;
@@ -133,8 +132,7 @@ pub fn boot_msrs() -> Vec<kvm_msr_entry> {
 /// Sets the boot MSRs of `vcpu`.
 pub fn setup_msrs(vcpu: &VcpuFd) -> Result<()> {
     let entries = boot_msrs();
-    let msrs = Msrs::from_entries(&entries)
-        .map_err(|_| Error::Kvm("MSR table", kvm_ioctls::Error::new(libc::E2BIG)))?;
+    let msrs = Msrs::from_entries(&entries).map_err(|e| Error::KvmTable("MSR table", e))?;
     let n = vcpu
         .set_msrs(&msrs)
         .map_err(|e| Error::Kvm("KVM_SET_MSRS", e))?;
@@ -274,10 +272,10 @@ pub fn setup_boot_cpu(
     let gdt = [GDT_NULL, code, GDT_DATA, GDT_TSS];
     for (i, d) in gdt.iter().enumerate() {
         mem.write_obj(*d, GuestAddress(boot::GDT_START + 8 * i as u64))
-            .map_err(|_| Error::BootWrite("the boot GDT"))?;
+            .map_err(|e| Error::GuestWrite("the boot GDT", e))?;
     }
     mem.write_obj(0u64, GuestAddress(boot::IDT_START))
-        .map_err(|_| Error::BootWrite("the boot IDT"))?;
+        .map_err(|e| Error::GuestWrite("the boot IDT", e))?;
 
     let mut sregs: kvm_sregs = vcpu
         .get_sregs()
@@ -327,7 +325,7 @@ pub fn setup_boot_cpu(
 
 /// Identity map of 0-4 GiB with 2 MiB pages: PML4 -> one PDPT -> four PDs.
 fn write_identity_map(mem: &GuestMemoryMmap) -> Result<()> {
-    let err = |_| Error::BootWrite("the boot page tables");
+    let err = |e| Error::GuestWrite("the boot page tables", e);
     mem.write_obj(
         boot::PDPT_START | PTE_PRESENT_RW,
         GuestAddress(boot::PML4_START),

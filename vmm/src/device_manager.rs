@@ -15,7 +15,7 @@ use devices::legacy::{AcpiSleep, EventFdTrigger, ExitEvents, Serial, SerialOutpu
 use devices::pci::{PciAddress, PciConfigIo, PciConfigMmio, PciDevice, PciRoot};
 use kvm_ioctls::VmFd;
 use resources::layout::{self, pio};
-use resources::{BarKind, SystemAllocator};
+use resources::{BarKind, ErrorChain, SystemAllocator};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -350,11 +350,14 @@ impl DeviceManager {
             .map_err(Error::Pci)?;
         for (addr, size, kind) in self.pci_bars.remove(&slot).unwrap_or_default() {
             if let Err(e) = self.allocator.free_bar(addr, size, kind) {
-                log::error!("freeing BAR space {addr:#x}+{size:#x} of slot {slot}: {e}");
+                log::error!(
+                    "freeing BAR space {addr:#x}+{size:#x} of slot {slot}: {}",
+                    ErrorChain(&e)
+                );
             }
         }
         if let Err(e) = self.allocator.free_pci_slot(slot) {
-            log::error!("freeing PCI slot {slot}: {e}");
+            log::error!("freeing PCI slot {slot}: {}", ErrorChain(&e));
         }
         Ok(dev)
     }

@@ -27,6 +27,9 @@ pub enum Error {
     /// A KVM call failed.
     #[error("KVM {0} failed")]
     Kvm(&'static str, #[source] kvm_ioctls::Error),
+    /// A table for KVM (CPUID, MSRs) has more entries than KVM takes.
+    #[error("The {0} has too many entries for KVM")]
+    KvmTable(&'static str, #[source] vmm_sys_util::fam::Error),
     /// Zero vCPUs.
     #[error("--cpus must be at least 1")]
     NoCpus,
@@ -49,10 +52,16 @@ pub enum Error {
     KernelOpen(PathBuf, #[source] io::Error),
     /// The kernel is neither an ELF nor a bzImage.
     #[error(
-        "Kernel {0} has an unknown format: pvmm boots an ELF vmlinux (with or without a PVH \
-         note) or a bzImage"
+        "Kernel {} has an unknown format: pvmm boots an ELF vmlinux (with or without a PVH \
+         note) or a bzImage, not {found}",
+        .path.display()
     )]
-    KernelFormat(String),
+    KernelFormat {
+        /// The kernel.
+        path: PathBuf,
+        /// What it is instead.
+        found: crate::boot::UnknownFormat,
+    },
     /// The embedded test kernel was not built into this pvmm.
     #[error(
         "This pvmm was built without its test kernel ({0}); pass --kernel, or install the \
@@ -61,16 +70,29 @@ pub enum Error {
     EmbeddedKernelMissing(&'static str),
     /// A bzImage too old or 32-bit only.
     #[error(
-        "Kernel {0} cannot be booted in 64-bit mode (boot protocol {1:#x}, no XLF_KERNEL_64); \
-         pvmm needs an x86-64 kernel with boot protocol 2.12 or later"
+        "Kernel {} cannot be booted in 64-bit mode (boot protocol {version:#x}, no \
+         XLF_KERNEL_64); pvmm needs an x86-64 kernel with boot protocol 2.12 or later",
+        .path.display()
     )]
-    KernelNot64Bit(String, u16),
+    KernelNot64Bit {
+        /// The kernel.
+        path: PathBuf,
+        /// Its boot protocol version.
+        version: u16,
+    },
     /// The loader failed (typically: the kernel does not fit in RAM).
-    #[error("Cannot load kernel {0} into guest memory: is it an x86-64 kernel, and is --memory large enough?")]
-    KernelLoad(String, #[source] linux_loader::loader::Error),
-    /// The initrd could not be read.
+    #[error(
+        "Cannot load kernel {} into guest memory: is it an x86-64 kernel, and is --memory large \
+         enough?",
+        .0.display()
+    )]
+    KernelLoad(PathBuf, #[source] linux_loader::loader::Error),
+    /// The initrd could not be opened.
     #[error("Cannot read initrd {}", .0.display())]
     InitrdOpen(PathBuf, #[source] io::Error),
+    /// The initrd could not be read into guest memory.
+    #[error("Cannot read initrd {}", .0.display())]
+    InitrdRead(PathBuf, #[source] vm_memory::GuestMemoryError),
     /// The initrd does not fit.
     #[error(
         "Initrd {} is too big ({}): at most {} fit between the kernel and the top of low RAM; \
@@ -88,11 +110,28 @@ pub enum Error {
         room: u64,
     },
     /// The command line is too long or has a NUL.
-    #[error("Invalid kernel command line: {0} (at most {1} bytes, no NUL)")]
-    Cmdline(String, usize),
-    /// Writing boot structures into guest memory failed.
+    #[error("Invalid kernel command line: {start} (at most {max} bytes, no NUL)")]
+    Cmdline {
+        /// Its first characters.
+        start: String,
+        /// The longest command line.
+        max: usize,
+        /// Why linux-loader refused it.
+        #[source]
+        source: linux_loader::cmdline::Error,
+    },
+    /// The command line could not be written into guest memory.
+    #[error("Cannot write the kernel command line into guest memory")]
+    CmdlineWrite(#[source] linux_loader::loader::Error),
+    /// A boot structure does not fit where it goes.
     #[error("Cannot write {0} into guest memory")]
     BootWrite(&'static str),
+    /// Writing a boot structure into guest memory failed.
+    #[error("Cannot write {0} into guest memory")]
+    GuestWrite(&'static str, #[source] vm_memory::GuestMemoryError),
+    /// linux-loader could not write the boot information.
+    #[error("Cannot write {0} into guest memory")]
+    BootInfo(&'static str, #[source] linux_loader::configurator::Error),
     /// The serial output file could not be opened.
     #[error("Cannot open serial output file {}", .0.display())]
     SerialFile(PathBuf, #[source] io::Error),
@@ -124,43 +163,114 @@ pub enum Error {
     #[error("Cannot start vCPU thread {0}")]
     VcpuSpawn(u32, #[source] io::Error),
     /// A vCPU stopped on something the VMM cannot handle.
-    #[error("vCPU {index} stopped: {reason}")]
+    #[error("vCPU {index} stopped at RIP {rip:#x} (RSP {rsp:#x})")]
     VcpuFailed {
         /// vCPU index.
         index: u32,
-        /// What happened (exit reason, registers).
-        reason: String,
+        /// Where the guest was.
+        rip: u64,
+        /// Its stack pointer.
+        rsp: u64,
+        /// What happened.
+        #[source]
+        source: VcpuExitError,
     },
+}
+
+/// Why a vCPU stopped: an exit or a KVM_RUN failure the VMM cannot handle.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuExitError {
+    /// An exit of a kind pvmm does not expect (HLT among them: pvmm's guests
+    /// run with the in-kernel LAPIC, which handles HLT).
+    #[error("Unexpected exit {}", exit_name(*.0))]
+    UnexpectedExit(u32),
+    /// A KVM_EXIT_SYSTEM_EVENT other than shutdown and reset.
+    #[error("Unexpected system event {0}")]
+    SystemEvent(u32),
+    /// KVM_EXIT_INTERNAL_ERROR.
+    #[error(
+        "KVM {}, suberror {suberror}, data {data:x?}",
+        internal_error_name(*.suberror)
+    )]
+    InternalError {
+        /// `kvm_run.internal.suberror`.
+        suberror: u32,
+        /// `kvm_run.internal.data[..ndata]`.
+        data: Vec<u64>,
+    },
+    /// KVM_EXIT_FAIL_ENTRY.
+    #[error("KVM could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})")]
+    FailedEntry {
+        /// The hardware's entry failure reason.
+        reason: u64,
+        /// The host CPU it happened on.
+        cpu: u32,
+    },
+    /// KVM_RUN itself failed.
+    #[error("KVM_RUN failed")]
+    Run(#[source] kvm_ioctls::Error),
+}
+
+/// The name of a KVM exit reason (`KVM_EXIT_*`), for messages.
+fn exit_name(reason: u32) -> String {
+    use kvm_bindings as k;
+    let name = match reason {
+        k::KVM_EXIT_UNKNOWN => "KVM_EXIT_UNKNOWN",
+        k::KVM_EXIT_EXCEPTION => "KVM_EXIT_EXCEPTION",
+        k::KVM_EXIT_IO => "KVM_EXIT_IO",
+        k::KVM_EXIT_HYPERCALL => "KVM_EXIT_HYPERCALL",
+        k::KVM_EXIT_DEBUG => "KVM_EXIT_DEBUG",
+        k::KVM_EXIT_HLT => "KVM_EXIT_HLT",
+        k::KVM_EXIT_MMIO => "KVM_EXIT_MMIO",
+        k::KVM_EXIT_IRQ_WINDOW_OPEN => "KVM_EXIT_IRQ_WINDOW_OPEN",
+        k::KVM_EXIT_SHUTDOWN => "KVM_EXIT_SHUTDOWN",
+        k::KVM_EXIT_FAIL_ENTRY => "KVM_EXIT_FAIL_ENTRY",
+        k::KVM_EXIT_INTR => "KVM_EXIT_INTR",
+        k::KVM_EXIT_SET_TPR => "KVM_EXIT_SET_TPR",
+        k::KVM_EXIT_TPR_ACCESS => "KVM_EXIT_TPR_ACCESS",
+        k::KVM_EXIT_NMI => "KVM_EXIT_NMI",
+        k::KVM_EXIT_INTERNAL_ERROR => "KVM_EXIT_INTERNAL_ERROR",
+        k::KVM_EXIT_SYSTEM_EVENT => "KVM_EXIT_SYSTEM_EVENT",
+        k::KVM_EXIT_IOAPIC_EOI => "KVM_EXIT_IOAPIC_EOI",
+        k::KVM_EXIT_HYPERV => "KVM_EXIT_HYPERV",
+        k::KVM_EXIT_X86_RDMSR => "KVM_EXIT_X86_RDMSR",
+        k::KVM_EXIT_X86_WRMSR => "KVM_EXIT_X86_WRMSR",
+        k::KVM_EXIT_DIRTY_RING_FULL => "KVM_EXIT_DIRTY_RING_FULL",
+        k::KVM_EXIT_AP_RESET_HOLD => "KVM_EXIT_AP_RESET_HOLD",
+        k::KVM_EXIT_X86_BUS_LOCK => "KVM_EXIT_X86_BUS_LOCK",
+        k::KVM_EXIT_XEN => "KVM_EXIT_XEN",
+        k::KVM_EXIT_NOTIFY => "KVM_EXIT_NOTIFY",
+        k::KVM_EXIT_MEMORY_FAULT => "KVM_EXIT_MEMORY_FAULT",
+        _ => return format!("reason {reason}"),
+    };
+    format!("{name} ({reason})")
+}
+
+/// What a KVM internal error's suberror means.
+fn internal_error_name(suberror: u32) -> &'static str {
+    match suberror {
+        kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
+            "emulation failure (an instruction KVM cannot emulate here)"
+        }
+        kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
+        kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failure",
+        _ => "internal error",
+    }
 }
 
 /// Result of the VMM.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// The whole chain of an error, `outer: inner: innermost`, for one line on
-/// stderr.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        let msg = inner.to_string();
-        if !s.ends_with(&msg) {
-            s.push_str(": ");
-            s.push_str(&msg);
-        }
-        source = inner.source();
-    }
-    s
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use resources::ErrorChain;
 
     #[test]
     fn chains_are_joined() {
         let e = Error::KernelOpen("/nope".into(), io::Error::from_raw_os_error(libc::ENOENT));
         assert_eq!(
-            error_chain(&e),
+            ErrorChain(&e).to_string(),
             "Cannot read kernel /nope: No such file or directory (os error 2)"
         );
         let e = Error::Memory(resources::Error::MemoryTooSmall {
@@ -168,8 +278,35 @@ mod tests {
             min: 8 << 20,
         });
         assert_eq!(
-            error_chain(&e),
+            ErrorChain(&e).to_string(),
             "Invalid --memory: Memory size 1 MiB is too small: the guest needs at least 8 MiB"
+        );
+    }
+
+    #[test]
+    fn vcpu_failures_say_what_and_where() {
+        let e = Error::VcpuFailed {
+            index: 1,
+            rip: 0x10_0000,
+            rsp: 0x8000,
+            source: VcpuExitError::UnexpectedExit(kvm_bindings::KVM_EXIT_HLT),
+        };
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "vCPU 1 stopped at RIP 0x100000 (RSP 0x8000): Unexpected exit KVM_EXIT_HLT (5)"
+        );
+        let e = VcpuExitError::InternalError {
+            suberror: kvm_bindings::KVM_INTERNAL_ERROR_EMULATION,
+            data: vec![0x10, 0xab],
+        };
+        assert_eq!(
+            e.to_string(),
+            "KVM emulation failure (an instruction KVM cannot emulate here), suberror 1, \
+             data [10, ab]"
+        );
+        assert_eq!(
+            VcpuExitError::UnexpectedExit(1000).to_string(),
+            "Unexpected exit reason 1000"
         );
     }
 }

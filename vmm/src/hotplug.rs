@@ -1,7 +1,6 @@
 //! PCI hotplug as the guest sees it: the AML that goes with
 //! `devices::acpi_hotplug` (a generic event device, a register block and
-//! one ejectable slot object per PCI device number), and a small stand-in
-//! PCI device to hot-add while the DMA test device is not there.
+//! one ejectable slot object per PCI device number).
 //!
 //! ```text
 //! \_SB.GED_  (ACPI0013, level-triggered IOAPIC pin)  _EVT: GEDS bit 0 → \_SB.PHPR.PSCN

@@ -140,7 +140,7 @@ pub fn create_vm(
     for (slot, region) in memory.iter().enumerate() {
         let host = memory
             .get_host_address(region.start_addr())
-            .map_err(|_| Error::BootWrite("the memory slot table"))?;
+            .map_err(|e| Error::GuestWrite("the memory slot table", e))?;
         let mr = kvm_userspace_memory_region {
             slot: u32::try_from(slot).unwrap_or(u32::MAX),
             flags: 0,
@@ -163,6 +163,23 @@ pub fn create_vm(
     vm.enable_cap(&split)
         .map_err(|e| Error::Kvm("KVM_CAP_SPLIT_IRQCHIP", e))?;
     Ok(vm)
+}
+
+/// Why a route could not be set.
+#[derive(Debug, thiserror::Error)]
+pub enum RoutingError {
+    /// The IOAPIC has no such pin.
+    #[error("IOAPIC pin {0} does not exist")]
+    NoSuchPin(u32),
+    /// MSI routes use the GSIs above the IOAPIC's pins.
+    #[error("GSI {0} is an IOAPIC pin's, not an MSI route's")]
+    PinGsi(u32),
+    /// More routes than KVM's table holds.
+    #[error("The GSI routing table has too many entries for KVM")]
+    TooManyRoutes(#[source] vmm_sys_util::fam::Error),
+    /// KVM refused the table.
+    #[error("KVM KVM_SET_GSI_ROUTING failed")]
+    Set(#[source] kvm_ioctls::Error),
 }
 
 /// The GSI routing table: the IOAPIC pins' routes (GSI = pin, set by the
@@ -214,21 +231,22 @@ impl IrqRouting {
         self.commits
     }
 
-    fn commit(&mut self, vm: &VmFd) -> Result<()> {
+    fn commit(&mut self, vm: &VmFd) -> std::result::Result<(), RoutingError> {
         self.commits += 1;
-        let routing = KvmIrqRouting::from_entries(&self.entries())
-            .map_err(|_| Error::Kvm("GSI routing table", kvm_ioctls::Error::new(libc::E2BIG)))?;
-        vm.set_gsi_routing(&routing)
-            .map_err(|e| Error::Kvm("KVM_SET_GSI_ROUTING", e))
+        let routing =
+            KvmIrqRouting::from_entries(&self.entries()).map_err(RoutingError::TooManyRoutes)?;
+        vm.set_gsi_routing(&routing).map_err(RoutingError::Set)
     }
 
     /// Routes IOAPIC pin `pin` (GSI `pin`) to `msi`, or removes its route.
-    pub fn set_pin_route(&mut self, vm: &VmFd, pin: u32, msi: Option<MsiMessage>) -> Result<()> {
+    pub fn set_pin_route(
+        &mut self,
+        vm: &VmFd,
+        pin: u32,
+        msi: Option<MsiMessage>,
+    ) -> std::result::Result<(), RoutingError> {
         let Some(slot) = self.pins.get_mut(pin as usize) else {
-            return Err(Error::Kvm(
-                "route of a pin the IOAPIC does not have",
-                kvm_ioctls::Error::new(libc::EINVAL),
-            ));
+            return Err(RoutingError::NoSuchPin(pin));
         };
         if *slot == msi {
             return Ok(());
@@ -241,12 +259,15 @@ impl IrqRouting {
     /// Routes `gsi` (from `SystemAllocator::msi_gsis`) to the MSI
     /// `address`/`data`, replacing any route it had. Pair it with an irqfd
     /// (`VmFd::register_irqfd`) so that the kernel delivers it.
-    pub fn set_msi_route(&mut self, vm: &VmFd, gsi: u32, address: u64, data: u32) -> Result<()> {
+    pub fn set_msi_route(
+        &mut self,
+        vm: &VmFd,
+        gsi: u32,
+        address: u64,
+        data: u32,
+    ) -> std::result::Result<(), RoutingError> {
         if gsi < layout::IOAPIC_PINS {
-            return Err(Error::Kvm(
-                "MSI route on an IOAPIC pin's GSI",
-                kvm_ioctls::Error::new(libc::EINVAL),
-            ));
+            return Err(RoutingError::PinGsi(gsi));
         }
         let route = (gsi, MsiMessage { address, data });
         if self.msi.contains(&route) {
@@ -260,7 +281,11 @@ impl IrqRouting {
     }
 
     /// Removes the MSI route of `gsi`.
-    pub fn remove_msi_route(&mut self, vm: &VmFd, gsi: u32) -> Result<()> {
+    pub fn remove_msi_route(
+        &mut self,
+        vm: &VmFd,
+        gsi: u32,
+    ) -> std::result::Result<(), RoutingError> {
         if !self.msi.iter().any(|r| r.0 == gsi) {
             return Ok(());
         }
@@ -288,7 +313,7 @@ impl PinRoutes for KvmPinRoutes {
         let mut routing = devices::lock::mutex(&self.routing);
         routing
             .set_pin_route(&self.vm, pin, msi)
-            .map_err(|e| io::Error::other(e.to_string()))
+            .map_err(io::Error::other)
     }
 }
 

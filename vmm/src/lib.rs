@@ -32,7 +32,7 @@ use vm_memory::GuestMemoryMmap;
 
 pub use config::{BootProtocol, KernelSource, SerialConfig, VmConfig};
 pub use device_manager::DeviceManager;
-pub use error::{error_chain, Error, Result};
+pub use error::{Error, Result, VcpuExitError};
 pub use hooks::{
     HypercallAction, HypercallExit, HypercallRegs, MsrHandler, PortIoHypercall, VmHooks,
 };

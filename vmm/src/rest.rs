@@ -261,7 +261,7 @@ impl VmmApi for RestVmm {
             .collect();
         let faults = stats
             .faults
-            .last
+            .recent
             .iter()
             .filter_map(|f| {
                 Some(FaultInfo {

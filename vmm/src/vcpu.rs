@@ -6,7 +6,6 @@
 //! is stopped by a flag and a signal whose handler sets
 //! `kvm_run.immediate_exit`, so a stop request cannot be lost between the
 //! flag check and `KVM_RUN`.
-#![allow(unsafe_code)]
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +18,7 @@ use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, VcpuExitError};
 use crate::hooks::{HypercallAction, HypercallExit, HypercallRegs, VmHooks, HYPERCALL_PORT};
 use crate::ExitReason;
 
@@ -91,6 +90,7 @@ thread_local! {
     static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
 }
 
+#[allow(unsafe_code)]
 extern "C" fn stop_signal_handler(
     _num: libc::c_int,
     _info: *mut libc::siginfo_t,
@@ -130,7 +130,7 @@ enum Next {
     Continue,
     Hypercall,
     Stop(Result<ExitReason>),
-    Fail(String),
+    Fail(VcpuExitError),
 }
 
 impl Vcpu {
@@ -154,12 +154,13 @@ impl Vcpu {
                     shared.exit.report(r);
                     break;
                 }
-                Next::Fail(what) => {
+                Next::Fail(source) => {
                     let regs = &self.fd.sync_regs_mut().regs;
-                    let reason = format!("{what} (RIP {:#x}, RSP {:#x})", regs.rip, regs.rsp);
                     shared.exit.report(Err(Error::VcpuFailed {
                         index: self.index,
-                        reason,
+                        rip: regs.rip,
+                        rsp: regs.rsp,
+                        source,
                     }));
                     break;
                 }
@@ -240,20 +241,22 @@ impl Vcpu {
                 VcpuExit::SystemEvent(kind, _) => match kind {
                     kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(Ok(ExitReason::PowerOff)),
                     kvm_bindings::KVM_SYSTEM_EVENT_RESET => Next::Stop(Ok(ExitReason::Reset)),
-                    k => Next::Fail(format!("unexpected system event {k}")),
+                    k => Next::Fail(VcpuExitError::SystemEvent(k)),
                 },
-                VcpuExit::Hlt => Next::Fail("unexpected HLT exit".into()),
                 VcpuExit::InternalError => Next::Fail(self.internal_error()),
-                VcpuExit::FailEntry(reason, cpu) => Next::Fail(format!(
-                    "KVM could not enter the guest (hardware reason {reason:#x}, host CPU {cpu})"
+                VcpuExit::FailEntry(reason, cpu) => {
+                    Next::Fail(VcpuExitError::FailedEntry { reason, cpu })
+                }
+                // HLT among them: the in-kernel LAPIC handles it.
+                _ => Next::Fail(VcpuExitError::UnexpectedExit(
+                    self.fd.get_kvm_run().exit_reason,
                 )),
-                other => Next::Fail(format!("unexpected exit {other:?}")),
             },
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.fd.set_kvm_immediate_exit(0);
                 Next::Continue
             }
-            Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
+            Err(e) => Next::Fail(VcpuExitError::Run(e)),
         }
     }
 
@@ -287,26 +290,18 @@ impl Vcpu {
         self.fd.set_sync_dirty_reg(SyncReg::Register);
     }
 
-    /// Describes a KVM_EXIT_INTERNAL_ERROR.
-    fn internal_error(&mut self) -> String {
+    /// The details of a KVM_EXIT_INTERNAL_ERROR.
+    #[allow(unsafe_code)]
+    fn internal_error(&mut self) -> VcpuExitError {
         let run = self.fd.get_kvm_run();
         // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so the kernel
         // filled the `internal` member of the exit union.
         let internal = unsafe { run.__bindgen_anon_1.internal };
         let n = (internal.ndata as usize).min(internal.data.len());
-        let what = match internal.suberror {
-            kvm_bindings::KVM_INTERNAL_ERROR_EMULATION => {
-                "emulation failure (an instruction KVM cannot emulate here)"
-            }
-            kvm_bindings::KVM_INTERNAL_ERROR_SIMUL_EX => "exception while delivering an exception",
-            kvm_bindings::KVM_INTERNAL_ERROR_DELIVERY_EV => "event delivery failure",
-            _ => "internal error",
-        };
-        format!(
-            "KVM {what}, suberror {}, data {:x?}",
-            internal.suberror,
-            &internal.data[..n]
-        )
+        VcpuExitError::InternalError {
+            suberror: internal.suberror,
+            data: internal.data[..n].to_vec(),
+        }
     }
 }
 
@@ -341,6 +336,7 @@ impl VcpuThreads {
         self.stop_all();
     }
 
+    #[allow(unsafe_code)]
     fn stop_all(&mut self) {
         use std::os::unix::thread::JoinHandleExt;
         self.shared.stop.store(true, Ordering::Release);
@@ -383,6 +379,7 @@ fn cpl(sregs: &kvm_bindings::kvm_sregs, rflags: u64) -> u8 {
 
 /// The size in bytes of one element of this thread's current port-I/O exit
 /// (1, 2 or 4), whose data is `len` bytes; `len` when it cannot be read.
+#[allow(unsafe_code)]
 fn pio_element_size(len: usize) -> usize {
     let size = KVM_RUN.with(|p| {
         let run = p.get();

@@ -13,7 +13,6 @@
 //! Both are called with the device's lock held (from a vCPU's config space
 //! write, or from the device's drop); they take only the pool and routing
 //! locks, which are never held while taking a device's.
-#![allow(unsafe_code)]
 
 use std::collections::HashMap;
 use std::io;
@@ -25,10 +24,33 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::{DeviceManager, SharedIdPool};
-use crate::kvm::SharedIrqRouting;
+use crate::kvm::{RoutingError, SharedIrqRouting};
 
-fn other(e: impl std::fmt::Display) -> io::Error {
-    io::Error::other(e.to_string())
+/// Why a hook failed. `devices` takes hook errors as `io::Error`s; this one
+/// travels inside, with its sources.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// No GSI left for an MSI vector.
+    #[error("No GSI left for the vector")]
+    NoGsi(#[source] resources::Error),
+    /// The vector's MSI route could not be set.
+    #[error("Cannot route the vector")]
+    Route(#[source] RoutingError),
+    /// KVM_IRQFD failed.
+    #[error("KVM KVM_IRQFD failed")]
+    Irqfd(#[source] kvm_ioctls::Error),
+    /// No memory slot number left for a BAR area.
+    #[error("No KVM memory slot left")]
+    NoSlot(#[source] resources::Error),
+    /// KVM_SET_USER_MEMORY_REGION failed.
+    #[error("KVM KVM_SET_USER_MEMORY_REGION failed")]
+    Slot(#[source] kvm_ioctls::Error),
+}
+
+impl From<HookError> for io::Error {
+    fn from(e: HookError) -> Self {
+        io::Error::other(e)
+    }
 }
 
 /// The hooks for a VFIO device in the VM of `dm`.
@@ -84,16 +106,22 @@ impl MsiRoutes for KvmMsiRoutes {
             // A new address or data for a routed vector: the irqfd stays.
             return devices::lock::mutex(&self.routing)
                 .set_msi_route(&self.vm, gsi, address, data)
-                .map_err(other);
+                .map_err(|e| HookError::Route(e).into());
         }
-        let gsi = devices::lock::mutex(&self.gsis).allocate().map_err(other)?;
+        let gsi = devices::lock::mutex(&self.gsis)
+            .allocate()
+            .map_err(HookError::NoGsi)?;
         let result = devices::lock::mutex(&self.routing)
             .set_msi_route(&self.vm, gsi, address, data)
-            .map_err(other)
-            .and_then(|()| self.vm.register_irqfd(eventfd, gsi).map_err(other));
+            .map_err(HookError::Route)
+            .and_then(|()| {
+                self.vm
+                    .register_irqfd(eventfd, gsi)
+                    .map_err(HookError::Irqfd)
+            });
         if let Err(e) = result {
             self.release(gsi);
-            return Err(e);
+            return Err(e.into());
         }
         routed.insert(vector, gsi);
         Ok(())
@@ -103,9 +131,9 @@ impl MsiRoutes for KvmMsiRoutes {
         let Some(gsi) = devices::lock::mutex(&self.routed).remove(&vector) else {
             return Ok(());
         };
-        let result = self.vm.unregister_irqfd(eventfd, gsi).map_err(other);
+        let result = self.vm.unregister_irqfd(eventfd, gsi);
         self.release(gsi);
-        result
+        result.map_err(|e| HookError::Irqfd(e).into())
     }
 }
 
@@ -137,7 +165,8 @@ impl KvmBarSlots {
     /// # Safety
     /// `[host, host + size)` must stay mapped in this process until the
     /// slot is deleted.
-    unsafe fn set(&self, slot: u32, gpa: u64, size: u64, host: u64) -> io::Result<()> {
+    #[allow(unsafe_code)]
+    unsafe fn set(&self, slot: u32, gpa: u64, size: u64, host: u64) -> Result<(), HookError> {
         let region = kvm_userspace_memory_region {
             slot,
             flags: 0,
@@ -147,31 +176,33 @@ impl KvmBarSlots {
         };
         // SAFETY: guaranteed by the caller; KVM checks the slot against the
         // others (an overlap is EEXIST).
-        unsafe { self.vm.set_user_memory_region(region) }.map_err(other)
+        unsafe { self.vm.set_user_memory_region(region) }.map_err(HookError::Slot)
     }
 }
 
 impl BarSlots for KvmBarSlots {
-    fn add(&self, gpa: u64, size: u64, host: *mut u8) -> io::Result<u32> {
+    #[allow(unsafe_code)]
+    unsafe fn add(&self, gpa: u64, size: u64, host: *mut u8) -> io::Result<u32> {
         let slot = devices::lock::mutex(&self.slots)
             .allocate()
-            .map_err(other)?;
-        // SAFETY: `host` is the device's mmap of the BAR area, which
-        // `VfioPciDevice` keeps until after it has removed the slot.
+            .map_err(HookError::NoSlot)?;
+        // SAFETY: the caller keeps `[host, host + size)` mapped until the
+        // slot is removed (`BarSlots::add`'s contract).
         if let Err(e) = unsafe { self.set(slot, gpa, size, host as u64) } {
             let _ = devices::lock::mutex(&self.slots).free(slot);
-            return Err(e);
+            return Err(e.into());
         }
         Ok(slot)
     }
 
+    #[allow(unsafe_code)]
     fn remove(&self, slot: u32) -> io::Result<()> {
         // SAFETY: deleting a slot maps nothing.
         let result = unsafe { self.set(slot, 0, 0, 0) };
         if result.is_ok() {
             let _ = devices::lock::mutex(&self.slots).free(slot);
         }
-        result
+        result.map_err(io::Error::from)
     }
 }
 
@@ -231,21 +262,25 @@ mod tests {
     }
 
     #[test]
+    #[allow(unsafe_code)]
     fn bar_slots_map_and_unmap() {
         let (vm, _, _, slots) = vm();
         // Stands in for a BAR's mmap: page-aligned memory of this process.
         let bar = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
         let host = bar.get_host_address(GuestAddress(0)).unwrap();
         let s = KvmBarSlots::new(vm, slots.clone());
-        let a = s.add(0xc000_0000, 0x1000, host).unwrap();
+        // SAFETY: `bar` outlives `s` and its VM (declared before them, so
+        // dropped after), and no vCPU ever runs to touch it.
+        let add = |gpa| unsafe { s.add(gpa, 0x1000, host) };
+        let a = add(0xc000_0000).unwrap();
         // KVM refuses an overlap; the slot number goes back.
-        assert!(s.add(0xc000_0000, 0x1000, host).is_err());
-        let b = s.add(0xc000_1000, 0x1000, host).unwrap();
+        assert!(add(0xc000_0000).is_err());
+        let b = add(0xc000_1000).unwrap();
         assert_ne!(a, b);
         // No slot numbers left.
-        assert!(s.add(0xc000_2000, 0x1000, host).is_err());
+        assert!(add(0xc000_2000).is_err());
         s.remove(a).unwrap();
-        let c = s.add(0xc000_0000, 0x1000, host).unwrap();
+        let c = add(0xc000_0000).unwrap();
         assert_eq!(c, a, "the freed number is used again");
         s.remove(b).unwrap();
         s.remove(c).unwrap();

@@ -5,7 +5,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::BusDevice;
-use devices::pci::{BarKind, PciBarRegion, PciConfiguration, PciDevice, PciError, PciHeader};
+use devices::pci::{BarKind, PciConfiguration, PciDevice, PciHeader};
 use vmm::{ExitReason, KernelSource, SerialConfig, VmConfig, VmHooks, Vmm};
 
 struct Dummy {
@@ -13,20 +13,11 @@ struct Dummy {
 }
 
 impl PciDevice for Dummy {
-    fn read_config(&mut self, offset: u16, data: &mut [u8]) {
-        self.config.read(offset, data)
+    fn config(&self) -> &PciConfiguration {
+        &self.config
     }
-    fn write_config(&mut self, offset: u16, data: &[u8]) {
-        self.config.write(offset, data)
-    }
-    fn bar_regions(&self) -> Vec<PciBarRegion> {
-        self.config.decoded_bars()
-    }
-    fn declared_bars(&self) -> Vec<(usize, u64, BarKind)> {
-        self.config.declared_bars()
-    }
-    fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciError> {
-        self.config.set_bar_address(index, addr)
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
     }
 }
 

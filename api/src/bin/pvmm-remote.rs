@@ -81,13 +81,7 @@ async fn run(cli: Cli) -> Result<String, ClientError> {
 
 /// The error and its causes, one per line.
 fn report(error: &ClientError) -> String {
-    let mut text = format!("Error: {error}");
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(&format!("\n  caused by: {cause}"));
-        source = cause.source();
-    }
-    text
+    format!("Error: {:#}", resources::ErrorChain(error))
 }
 
 /// Writes `text` and a newline to stderr; if stderr is gone there is no one

@@ -339,17 +339,7 @@ impl PciConfiguration {
 
     /// Guest write of `data` at `offset`, through the write masks.
     pub fn write(&mut self, offset: u16, data: &[u8]) {
-        let start = usize::from(offset);
-        if start + data.len() > CONFIG_SPACE_SIZE {
-            return;
-        }
-        for (i, b) in data.iter().enumerate() {
-            let pos = start + i;
-            let shift = (pos % 4) * 8;
-            let m = self.wmask[pos / 4] & (0xff << shift);
-            let r = &mut self.regs[pos / 4];
-            *r = (*r & !m) | ((u32::from(*b) << shift) & m);
-        }
+        self.store(offset, data, true);
     }
 
     /// Reads a u16 at `offset` (device side).
@@ -368,6 +358,12 @@ impl PciConfiguration {
 
     /// Writes bytes regardless of the write masks (device side).
     pub fn write_raw(&mut self, offset: u16, data: &[u8]) {
+        self.store(offset, data, false);
+    }
+
+    /// Stores `data` at `offset`, only the writable bits if `masked`; an
+    /// access past the configuration space changes nothing.
+    fn store(&mut self, offset: u16, data: &[u8], masked: bool) {
         let start = usize::from(offset);
         if start + data.len() > CONFIG_SPACE_SIZE {
             return;
@@ -375,8 +371,14 @@ impl PciConfiguration {
         for (i, b) in data.iter().enumerate() {
             let pos = start + i;
             let shift = (pos % 4) * 8;
+            let wmask = if masked {
+                self.wmask[pos / 4]
+            } else {
+                u32::MAX
+            };
+            let m = wmask & (0xff << shift);
             let r = &mut self.regs[pos / 4];
-            *r = (*r & !(0xff << shift)) | (u32::from(*b) << shift);
+            *r = (*r & !m) | ((u32::from(*b) << shift) & m);
         }
     }
 

@@ -28,28 +28,42 @@ pub const SLOTS: usize = 32;
 
 /// A PCI function on bus 0 (function 0 only: no multi-function devices).
 pub trait PciDevice: Send {
+    /// The device's configuration space as the guest programs it (header,
+    /// BARs, command register, capabilities). The other methods' default
+    /// implementations serve the guest from it.
+    fn config(&self) -> &PciConfiguration;
+
+    /// The same, to change.
+    fn config_mut(&mut self) -> &mut PciConfiguration;
+
     /// Guest configuration read: `offset` is aligned to `data.len()`, which
     /// is 1, 2 or 4, and `offset + data.len() <= 4096`.
-    fn read_config(&mut self, offset: u16, data: &mut [u8]);
+    fn read_config(&mut self, offset: u16, data: &mut [u8]) {
+        self.config().read(offset, data)
+    }
 
     /// Guest configuration write, with the same guarantees. After it, the
     /// root calls [`bar_regions`](Self::bar_regions) to follow BAR changes.
-    fn write_config(&mut self, offset: u16, data: &[u8]);
+    fn write_config(&mut self, offset: u16, data: &[u8]) {
+        self.config_mut().write(offset, data)
+    }
 
     /// The BARs the device decodes now (guest-programmed address, decoding
-    /// enabled). [`PciConfiguration::decoded_bars`] computes this.
-    fn bar_regions(&self) -> Vec<PciBarRegion>;
+    /// enabled): [`PciConfiguration::decoded_bars`].
+    fn bar_regions(&self) -> Vec<PciBarRegion> {
+        self.config().decoded_bars()
+    }
 
     /// The BARs the device has, `(index, size, kind)`, so that the VMM can
     /// give them addresses before plugging the device in.
     fn declared_bars(&self) -> Vec<(usize, u64, BarKind)> {
-        Vec::new()
+        self.config().declared_bars()
     }
 
     /// Programs BAR `index` with `addr`, as firmware would. The guest may
     /// move it later.
-    fn set_bar_address(&mut self, index: usize, _addr: u64) -> Result<(), PciError> {
-        Err(PciError::BarIndex(index))
+    fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciError> {
+        self.config_mut().set_bar_address(index, addr)
     }
 
     /// BAR `index` was mapped (`old == None`), moved, or unmapped

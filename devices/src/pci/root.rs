@@ -44,14 +44,12 @@ impl Default for HostBridge {
 }
 
 impl PciDevice for HostBridge {
-    fn read_config(&mut self, offset: u16, data: &mut [u8]) {
-        self.config.read(offset, data)
+    fn config(&self) -> &PciConfiguration {
+        &self.config
     }
-    fn write_config(&mut self, offset: u16, data: &[u8]) {
-        self.config.write(offset, data)
-    }
-    fn bar_regions(&self) -> Vec<PciBarRegion> {
-        Vec::new()
+
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
     }
 }
 
@@ -471,23 +469,14 @@ mod tests {
     }
 
     impl PciDevice for TestDev {
-        fn read_config(&mut self, offset: u16, data: &mut [u8]) {
-            self.config.read(offset, data)
+        fn config(&self) -> &PciConfiguration {
+            &self.config
         }
-        fn write_config(&mut self, offset: u16, data: &[u8]) {
-            self.config.write(offset, data)
-        }
-        fn bar_regions(&self) -> Vec<PciBarRegion> {
-            self.config.decoded_bars()
+        fn config_mut(&mut self) -> &mut PciConfiguration {
+            &mut self.config
         }
         fn bar_moved(&mut self, index: usize, old: Option<u64>, new: Option<u64>) {
             self.moves.push((index, old, new));
-        }
-        fn declared_bars(&self) -> Vec<(usize, u64, BarKind)> {
-            self.config.declared_bars()
-        }
-        fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciError> {
-            self.config.set_bar_address(index, addr)
         }
     }
 

@@ -25,22 +25,36 @@
 //! - The device is reset when opened and when dropped (if it supports it).
 //! - [`Passthrough`]: one VM's `/dev/iommu` and IOMMUFD backend, through
 //!   which the VMM opens devices and registers them with the pvIOMMU.
-#![allow(unsafe_code)]
+//!
+//! Where each part lives: `open.rs` opens devices ([`HostIommu`],
+//! [`check_vfio_pci`]); `hw.rs` is what the device needs of VFIO
+//! ([`VfioHw`]: region I/O, interrupts, reset, mmaps as [`HostMapping`]);
+//! `hooks.rs` is what it needs of the VMM ([`VfioHooks`]); `msi.rs` and
+//! `msix.rs` are its interrupts; `passthrough.rs` is [`Passthrough`]. This
+//! file is the device itself: its configuration space and BARs as the
+//! guest sees them.
 
 use std::io;
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
+use std::path::PathBuf;
 use std::sync::Arc;
 
-use iommufd_ioctls::{AttachHwpt, IommuFd, IommufdError};
-use vfio_ioctls::{VfioContainer, VfioDevice, VfioError, VfioIommufd, VfioRegionInfoCap};
+use iommufd_ioctls::{AttachHwpt, IommufdError};
+use vfio_ioctls::{VfioDevice, VfioError};
 use vmm_sys_util::eventfd::EventFd;
 
+mod hooks;
+mod hw;
+mod msi;
 mod msix;
+mod open;
 mod passthrough;
 
+pub use hooks::{BarSlots, MsiRoutes, VfioHooks};
+use hw::bar_region;
+pub use hw::{HostMapping, VfioHw, CONFIG_REGION, ROM_REGION};
+use msi::{Msi, CAP_ID_MSI};
 use msix::{subtract_holes, Msix};
+pub use open::{check_vfio_pci, HostIommu};
 pub use passthrough::{Passthrough, PassthroughError};
 
 use super::bus::BusDevice;
@@ -49,29 +63,14 @@ use super::pci::{
     COMMAND_BUS_MASTER, COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY, NUM_BARS,
 };
 use crate::guest_warn;
+use resources::ErrorChain;
 
-/// VFIO region index of the configuration space (`VFIO_PCI_CONFIG_REGION_INDEX`).
-pub const CONFIG_REGION: u32 = 7;
-/// VFIO region index of the expansion ROM (`VFIO_PCI_ROM_REGION_INDEX`).
-pub const ROM_REGION: u32 = 6;
-
-/// `VFIO_REGION_INFO_FLAG_MMAP`: the region may be mmapped.
-const REGION_FLAG_MMAP: u32 = 1 << 2;
 const PAGE_SIZE: u64 = 4096;
 
-const CAP_ID_MSI: u8 = 0x05;
 const CAP_ID_MSIX: u8 = 0x11;
-const MSI_CTRL_ENABLE: u16 = 1 << 0;
-const MSI_CTRL_64BIT: u16 = 1 << 7;
-const MSI_CTRL_MASKING: u16 = 1 << 8;
 /// Bytes of the BAR registers (six dwords).
 const BARS_LEN: u16 = 24;
 const _: () = assert!(BARS_LEN as usize == 4 * NUM_BARS);
-
-/// The VFIO region index of BAR `index` (`VFIO_PCI_BAR0_REGION_INDEX` + index).
-fn bar_region(index: usize) -> u32 {
-    u32::try_from(index).unwrap_or(u32::MAX)
-}
 
 /// Command register bits the guest controls on the device.
 const COMMAND_PASSTHROUGH: u16 =
@@ -129,220 +128,6 @@ pub enum VfioPciError {
     },
 }
 
-/// What the passthrough device needs from VFIO (a trait so that the
-/// configuration logic can be tested without a device).
-pub trait VfioHw: Send + Sync {
-    /// Size of VFIO region `index` (0 when absent).
-    fn region_size(&self, index: u32) -> u64;
-    /// Reads `buf.len()` bytes at `offset` of region `index`.
-    fn read(&self, index: u32, offset: u64, buf: &mut [u8]) -> io::Result<()>;
-    /// Writes `data` at `offset` of region `index`.
-    fn write(&self, index: u32, offset: u64, data: &[u8]) -> io::Result<()>;
-    /// VFIO_DEVICE_SET_IRQS: MSI vectors signal `fds`.
-    fn enable_msi(&self, fds: &[&EventFd]) -> io::Result<()>;
-    /// VFIO_DEVICE_SET_IRQS: MSI off.
-    fn disable_msi(&self) -> io::Result<()>;
-    /// VFIO_DEVICE_SET_IRQS: MSI-X vectors signal `fds`.
-    fn enable_msix(&self, fds: &[&EventFd]) -> io::Result<()>;
-    /// VFIO_DEVICE_SET_IRQS: MSI-X off.
-    fn disable_msix(&self) -> io::Result<()>;
-    /// VFIO_DEVICE_RESET, if the device supports it.
-    fn reset(&self);
-    /// The parts `(offset, size)` of region `index` that may be mmapped.
-    fn mmap_areas(&self, index: u32) -> Vec<(u64, u64)>;
-    /// Maps `size` bytes at `offset` of region `index` into this process.
-    fn mmap(&self, index: u32, offset: u64, size: u64) -> io::Result<HostMapping>;
-}
-
-/// A shared mapping in this process, unmapped on drop.
-#[derive(Debug)]
-pub struct HostMapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-// SAFETY: the mapping is plain shared memory (device MMIO) owned by this
-// value; it is only accessed through raw pointers by whoever holds them.
-unsafe impl Send for HostMapping {}
-// SAFETY: as for Send: no references into the mapping are handed out.
-unsafe impl Sync for HostMapping {}
-
-impl HostMapping {
-    /// Maps `len` bytes of `fd` at `offset`, shared and read-write.
-    pub fn map_fd(fd: i32, offset: u64, len: u64) -> io::Result<Self> {
-        let len = usize::try_from(len).map_err(io::Error::other)?;
-        let off = libc::off_t::try_from(offset).map_err(io::Error::other)?;
-        // SAFETY: a new mapping chosen by the kernel; the result is checked.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                off,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr =
-            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))?;
-        Ok(Self { ptr, len })
-    }
-
-    /// First byte of the mapping.
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-
-    /// Length in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether the mapping is empty (never: mmap refuses length 0).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl Drop for HostMapping {
-    fn drop(&mut self) {
-        // SAFETY: exactly the mapping made in `map_fd`, owned by `self`.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
-}
-
-fn vfio_io(e: VfioError) -> io::Error {
-    io::Error::other(e)
-}
-
-impl VfioHw for VfioDevice {
-    fn region_size(&self, index: u32) -> u64 {
-        self.get_region_size(index)
-    }
-
-    fn read(&self, index: u32, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        let pos = region_pos(self, index, offset, buf.len())?;
-        // SAFETY: `buf` is valid for `buf.len()` bytes of writes, the fd is
-        // the open VFIO device, and the result is checked.
-        let n = unsafe { libc::pread(self.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), pos) };
-        check_len(n, buf.len())
-    }
-
-    fn write(&self, index: u32, offset: u64, data: &[u8]) -> io::Result<()> {
-        let pos = region_pos(self, index, offset, data.len())?;
-        // SAFETY: `data` is valid for `data.len()` bytes of reads, the fd is
-        // the open VFIO device, and the result is checked.
-        let n = unsafe { libc::pwrite(self.as_raw_fd(), data.as_ptr().cast(), data.len(), pos) };
-        check_len(n, data.len())
-    }
-
-    fn enable_msi(&self, fds: &[&EventFd]) -> io::Result<()> {
-        VfioDevice::enable_msi(self, fds.to_vec()).map_err(vfio_io)
-    }
-
-    fn disable_msi(&self) -> io::Result<()> {
-        VfioDevice::disable_msi(self).map_err(vfio_io)
-    }
-
-    fn enable_msix(&self, fds: &[&EventFd]) -> io::Result<()> {
-        VfioDevice::enable_msix(self, fds.to_vec()).map_err(vfio_io)
-    }
-
-    fn disable_msix(&self) -> io::Result<()> {
-        VfioDevice::disable_msix(self).map_err(vfio_io)
-    }
-
-    fn reset(&self) {
-        VfioDevice::reset(self);
-    }
-
-    fn mmap_areas(&self, index: u32) -> Vec<(u64, u64)> {
-        if self.get_region_flags(index) & REGION_FLAG_MMAP == 0 {
-            return Vec::new();
-        }
-        let sparse = self
-            .get_region_caps(index)
-            .into_iter()
-            .find_map(|c| match c {
-                VfioRegionInfoCap::SparseMmap(s) => Some(s.areas),
-                _ => None,
-            });
-        match sparse {
-            Some(areas) => areas.iter().map(|a| (a.offset, a.size)).collect(),
-            None => vec![(0, self.get_region_size(index))],
-        }
-    }
-
-    fn mmap(&self, index: u32, offset: u64, size: u64) -> io::Result<HostMapping> {
-        let start = self
-            .get_region_offset(index)
-            .checked_add(offset)
-            .ok_or_else(|| io::Error::other("region offset overflows"))?;
-        HostMapping::map_fd(self.as_raw_fd(), start, size)
-    }
-}
-
-/// The file offset of `offset` in region `index`, range-checked.
-fn region_pos(dev: &VfioDevice, index: u32, offset: u64, len: usize) -> io::Result<i64> {
-    let size = dev.get_region_size(index);
-    offset
-        .checked_add(len as u64)
-        .filter(|end| *end <= size)
-        .and_then(|_| dev.get_region_offset(index).checked_add(offset))
-        .and_then(|p| i64::try_from(p).ok())
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "access outside the VFIO region",
-            )
-        })
-}
-
-fn check_len(n: isize, want: usize) -> io::Result<()> {
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if n.unsigned_abs() != want {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "short VFIO region access",
-        ));
-    }
-    Ok(())
-}
-
-/// Where MSI vectors go: the VMM routes each eventfd to the guest's MSI
-/// (KVM_SET_GSI_ROUTING with the address and data, plus KVM_IRQFD).
-pub trait MsiRoutes: Send + Sync {
-    /// Vector `vector` signals `eventfd`; deliver it as the MSI `data` to `address`.
-    fn route(&self, vector: u32, address: u64, data: u32, eventfd: &EventFd) -> io::Result<()>;
-    /// Vector `vector` is off; forget its route.
-    fn unroute(&self, vector: u32, eventfd: &EventFd) -> io::Result<()>;
-}
-
-/// Guest memory slots for BAR areas the guest accesses without exits (the
-/// VMM implements it with KVM_SET_USER_MEMORY_REGION).
-pub trait BarSlots: Send + Sync {
-    /// Maps `size` bytes of this process's memory at `host` at guest-physical
-    /// `gpa`; returns a handle for [`BarSlots::remove`].
-    fn add(&self, gpa: u64, size: u64, host: *mut u8) -> io::Result<u32>;
-    /// Removes a slot that [`BarSlots::add`] returned.
-    fn remove(&self, slot: u32) -> io::Result<()>;
-}
-
-/// How the device reaches the VMM (both optional: without them, MSI is not
-/// delivered and every BAR access is trapped).
-#[derive(Clone, Default)]
-pub struct VfioHooks {
-    /// MSI routes (KVM GSI routing and irqfd).
-    pub msi: Option<Arc<dyn MsiRoutes>>,
-    /// Memory slots for mmapped BAR areas.
-    pub bar_slots: Option<Arc<dyn BarSlots>>,
-}
-
 /// An mmapped part of a BAR, as [`VfioPciDevice::bar_mappings`] lists it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BarMapping {
@@ -366,80 +151,6 @@ struct BarArea {
     slot: Option<u32>,
 }
 
-/// The guest's view of the MSI capability.
-#[derive(Debug, Clone, Copy)]
-struct Msi {
-    offset: u16,
-    control: u16,
-    address: u64,
-    data: u16,
-    mask: u32,
-}
-
-impl Msi {
-    fn is_64(&self) -> bool {
-        self.control & MSI_CTRL_64BIT != 0
-    }
-    fn masking(&self) -> bool {
-        self.control & MSI_CTRL_MASKING != 0
-    }
-    fn data_offset(&self) -> u16 {
-        if self.is_64() {
-            0x0c
-        } else {
-            0x08
-        }
-    }
-    /// Bytes of the capability.
-    fn len(&self) -> u16 {
-        self.data_offset() + if self.masking() { 0x0c } else { 0x04 }
-    }
-    fn enabled(&self) -> bool {
-        self.control & MSI_CTRL_ENABLE != 0
-    }
-    /// Vectors the guest enabled (Multiple Message Enable, capped by Capable).
-    fn vectors(&self) -> u32 {
-        let capable = (self.control >> 1) & 0x7;
-        let enabled = ((self.control >> 4) & 0x7).min(capable);
-        1 << enabled
-    }
-
-    /// The capability as the guest reads it, dword `reg` (absolute offset).
-    fn read_dword(&self, reg: u16, hw_header: u32) -> u32 {
-        let rel = reg - self.offset;
-        let data_off = self.data_offset();
-        match rel {
-            0 => (hw_header & 0xffff) | u32::from(self.control) << 16,
-            4 => (self.address & 0xffff_ffff) as u32,
-            8 if self.is_64() => (self.address >> 32) as u32,
-            r if r == data_off => u32::from(self.data),
-            r if self.masking() && r == data_off + 4 => self.mask,
-            _ => 0, // pending bits, reserved
-        }
-    }
-
-    /// Applies a guest write of the dword at `reg` (already merged).
-    fn write_dword(&mut self, reg: u16, value: u32) {
-        let rel = reg - self.offset;
-        let data_off = self.data_offset();
-        match rel {
-            0 => {
-                // Enable and Multiple Message Enable are writable.
-                let writable = MSI_CTRL_ENABLE | 0x7 << 4;
-                let new = (value >> 16) as u16;
-                self.control = (self.control & !writable) | (new & writable);
-            }
-            4 => self.address = (self.address & !0xffff_ffff) | u64::from(value & !0x3),
-            8 if self.is_64() => {
-                self.address = (self.address & 0xffff_ffff) | u64::from(value) << 32
-            }
-            r if r == data_off => self.data = (value & 0xffff) as u16,
-            r if self.masking() && r == data_off + 4 => self.mask = value,
-            _ => {}
-        }
-    }
-}
-
 /// A host PCI function passed through to the guest with VFIO.
 pub struct VfioPciDevice {
     hw: Arc<dyn VfioHw>,
@@ -461,116 +172,7 @@ pub struct VfioPciDevice {
     bar_areas: Vec<BarArea>,
 }
 
-/// How VFIO devices reach the host IOMMU.
-#[derive(Clone)]
-pub enum HostIommu {
-    /// IOMMUFD (`/dev/iommu`): devices are bound with their cdev.
-    Iommufd(Arc<IommuFd>),
-    /// The legacy VFIO container (`/dev/vfio/vfio`) and groups.
-    Container(Arc<VfioContainer>),
-}
-
-impl HostIommu {
-    /// `/dev/iommu` when the kernel has it, else the legacy container.
-    pub fn open() -> Result<Self, VfioPciError> {
-        match IommuFd::new() {
-            Ok(fd) => Ok(HostIommu::Iommufd(Arc::new(fd))),
-            Err(IommufdError::OpenIommufd(e)) if e.kind() == io::ErrorKind::NotFound => {
-                VfioContainer::new(None)
-                    .map(|c| HostIommu::Container(Arc::new(c)))
-                    .map_err(VfioPciError::NoHostIommu)
-            }
-            Err(e) => Err(VfioPciError::OpenIommufd(e)),
-        }
-    }
-}
-
-/// Refuses a sysfs path whose device is not bound to vfio-pci.
-pub fn check_vfio_pci(sysfs: &Path) -> Result<(), VfioPciError> {
-    let driver = std::fs::read_link(sysfs.join("driver"))
-        .ok()
-        .and_then(|l| l.file_name().map(|n| n.to_string_lossy().into_owned()));
-    if driver.as_deref() == Some("vfio-pci") {
-        return Ok(());
-    }
-    Err(VfioPciError::NotVfioDevice {
-        path: sysfs.to_path_buf(),
-        driver: driver.unwrap_or_else(|| "none".into()),
-    })
-}
-
 impl VfioPciDevice {
-    /// Opens the PCI function at `sysfs` through `host`: [`Self::open`] or
-    /// [`Self::open_legacy`].
-    pub fn open_with(
-        sysfs: &Path,
-        host: &HostIommu,
-        hooks: VfioHooks,
-    ) -> Result<Self, VfioPciError> {
-        match host {
-            HostIommu::Iommufd(fd) => Self::open(sysfs, Arc::clone(fd), hooks),
-            HostIommu::Container(c) => Self::open_legacy(sysfs, Arc::clone(c), hooks),
-        }
-    }
-
-    /// Opens the VFIO cdev of the PCI function at `sysfs` (bound to
-    /// vfio-pci) and binds it to `iommufd`, not attached to any page table
-    /// yet: the IOMMUFD backend attaches it (see [`Self::attach_handle`]).
-    pub fn open(
-        sysfs: &Path,
-        iommufd: Arc<IommuFd>,
-        hooks: VfioHooks,
-    ) -> Result<Self, VfioPciError> {
-        check_vfio_pci(sysfs)?;
-        let err = |source| VfioPciError::Vfio {
-            path: sysfs.to_path_buf(),
-            source,
-        };
-        let vfio = Arc::new(VfioIommufd::new(iommufd, None, None).map_err(err)?);
-        let device =
-            VfioDevice::new(sysfs, Arc::clone(&vfio) as _, false).map_err(|e| match e {
-                // VFIO_DEVICE_BIND_IOMMUFD answers EINVAL when the device is
-                // already open and bound through another file (device_cdev.c).
-                VfioError::VfioDeviceBindIommufd(ref s) if s.errno() == libc::EINVAL => {
-                    VfioPciError::AlreadyBound {
-                        path: sysfs.to_path_buf(),
-                        source: e,
-                    }
-                }
-                e => err(e),
-            })?;
-        let dev_id = device.iommufd_dev_id();
-        let device = Arc::new(device);
-        let mut dev = Self::from_hw(Arc::clone(&device) as Arc<dyn VfioHw>, hooks)?;
-        dev.device = Some(device);
-        dev._owner = Some(vfio);
-        dev.dev_id = dev_id;
-        Ok(dev)
-    }
-
-    /// Opens the PCI function at `sysfs` through the legacy VFIO group and
-    /// `container` (for hosts without `/dev/iommu`). The VMM maps guest RAM
-    /// with `container.vfio_dma_map` (direct attach only).
-    pub fn open_legacy(
-        sysfs: &Path,
-        container: Arc<VfioContainer>,
-        hooks: VfioHooks,
-    ) -> Result<Self, VfioPciError> {
-        check_vfio_pci(sysfs)?;
-        let device =
-            VfioDevice::new(sysfs, Arc::clone(&container) as _, false).map_err(|source| {
-                VfioPciError::Vfio {
-                    path: sysfs.to_path_buf(),
-                    source,
-                }
-            })?;
-        let device = Arc::new(device);
-        let mut dev = Self::from_hw(Arc::clone(&device) as Arc<dyn VfioHw>, hooks)?;
-        dev.device = Some(device);
-        dev._owner = Some(container);
-        Ok(dev)
-    }
-
     /// A device on `hw`: resets it, builds the guest's configuration space
     /// from the device's and, with `hooks.bar_slots`, mmaps what it can of
     /// the memory BARs.
@@ -622,16 +224,7 @@ impl VfioPciDevice {
             let o = usize::from(ptr);
             let (id, next) = (raw[o], raw[o + 1] & !0x3);
             match id {
-                CAP_ID_MSI => {
-                    let control = u16_at(o + 2);
-                    msi = Some(Msi {
-                        offset: u16::from(ptr),
-                        control: control & !(MSI_CTRL_ENABLE | 0x7 << 4),
-                        address: 0,
-                        data: 0,
-                        mask: 0,
-                    });
-                }
+                CAP_ID_MSI => msi = Some(Msi::new(u16::from(ptr), u16_at(o + 2))),
                 CAP_ID_MSIX => msix = Msix::parse(u16::from(ptr), &raw),
                 _ => {}
             }
@@ -739,112 +332,6 @@ impl VfioPciDevice {
         }
     }
 
-    /// Routes (or unroutes) MSI-X vector `v` as the guest's table says.
-    fn sync_msix_vector(&mut self, v: usize) {
-        let (Some(m), Some(routes)) = (&self.msix, &self.routes) else {
-            return;
-        };
-        let (Some(fd), Some(routed)) = (self.msix_fds.get(v), self.msix_routed.get_mut(v)) else {
-            return;
-        };
-        let vector = u32::try_from(v).unwrap_or(u32::MAX);
-        match m.route_of(v) {
-            Some((address, data)) => match routes.route(vector, address, data, fd) {
-                Ok(()) => *routed = true,
-                Err(e) => guest_warn!("VFIO: cannot route MSI-X vector {v}: {e}"),
-            },
-            None if *routed => {
-                let _ = routes.unroute(vector, fd);
-                *routed = false;
-            }
-            None => {}
-        }
-    }
-
-    /// Applies the guest's MSI-X control word: vectors on eventfds while
-    /// enabled, each routed as its table entry says.
-    fn update_msix(&mut self) {
-        let Some(enabled) = self.msix.as_ref().map(Msix::enabled) else {
-            return;
-        };
-        if !enabled {
-            self.disable_msix();
-            return;
-        }
-        if self.msix_fds.is_empty() {
-            let n = self.msix.as_ref().map_or(0, Msix::vectors);
-            let fds: Vec<EventFd> = (0..n)
-                .filter_map(|_| EventFd::new(libc::EFD_NONBLOCK).ok())
-                .collect();
-            let refs: Vec<&EventFd> = fds.iter().collect();
-            if fds.len() != n || self.hw.enable_msix(&refs).is_err() {
-                guest_warn!("VFIO: cannot enable MSI-X");
-                return;
-            }
-            self.msix_routed = vec![false; n];
-            self.msix_fds = fds;
-        }
-        for v in 0..self.msix_fds.len() {
-            self.sync_msix_vector(v);
-        }
-    }
-
-    fn disable_msix(&mut self) {
-        if self.msix_fds.is_empty() {
-            return;
-        }
-        if let Some(routes) = &self.routes {
-            for ((v, fd), routed) in (0..).zip(&self.msix_fds).zip(&self.msix_routed) {
-                if *routed {
-                    let _ = routes.unroute(v, fd);
-                }
-            }
-        }
-        let _ = self.hw.disable_msix();
-        self.msix_fds.clear();
-        self.msix_routed.clear();
-    }
-
-    /// Programs MSI as the guest's capability says: vectors on eventfds,
-    /// routed to the guest's address and data.
-    fn update_msi(&mut self, was_enabled: bool) {
-        let Some(msi) = self.msi else { return };
-        if was_enabled {
-            if let Some(routes) = &self.routes {
-                for (v, fd) in (0..).zip(&self.msi_fds) {
-                    let _ = routes.unroute(v, fd);
-                }
-            }
-            if !msi.enabled() {
-                let _ = self.hw.disable_msi();
-                self.msi_fds.clear();
-                return;
-            }
-        }
-        if !msi.enabled() {
-            return;
-        }
-        if self.msi_fds.len() != msi.vectors() as usize {
-            self.msi_fds = (0..msi.vectors())
-                .filter_map(|_| EventFd::new(libc::EFD_NONBLOCK).ok())
-                .collect();
-            let fds: Vec<&EventFd> = self.msi_fds.iter().collect();
-            if self.hw.enable_msi(&fds).is_err() {
-                guest_warn!("VFIO: cannot enable MSI");
-                return;
-            }
-        }
-        if let Some(routes) = &self.routes {
-            for (v, fd) in (0..).zip(&self.msi_fds) {
-                // Multiple messages: the vector number goes in the low data bits.
-                let data = u32::from(msi.data) | v;
-                if let Err(e) = routes.route(v, msi.address, data, fd) {
-                    guest_warn!("VFIO: cannot route MSI vector {v}: {e}");
-                }
-            }
-        }
-    }
-
     /// The BAR decoded at `base`, if any.
     fn bar_at(&self, base: u64) -> Option<PciBarRegion> {
         self.config
@@ -855,6 +342,16 @@ impl VfioPciDevice {
 }
 
 impl PciDevice for VfioPciDevice {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
+    }
+
+    /// The device's own configuration space, but for what is emulated (see
+    /// the module's documentation).
     fn read_config(&mut self, offset: u16, data: &mut [u8]) {
         let reg = offset & !3;
         let v = self.read_dword(reg).to_le_bytes();
@@ -914,18 +411,6 @@ impl PciDevice for VfioPciDevice {
         let _ = self.hw.write(CONFIG_REGION, u64::from(offset), data);
     }
 
-    fn bar_regions(&self) -> Vec<PciBarRegion> {
-        self.config.decoded_bars()
-    }
-
-    fn declared_bars(&self) -> Vec<(usize, u64, BarKind)> {
-        self.config.declared_bars()
-    }
-
-    fn set_bar_address(&mut self, index: usize, addr: u64) -> Result<(), PciError> {
-        self.config.set_bar_address(index, addr)
-    }
-
     fn bar_moved(&mut self, index: usize, _old: Option<u64>, new: Option<u64>) {
         let Some(slots) = self.bar_slots.clone() else {
             return;
@@ -936,7 +421,10 @@ impl PciDevice for VfioPciDevice {
                     // The slot still points at the mapping: keep both (the
                     // guest keeps reaching the BAR where it was) rather than
                     // add a second slot or ever unmap what KVM maps.
-                    guest_warn!("VFIO: cannot remove the slot of BAR {index}: {e}");
+                    guest_warn!(
+                        "VFIO: cannot remove the slot of BAR {index}: {}",
+                        ErrorChain(&e)
+                    );
                     continue;
                 }
                 area.slot = None;
@@ -944,10 +432,20 @@ impl PciDevice for VfioPciDevice {
             let Some(gpa) = new.and_then(|base| base.checked_add(area.offset)) else {
                 continue;
             };
-            match slots.add(gpa, area.map.len() as u64, area.map.as_ptr()) {
+            // SAFETY: `area.map` is this device's mapping of the BAR area,
+            // accessed only through raw pointers; it is unmapped only in
+            // `drop`, after its slot is removed (a mapping whose slot KVM
+            // keeps is leaked, never unmapped), and this loop removes an
+            // area's slot before it adds another.
+            #[allow(unsafe_code)]
+            let added = unsafe { slots.add(gpa, area.map.len() as u64, area.map.as_ptr()) };
+            match added {
                 Ok(slot) => area.slot = Some(slot),
                 // Still correct, only slower: accesses trap to BusDevice.
-                Err(e) => guest_warn!("VFIO: BAR {index} at {gpa:#x} stays trapped: {e}"),
+                Err(e) => guest_warn!(
+                    "VFIO: BAR {index} at {gpa:#x} stays trapped: {}",
+                    ErrorChain(&e)
+                ),
             }
         }
     }
@@ -984,7 +482,6 @@ impl BusDevice for VfioPciDevice {
         let _ = self.hw.write(bar_region(bar.index), offset, data);
     }
 }
-
 impl Drop for VfioPciDevice {
     fn drop(&mut self) {
         // Guest slots go before the mappings they point to. A mapping whose
@@ -997,28 +494,23 @@ impl Drop for VfioPciDevice {
             };
             if let Err(e) = removed {
                 log::error!(
-                    "VFIO: KVM kept the slot of BAR {} ({e}): leaking its host mapping",
-                    area.index
+                    "VFIO: KVM kept the slot of BAR {} ({}): leaking its host mapping",
+                    area.index,
+                    ErrorChain(&e)
                 );
                 std::mem::forget(area);
             }
         }
-        if self.msi.is_some_and(|m| m.enabled()) {
-            if let Some(routes) = &self.routes {
-                for (v, fd) in (0..).zip(&self.msi_fds) {
-                    let _ = routes.unroute(v, fd);
-                }
-            }
-            let _ = self.hw.disable_msi();
-        }
-        self.disable_msix();
+        self.release_interrupts();
         self.hw.reset();
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::msi::{MSI_CTRL_64BIT, MSI_CTRL_ENABLE};
     use super::*;
+    use std::ptr::NonNull;
     use std::sync::Mutex;
 
     /// A fake VFIO device: an edu-like config space (BAR0 1 MiB MMIO32, a
@@ -1124,6 +616,7 @@ mod tests {
                 _ => Vec::new(),
             }
         }
+        #[allow(unsafe_code)]
         fn mmap(&self, _index: u32, _offset: u64, size: u64) -> io::Result<HostMapping> {
             let len = usize::try_from(size).map_err(io::Error::other)?;
             // SAFETY: a new anonymous mapping; the result is checked.
@@ -1155,7 +648,8 @@ mod tests {
     }
 
     impl BarSlots for FakeSlots {
-        fn add(&self, gpa: u64, size: u64, _host: *mut u8) -> io::Result<u32> {
+        #[allow(unsafe_code)]
+        unsafe fn add(&self, gpa: u64, size: u64, _host: *mut u8) -> io::Result<u32> {
             if gpa >= 1 << 32 {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
@@ -1174,6 +668,7 @@ mod tests {
     }
 
     /// Whether `[ptr, ptr + len)` is mapped in this process.
+    #[allow(unsafe_code)]
     fn mapped(ptr: *mut u8, len: u64) -> bool {
         let len = usize::try_from(len).expect("a small mapping");
         // SAFETY: msync only inspects the range; ENOMEM says unmapped.
@@ -1483,20 +978,5 @@ mod tests {
         d.read_config(0x3, &mut b4); // misaligned: the bus never sends it
         assert_eq!(b4, [0xff; 4]);
         d.write_config(0x3, &[0xff; 4]);
-    }
-
-    #[test]
-    fn a_sysfs_path_not_bound_to_vfio_pci_is_refused() {
-        let dir = std::env::temp_dir().join(format!("vfio-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("mkdir");
-        let err = check_vfio_pci(&dir).expect_err("no driver");
-        assert_eq!(
-            err.to_string(),
-            format!(
-                "{} is not a VFIO device (driver: none): bind it to vfio-pci first",
-                dir.display()
-            )
-        );
-        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 }

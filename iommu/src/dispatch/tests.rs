@@ -1490,7 +1490,7 @@ fn s1_domain_end_to_end_with_stale_translation() {
     let stats = g.iommu.stats();
     assert_eq!(stats.faults.total, 3);
     assert_eq!(
-        stats.faults.last.map(|f| f.reason),
+        stats.faults.last().map(|f| f.reason),
         Some(FaultReason::Blocked)
     );
     assert_eq!(stats.domains[2].faults, 3);

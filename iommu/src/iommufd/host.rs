@@ -1,8 +1,6 @@
 //! [`IommufdBackend`]: the guest's domains mirrored into IOMMUFD objects.
-#![allow(unsafe_code)]
 
 use std::collections::{BTreeMap, HashMap};
-use std::io;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use iommufd_bindings::iommufd::{
@@ -10,6 +8,7 @@ use iommufd_bindings::iommufd::{
     iommufd_hwpt_alloc_flags_IOMMU_HWPT_ALLOC_NEST_PARENT as HWPT_ALLOC_NEST_PARENT,
 };
 use iommufd_ioctls::AttachHwpt;
+use resources::ErrorChain;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use super::ioctl::{self, HwptData, InvalidateEntries, IommufdOps, IovaRange};
@@ -18,8 +17,8 @@ use super::uapi::{
     MOCK_NESTED_DOMAIN_IOTLB_NUM,
 };
 use super::{
-    AttachTarget, Backend, BackendError, DeviceId, DomainId, DomainKind, Invalidation, MapRun,
-    PagingLevels, Perms, S1Config, S1Mode,
+    AttachTarget, Backend, BackendError, DeviceId, DomainId, DomainKind, InvalidRequest,
+    Invalidation, MapRun, PagingLevels, Perms, S1Config, S1Mode,
 };
 
 const PAGE_SHIFT: u32 = 12;
@@ -243,12 +242,8 @@ fn host_err(e: ioctl::Error) -> BackendError {
     match e.errno() {
         Some(libc::ENOMEM) | Some(libc::ENOSPC) => BackendError::NoResources,
         Some(libc::EOPNOTSUPP) => BackendError::Unsupported,
-        _ => BackendError::Host(io::Error::other(e)),
+        _ => BackendError::Iommufd(e),
     }
-}
-
-fn invalid(msg: &str) -> BackendError {
-    BackendError::Host(io::Error::new(io::ErrorKind::InvalidInput, msg.to_string()))
 }
 
 impl IommufdBackend {
@@ -285,6 +280,7 @@ impl IommufdBackend {
     /// Mirrors every region of the VM's RAM into the direct-attach IOAS
     /// (IOVA = GPA) and keeps `memory` alive as long as the backend. On an
     /// error, the regions added by this call are removed again.
+    #[allow(unsafe_code)]
     pub fn add_guest_memory(&self, memory: Arc<GuestMemoryMmap>) -> Result<(), BackendError> {
         let mut added = Vec::new();
         for region in memory.iter() {
@@ -356,7 +352,7 @@ impl IommufdBackend {
     ) -> Result<(), BackendError> {
         let mut inner = self.lock();
         if inner.devices.contains_key(&device) {
-            return Err(invalid("device already handed to the IOMMUFD backend"));
+            return Err(InvalidRequest::DeviceExists(device.into_bits()).into());
         }
         inner.devices.insert(
             device,
@@ -377,6 +373,7 @@ impl IommufdBackend {
     /// `[host, host + len)` must be this process's mapping of the region and
     /// stay mapped until [`Self::remove_ram_region`] or the backend's drop,
     /// and it must only be accessed through raw pointers (guest memory is).
+    #[allow(unsafe_code)]
     pub unsafe fn add_ram_region(
         &self,
         gpa: u64,
@@ -385,24 +382,22 @@ impl IommufdBackend {
     ) -> Result<(), BackendError> {
         let page = (1u64 << PAGE_SHIFT) - 1;
         let Some(last) = gpa.checked_add(len).and_then(|end| end.checked_sub(1)) else {
-            return Err(invalid("guest RAM region wraps around"));
+            return Err(InvalidRequest::BadRegion { gpa, len }.into());
         };
         if len == 0 || gpa & page != 0 || len & page != 0 || host as u64 & page != 0 {
-            return Err(invalid("guest RAM region not page-aligned"));
+            return Err(InvalidRequest::BadRegion { gpa, len }.into());
         }
         let mut inner = self.lock();
         let overlaps = |r: &Region| gpa <= r.gpa + (r.len - 1) && r.gpa <= last;
         if inner.regions.values().any(overlaps) {
-            return Err(invalid("guest RAM region overlaps another"));
+            return Err(InvalidRequest::RegionOverlaps { gpa, len }.into());
         }
         let allowed = match &inner.allowed {
             Some(ranges) => ranges.iter().any(|r| r.contains(gpa, len)),
             None => last < MSI_WINDOW.start || gpa > MSI_WINDOW.last,
         };
         if !allowed {
-            return Err(invalid(
-                "guest RAM region overlaps a reserved IOVA range (MSI window)",
-            ));
+            return Err(BackendError::ReservedOverlap);
         }
         let direct = inner.direct;
         // SAFETY: the caller guarantees the mapping's lifetime and use.
@@ -430,7 +425,7 @@ impl IommufdBackend {
             .regions
             .get(&gpa)
             .copied()
-            .ok_or_else(|| invalid("no guest RAM region starts there"))?;
+            .ok_or(InvalidRequest::NoRegion(gpa))?;
         let mut first_err = None;
         let inside = |r: &MapRun| r.gpa >= region.gpa && r.gpa + r.len <= region.gpa + region.len;
         let mut unmaps = 0;
@@ -444,9 +439,11 @@ impl IommufdBackend {
                         Ok(n) if n == run.len => {
                             runs.remove(&run.iova);
                         }
-                        Ok(_) => {
-                            first_err
-                                .get_or_insert(invalid("IOAS_UNMAP removed a different length"));
+                        Ok(removed) => {
+                            first_err.get_or_insert(BackendError::ShortUnmap {
+                                len: run.len,
+                                removed,
+                            });
                             failed_domains.push(*id);
                         }
                         Err(e) => {
@@ -467,7 +464,10 @@ impl IommufdBackend {
             result => {
                 first_err.get_or_insert(match result {
                     Err(e) => host_err(e),
-                    Ok(_) => invalid("IOAS_UNMAP removed a different length"),
+                    Ok(removed) => BackendError::ShortUnmap {
+                        len: region.len,
+                        removed,
+                    },
                 });
                 self.fail_direct(&mut inner);
             }
@@ -484,12 +484,14 @@ impl IommufdBackend {
             .next_back()
             .map(|(_, r)| *r)
             .filter(|r| gpa - r.gpa <= r.len && len <= r.len - (gpa - r.gpa))
-            .ok_or_else(|| invalid("run outside the guest RAM known to the IOMMUFD backend"))?;
+            .ok_or(InvalidRequest::RunOutsideRam { gpa, len })?;
+        // A region's host range lies in this address space (add_ram_region
+        // took it from a live mapping), so this does not fail for a run in it.
         usize::try_from(gpa - region.gpa)
             .ok()
             .and_then(|off| region.host.checked_add(off))
             .map(|addr| addr as *mut u8)
-            .ok_or_else(|| invalid("guest RAM region beyond this address space"))
+            .ok_or_else(|| InvalidRequest::RunOutsideRam { gpa, len }.into())
     }
 
     /// The page table a device attached to `target` uses, allocating the
@@ -580,9 +582,7 @@ impl IommufdBackend {
                 if let Some(d) = inner.devices.get_mut(&device) {
                     d.target = Some(AttachTarget::Blocked);
                 }
-                return Err(invalid(
-                    "guest RAM overlaps an IOVA range the device reserves",
-                ));
+                return Err(BackendError::ReservedOverlap);
             }
         }
         Ok(())
@@ -692,7 +692,10 @@ impl IommufdBackend {
                     }
                 }
             }
-            Err(e) => log::error!("IOMMUFD backend: cannot empty IOAS {ioas}: {e}"),
+            Err(e) => log::error!(
+                "IOMMUFD backend: cannot empty IOAS {ioas}: {}",
+                ErrorChain(&e)
+            ),
         }
     }
 
@@ -718,7 +721,10 @@ impl IommufdBackend {
         match self.ops.destroy(id) {
             Ok(()) => Ok(()),
             Err(e) => {
-                log::error!("IOMMUFD backend: cannot destroy object {id}: {e}");
+                log::error!(
+                    "IOMMUFD backend: cannot destroy object {id}: {}",
+                    ErrorChain(&e)
+                );
                 if is_ioas {
                     self.empty_ioas(inner, id);
                 }
@@ -791,7 +797,7 @@ impl Backend for IommufdBackend {
     fn create_domain(&self, domain: DomainId, kind: DomainKind) -> Result<(), BackendError> {
         let mut inner = self.lock();
         if inner.domains.contains_key(&domain) {
-            return Err(invalid("domain already instantiated"));
+            return Err(InvalidRequest::DomainExists(domain).into());
         }
         let dom = match kind {
             DomainKind::S2 => Domain::S2 {
@@ -848,6 +854,7 @@ impl Backend for IommufdBackend {
         Ok(())
     }
 
+    #[allow(unsafe_code)]
     fn map(&self, domain: DomainId, run: MapRun) -> Result<(), BackendError> {
         let mut inner = self.lock();
         let host = Self::host_addr(&inner, run.gpa, run.len)?;
@@ -855,7 +862,7 @@ impl Backend for IommufdBackend {
             return Err(BackendError::UnknownDomain(domain));
         };
         if runs.contains_key(&run.iova) {
-            return Err(invalid("run already mapped"));
+            return Err(InvalidRequest::RunMapped(run.iova).into());
         }
         // SAFETY: `host` lies in a region registered with add_ram_region,
         // whose caller guaranteed the mapping outlives its use here.
@@ -876,7 +883,7 @@ impl Backend for IommufdBackend {
             Some(r) if *r == run => {}
             // Its RAM region was removed, and the run with it.
             None if !in_ram => return Ok(()),
-            _ => return Err(invalid("unmap of a run that is not mapped as given")),
+            _ => return Err(InvalidRequest::RunNotMapped(run.iova).into()),
         }
         let ioas = *ioas;
         inner.stats.unmaps += 1;
@@ -892,7 +899,10 @@ impl Backend for IommufdBackend {
                 self.fail_domain(&mut inner, domain);
                 Err(match result {
                     Err(e) => host_err(e),
-                    Ok(_) => invalid("IOAS_UNMAP removed a different length"),
+                    Ok(removed) => BackendError::ShortUnmap {
+                        len: run.len,
+                        removed,
+                    },
                 })
             }
         }
@@ -986,7 +996,7 @@ impl Backend for IommufdBackend {
         inner.stats.full_flush_fallbacks += 1;
         match self.ops.hwpt_invalidate(hwpt, all.as_entries()) {
             Ok(1) => Ok(()),
-            Ok(_) => Err(invalid("full flush not handled")),
+            Ok(_) => Err(BackendError::FlushIgnored),
             Err(e) => Err(host_err(e)),
         }
     }
@@ -1015,7 +1025,10 @@ impl Drop for IommufdBackend {
         ids.extend([inner.blocked, inner.direct]);
         for id in ids {
             if let Err(e) = self.ops.destroy(id) {
-                log::warn!("IOMMUFD backend: cannot destroy object {id}: {e}");
+                log::warn!(
+                    "IOMMUFD backend: cannot destroy object {id}: {}",
+                    ErrorChain(&e)
+                );
             }
         }
     }
@@ -1024,6 +1037,7 @@ impl Drop for IommufdBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
     use std::sync::atomic::{AtomicU32, Ordering};
     use vmm_sys_util::errno;
 
@@ -1116,6 +1130,7 @@ mod tests {
             self.push(Call::IoasAlloc(id));
             Ok(id)
         }
+        #[allow(unsafe_code)]
         unsafe fn ioas_map(
             &self,
             ioas: u32,
@@ -1290,6 +1305,7 @@ mod tests {
 
     /// A backend (direct IOAS 1, blocked IOAS 2) with 1 MiB of RAM at GPA 0
     /// and one device (dev_id 77) added.
+    #[allow(unsafe_code)]
     fn setup(format: NestFormat) -> (IommufdBackend, Arc<FakeOps>, Arc<FakeDevice>, Vec<u8>) {
         let ops = FakeOps::new();
         let b = IommufdBackend::new(ops.clone(), format).expect("backend");
@@ -1335,24 +1351,45 @@ mod tests {
     }
 
     #[test]
+    #[allow(unsafe_code)]
     fn bad_regions_are_refused() {
         let (b, ops, _dev, mut ram) = setup(NestFormat::VtdS1);
         ops.take();
-        let host = ram.as_mut_ptr();
+        // Page-aligned, so that only what each case tests is wrong.
+        let off = ram.as_ptr().align_offset(0x1000);
+        let host = ram[off..].as_mut_ptr();
         let add = |gpa, len| {
             // SAFETY: every call here is refused before the backend keeps
             // `host`, and the fake host never touches memory anyway.
             unsafe { b.add_ram_region(gpa, len, host) }
         };
         let err = add(0x8_0000, 0x1000).expect_err("overlap");
-        assert!(err.to_string().contains("Host"), "{err}");
-        assert!(add(0xfee0_0000, 0x1000).is_err(), "MSI window");
-        assert!(add(0x20_0800, 0x1000).is_err(), "misaligned");
-        assert!(add(u64::MAX - 0xfff, 0x2000).is_err(), "wraps");
-        assert!(add(0x20_0000, 0).is_err(), "empty");
+        assert!(
+            matches!(
+                err,
+                BackendError::Invalid(InvalidRequest::RegionOverlaps { .. })
+            ),
+            "{err}"
+        );
+        assert!(
+            matches!(add(0xfee0_0000, 0x1000), Err(BackendError::ReservedOverlap)),
+            "MSI window"
+        );
+        let bad = |r: Result<(), BackendError>| {
+            matches!(
+                r,
+                Err(BackendError::Invalid(InvalidRequest::BadRegion { .. }))
+            )
+        };
+        assert!(bad(add(0x20_0800, 0x1000)), "misaligned");
+        assert!(bad(add(u64::MAX - 0xfff, 0x2000)), "wraps");
+        assert!(bad(add(0x20_0000, 0)), "empty");
         assert!(ops.take().is_empty());
         assert!(
-            b.remove_ram_region(0x1000).is_err(),
+            matches!(
+                b.remove_ram_region(0x1000),
+                Err(BackendError::Invalid(InvalidRequest::NoRegion(0x1000)))
+            ),
             "no region starts there"
         );
     }
@@ -1675,7 +1712,7 @@ mod tests {
             .expect("no device yet: nothing to allocate");
         assert!(matches!(
             b.attach(DEV, AttachTarget::Domain(6)),
-            Err(BackendError::Unsupported) | Err(BackendError::Host(_))
+            Err(BackendError::Unsupported) | Err(BackendError::Iommufd(_))
         ));
         assert_eq!(
             *dev.pts.lock().expect("lock"),

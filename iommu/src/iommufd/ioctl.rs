@@ -74,6 +74,15 @@ pub enum Error {
         #[source]
         source: errno::Error,
     },
+    /// `iommufd-ioctls` failed in a way that carries no errno.
+    #[error("{op} failed")]
+    Crate {
+        /// The call.
+        op: &'static str,
+        /// What the crate said.
+        #[source]
+        source: IommufdError,
+    },
     /// A length or count does not fit the ioctl's fields.
     #[error("{0:#x} does not fit the ioctl")]
     TooLarge(u64),
@@ -89,18 +98,17 @@ impl Error {
     }
 
     fn from_crate(op: &'static str, e: IommufdError) -> Self {
-        let source = match e {
-            IommufdError::IommuDestroy(s)
-            | IommufdError::IommuIoasAlloc(s)
-            | IommufdError::IommuIoasMap(s)
-            | IommufdError::IommuIoasUnmap(s)
-            | IommufdError::IommuHwptAlloc(s)
-            | IommufdError::IommuGetHwInfo(s)
-            | IommufdError::IommuHwptInvalidate(s) => s,
+        match e {
+            IommufdError::IommuDestroy(source)
+            | IommufdError::IommuIoasAlloc(source)
+            | IommufdError::IommuIoasMap(source)
+            | IommufdError::IommuIoasUnmap(source)
+            | IommufdError::IommuHwptAlloc(source)
+            | IommufdError::IommuGetHwInfo(source)
+            | IommufdError::IommuHwptInvalidate(source) => Error::Ioctl { op, source },
             // The calls made here produce only the variants above.
-            _ => errno::Error::new(libc::EIO),
-        };
-        Error::Ioctl { op, source }
+            source => Error::Crate { op, source },
+        }
     }
 }
 

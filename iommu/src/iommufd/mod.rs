@@ -6,9 +6,8 @@
 //! - [`uapi`]: the ioctls and structures `iommufd-ioctls` does not wrap
 //!   (IOAS_IOVA_RANGES, the selftest mock's IOMMU_TEST_CMD), with layout tests.
 //!
-//! This module names the rest of the crate only through `super::`, so that
-//! it can also be compiled by path into a test binary (the host-kernel
-//! harness does, see integration-tests/host-kernel).
+//! The host-kernel harness (integration-tests/host-kernel) runs this module
+//! against a real kernel's IOMMUFD through the `iommu` crate.
 
 mod host;
 pub mod ioctl;
@@ -19,7 +18,7 @@ pub use ioctl::{Iommufd, IommufdOps, IovaRange, DEV_IOMMU};
 pub use iommufd_ioctls::AttachHwpt;
 
 use super::backend::{
-    AttachTarget, Backend, BackendError, DomainId, DomainKind, Invalidation, MapRun, PagingLevels,
-    Perms, S1Config, S1Mode,
+    AttachTarget, Backend, BackendError, DomainId, DomainKind, InvalidRequest, Invalidation,
+    MapRun, PagingLevels, Perms, S1Config, S1Mode,
 };
 use super::DeviceId;

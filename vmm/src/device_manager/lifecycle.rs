@@ -18,6 +18,7 @@ use api::{
 use devices::pci::PciAddress;
 use devices::vfio::{Passthrough, PassthroughError, VfioPciError};
 use iommu::BackendId;
+use resources::ErrorChain;
 
 use super::DeviceManager;
 use crate::error::Error;
@@ -373,12 +374,12 @@ impl DeviceManager {
         let slot = p.addr.device;
         devices::lock::mutex(&self.hotplug).cancel_eject(slot);
         if let Err(e) = self.iommu.unregister_device(p.iommu_id) {
-            log::error!("{id}: unregistering from the pvIOMMU: {e}");
+            log::error!("{id}: unregistering from the pvIOMMU: {}", ErrorChain(&e));
         }
         // The PCI root held the last reference: a VFIO device is reset and
         // closed when the returned one drops.
         if let Err(e) = self.remove_pci_device(slot) {
-            log::error!("{id}: unplugging slot {slot}: {e}");
+            log::error!("{id}: unplugging slot {slot}: {}", ErrorChain(&e));
         }
         log::info!("{id} removed from slot {slot}");
         Ok(())

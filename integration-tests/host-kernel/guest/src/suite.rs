@@ -31,6 +31,7 @@ use crate::vfio::{self, BoundDevice};
 use devices::pci::COMMAND_MEMORY;
 use devices::vfio::{BarSlots, HostIommu, MsiRoutes, VfioHooks, VfioPciDevice, VfioPciError};
 use iommu::iommufd::{AttachHwpt, IommufdBackend, NestFormat};
+use resources::ErrorChain;
 
 /// Why a test failed: the message chain of an error, or a failed check.
 #[derive(Debug)]
@@ -44,20 +45,8 @@ impl fmt::Display for Failure {
 
 impl<E: std::error::Error> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure(chain(&e))
+        Failure(ErrorChain(&e).to_string())
     }
-}
-
-/// `error: cause: cause...`
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 pub type TestResult = Result<(), Failure>;
@@ -421,7 +410,7 @@ fn ioas_unmap_cannot_split(env: &Env) -> TestResult {
 
 /// Adds what was being done to an error.
 fn ctx<E: std::error::Error>(what: &'static str) -> impl Fn(E) -> Failure {
-    move |e| Failure(format!("{what}: {}", chain(&e)))
+    move |e| Failure(format!("{what}: {}", ErrorChain(&e)))
 }
 
 /// Checks that every id in `ids` is gone: IOMMU_DESTROY answers ENOENT.
@@ -430,7 +419,7 @@ fn all_destroyed(fd: &Iommufd, ids: &[(&str, u32)]) -> TestResult {
         match fd.destroy(id) {
             Err(e) if e.errno() == Some(libc::ENOENT) => {}
             Ok(()) => return Err(Failure(format!("{what} {id} still existed"))),
-            Err(e) => return Err(Failure(format!("{what} {id}: {}", chain(&e)))),
+            Err(e) => return Err(Failure(format!("{what} {id}: {}", ErrorChain(&e)))),
         }
     }
     Ok(())
@@ -511,7 +500,7 @@ fn check_iotlb(
         fd.test_cmd(&mut cmd).map_err(|e| {
             Failure(format!(
                 "mock IOTLB entry {id} is not {value:#x}: {}",
-                chain(&e)
+                ErrorChain(&e)
             ))
         })?;
     }
@@ -616,7 +605,7 @@ fn bad_not_vfio_device(env: &Env) -> TestResult {
             diag(format!("error: {e}"));
             Ok(())
         }
-        Err(e) => Err(Failure(format!("wrong error: {}", chain(&e)))),
+        Err(e) => Err(Failure(format!("wrong error: {}", ErrorChain(&e)))),
         Ok(_) => Err(Failure(format!(
             "{} opened as a VFIO device",
             other.display()
@@ -631,9 +620,9 @@ fn bad_already_bound(env: &Env) -> TestResult {
     for (what, f) in [("another iommufd", &fd2), ("the same iommufd", &fd)] {
         match BoundDevice::open(&env.edu, f, true) {
             Err(e @ vfio::Error::Vfio(VfioPciError::AlreadyBound { .. })) => {
-                diag(format!("{what}: {}", chain(&e)))
+                diag(format!("{what}: {}", ErrorChain(&e)))
             }
-            Err(e) => return Err(Failure(format!("{what}: wrong error: {}", chain(&e)))),
+            Err(e) => return Err(Failure(format!("{what}: wrong error: {}", ErrorChain(&e)))),
             Ok(_) => return Err(Failure(format!("a second bind through {what} worked"))),
         }
     }
@@ -648,10 +637,10 @@ fn bad_no_dev_iommu(env: &Env) -> TestResult {
     };
     match result {
         Err(e @ iommufd::Error::NoIommufd { .. }) => {
-            diag(format!("error: {}", chain(&e)));
+            diag(format!("error: {}", ErrorChain(&e)));
             Ok(())
         }
-        Err(e) => Err(Failure(format!("wrong error: {}", chain(&e)))),
+        Err(e) => Err(Failure(format!("wrong error: {}", ErrorChain(&e)))),
         Ok(_) => Err(Failure("opened a missing /dev/iommu".into())),
     }
 }
@@ -798,7 +787,7 @@ fn backend_s1_without_nesting_fails_closed(env: &Env) -> TestResult {
     backend.set_s1(S1, cfg)?;
     // QEMU 7.2's VT-d has no nesting: the host refuses the HWPTs.
     match backend.attach(EDU_ID, AttachTarget::Domain(S1)) {
-        Err(e) => diag(format!("S1 attach refused: {}", chain(&e))),
+        Err(e) => diag(format!("S1 attach refused: {}", ErrorChain(&e))),
         Ok(()) => return Err(Failure("S1 attach worked on a VT-d without nesting".into())),
     }
     dma_blocked(&edu, &ram, 0x4000, 0x4000)
@@ -1015,7 +1004,8 @@ struct TestSlots {
 }
 
 impl BarSlots for TestSlots {
-    fn add(&self, gpa: u64, size: u64, host: *mut u8) -> std::io::Result<u32> {
+    /// Only records the area: no guest ever reaches it.
+    unsafe fn add(&self, gpa: u64, size: u64, host: *mut u8) -> std::io::Result<u32> {
         let mut s = self
             .slots
             .lock()
@@ -1891,7 +1881,7 @@ mod tests {
         let e = iommufd::Iommufd::open_path(Path::new("/nonexistent/x"))
             .err()
             .expect("fails");
-        let s = chain(&e);
+        let s = ErrorChain(&e).to_string();
         assert!(s.starts_with("No /nonexistent/x"), "{s}");
         assert!(s.contains("No such file"), "{s}");
     }

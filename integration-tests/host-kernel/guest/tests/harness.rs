@@ -9,7 +9,7 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use hk_guest::tap::TapReport;
+use integration_tests::tap;
 
 /// run.sh's exit status when a Debian package is missing.
 const EXIT_NO_PREREQUISITES: i32 = 3;
@@ -49,10 +49,10 @@ fn describe(out: &Output) -> String {
 fn check_suite(mode: &str) {
     let Some(out) = run_guest(mode) else { return };
     let console = String::from_utf8_lossy(&out.stdout);
-    let report = TapReport::parse(&console);
+    let report = tap::parse(&console);
     let mut problems = Vec::new();
-    if let Err(e) = report.check() {
-        problems.push(e);
+    if let Err(e) = report.expect_plan_ok() {
+        problems.push(e.0);
     }
     if !console.contains("init: hk-guest exit status 0") {
         problems.push("hk-guest did not exit with status 0".into());
