@@ -213,7 +213,8 @@ export PATH=/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
-mount -t tmpfs tmpfs /tmp
+# No tmpfs on /tmp: the initramfs (itself in RAM) may hold the test
+# binaries there, at their host paths.
 echo "NESTED-L1 $(uname -r), $(grep -c ^processor /proc/cpuinfo) CPUs, $(grep -o -w svm /proc/cpuinfo | head -n 1), kvm: $(ls /dev/kvm)"
 for dev in /sys/bus/pci/devices/*; do
     case "$(cat "$dev/vendor"):$(cat "$dev/device")" in

@@ -114,7 +114,10 @@ fn vfio_edu_hot_added_into_the_test_kernel() {
             canonical.display().to_string()
         );
         let (code, answer) = vm.request("PUT", "vm.add-device", Some(&again));
-        assert_eq!(code, 409, "round {round}: the same function twice: {answer}");
+        assert_eq!(
+            code, 409,
+            "round {round}: the same function twice: {answer}"
+        );
         // pvmm holds it now: nobody else can bind it.
         let held = free_for_others(&edu);
         assert!(
