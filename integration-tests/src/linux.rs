@@ -366,8 +366,14 @@ impl Console {
             .map_err(|e| format!("cannot start {}: {e}", pvmm.display()))?;
         let stdout = child.stdout.take().ok_or("no stdout")?;
         let (tx, rx) = mpsc::channel();
+        // PVMM_CONSOLE_ECHO: every line on stderr as it comes (the nested
+        // harness keeps a guest's console even when the test never ends).
+        let echo = std::env::var_os("PVMM_CONSOLE_ECHO").is_some();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if echo {
+                    eprintln!("L2| {line}");
+                }
                 if tx.send(line).is_err() {
                     break;
                 }

@@ -59,12 +59,12 @@ const PLAN: &[Step] = &[
     // Linux: banner, full boots, ACPI hotplug.
     tests(
         "linux",
-        &["--test-threads=1", "--include-ignored", "--show-output"],
+        &["--test-threads=1", "--include-ignored", "--nocapture"],
     ),
     // VFIO: edu into the test kernel, NVMe into Linux.
     tests(
         "passthrough",
-        &["--test-threads=1", "--include-ignored", "--show-output"],
+        &["--test-threads=1", "--include-ignored", "--nocapture"],
     ),
     // The README's examples (.ci/main needs cargo: it runs on the host).
     tests(
@@ -375,6 +375,7 @@ fn pvmm_on_nested_kvm_amd() {
         ("PVMM_LINUX_BZIMAGE", "/payload/bzImage".to_string()),
         ("PVMM_LINUX_VMLINUX", "/payload/vmlinux".to_string()),
         ("PVMM_NESTED", "1".to_string()),
+        ("PVMM_CONSOLE_ECHO", "1".to_string()),
         ("PVMM_NVME_TOKEN", token.clone()),
     ];
     for var in ["RUST_LOG"] {
@@ -503,7 +504,7 @@ impl L1 {
         let stderr_log = self.work.join(format!("qemu-{attempt}.err"));
         let list: Vec<String> = steps.iter().map(usize::to_string).collect();
         let append = format!(
-            "console=ttyS0 intel_iommu=on loglevel=4 panic=-1 nested.steps={} {}",
+            "console=ttyS0 intel_iommu=on loglevel=5 panic=-1 nested.steps={} {}",
             list.join(","),
             std::env::var("PVMM_NESTED_L1_EXTRA").unwrap_or_default()
         );
