@@ -2,7 +2,8 @@
 //! pviommu suite (discovery, MSRs, hypercall page, every call, the hostile
 //! inputs of the contract, two vCPUs at once) and dma suite (the dma-test
 //! device through the default, null, S2 and S1 domains, rep restarts),
-//! pvmm's main command (the demo), and `--pviommu off`.
+//! pvmm's main command (the demo), the KVM interface (`--hypervisor kvm`,
+//! `--pviommu off`) and Hyper-V without the pvIOMMU.
 
 use integration_tests::{artifacts, run, tap};
 use std::process::Command;
@@ -56,6 +57,7 @@ fn suites_with_a_dma_test_device_on_two_vcpus() {
     r.expect_all_ok(&["smp", "pviommu", "dma"])
         .unwrap_or_else(|p| panic!("{p}\n{}", out.describe()));
     for what in [
+        "reference time: TIME_REF_COUNT advances and agrees across CPUs; TSC page",
         "invalid inputs refused with their documented status",
         "attach, double attach, delete while attached, attach as a replace, detach",
         "two CPUs, 20 create/map/unmap/delete rounds each at the same time",
@@ -125,6 +127,86 @@ fn pviommu_off_hides_the_interface() {
         .unwrap_or_else(|p| panic!("{p}\n{}", out.describe()));
     assert!(
         r.tests.iter().all(|t| t.skip.is_some()),
+        "{}",
+        out.describe()
+    );
+}
+
+/// `--hypervisor kvm`: KVM's own signature at 0x40000000, and the test
+/// kernel finds no pvIOMMU and says why.
+#[test]
+fn hypervisor_kvm_hides_the_interface() {
+    if !artifacts::require_kvm() {
+        return;
+    }
+    let (out, r) = pvmm(&[
+        "--hypervisor",
+        "kvm",
+        "--device",
+        "dma-test",
+        "--cmdline",
+        "tk.tests=pviommu,dma",
+    ]);
+    assert!(out.success(), "{}", out.describe());
+    r.expect_ok_or_skipped(&["pviommu", "dma"], &["pviommu", "dma"])
+        .unwrap_or_else(|p| panic!("{p}\n{}", out.describe()));
+    for t in &r.tests {
+        let why = t.skip.as_deref().unwrap_or_default();
+        assert!(
+            why.contains("the hypervisor is KVM") && why.contains("no pvIOMMU"),
+            "{}: {why:?}\n{}",
+            t.name,
+            out.describe()
+        );
+    }
+    // Asking for both is refused before anything runs.
+    let bin = artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Command::new(bin);
+    c.args(["--hypervisor", "kvm", "--pviommu", "on"]);
+    let out = run::run(c, TIMEOUT).expect("pvmm starts");
+    assert_eq!(
+        out.status.and_then(|s| s.code()),
+        Some(1),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("--hypervisor kvm needs --pviommu off"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// `--hypervisor hyperv --pviommu off`: the Hyper-V interface and its
+/// reference time, no device domains; the pvIOMMU suites skip.
+#[test]
+fn hyperv_without_the_pviommu() {
+    if !artifacts::require_kvm() {
+        return;
+    }
+    let (out, r) = pvmm(&[
+        "--hypervisor",
+        "hyperv",
+        "--pviommu",
+        "off",
+        "--device",
+        "dma-test",
+        "--cmdline",
+        "tk.tests=pviommu,dma",
+    ]);
+    assert!(out.success(), "{}", out.describe());
+    r.expect_ok_or_skipped(&["pviommu", "dma"], &["pviommu", "dma"])
+        .unwrap_or_else(|p| panic!("{p}\n{}", out.describe()));
+    assert!(
+        r.tests.iter().all(|t| t
+            .skip
+            .as_deref()
+            .is_some_and(|s| s.contains("Hyper-V without the pvIOMMU"))),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        has(&r, "reference time: TIME_REF_COUNT advances"),
         "{}",
         out.describe()
     );

@@ -112,8 +112,6 @@ pub mod cpuid {
     pub const LEAF_HARDWARE_FEATURES: u32 = 0x4000_0006;
     /// The lowest value EAX of leaf 0x40000000 may report.
     pub const MIN_MAX_LEAF: u32 = 0x4000_0006;
-    /// VMM choice: where KVM's own leaves move to.
-    pub const KVM_LEAVES_BASE: u32 = 0x4000_0100;
     /// The hypervisor leaves: guests look for signatures at every multiple
     /// of 0x100 from here (Linux's `hypervisor_cpuid_base` up to
     /// 0x40010000).
