@@ -212,6 +212,55 @@ fn hyperv_without_the_pviommu() {
     );
 }
 
+/// The Hyper-V reference time against this test's clock: the test kernel
+/// prints TIME_REF_COUNT (and the TSC page's time, where pvmm offers one),
+/// waits 10 s of it, and prints them again. A sanity check of the units and
+/// the source (the line timing here is only good to some 10 ms; Linux's
+/// drift over a minute is measured in tests/linux.rs).
+#[test]
+fn reference_time_keeps_the_hosts_time() {
+    if !artifacts::require_kvm() {
+        return;
+    }
+    const SECONDS: f64 = 10.0;
+    let bin = artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"));
+    let _vm = run::vm_lock();
+    let mut c = integration_tests::linux::Console::start(
+        &bin,
+        &["--cmdline", "tk.tests=hvclock tk.hvclock_s=10"],
+    )
+    .expect("pvmm starts");
+    let mut reading = |what: &str| {
+        let line = c.wait_for(what, TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+        let at = std::time::Instant::now();
+        // "hvclock: tN <TIME_REF_COUNT> page <page time or 0>"
+        let words: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        (at, words)
+    };
+    let (h0, g0) = reading("hvclock: t0");
+    let (h1, g1) = reading("hvclock: t1");
+    let (code, stderr, lines) = c.finish(TIMEOUT);
+    assert_eq!(code, Some(0), "{stderr}\n{}", lines.join("\n"));
+    let host = (h1 - h0).as_secs_f64();
+    let units = |i: usize| (g1[i] as f64 - g0[i] as f64) / 1e7;
+    let (msr, page) = (units(0), units(1));
+    println!(
+        "10 s of reference time took {host:.4} s of this test's clock; the TSC page's time \
+         advanced {page:.4} s"
+    );
+    assert!(
+        (SECONDS..SECONDS + 0.01).contains(&msr),
+        "TIME_REF_COUNT: {msr} s"
+    );
+    assert!((host - msr).abs() < 0.1, "{msr} s against {host} s");
+    if g0[1] != 0 {
+        assert!((page - msr).abs() < 0.001, "page {page} s, MSR {msr} s");
+    }
+}
+
 #[test]
 fn bad_device_flags_are_refused_clearly() {
     let bin = artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"));

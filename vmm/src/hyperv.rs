@@ -11,14 +11,15 @@
 //!
 //! What the guest gets, and why (Linux 6.12: `arch/x86/kernel/cpu/mshyperv.c`,
 //! `arch/x86/hyperv/hv_init.c`, `drivers/clocksource/hyperv_timer.c`):
-//! - privileges (0x40000003 EAX): TIME_REF_COUNT, HYPERCALL, VP_INDEX, and
-//!   with a known TSC frequency REFERENCE_TSC and the frequency MSRs (EDX
-//!   bit 8 too: Linux then takes the TSC and LAPIC timer frequencies from
-//!   the MSRs instead of calibrating them); TSC_INVARIANT only where KVM
-//!   gives the guest an invariant TSC (CPUID 0x80000007 EDX bit 8), since
-//!   Linux then trusts the raw TSC without a watchdog and prefers it to the
-//!   reference TSC page. Nothing else: no SynIC, synthetic timers, APIC
-//!   access MSRs, crash MSRs, reenlightenment, partition id or extended
+//! - privileges (0x40000003 EAX): TIME_REF_COUNT, HYPERCALL, VP_INDEX; with
+//!   a known TSC frequency the frequency MSRs (EDX bit 8 too: Linux then
+//!   takes the TSC and LAPIC timer frequencies from the MSRs instead of
+//!   calibrating them); and where KVM gives the guest an invariant TSC
+//!   (CPUID 0x80000007 EDX bit 8: the host's TSC is constant) REFERENCE_TSC
+//!   and TSC_INVARIANT (with it Linux trusts the raw TSC without a watchdog
+//!   and prefers it to the reference TSC page). Nothing else: no SynIC,
+//!   synthetic timers, APIC access MSRs, crash MSRs, reenlightenment,
+//!   partition id or extended
 //!   hypercalls, each of which makes Linux use MSRs or hypercalls pvmm does
 //!   not implement.
 //! - hints (0x40000004): only "relaxed timing" (no MSR or hypercall behind
@@ -35,17 +36,23 @@
 //!   expose is KVM's and visible from the start). Every other MSR of
 //!   0x40000000-0x400001ff is #GP, the same on every KVM.
 //!
-//! Reference time is a function of the guest's TSC:
-//! `((tsc * scale) >> 64) + offset` with `scale = 2^64 * 10^7 / tsc_hz`
-//! (the TSC frequency KVM reports for the vCPU) and `offset` such that the
-//! boot vCPU's TSC when the VM was built is time 0. The reference TSC page
-//! holds the same scale and offset, and TIME_REF_COUNT reads the calling
-//! vCPU's TSC and applies the same formula, so the page and the MSR agree
-//! exactly, on every vCPU (KVM keeps the vCPUs' TSCs synchronized) and
-//! monotonically. A guest that rewrites its own TSC moves its reference
-//! time with it, page and MSR alike. Without a usable TSC frequency there
-//! is no page and no frequency MSRs, and TIME_REF_COUNT counts the host's
-//! monotonic clock from the VM's start.
+//! Where KVM's TSC is invariant, reference time is a function of the
+//! guest's TSC: `((tsc * scale) >> 64) + offset` with
+//! `scale = 2^64 * 10^7 / tsc_hz` (the TSC frequency KVM reports for the
+//! vCPU) and `offset` such that the boot vCPU's TSC when the VM was built is
+//! time 0. The reference TSC page holds the same scale and offset, and
+//! TIME_REF_COUNT reads the calling vCPU's TSC and applies the same formula,
+//! so the page and the MSR agree exactly, on every vCPU (KVM keeps the
+//! vCPUs' TSCs synchronized) and monotonically. A guest that rewrites its
+//! own TSC moves its reference time with it, page and MSR alike.
+//!
+//! Without an invariant TSC (or a usable TSC frequency) there is no page:
+//! the guest TSC is no timebase there (KVM adjusts a guest's TSC on hosts
+//! without a constant one; measured under nested SVM, a page with a fixed
+//! scale drifted 0.1-0.3% against the host), and KVM's own Hyper-V
+//! emulation likewise keeps the page invalid without a stable master clock.
+//! TIME_REF_COUNT then counts the host's monotonic clock from the VM's
+//! start, and Linux reads it as `hyperv_clocksource_msr`.
 
 use std::ops::Range;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -105,7 +112,8 @@ pub struct HvParams {
     pub tsc_khz: Option<u32>,
     /// The boot vCPU's TSC when the VM was built: reference time 0.
     pub tsc_at_start: u64,
-    /// KVM gives the guest an invariant TSC.
+    /// KVM gives the guest an invariant TSC: the reference TSC page (and
+    /// TSC_INVARIANT) are offered only then.
     pub invariant_tsc: bool,
     /// The pvIOMMU is visible: device domain and DMA remapping bits.
     pub pviommu: bool,
@@ -116,7 +124,6 @@ pub struct HvParams {
 enum Clock {
     /// The guest's TSC, through the reference TSC page's formula.
     Tsc {
-        tsc_hz: u64,
         scale: u64,
         offset: i64,
         /// When the boot vCPU's TSC was `tsc_at_start`: for the estimate
@@ -130,10 +137,9 @@ enum Clock {
 impl Clock {
     fn new(p: &HvParams) -> Self {
         let start = Instant::now();
-        let tsc_hz = p.tsc_khz.map(|khz| u64::from(khz) * 1000);
-        match tsc_hz.and_then(|hz| Some((hz, reference_tsc_scale(hz)?))) {
-            Some((tsc_hz, scale)) => Clock::Tsc {
-                tsc_hz,
+        let scale = tsc_hz(p).and_then(reference_tsc_scale);
+        match scale.filter(|_| p.invariant_tsc) {
+            Some(scale) => Clock::Tsc {
                 scale,
                 offset: 0i64.wrapping_sub_unsigned(reference_time(p.tsc_at_start, scale, 0)),
                 start,
@@ -141,6 +147,13 @@ impl Clock {
             None => Clock::Host { start },
         }
     }
+}
+
+/// The TSC frequency in Hz, if KVM reported one.
+fn tsc_hz(p: &HvParams) -> Option<u64> {
+    p.tsc_khz
+        .filter(|&khz| khz != 0)
+        .map(|khz| u64::from(khz) * 1000)
 }
 
 /// 100 ns units since `start`.
@@ -204,16 +217,14 @@ impl Partition {
         &self.params
     }
 
-    /// The TSC frequency behind the reference TSC page, if there is one.
+    /// The TSC frequency the frequency MSRs report, if KVM gave one.
     pub fn tsc_hz(&self) -> Option<u64> {
-        match self.clock {
-            Clock::Tsc { tsc_hz, .. } => Some(tsc_hz),
-            Clock::Host { .. } => None,
-        }
+        tsc_hz(&self.params)
     }
 
-    fn reference_tsc_available(&self) -> bool {
-        self.tsc_hz().is_some()
+    /// Whether the reference TSC page is offered.
+    pub fn reference_tsc_available(&self) -> bool {
+        matches!(self.clock, Clock::Tsc { .. })
     }
 
     fn frequency_msrs_available(&self) -> bool {
@@ -615,19 +626,46 @@ mod tests {
             tsc_khz: Some(10_000),
             ..params()
         });
-        assert_eq!(slow.privileges() & (1 << 9 | 1 << 11), 0);
-        assert_eq!(slow.tsc_hz(), None);
+        assert_eq!(slow.privileges() & (1 << 9), 0);
+        assert!(!slow.reference_tsc_available());
         let mem = memory();
         assert_eq!(read(&p, &mem, msr::TSC_FREQUENCY), None);
         assert_eq!(read(&p, &mem, msr::REFERENCE_TSC), None);
         assert!(!write(&p, &mem, msr::REFERENCE_TSC, 0x1001));
         assert_eq!(read(&p, &mem, msr::TSC_INVARIANT_CONTROL), None);
-        // TIME_REF_COUNT follows the host clock from the VM's start.
-        let t0 = read(&p, &mem, msr::TIME_REF_COUNT).unwrap();
+        host_clock_reference_time(&p, &mem);
+    }
+
+    /// TIME_REF_COUNT follows the host clock from the VM's start, whatever
+    /// the guest TSC says.
+    fn host_clock_reference_time(p: &Partition, mem: &GuestMemoryMmap) {
+        let at = |tsc| with_ctx(mem, 0, Some(tsc), |c| p.read_msr(c, msr::TIME_REF_COUNT)).unwrap();
+        let t0 = at(u64::MAX);
         std::thread::sleep(std::time::Duration::from_millis(2));
-        let t1 = read(&p, &mem, msr::TIME_REF_COUNT).unwrap();
+        let t1 = at(0);
         assert!(t1 >= t0 + 20_000, "{t0} {t1}");
         assert!(t1 < 100_000_000, "far more than the test ran: {t1}");
+    }
+
+    /// A host without a constant TSC: frequency MSRs, but no reference TSC
+    /// page and no TSC_INVARIANT; the reference counter is the host's.
+    #[test]
+    fn no_invariant_tsc_no_tsc_page() {
+        let p = Partition::new(HvParams {
+            invariant_tsc: false,
+            ..params()
+        });
+        assert_eq!(p.privileges(), 1 << 1 | 1 << 5 | 1 << 6 | 1 << 11);
+        assert_eq!(p.features_edx(), 1 << 8 | 1 << 24 | 1 << 25);
+        assert!(!p.reference_tsc_available());
+        assert_eq!(p.tsc_page(), None);
+        let mem = memory();
+        assert_eq!(read(&p, &mem, msr::TSC_FREQUENCY), Some(2_500_000_000));
+        assert_eq!(read(&p, &mem, msr::APIC_FREQUENCY), Some(1_000_000_000));
+        assert_eq!(read(&p, &mem, msr::REFERENCE_TSC), None);
+        assert!(!write(&p, &mem, msr::REFERENCE_TSC, 0x5001));
+        assert!(!write(&p, &mem, msr::TSC_INVARIANT_CONTROL, 1));
+        host_clock_reference_time(&p, &mem);
     }
 
     #[test]

@@ -265,12 +265,14 @@ impl Vmm {
                 };
                 let partition = hyperv::Partition::new(params);
                 log::info!(
-                    "Hyper-V interface: privileges {:#x}, features {:#x}, reference TSC page {}",
+                    "Hyper-V interface: privileges {:#x}, features {:#x}, TSC {} Hz, reference TSC page {}",
                     partition.privileges(),
                     partition.features_edx(),
-                    match partition.tsc_hz() {
-                        Some(hz) => format!("at {hz} Hz"),
-                        None => "unavailable (no TSC frequency)".to_string(),
+                    partition.tsc_hz().unwrap_or(0),
+                    if partition.reference_tsc_available() {
+                        "offered"
+                    } else {
+                        "not offered (no invariant TSC): TIME_REF_COUNT follows the host clock"
                     }
                 );
                 hooks = Arc::new(pviommu::Pviommu::new(iommu.clone(), partition)).hooks();
