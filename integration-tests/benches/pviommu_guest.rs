@@ -4,7 +4,7 @@
 //! ratios the kernel measured in one run with one clock (the TSC): null
 //! hypercall against a bare port-I/O exit (target <= 1.2x), a 507-page MAP
 //! against a null hypercall (target <= 2x), pages mapped per second (TSC
-//! frequency from KVM's leaf, moved to 0x40000110).
+//! frequency from Hyper-V's TSC_FREQUENCY MSR).
 //!
 //! Run: `cargo bench -p integration-tests --bench pviommu_guest`.
 

@@ -9,6 +9,13 @@
 //!   `--include-ignored`: 1, 2 and 4 vCPUs, bzImage and vmlinux (PVH), the
 //!   guest's own view of CPUs, RAM, ACPI and PCI, poweroff and reboot, and
 //!   Linux's ACPI PCI hotplug of a dma-test device through the API.
+//!
+//! Linux sees pvmm's default interface, Hyper-V: every full boot checks that
+//! Linux detected it (and touched no MSR pvmm lacks), one boots with KVM's
+//! interface instead, and two keep time for a minute against this test's
+//! clock, one with Hyper-V's clocksource (the reference TSC page where the
+//! host has an invariant TSC, else the reference counter MSR), one with
+//! kvm-clock.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -140,6 +147,72 @@ enum Image {
     Pvh,
 }
 
+/// The hypervisor interface a boot gives the guest (`--hypervisor`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Interface {
+    HyperV,
+    Kvm,
+}
+
+impl Interface {
+    fn arg(self) -> &'static str {
+        match self {
+            Interface::HyperV => "hyperv",
+            Interface::Kvm => "kvm",
+        }
+    }
+
+    /// What Linux prints when it detects it.
+    fn detected(self) -> &'static str {
+        match self {
+            Interface::HyperV => "Hypervisor detected: Microsoft Hyper-V",
+            Interface::Kvm => "Hypervisor detected: KVM",
+        }
+    }
+}
+
+/// Prints what Linux said about the hypervisor and its clocks, and when it
+/// passed a few milestones of its boot.
+fn print_clock_lines(lines: &[String]) {
+    for l in lines.iter().filter(|l| {
+        [
+            "Hypervisor detected",
+            "Hyper-V",
+            "clocksource",
+            "tsc:",
+            "kvm-clock",
+            "RTC",
+            "smp: Brought up",
+            "PCI host bridge to bus",
+            "Freeing unused kernel image",
+            "Run /init",
+        ]
+        .iter()
+        .any(|w| l.contains(w))
+    }) {
+        println!("  {l}");
+    }
+}
+
+/// Checks that Linux detected `interface`, and on Hyper-V that it touched
+/// no MSR pvmm does not serve (Linux reports each #GP of an MSR access).
+fn check_interface(interface: Interface, text: &str) {
+    assert!(
+        text.contains(interface.detected()),
+        "no `{}`:\n{text}",
+        interface.detected()
+    );
+    assert!(
+        !text.contains("unchecked MSR access error"),
+        "Linux touched an MSR pvmm does not serve:\n{text}"
+    );
+    if interface == Interface::HyperV {
+        for kvm in ["Hypervisor detected: KVM", "kvm-clock"] {
+            assert!(!text.contains(kvm), "`{kvm}` under Hyper-V:\n{text}");
+        }
+    }
+}
+
 /// The RAM a guest with `memory` bytes (at most 3 GiB) lists as System RAM
 /// in /proc/iomem: pvmm's e820 map less Linux's reserved first page.
 fn expected_ram(memory: u64) -> u64 {
@@ -150,6 +223,10 @@ fn expected_ram(memory: u64) -> u64 {
 /// `cpus` vCPUs, 512 MiB and a dma-test device; checks what the guest saw
 /// and that pvmm ends as `end` (poweroff or reboot) says.
 fn full_boot(image: Image, cpus: u32, end: &str) {
+    full_boot_with(image, cpus, end, Interface::HyperV)
+}
+
+fn full_boot_with(image: Image, cpus: u32, end: &str, interface: Interface) {
     let k = kernel();
     let initrd = std::env::temp_dir().join(format!(
         "pvmm-linux-{image:?}-{cpus}-{}.cpio",
@@ -177,6 +254,8 @@ fn full_boot(image: Image, cpus: u32, end: &str) {
             &cpus_arg,
             "--device",
             "dma-test,id=dt0",
+            "--hypervisor",
+            interface.arg(),
             "--cmdline",
             &cmdline,
         ],
@@ -188,9 +267,14 @@ fn full_boot(image: Image, cpus: u32, end: &str) {
     std::fs::remove_file(&initrd).ok();
     let text = lines.join("\n");
     reached.unwrap_or_else(|e| panic!("{e}\n{stderr}\n{text}"));
-    println!("Linux ({image:?}, {cpus} vCPUs) reached user space in {boot_time:.2?}");
+    println!(
+        "Linux ({image:?}, {cpus} vCPUs, {interface:?}) reached user space in {boot_time:.2?}"
+    );
+    check_interface(interface, &text);
+    print_clock_lines(&lines);
 
     let f = facts(&lines);
+    println!("clocksource: {}", fact(&f, "clocksource").unwrap_or("?"));
     assert_eq!(fact(&f, "cpus"), Some(cpus_arg.as_str()), "{text}");
     assert_eq!(
         fact(&f, "ram").and_then(|r| r.parse::<u64>().ok()),
@@ -242,6 +326,12 @@ fn bzimage_reboot_ends_pvmm_with_the_reset_reason() {
 
 #[test]
 #[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn bzimage_boots_to_userspace_2_cpus_kvm_interface() {
+    full_boot_with(Image::BzImage, 2, "poweroff", Interface::Kvm);
+}
+
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
 fn pvh_boots_to_userspace_1_cpu() {
     full_boot(Image::Pvh, 1, "poweroff");
 }
@@ -256,6 +346,217 @@ fn pvh_boots_to_userspace_2_cpus() {
 #[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
 fn pvh_boots_to_userspace_4_cpus() {
     full_boot(Image::Pvh, 4, "poweroff");
+}
+
+/// The guest script of the timekeeping tests: switches to the clocksource
+/// `pvmm.clocksource=` names (if the guest has it), then prints the guest's monotonic
+/// clock (`/proc/timer_list`, ns) and uptime, sleeps `pvmm.sleep=` seconds
+/// and prints them again.
+const CLOCK_WATCH: &str = r#"
+cs=/sys/devices/system/clocksource/clocksource0
+for a in $(cat /proc/cmdline); do
+    case "$a" in
+    pvmm.clocksource=*) want=${a#pvmm.clocksource=} ;;
+    pvmm.sleep=*) secs=${a#pvmm.sleep=} ;;
+    esac
+done
+echo "PVMM-CLOCK available $(cat $cs/available_clocksource)"
+echo "PVMM-CLOCK default $(cat $cs/current_clocksource)"
+case " $(cat $cs/available_clocksource) " in
+*" $want "*) echo "$want" >$cs/current_clocksource ;;
+esac
+now() { echo "$(grep -m1 'now at' /proc/timer_list | tr -dc 0-9) $(cut -d' ' -f1 /proc/uptime)"; }
+echo "PVMM-CLOCK t0 $(now) $(cat $cs/current_clocksource)"
+sleep "${secs:-60}"
+echo "PVMM-CLOCK t1 $(now) $(cat $cs/current_clocksource)"
+"#;
+
+/// This machine's TSC (the test's own view, for the timekeeping report).
+#[allow(unsafe_code)]
+fn host_tsc() -> u64 {
+    // SAFETY: RDTSC reads a counter; it has no memory effects.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// This machine's clocksource, as its kernel reports it.
+fn host_clocksource() -> String {
+    std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Guest time (ns, from its monotonic clock) in a `PVMM-CLOCK tN` line.
+fn guest_ns(line: &str) -> Option<u64> {
+    line.split("PVMM-CLOCK t")
+        .nth(1)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Most drift of the guest's clock against this test's over the minute:
+/// measured under nested TCG, both the reference TSC page and kvm-clock
+/// stay within a few milliseconds (see the test output), well below this.
+const DRIFT_TOLERANCE: Duration = Duration::from_millis(250);
+/// How long the guest sleeps between its two readings.
+const CLOCK_SECONDS: u64 = 60;
+
+/// What a timekeeping boot saw.
+struct Timekeeping {
+    /// The clocksource Linux picked.
+    default: String,
+    /// The one the drift was measured with.
+    used: String,
+    /// Linux's "Hyper-V: privilege flags low ..." line, if any.
+    privileges: String,
+}
+
+/// Boots Linux (bzImage, 2 vCPUs) with `interface`, switches to
+/// `clocksource` if given and the guest has it, and compares the guest's
+/// monotonic clock with this test's over [`CLOCK_SECONDS`].
+fn keeps_time(interface: Interface, clocksource: Option<&str>) -> Timekeeping {
+    let k = kernel();
+    let initrd = std::env::temp_dir().join(format!(
+        "pvmm-linux-clock-{}-{}.cpio",
+        interface.arg(),
+        std::process::id()
+    ));
+    linux::initramfs(&initrd, &[("clock.sh", 0o755, CLOCK_WATCH.as_bytes())])
+        .unwrap_or_else(|e| panic!("initramfs: {e}"));
+    let mut cmdline =
+        format!("console=ttyS0 panic=-1 pvmm.run=clock.sh pvmm.sleep={CLOCK_SECONDS}");
+    if let Some(cs) = clocksource {
+        cmdline.push_str(&format!(" pvmm.clocksource={cs}"));
+    }
+    let _vm = run::vm_lock();
+    let mut c = Console::start(
+        &pvmm(),
+        &[
+            "--kernel",
+            path(&k.bzimage),
+            "--initrd",
+            path(&initrd),
+            "--memory",
+            "512M",
+            "--cpus",
+            "2",
+            "--hypervisor",
+            interface.arg(),
+            "--cmdline",
+            &cmdline,
+        ],
+    )
+    .expect("pvmm starts");
+    let fail = |c: Console, e: String| -> ! {
+        let (code, stderr, lines) = c.finish(Duration::from_secs(5));
+        panic!("{e} (pvmm: {code:?})\n{stderr}\n{}", lines.join("\n"))
+    };
+    let t0 = match c.wait_for("PVMM-CLOCK t0", BOOT_DEADLINE) {
+        Ok(l) => (l, Instant::now(), host_tsc()),
+        Err(e) => fail(c, e),
+    };
+    let t1 = match c.wait_for(
+        "PVMM-CLOCK t1",
+        Duration::from_secs(CLOCK_SECONDS) + Duration::from_secs(60),
+    ) {
+        Ok(l) => (l, Instant::now(), host_tsc()),
+        Err(e) => fail(c, e),
+    };
+    let (code, stderr, lines) = c.finish(Duration::from_secs(60));
+    std::fs::remove_file(&initrd).ok();
+    let text = lines.join("\n");
+    assert_eq!(code, Some(0), "{stderr}\n{text}");
+    check_interface(interface, &text);
+    print_clock_lines(&lines);
+    let (Some(g0), Some(g1)) = (guest_ns(&t0.0), guest_ns(&t1.0)) else {
+        panic!("no guest clock readings:\n{text}")
+    };
+    let line = |prefix: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.split(prefix).nth(1).map(|r| r.trim().to_string()))
+            .unwrap_or_default()
+    };
+    let default = line("PVMM-CLOCK default ");
+    let available = line("PVMM-CLOCK available ");
+    let used =
+        t1.0.split_whitespace()
+            .last()
+            .unwrap_or_default()
+            .to_string();
+    if let Some(cs) = clocksource {
+        if available.split_whitespace().any(|a| a == cs) {
+            assert_eq!(used, cs, "the clocksource did not switch:\n{text}");
+        }
+    }
+    let guest = Duration::from_nanos(g1.saturating_sub(g0));
+    let host = t1.1 - t0.1;
+    let drift = guest.as_secs_f64() - host.as_secs_f64();
+    println!(
+        "{interface:?}: default clocksource {default} (available: {available}); over {:.3} s of \
+         this test's clock, the guest's ({used}) advanced {:.3} s: drift {:+.1} ms ({:+.1} ppm)",
+        host.as_secs_f64(),
+        guest.as_secs_f64(),
+        drift * 1e3,
+        drift / host.as_secs_f64() * 1e6
+    );
+    println!(
+        "  this machine: clocksource {}, its TSC ran at {:.6} MHz by this test's clock",
+        host_clocksource(),
+        t1.2.wrapping_sub(t0.2) as f64 / host.as_secs_f64() / 1e6
+    );
+    assert!(
+        drift.abs() < DRIFT_TOLERANCE.as_secs_f64(),
+        "the guest's clock drifted {:+.1} ms over {host:.2?}\n{text}",
+        drift * 1e3
+    );
+    Timekeeping {
+        default,
+        used,
+        privileges: line("Hyper-V: privilege flags low "),
+    }
+}
+
+/// Hyper-V: Linux picks the clocksource pvmm's CPUID leads it to: the raw
+/// TSC where pvmm offers TSC_INVARIANT (Linux then rates the reference TSC
+/// page below the TSC, by design), the reference TSC page where pvmm offers
+/// it alone, and the reference counter MSR where the host has no invariant
+/// TSC (no page then: the guest TSC is no timebase there). The drift is
+/// measured with the reference TSC page where there is one.
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn hyperv_bzimage_2_cpus_keeps_time() {
+    let t = keeps_time(Interface::HyperV, Some("hyperv_clocksource_tsc_page"));
+    // "0x..., high 0x..., hints ..., misc ...".
+    let low = t
+        .privileges
+        .split(',')
+        .next()
+        .and_then(|v| u32::from_str_radix(v.trim().trim_start_matches("0x"), 16).ok())
+        .unwrap_or_else(|| panic!("no privilege flags: {:?}", t.privileges));
+    const REFERENCE_TSC: u32 = 1 << 9;
+    const TSC_INVARIANT: u32 = 1 << 15;
+    let (default, used) = if low & TSC_INVARIANT != 0 {
+        ("tsc", "hyperv_clocksource_tsc_page")
+    } else if low & REFERENCE_TSC != 0 {
+        ("hyperv_clocksource_tsc_page", "hyperv_clocksource_tsc_page")
+    } else {
+        ("hyperv_clocksource_msr", "hyperv_clocksource_msr")
+    };
+    assert_eq!(
+        (t.default.as_str(), t.used.as_str()),
+        (default, used),
+        "privileges {low:#x}"
+    );
+}
+
+/// KVM's interface: kvm-clock, keeping time as well.
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn kvm_bzimage_2_cpus_keeps_time() {
+    let t = keeps_time(Interface::Kvm, None);
+    assert_eq!(t.default, "kvm-clock");
 }
 
 /// The guest script of the hotplug test: reports each PCI function that

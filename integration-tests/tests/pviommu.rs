@@ -2,7 +2,8 @@
 //! pviommu suite (discovery, MSRs, hypercall page, every call, the hostile
 //! inputs of the contract, two vCPUs at once) and dma suite (the dma-test
 //! device through the default, null, S2 and S1 domains, rep restarts),
-//! pvmm's main command (the demo), and `--pviommu off`.
+//! pvmm's main command (the demo), the KVM interface (`--hypervisor kvm`,
+//! `--pviommu off`) and Hyper-V without the pvIOMMU.
 
 use integration_tests::{artifacts, run, tap};
 use std::process::Command;
@@ -56,6 +57,7 @@ fn suites_with_a_dma_test_device_on_two_vcpus() {
     r.expect_all_ok(&["smp", "pviommu", "dma"])
         .unwrap_or_else(|p| panic!("{p}\n{}", out.describe()));
     for what in [
+        "reference time: TIME_REF_COUNT advances and agrees across CPUs; TSC page",
         "invalid inputs refused with their documented status",
         "attach, double attach, delete while attached, attach as a replace, detach",
         "two CPUs, 20 create/map/unmap/delete rounds each at the same time",
@@ -128,6 +130,135 @@ fn pviommu_off_hides_the_interface() {
         "{}",
         out.describe()
     );
+}
+
+/// `--hypervisor kvm`: KVM's own signature at 0x40000000, and the test
+/// kernel finds no pvIOMMU and says why.
+#[test]
+fn hypervisor_kvm_hides_the_interface() {
+    if !artifacts::require_kvm() {
+        return;
+    }
+    let (out, r) = pvmm(&[
+        "--hypervisor",
+        "kvm",
+        "--device",
+        "dma-test",
+        "--cmdline",
+        "tk.tests=pviommu,dma",
+    ]);
+    assert!(out.success(), "{}", out.describe());
+    r.expect_ok_or_skipped(&["pviommu", "dma"], &["pviommu", "dma"])
+        .unwrap_or_else(|p| panic!("{p}\n{}", out.describe()));
+    for t in &r.tests {
+        let why = t.skip.as_deref().unwrap_or_default();
+        assert!(
+            why.contains("the hypervisor is KVM") && why.contains("no pvIOMMU"),
+            "{}: {why:?}\n{}",
+            t.name,
+            out.describe()
+        );
+    }
+    // Asking for both is refused before anything runs.
+    let bin = artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"));
+    let mut c = Command::new(bin);
+    c.args(["--hypervisor", "kvm", "--pviommu", "on"]);
+    let out = run::run(c, TIMEOUT).expect("pvmm starts");
+    assert_eq!(
+        out.status.and_then(|s| s.code()),
+        Some(1),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        out.stderr.contains("--hypervisor kvm needs --pviommu off"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// `--hypervisor hyperv --pviommu off`: the Hyper-V interface and its
+/// reference time, no device domains; the pvIOMMU suites skip.
+#[test]
+fn hyperv_without_the_pviommu() {
+    if !artifacts::require_kvm() {
+        return;
+    }
+    let (out, r) = pvmm(&[
+        "--hypervisor",
+        "hyperv",
+        "--pviommu",
+        "off",
+        "--device",
+        "dma-test",
+        "--cmdline",
+        "tk.tests=pviommu,dma",
+    ]);
+    assert!(out.success(), "{}", out.describe());
+    r.expect_ok_or_skipped(&["pviommu", "dma"], &["pviommu", "dma"])
+        .unwrap_or_else(|p| panic!("{p}\n{}", out.describe()));
+    assert!(
+        r.tests.iter().all(|t| t
+            .skip
+            .as_deref()
+            .is_some_and(|s| s.contains("Hyper-V without the pvIOMMU"))),
+        "{}",
+        out.describe()
+    );
+    assert!(
+        has(&r, "reference time: TIME_REF_COUNT advances"),
+        "{}",
+        out.describe()
+    );
+}
+
+/// The Hyper-V reference time against this test's clock: the test kernel
+/// prints TIME_REF_COUNT (and the TSC page's time, where pvmm offers one),
+/// waits 10 s of it, and prints them again. A sanity check of the units and
+/// the source (the line timing here is only good to some 10 ms; Linux's
+/// drift over a minute is measured in tests/linux.rs).
+#[test]
+fn reference_time_keeps_the_hosts_time() {
+    if !artifacts::require_kvm() {
+        return;
+    }
+    const SECONDS: f64 = 10.0;
+    let bin = artifacts::pvmm().unwrap_or_else(|e| panic!("{e}"));
+    let _vm = run::vm_lock();
+    let mut c = integration_tests::linux::Console::start(
+        &bin,
+        &["--cmdline", "tk.tests=hvclock tk.hvclock_s=10"],
+    )
+    .expect("pvmm starts");
+    let mut reading = |what: &str| {
+        let line = c.wait_for(what, TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
+        let at = std::time::Instant::now();
+        // "hvclock: tN <TIME_REF_COUNT> page <page time or 0>"
+        let words: Vec<u64> = line
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        (at, words)
+    };
+    let (h0, g0) = reading("hvclock: t0");
+    let (h1, g1) = reading("hvclock: t1");
+    let (code, stderr, lines) = c.finish(TIMEOUT);
+    assert_eq!(code, Some(0), "{stderr}\n{}", lines.join("\n"));
+    let host = (h1 - h0).as_secs_f64();
+    let units = |i: usize| (g1[i] as f64 - g0[i] as f64) / 1e7;
+    let (msr, page) = (units(0), units(1));
+    println!(
+        "10 s of reference time took {host:.4} s of this test's clock; the TSC page's time \
+         advanced {page:.4} s"
+    );
+    assert!(
+        (SECONDS..SECONDS + 0.01).contains(&msr),
+        "TIME_REF_COUNT: {msr} s"
+    );
+    assert!((host - msr).abs() < 0.1, "{msr} s against {host} s");
+    if g0[1] != 0 {
+        assert!((page - msr).abs() < 0.001, "page {page} s, MSR {msr} s");
+    }
 }
 
 #[test]

@@ -6,7 +6,7 @@ use clap::Parser;
 
 use api::{AddDeviceRequest, DeviceSource, EmulatedKind};
 
-use crate::config::{parse_size, BootProtocol, KernelSource, SerialConfig, VmConfig};
+use crate::config::{parse_size, BootProtocol, Hypervisor, KernelSource, SerialConfig, VmConfig};
 
 /// Boots a kernel in a KVM virtual machine with a serial console, ACPI, SMP
 /// and PCI. Without --kernel, boots the test kernel built into pvmm.
@@ -42,9 +42,16 @@ pub struct Cli {
     /// api/openapi.json and pvmm-remote.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
-    /// The paravirtual IOMMU (Hyper-V-like CPUID leaves, MSRs, hypercalls).
-    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
-    pub pviommu: bool,
+    /// The paravirtual IOMMU, reached through the Hyper-V interface.
+    /// Default: on, unless --hypervisor kvm (which cannot have it).
+    #[arg(long, value_name = "on|off", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub pviommu: Option<bool>,
+    /// The hypervisor interface the guest sees: hyperv (Hyper-V leaves and
+    /// synthetic MSRs, no KVM signature: what the pvIOMMU needs) or kvm
+    /// (KVM's own leaves, kvmclock, no pvIOMMU). Default: hyperv, unless
+    /// --pviommu off.
+    #[arg(long, value_name = "hyperv|kvm")]
+    pub hypervisor: Option<Hypervisor>,
     /// Reps per pvIOMMU hypercall time slice (tests of rep restarts).
     #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u16).range(1..))]
     pub pviommu_rep_budget: Option<u16>,
@@ -75,9 +82,25 @@ fn parse_on_off(s: &str) -> Result<bool, String> {
 }
 
 impl Cli {
+    /// The hypervisor interface and whether the pvIOMMU is on, from
+    /// `--hypervisor` and `--pviommu`: either alone decides the other
+    /// (`--pviommu off` alone keeps KVM's interface, as before there was a
+    /// choice); `--hypervisor kvm --pviommu on` is refused, and
+    /// `--hypervisor hyperv --pviommu off` is Hyper-V without the pvIOMMU.
+    pub fn interface(&self) -> Result<(Hypervisor, bool), crate::Error> {
+        match (self.hypervisor, self.pviommu) {
+            (Some(Hypervisor::Kvm), Some(true)) => Err(crate::Error::PviommuNeedsHyperV),
+            (Some(Hypervisor::Kvm), _) | (None, Some(false)) => Ok((Hypervisor::Kvm, false)),
+            (Some(Hypervisor::HyperV) | None, pviommu) => {
+                Ok((Hypervisor::HyperV, pviommu.unwrap_or(true)))
+            }
+        }
+    }
+
     /// The VM configuration; `Err` with a message for values that cannot
     /// be represented at all (the VMM checks the rest against the host).
     pub fn to_config(&self) -> Result<VmConfig, crate::Error> {
+        let (hypervisor, pviommu) = self.interface()?;
         let cpus = match u8::try_from(self.cpus) {
             Ok(0) => return Err(crate::Error::NoCpus),
             Ok(n) => n,
@@ -109,13 +132,14 @@ impl Cli {
             } else {
                 BootProtocol::Auto
             },
-            pviommu: self.pviommu,
+            hypervisor,
+            pviommu,
             pviommu_rep_budget: self.pviommu_rep_budget,
             api: self.api_socket.is_some(),
             devices: if self.devices.is_empty()
                 && self.kernel.is_none()
                 && self.cmdline.is_none()
-                && self.pviommu
+                && pviommu
             {
                 // The main command: the test kernel shows the pvIOMMU at
                 // work on a DMA test device.
@@ -178,6 +202,49 @@ mod tests {
         );
         let c = parse(&["--cmdline", "x"]).unwrap().to_config().unwrap();
         assert!(c.devices.is_empty() && c.pviommu);
+        assert_eq!(c.hypervisor, Hypervisor::HyperV);
+    }
+
+    #[test]
+    fn hypervisor_and_pviommu() {
+        let interface = |args: &[&str]| {
+            let c = parse(args).unwrap().to_config().unwrap();
+            (c.hypervisor, c.pviommu)
+        };
+        assert_eq!(interface(&[]), (Hypervisor::HyperV, true));
+        assert_eq!(interface(&["--pviommu", "on"]), (Hypervisor::HyperV, true));
+        assert_eq!(interface(&["--pviommu", "off"]), (Hypervisor::Kvm, false));
+        assert_eq!(
+            interface(&["--hypervisor", "kvm"]),
+            (Hypervisor::Kvm, false)
+        );
+        assert_eq!(
+            interface(&["--hypervisor", "kvm", "--pviommu", "off"]),
+            (Hypervisor::Kvm, false)
+        );
+        assert_eq!(
+            interface(&["--hypervisor", "hyperv"]),
+            (Hypervisor::HyperV, true)
+        );
+        assert_eq!(
+            interface(&["--hypervisor", "hyperv", "--pviommu", "off"]),
+            (Hypervisor::HyperV, false)
+        );
+        let e = parse(&["--hypervisor", "kvm", "--pviommu", "on"])
+            .unwrap()
+            .to_config()
+            .unwrap_err();
+        assert!(matches!(e, crate::Error::PviommuNeedsHyperV));
+        assert!(e
+            .to_string()
+            .contains("--hypervisor kvm needs --pviommu off"));
+        // KVM's interface: the test kernel runs without the demo device.
+        let c = parse(&["--hypervisor", "kvm"])
+            .unwrap()
+            .to_config()
+            .unwrap();
+        assert!(c.devices.is_empty());
+        assert!(parse(&["--hypervisor", "xen"]).is_err());
     }
 
     #[test]
@@ -216,6 +283,7 @@ mod tests {
         assert_eq!(c.cpus, 4);
         assert_eq!(c.serial, SerialConfig::File("/tmp/s".into()));
         assert!(!c.pviommu);
+        assert_eq!(c.hypervisor, Hypervisor::Kvm);
         assert_eq!(c.pviommu_rep_budget, Some(16));
         assert_eq!(
             c.devices,

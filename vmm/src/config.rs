@@ -77,6 +77,44 @@ pub enum BootProtocol {
     Linux64,
 }
 
+/// Which hypervisor interface the guest sees at CPUID 0x40000000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Hypervisor {
+    /// Hyper-V ("Microsoft Hv"), no KVM signature anywhere: the pvIOMMU's
+    /// interface (crate::hyperv).
+    #[default]
+    HyperV,
+    /// KVM's own leaves as KVM reports them (kvmclock and KVM's other
+    /// paravirtual features), no Hyper-V leaves, no pvIOMMU.
+    Kvm,
+}
+
+/// A bad `--hypervisor` value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("Invalid hypervisor interface \"{0}\": use hyperv or kvm")]
+pub struct HypervisorError(String);
+
+impl FromStr for Hypervisor {
+    type Err = HypervisorError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "hyperv" => Ok(Self::HyperV),
+            "kvm" => Ok(Self::Kvm),
+            _ => Err(HypervisorError(s.to_string())),
+        }
+    }
+}
+
+impl fmt::Display for Hypervisor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::HyperV => "hyperv",
+            Self::Kvm => "kvm",
+        })
+    }
+}
+
 /// A bad size.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("Invalid size \"{0}\": use a number of bytes with an optional K, M or G suffix, like 512M")]
@@ -123,7 +161,10 @@ pub struct VmConfig {
     pub serial: SerialConfig,
     /// Entry point choice for ELF kernels.
     pub boot_protocol: BootProtocol,
-    /// The pvIOMMU: Hyper-V-like CPUID leaves, MSRs and hypercalls.
+    /// The hypervisor interface at CPUID 0x40000000.
+    pub hypervisor: Hypervisor,
+    /// The pvIOMMU (device domain hypercalls, advertised in the Hyper-V
+    /// leaves): needs [`Hypervisor::HyperV`].
     pub pviommu: bool,
     /// Reps per hypercall time slice (`None`: the iommu crate's default).
     pub pviommu_rep_budget: Option<u16>,
@@ -145,6 +186,7 @@ impl Default for VmConfig {
             cpus: 1,
             serial: SerialConfig::Stdout,
             boot_protocol: BootProtocol::Auto,
+            hypervisor: Hypervisor::HyperV,
             pviommu: true,
             pviommu_rep_budget: None,
             devices: Vec::new(),
@@ -154,6 +196,15 @@ impl Default for VmConfig {
 }
 
 impl VmConfig {
+    /// Checks what can be checked without KVM: the pvIOMMU is reached
+    /// through the Hyper-V interface.
+    pub fn validate(&self) -> crate::Result<()> {
+        if self.pviommu && self.hypervisor == Hypervisor::Kvm {
+            return Err(crate::Error::PviommuNeedsHyperV);
+        }
+        Ok(())
+    }
+
     /// The command line the guest gets: the configured one, or the default
     /// (`console=ttyS0 panic=1` for a kernel file; `console=ttyS0` plus
     /// `tk.mem` and `tk.cpus` for the embedded test kernel, so that it checks
@@ -217,6 +268,33 @@ mod tests {
         assert!("file=".parse::<SerialConfig>().is_err());
         assert!("tty".parse::<SerialConfig>().is_err());
         assert_eq!(SerialConfig::File("/a".into()).to_string(), "file=/a");
+    }
+
+    #[test]
+    fn hypervisor_values() {
+        assert_eq!("hyperv".parse(), Ok(Hypervisor::HyperV));
+        assert_eq!("kvm".parse(), Ok(Hypervisor::Kvm));
+        assert!("xen".parse::<Hypervisor>().is_err());
+        assert_eq!(Hypervisor::Kvm.to_string(), "kvm");
+        assert_eq!(Hypervisor::default(), Hypervisor::HyperV);
+        let c = VmConfig::default();
+        assert!(c.validate().is_ok());
+        let c = VmConfig {
+            hypervisor: Hypervisor::Kvm,
+            ..Default::default()
+        };
+        assert!(matches!(
+            c.validate(),
+            Err(crate::Error::PviommuNeedsHyperV)
+        ));
+        for (hypervisor, pviommu) in [(Hypervisor::Kvm, false), (Hypervisor::HyperV, false)] {
+            let c = VmConfig {
+                hypervisor,
+                pviommu,
+                ..Default::default()
+            };
+            assert!(c.validate().is_ok());
+        }
     }
 
     #[test]

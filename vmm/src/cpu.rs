@@ -87,6 +87,24 @@ pub fn apply_topology(entries: &mut Vec<kvm_cpuid_entry2>, index: u32, count: u3
     }
 }
 
+/// The CPUID of vCPU `index` of `count`: KVM's `supported` entries with
+/// the VM's topology, then `hook`'s edits (the Hyper-V interface replaces
+/// the hypervisor leaves); without a hook, KVM's own leaves stay as KVM
+/// reports them (its signature at 0x40000000).
+pub fn vcpu_cpuid(
+    supported: &[kvm_cpuid_entry2],
+    index: u32,
+    count: u32,
+    hook: Option<&crate::hooks::CpuidHook>,
+) -> Vec<kvm_cpuid_entry2> {
+    let mut entries = supported.to_vec();
+    apply_topology(&mut entries, index, count);
+    if let Some(hook) = hook {
+        hook(index, &mut entries);
+    }
+    entries
+}
+
 /// Builds a [`CpuId`] from entries.
 pub fn to_cpuid(entries: &[kvm_cpuid_entry2]) -> Result<CpuId> {
     CpuId::from_entries(entries).map_err(|e| Error::KvmTable("CPUID table", e))
@@ -352,6 +370,7 @@ fn write_identity_map(mem: &GuestMemoryMmap) -> Result<()> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use iommu::abi::cpuid;
 
     fn leaf(function: u32, index: u32, eax: u32, ebx: u32, ecx: u32, edx: u32) -> kvm_cpuid_entry2 {
         kvm_cpuid_entry2 {
@@ -437,6 +456,76 @@ mod tests {
             apply_topology(&mut e, 0, n);
             assert_eq!(find(&e, 0xb, 1).eax, bits, "{n}");
         }
+    }
+
+    fn signature(e: &kvm_cpuid_entry2) -> [u8; 12] {
+        let mut s = [0u8; 12];
+        s[..4].copy_from_slice(&e.ebx.to_le_bytes());
+        s[4..8].copy_from_slice(&e.ecx.to_le_bytes());
+        s[8..].copy_from_slice(&e.edx.to_le_bytes());
+        s
+    }
+
+    /// The signatures at every base Linux looks at.
+    fn signatures(e: &[kvm_cpuid_entry2]) -> Vec<(u32, [u8; 12])> {
+        e.iter()
+            .filter(|x| (0x4000_0000..0x4001_0000).contains(&x.function) && x.function & 0xff == 0)
+            .map(|x| (x.function, signature(x)))
+            .collect()
+    }
+
+    /// KVM's supported CPUID: this host's if it has a KVM, else what KVM
+    /// reports (its signature and features leaves).
+    fn supported() -> Vec<kvm_cpuid_entry2> {
+        match kvm_ioctls::Kvm::new() {
+            Ok(kvm) => kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .unwrap()
+                .as_slice()
+                .to_vec(),
+            Err(_) => {
+                let mut e = intel_like();
+                e.push(leaf(
+                    0x4000_0000,
+                    0,
+                    0x4000_0001,
+                    0x4b4d_564b,
+                    0x564b_4d56,
+                    0x4d,
+                ));
+                e.push(leaf(0x4000_0001, 0, 0x1234, 0, 0, 0));
+                e
+            }
+        }
+    }
+
+    #[test]
+    fn kvm_interface_keeps_kvms_signature_at_0x40000000() {
+        let e = vcpu_cpuid(&supported(), 1, 2, None);
+        assert_eq!(
+            signatures(&e),
+            vec![(0x4000_0000, cpuid::KVM_SIGNATURE)],
+            "KVM's own layout, nothing else"
+        );
+        assert_eq!(find(&e, 1, 0).ebx >> 24, 1, "the topology applies");
+    }
+
+    #[test]
+    fn hyperv_interface_has_no_kvm_signature() {
+        let p = std::sync::Arc::new(crate::hyperv::Partition::new(crate::hyperv::HvParams {
+            vcpus: 2,
+            host_cpus: 2,
+            tsc_khz: Some(3_000_000),
+            tsc_at_start: 0,
+            invariant_tsc: false,
+            pviommu: true,
+        }));
+        let hook: std::sync::Arc<crate::hooks::CpuidHook> =
+            std::sync::Arc::new(move |_, e: &mut Vec<kvm_cpuid_entry2>| p.cpuid(e));
+        let e = vcpu_cpuid(&supported(), 0, 2, Some(&*hook));
+        assert_eq!(signatures(&e), vec![(0x4000_0000, *b"Microsoft Hv")]);
+        assert!(e.iter().all(|x| signature(x) != cpuid::KVM_SIGNATURE));
+        assert_eq!(find(&e, 0x4000_0001, 0).eax, cpuid::INTERFACE_EAX);
     }
 
     #[test]

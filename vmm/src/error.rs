@@ -30,6 +30,25 @@ pub enum Error {
     /// A table for KVM (CPUID, MSRs) has more entries than KVM takes.
     #[error("The {0} has too many entries for KVM")]
     KvmTable(&'static str, #[source] vmm_sys_util::fam::Error),
+    /// The pvIOMMU asked for without the Hyper-V interface.
+    #[error(
+        "The pvIOMMU is reached through the Hyper-V interface: --hypervisor kvm needs \
+         --pviommu off (or use --hypervisor hyperv, the default)"
+    )]
+    PviommuNeedsHyperV,
+    /// MSR hooks asked for more than KVM's MSR filter takes.
+    #[error(
+        "The MSR hooks ask for {ranges} MSR ranges (KVM's filter takes at most {max_ranges} \
+         non-empty ranges of at most {max_msrs} MSRs)"
+    )]
+    MsrFilter {
+        /// Ranges asked for.
+        ranges: usize,
+        /// KVM's limit on ranges.
+        max_ranges: usize,
+        /// KVM's limit on MSRs per range.
+        max_msrs: u32,
+    },
     /// Zero vCPUs.
     #[error("--cpus must be at least 1")]
     NoCpus,

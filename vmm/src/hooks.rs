@@ -7,11 +7,13 @@
 //!   the vCPU's own thread, which says
 //!   what to do: write RAX, restart the call at a RIP of its choice with a
 //!   new RCX (rep time slicing), or treat the `out` as one to an unused port.
-//! - [`MsrHandler`]: the MSRs it lists are filtered out of KVM
-//!   (KVM_X86_SET_MSR_FILTER) and their reads and writes come here.
+//! - [`MsrHandler`]: the MSR ranges it lists are filtered out of KVM
+//!   (KVM_X86_SET_MSR_FILTER) and their reads and writes come here, on the
+//!   vCPU's thread, with an [`MsrContext`] that can read the vCPU's TSC.
 //! - [`CpuidHook`]: edits each vCPU's CPUID entries after the topology is
 //!   applied (for example Hyper-V leaves at 0x4000_0000).
 
+use std::ops::Range;
 use std::sync::Arc;
 
 pub use iommu::abi::HYPERCALL_PORT;
@@ -67,14 +69,50 @@ pub trait PortIoHypercall: Send + Sync {
     ) -> HypercallAction;
 }
 
+/// The most MSR ranges KVM's MSR filter takes.
+pub const MAX_MSR_RANGES: usize = kvm_bindings::KVM_MSR_FILTER_MAX_RANGES as usize;
+/// The most MSRs one filter range covers (its bitmap's size in bits).
+pub const MAX_MSRS_PER_RANGE: u32 = kvm_bindings::KVM_MSR_FILTER_MAX_BITMAP_SIZE * 8;
+
+/// Where an MSR access comes from: the vCPU, guest RAM, and the vCPU's TSC.
+pub struct MsrContext<'a> {
+    mem: &'a GuestMemoryMmap,
+    vp_index: u32,
+    tsc: &'a dyn Fn() -> Option<u64>,
+}
+
+impl<'a> MsrContext<'a> {
+    /// The context of an access by vCPU `vp_index`, whose TSC `tsc` reads.
+    pub fn new(mem: &'a GuestMemoryMmap, vp_index: u32, tsc: &'a dyn Fn() -> Option<u64>) -> Self {
+        Self { mem, vp_index, tsc }
+    }
+
+    /// Guest RAM.
+    pub fn mem(&self) -> &'a GuestMemoryMmap {
+        self.mem
+    }
+
+    /// The vCPU's index.
+    pub fn vp_index(&self) -> u32 {
+        self.vp_index
+    }
+
+    /// The vCPU's TSC now, as the guest would read it (KVM_GET_MSRS of
+    /// IA32_TSC: one ioctl, so only when needed); `None` if KVM refused.
+    pub fn guest_tsc(&self) -> Option<u64> {
+        (self.tsc)()
+    }
+}
+
 /// Handles MSRs in user space.
 pub trait MsrHandler: Send + Sync {
-    /// The MSRs to take over from KVM (at most 16).
-    fn msrs(&self) -> Vec<u32>;
-    /// A read by vCPU `vp_index`; `None` injects #GP.
-    fn read(&self, mem: &GuestMemoryMmap, vp_index: u32, msr: u32) -> Option<u64>;
-    /// A write by vCPU `vp_index`; `false` injects #GP.
-    fn write(&self, mem: &GuestMemoryMmap, vp_index: u32, msr: u32, value: u64) -> bool;
+    /// The MSRs to take over from KVM: at most [`MAX_MSR_RANGES`] ranges of
+    /// at most [`MAX_MSRS_PER_RANGE`] MSRs each.
+    fn msr_ranges(&self) -> Vec<Range<u32>>;
+    /// A read; `None` injects #GP. Must not panic on any input.
+    fn read(&self, ctx: &MsrContext<'_>, msr: u32) -> Option<u64>;
+    /// A write; `false` injects #GP. Must not panic on any input.
+    fn write(&self, ctx: &MsrContext<'_>, msr: u32, value: u64) -> bool;
 }
 
 /// Edits the CPUID entries of vCPU `vp_index` before they are set.

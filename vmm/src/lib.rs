@@ -15,6 +15,7 @@ pub mod error;
 pub mod event_loop;
 pub mod hooks;
 pub mod hotplug;
+pub mod hyperv;
 pub mod kvm;
 pub mod pviommu;
 pub mod removal;
@@ -30,11 +31,11 @@ use kvm_bindings::kvm_enable_cap;
 use kvm_ioctls::{Kvm, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VmFd};
 use vm_memory::GuestMemoryMmap;
 
-pub use config::{BootProtocol, KernelSource, SerialConfig, VmConfig};
+pub use config::{BootProtocol, Hypervisor, KernelSource, SerialConfig, VmConfig};
 pub use device_manager::DeviceManager;
 pub use error::{Error, Result, VcpuExitError};
 pub use hooks::{
-    HypercallAction, HypercallExit, HypercallRegs, MsrHandler, PortIoHypercall, VmHooks,
+    HypercallAction, HypercallExit, HypercallRegs, MsrContext, MsrHandler, PortIoHypercall, VmHooks,
 };
 
 use boot::KernelImage;
@@ -93,8 +94,26 @@ impl std::fmt::Debug for Vmm {
     }
 }
 
-/// Takes the MSRs of `handler` out of KVM so that they exit to user space.
-fn install_msr_filter(vm: &VmFd, msrs: &[u32]) -> Result<()> {
+/// Checks `ranges` against what KVM's MSR filter takes.
+fn check_msr_ranges(ranges: &[std::ops::Range<u32>]) -> Result<()> {
+    let fits = ranges.len() <= hooks::MAX_MSR_RANGES
+        && ranges
+            .iter()
+            .all(|r| !r.is_empty() && r.len() <= hooks::MAX_MSRS_PER_RANGE as usize);
+    if fits {
+        Ok(())
+    } else {
+        Err(Error::MsrFilter {
+            ranges: ranges.len(),
+            max_ranges: hooks::MAX_MSR_RANGES,
+            max_msrs: hooks::MAX_MSRS_PER_RANGE,
+        })
+    }
+}
+
+/// Takes the MSRs of `ranges` out of KVM so that they exit to user space.
+fn install_msr_filter(vm: &VmFd, ranges: &[std::ops::Range<u32>]) -> Result<()> {
+    check_msr_ranges(ranges)?;
     let cap = kvm_enable_cap {
         cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
         args: [u64::from(kvm_bindings::KVM_MSR_EXIT_REASON_FILTER), 0, 0, 0],
@@ -102,16 +121,16 @@ fn install_msr_filter(vm: &VmFd, msrs: &[u32]) -> Result<()> {
     };
     vm.enable_cap(&cap)
         .map_err(|e| Error::Kvm("KVM_CAP_X86_USER_SPACE_MSR", e))?;
-    // One range per MSR, its bit clear: denied to the guest in KVM, so the
-    // access exits to user space.
-    let deny = [0u8];
-    let ranges: Vec<MsrFilterRange<'_>> = msrs
+    // Every bit of each range's bitmap clear: denied to the guest in KVM,
+    // so the access exits to user space.
+    let deny = vec![0u8; hooks::MAX_MSRS_PER_RANGE as usize / 8];
+    let ranges: Vec<MsrFilterRange<'_>> = ranges
         .iter()
-        .map(|&base| MsrFilterRange {
+        .map(|r| MsrFilterRange {
             flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
-            base,
-            msr_count: 1,
-            bitmap: &deny,
+            base: r.start,
+            msr_count: r.end - r.start,
+            bitmap: &deny[..r.len().div_ceil(8)],
         })
         .collect();
     vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
@@ -122,6 +141,7 @@ impl Vmm {
     /// Builds the VM described by `config`, with `hooks` in its vCPU loops.
     pub fn new(config: VmConfig, hooks: VmHooks) -> Result<Self> {
         // Everything that can be checked without KVM first.
+        config.validate()?;
         resources::layout::check_memory_size(config.memory).map_err(Error::Memory)?;
         if config.cpus == 0 {
             return Err(Error::NoCpus);
@@ -140,8 +160,8 @@ impl Vmm {
         kvm::check_vcpus(&kvm, u32::from(config.cpus))?;
 
         // One IOMMU per VM (devices start in the default domain, GPA); the
-        // guest reaches it with --pviommu on, through the pvIOMMU hooks,
-        // unless the caller brought hooks of its own.
+        // guest reaches it through the Hyper-V interface (crate::hyperv,
+        // crate::pviommu), unless the caller brought hooks of its own.
         let iommu = Arc::new(
             iommu::Iommu::new(iommu::IommuConfig {
                 rep_budget: config
@@ -151,23 +171,30 @@ impl Vmm {
             })
             .map_err(Error::Iommu)?,
         );
-        let pv_hooks = config.pviommu
+        let hyperv = config.hypervisor == Hypervisor::HyperV
             && hooks.hypercall.is_none()
             && hooks.msr.is_none()
             && hooks.cpuid.is_none();
-        let hooks = if pv_hooks {
-            VmHooks {
-                cpuid: None, // below, with the TSC frequency
-                ..Arc::new(pviommu::Pviommu::new(iommu.clone())).hooks()
-            }
+        // Devices default to the pvIOMMU only where the guest can see it.
+        let pv_devices = hyperv && config.pviommu;
+        let msr_ranges = if hyperv {
+            vec![hyperv::MSR_RANGE]
         } else {
             hooks
+                .msr
+                .as_ref()
+                .map(|h| h.msr_ranges())
+                .unwrap_or_default()
         };
+        check_msr_ranges(&msr_ranges)?;
 
         let memory = Arc::new(kvm::create_guest_memory(config.memory)?);
-        let vm = Arc::new(kvm::create_vm(&kvm, &memory, |vm| match &hooks.msr {
-            Some(msr) => install_msr_filter(vm, &msr.msrs()),
-            None => Ok(()),
+        let vm = Arc::new(kvm::create_vm(&kvm, &memory, |vm| {
+            if msr_ranges.is_empty() {
+                Ok(())
+            } else {
+                install_msr_filter(vm, &msr_ranges)
+            }
         })?);
         let mut devices = DeviceManager::new(
             vm.clone(),
@@ -175,7 +202,7 @@ impl Vmm {
             config.memory,
             &config.serial,
             iommu.clone(),
-            pv_hooks,
+            pv_devices,
         )?;
         // The command line's devices take the path of the API's.
         for d in &config.devices {
@@ -218,18 +245,40 @@ impl Vmm {
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let count = u32::from(config.cpus);
+        let mut hooks = hooks;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..count {
             let fd = vm
                 .create_vcpu(u64::from(index))
                 .map_err(|e| Error::Kvm("KVM_CREATE_VCPU", e))?;
-            let mut entries = supported.as_slice().to_vec();
-            cpu::apply_topology(&mut entries, index, count);
-            if pv_hooks {
-                pviommu::hyperv_cpuid(&mut entries, fd.get_tsc_khz().ok());
-            } else if let Some(hook) = &hooks.cpuid {
-                hook(index, &mut entries);
+            if hyperv && index == 0 {
+                // The reference clock starts with the boot vCPU's TSC (KVM
+                // keeps the others in step) at the frequency KVM gives it.
+                let params = hyperv::HvParams {
+                    vcpus: count,
+                    host_cpus: std::thread::available_parallelism()
+                        .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
+                    tsc_khz: fd.get_tsc_khz().ok().filter(|&khz| khz != 0),
+                    tsc_at_start: vcpu::guest_tsc(&fd).unwrap_or(0),
+                    invariant_tsc: hyperv::invariant_tsc(supported.as_slice()),
+                    pviommu: config.pviommu,
+                };
+                let partition = hyperv::Partition::new(params);
+                log::info!(
+                    "Hyper-V interface: privileges {:#x}, features {:#x}, TSC {} Hz, reference TSC page {}",
+                    partition.privileges(),
+                    partition.features_edx(),
+                    partition.tsc_hz().unwrap_or(0),
+                    if partition.reference_tsc_available() {
+                        "offered"
+                    } else {
+                        "not offered (no invariant TSC): TIME_REF_COUNT follows the host clock"
+                    }
+                );
+                hooks = Arc::new(pviommu::Pviommu::new(iommu.clone(), partition)).hooks();
             }
+            let entries =
+                cpu::vcpu_cpuid(supported.as_slice(), index, count, hooks.cpuid.as_deref());
             fd.set_cpuid2(&cpu::to_cpuid(&entries)?)
                 .map_err(|e| Error::Kvm("KVM_SET_CPUID2", e))?;
             cpu::setup_msrs(&fd)?;
@@ -355,4 +404,28 @@ impl Vmm {
 /// Builds and runs a VM without hooks.
 pub fn run(config: VmConfig) -> Result<ExitReason> {
     Vmm::new(config, VmHooks::default())?.run()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn msr_filter_ranges_are_checked() {
+        assert!(check_msr_ranges(&[]).is_ok());
+        assert!(check_msr_ranges(&[hyperv::MSR_RANGE]).is_ok());
+        let sixteen: Vec<_> = (0..16u32).map(|i| i * 0x100..i * 0x100 + 1).collect();
+        assert!(check_msr_ranges(&sixteen).is_ok());
+        let seventeen: Vec<_> = (0..17u32).map(|i| i * 0x100..i * 0x100 + 1).collect();
+        assert!(matches!(
+            check_msr_ranges(&seventeen),
+            Err(Error::MsrFilter { ranges: 17, .. })
+        ));
+        let empty = 5..5;
+        assert!(check_msr_ranges(&[empty]).is_err());
+        let whole_bitmap = 0..hooks::MAX_MSRS_PER_RANGE;
+        assert!(check_msr_ranges(&[whole_bitmap]).is_ok());
+        let too_long = 0..hooks::MAX_MSRS_PER_RANGE + 1;
+        assert!(check_msr_ranges(&[too_long]).is_err());
+    }
 }

@@ -19,7 +19,9 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result, VcpuExitError};
-use crate::hooks::{HypercallAction, HypercallExit, HypercallRegs, VmHooks, HYPERCALL_PORT};
+use crate::hooks::{
+    HypercallAction, HypercallExit, HypercallRegs, MsrContext, VmHooks, HYPERCALL_PORT,
+};
 use crate::ExitReason;
 
 /// Where the first reason for the VM to end is recorded.
@@ -125,10 +127,21 @@ fn install_stop_handler() -> Result<()> {
     res
 }
 
+/// An RDMSR or WRMSR exit to user space (KVM's MSR filter).
+#[derive(Clone, Copy)]
+struct MsrExit {
+    index: u32,
+    /// The value written; `None` for a read.
+    write: Option<u64>,
+}
+
 /// What the loop does after an exit.
 enum Next {
     Continue,
     Hypercall,
+    /// Handled once the exit no longer borrows the vCPU, so that the
+    /// handler can read the vCPU's TSC.
+    Msr(MsrExit),
     Stop(Result<ExitReason>),
     Fail(VcpuExitError),
 }
@@ -150,6 +163,7 @@ impl Vcpu {
             match self.step(shared) {
                 Next::Continue => {}
                 Next::Hypercall => self.hypercall(shared),
+                Next::Msr(m) => self.msr(shared, m),
                 Next::Stop(r) => {
                     shared.exit.report(r);
                     break;
@@ -212,27 +226,14 @@ impl Vcpu {
                     shared.mmio_bus.write(addr, data);
                     Next::Continue
                 }
-                VcpuExit::X86Rdmsr(exit) => {
-                    let value = shared
-                        .hooks
-                        .msr
-                        .as_ref()
-                        .and_then(|h| h.read(&shared.memory, self.index, exit.index));
-                    match value {
-                        Some(v) => *exit.data = v,
-                        None => *exit.error = 1,
-                    }
-                    Next::Continue
-                }
-                VcpuExit::X86Wrmsr(exit) => {
-                    let ok = shared.hooks.msr.as_ref().is_some_and(|h| {
-                        h.write(&shared.memory, self.index, exit.index, exit.data)
-                    });
-                    if !ok {
-                        *exit.error = 1;
-                    }
-                    Next::Continue
-                }
+                VcpuExit::X86Rdmsr(exit) => Next::Msr(MsrExit {
+                    index: exit.index,
+                    write: None,
+                }),
+                VcpuExit::X86Wrmsr(exit) => Next::Msr(MsrExit {
+                    index: exit.index,
+                    write: Some(exit.data),
+                }),
                 // The EOI of a level-triggered IOAPIC interrupt: pins are
                 // pulsed through irqfds, so there is no line to sample
                 // again (devices::ioapic).
@@ -288,6 +289,34 @@ impl Vcpu {
             }
         }
         self.fd.set_sync_dirty_reg(SyncReg::Register);
+    }
+
+    /// Runs the MSR hook for the RDMSR or WRMSR exit `m` (the last exit)
+    /// and leaves its outcome in `kvm_run` for the next KVM_RUN: the value
+    /// read, or the #GP flag.
+    #[allow(unsafe_code)]
+    fn msr(&mut self, shared: &VcpuShared, m: MsrExit) {
+        let fd = &self.fd;
+        let tsc = || guest_tsc(fd);
+        let ctx = MsrContext::new(&shared.memory, self.index, &tsc);
+        let outcome = match (shared.hooks.msr.as_ref(), m.write) {
+            (None, _) => None,
+            (Some(h), None) => h.read(&ctx, m.index),
+            (Some(h), Some(value)) => h.write(&ctx, m.index, value).then_some(value),
+        };
+        let run = self.fd.get_kvm_run();
+        // SAFETY: `m` came from the last exit, KVM_EXIT_X86_RDMSR or
+        // KVM_EXIT_X86_WRMSR, and the vCPU has not run since: `msr` is the
+        // union member KVM filled, and the one it reads back on KVM_RUN.
+        let msr = unsafe { &mut run.__bindgen_anon_1.msr };
+        match outcome {
+            Some(value) => {
+                if m.write.is_none() {
+                    msr.data = value;
+                }
+            }
+            None => msr.error = 1,
+        }
     }
 
     /// The details of a KVM_EXIT_INTERNAL_ERROR.
@@ -360,6 +389,21 @@ impl Drop for VcpuThreads {
         if !self.handles.is_empty() {
             self.stop_all();
         }
+    }
+}
+
+/// The TSC of `vcpu` now, as its guest reads it (KVM_GET_MSRS of
+/// IA32_TSC).
+pub(crate) fn guest_tsc(vcpu: &VcpuFd) -> Option<u64> {
+    const MSR_IA32_TSC: u32 = 0x10;
+    let mut msrs = kvm_bindings::Msrs::from_entries(&[kvm_bindings::kvm_msr_entry {
+        index: MSR_IA32_TSC,
+        ..Default::default()
+    }])
+    .ok()?;
+    match vcpu.get_msrs(&mut msrs) {
+        Ok(1) => msrs.as_slice().first().map(|e| e.data),
+        _ => None,
     }
 }
 

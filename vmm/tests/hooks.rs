@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm::{
-    ExitReason, HypercallAction, HypercallExit, KernelSource, MsrHandler, PortIoHypercall,
-    SerialConfig, VmConfig, VmHooks, Vmm,
+    ExitReason, HypercallAction, HypercallExit, KernelSource, MsrContext, MsrHandler,
+    PortIoHypercall, SerialConfig, VmConfig, VmHooks, Vmm,
 };
 
 const RESULT_ADDR: u32 = 0x5000;
@@ -56,6 +56,7 @@ fn guest_code() -> Vec<u8> {
 struct Recorder {
     calls: Mutex<Vec<(u32, HypercallExit)>>,
     msr_writes: Mutex<Vec<(u32, u32, u64)>>,
+    tsc_reads: Mutex<Vec<bool>>,
 }
 
 impl PortIoHypercall for Recorder {
@@ -73,14 +74,23 @@ impl PortIoHypercall for Recorder {
 }
 
 impl MsrHandler for Recorder {
-    fn msrs(&self) -> Vec<u32> {
-        vec![MSR]
+    fn msr_ranges(&self) -> Vec<std::ops::Range<u32>> {
+        let one = MSR..MSR + 1;
+        vec![one]
     }
-    fn read(&self, _mem: &GuestMemoryMmap, _vp: u32, msr: u32) -> Option<u64> {
+    fn read(&self, ctx: &MsrContext<'_>, msr: u32) -> Option<u64> {
+        // The vCPU's TSC is readable from the hook.
+        self.tsc_reads
+            .lock()
+            .expect("lock")
+            .push(ctx.guest_tsc().is_some());
         (msr == MSR).then_some(0x1122_3344_5566_7788)
     }
-    fn write(&self, _mem: &GuestMemoryMmap, vp: u32, msr: u32, value: u64) -> bool {
-        self.msr_writes.lock().expect("lock").push((vp, msr, value));
+    fn write(&self, ctx: &MsrContext<'_>, msr: u32, value: u64) -> bool {
+        self.msr_writes
+            .lock()
+            .expect("lock")
+            .push((ctx.vp_index(), msr, value));
         true
     }
 }
@@ -135,5 +145,6 @@ fn hypercall_msr_and_cpuid_hooks() {
         rec.msr_writes.lock().expect("lock").clone(),
         vec![(0, MSR, 0x1_0000_abcd)]
     );
+    assert_eq!(rec.tsc_reads.lock().expect("lock").clone(), vec![true]);
     assert_eq!(word(16), u32::from_le_bytes(*b"pvmm"), "CPUID hook");
 }

@@ -396,3 +396,6 @@ HV_CALL_PAGE:
     .globl HV_IO_PAGES
 HV_IO_PAGES:
     .skip 4096 * 2 * 4                  /* input + output page per CPU, 4 CPUs */
+    .globl HV_TSC_PAGE
+HV_TSC_PAGE:
+    .skip 4096                          /* the reference TSC page (VMM overlay) */

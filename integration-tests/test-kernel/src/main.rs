@@ -20,7 +20,9 @@
 //! - `tk.iommu_dev=BB:DD.F`: a PCI device the VMM put behind the pvIOMMU,
 //!   for the attach/detach checks
 //!
-//! `tk.tests=hvbench` runs the guest-driven pvIOMMU benchmark, and
+//! `tk.tests=hvbench` runs the guest-driven pvIOMMU benchmark,
+//! `tk.tests=hvclock` prints the Hyper-V reference time twice,
+//! `tk.hvclock_s` seconds apart (the host times the lines), and
 //! `tk.tests=hotplug` waits for PCI hotplug events from the API (never part
 //! of the default set).
 
@@ -96,6 +98,7 @@ const TESTS: &[(&str, Ring, TestFn)] = &[
 /// Tests that run only when named (benchmarks).
 const ON_REQUEST: &[(&str, Ring, TestFn)] = &[
     ("hvbench", Ring::Kernel, suites::hvbench::run),
+    ("hvclock", Ring::Kernel, suites::hvclock::run),
     ("hotplug", Ring::Kernel, suites::hotplug::run),
 ];
 

@@ -13,10 +13,10 @@ use pviommu_abi::{
     cpuid, msr, Control, DeviceDomainId, DeviceId, HvStatus, HypercallCode, HypercallMsr,
     HypercallOutput, InputAttachDeviceDomain, InputCreateDeviceDomain, InputDeleteDeviceDomain,
     InputDetachDeviceDomain, InputDeviceDomain, InputMapDeviceGpaPages, InputUnmapDeviceGpaPages,
-    MapFlags, HV_PARTITION_ID_SELF, HYPERCALL_PAGE_CODE, MAP_MAX_REPS_PER_PAGE,
+    MapFlags, ReferenceTscPage, HV_PARTITION_ID_SELF, HYPERCALL_PAGE_CODE, MAP_MAX_REPS_PER_PAGE,
 };
 use zerocopy::little_endian::{U32, U64};
-use zerocopy::IntoBytes;
+use zerocopy::{FromBytes, IntoBytes};
 
 /// CPUs with their own hypercall input/output pages.
 pub const MAX_HV_CPUS: usize = 4;
@@ -26,6 +26,7 @@ extern "C" {
     static HV_CALL_GUARD: u8;
     static HV_CALL_PAGE: u8;
     static HV_IO_PAGES: u8;
+    static HV_TSC_PAGE: u8;
 }
 
 /// What CPUID advertises.
@@ -35,6 +36,10 @@ pub struct Features {
     /// Leaf 0x40000003 EAX (privileges) and EDX.
     pub privileges: u32,
     pub features_edx: u32,
+    /// Leaf 0x40000004 EAX (recommendations).
+    pub hints: u32,
+    /// Leaf 0x40000005 EAX (most virtual processors).
+    pub max_vps: u32,
     /// Leaf 0x40000006 EAX.
     pub hardware: u32,
 }
@@ -45,6 +50,16 @@ impl Features {
     }
     pub fn vp_index(&self) -> bool {
         self.privileges & cpuid::FEATURES_EAX_VP_INDEX != 0
+    }
+    pub fn time_ref_count(&self) -> bool {
+        self.privileges & cpuid::FEATURES_EAX_TIME_REF_COUNT != 0
+    }
+    pub fn reference_tsc(&self) -> bool {
+        self.privileges & cpuid::FEATURES_EAX_REFERENCE_TSC != 0
+    }
+    pub fn frequency_msrs(&self) -> bool {
+        self.privileges & cpuid::FEATURES_EAX_FREQUENCY_MSRS != 0
+            && self.features_edx & cpuid::FEATURES_EDX_FREQUENCY_MSRS != 0
     }
     pub fn device_domains(&self) -> bool {
         self.features_edx & cpuid::FEATURES_EDX_DEVICE_DOMAINS != 0
@@ -67,15 +82,26 @@ pub fn vendor(leaf: u32) -> [u8; 12] {
     v
 }
 
-/// Looks for the Hyper-V interface the contract describes.
-pub fn detect() -> Result<Features, &'static str> {
+/// The first hypervisor leaf base with KVM's signature, where Linux looks
+/// for it (every 0x100 from 0x40000000 to 0x40010000).
+pub fn kvm_signature_base() -> Option<u32> {
+    (0x4000_0000u32..0x4001_0000)
+        .step_by(0x100)
+        .find(|&base| vendor(base) == cpuid::KVM_SIGNATURE)
+}
+
+/// Looks for the Hyper-V interface the contract describes (section 1).
+pub fn detect_hyperv() -> Result<Features, &'static str> {
     let hypervisor = x86::cpuid(1, 0).2 & (1 << 31) != 0;
     if !hypervisor {
-        return Err("CPUID.1:ECX.hypervisor is clear");
+        return Err("CPUID.1:ECX.hypervisor is clear: no pvIOMMU");
     }
     let (max_leaf, ebx, ecx, edx) = x86::cpuid(cpuid::LEAF_VENDOR, 0);
+    if vendor(cpuid::LEAF_VENDOR) == cpuid::KVM_SIGNATURE {
+        return Err("the hypervisor is KVM (its signature at 0x40000000): no pvIOMMU");
+    }
     if (ebx, ecx, edx) != (cpuid::VENDOR_EBX, cpuid::VENDOR_ECX, cpuid::VENDOR_EDX) {
-        return Err("leaf 0x40000000 is not \"Microsoft Hv\"");
+        return Err("leaf 0x40000000 is not \"Microsoft Hv\": no pvIOMMU");
     }
     if max_leaf < cpuid::MIN_MAX_LEAF {
         return Err("leaf 0x40000000 EAX is below 0x40000006");
@@ -84,13 +110,47 @@ pub fn detect() -> Result<Features, &'static str> {
         return Err("leaf 0x40000001 EAX is not \"Hv#1\"");
     }
     let (privileges, _, _, features_edx) = x86::cpuid(cpuid::LEAF_FEATURES, 0);
+    let hints = x86::cpuid(cpuid::LEAF_HINTS, 0).0;
+    let max_vps = x86::cpuid(cpuid::LEAF_LIMITS, 0).0;
     let hardware = x86::cpuid(cpuid::LEAF_HARDWARE_FEATURES, 0).0;
     Ok(Features {
         max_leaf,
         privileges,
         features_edx,
+        hints,
+        max_vps,
         hardware,
     })
+}
+
+/// Looks for the pvIOMMU: the Hyper-V interface with the hypercall MSRs,
+/// device domains and DMA remapping.
+pub fn detect() -> Result<Features, &'static str> {
+    let f = detect_hyperv()?;
+    if !f.hypercall_msrs() {
+        return Err("Hyper-V without the hypercall MSRs (0x40000003 EAX bit 5): no pvIOMMU");
+    }
+    if !f.device_domains() || !f.dma_remapping() {
+        return Err("Hyper-V without the pvIOMMU: no device domains (0x40000003 EDX bit 24) or DMA remapping (0x40000006 EAX bit 4)");
+    }
+    Ok(f)
+}
+
+/// Guest physical address of the page the kernel offers as its reference
+/// TSC page.
+pub fn tsc_page() -> u64 {
+    core::ptr::addr_of!(HV_TSC_PAGE) as u64
+}
+
+/// The reference TSC page's header as the VMM left it.
+pub fn read_tsc_page() -> ReferenceTscPage {
+    let mut bytes = [0u8; core::mem::size_of::<ReferenceTscPage>()];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        // SAFETY: the kernel's own page (mapped), which the VMM writes: read
+        // volatile, a byte at a time.
+        *b = unsafe { x86::mmio_read(tsc_page() + i as u64) };
+    }
+    ReferenceTscPage::read_from_bytes(&bytes).unwrap_or_default()
 }
 
 /// Guest physical address of the hypercall page.

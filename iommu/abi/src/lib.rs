@@ -17,7 +17,7 @@
 use bitfield_struct::bitfield;
 use core::fmt;
 use core::num::NonZeroU16;
-use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::little_endian::{I64, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Hypercall pages are 4 KiB whatever the guest's page size (HV_HYP_PAGE_SHIFT).
@@ -97,14 +97,27 @@ pub mod cpuid {
     pub const LEAF_VENDOR: u32 = 0x4000_0000;
     /// Interface signature.
     pub const LEAF_INTERFACE: u32 = 0x4000_0001;
+    /// Hypervisor version: EAX build number, EBX major << 16 | minor, ECX
+    /// service pack, EDX service branch << 24 | service number.
+    pub const LEAF_VERSION: u32 = 0x4000_0002;
     /// Partition privileges and features.
     pub const LEAF_FEATURES: u32 = 0x4000_0003;
+    /// Implementation recommendations (hints): EAX flags, EBX spinlock
+    /// retry count.
+    pub const LEAF_HINTS: u32 = 0x4000_0004;
+    /// Implementation limits: EAX most virtual processors, EBX most logical
+    /// processors, ECX interrupt vectors for remapping.
+    pub const LEAF_LIMITS: u32 = 0x4000_0005;
     /// Hardware features in use.
     pub const LEAF_HARDWARE_FEATURES: u32 = 0x4000_0006;
     /// The lowest value EAX of leaf 0x40000000 may report.
     pub const MIN_MAX_LEAF: u32 = 0x4000_0006;
-    /// VMM choice: where KVM's own leaves move to.
-    pub const KVM_LEAVES_BASE: u32 = 0x4000_0100;
+    /// The hypervisor leaves: guests look for signatures at every multiple
+    /// of 0x100 from here (Linux's `hypervisor_cpuid_base` up to
+    /// 0x40010000).
+    pub const HYPERVISOR_LEAVES: core::ops::RangeInclusive<u32> = 0x4000_0000..=0x4fff_ffff;
+    /// KVM's signature in EBX, ECX, EDX of its base leaf.
+    pub const KVM_SIGNATURE: [u8; 12] = *b"KVMKVMKVM\0\0\0";
     /// "Microsoft Hv" in EBX, ECX, EDX of leaf 0x40000000.
     pub const VENDOR_EBX: u32 = 0x7263_694d;
     /// See [`VENDOR_EBX`].
@@ -113,19 +126,38 @@ pub mod cpuid {
     pub const VENDOR_EDX: u32 = 0x7648_2074;
     /// "Hv#1" in EAX of leaf 0x40000001.
     pub const INTERFACE_EAX: u32 = 0x3123_7648;
+    /// Leaf 0x40000003 EAX: the TIME_REF_COUNT MSR is available.
+    pub const FEATURES_EAX_TIME_REF_COUNT: u32 = 1 << 1;
     /// Leaf 0x40000003 EAX: hypercall MSRs available.
     pub const FEATURES_EAX_HYPERCALL_MSRS: u32 = 1 << 5;
     /// Leaf 0x40000003 EAX: VP index MSR available.
     pub const FEATURES_EAX_VP_INDEX: u32 = 1 << 6;
+    /// Leaf 0x40000003 EAX: the REFERENCE_TSC MSR (reference TSC page) is
+    /// available.
+    pub const FEATURES_EAX_REFERENCE_TSC: u32 = 1 << 9;
+    /// Leaf 0x40000003 EAX: the TSC_FREQUENCY and APIC_FREQUENCY MSRs may
+    /// be read (with [`FEATURES_EDX_FREQUENCY_MSRS`]).
+    pub const FEATURES_EAX_FREQUENCY_MSRS: u32 = 1 << 11;
+    /// Leaf 0x40000003 EAX: the TSC is invariant (and the
+    /// TSC_INVARIANT_CONTROL MSR is available).
+    pub const FEATURES_EAX_TSC_INVARIANT: u32 = 1 << 15;
+    /// Leaf 0x40000003 EDX: the frequency MSRs are available.
+    pub const FEATURES_EDX_FREQUENCY_MSRS: u32 = 1 << 8;
     /// Leaf 0x40000003 EDX: device domains (S2) available.
     pub const FEATURES_EDX_DEVICE_DOMAINS: u32 = 1 << 24;
     /// Leaf 0x40000003 EDX: S1 device domains available.
     pub const FEATURES_EDX_S1_DEVICE_DOMAINS: u32 = 1 << 25;
+    /// Leaf 0x40000004 EAX: relaxed timing (the guest should not treat late
+    /// timers or watchdogs as fatal).
+    pub const HINTS_EAX_RELAXED_TIMING: u32 = 1 << 5;
+    /// Leaf 0x40000004 EBX: never notify the hypervisor of long spinlock
+    /// waits.
+    pub const HINTS_EBX_NEVER_NOTIFY_SPINLOCKS: u32 = u32::MAX;
     /// Leaf 0x40000006 EAX: DMA remapping in use.
     pub const HARDWARE_EAX_DMA_REMAPPING: u32 = 1 << 4;
 }
 
-/// Synthetic MSRs (contract section 2).
+/// Synthetic MSRs (contract sections 1 and 2).
 pub mod msr {
     /// Guest OS id; must be non-zero before the hypercall page is enabled.
     pub const GUEST_OS_ID: u32 = 0x4000_0000;
@@ -133,6 +165,24 @@ pub mod msr {
     pub const HYPERCALL: u32 = 0x4000_0001;
     /// Read-only index of the vCPU.
     pub const VP_INDEX: u32 = 0x4000_0002;
+    /// Read-only partition reference time: 100 ns units since the
+    /// partition started, monotonic, the same on every vCPU.
+    pub const TIME_REF_COUNT: u32 = 0x4000_0020;
+    /// Reference TSC page control, see [`super::OverlayPageMsr`] and
+    /// [`super::ReferenceTscPage`].
+    pub const REFERENCE_TSC: u32 = 0x4000_0021;
+    /// Read-only TSC frequency in Hz.
+    pub const TSC_FREQUENCY: u32 = 0x4000_0022;
+    /// Read-only local APIC timer frequency in Hz.
+    pub const APIC_FREQUENCY: u32 = 0x4000_0023;
+    /// The vCPU's VP assist page, see [`super::OverlayPageMsr`] (Linux
+    /// enables one on every CPU, whatever CPUID says).
+    pub const VP_ASSIST_PAGE: u32 = 0x4000_0073;
+    /// Invariant TSC control: bit 0 ([`TSC_INVARIANT_EXPOSE`]) exposes the
+    /// invariant TSC in CPUID 0x80000007 EDX bit 8.
+    pub const TSC_INVARIANT_CONTROL: u32 = 0x4000_0118;
+    /// TSC_INVARIANT_CONTROL bit 0; the other bits are reserved.
+    pub const TSC_INVARIANT_EXPOSE: u64 = 1;
 }
 
 /// Value of the HYPERCALL MSR.
@@ -149,6 +199,93 @@ pub struct HypercallMsr {
     /// Bits 63:12: guest physical page number of the hypercall page.
     #[bits(52)]
     pub gpn: u64,
+}
+
+/// Value of an MSR that places a page in guest physical memory: the
+/// REFERENCE_TSC and VP_ASSIST_PAGE MSRs.
+#[bitfield(u64)]
+#[derive(PartialEq, Eq)]
+pub struct OverlayPageMsr {
+    /// Bit 0: the page is enabled.
+    pub enable: bool,
+    /// Bits 11:1, reserved.
+    #[bits(11)]
+    pub reserved: u16,
+    /// Bits 63:12: guest physical page number.
+    #[bits(52)]
+    pub gpn: u64,
+}
+
+/// Reference time runs at 10 MHz (100 ns units).
+pub const REFERENCE_TIME_HZ: u64 = 10_000_000;
+
+/// The reference TSC page's header (the rest of the 4 KiB page is
+/// reserved): reference time = ((TSC * tsc_scale) >> 64) + tsc_offset, in
+/// 100 ns units, valid while `tsc_sequence` is non-zero and unchanged
+/// across the read (TLFS "Reference TSC Page"; Linux's
+/// `struct ms_hyperv_tsc_page`).
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct ReferenceTscPage {
+    /// Changes whenever the hypervisor rewrites the page; 0: do not use the
+    /// page (read TIME_REF_COUNT instead).
+    pub tsc_sequence: U32,
+    /// Reserved.
+    pub reserved1: U32,
+    /// 64.64 fixed-point reference time units per TSC tick.
+    pub tsc_scale: U64,
+    /// Added to the scaled TSC (signed).
+    pub tsc_offset: I64,
+}
+
+impl ReferenceTscPage {
+    /// The sequence value that marks the page invalid.
+    pub const INVALID_SEQUENCE: u32 = 0;
+
+    /// The reference time at `tsc`, or `None` while the page is invalid.
+    pub fn reference_time(&self, tsc: u64) -> Option<u64> {
+        if self.tsc_sequence.get() == Self::INVALID_SEQUENCE {
+            return None;
+        }
+        Some(reference_time(
+            tsc,
+            self.tsc_scale.get(),
+            self.tsc_offset.get(),
+        ))
+    }
+}
+
+/// `((tsc * scale) >> 64) + offset`, wrapping: the reference TSC page's
+/// formula.
+// The high half of the 128-bit product of two u64 fits a u64.
+#[allow(clippy::cast_possible_truncation)]
+pub const fn reference_time(tsc: u64, scale: u64, offset: i64) -> u64 {
+    let scaled = ((tsc as u128 * scale as u128) >> 64) as u64;
+    scaled.wrapping_add_signed(offset)
+}
+
+/// The reference TSC page's scale for a TSC running at `tsc_hz`:
+/// floor(2^64 * 10^7 / tsc_hz). `None` unless the TSC is faster than the
+/// 10 MHz reference clock (the scale would not fit 64 bits).
+// The quotient is below 2^64 when tsc_hz > 10^7.
+#[allow(clippy::cast_possible_truncation)]
+pub const fn reference_tsc_scale(tsc_hz: u64) -> Option<u64> {
+    if tsc_hz <= REFERENCE_TIME_HZ {
+        return None;
+    }
+    Some((((REFERENCE_TIME_HZ as u128) << 64) / tsc_hz as u128) as u64)
 }
 
 /// A hypercall call code (input value bits 15:0).
@@ -1357,6 +1494,83 @@ mod tests {
         );
         assert_eq!(core::mem::align_of::<InputMapDeviceGpaPages>(), 1);
         assert_eq!(core::mem::align_of::<InputCreateDeviceDomain>(), 1);
+    }
+
+    #[test]
+    fn reference_tsc_page_layout() {
+        assert_eq!(size_of::<ReferenceTscPage>(), 24);
+        assert_eq!(offset_of!(ReferenceTscPage, tsc_sequence), 0);
+        assert_eq!(offset_of!(ReferenceTscPage, reserved1), 4);
+        assert_eq!(offset_of!(ReferenceTscPage, tsc_scale), 8);
+        assert_eq!(offset_of!(ReferenceTscPage, tsc_offset), 16);
+        assert_eq!(core::mem::align_of::<ReferenceTscPage>(), 1);
+        let page = ReferenceTscPage {
+            tsc_sequence: U32::new(0x0403_0201),
+            reserved1: U32::new(0),
+            tsc_scale: U64::new(0x1122_3344_5566_7788),
+            tsc_offset: I64::new(-2),
+        };
+        let b = page.as_bytes();
+        assert_eq!(&b[0..4], &[1, 2, 3, 4]);
+        assert_eq!(&b[8..16], &[0x88, 0x77, 0x66, 0x55, 0x44, 0x33, 0x22, 0x11]);
+        assert_eq!(
+            &b[16..24],
+            &[0xFE, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF, 0xFF]
+        );
+    }
+
+    #[test]
+    fn reference_time_from_the_tsc() {
+        // A 2.5 GHz TSC: 250 ticks per 100 ns.
+        let scale = reference_tsc_scale(2_500_000_000).unwrap();
+        assert_eq!(scale, u64::try_from((1u128 << 64) / 250).unwrap());
+        let page = ReferenceTscPage {
+            tsc_sequence: U32::new(1),
+            tsc_scale: U64::new(scale),
+            tsc_offset: I64::new(-1000),
+            ..Default::default()
+        };
+        // One second of ticks is 10^7 units, less the offset; the scale is
+        // rounded down, so at most one unit short.
+        let t = page.reference_time(2_500_000_000 + 1000 * 250).unwrap();
+        assert!((10_000_000 - 1..=10_000_000).contains(&t), "{t}");
+        assert_eq!(reference_time(0, scale, 5), 5);
+        assert_eq!(reference_time(u64::MAX, u64::MAX, 0), u64::MAX - 1);
+        // Invalid page, and scales that do not fit.
+        let invalid = ReferenceTscPage {
+            tsc_sequence: U32::new(0),
+            ..page
+        };
+        assert_eq!(invalid.reference_time(1), None);
+        assert_eq!(reference_tsc_scale(REFERENCE_TIME_HZ), None);
+        assert_eq!(reference_tsc_scale(0), None);
+        assert_eq!(
+            reference_tsc_scale(REFERENCE_TIME_HZ + 1).map(|s| s >> 63),
+            Some(1)
+        );
+        assert_eq!(reference_tsc_scale(u64::MAX), Some(REFERENCE_TIME_HZ));
+    }
+
+    #[test]
+    fn synthetic_msrs_and_cpuid_bits_match_linux() {
+        // arch/x86/include/asm/hyperv-tlfs.h and include/asm-generic/hyperv-tlfs.h.
+        assert_eq!(msr::TIME_REF_COUNT, 0x4000_0020);
+        assert_eq!(msr::REFERENCE_TSC, 0x4000_0021);
+        assert_eq!(msr::TSC_FREQUENCY, 0x4000_0022);
+        assert_eq!(msr::APIC_FREQUENCY, 0x4000_0023);
+        assert_eq!(msr::VP_ASSIST_PAGE, 0x4000_0073);
+        assert_eq!(msr::TSC_INVARIANT_CONTROL, 0x4000_0118);
+        assert_eq!(cpuid::FEATURES_EAX_TIME_REF_COUNT, 0x2);
+        assert_eq!(cpuid::FEATURES_EAX_REFERENCE_TSC, 0x200);
+        assert_eq!(cpuid::FEATURES_EAX_FREQUENCY_MSRS, 0x800);
+        assert_eq!(cpuid::FEATURES_EAX_TSC_INVARIANT, 0x8000);
+        assert_eq!(cpuid::FEATURES_EDX_FREQUENCY_MSRS, 0x100);
+        assert_eq!(cpuid::HINTS_EAX_RELAXED_TIMING, 0x20);
+        assert_eq!(&cpuid::KVM_SIGNATURE, b"KVMKVMKVM\0\0\0");
+        let page = OverlayPageMsr::new().with_enable(true).with_gpn(0xABCDE);
+        assert_eq!(page.into_bits(), 0xABCDE << 12 | 1);
+        assert_eq!(OverlayPageMsr::from_bits(1 << 11).reserved(), 0x400);
+        assert_eq!(OverlayPageMsr::from_bits(0x2).reserved(), 1);
     }
 
     #[test]

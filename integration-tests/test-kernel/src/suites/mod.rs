@@ -5,6 +5,7 @@ pub mod dma;
 pub mod edu;
 pub mod hotplug;
 pub mod hvbench;
+pub mod hvclock;
 pub mod irq;
 pub mod mem;
 pub mod pci;
