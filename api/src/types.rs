@@ -442,6 +442,29 @@ pub struct FlushCounters {
     pub pages: u64,
 }
 
+/// What an S1 domain does with DMA, as the guest configured it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum S1Mode {
+    /// Every access blocked (also: not configured yet).
+    Blocked,
+    /// IOVA = GPA, guest RAM only (translation disabled).
+    Identity,
+    /// Through the guest's first-stage page table.
+    Translate,
+}
+
+/// The S1 settings of a domain (CONFIGURE_DEVICE_DOMAIN).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S1Settings {
+    pub mode: S1Mode,
+    /// GPA of the guest's top-level table (0 where no table is used).
+    pub root: u64,
+    /// Paging levels of the table: 4 or 5.
+    pub levels: u8,
+}
+
 /// One pvIOMMU domain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -453,6 +476,21 @@ pub struct DomainInfo {
     pub devices: Vec<DeviceId>,
     pub mapped_pages: u64,
     pub flushes: FlushCounters,
+    /// S1 domains only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s1: Option<S1Settings>,
+}
+
+/// Completed hypercalls of one call code that ended with one status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HypercallStatusCount {
+    /// The call code's name in the contract (`HvCall...` without the
+    /// prefix, e.g. `CREATE_DEVICE_DOMAIN`), or `unknown` for codes outside it.
+    pub call: String,
+    /// The final status's name, e.g. `SUCCESS` or `INVALID_PARAMETER`.
+    pub status: String,
+    pub count: u64,
 }
 
 /// The direction of a faulting DMA access.
@@ -480,6 +518,10 @@ pub struct IommuDomainsResponse {
     pub domains: Vec<DomainInfo>,
     /// The most recent faults (at most 16), oldest first.
     pub faults: Vec<FaultInfo>,
+    /// Completed hypercalls per call code and final status (non-zero
+    /// counts only).
+    #[serde(default)]
+    pub hypercalls: Vec<HypercallStatusCount>,
 }
 
 /// The body of every error answer: the error and the chain of its causes.
@@ -675,10 +717,24 @@ mod tests {
             devices: vec![DeviceId::new("d0").expect("valid id")],
             mapped_pages: 3,
             flushes: FlushCounters::default(),
+            s1: None,
         };
         let value = serde_json::to_value(&domain).expect("serializes");
         assert_eq!(value["type"], "s2");
         assert_eq!(value["devices"][0], "d0");
+        assert!(value.get("s1").is_none(), "{value}");
+        let s1 = DomainInfo {
+            domain_type: DomainType::S1,
+            s1: Some(S1Settings {
+                mode: S1Mode::Identity,
+                root: 0,
+                levels: 4,
+            }),
+            ..domain
+        };
+        let value = serde_json::to_value(&s1).expect("serializes");
+        assert_eq!(value["s1"]["mode"], "identity");
+        assert_eq!(value["s1"]["levels"], 4);
         assert_eq!(
             serde_json::to_value(VmState::Shutdown).expect("ok"),
             "shutdown"

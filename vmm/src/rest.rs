@@ -24,9 +24,9 @@ use std::time::{Duration, Instant};
 
 use api::{
     AddDeviceRequest, AddDeviceResponse, ApiRequest, ApiSubscriber, Bdf, DeviceId, DeviceInfo,
-    DmaAccess, DomainInfo, DomainType, FaultInfo, FlushCounters, IommuDomainsResponse,
-    PingResponse, RemoveDeviceRequest, Responder, VmConfigInfo, VmInfoResponse, VmState, VmmApi,
-    VmmError, VmmResult,
+    DmaAccess, DomainInfo, DomainType, FaultInfo, FlushCounters, HypercallStatusCount,
+    IommuDomainsResponse, PingResponse, RemoveDeviceRequest, Responder, S1Mode, S1Settings,
+    VmConfigInfo, VmInfoResponse, VmState, VmmApi, VmmError, VmmResult,
 };
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
 use iommu::Iommu;
@@ -150,6 +150,22 @@ impl RestVmm {
     }
 }
 
+/// The API's view of an S1 domain's settings.
+fn s1_settings(c: iommu::S1Config) -> S1Settings {
+    S1Settings {
+        mode: match c.mode() {
+            iommu::S1Mode::Blocked => S1Mode::Blocked,
+            iommu::S1Mode::Identity => S1Mode::Identity,
+            iommu::S1Mode::Translate => S1Mode::Translate,
+        },
+        root: c.root,
+        levels: match c.levels {
+            iommu::PagingLevels::Four => 4,
+            iommu::PagingLevels::Five => 5,
+        },
+    }
+}
+
 fn domain_type(kind: iommu::DomainInfoKind) -> DomainType {
     match kind {
         iommu::DomainInfoKind::Default => DomainType::Default,
@@ -257,6 +273,21 @@ impl VmmApi for RestVmm {
                     ranges: d.flushes.ranges,
                     pages: d.flushes.pages,
                 },
+                s1: d.s1.map(s1_settings),
+            })
+            .collect();
+        let hypercalls = stats
+            .hypercalls
+            .by_status
+            .iter()
+            .map(|c| HypercallStatusCount {
+                call: c
+                    .code
+                    .and_then(|code| code.name())
+                    .unwrap_or("unknown")
+                    .to_string(),
+                status: c.status.to_string(),
+                count: c.count,
             })
             .collect();
         let faults = stats
@@ -275,7 +306,11 @@ impl VmmApi for RestVmm {
                 })
             })
             .collect();
-        Ok(IommuDomainsResponse { domains, faults })
+        Ok(IommuDomainsResponse {
+            domains,
+            faults,
+            hypercalls,
+        })
     }
 
     fn vm_shutdown(&mut self) -> VmmResult<()> {

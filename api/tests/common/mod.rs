@@ -173,6 +173,7 @@ impl VmmApi for MockVmm {
                 devices: ids(IommuMode::Direct).collect(),
                 mapped_pages: 0,
                 flushes: FlushCounters::default(),
+                s1: None,
             },
             DomainInfo {
                 id: u32::MAX,
@@ -180,6 +181,7 @@ impl VmmApi for MockVmm {
                 devices: Vec::new(),
                 mapped_pages: 0,
                 flushes: FlushCounters::default(),
+                s1: None,
             },
         ];
         // Each pvIOMMU device sits in an S2 domain of its own with 8 pages mapped.
@@ -194,11 +196,13 @@ impl VmmApi for MockVmm {
                     ranges: 2,
                     pages: 8,
                 },
+                s1: None,
             });
         }
         Ok(IommuDomainsResponse {
             domains,
             faults: Vec::new(),
+            hypercalls: Vec::new(),
         })
     }
 
