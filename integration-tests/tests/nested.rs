@@ -447,6 +447,11 @@ fn pvmm_on_nested_kvm_amd() {
     let image = std::fs::read(&disk).unwrap_or_default();
     std::fs::remove_dir_all(&work).ok();
     println!("{log}");
+    // Kept for the CI log, which shows the figures in it (.ci/test).
+    let kept = Path::new(env!("CARGO_TARGET_TMPDIR")).join("nested-harness.log");
+    if let Err(e) = std::fs::write(&kept, &log) {
+        println!("cannot keep the log in {}: {e}", kept.display());
+    }
     for (i, (label, _, _)) in steps.iter().enumerate() {
         match &results[i] {
             None => problems.push(format!("{label}: did not finish")),
