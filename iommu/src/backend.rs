@@ -99,6 +99,13 @@ pub enum BackendError {
         /// What the host removed.
         removed: u64,
     },
+    /// The VM-wide run limit is reached: the guest gets INSUFFICIENT_MEMORY.
+    #[error("The VM-wide mapping run limit is reached")]
+    OutOfRuns,
+    /// Walking the guest's S1 table read more entries than a walk may (a
+    /// table that points back at itself, or an enormous one).
+    #[error("The guest's S1 table walk read more than {0} entries")]
+    WalkTooLong(u64),
     /// The host did not handle a full IOTLB flush.
     #[error("The host IOMMU did not handle a full flush")]
     FlushIgnored,
@@ -373,6 +380,13 @@ pub trait Backend: Send + Sync {
     /// Sets the S1 settings of an S1 domain; cached translations of the
     /// domain are dropped.
     fn set_s1(&self, domain: DomainId, config: S1Config) -> Result<(), BackendError>;
+
+    /// Gives the backend the VM-wide run budget (called once, when the
+    /// backend is added to an [`crate::Iommu`]). A backend that holds runs
+    /// the domain layer does not count (the IOMMUFD backend's S1 shadows)
+    /// charges them to it and answers [`BackendError::OutOfRuns`] when it is
+    /// spent; the default ignores it.
+    fn set_run_budget(&self, _budget: crate::RunBudget) {}
 
     /// Invalidates cached translations (the guest's FLUSH_DEVICE_DOMAIN and
     /// FLUSH_DEVICE_DOMAIN_LIST). The domain layer issues one call per merged

@@ -290,6 +290,7 @@ macro_rules! hypercalls {
             ) -> Result<(), RepError> {
                 let mut state = self.lock_state();
                 let state = &mut *state;
+                state.sync_budget(&cx.iommu.config, cx.mem);
                 let reps = (start, end);
                 match code {
                     $(HypercallCode::$code => run_typed::<M, $input, $elem, $out_elem, $output, _>(

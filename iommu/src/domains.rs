@@ -13,7 +13,7 @@ use crate::backend::{
 use crate::config::{IommuConfig, PAGE_SHIFT, PAGE_SIZE};
 use crate::flush::{decode_entry, merge_ranges, PageRange};
 use crate::ram;
-use crate::runs::{RunMap, UnmapOp};
+use crate::runs::{RunBudget, RunMap, UnmapOp};
 use crate::BackendId;
 use pviommu_abi::register;
 use pviommu_abi::{
@@ -136,8 +136,10 @@ pub(crate) struct State {
     pub domains: HashMap<u32, Domain>,
     pub backend_errors: u64,
     /// Runs of every guest domain (the sum of their `runs.len()`), held
-    /// under [`IommuConfig::max_map_runs`].
+    /// under [`IommuConfig::max_map_runs`] with the backends' own runs.
     pub runs_total: u64,
+    /// The run limit shared with backends (S1 shadows).
+    pub budget: RunBudget,
 }
 
 enum DomainRef {
@@ -199,6 +201,31 @@ fn record(
     }
 }
 
+/// The status a backend failure gives the guest: INSUFFICIENT_MEMORY when
+/// the VM-wide run limit stopped it (ABI section 6: the guest can free runs
+/// by unmapping), NO_RESOURCES for anything else.
+fn status_of(e: &BackendError) -> HvError {
+    match e {
+        BackendError::OutOfRuns => HvError::INSUFFICIENT_MEMORY,
+        _ => HvError::NO_RESOURCES,
+    }
+}
+
+/// [`record`], giving the guest's status of a failure.
+fn record_status(
+    errors: &mut u64,
+    backend: &dyn Backend,
+    what: &str,
+    result: Result<(), BackendError>,
+) -> HvResult<()> {
+    let status = result.as_ref().err().map(status_of);
+    if record(errors, backend, what, result) {
+        Ok(())
+    } else {
+        Err(status.unwrap_or(HvError::NO_RESOURCES))
+    }
+}
+
 /// Maps `run` in every instance, or in none.
 fn map_everywhere(
     backends: &[Arc<dyn Backend>],
@@ -235,7 +262,15 @@ impl State {
             domains: HashMap::new(),
             backend_errors: 0,
             runs_total: 0,
+            budget: RunBudget::default(),
         }
+    }
+
+    /// Brings the shared run budget up to date (the limit for this guest
+    /// RAM, the domain layer's runs); called before every hypercall.
+    pub(crate) fn sync_budget<M: GuestMemory + ?Sized>(&self, config: &IommuConfig, mem: &M) {
+        self.budget
+            .sync(config.max_map_runs(ram::total_bytes(mem)), self.runs_total);
     }
 
     /// The registered device a guest's `hv_device_id` names, in its PCI
@@ -425,7 +460,7 @@ impl State {
                 "pvIOMMU: attach of {device} to domain {target:?} failed: {}",
                 ErrorChain(&e)
             );
-            HvError::NO_RESOURCES
+            status_of(&e)
         })
     }
 
@@ -663,12 +698,12 @@ impl State {
             return Err(HvError::INVALID_PARAMETER);
         };
         dom.s1 = s1;
-        let mut ok = true;
+        let mut status = Ok(());
         for inst in &dom.instances {
             let b = &*backends[inst.backend.0];
-            ok &= record(backend_errors, b, "set_s1", b.set_s1(id, s1));
+            status = status.and(record_status(backend_errors, b, "set_s1", b.set_s1(id, s1)));
         }
-        ok.then_some(()).ok_or(HvError::NO_RESOURCES)
+        status
     }
 
     pub(crate) fn flush(&mut self, input: &InputFlushDeviceDomain) -> HvResult<()> {
@@ -690,17 +725,17 @@ impl State {
             return Err(HvError::INVALID_PARAMETER);
         };
         dom.flush.full += 1;
-        let mut ok = true;
+        let mut status = Ok(());
         for inst in &dom.instances {
             let b = &*backends[inst.backend.0];
-            ok &= record(
+            status = status.and(record_status(
                 backend_errors,
                 b,
                 "invalidate all",
                 b.invalidate(id, Invalidation::All),
-            );
+            ));
         }
-        ok.then_some(()).ok_or(HvError::NO_RESOURCES)
+        status
     }
 
     // ---- rep calls ----
@@ -733,7 +768,9 @@ impl State {
         };
         let limit = config.iova_limit();
         let max_pages = config.max_mapped_pages_per_domain;
-        let max_runs = config.max_map_runs(ram::total_bytes(mem));
+        let max_runs = config
+            .max_map_runs(ram::total_bytes(mem))
+            .saturating_sub(self.budget.backend_runs());
         let State {
             backends,
             domains,
@@ -848,7 +885,9 @@ impl State {
         if base & (PAGE_SIZE - 1) != 0 {
             return Err(HvError::INVALID_PARAMETER.into());
         }
-        let max_runs = config.max_map_runs(ram::total_bytes(mem));
+        let max_runs = config
+            .max_map_runs(ram::total_bytes(mem))
+            .saturating_sub(self.budget.backend_runs());
         let State {
             backends,
             domains,
@@ -958,8 +997,8 @@ impl State {
             }
             let merged = merge_ranges(&mut ranges[..n]);
             if let DomainRef::Guest(id) = target {
-                if !self.invalidate_ranges(id, n, &ranges[..merged]) {
-                    return Err(RepError::at(c * CHUNK, HvError::NO_RESOURCES));
+                if let Err(status) = self.invalidate_ranges(id, n, &ranges[..merged]) {
+                    return Err(RepError::at(c * CHUNK, status));
                 }
             }
             if failed.is_some() {
@@ -972,8 +1011,9 @@ impl State {
         }
     }
 
-    /// One invalidation per range per backend instance; false if one failed.
-    fn invalidate_ranges(&mut self, id: u32, entries: usize, ranges: &[PageRange]) -> bool {
+    /// One invalidation per range per backend instance; the status of the
+    /// first that failed.
+    fn invalidate_ranges(&mut self, id: u32, entries: usize, ranges: &[PageRange]) -> HvResult<()> {
         let State {
             backends,
             domains,
@@ -981,10 +1021,10 @@ impl State {
             ..
         } = self;
         let Some(dom) = domains.get_mut(&id) else {
-            return true;
+            return Ok(());
         };
         dom.flush.entries += u64::try_from(entries).unwrap_or(u64::MAX);
-        let mut ok = true;
+        let mut status = Ok(());
         for r in ranges {
             dom.flush.ranges += 1;
             dom.flush.pages += r.pages();
@@ -994,16 +1034,21 @@ impl State {
                 r.start.checked_mul(PAGE_SIZE),
                 r.pages().checked_mul(PAGE_SIZE),
             ) else {
-                ok = false;
+                status = status.and(Err(HvError::NO_RESOURCES));
                 continue;
             };
             let what = Invalidation::Range { iova, len };
             for inst in &dom.instances {
                 let b = &*backends[inst.backend.0];
-                ok &= record(backend_errors, b, "invalidate", b.invalidate(id, what));
+                status = status.and(record_status(
+                    backend_errors,
+                    b,
+                    "invalidate",
+                    b.invalidate(id, what),
+                ));
             }
         }
-        ok
+        status
     }
 }
 

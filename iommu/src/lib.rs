@@ -78,6 +78,7 @@ pub mod guest_log;
 pub mod iommufd;
 mod ram;
 mod runs;
+mod s1table;
 mod software;
 mod stats;
 #[cfg(any(test, feature = "testing"))]
@@ -96,6 +97,7 @@ pub use dispatch::{Caller, HypercallOutcome, HypercallRegs};
 pub use domains::{Attachment, FlushStats};
 pub use pviommu_abi as abi;
 pub use pviommu_abi::DeviceId;
+pub use runs::RunBudget;
 pub use software::{IotlbStats, SoftwareBackend};
 pub use stats::{
     DeviceInfo, DomainInfo, DomainInfoKind, FaultStats, HypercallStats, IommuStats, StatusCount,
@@ -203,6 +205,7 @@ impl Iommu {
     /// returned id.
     pub fn add_backend(&self, backend: Arc<dyn Backend>) -> BackendId {
         let mut state = self.lock_state();
+        backend.set_run_budget(state.budget.clone());
         state.backends.push(backend);
         BackendId(state.backends.len() - 1)
     }
@@ -453,7 +456,7 @@ impl Iommu {
             },
             faults,
             backend_errors: state.backend_errors,
-            map_runs: state.runs_total,
+            map_runs: state.runs_total.saturating_add(state.budget.backend_runs()),
             guest_log: guest_log::counts(),
         }
     }

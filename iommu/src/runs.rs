@@ -7,6 +7,95 @@
 use crate::backend::MapRun;
 use std::collections::BTreeMap;
 use std::ops::Bound;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The VM-wide run limit ([`crate::IommuConfig::max_map_runs`]) as shared
+/// with backends that hold runs of their own: the IOMMUFD backend's S1
+/// shadows, whose runs the guest creates by writing page tables rather than
+/// by MAP calls, and which must not let it grow the VMM's memory past the
+/// limit the S2 path keeps.
+///
+/// The domain layer keeps [`RunBudget::limit`] and the count of its own
+/// runs current (under its lock, before every call that can reach a
+/// backend); a backend takes runs with [`RunBudget::try_take`] and gives
+/// them back with [`RunBudget::give_back`]. The domain layer's S2 limit is
+/// what the backends leave. Clones share one budget. A budget no domain
+/// layer drives (a backend used alone) is unlimited.
+#[derive(Clone, Debug)]
+pub struct RunBudget(Arc<BudgetInner>);
+
+#[derive(Debug)]
+struct BudgetInner {
+    limit: AtomicU64,
+    domain_runs: AtomicU64,
+    backend_runs: AtomicU64,
+}
+
+impl Default for RunBudget {
+    fn default() -> Self {
+        Self(Arc::new(BudgetInner {
+            limit: AtomicU64::new(u64::MAX),
+            domain_runs: AtomicU64::new(0),
+            backend_runs: AtomicU64::new(0),
+        }))
+    }
+}
+
+impl RunBudget {
+    /// A budget of `limit` runs, none used.
+    pub fn with_limit(limit: u64) -> Self {
+        let b = Self::default();
+        b.0.limit.store(limit, Ordering::Relaxed);
+        b
+    }
+
+    /// Sets the VM-wide limit and the domain layer's own runs.
+    pub(crate) fn sync(&self, limit: u64, domain_runs: u64) {
+        self.0.limit.store(limit, Ordering::Relaxed);
+        self.0.domain_runs.store(domain_runs, Ordering::Relaxed);
+    }
+
+    /// Runs the backends hold now.
+    pub fn backend_runs(&self) -> u64 {
+        self.0.backend_runs.load(Ordering::Relaxed)
+    }
+
+    /// Runs still free for a backend.
+    pub fn available(&self) -> u64 {
+        self.0
+            .limit
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.0.domain_runs.load(Ordering::Relaxed))
+            .saturating_sub(self.backend_runs())
+    }
+
+    /// Takes `n` runs for a backend; false (nothing taken) if fewer are
+    /// free.
+    pub fn try_take(&self, n: u64) -> bool {
+        let inner = &self.0;
+        let limit = inner
+            .limit
+            .load(Ordering::Relaxed)
+            .saturating_sub(inner.domain_runs.load(Ordering::Relaxed));
+        inner
+            .backend_runs
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(n).filter(|&total| total <= limit)
+            })
+            .is_ok()
+    }
+
+    /// Gives back `n` runs a backend took.
+    pub fn give_back(&self, n: u64) {
+        let _ = self
+            .0
+            .backend_runs
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(n))
+            });
+    }
+}
 
 /// Non-overlapping runs, by first IOVA.
 #[derive(Debug, Default, Clone)]
@@ -172,6 +261,22 @@ mod tests {
             len: pages * P,
             perms: Perms::RW,
         }
+    }
+
+    #[test]
+    fn the_budget_is_shared_and_bounded() {
+        let b = RunBudget::with_limit(10);
+        let c = b.clone();
+        b.sync(10, 6);
+        assert!(c.try_take(3));
+        assert_eq!((b.backend_runs(), b.available()), (3, 1));
+        assert!(!c.try_take(2), "6 + 3 + 2 > 10");
+        assert!(c.try_take(1));
+        c.give_back(2);
+        assert_eq!(b.available(), 2);
+        c.give_back(100);
+        assert_eq!(b.backend_runs(), 0);
+        assert!(RunBudget::default().try_take(1 << 40), "unlimited");
     }
 
     #[test]

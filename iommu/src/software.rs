@@ -21,7 +21,7 @@
 
 use crate::backend::{
     AttachTarget, Backend, BackendError, DomainId, DomainKind, InvalidRequest, Invalidation,
-    MapRun, PagingLevels, S1Config, S1Mode,
+    MapRun, S1Config, S1Mode,
 };
 use crate::config::{IommuConfig, PAGE_SHIFT, PAGE_SIZE};
 use crate::ram;
@@ -87,86 +87,24 @@ pub struct SoftwareBackend {
     iova_limit: u128,
 }
 
-/// A leaf found by the S1 walker: the 4 KiB GPA page of the IOVA and the
-/// effective rights.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct S1Leaf {
-    pub gpa_page: u64,
-    pub writable: bool,
-    pub user: bool,
-}
+pub(crate) use crate::s1table::S1Leaf;
+#[cfg(test)]
+use crate::s1table::{PTE_P, PTE_PS, PTE_RW, PTE_US};
 
-const PTE_P: u64 = 1 << 0;
-const PTE_RW: u64 = 1 << 1;
-const PTE_US: u64 = 1 << 2;
-const PTE_PS: u64 = 1 << 7;
-
-/// Walks the guest's first-stage table for `iova`.
+/// Walks the guest's first-stage table for `iova` (the rules are
+/// [`crate::s1table`]'s, shared with the IOMMUFD backend's shadow).
 pub(crate) fn walk_s1<M: GuestMemory + ?Sized>(
     mem: &M,
     config: &S1Config,
     iova: u64,
     phys_addr_width: u8,
 ) -> Result<S1Leaf, FaultReason> {
-    let levels: u32 = match config.levels {
-        PagingLevels::Four => 4,
-        PagingLevels::Five => 5,
-    };
-    let va_bits = PAGE_SHIFT + 9 * levels;
-    if iova >> va_bits != 0 {
-        return Err(FaultReason::IovaOutOfRange);
-    }
-    let width = u32::from(phys_addr_width.min(52));
-    let addr_mask = ((1u64 << width) - 1) & !(PAGE_SIZE - 1);
-    let reserved_high = ((1u64 << 52) - 1) & !((1u64 << width) - 1);
-    let mut table = config.root;
-    let mut writable = true;
-    let mut user = true;
-    for level in (1..=levels).rev() {
-        let lvl = u8::try_from(level).unwrap_or(u8::MAX);
-        let shift = PAGE_SHIFT + 9 * (level - 1);
-        let index = (iova >> shift) & 0x1FF;
-        let Some(pte_gpa) = table.checked_add(index * 8) else {
-            return Err(FaultReason::S1TableOutsideRam { level: lvl });
-        };
-        let mut buf = [0u8; 8];
-        if !ram::read(mem, pte_gpa, &mut buf) {
-            return Err(FaultReason::S1TableOutsideRam { level: lvl });
-        }
-        let pte = u64::from_le_bytes(buf);
-        if pte & PTE_P == 0 {
-            return Err(FaultReason::S1NotPresent { level: lvl });
-        }
-        if pte & reserved_high != 0 {
-            return Err(FaultReason::S1Reserved { level: lvl });
-        }
-        writable &= pte & PTE_RW != 0;
-        user &= pte & PTE_US != 0;
-        let large = level > 1 && pte & PTE_PS != 0;
-        if large && level > 3 {
-            return Err(FaultReason::S1Reserved { level: lvl });
-        }
-        if level == 1 || large {
-            let size_mask = (1u64 << shift) - 1;
-            if large {
-                // Bit 12 is PAT; bits shift-1..13 are reserved.
-                let reserved_low = size_mask & !((1u64 << 13) - 1);
-                if pte & reserved_low != 0 {
-                    return Err(FaultReason::S1Reserved { level: lvl });
-                }
-            }
-            let base = pte & addr_mask & !size_mask;
-            let offset = iova & size_mask & !(PAGE_SIZE - 1);
-            return Ok(S1Leaf {
-                gpa_page: (base | offset) >> PAGE_SHIFT,
-                writable,
-                user,
-            });
-        }
-        table = pte & addr_mask;
-    }
-    // Unreachable: level 1 always returns.
-    Err(FaultReason::S1NotPresent { level: 1 })
+    crate::s1table::walk(
+        &crate::s1table::GuestTables(mem),
+        config,
+        iova,
+        phys_addr_width,
+    )
 }
 
 impl SoftwareBackend {
@@ -496,7 +434,7 @@ impl Backend for SoftwareBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::Perms;
+    use crate::backend::{PagingLevels, Perms};
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
     const MB: u64 = 1 << 20;

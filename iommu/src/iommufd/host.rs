@@ -20,8 +20,22 @@ use super::{
     AttachTarget, Backend, BackendError, DeviceId, DomainId, DomainKind, InvalidRequest,
     Invalidation, MapRun, PagingLevels, Perms, S1Config, S1Mode,
 };
+use crate::runs::RunBudget;
+use crate::s1table::{self, LeafRange, LeafWalkError, TableMemory};
 
 const PAGE_SHIFT: u32 = 12;
+
+/// Guest physical address width the shadow's walker assumes for the
+/// reserved-bit check (bits 51:width). The backend does not know the VM's
+/// configured width; with the widest one an entry the software model calls
+/// reserved points above guest RAM instead, and is skipped all the same.
+const SHADOW_PHYS_ADDR_WIDTH: u8 = 52;
+
+/// Entries one shadow walk may read by default ([`IommufdBackend::set_walk_limit`]):
+/// 64 Mi, the leaves of 256 GiB of 4 KiB pages, so that a table the guest
+/// points back at itself ends in bounded time (about a second) instead of
+/// walking 2^36 aliases.
+pub const DEFAULT_WALK_LIMIT: u64 = 1 << 26;
 
 /// The x86 MSI window, which VT-d reserves in every device's IOVA space: it
 /// must not be guest RAM, or direct attach could not map it.
@@ -136,6 +150,10 @@ pub struct IommufdStats {
     pub invalidations: u64,
     /// Invalidations the host refused in part, answered by a full flush.
     pub full_flush_fallbacks: u64,
+    /// Walks of a guest S1 table for a shadow (one per set-up or flush).
+    pub shadow_walks: u64,
+    /// Table entries those walks read.
+    pub shadow_entries_read: u64,
 }
 
 /// A guest RAM region: `len` bytes at guest-physical `gpa`, mapped in this
@@ -168,12 +186,86 @@ enum Domain {
         runs: BTreeMap<u64, MapRun>,
         failed: bool,
     },
-    /// A nested HWPT over the NEST_PARENT HWPT, while the guest's settings
-    /// translate and a device needs it.
-    S1 {
-        config: S1Config,
-        nested: Option<u32>,
-    },
+    /// The guest's settings, and while they translate and a device needs
+    /// it, the host page table that holds its table ([`S1Table`]).
+    S1 { config: S1Config, table: S1Table },
+}
+
+/// What holds an S1 domain's table on the host.
+enum S1Table {
+    /// Nothing yet (no device needs it, or the domain does not translate).
+    None,
+    /// A nested HWPT over the NEST_PARENT HWPT (the host walks the guest's
+    /// table itself).
+    Nested(u32),
+    /// The host cannot nest: the guest's table copied into an IOAS.
+    Shadow(Shadow),
+}
+
+impl S1Table {
+    fn object(&self) -> Option<u32> {
+        match self {
+            S1Table::None => None,
+            S1Table::Nested(id) => Some(*id),
+            S1Table::Shadow(s) => Some(s.ioas),
+        }
+    }
+}
+
+/// The shadow of a guest S1 table: an IOAS that maps what the table
+/// translated when it was last walked (at set-up, then over every flushed
+/// range), as an IOTLB would cache it.
+///
+/// `maps` are the IOAS's mappings exactly as made (IOAS_UNMAP cannot split
+/// one): runs contiguous in IOVA and GPA, one permission, inside one guest
+/// RAM region, each charged as one run to the VM-wide [`RunBudget`].
+/// `failed`: an IOAS_UNMAP failed, so the IOAS may map what the guest's
+/// table no longer does; its devices are blocked and it is not used again
+/// (a new table builds a new shadow).
+struct Shadow {
+    ioas: u32,
+    maps: BTreeMap<u64, MapRun>,
+    failed: bool,
+}
+
+/// Guest RAM as the shadow's walker reads it: through the regions' host
+/// mappings.
+struct RamTables<'a>(&'a BTreeMap<u64, Region>);
+
+impl TableMemory for RamTables<'_> {
+    #[allow(unsafe_code)]
+    fn read_entries(&self, gpa: u64, out: &mut [u64]) -> bool {
+        let len = (out.len() as u64) * 8;
+        let Some(region) = self
+            .0
+            .range(..=gpa)
+            .next_back()
+            .map(|(_, r)| *r)
+            .filter(|r| gpa - r.gpa < r.len && len <= r.len - (gpa - r.gpa))
+        else {
+            return false;
+        };
+        if gpa & 7 != 0 {
+            return false;
+        }
+        let Some(base) = usize::try_from(gpa - region.gpa)
+            .ok()
+            .and_then(|off| region.host.checked_add(off))
+        else {
+            return false;
+        };
+        for (i, e) in out.iter_mut().enumerate() {
+            // SAFETY: `[gpa, gpa + len)` lies in the region, whose host
+            // mapping add_ram_region's caller keeps alive and accessed only
+            // through raw pointers; the region's host address and `gpa` are
+            // 8-byte aligned (page-aligned region, checked `gpa`), so each
+            // read is an aligned u64 inside the mapping. The guest may write
+            // it concurrently: a volatile read sees some value, as hardware
+            // walking the table would.
+            *e = u64::from_le(unsafe { std::ptr::read_volatile((base as *const u64).add(i)) });
+        }
+        true
+    }
 }
 
 struct Inner {
@@ -195,6 +287,14 @@ struct Inner {
     /// An unmap from the direct IOAS failed: it may still map a removed RAM
     /// region, so no device uses it (or a nested HWPT over it) again.
     direct_failed: bool,
+    /// Nested HWPTs are tried for S1 domains: false from the first time
+    /// the host answered EOPNOTSUPP (or from the start, see
+    /// [`IommufdBackend::without_nesting`]); S1 domains are then shadowed.
+    nesting: bool,
+    /// The VM-wide run limit shadows are charged to.
+    budget: RunBudget,
+    /// Entries one shadow walk may read.
+    walk_limit: u64,
     stats: IommufdStats,
 }
 
@@ -209,9 +309,25 @@ struct Inner {
 /// - S1 domains: a nested HWPT (the guest's table, [`NestFormat`]) over one
 ///   NEST_PARENT HWPT of the direct IOAS, so the guest's table and the
 ///   addresses in it are GPAs. An S1 domain in identity mode (translation
-///   disabled) uses the direct IOAS itself; a blocked one the blocked IOAS. Guest flushes become IOMMU_HWPT_INVALIDATE;
-///   when the host handles fewer entries than passed (entry_num read back),
-///   the whole domain is flushed instead.
+///   disabled) uses the direct IOAS itself; a blocked one the blocked IOAS.
+///   Guest flushes become IOMMU_HWPT_INVALIDATE; when the host handles fewer
+///   entries than passed (entry_num read back), the whole domain is flushed
+///   instead.
+/// - S1 domains where the host cannot nest (AMD, VT-d without scalable-mode
+///   nesting, QEMU's VT-d: the HWPT allocation answers EOPNOTSUPP, or
+///   [`IommufdBackend::without_nesting`]): a shadow, an IOAS of the domain's
+///   own into which the VMM copies the guest's table (ABI section 7). The
+///   table is walked when the domain is set up for a device and over every
+///   flushed range (all of it for a full flush); the shadow unmaps what the
+///   walk no longer finds (or finds changed) and maps what it finds, guest
+///   RAM only, read-only where R/W is clear, before the call returns.
+///   Runs the walk finds unchanged stay mapped. A run reaching past the
+///   flushed range is unmapped whole and its outer part mapped again, so
+///   DMA to that part may fault for the length of the call (closed, like
+///   an S2 split). Shadow runs count against the VM-wide run limit.
+///   A walk reads at most [`DEFAULT_WALK_LIMIT`] entries (a table pointing
+///   back at itself), then fails closed: stale runs in the range are
+///   unmapped, nothing new mapped.
 /// - Null domain and fail-closed: an empty IOAS.
 ///
 /// Failures fail closed: a device whose attach fails is put on the blocked
@@ -246,6 +362,67 @@ fn host_err(e: ioctl::Error) -> BackendError {
     }
 }
 
+/// Adds the guest RAM parts of `leaf` to `wanted` (ascending IOVA), merged
+/// into the last run where they continue it in IOVA and GPA with the same
+/// permission in the same region (`last_region`, the start of the last
+/// run's region). A part outside guest RAM is skipped: DMA there faults.
+/// Fails when a new run would make more than `allowance`.
+fn push_leaf(
+    regions: &BTreeMap<u64, Region>,
+    wanted: &mut Vec<MapRun>,
+    last_region: &mut u64,
+    leaf: LeafRange,
+    allowance: u64,
+) -> Result<(), ()> {
+    let perms = if leaf.writable { Perms::RW } else { Perms::R };
+    let end = leaf.gpa.saturating_add(leaf.len);
+    let mut cursor = leaf.gpa;
+    while cursor < end {
+        let containing = regions
+            .range(..=cursor)
+            .next_back()
+            .map(|(_, r)| *r)
+            .filter(|r| cursor - r.gpa < r.len);
+        let Some(region) = containing else {
+            // Skip the hole up to the next region, if it starts in the leaf.
+            match regions.range(cursor..end).next() {
+                Some((start, _)) => {
+                    cursor = *start;
+                    continue;
+                }
+                None => break,
+            }
+        };
+        let piece_end = end.min(region.gpa + region.len);
+        let iova = leaf.iova + (cursor - leaf.gpa);
+        let len = piece_end - cursor;
+        match wanted.last_mut() {
+            Some(last)
+                if *last_region == region.gpa
+                    && last.iova_end() == iova
+                    && last.gpa + last.len == cursor
+                    && last.perms == perms =>
+            {
+                last.len += len;
+            }
+            _ => {
+                if wanted.len() as u64 >= allowance {
+                    return Err(());
+                }
+                wanted.push(MapRun {
+                    iova,
+                    gpa: cursor,
+                    len,
+                    perms,
+                });
+                *last_region = region.gpa;
+            }
+        }
+        cursor = piece_end;
+    }
+    Ok(())
+}
+
 impl IommufdBackend {
     /// A backend on `ops` (an open [`super::Iommufd`] in production): allocates
     /// the direct-attach and the blocked IOAS.
@@ -271,6 +448,9 @@ impl IommufdBackend {
                 domains: HashMap::new(),
                 zombies: Vec::new(),
                 direct_failed: false,
+                nesting: true,
+                budget: RunBudget::default(),
+                walk_limit: DEFAULT_WALK_LIMIT,
                 stats: IommufdStats::default(),
             }),
             memory: Mutex::new(Vec::new()),
@@ -318,11 +498,55 @@ impl IommufdBackend {
         self.lock().stats
     }
 
+    /// Never tries nested HWPTs: S1 domains are shadowed from the start
+    /// (for a host known to have no nesting for the guest's format, which
+    /// saves the failing allocation, and for tests).
+    pub fn without_nesting(self) -> Self {
+        self.lock().nesting = false;
+        self
+    }
+
+    /// Whether S1 domains are shadowed (the host cannot nest).
+    pub fn shadows_s1(&self) -> bool {
+        !self.lock().nesting
+    }
+
+    /// Sets how many table entries one shadow walk may read
+    /// ([`DEFAULT_WALK_LIMIT`]).
+    pub fn set_walk_limit(&self, entries: u64) {
+        self.lock().walk_limit = entries;
+    }
+
     /// The nested HWPT that holds S1 domain `domain`'s table now, if any.
     pub fn s1_hwpt(&self, domain: DomainId) -> Option<u32> {
         match self.lock().domains.get(&domain) {
-            Some(Domain::S1 { nested, .. }) => *nested,
+            Some(Domain::S1 {
+                table: S1Table::Nested(n),
+                ..
+            }) => Some(*n),
             _ => None,
+        }
+    }
+
+    /// The IOAS of S1 domain `domain`'s shadow now, if it is shadowed.
+    pub fn s1_shadow_ioas(&self, domain: DomainId) -> Option<u32> {
+        match self.lock().domains.get(&domain) {
+            Some(Domain::S1 {
+                table: S1Table::Shadow(s),
+                ..
+            }) => Some(s.ioas),
+            _ => None,
+        }
+    }
+
+    /// The runs S1 domain `domain`'s shadow maps now, by IOVA.
+    pub fn s1_shadow_runs(&self, domain: DomainId) -> Vec<MapRun> {
+        match self.lock().domains.get(&domain) {
+            Some(Domain::S1 {
+                table: S1Table::Shadow(s),
+                ..
+            }) => s.maps.values().copied().collect(),
+            _ => Vec::new(),
         }
     }
 
@@ -335,7 +559,7 @@ impl IommufdBackend {
         for d in inner.domains.values() {
             match d {
                 Domain::S2 { ioas, .. } => ids.push(*ioas),
-                Domain::S1 { nested, .. } => ids.extend(*nested),
+                Domain::S1 { table, .. } => ids.extend(table.object()),
             }
         }
         ids.sort_unstable();
@@ -430,7 +654,40 @@ impl IommufdBackend {
         let inside = |r: &MapRun| r.gpa >= region.gpa && r.gpa + r.len <= region.gpa + region.len;
         let mut unmaps = 0;
         let mut failed_domains = Vec::new();
+        let mut shadow_runs_gone = 0u64;
         for (id, dom) in inner.domains.iter_mut() {
+            if let Domain::S1 {
+                table: S1Table::Shadow(shadow),
+                ..
+            } = dom
+            {
+                let gone: Vec<MapRun> = shadow
+                    .maps
+                    .values()
+                    .filter(|r| inside(r))
+                    .copied()
+                    .collect();
+                for run in gone {
+                    unmaps += 1;
+                    match self.ops.ioas_unmap(shadow.ioas, run.iova, run.len) {
+                        Ok(n) if n == run.len => {
+                            shadow.maps.remove(&run.iova);
+                            shadow_runs_gone += 1;
+                        }
+                        Ok(removed) => {
+                            first_err.get_or_insert(BackendError::ShortUnmap {
+                                len: run.len,
+                                removed,
+                            });
+                            failed_domains.push(*id);
+                        }
+                        Err(e) => {
+                            first_err.get_or_insert(host_err(e));
+                            failed_domains.push(*id);
+                        }
+                    }
+                }
+            }
             if let Domain::S2 { ioas, runs, .. } = dom {
                 let gone: Vec<MapRun> = runs.values().filter(|r| inside(r)).copied().collect();
                 for run in gone {
@@ -454,6 +711,8 @@ impl IommufdBackend {
                 }
             }
         }
+        inner.budget.give_back(shadow_runs_gone);
+        failed_domains.dedup();
         for id in failed_domains {
             self.fail_domain(&mut inner, id);
         }
@@ -495,7 +754,8 @@ impl IommufdBackend {
     }
 
     /// The page table a device attached to `target` uses, allocating the
-    /// nested HWPT of an S1 domain (and the parent) on first need.
+    /// nested HWPT of an S1 domain (and the parent), or building its shadow
+    /// where the host cannot nest, on first need.
     fn pt_for(
         &self,
         inner: &mut Inner,
@@ -510,44 +770,285 @@ impl IommufdBackend {
                 None => Err(BackendError::UnknownDomain(d)),
                 Some(Domain::S2 { failed: true, .. }) => Ok(inner.blocked),
                 Some(Domain::S2 { ioas, .. }) => Ok(*ioas),
-                Some(Domain::S1 { config, nested }) => {
+                Some(Domain::S1 { config, table }) => {
+                    let shadowed = matches!(table, S1Table::Shadow(_));
                     match config.mode() {
-                        _ if inner.direct_failed => return Ok(inner.blocked),
+                        // The shadow is an IOAS of its own, not over the
+                        // direct one.
+                        _ if inner.direct_failed && !shadowed => return Ok(inner.blocked),
                         S1Mode::Blocked => return Ok(inner.blocked),
                         // Identity: the default domain's IOAS (IOVA = GPA).
+                        S1Mode::Identity if inner.direct_failed => return Ok(inner.blocked),
                         S1Mode::Identity => return Ok(inner.direct),
                         S1Mode::Translate => {}
                     }
-                    if let Some(n) = nested {
-                        return Ok(*n);
+                    match table {
+                        S1Table::Nested(n) => return Ok(*n),
+                        S1Table::Shadow(s) if s.failed => return Ok(inner.blocked),
+                        S1Table::Shadow(s) => return Ok(s.ioas),
+                        S1Table::None => {}
                     }
                     let config = *config;
-                    let parent = match inner.parent {
-                        Some(p) => p,
-                        None => {
-                            let p = self
-                                .ops
-                                .hwpt_alloc(
-                                    dev_id,
-                                    inner.direct,
-                                    HWPT_ALLOC_NEST_PARENT,
-                                    HwptData::None,
-                                )
-                                .map_err(host_err)?;
-                            inner.parent = Some(p);
-                            p
+                    if inner.nesting {
+                        match self.alloc_nested(inner, dev_id, &config) {
+                            Ok(n) => {
+                                if let Some(Domain::S1 { table, .. }) = inner.domains.get_mut(&d) {
+                                    *table = S1Table::Nested(n);
+                                }
+                                return Ok(n);
+                            }
+                            Err(BackendError::Unsupported) => {
+                                log::info!(
+                                    "IOMMUFD backend: the host IOMMU cannot nest; S1 domains are shadowed"
+                                );
+                                inner.nesting = false;
+                            }
+                            Err(e) => return Err(e),
                         }
-                    };
-                    let n = self
-                        .ops
-                        .hwpt_alloc(dev_id, parent, 0, self.format.hwpt_data(&config))
-                        .map_err(host_err)?;
-                    if let Some(Domain::S1 { nested, .. }) = inner.domains.get_mut(&d) {
-                        *nested = Some(n);
                     }
-                    Ok(n)
+                    let shadow = self.build_shadow(inner, &config)?;
+                    let ioas = shadow.ioas;
+                    if let Some(Domain::S1 { table, .. }) = inner.domains.get_mut(&d) {
+                        *table = S1Table::Shadow(shadow);
+                    }
+                    Ok(ioas)
                 }
             },
+        }
+    }
+
+    /// A nested HWPT for `config` over the NEST_PARENT HWPT (allocated on
+    /// first need).
+    fn alloc_nested(
+        &self,
+        inner: &mut Inner,
+        dev_id: u32,
+        config: &S1Config,
+    ) -> Result<u32, BackendError> {
+        let parent = match inner.parent {
+            Some(p) => p,
+            None => {
+                let p = self
+                    .ops
+                    .hwpt_alloc(dev_id, inner.direct, HWPT_ALLOC_NEST_PARENT, HwptData::None)
+                    .map_err(host_err)?;
+                inner.parent = Some(p);
+                p
+            }
+        };
+        self.ops
+            .hwpt_alloc(dev_id, parent, 0, self.format.hwpt_data(config))
+            .map_err(host_err)
+    }
+
+    /// A new shadow of `config`'s table: an IOAS with everything the table
+    /// maps now. On failure nothing is left behind (IOAS destroyed, runs
+    /// given back).
+    fn build_shadow(&self, inner: &mut Inner, config: &S1Config) -> Result<Shadow, BackendError> {
+        let ioas = self.ops.ioas_alloc().map_err(host_err)?;
+        let mut shadow = Shadow {
+            ioas,
+            maps: BTreeMap::new(),
+            failed: false,
+        };
+        match self.sync_shadow(inner, &mut shadow, config, 0, s1table::reach(config.levels)) {
+            Ok(()) => Ok(shadow),
+            Err(e) => {
+                let _ = self.drop_shadow(inner, shadow);
+                Err(e)
+            }
+        }
+    }
+
+    /// Destroys a shadow's IOAS (emptied and kept as a zombie if a device
+    /// is stuck on it) and gives its runs back.
+    fn drop_shadow(&self, inner: &mut Inner, shadow: Shadow) -> Result<(), BackendError> {
+        inner.budget.give_back(shadow.maps.len() as u64);
+        self.destroy_object(inner, shadow.ioas, true)
+    }
+
+    /// Brings `shadow` up to date with `config`'s table over
+    /// `[start, end)` (page-aligned): a run the walk finds unchanged stays,
+    /// a run it does not find (or finds changed) is unmapped whole and its
+    /// part outside the range mapped again as it was (the guest did not
+    /// flush it), and what the walk finds that is not mapped yet is mapped.
+    /// Unmaps come first, so a stale translation is gone even if mapping the
+    /// new ones fails; an unmap failure marks the shadow failed (the caller
+    /// blocks its devices) and maps nothing.
+    ///
+    /// A walk that runs out of reads or of runs fails closed: every run in
+    /// the range is unmapped, the outer parts mapped again, and the error
+    /// returned ([`BackendError::WalkTooLong`], [`BackendError::OutOfRuns`]).
+    #[allow(unsafe_code)]
+    fn sync_shadow(
+        &self,
+        inner: &mut Inner,
+        shadow: &mut Shadow,
+        config: &S1Config,
+        start: u64,
+        end: u64,
+    ) -> Result<(), BackendError> {
+        let end = end.min(s1table::reach(config.levels));
+        if start >= end {
+            return Ok(());
+        }
+        // The runs that overlap the range, by IOVA.
+        let first = shadow
+            .maps
+            .range(..start)
+            .next_back()
+            .filter(|(_, r)| r.iova_end() > start)
+            .map_or(start, |(k, _)| *k);
+        let overlapping: Vec<MapRun> = shadow.maps.range(first..end).map(|(_, r)| *r).collect();
+
+        // Walk: the runs the table maps in the range now, merged where
+        // contiguous in IOVA and GPA with one permission in one region. No
+        // more than the runs the budget could hold are collected.
+        let allowance = inner
+            .budget
+            .available()
+            .saturating_add(overlapping.len() as u64);
+        let mut wanted: Vec<MapRun> = Vec::new();
+        let mut wanted_region = 0u64;
+        let mut reads = inner.walk_limit;
+        let regions = &inner.regions;
+        let walked = s1table::for_each_leaf(
+            &RamTables(regions),
+            config,
+            start,
+            end,
+            SHADOW_PHYS_ADDR_WIDTH,
+            &mut reads,
+            |leaf| push_leaf(regions, &mut wanted, &mut wanted_region, leaf, allowance),
+        );
+        inner.stats.shadow_walks += 1;
+        inner.stats.shadow_entries_read += inner.walk_limit - reads;
+        let walk_result = match walked {
+            Ok(()) => Ok(()),
+            Err(LeafWalkError::ReadBudget) => Err(BackendError::WalkTooLong(inner.walk_limit)),
+            Err(LeafWalkError::Stopped(())) => Err(BackendError::OutOfRuns),
+        };
+        if walk_result.is_err() {
+            // What the walk found is incomplete: trust none of it.
+            wanted.clear();
+        }
+
+        // Which runs stay: those the walk found translating the same way.
+        let mut covered: Vec<(u64, u64)> = Vec::new();
+        let mut stale: Vec<MapRun> = Vec::new();
+        let mut again: Vec<MapRun> = Vec::new();
+        for run in overlapping {
+            let (a, b) = (run.iova.max(start), run.iova_end().min(end));
+            let k = wanted.partition_point(|w| w.iova_end() <= a);
+            let same = wanted.get(k).is_some_and(|w| {
+                w.iova <= a
+                    && b <= w.iova_end()
+                    && w.perms == run.perms
+                    && w.gpa.wrapping_sub(w.iova) == run.gpa.wrapping_sub(run.iova)
+            });
+            if same {
+                covered.push((a, b));
+                continue;
+            }
+            stale.push(run);
+            if run.iova < start {
+                again.push(MapRun {
+                    len: start - run.iova,
+                    ..run
+                });
+            }
+            if run.iova_end() > end {
+                again.push(MapRun {
+                    iova: end,
+                    gpa: run.gpa + (end - run.iova),
+                    len: run.iova_end() - end,
+                    perms: run.perms,
+                });
+            }
+        }
+        for run in stale {
+            inner.stats.unmaps += 1;
+            let failure = match self.ops.ioas_unmap(shadow.ioas, run.iova, run.len) {
+                Ok(n) if n == run.len => None,
+                Ok(removed) => Some(BackendError::ShortUnmap {
+                    len: run.len,
+                    removed,
+                }),
+                Err(e) => Some(host_err(e)),
+            };
+            if let Some(e) = failure {
+                shadow.failed = true;
+                return Err(e);
+            }
+            shadow.maps.remove(&run.iova);
+            inner.budget.give_back(1);
+        }
+
+        // Map what is wanted and not covered by a run that stayed, and the
+        // outer parts of the runs that went.
+        let mut to_map = again;
+        let mut c = covered.iter().peekable();
+        for w in wanted {
+            let mut cursor = w.iova;
+            while cursor < w.iova_end() {
+                while c.peek().is_some_and(|(_, b)| *b <= cursor) {
+                    c.next();
+                }
+                let piece_end = match c.peek() {
+                    Some(&&(a, b)) if a <= cursor => {
+                        cursor = b.min(w.iova_end());
+                        continue;
+                    }
+                    Some(&&(a, _)) => a.min(w.iova_end()),
+                    None => w.iova_end(),
+                };
+                to_map.push(MapRun {
+                    iova: cursor,
+                    gpa: w.gpa + (cursor - w.iova),
+                    len: piece_end - cursor,
+                    perms: w.perms,
+                });
+                cursor = piece_end;
+            }
+        }
+        to_map.sort_unstable_by_key(|r| r.iova);
+        let mut result = walk_result;
+        for run in to_map {
+            if !inner.budget.try_take(1) {
+                result = result.and(Err(BackendError::OutOfRuns));
+                break;
+            }
+            let mapped = Self::host_addr(inner, run.gpa, run.len).and_then(|host| {
+                // SAFETY: `host` lies in a region registered with
+                // add_ram_region, whose caller guaranteed the mapping
+                // outlives its use here.
+                unsafe {
+                    self.ops
+                        .ioas_map(shadow.ioas, run.iova, host, run.len, run.perms)
+                }
+                .map_err(host_err)
+            });
+            match mapped {
+                Ok(()) => {
+                    inner.stats.maps += 1;
+                    shadow.maps.insert(run.iova, run);
+                }
+                Err(e) => {
+                    // Not mapped: DMA there faults, which is closed.
+                    inner.budget.give_back(1);
+                    result = result.and(Err(e));
+                }
+            }
+        }
+        result
+    }
+
+    /// Destroys what held an S1 domain's table (a nested HWPT, a shadow).
+    fn drop_table(&self, inner: &mut Inner, table: S1Table) -> Result<(), BackendError> {
+        match table {
+            S1Table::None => Ok(()),
+            S1Table::Nested(n) => self.destroy_object(inner, n, false),
+            S1Table::Shadow(shadow) => self.drop_shadow(inner, shadow),
         }
     }
 
@@ -630,12 +1131,20 @@ impl IommufdBackend {
     /// be rebuilt): the IOAS may map what the guest unmapped. Blocks every
     /// device on it, marks the domain so that none is attached to it again,
     /// and if a device cannot be moved off, empties the IOAS.
+    ///
+    /// The same for an S1 domain's shadow IOAS.
     fn fail_domain(&self, inner: &mut Inner, domain: DomainId) {
-        let Some(Domain::S2 { ioas, failed, .. }) = inner.domains.get_mut(&domain) else {
-            return;
+        let ioas = match inner.domains.get_mut(&domain) {
+            Some(Domain::S2 { ioas, failed, .. })
+            | Some(Domain::S1 {
+                table: S1Table::Shadow(Shadow { ioas, failed, .. }),
+                ..
+            }) => {
+                *failed = true;
+                *ioas
+            }
+            _ => return,
         };
-        *failed = true;
-        let ioas = *ioas;
         log::error!("IOMMUFD backend: an unmap of domain {domain} failed; its devices are blocked");
         let mut stuck = false;
         for device in Self::devices_using(inner, Some(ioas), AttachTarget::Domain(domain)) {
@@ -671,11 +1180,17 @@ impl IommufdBackend {
         }
     }
 
+    /// Whether `pt` is the IOAS of a guest domain: an S2 domain's, or an S1
+    /// domain's shadow (neither maps through the direct IOAS).
     fn is_s2_ioas(inner: &Inner, pt: u32) -> bool {
-        inner
-            .domains
-            .values()
-            .any(|d| matches!(d, Domain::S2 { ioas, .. } if *ioas == pt))
+        inner.domains.values().any(|d| match d {
+            Domain::S2 { ioas, .. } => *ioas == pt,
+            Domain::S1 {
+                table: S1Table::Shadow(s),
+                ..
+            } => s.ioas == pt,
+            _ => false,
+        })
     }
 
     /// The last resort when a device is stuck on an IOAS that must not
@@ -684,13 +1199,21 @@ impl IommufdBackend {
         inner.stats.unmaps += 1;
         match self.ops.ioas_unmap(ioas, 0, u64::MAX) {
             Ok(_) => {
+                let mut shadow_runs = 0u64;
                 for dom in inner.domains.values_mut() {
-                    if let Domain::S2 { ioas: i, runs, .. } = dom {
-                        if *i == ioas {
-                            runs.clear();
+                    match dom {
+                        Domain::S2 { ioas: i, runs, .. } if *i == ioas => runs.clear(),
+                        Domain::S1 {
+                            table: S1Table::Shadow(s),
+                            ..
+                        } if s.ioas == ioas => {
+                            shadow_runs += s.maps.len() as u64;
+                            s.maps.clear();
                         }
+                        _ => {}
                     }
                 }
+                inner.budget.give_back(shadow_runs);
             }
             Err(e) => log::error!(
                 "IOMMUFD backend: cannot empty IOAS {ioas}: {}",
@@ -757,6 +1280,25 @@ impl Backend for IommufdBackend {
         "iommufd"
     }
 
+    fn set_run_budget(&self, budget: RunBudget) {
+        let mut inner = self.lock();
+        // Runs taken before (none in practice) move to the new budget.
+        let held: u64 = inner
+            .domains
+            .values()
+            .map(|d| match d {
+                Domain::S1 {
+                    table: S1Table::Shadow(s),
+                    ..
+                } => s.maps.len() as u64,
+                _ => 0,
+            })
+            .sum();
+        inner.budget.give_back(held);
+        let _ = budget.try_take(held);
+        inner.budget = budget;
+    }
+
     fn add_device(&self, device: DeviceId) -> Result<(), BackendError> {
         let mut inner = self.lock();
         let direct = inner.direct;
@@ -807,7 +1349,7 @@ impl Backend for IommufdBackend {
             },
             DomainKind::S1 => Domain::S1 {
                 config: S1Config::UNCONFIGURED,
-                nested: None,
+                table: S1Table::None,
             },
         };
         inner.domains.insert(domain, dom);
@@ -822,10 +1364,7 @@ impl Backend for IommufdBackend {
             .ok_or(BackendError::UnknownDomain(domain))?;
         match dom {
             Domain::S2 { ioas, .. } => self.destroy_object(&mut inner, ioas, true),
-            Domain::S1 {
-                nested: Some(n), ..
-            } => self.destroy_object(&mut inner, n, false),
-            Domain::S1 { nested: None, .. } => Ok(()),
+            Domain::S1 { table, .. } => self.drop_table(&mut inner, table),
         }
     }
 
@@ -934,10 +1473,12 @@ impl Backend for IommufdBackend {
 
     fn set_s1(&self, domain: DomainId, config: S1Config) -> Result<(), BackendError> {
         let mut inner = self.lock();
+        // The old table stays in place until the devices have moved off it
+        // (to the new one, or blocked).
         let old = match inner.domains.get_mut(&domain) {
-            Some(Domain::S1 { config: c, nested }) => {
+            Some(Domain::S1 { config: c, table }) => {
                 *c = config;
-                nested.take()
+                std::mem::replace(table, S1Table::None)
             }
             _ => return Err(BackendError::UnknownDomain(domain)),
         };
@@ -964,25 +1505,42 @@ impl Backend for IommufdBackend {
                 }
             }
         }
-        if let Some(old) = old {
-            if let Err(e) = self.ops.destroy(old) {
-                result = result.and(Err(host_err(e)));
-            }
-        }
-        result
+        result.and(self.drop_table(&mut inner, old))
     }
 
     fn invalidate(&self, domain: DomainId, what: Invalidation) -> Result<(), BackendError> {
         let mut inner = self.lock();
-        let nested = match inner.domains.get(&domain) {
+        let hwpt = match inner.domains.get_mut(&domain) {
             // IOMMUFD flushes the IOTLB on IOAS_UNMAP; an S2 domain caches
             // nothing the guest could flush.
             Some(Domain::S2 { .. }) => return Ok(()),
-            Some(Domain::S1 { nested, .. }) => *nested,
+            Some(Domain::S1 { config, table }) => match table {
+                S1Table::Nested(n) => *n,
+                // No host table yet: nothing cached. A failed shadow's
+                // devices are blocked; it is not walked again.
+                S1Table::None | S1Table::Shadow(Shadow { failed: true, .. }) => return Ok(()),
+                S1Table::Shadow(_) => {
+                    let config = *config;
+                    let S1Table::Shadow(mut shadow) = std::mem::replace(table, S1Table::None)
+                    else {
+                        return Ok(());
+                    };
+                    let (start, end) = match what {
+                        Invalidation::All => (0, s1table::reach(config.levels)),
+                        Invalidation::Range { iova, len } => (iova, iova.saturating_add(len)),
+                    };
+                    let result = self.sync_shadow(&mut inner, &mut shadow, &config, start, end);
+                    let failed = shadow.failed;
+                    if let Some(Domain::S1 { table, .. }) = inner.domains.get_mut(&domain) {
+                        *table = S1Table::Shadow(shadow);
+                    }
+                    if failed {
+                        self.fail_domain(&mut inner, domain);
+                    }
+                    return result;
+                }
+            },
             None => return Err(BackendError::UnknownDomain(domain)),
-        };
-        let Some(hwpt) = nested else {
-            return Ok(()); // no host table yet: nothing cached
         };
         let entries = self.format.entries(what);
         inner.stats.invalidations += 1;
@@ -1009,7 +1567,8 @@ impl Drop for IommufdBackend {
         let mut ids = Vec::new();
         for d in inner.domains.values() {
             if let Domain::S1 {
-                nested: Some(n), ..
+                table: S1Table::Nested(n),
+                ..
             } = d
             {
                 ids.push(*n);
@@ -1017,8 +1576,13 @@ impl Drop for IommufdBackend {
         }
         ids.extend(inner.parent);
         for d in inner.domains.values() {
-            if let Domain::S2 { ioas, .. } = d {
-                ids.push(*ioas);
+            match d {
+                Domain::S2 { ioas, .. }
+                | Domain::S1 {
+                    table: S1Table::Shadow(Shadow { ioas, .. }),
+                    ..
+                } => ids.push(*ioas),
+                _ => {}
             }
         }
         ids.extend(inner.zombies.iter().copied());
@@ -1090,6 +1654,8 @@ mod tests {
         ranges: Mutex<Vec<IovaRange>>,
         /// IOAS -> IOVA -> length, as the host maps it.
         mapped: Mutex<HashMap<u32, BTreeMap<u64, u64>>>,
+        /// (IOAS, IOVA) -> (host address, permissions) of the last map there.
+        details: Mutex<HashMap<(u32, u64), (usize, Perms)>>,
         /// The next `n` IOAS_UNMAPs fail (EIO) and unmap nothing.
         fail_unmaps: Mutex<u32>,
         /// The next `n` IOAS_MAPs fail (ENOMEM).
@@ -1150,7 +1716,20 @@ mod tests {
                 return Err(fake_err("IOMMU_IOAS_MAP", libc::ENOMEM));
             }
             let mut mapped = self.mapped.lock().expect("lock");
-            mapped.entry(ioas).or_default().insert(iova, len);
+            let maps = mapped.entry(ioas).or_default();
+            // IOMMUFD refuses a map over a mapping (EEXIST).
+            let overlaps = maps
+                .range(..iova.saturating_add(len))
+                .next_back()
+                .is_some_and(|(i, l)| i + l > iova);
+            if overlaps {
+                return Err(fake_err("IOMMU_IOAS_MAP", libc::EEXIST));
+            }
+            maps.insert(iova, len);
+            self.details
+                .lock()
+                .expect("lock")
+                .insert((ioas, iova), (va as usize, perms));
             Ok(())
         }
         fn ioas_unmap(&self, ioas: u32, iova: u64, len: u64) -> ioctl::Result<u64> {
@@ -1697,34 +2276,433 @@ mod tests {
         assert_eq!(*dev.pts.lock().expect("lock"), [1, 2]);
     }
 
-    #[test]
-    fn s1_without_host_nesting_fails_closed() {
-        let (b, ops, dev, _ram) = setup(NestFormat::VtdS1);
-        *ops.no_nesting.lock().expect("lock") = true;
-        b.create_domain(6, DomainKind::S1).expect("create");
-        let cfg = S1Config {
-            root: 0x5000,
+    // ---- S1 shadowing (a host without nesting) ----
+
+    /// Writes a guest page-table entry into the test's RAM at `host`.
+    #[allow(unsafe_code)]
+    fn pte_at(host: usize, ram: u64, table: u64, index: u64, value: u64) {
+        let off = table + index * 8;
+        assert!(off + 8 <= ram, "entry inside the test's RAM");
+        // SAFETY: `host` is the start of the test's RAM buffer of `ram`
+        // bytes (kept alive by the test), page-aligned, and the entry lies
+        // inside it (checked above), 8-byte aligned.
+        unsafe {
+            std::ptr::write_volatile(
+                (host + usize::try_from(off).expect("small")) as *mut u64,
+                value,
+            );
+        }
+    }
+
+    const PF: u64 = 1 | 2 | 4; // P, R/W, U/S
+    const PML4: u64 = 0x1000;
+    const PDPT: u64 = 0x2000;
+    const PD: u64 = 0x3000;
+    const PT: u64 = 0x4000;
+    /// IOVA of PT entry 0: PML4[0], PDPT[1], PD[0].
+    const BASE: u64 = 0x4000_0000;
+
+    fn s1(root: u64) -> S1Config {
+        S1Config {
+            root,
             levels: PagingLevels::Four,
             translation_enabled: true,
             blocked: false,
+        }
+    }
+
+    /// A backend whose host cannot nest (HWPT allocation: EOPNOTSUPP), with
+    /// a 4-level table at PML4 whose PT maps BASE + n * 4K; returns the
+    /// host address of RAM too.
+    fn setup_shadow() -> (
+        IommufdBackend,
+        Arc<FakeOps>,
+        Arc<FakeDevice>,
+        Vec<u8>,
+        usize,
+    ) {
+        let (b, ops, dev, ram) = setup(NestFormat::VtdS1);
+        let host = host_of(&ops);
+        *ops.no_nesting.lock().expect("lock") = true;
+        let pte = |t, i, v| pte_at(host, RAM, t, i, v);
+        pte(PML4, 0, PDPT | PF);
+        pte(PDPT, 1, PD | PF);
+        pte(PD, 0, PT | PF);
+        ops.take();
+        (b, ops, dev, ram, host)
+    }
+
+    /// What IOAS `ioas` maps: (IOVA, GPA, length, writable), GPA from the
+    /// host address (RAM at GPA 0 is at `host`).
+    fn view(ops: &FakeOps, ioas: u32, host: usize) -> Vec<(u64, u64, u64, bool)> {
+        let mapped = ops.mapped.lock().expect("lock");
+        let details = ops.details.lock().expect("lock");
+        mapped
+            .get(&ioas)
+            .map(|m| {
+                m.iter()
+                    .map(|(iova, len)| {
+                        let (va, perms) = details[&(ioas, *iova)];
+                        assert!(perms.read);
+                        (*iova, (va - host) as u64, *len, perms.write)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn range(iova: u64, len: u64) -> Invalidation {
+        Invalidation::Range { iova, len }
+    }
+
+    /// ABI section 7: without nesting, CONFIGURE + ATTACH walk the guest's
+    /// table into an IOAS of the domain's own: guest RAM only, contiguous
+    /// leaves in one map, read-only leaves without write, supervisor-only
+    /// leaves and leaves outside guest RAM not mapped.
+    #[test]
+    fn s1_shadow_maps_the_table_at_configure_and_attach() {
+        let (b, ops, dev, _ram, host) = setup_shadow();
+        let pte = |i, v| pte_at(host, RAM, PT, i, v);
+        pte(0, 0x10000 | PF);
+        pte(1, 0x11000 | 1 | 4); // read-only
+        pte(2, 0x12000 | PF);
+        pte(3, 0x20_0000 | PF); // outside guest RAM (1 MiB)
+        pte(4, 0x14000 | 1 | 2); // supervisor-only
+        pte(5, 0x15000 | PF);
+        pte(6, 0x16000 | PF); // continues entry 5
+        b.create_domain(6, DomainKind::S1).expect("create");
+        b.set_s1(6, s1(PML4)).expect("no device yet");
+        assert!(ops.take().is_empty(), "nothing built without a device");
+        b.attach(DEV, AttachTarget::Domain(6)).expect("attach");
+        assert!(b.shadows_s1(), "EOPNOTSUPP switched to shadowing");
+        let ioas = b.s1_shadow_ioas(6).expect("shadowed");
+        assert_eq!(b.s1_hwpt(6), None);
+        assert_eq!(dev.on(), Some(ioas));
+        assert_eq!(
+            view(&ops, ioas, host),
+            [
+                (BASE, 0x10000, 0x1000, true),
+                (BASE + 0x1000, 0x11000, 0x1000, false),
+                (BASE + 0x2000, 0x12000, 0x1000, true),
+                (BASE + 0x5000, 0x15000, 0x2000, true),
+            ]
+        );
+        assert_eq!(b.stats().shadow_walks, 1);
+        assert!(b.object_ids().contains(&ioas));
+        // The next S1 domain does not try nesting again.
+        b.create_domain(7, DomainKind::S1).expect("create");
+        b.set_s1(7, s1(PML4)).expect("configure");
+        ops.take();
+        b.attach(DEV, AttachTarget::Domain(7)).expect("attach");
+        assert!(!ops
+            .take()
+            .iter()
+            .any(|c| matches!(c, Call::HwptAlloc { .. })));
+        // Identity and blocked S1 need no shadow.
+        b.set_s1(7, S1Config::UNCONFIGURED).expect("blocked");
+        assert_eq!(dev.on(), Some(2));
+        b.set_s1(
+            7,
+            S1Config {
+                blocked: false,
+                ..S1Config::UNCONFIGURED
+            },
+        )
+        .expect("identity");
+        assert_eq!(dev.on(), Some(1));
+        assert_eq!(b.s1_shadow_ioas(7), None);
+    }
+
+    /// A changed PTE is used once its range is flushed (not before: an
+    /// IOTLB may keep it); a cleared and flushed PTE is gone from the IOAS;
+    /// unchanged runs in the range are left alone (no host call).
+    #[test]
+    fn s1_shadow_follows_flushes() {
+        let (b, ops, dev, _ram, host) = setup_shadow();
+        let pte = |i, v| pte_at(host, RAM, PT, i, v);
+        pte(0, 0x10000 | PF);
+        pte(1, 0x11000 | PF);
+        b.create_domain(6, DomainKind::S1).expect("create");
+        b.set_s1(6, s1(PML4)).expect("configure");
+        b.attach(DEV, AttachTarget::Domain(6)).expect("attach");
+        let ioas = b.s1_shadow_ioas(6).expect("shadowed");
+        assert_eq!(view(&ops, ioas, host), [(BASE, 0x10000, 0x2000, true)]);
+        ops.take();
+        // Unchanged: a flush costs no host call.
+        b.invalidate(6, range(BASE, 0x2000)).expect("flush");
+        assert!(ops.take().is_empty());
+        // Change entry 1: nothing happens until it is flushed.
+        pte(1, 0x30000 | PF);
+        assert_eq!(view(&ops, ioas, host), [(BASE, 0x10000, 0x2000, true)]);
+        b.invalidate(6, range(BASE + 0x1000, 0x1000))
+            .expect("flush");
+        // The run reached outside the range: it was unmapped whole and its
+        // outer part (entry 0, not flushed) mapped again.
+        assert_eq!(
+            view(&ops, ioas, host),
+            [
+                (BASE, 0x10000, 0x1000, true),
+                (BASE + 0x1000, 0x30000, 0x1000, true)
+            ]
+        );
+        // A new entry appears with the flush of its range.
+        pte(7, 0x40000 | PF);
+        b.invalidate(6, range(BASE + 0x7000, 0x1000))
+            .expect("flush");
+        assert_eq!(view(&ops, ioas, host).len(), 3);
+        // Cleared and flushed: gone.
+        pte(0, 0);
+        b.invalidate(6, range(BASE, 0x1000)).expect("flush");
+        assert_eq!(
+            view(&ops, ioas, host),
+            [
+                (BASE + 0x1000, 0x30000, 0x1000, true),
+                (BASE + 0x7000, 0x40000, 0x1000, true)
+            ]
+        );
+        // Made read-only and flushed: mapped without write.
+        pte(7, 0x40000 | 1 | 4);
+        // A full flush walks the whole table.
+        b.invalidate(6, Invalidation::All).expect("flush all");
+        assert_eq!(
+            view(&ops, ioas, host),
+            [
+                (BASE + 0x1000, 0x30000, 0x1000, true),
+                (BASE + 0x7000, 0x40000, 0x1000, false)
+            ]
+        );
+        // The whole PD entry cleared: everything under it goes.
+        pte_at(host, RAM, PD, 0, 0);
+        b.invalidate(6, range(BASE, 0x20_0000)).expect("flush");
+        assert_eq!(view(&ops, ioas, host), []);
+        assert_eq!(dev.on(), Some(ioas));
+        assert_eq!(b.s1_shadow_runs(6), []);
+    }
+
+    /// 2 MiB and 1 GiB leaves: one IOAS map each where the GPA range is one
+    /// RAM region, split at region boundaries, the parts outside RAM left
+    /// out; a flush inside a large leaf keeps its unflushed parts mapped.
+    #[test]
+    #[allow(unsafe_code)]
+    fn s1_shadow_large_leaves_and_region_boundaries() {
+        let (b, ops, _dev, mut ram, host) = setup_shadow();
+        // More RAM: [1 GiB, +2 MiB) and [1 GiB + 4 MiB, +2 MiB).
+        let mut extra = vec![0u8; (5 << 20) + 0x1000];
+        let off = extra.as_ptr().align_offset(0x1000);
+        let xhost = extra[off..].as_mut_ptr();
+        // SAFETY: `extra` outlives the backend's use (the test), the fake
+        // never touches it, and the regions lie inside it.
+        unsafe {
+            b.add_ram_region(1 << 30, 2 << 20, xhost).expect("region");
+            b.add_ram_region((1 << 30) + (4 << 20), 1 << 20, xhost.add(4 << 20))
+                .expect("region");
+        }
+        let xhost = xhost as usize;
+        // A 2 MiB leaf at PD[1] over GPA 0 (RAM is 1 MiB there).
+        pte_at(host, RAM, PD, 1, PF | 0x80);
+        // A 1 GiB leaf at PDPT[2] over GPA 1 GiB.
+        pte_at(host, RAM, PDPT, 2, (1 << 30) | PF | 0x80);
+        b.create_domain(6, DomainKind::S1).expect("create");
+        b.set_s1(6, s1(PML4)).expect("configure");
+        b.attach(DEV, AttachTarget::Domain(6)).expect("attach");
+        let ioas = b.s1_shadow_ioas(6).expect("shadowed");
+        let g = |va: usize| -> u64 {
+            if va >= xhost {
+                (1 << 30) + (va - xhost) as u64
+            } else {
+                (va - host) as u64
+            }
         };
-        b.set_s1(6, cfg)
-            .expect("no device yet: nothing to allocate");
+        let got: Vec<(u64, u64, u64)> = view(&ops, ioas, host)
+            .into_iter()
+            .map(|(iova, gpa, len, _)| (iova, g(usize::try_from(gpa).expect("small") + host), len))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                // The 2 MiB leaf: the 1 MiB of it that is RAM.
+                (BASE + 0x20_0000, 0, RAM),
+                // The 1 GiB leaf: its two RAM pieces.
+                (0x8000_0000, 1 << 30, 2 << 20),
+                (0x8000_0000 + (4 << 20), (1 << 30) + (4 << 20), 1 << 20),
+            ]
+        );
+        // Re-point the 2 MiB leaf and flush one page of it: the flushed page
+        // and the rest of the leaf, re-walked or kept, stay consistent.
+        pte_at(host, RAM, PD, 1, 0x4000_0000 | PF | 0x80); // now GPA 1 GiB
+        b.invalidate(6, range(BASE + 0x20_1000, 0x1000))
+            .expect("flush");
+        let got: Vec<(u64, u64, u64)> = view(&ops, ioas, host)
+            .into_iter()
+            .filter(|(iova, ..)| *iova < 0x8000_0000)
+            .map(|(iova, gpa, len, _)| (iova, g(usize::try_from(gpa).expect("small") + host), len))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (BASE + 0x20_0000, 0, 0x1000),
+                (BASE + 0x20_1000, (1 << 30) + 0x1000, 0x1000),
+                (BASE + 0x20_2000, 0x2000, RAM - 0x2000),
+            ],
+            "the flushed page follows the table, the rest is kept as cached"
+        );
+        drop(b);
+        drop(extra);
+        ram.clear();
+    }
+
+    /// Item 8 for shadows: a failed IOAS_UNMAP leaves the stale mapping in
+    /// the shadow, so its devices are blocked.
+    #[test]
+    fn s1_shadow_unmap_failure_blocks_the_devices() {
+        let (b, ops, dev, _ram, host) = setup_shadow();
+        pte_at(host, RAM, PT, 0, 0x10000 | PF);
+        b.create_domain(6, DomainKind::S1).expect("create");
+        b.set_s1(6, s1(PML4)).expect("configure");
+        b.attach(DEV, AttachTarget::Domain(6)).expect("attach");
+        let ioas = b.s1_shadow_ioas(6).expect("shadowed");
+        pte_at(host, RAM, PT, 0, 0);
+        *ops.fail_unmaps.lock().expect("lock") = 1;
+        assert!(b.invalidate(6, range(BASE, 0x1000)).is_err());
+        assert_eq!(view(&ops, ioas, host).len(), 1, "still mapped on the host");
+        assert_eq!(dev.on(), Some(2), "so the device is blocked");
+        assert_eq!(dev.reachable(&ops), []);
+        // And stays blocked when attached again.
+        b.attach(DEV, AttachTarget::Identity).expect("identity");
+        b.attach(DEV, AttachTarget::Domain(6)).expect("attach");
+        assert_eq!(dev.on(), Some(2));
+        // A new table builds a new shadow.
+        b.set_s1(6, s1(PML4)).expect("configure");
+        let fresh = b.s1_shadow_ioas(6).expect("shadowed");
+        assert_ne!(fresh, ioas);
+        assert_eq!(dev.on(), Some(fresh));
+        assert!(!b.object_ids().contains(&ioas), "the old one is destroyed");
+    }
+
+    /// A table that points back at itself (every PML4 entry is the PML4)
+    /// aliases 2^36 pages onto one; the walk stops at its read limit and
+    /// fails closed: what the range mapped is unmapped, the error returned.
+    #[test]
+    fn s1_shadow_walk_of_a_self_referential_table_terminates() {
+        let (b, ops, dev, _ram, host) = setup_shadow();
+        pte_at(host, RAM, PT, 0, 0x10000 | PF);
+        b.create_domain(6, DomainKind::S1).expect("create");
+        b.set_s1(6, s1(PML4)).expect("configure");
+        b.attach(DEV, AttachTarget::Domain(6)).expect("attach");
+        let ioas = b.s1_shadow_ioas(6).expect("shadowed");
+        assert_eq!(view(&ops, ioas, host).len(), 1);
+        for i in 0..512 {
+            pte_at(host, RAM, PML4, i, PML4 | PF);
+        }
+        b.set_walk_limit(200_000);
+        let read_before = b.stats().shadow_entries_read;
+        let err = b.invalidate(6, Invalidation::All).expect_err("too long");
+        assert!(
+            matches!(
+                err,
+                BackendError::WalkTooLong(200_000) | BackendError::OutOfRuns
+            ),
+            "{err}"
+        );
+        assert!(b.stats().shadow_entries_read - read_before <= 200_000);
+        // Nothing stale: the one run it had is gone; what is mapped is the
+        // aliases of the PML4 page the walk found before it stopped, or
+        // nothing.
+        assert!(view(&ops, ioas, host)
+            .iter()
+            .all(|(_, gpa, _, _)| *gpa == PML4));
+        assert_eq!(dev.on(), Some(ioas));
+        // With the default limit too (the runs run out first here).
+        b.set_walk_limit(DEFAULT_WALK_LIMIT);
+        let budget = RunBudget::with_limit(1000);
+        b.set_run_budget(budget.clone());
+        let started = std::time::Instant::now();
+        assert!(b.invalidate(6, Invalidation::All).is_err());
+        assert!(budget.backend_runs() <= 1000);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(60),
+            "bounded"
+        );
+    }
+
+    /// Shadow runs count against the VM-wide run limit: past it the flush
+    /// fails with OutOfRuns (INSUFFICIENT_MEMORY for the guest), maps no
+    /// more, and runs come back when the shadow goes.
+    #[test]
+    fn s1_shadow_runs_are_bounded_by_the_run_limit() {
+        let (b, ops, dev, _ram, host) = setup_shadow();
+        let budget = RunBudget::with_limit(4);
+        b.set_run_budget(budget.clone());
+        // 8 scattered pages: 8 runs.
+        for i in 0..8 {
+            pte_at(host, RAM, PT, i, (0x10000 + i * 0x2000) | PF);
+        }
+        b.create_domain(6, DomainKind::S1).expect("create");
+        b.set_s1(6, s1(PML4)).expect("configure");
         assert!(matches!(
             b.attach(DEV, AttachTarget::Domain(6)),
-            Err(BackendError::Unsupported) | Err(BackendError::Iommufd(_))
+            Err(BackendError::OutOfRuns)
         ));
+        assert_eq!(dev.on(), Some(2), "fail closed: blocked");
         assert_eq!(
-            *dev.pts.lock().expect("lock"),
-            [1, 2],
-            "left blocked, not on IOVA = GPA"
+            budget.backend_runs(),
+            0,
+            "the failed shadow gave its runs back"
         );
-        // Attached to the S1 domain through a table change: blocked as well.
+        assert_eq!(b.object_ids(), [1, 2], "and its IOAS");
+        // Within the limit, then past it with a flush.
+        for i in 4..8 {
+            pte_at(host, RAM, PT, i, 0);
+        }
         b.attach(DEV, AttachTarget::Identity).expect("identity");
-        b.set_s1(6, S1Config::UNCONFIGURED).expect("unconfigure");
-        b.attach(DEV, AttachTarget::Domain(6)).expect("blocked S1");
-        assert!(b.set_s1(6, cfg).is_err());
-        assert_eq!(dev.pts.lock().expect("lock").last(), Some(&2));
+        b.attach(DEV, AttachTarget::Domain(6)).expect("attach");
+        let ioas = b.s1_shadow_ioas(6).expect("shadowed");
+        assert_eq!(budget.backend_runs(), 4);
+        pte_at(host, RAM, PT, 9, 0x50000 | PF);
+        assert!(matches!(
+            b.invalidate(6, range(BASE + 0x9000, 0x1000)),
+            Err(BackendError::OutOfRuns)
+        ));
+        assert_eq!(view(&ops, ioas, host).len(), 4);
+        assert_eq!(budget.backend_runs(), 4);
+        b.attach(DEV, AttachTarget::Blocked).expect("blocked");
+        b.destroy_domain(6).expect("destroy");
+        assert_eq!(budget.backend_runs(), 0);
+    }
+
+    /// A new table replaces the shadow (built before the device moves, the
+    /// old one destroyed after); removing a RAM region unmaps its shadow
+    /// runs; the drop destroys every shadow IOAS.
+    #[test]
+    fn s1_shadow_follows_set_s1_region_removal_and_drop() {
+        let (b, ops, dev, _ram, host) = setup_shadow();
+        pte_at(host, RAM, PT, 0, 0x10000 | PF);
+        b.create_domain(6, DomainKind::S1).expect("create");
+        b.set_s1(6, s1(PML4)).expect("configure");
+        b.attach(DEV, AttachTarget::Domain(6)).expect("attach");
+        let first = b.s1_shadow_ioas(6).expect("shadowed");
+        // A second table at 0x8000 (PML4) reusing PDPT and below.
+        pte_at(host, RAM, 0x8000, 0, PDPT | PF);
+        pte_at(host, RAM, PT, 0, 0x20000 | PF);
+        b.set_s1(6, s1(0x8000)).expect("reconfigure");
+        let second = b.s1_shadow_ioas(6).expect("shadowed");
+        assert_ne!(first, second);
+        assert_eq!(dev.on(), Some(second));
+        assert_eq!(view(&ops, second, host), [(BASE, 0x20000, 0x1000, true)]);
+        assert!(!b.object_ids().contains(&first));
+        ops.take();
+        b.remove_ram_region(0).expect("remove");
+        assert_eq!(
+            ops.take()[0],
+            Call::Unmap {
+                ioas: second,
+                iova: BASE,
+                len: 0x1000
+            }
+        );
+        assert_eq!(b.s1_shadow_runs(6), []);
+        drop(b);
+        assert!(ops.take().contains(&Call::Destroy(second)));
     }
 
     #[test]
