@@ -52,6 +52,34 @@ fn run(cmd: &mut Command) -> Result<Vec<u8>, String> {
     Ok(out.stdout)
 }
 
+/// Linux 7.2 with Linux's own Hyper-V pvIOMMU driver (the unmodified series
+/// in `integration-tests/linux-hv-pviommu`), its bzImage:
+/// `PVMM_LINUX_HVPV_BZIMAGE` if set (the nested harness sets it inside L1),
+/// else built once by `linux-hv-pviommu/build-kernel.sh` into the cache.
+pub fn hv_pviommu_kernel() -> Result<PathBuf, String> {
+    static KERNEL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            if let Some(b) = std::env::var_os("PVMM_LINUX_HVPV_BZIMAGE") {
+                return Ok(b.into());
+            }
+            let script = crate::artifacts::workspace_root()
+                .join("integration-tests/linux-hv-pviommu/build-kernel.sh");
+            let out = Command::new("bash")
+                .arg(&script)
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            match out.status.code() {
+                Some(0) => {}
+                Some(3) => return Err(format!("run .ci/setup first:\n{stderr}")),
+                _ => return Err(format!("{} failed:\n{stderr}", script.display())),
+            }
+            Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bzImage"))
+        })
+        .clone()
+}
+
 /// Compares Debian kernel versions like 6.12.117 numerically.
 fn version_key(name: &str) -> Vec<u64> {
     name.split(|c: char| !c.is_ascii_digit())

@@ -655,6 +655,120 @@ fn linux_acpi_hotplug_through_the_api() {
     assert_eq!(code, Some(0), "{stderr}");
 }
 
+/// The guest script of the pvIOMMU driver test: Linux's own lines about
+/// the pvIOMMU, then a marker; the test then reads pvmm's view over the API.
+const HVPV_REPORT: &str = r#"
+dmesg | grep -i -E "pvIOMMU|iommu|Hyper-V" | sed 's/^/PVMM-DMESG /'
+ls /sys/class/iommu | sed 's/^/PVMM-IOMMU /'
+echo PVMM-HVPV-READY
+"#;
+
+/// Linux's own Hyper-V pvIOMMU driver (the unmodified v2 series on Linux 7.2,
+/// `integration-tests/linux-hv-pviommu`) in pvmm's Hyper-V interface mode:
+/// Linux detects Hyper-V, the driver reads the capabilities, creates its
+/// static identity and blocking domains (S1, the flags it asks for) and
+/// registers the IOMMU; no hypercall of its boot gets an error status.
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn linux_hyperv_pviommu_driver_starts() {
+    let bzimage = linux::hv_pviommu_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let dir = std::env::temp_dir();
+    let tag = format!("{}", std::process::id());
+    let initrd = dir.join(format!("pvmm-linux-hvpv-{tag}.cpio"));
+    let socket = dir.join(format!("pvmm-linux-hvpv-{tag}.sock"));
+    let _ = std::fs::remove_file(&socket);
+    linux::initramfs(&initrd, &[("report.sh", 0o755, HVPV_REPORT.as_bytes())])
+        .unwrap_or_else(|e| panic!("initramfs: {e}"));
+    let _vm = run::vm_lock();
+    let start = Instant::now();
+    let mut c = Console::start(
+        &pvmm(),
+        &[
+            "--kernel",
+            path(&bzimage),
+            "--initrd",
+            path(&initrd),
+            "--memory",
+            "512M",
+            "--cpus",
+            "2",
+            "--device",
+            "dma-test,id=dt0",
+            "--api-socket",
+            path(&socket),
+            "--cmdline",
+            "console=ttyS0 panic=-1 pvmm.run=report.sh pvmm.end=wait",
+        ],
+    )
+    .expect("pvmm starts");
+    let fail = |c: Console, e: String| -> ! {
+        let (code, stderr, lines) = c.finish(Duration::from_secs(5));
+        panic!("{e}\npvmm: {code:?}, {stderr}\n{}", lines.join("\n"))
+    };
+    if let Err(e) = c.wait_for("PVMM-HVPV-READY", BOOT_DEADLINE) {
+        fail(c, e);
+    }
+    println!(
+        "Linux 7.2 with the pvIOMMU driver reached user space in {:.2?}",
+        start.elapsed()
+    );
+    let (status, answer) = request(&socket, "GET", "iommu.domains", None);
+    let (stop, _) = request(&socket, "PUT", "vmm.shutdown", None);
+    let (code, stderr, lines) = c.finish(Duration::from_secs(30));
+    std::fs::remove_file(&initrd).ok();
+    std::fs::remove_file(&socket).ok();
+    let text = lines.join("\n");
+    assert_eq!(status, 200, "iommu.domains: {answer}");
+    assert_eq!((stop, code), (204, Some(0)), "{stderr}\n{text}");
+    for l in lines.iter().filter(|l| l.contains("pvIOMMU")) {
+        println!("  {l}");
+    }
+    check_interface(Interface::HyperV, &text);
+    assert!(
+        text.contains("Hyper-V pvIOMMU: successfully initialized"),
+        "the driver did not start:\n{stderr}\n{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l.starts_with("PVMM-IOMMU ")),
+        "no IOMMU in /sys/class/iommu:\n{text}"
+    );
+
+    let domains: api::IommuDomainsResponse =
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    println!("pvmm's view: {answer}");
+    // The driver's static domains: one S1 identity domain (translation
+    // disabled) and one S1 blocking domain (blocked, no table).
+    let s1: Vec<api::S1Settings> = domains
+        .domains
+        .iter()
+        .filter(|d| d.domain_type == api::DomainType::S1)
+        .filter_map(|d| d.s1)
+        .collect();
+    let has = |mode| s1.iter().any(|s| s.mode == mode && s.root == 0);
+    assert!(
+        has(api::S1Mode::Identity) && has(api::S1Mode::Blocked),
+        "no identity and blocking S1 domains: {answer}"
+    );
+    // Every call of its boot succeeded, and the ones it must make were made.
+    let errors: Vec<_> = domains
+        .hypercalls
+        .iter()
+        .filter(|h| h.status != "SUCCESS")
+        .collect();
+    assert!(errors.is_empty(), "calls that failed: {errors:?}");
+    let made = |call: &str| {
+        domains
+            .hypercalls
+            .iter()
+            .filter(|h| h.call == call)
+            .map(|h| h.count)
+            .sum::<u64>()
+    };
+    assert!(made("GET_IOMMU_CAPABILITIES") >= 1, "{answer}");
+    assert!(made("CREATE_DEVICE_DOMAIN") >= 2, "{answer}");
+    assert!(made("CONFIGURE_DEVICE_DOMAIN") >= 2, "{answer}");
+}
+
 #[test]
 fn expected_ram_of_512m() {
     // /proc/iomem: 00001000-0009fbff and 00100000-1fffffff.

@@ -6,7 +6,8 @@
 //! with an emulated VT-d, QEMU's edu DMA device and an NVMe controller
 //! backed by a disk image; both devices are bound to vfio-pci in L1. Its
 //! initramfs carries busybox, pvmm, pvmm-remote, the test kernel, Debian's
-//! Linux (bzImage and vmlinux) and this workspace's own test executables,
+//! Linux (bzImage and vmlinux), Linux 7.2 with Linux's own Hyper-V pvIOMMU
+//! driver (linux-hv-pviommu/) and this workspace's own test executables,
 //! each at the absolute path it has on the host (so the paths compiled into
 //! them hold in L1), with the shared libraries they link. L1's `/init` runs
 //! the [`PLAN`]: the same test binaries that run on the host, with
@@ -318,6 +319,7 @@ fn pvmm_on_nested_kvm_amd() {
         artifacts::workspace_binary("api", "pvmm-remote").unwrap_or_else(|e| panic!("{e}"));
     let test_kernel = artifacts::test_kernel().unwrap_or_else(|e| panic!("{e}"));
     let debian = linux::debian_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let hvpv = linux::hv_pviommu_kernel().unwrap_or_else(|e| panic!("{e}"));
     let mut args = vec!["-p", "vmm", "-p", "integration-tests"];
     for s in PLAN {
         args.push(if s.kind == "bench" {
@@ -349,6 +351,11 @@ fn pvmm_on_nested_kvm_amd() {
         0o644,
         &std::fs::read(&debian.vmlinux).expect("vmlinux"),
     );
+    tree.file(
+        "payload/hvpv-bzImage",
+        0o644,
+        &std::fs::read(&hvpv).expect("Linux with the pvIOMMU driver"),
+    );
     // The pattern the L2 Linux writes to the NVMe disk.
     let token = artifacts::random_token();
     let mut steps = Vec::new();
@@ -374,6 +381,10 @@ fn pvmm_on_nested_kvm_amd() {
         ("TEST_KERNEL", test_kernel.display().to_string()),
         ("PVMM_LINUX_BZIMAGE", "/payload/bzImage".to_string()),
         ("PVMM_LINUX_VMLINUX", "/payload/vmlinux".to_string()),
+        (
+            "PVMM_LINUX_HVPV_BZIMAGE",
+            "/payload/hvpv-bzImage".to_string(),
+        ),
         ("PVMM_NESTED", "1".to_string()),
         ("PVMM_CONSOLE_ECHO", "1".to_string()),
         ("PVMM_NVME_TOKEN", token.clone()),
