@@ -57,7 +57,7 @@ fn suites_with_a_dma_test_device_on_two_vcpus() {
     r.expect_all_ok(&["smp", "pviommu", "dma"])
         .unwrap_or_else(|p| panic!("{p}\n{}", out.describe()));
     for what in [
-        "reference time: TIME_REF_COUNT advances and agrees across CPUs; TSC page",
+        "reference time: TIME_REF_COUNT advances and agrees across CPUs",
         "invalid inputs refused with their documented status",
         "attach, double attach, delete while attached, attach as a replace, detach",
         "two CPUs, 20 create/map/unmap/delete rounds each at the same time",

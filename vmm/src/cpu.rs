@@ -519,6 +519,7 @@ mod tests {
             tsc_at_start: 0,
             invariant_tsc: false,
             pviommu: true,
+            kernel_clock: false,
         }));
         let hook: std::sync::Arc<crate::hooks::CpuidHook> =
             std::sync::Arc::new(move |_, e: &mut Vec<kvm_cpuid_entry2>| p.cpuid(e));

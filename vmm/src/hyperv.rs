@@ -1,8 +1,7 @@
 //! The Hyper-V interface of a VM (contract sections 1 and 2,
 //! shared/pviommu-abi.md): the CPUID leaves at 0x40000000 and the synthetic
-//! MSRs, served in user space through KVM's MSR filter on every KVM (kvm_pvm
-//! has no in-kernel Hyper-V emulation; on kvm_intel/kvm_amd the filter keeps
-//! KVM's own emulation out of the way, so both behave the same).
+//! MSRs, served in user space through KVM's MSR filter, except the clock
+//! where KVM has one of its own (below).
 //!
 //! In this mode the guest sees no KVM signature anywhere: every leaf of
 //! 0x40000000-0x4fffffff that KVM reports is removed, so Linux picks Hyper-V
@@ -53,6 +52,20 @@
 //! emulation likewise keeps the page invalid without a stable master clock.
 //! TIME_REF_COUNT then counts the host's monotonic clock from the VM's
 //! start, and Linux reads it as `hyperv_clocksource_msr`.
+//!
+//! All of that is the fallback for a KVM without Hyper-V emulation (kvm_pvm).
+//! Where KVM has its own Hyper-V clock (KVM_CAP_HYPERV_TIME: kvm_intel and
+//! kvm_amd built with CONFIG_KVM_HYPERV), the MSR filter leaves
+//! [`KERNEL_CLOCK_MSRS`] to it, as QEMU's `hv-time` does: TIME_REF_COUNT is
+//! then read without leaving the kernel (a clock read through user space
+//! costs a round trip per read; measured under nested SVM, Linux booted in
+//! about twice the time of a kvm-clock boot that way), and KVM keeps the
+//! reference TSC page in step with its master clock, valid where the host
+//! TSC is stable and marked invalid (sequence 0, readers fall back to the
+//! MSR) where it is not. KVM turns this on for a vCPU whose CPUID has the
+//! Hyper-V interface signature, which this mode gives; everything else of
+//! the range stays pvmm's (KVM's hypercall path needs a GUEST_OS_ID it never
+//! sees, so VMCALL stays KVM's, and the hypercall page stays the contract's).
 
 use std::ops::Range;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -74,6 +87,15 @@ use crate::hooks::MsrContext;
 /// (every MSR Linux's Hyper-V code names but the nested SynIC's), in one of
 /// the MSR filter's 16 ranges.
 pub const MSR_RANGE: Range<u32> = 0x4000_0000..0x4000_0200;
+
+/// The synthetic MSRs KVM serves itself where it has its own Hyper-V clock
+/// ([`HvParams::kernel_clock`]): the MSR filter leaves them to KVM.
+pub const KERNEL_CLOCK_MSRS: [u32; 4] = [
+    msr::TIME_REF_COUNT,
+    msr::REFERENCE_TSC,
+    msr::TSC_FREQUENCY,
+    msr::APIC_FREQUENCY,
+];
 
 /// The highest Hyper-V leaf pvmm reports.
 pub const MAX_LEAF: u32 = cpuid::LEAF_HARDWARE_FEATURES;
@@ -117,6 +139,9 @@ pub struct HvParams {
     pub invariant_tsc: bool,
     /// The pvIOMMU is visible: device domain and DMA remapping bits.
     pub pviommu: bool,
+    /// KVM serves the reference counter, the reference TSC page and the
+    /// frequency MSRs itself (KVM_CAP_HYPERV_TIME): [`KERNEL_CLOCK_MSRS`].
+    pub kernel_clock: bool,
 }
 
 /// Where reference time comes from.
@@ -132,11 +157,17 @@ enum Clock {
     },
     /// No usable TSC frequency: the host's monotonic clock.
     Host { start: Instant },
+    /// KVM's own ([`KERNEL_CLOCK_MSRS`]); `start` only for a read that
+    /// reaches pvmm all the same.
+    Kernel { start: Instant },
 }
 
 impl Clock {
     fn new(p: &HvParams) -> Self {
         let start = Instant::now();
+        if p.kernel_clock {
+            return Clock::Kernel { start };
+        }
         let scale = tsc_hz(p).and_then(reference_tsc_scale);
         match scale.filter(|_| p.invariant_tsc) {
             Some(scale) => Clock::Tsc {
@@ -224,11 +255,16 @@ impl Partition {
 
     /// Whether the reference TSC page is offered.
     pub fn reference_tsc_available(&self) -> bool {
-        matches!(self.clock, Clock::Tsc { .. })
+        matches!(self.clock, Clock::Tsc { .. } | Clock::Kernel { .. })
+    }
+
+    /// Whether KVM serves the clock MSRs ([`KERNEL_CLOCK_MSRS`]).
+    pub fn kernel_clock(&self) -> bool {
+        matches!(self.clock, Clock::Kernel { .. })
     }
 
     fn frequency_msrs_available(&self) -> bool {
-        self.tsc_hz().is_some()
+        self.kernel_clock() || self.tsc_hz().is_some()
     }
 
     fn tsc_invariant(&self) -> bool {
@@ -344,7 +380,7 @@ impl Partition {
                     host_time(start)
                 }
             },
-            Clock::Host { start } => host_time(start),
+            Clock::Host { start } | Clock::Kernel { start } => host_time(start),
         }
     }
 
@@ -357,7 +393,7 @@ impl Partition {
                 tsc_scale: U64::new(scale),
                 tsc_offset: I64::new(offset),
             }),
-            Clock::Host { .. } => None,
+            Clock::Host { .. } | Clock::Kernel { .. } => None,
         }
     }
 
@@ -513,6 +549,7 @@ mod tests {
             tsc_at_start: 1_000_000,
             invariant_tsc: true,
             pviommu: true,
+            kernel_clock: false,
         }
     }
 
@@ -666,6 +703,31 @@ mod tests {
         assert!(!write(&p, &mem, msr::REFERENCE_TSC, 0x5001));
         assert!(!write(&p, &mem, msr::TSC_INVARIANT_CONTROL, 1));
         host_clock_reference_time(&p, &mem);
+    }
+
+    /// KVM's own clock: the page and frequencies are offered (KVM serves
+    /// them), TSC_INVARIANT only with an invariant TSC, and pvmm writes no
+    /// page of its own.
+    #[test]
+    fn kernel_clock_offers_what_kvm_serves() {
+        for invariant_tsc in [false, true] {
+            let p = Partition::new(HvParams {
+                kernel_clock: true,
+                invariant_tsc,
+                tsc_khz: None,
+                ..params()
+            });
+            assert!(p.kernel_clock() && p.reference_tsc_available());
+            let tsc_invariant = if invariant_tsc { 1 << 15 } else { 0 };
+            assert_eq!(
+                p.privileges(),
+                1 << 1 | 1 << 5 | 1 << 6 | 1 << 9 | 1 << 11 | tsc_invariant
+            );
+            assert_eq!(p.features_edx() & 1 << 8, 1 << 8);
+            assert_eq!(p.tsc_page(), None);
+        }
+        // The MSRs left to KVM are the clock's, inside the filtered range.
+        assert!(KERNEL_CLOCK_MSRS.iter().all(|m| MSR_RANGE.contains(m)));
     }
 
     #[test]

@@ -111,8 +111,9 @@ fn check_msr_ranges(ranges: &[std::ops::Range<u32>]) -> Result<()> {
     }
 }
 
-/// Takes the MSRs of `ranges` out of KVM so that they exit to user space.
-fn install_msr_filter(vm: &VmFd, ranges: &[std::ops::Range<u32>]) -> Result<()> {
+/// Takes the MSRs of `ranges` out of KVM so that they exit to user space,
+/// all but those of `kernel` (which KVM keeps serving).
+fn install_msr_filter(vm: &VmFd, ranges: &[std::ops::Range<u32>], kernel: &[u32]) -> Result<()> {
     check_msr_ranges(ranges)?;
     let cap = kvm_enable_cap {
         cap: kvm_bindings::KVM_CAP_X86_USER_SPACE_MSR,
@@ -121,16 +122,27 @@ fn install_msr_filter(vm: &VmFd, ranges: &[std::ops::Range<u32>]) -> Result<()> 
     };
     vm.enable_cap(&cap)
         .map_err(|e| Error::Kvm("KVM_CAP_X86_USER_SPACE_MSR", e))?;
-    // Every bit of each range's bitmap clear: denied to the guest in KVM,
-    // so the access exits to user space.
-    let deny = vec![0u8; hooks::MAX_MSRS_PER_RANGE as usize / 8];
+    // A clear bit denies the MSR to the guest in KVM, so the access exits to
+    // user space; a set bit leaves it to KVM.
+    let bitmaps: Vec<Vec<u8>> = ranges
+        .iter()
+        .map(|r| {
+            let mut bitmap = vec![0u8; r.len().div_ceil(8)];
+            for m in kernel.iter().filter(|m| r.contains(m)) {
+                let bit = (m - r.start) as usize;
+                bitmap[bit / 8] |= 1 << (bit % 8);
+            }
+            bitmap
+        })
+        .collect();
     let ranges: Vec<MsrFilterRange<'_>> = ranges
         .iter()
-        .map(|r| MsrFilterRange {
+        .zip(&bitmaps)
+        .map(|(r, bitmap)| MsrFilterRange {
             flags: MsrFilterRangeFlags::READ | MsrFilterRangeFlags::WRITE,
             base: r.start,
             msr_count: r.end - r.start,
-            bitmap: &deny[..r.len().div_ceil(8)],
+            bitmap,
         })
         .collect();
     vm.set_msr_filter(MsrFilterDefaultAction::ALLOW, &ranges)
@@ -187,13 +199,20 @@ impl Vmm {
                 .unwrap_or_default()
         };
         check_msr_ranges(&msr_ranges)?;
+        // KVM's own Hyper-V clock where it has one (see hyperv.rs).
+        let kernel_clock = hyperv && kvm.check_extension(kvm_ioctls::Cap::HypervTime);
+        let kernel_msrs: &[u32] = if kernel_clock {
+            &hyperv::KERNEL_CLOCK_MSRS
+        } else {
+            &[]
+        };
 
         let memory = Arc::new(kvm::create_guest_memory(config.memory)?);
         let vm = Arc::new(kvm::create_vm(&kvm, &memory, |vm| {
             if msr_ranges.is_empty() {
                 Ok(())
             } else {
-                install_msr_filter(vm, &msr_ranges)
+                install_msr_filter(vm, &msr_ranges, kernel_msrs)
             }
         })?);
         let mut devices = DeviceManager::new(
@@ -262,6 +281,7 @@ impl Vmm {
                     tsc_at_start: vcpu::guest_tsc(&fd).unwrap_or(0),
                     invariant_tsc: hyperv::invariant_tsc(supported.as_slice()),
                     pviommu: config.pviommu,
+                    kernel_clock,
                 };
                 let partition = hyperv::Partition::new(params);
                 log::info!(
@@ -269,7 +289,9 @@ impl Vmm {
                     partition.privileges(),
                     partition.features_edx(),
                     partition.tsc_hz().unwrap_or(0),
-                    if partition.reference_tsc_available() {
+                    if partition.kernel_clock() {
+                        "KVM's (reference counter, TSC page and frequencies served by KVM)"
+                    } else if partition.reference_tsc_available() {
                         "offered"
                     } else {
                         "not offered (no invariant TSC): TIME_REF_COUNT follows the host clock"

@@ -136,6 +136,7 @@ mod tests {
             tsc_at_start: 0,
             invariant_tsc: false,
             pviommu,
+            kernel_clock: false,
         }
     }
 

@@ -20,7 +20,7 @@ use pviommu_abi::{
     InputAttachDeviceDomain, InputConfigureDeviceDomain, InputCreateDeviceDomain,
     InputDeleteDeviceDomain, InputDetachDeviceDomain, InputFlushDeviceDomain,
     InputFlushDeviceDomainList, InputGetIommuCapabilities, InputGetLogicalDeviceProperty,
-    IommuCapabilities, MapFlags, OverlayPageMsr, ReferenceTscPage, HV_PARTITION_ID_SELF,
+    IommuCapabilities, MapFlags, OverlayPageMsr, HV_PARTITION_ID_SELF,
 };
 use zerocopy::little_endian::{U32, U64};
 use zerocopy::IntoBytes;
@@ -157,11 +157,20 @@ fn reference_time(f: &hv::Features) -> Result<(), Msg> {
             );
         }
     }
-    if !f.reference_tsc() || !f.frequency_msrs() {
+    let across = if smp::started() >= 2 {
+        " and agrees across CPUs"
+    } else {
+        ""
+    };
+    if !f.reference_tsc() {
         diag!(
-            "pviommu: TIME_REF_COUNT advances; no reference TSC page or frequency MSRs advertised"
+            "pviommu: reference time: TIME_REF_COUNT advances{}; no reference TSC page offered",
+            across
         );
         return Ok(());
+    }
+    if !f.frequency_msrs() {
+        fail!("a reference TSC page is offered without the frequency MSRs");
     }
     let tsc_hz = x86::rdmsr(msr::TSC_FREQUENCY);
     let apic_hz = x86::rdmsr(msr::APIC_FREQUENCY);
@@ -174,24 +183,23 @@ fn reference_time(f: &hv::Features) -> Result<(), Msg> {
     if x86::rdmsr(msr::REFERENCE_TSC) != value.into_bits() {
         fail!("REFERENCE_TSC does not read back");
     }
+    // The page's time, between two MSR reads. A hypervisor without a
+    // stable TSC (KVM without a master clock) marks the page invalid, and
+    // readers use the MSR: allowed, and reported.
     let header = hv::read_tsc_page();
-    if header.tsc_sequence.get() == ReferenceTscPage::INVALID_SEQUENCE {
-        fail!("the reference TSC page at {:#x} is marked invalid", page);
-    }
-    // The page's time, between two MSR reads.
     let before = x86::rdmsr(msr::TIME_REF_COUNT);
     let tsc = x86::rdtsc();
     let after = x86::rdmsr(msr::TIME_REF_COUNT);
-    let Some(t) = header.reference_time(tsc) else {
-        fail!("the reference TSC page is invalid");
-    };
-    if t + PAGE_TOLERANCE < before || t > after + PAGE_TOLERANCE {
-        fail!(
-            "the TSC page says {} (x100 ns), TIME_REF_COUNT {} before and {} after",
-            t,
-            before,
-            after
-        );
+    let page_time = header.reference_time(tsc);
+    if let Some(t) = page_time {
+        if t + PAGE_TOLERANCE < before || t > after + PAGE_TOLERANCE {
+            fail!(
+                "the TSC page says {} (x100 ns), TIME_REF_COUNT {} before and {} after",
+                t,
+                before,
+                after
+            );
+        }
     }
     // Over 20 ms of TSC ticks at the reported frequency, the reference
     // time advances 200000 units (within 1%).
@@ -210,17 +218,25 @@ fn reference_time(f: &hv::Features) -> Result<(), Msg> {
         );
     }
     x86::wrmsr(msr::REFERENCE_TSC, 0);
-    diag!(
-        "pviommu: reference time: TIME_REF_COUNT advances{}; TSC page (sequence {}) within {} units of the MSR ({} <= {} <= {}); TSC {} Hz, APIC timer {} Hz",
-        if smp::started() >= 2 { " and agrees across CPUs" } else { "" },
-        header.tsc_sequence.get(),
-        PAGE_TOLERANCE,
-        before,
-        t,
-        after,
-        tsc_hz,
-        apic_hz
-    );
+    match page_time {
+        Some(t) => diag!(
+            "pviommu: reference time: TIME_REF_COUNT advances{}; TSC page (sequence {}) within {} units of the MSR ({} <= {} <= {}); TSC {} Hz, APIC timer {} Hz",
+            across,
+            header.tsc_sequence.get(),
+            PAGE_TOLERANCE,
+            before,
+            t,
+            after,
+            tsc_hz,
+            apic_hz
+        ),
+        None => diag!(
+            "pviommu: reference time: TIME_REF_COUNT advances{}; TSC page marked invalid (no stable TSC here: readers use the MSR); TSC {} Hz, APIC timer {} Hz",
+            across,
+            tsc_hz,
+            apic_hz
+        ),
+    }
     Ok(())
 }
 
