@@ -49,6 +49,12 @@ fn describe(out: &Output) -> String {
 fn check_suite(mode: &str) {
     let Some(out) = run_guest(mode) else { return };
     let console = String::from_utf8_lossy(&out.stdout);
+    // Kept for the CI log, which shows the figures in it (.ci/test): cargo
+    // shows a passing test's output only with --nocapture.
+    let kept = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("host-kernel-{mode}.log"));
+    if let Err(e) = std::fs::write(&kept, console.as_bytes()) {
+        println!("cannot keep the console in {}: {e}", kept.display());
+    }
     let report = tap::parse(&console);
     let mut problems = Vec::new();
     if let Err(e) = report.expect_plan_ok() {
