@@ -84,6 +84,60 @@ pub fn run(mut cmd: Command, timeout: Duration) -> io::Result<Output> {
     })
 }
 
+/// [`run`], also measuring the command's peak resident set size: returns
+/// its output and `ru_maxrss` in KiB, which `wait4` reports for the whole
+/// process (all its threads) over its whole life. Reading VmHWM from
+/// /proc instead would race with the exit.
+#[allow(unsafe_code)]
+pub fn run_peak_rss(mut cmd: Command, timeout: Duration) -> io::Result<(Output, u64)> {
+    use std::os::unix::process::ExitStatusExt;
+    let start = Instant::now();
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pid = libc::pid_t::try_from(child.id()).map_err(io::Error::other)?;
+    let out = child.stdout.take().map(reader);
+    let err = child.stderr.take().map(reader);
+    let mut killed = false;
+    let (raw, usage) = loop {
+        let mut raw = 0;
+        // SAFETY: `rusage` is plain integers, for which zero is valid.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `pid` is our child, which nothing else waits for (std's
+        // `Child` is never waited on here); both pointers are to locals.
+        let r = unsafe { libc::wait4(pid, &mut raw, libc::WNOHANG, &mut usage) };
+        if r == pid {
+            break (raw, usage);
+        }
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if !killed && start.elapsed() >= timeout {
+            // Not reaped yet (wait4 said so), so the pid is still ours.
+            child.kill()?;
+            killed = true;
+        }
+        thread::sleep(Duration::from_millis(5));
+    };
+    let elapsed = start.elapsed();
+    let join = |h: Option<thread::JoinHandle<String>>| {
+        h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+    };
+    let output = Output {
+        status: (!killed).then(|| ExitStatus::from_raw(raw)),
+        stdout: join(out),
+        stderr: join(err),
+        elapsed,
+    };
+    Ok((output, u64::try_from(usage.ru_maxrss).unwrap_or(0)))
+}
+
 static VM_LOCK: Mutex<()> = Mutex::new(());
 
 /// Serializes VMs within one test binary: the machines have 2 cores, guest
@@ -105,6 +159,23 @@ mod tests {
         assert_eq!(o.stderr, "err\n");
         assert_eq!(o.status.and_then(|s| s.code()), Some(3));
         assert!(!o.success());
+    }
+
+    #[test]
+    fn peak_rss_sees_what_the_command_touched() {
+        // dd reads 64 MiB of zeros into one buffer: its peak RSS is at
+        // least that.
+        let mut c = Command::new("dd");
+        c.args([
+            "if=/dev/zero",
+            "of=/dev/null",
+            "bs=64M",
+            "count=1",
+            "status=none",
+        ]);
+        let (o, kib) = run_peak_rss(c, Duration::from_secs(60)).expect("dd runs");
+        assert!(o.success(), "{}", o.describe());
+        assert!(kib >= 64 << 10, "{kib} KiB");
     }
 
     #[test]

@@ -23,8 +23,9 @@
 //! `tk.tests=hvbench` runs the guest-driven pvIOMMU benchmark,
 //! `tk.tests=hvclock` prints the Hyper-V reference time twice,
 //! `tk.hvclock_s` seconds apart (the host times the lines), and
-//! `tk.tests=hotplug` waits for PCI hotplug events from the API (never part
-//! of the default set).
+//! `tk.tests=hotplug` waits for PCI hotplug events from the API, and
+//! `tk.tests=runflood` floods the pvIOMMU with mapping runs (a hostile
+//! guest, `tk.runflood_reps` reps at most) (never part of the default set).
 
 #![no_std]
 #![no_main]
@@ -100,6 +101,7 @@ const ON_REQUEST: &[(&str, Ring, TestFn)] = &[
     ("hvbench", Ring::Kernel, suites::hvbench::run),
     ("hvclock", Ring::Kernel, suites::hvclock::run),
     ("hotplug", Ring::Kernel, suites::hotplug::run),
+    ("runflood", Ring::Kernel, suites::runflood::run),
 ];
 
 /// The ACPI tables, found once by the boot CPU (poweroff needs them from

@@ -10,4 +10,5 @@ pub mod irq;
 pub mod mem;
 pub mod pci;
 pub mod pviommu;
+pub mod runflood;
 pub mod smp;

@@ -240,7 +240,7 @@ fn reference_time(f: &hv::Features) -> Result<(), Msg> {
     Ok(())
 }
 
-fn parse_bdf(s: &str) -> Option<DeviceId> {
+pub(crate) fn parse_bdf(s: &str) -> Option<DeviceId> {
     let (bus, rest) = s.split_once(':')?;
     let (dev, func) = rest.split_once('.')?;
     Some(DeviceId::pci(
