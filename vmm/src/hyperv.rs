@@ -56,13 +56,13 @@
 //! All of that is the fallback for a KVM without Hyper-V emulation (kvm_pvm).
 //! Where KVM has its own Hyper-V clock (KVM_CAP_HYPERV_TIME: kvm_intel and
 //! kvm_amd built with CONFIG_KVM_HYPERV), the MSR filter leaves
-//! [`KERNEL_CLOCK_MSRS`] to it, as QEMU's `hv-time` does: TIME_REF_COUNT is
+//! [`kernel_clock_msrs`] to it, as QEMU's `hv-time` does: TIME_REF_COUNT is
 //! then read without leaving the kernel (a clock read through user space
 //! costs a round trip per read; measured under nested SVM, Linux booted in
-//! about twice the time of a kvm-clock boot that way), and KVM keeps the
-//! reference TSC page in step with its master clock, valid where the host
-//! TSC is stable and marked invalid (sequence 0, readers fall back to the
-//! MSR) where it is not. KVM turns this on for a vCPU whose CPUID has the
+//! about twice the time of a kvm-clock boot that way), and with an
+//! invariant TSC KVM keeps the reference TSC page in step with its master
+//! clock (valid where that is stable, else marked invalid: sequence 0,
+//! readers fall back to the MSR). Without one there is no page here either. KVM turns this on for a vCPU whose CPUID has the
 //! Hyper-V interface signature, which this mode gives; everything else of
 //! the range stays pvmm's (KVM's hypercall path needs a GUEST_OS_ID it never
 //! sees, so VMCALL stays KVM's, and the hypercall page stays the contract's).
@@ -89,13 +89,24 @@ use crate::hooks::MsrContext;
 pub const MSR_RANGE: Range<u32> = 0x4000_0000..0x4000_0200;
 
 /// The synthetic MSRs KVM serves itself where it has its own Hyper-V clock
-/// ([`HvParams::kernel_clock`]): the MSR filter leaves them to KVM.
-pub const KERNEL_CLOCK_MSRS: [u32; 4] = [
-    msr::TIME_REF_COUNT,
-    msr::REFERENCE_TSC,
-    msr::TSC_FREQUENCY,
-    msr::APIC_FREQUENCY,
-];
+/// ([`HvParams::kernel_clock`]): the MSR filter leaves them to KVM. The
+/// reference TSC page only with an invariant TSC ([`HvParams::invariant_tsc`]):
+/// measured in L1 under nested SVM (a TSC KVM runs in catch-up mode), KVM's
+/// page came out valid yet its TIME_REF_COUNT stopped advancing once the
+/// page was set; without the page KVM counts its kvmclock, which keeps time.
+pub fn kernel_clock_msrs(invariant_tsc: bool) -> &'static [u32] {
+    const WITH_PAGE: [u32; 4] = [
+        msr::TIME_REF_COUNT,
+        msr::TSC_FREQUENCY,
+        msr::APIC_FREQUENCY,
+        msr::REFERENCE_TSC,
+    ];
+    if invariant_tsc {
+        &WITH_PAGE
+    } else {
+        &WITH_PAGE[..3]
+    }
+}
 
 /// The highest Hyper-V leaf pvmm reports.
 pub const MAX_LEAF: u32 = cpuid::LEAF_HARDWARE_FEATURES;
@@ -140,7 +151,7 @@ pub struct HvParams {
     /// The pvIOMMU is visible: device domain and DMA remapping bits.
     pub pviommu: bool,
     /// KVM serves the reference counter, the reference TSC page and the
-    /// frequency MSRs itself (KVM_CAP_HYPERV_TIME): [`KERNEL_CLOCK_MSRS`].
+    /// frequency MSRs itself (KVM_CAP_HYPERV_TIME): [`kernel_clock_msrs`].
     pub kernel_clock: bool,
 }
 
@@ -157,7 +168,7 @@ enum Clock {
     },
     /// No usable TSC frequency: the host's monotonic clock.
     Host { start: Instant },
-    /// KVM's own ([`KERNEL_CLOCK_MSRS`]); `start` only for a read that
+    /// KVM's own ([`kernel_clock_msrs`]); `start` only for a read that
     /// reaches pvmm all the same.
     Kernel { start: Instant },
 }
@@ -255,10 +266,14 @@ impl Partition {
 
     /// Whether the reference TSC page is offered.
     pub fn reference_tsc_available(&self) -> bool {
-        matches!(self.clock, Clock::Tsc { .. } | Clock::Kernel { .. })
+        match self.clock {
+            Clock::Tsc { .. } => true,
+            Clock::Kernel { .. } => self.params.invariant_tsc,
+            Clock::Host { .. } => false,
+        }
     }
 
-    /// Whether KVM serves the clock MSRs ([`KERNEL_CLOCK_MSRS`]).
+    /// Whether KVM serves the clock MSRs ([`kernel_clock_msrs`]).
     pub fn kernel_clock(&self) -> bool {
         matches!(self.clock, Clock::Kernel { .. })
     }
@@ -705,8 +720,8 @@ mod tests {
         host_clock_reference_time(&p, &mem);
     }
 
-    /// KVM's own clock: the page and frequencies are offered (KVM serves
-    /// them), TSC_INVARIANT only with an invariant TSC, and pvmm writes no
+    /// KVM's own clock: the frequencies are offered (KVM serves them), the
+    /// page and TSC_INVARIANT only with an invariant TSC, and pvmm writes no
     /// page of its own.
     #[test]
     fn kernel_clock_offers_what_kvm_serves() {
@@ -717,17 +732,22 @@ mod tests {
                 tsc_khz: None,
                 ..params()
             });
-            assert!(p.kernel_clock() && p.reference_tsc_available());
-            let tsc_invariant = if invariant_tsc { 1 << 15 } else { 0 };
+            assert!(p.kernel_clock());
+            assert_eq!(p.reference_tsc_available(), invariant_tsc);
+            let page_and_invariant = if invariant_tsc { 1 << 9 | 1 << 15 } else { 0 };
             assert_eq!(
                 p.privileges(),
-                1 << 1 | 1 << 5 | 1 << 6 | 1 << 9 | 1 << 11 | tsc_invariant
+                1 << 1 | 1 << 5 | 1 << 6 | 1 << 11 | page_and_invariant
             );
             assert_eq!(p.features_edx() & 1 << 8, 1 << 8);
             assert_eq!(p.tsc_page(), None);
+            // The MSRs left to KVM are the clock's, inside the filtered
+            // range, the page's only where it is offered.
+            let left = kernel_clock_msrs(invariant_tsc);
+            assert!(left.iter().all(|m| MSR_RANGE.contains(m)));
+            assert_eq!(left.contains(&msr::REFERENCE_TSC), invariant_tsc);
+            assert!(left.contains(&msr::TIME_REF_COUNT));
         }
-        // The MSRs left to KVM are the clock's, inside the filtered range.
-        assert!(KERNEL_CLOCK_MSRS.iter().all(|m| MSR_RANGE.contains(m)));
     }
 
     #[test]

@@ -201,8 +201,12 @@ impl Vmm {
         check_msr_ranges(&msr_ranges)?;
         // KVM's own Hyper-V clock where it has one (see hyperv.rs).
         let kernel_clock = hyperv && kvm.check_extension(kvm_ioctls::Cap::HypervTime);
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
+        let invariant_tsc = hyperv::invariant_tsc(supported.as_slice());
         let kernel_msrs: &[u32] = if kernel_clock {
-            &hyperv::KERNEL_CLOCK_MSRS
+            hyperv::kernel_clock_msrs(invariant_tsc)
         } else {
             &[]
         };
@@ -260,9 +264,6 @@ impl Vmm {
         };
 
         // vCPUs.
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|e| Error::Kvm("KVM_GET_SUPPORTED_CPUID", e))?;
         let count = u32::from(config.cpus);
         let mut hooks = hooks;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
@@ -279,7 +280,7 @@ impl Vmm {
                         .map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX)),
                     tsc_khz: fd.get_tsc_khz().ok().filter(|&khz| khz != 0),
                     tsc_at_start: vcpu::guest_tsc(&fd).unwrap_or(0),
-                    invariant_tsc: hyperv::invariant_tsc(supported.as_slice()),
+                    invariant_tsc,
                     pviommu: config.pviommu,
                     kernel_clock,
                 };
@@ -289,8 +290,10 @@ impl Vmm {
                     partition.privileges(),
                     partition.features_edx(),
                     partition.tsc_hz().unwrap_or(0),
-                    if partition.kernel_clock() {
-                        "KVM's (reference counter, TSC page and frequencies served by KVM)"
+                    if partition.kernel_clock() && partition.reference_tsc_available() {
+                        "KVM's (KVM serves the page, the reference counter and the frequencies)"
+                    } else if partition.kernel_clock() {
+                        "not offered (no invariant TSC): KVM serves the reference counter and the frequencies"
                     } else if partition.reference_tsc_available() {
                         "offered"
                     } else {
