@@ -7,6 +7,7 @@
 
 pub mod acpi_hotplug;
 pub mod bus;
+pub mod cmos;
 pub mod dma_test;
 pub mod interrupt;
 pub mod ioapic;

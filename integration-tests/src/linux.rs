@@ -296,7 +296,8 @@ pub const FACT: &str = "PVMM-FACT ";
 pub const USERSPACE: &str = "PVMM-USERSPACE";
 
 /// PID 1 of [`initramfs`]: reports what the guest sees (CPUs, RAM from
-/// /proc/iomem, ACPI tables, PCI functions) as [`FACT`] lines, runs the
+/// /proc/iomem, ACPI tables, PCI functions, clocksource, wall-clock time)
+/// as [`FACT`] lines, runs the
 /// script named by `pvmm.run=` on the command line if any (a file of the
 /// initramfs), then ends as `pvmm.end=` says: `poweroff` (the default),
 /// `reboot`, or `wait` (stays up: a test drives it and kills pvmm).
@@ -319,6 +320,7 @@ for d in /sys/bus/pci/devices/*; do
     [ -e "$d" ] && fact pci "${d##*/} $(cat "$d/vendor"):$(cat "$d/device") $(basename "$(readlink "$d/driver" 2>/dev/null)")"
 done
 fact clocksource "$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource 2>/dev/null)"
+fact time "$(date +%s)"
 for a in $(cat /proc/cmdline); do
     case "$a" in
     pvmm.run=*) script=${a#pvmm.run=} ;;

@@ -275,6 +275,20 @@ fn full_boot_with(image: Image, cpus: u32, end: &str, interface: Interface) {
 
     let f = facts(&lines);
     println!("clocksource: {}", fact(&f, "clocksource").unwrap_or("?"));
+    // The guest's wall clock (kvm-clock's, or the CMOS RTC's under
+    // Hyper-V) is the host's.
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let guest_now: u64 = fact(&f, "time").and_then(|t| t.parse().ok()).unwrap_or(0);
+    assert!(
+        host_now.abs_diff(guest_now) < 600,
+        "the guest's wall clock says {guest_now}, the host's {host_now}\n{text}"
+    );
+    assert!(
+        !text.contains("Unable to read current time from RTC"),
+        "{text}"
+    );
     assert_eq!(fact(&f, "cpus"), Some(cpus_arg.as_str()), "{text}");
     assert_eq!(
         fact(&f, "ram").and_then(|r| r.parse::<u64>().ok()),

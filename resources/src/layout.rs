@@ -137,6 +137,10 @@ pub mod pio {
     pub const COM1_SIZE: u16 = 8;
     /// COM1's IRQ (ISA IRQ 4 = GSI 4).
     pub const COM1_GSI: u32 = 4;
+    /// The CMOS RTC: index port, then data port.
+    pub const CMOS_START: u16 = 0x70;
+    /// 0x70..=0x71.
+    pub const CMOS_SIZE: u16 = 2;
     /// PCI configuration address/data ports.
     pub const PCI_CONFIG_START: u16 = 0xcf8;
     /// 0xCF8..=0xCFF.

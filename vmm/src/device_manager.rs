@@ -156,6 +156,14 @@ impl DeviceManager {
             )
             .map_err(|e| Error::Device("the i8042", e))?;
 
+        pio_bus
+            .insert(
+                Arc::new(Mutex::new(devices::cmos::Cmos::new())),
+                u64::from(pio::CMOS_START),
+                u64::from(pio::CMOS_SIZE),
+            )
+            .map_err(|e| Error::Device("the CMOS RTC", e))?;
+
         let acpi_events = exit_events
             .try_clone()
             .map_err(|e| Error::Io("an event fd", e))?;
