@@ -33,6 +33,22 @@ mod reg {
     pub const CENTURY: u8 = 0x32;
 }
 
+/// Whether register `index` is one of the clock's (read from the host's
+/// clock, writes ignored).
+fn is_time_register(index: u8) -> bool {
+    matches!(
+        index,
+        reg::SECONDS
+            | reg::MINUTES
+            | reg::HOURS
+            | reg::DAY_OF_WEEK
+            | reg::DAY_OF_MONTH
+            | reg::MONTH
+            | reg::YEAR
+            | reg::CENTURY
+    )
+}
+
 /// Register A: 32.768 kHz time base, 1024 Hz rate; UIP (bit 7) clear.
 const A_DEFAULT: u8 = 0x26;
 /// Register B: 24-hour mode.
@@ -122,18 +138,7 @@ impl Cmos {
 
     /// Register `index` now.
     fn register(&self, index: u8) -> u8 {
-        let time_register = matches!(
-            index,
-            reg::SECONDS
-                | reg::MINUTES
-                | reg::HOURS
-                | reg::DAY_OF_WEEK
-                | reg::DAY_OF_MONTH
-                | reg::MONTH
-                | reg::YEAR
-                | reg::CENTURY
-        );
-        if !time_register {
+        if !is_time_register(index) {
             return match index {
                 reg::C => 0,
                 _ => self.ram[usize::from(index) % RAM_SIZE],
@@ -166,16 +171,8 @@ impl Cmos {
 
     fn write_register(&mut self, index: u8, value: u8) {
         match index {
-            reg::SECONDS
-            | reg::MINUTES
-            | reg::HOURS
-            | reg::DAY_OF_WEEK
-            | reg::DAY_OF_MONTH
-            | reg::MONTH
-            | reg::YEAR
-            | reg::CENTURY
-            | reg::C
-            | reg::D => {}
+            i if is_time_register(i) => {}
+            reg::C | reg::D => {}
             reg::A => self.ram[usize::from(reg::A)] = value & 0x7f,
             reg::B => self.ram[usize::from(reg::B)] = B_24_HOUR | value & B_WRITABLE,
             _ => self.ram[usize::from(index) % RAM_SIZE] = value,
