@@ -102,6 +102,18 @@ fn serial_output(cfg: &SerialConfig) -> Result<SerialOutput> {
 /// The last user memory slot number KVM accepts on x86 (32764 slots).
 const KVM_MAX_USER_SLOT: u32 = 32763;
 
+/// Puts `device` (`what`, for the error) on `bus` at `base..base + len`.
+fn place(
+    bus: &Bus,
+    what: &'static str,
+    device: SharedBusDevice,
+    base: u64,
+    len: u64,
+) -> Result<()> {
+    bus.insert(device, base, len)
+        .map_err(|e| Error::Device(what, e))
+}
+
 fn evt(what: &'static str) -> Result<EventFd> {
     EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io(what, e))
 }
@@ -123,13 +135,13 @@ impl DeviceManager {
         let mut allocator = SystemAllocator::new(mem_size).map_err(Error::Memory)?;
         let irq_routing: SharedIrqRouting = Arc::new(Mutex::new(IrqRouting::new()));
         let ioapic = Ioapic::new(Box::new(KvmPinRoutes::new(vm.clone(), irq_routing.clone())));
-        mmio_bus
-            .insert(
-                Arc::new(Mutex::new(ioapic)),
-                layout::IOAPIC_START,
-                layout::IOAPIC_SIZE,
-            )
-            .map_err(|e| Error::Device("the IOAPIC", e))?;
+        place(
+            &mmio_bus,
+            "the IOAPIC",
+            Arc::new(Mutex::new(ioapic)),
+            layout::IOAPIC_START,
+            layout::IOAPIC_SIZE,
+        )?;
         let exit_events = ExitEvents::new().map_err(|e| Error::Io("exit events", e))?;
 
         let serial_irq = evt("the serial interrupt")?;
@@ -138,58 +150,58 @@ impl DeviceManager {
         let trigger =
             EventFdTrigger::try_clone_from(&serial_irq).map_err(|e| Error::Io("an event fd", e))?;
         let serial_dev = Arc::new(Mutex::new(Serial::new(trigger, serial_output(serial)?)));
-        pio_bus
-            .insert(
-                serial_dev.clone(),
-                u64::from(pio::COM1_START),
-                u64::from(pio::COM1_SIZE),
-            )
-            .map_err(|e| Error::Device("COM1", e))?;
+        place(
+            &pio_bus,
+            "COM1",
+            serial_dev.clone(),
+            u64::from(pio::COM1_START),
+            u64::from(pio::COM1_SIZE),
+        )?;
 
         let reset = EventFdTrigger::try_clone_from(&exit_events.reset)
             .map_err(|e| Error::Io("an event fd", e))?;
-        pio_bus
-            .insert(
-                Arc::new(Mutex::new(I8042::new(reset))),
-                u64::from(pio::I8042_START),
-                u64::from(pio::I8042_SIZE),
-            )
-            .map_err(|e| Error::Device("the i8042", e))?;
+        place(
+            &pio_bus,
+            "the i8042",
+            Arc::new(Mutex::new(I8042::new(reset))),
+            u64::from(pio::I8042_START),
+            u64::from(pio::I8042_SIZE),
+        )?;
 
-        pio_bus
-            .insert(
-                Arc::new(Mutex::new(devices::cmos::Cmos::new())),
-                u64::from(pio::CMOS_START),
-                u64::from(pio::CMOS_SIZE),
-            )
-            .map_err(|e| Error::Device("the CMOS RTC", e))?;
+        place(
+            &pio_bus,
+            "the CMOS RTC",
+            Arc::new(Mutex::new(devices::cmos::Cmos::new())),
+            u64::from(pio::CMOS_START),
+            u64::from(pio::CMOS_SIZE),
+        )?;
 
         let acpi_events = exit_events
             .try_clone()
             .map_err(|e| Error::Io("an event fd", e))?;
-        pio_bus
-            .insert(
-                Arc::new(Mutex::new(AcpiSleep::new(acpi_events))),
-                u64::from(layout::ACPI_SLEEP_PORT),
-                u64::from(layout::ACPI_SLEEP_SIZE),
-            )
-            .map_err(|e| Error::Device("the ACPI sleep registers", e))?;
+        place(
+            &pio_bus,
+            "the ACPI sleep registers",
+            Arc::new(Mutex::new(AcpiSleep::new(acpi_events))),
+            u64::from(layout::ACPI_SLEEP_PORT),
+            u64::from(layout::ACPI_SLEEP_SIZE),
+        )?;
 
         let pci = Arc::new(Mutex::new(PciRoot::new(mmio_bus.clone(), pio_bus.clone())));
-        pio_bus
-            .insert(
-                Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
-                u64::from(pio::PCI_CONFIG_START),
-                u64::from(pio::PCI_CONFIG_SIZE),
-            )
-            .map_err(|e| Error::Device("PCI configuration ports", e))?;
-        mmio_bus
-            .insert(
-                Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
-                layout::PCI_ECAM_START,
-                layout::PCI_ECAM_SIZE,
-            )
-            .map_err(|e| Error::Device("PCI ECAM", e))?;
+        place(
+            &pio_bus,
+            "PCI configuration ports",
+            Arc::new(Mutex::new(PciConfigIo::new(pci.clone()))),
+            u64::from(pio::PCI_CONFIG_START),
+            u64::from(pio::PCI_CONFIG_SIZE),
+        )?;
+        place(
+            &mmio_bus,
+            "PCI ECAM",
+            Arc::new(Mutex::new(PciConfigMmio::new(pci.clone()))),
+            layout::PCI_ECAM_START,
+            layout::PCI_ECAM_SIZE,
+        )?;
 
         let hotplug_gsi = allocator.ioapic_pins.allocate().map_err(Error::Resource)?;
         let hotplug_irq = evt("the hotplug interrupt")?;
@@ -203,13 +215,13 @@ impl DeviceManager {
                 .try_clone()
                 .map_err(|e| Error::Io("an event fd", e))?,
         )));
-        pio_bus
-            .insert(
-                hotplug.clone(),
-                u64::from(HOTPLUG_PORT),
-                u64::from(HOTPLUG_SIZE),
-            )
-            .map_err(|e| Error::Device("the PCI hotplug registers", e))?;
+        place(
+            &pio_bus,
+            "the PCI hotplug registers",
+            hotplug.clone(),
+            u64::from(HOTPLUG_PORT),
+            u64::from(HOTPLUG_SIZE),
+        )?;
 
         let msi = Arc::new(KvmMsiSink::new(vm.clone()));
         let ram_slots = u32::try_from(memory.num_regions()).unwrap_or(u32::MAX);
