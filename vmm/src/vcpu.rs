@@ -165,6 +165,9 @@ impl Vcpu {
                 Next::Hypercall => self.hypercall(shared),
                 Next::Msr(m) => self.msr(shared, m),
                 Next::Stop(r) => {
+                    if matches!(r, Ok(ExitReason::TripleFault)) {
+                        self.log_shutdown_state();
+                    }
                     shared.exit.report(r);
                     break;
                 }
@@ -181,6 +184,32 @@ impl Vcpu {
             }
         }
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
+    }
+
+    /// Logs where a triple fault left the vCPU: what a guest that resets
+    /// without a word needs for a diagnosis.
+    fn log_shutdown_state(&self) {
+        let regs = &self.fd.sync_regs().regs;
+        let (rip, rsp, rflags) = (regs.rip, regs.rsp, regs.rflags);
+        match self.fd.get_sregs() {
+            Ok(s) => log::warn!(
+                "vCPU {}: triple fault at RIP {rip:#x} RSP {rsp:#x} RFLAGS {rflags:#x} CR0 {:#x} CR2 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x} IDT {:#x}+{:#x} CS {:#x} SS {:#x}",
+                self.index,
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.idt.base,
+                s.idt.limit,
+                s.cs.selector,
+                s.ss.selector
+            ),
+            Err(e) => log::warn!(
+                "vCPU {}: triple fault at RIP {rip:#x} RSP {rsp:#x} (KVM_GET_SREGS: {e})",
+                self.index
+            ),
+        }
     }
 
     /// One KVM_RUN and the dispatch of its exit.
