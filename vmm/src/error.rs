@@ -228,6 +228,9 @@ pub enum VcpuExitError {
     /// KVM_RUN itself failed.
     #[error("KVM_RUN failed")]
     Run(#[source] kvm_ioctls::Error),
+    /// The registers of a hypercall exit could not be read or written.
+    #[error("KVM {0} failed on a hypercall exit")]
+    Registers(&'static str, #[source] kvm_ioctls::Error),
 }
 
 /// The name of a KVM exit reason (`KVM_EXIT_*`), for messages.

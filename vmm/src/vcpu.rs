@@ -14,7 +14,7 @@ use std::thread::JoinHandle;
 
 use devices::bus::Bus;
 use kvm_bindings::kvm_run;
-use kvm_ioctls::{SyncReg, VcpuExit, VcpuFd};
+use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -151,18 +151,25 @@ impl Vcpu {
     /// guest-initiated ends in `shared.exit`.
     pub fn run(mut self, shared: &VcpuShared) {
         KVM_RUN.with(|p| p.set(self.fd.get_kvm_run() as *mut kvm_run));
-        // Only the general registers: syncing the segment registers too on
-        // every exit slowed Linux guests on nested kvm_amd by a third and
-        // made about one boot in six crash or stall there; the hypercall
-        // path reads them with KVM_GET_SREGS instead.
-        self.fd.set_sync_valid_reg(SyncReg::Register);
+        // No sync regs: the registers are read with KVM_GET_REGS on the few
+        // exits that need them (hypercalls, failures). Syncing the segment
+        // registers on every exit slowed Linux guests on nested kvm_amd by a
+        // third and made about one boot in six crash or stall there; syncing
+        // the general registers on every exit still left about one Linux
+        // boot in eight ending in an AP's triple fault there.
         loop {
             if shared.stop.load(Ordering::Acquire) {
                 break;
             }
-            match self.step(shared) {
-                Next::Continue => {}
-                Next::Hypercall => self.hypercall(shared),
+            let next = match self.step(shared) {
+                Next::Hypercall => match self.hypercall(shared) {
+                    Ok(()) => Next::Continue,
+                    Err(source) => Next::Fail(source),
+                },
+                next => next,
+            };
+            match next {
+                Next::Continue | Next::Hypercall => {}
                 Next::Msr(m) => self.msr(shared, m),
                 Next::Stop(r) => {
                     if matches!(r, Ok(ExitReason::TripleFault)) {
@@ -172,7 +179,7 @@ impl Vcpu {
                     break;
                 }
                 Next::Fail(source) => {
-                    let regs = &self.fd.sync_regs_mut().regs;
+                    let regs = self.fd.get_regs().unwrap_or_default();
                     shared.exit.report(Err(Error::VcpuFailed {
                         index: self.index,
                         rip: regs.rip,
@@ -186,13 +193,16 @@ impl Vcpu {
         KVM_RUN.with(|p| p.set(std::ptr::null_mut()));
     }
 
-    /// Logs where a triple fault left the vCPU: what a guest that resets
-    /// without a word needs for a diagnosis.
+    /// Logs (at info: the end itself is pvmm's one line) where a triple
+    /// fault left the vCPU, for the diagnosis of a guest that resets
+    /// without a word.
     fn log_shutdown_state(&self) {
-        let regs = &self.fd.sync_regs().regs;
+        // On SVM, KVM re-initializes the vCPU on a shutdown intercept before
+        // the exit: there this is the reset state, not where it failed.
+        let regs = self.fd.get_regs().unwrap_or_default();
         let (rip, rsp, rflags) = (regs.rip, regs.rsp, regs.rflags);
         match self.fd.get_sregs() {
-            Ok(s) => log::warn!(
+            Ok(s) => log::info!(
                 "vCPU {}: triple fault at RIP {rip:#x} RSP {rsp:#x} RFLAGS {rflags:#x} CR0 {:#x} CR2 {:#x} CR3 {:#x} CR4 {:#x} EFER {:#x} IDT {:#x}+{:#x} CS {:#x} SS {:#x}",
                 self.index,
                 s.cr0,
@@ -205,7 +215,7 @@ impl Vcpu {
                 s.cs.selector,
                 s.ss.selector
             ),
-            Err(e) => log::warn!(
+            Err(e) => log::info!(
                 "vCPU {}: triple fault at RIP {rip:#x} RSP {rsp:#x} (KVM_GET_SREGS: {e})",
                 self.index
             ),
@@ -290,34 +300,43 @@ impl Vcpu {
         }
     }
 
-    /// Runs the hypercall hook with registers from sync regs.
-    fn hypercall(&mut self, shared: &VcpuShared) {
+    /// Runs the hypercall hook with the registers of this exit (KVM_GET_REGS
+    /// and, for the CPL, KVM_GET_SREGS), and gives KVM the outcome
+    /// (KVM_SET_REGS). KVM completes the `out` (skips it) on the next
+    /// KVM_RUN only if RIP is still the one of the exit, so a restart that
+    /// moves RIP back to the stub re-executes it on every KVM.
+    fn hypercall(&mut self, shared: &VcpuShared) -> std::result::Result<(), VcpuExitError> {
         let Some(h) = shared.hooks.hypercall.as_ref() else {
-            return;
+            return Ok(());
         };
-        // The CPL: an ioctl, on this exit only. A vCPU whose segment
-        // registers cannot be read is taken for user mode (denied).
+        let mut regs = self
+            .fd
+            .get_regs()
+            .map_err(|e| VcpuExitError::Registers("KVM_GET_REGS", e))?;
+        // A vCPU whose segment registers cannot be read is taken for user
+        // mode (denied).
         let sregs = self.fd.get_sregs().ok();
-        let sync = self.fd.sync_regs_mut();
         let exit = HypercallExit {
             regs: HypercallRegs {
-                rcx: sync.regs.rcx,
-                rdx: sync.regs.rdx,
-                r8: sync.regs.r8,
+                rcx: regs.rcx,
+                rdx: regs.rdx,
+                r8: regs.r8,
             },
-            rip: sync.regs.rip,
-            cpl: sregs.map_or(3, |s| cpl(&s, sync.regs.rflags)),
+            rip: regs.rip,
+            cpl: sregs.map_or(3, |s| cpl(&s, regs.rflags)),
         };
         match h.hypercall(&shared.memory, self.index, exit) {
             // An unused port: the write goes nowhere.
-            HypercallAction::NotAHypercall => return,
-            HypercallAction::Complete { rax } => sync.regs.rax = rax,
+            HypercallAction::NotAHypercall => return Ok(()),
+            HypercallAction::Complete { rax } => regs.rax = rax,
             HypercallAction::Restart { rcx, rip } => {
-                sync.regs.rcx = rcx;
-                sync.regs.rip = rip;
+                regs.rcx = rcx;
+                regs.rip = rip;
             }
         }
-        self.fd.set_sync_dirty_reg(SyncReg::Register);
+        self.fd
+            .set_regs(&regs)
+            .map_err(|e| VcpuExitError::Registers("KVM_SET_REGS", e))
     }
 
     /// Runs the MSR hook for the RDMSR or WRMSR exit `m` (the last exit)
