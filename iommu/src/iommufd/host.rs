@@ -354,6 +354,16 @@ pub struct IommufdBackend {
     memory: Mutex<Vec<Arc<GuestMemoryMmap>>>,
 }
 
+/// IOAS_UNMAP of exactly `[iova, iova + len)`: an error, or fewer bytes
+/// unmapped, is a failure (the callers fail closed on it).
+fn unmap_exact(ops: &dyn IommufdOps, ioas: u32, iova: u64, len: u64) -> Result<(), BackendError> {
+    match ops.ioas_unmap(ioas, iova, len) {
+        Ok(n) if n == len => Ok(()),
+        Ok(removed) => Err(BackendError::ShortUnmap { len, removed }),
+        Err(e) => Err(host_err(e)),
+    }
+}
+
 fn host_err(e: ioctl::Error) -> BackendError {
     match e.errno() {
         Some(libc::ENOMEM) | Some(libc::ENOSPC) => BackendError::NoResources,
@@ -669,20 +679,13 @@ impl IommufdBackend {
                     .collect();
                 for run in gone {
                     unmaps += 1;
-                    match self.ops.ioas_unmap(shadow.ioas, run.iova, run.len) {
-                        Ok(n) if n == run.len => {
+                    match unmap_exact(&*self.ops, shadow.ioas, run.iova, run.len) {
+                        Ok(()) => {
                             shadow.maps.remove(&run.iova);
                             shadow_runs_gone += 1;
                         }
-                        Ok(removed) => {
-                            first_err.get_or_insert(BackendError::ShortUnmap {
-                                len: run.len,
-                                removed,
-                            });
-                            failed_domains.push(*id);
-                        }
                         Err(e) => {
-                            first_err.get_or_insert(host_err(e));
+                            first_err.get_or_insert(e);
                             failed_domains.push(*id);
                         }
                     }
@@ -692,19 +695,12 @@ impl IommufdBackend {
                 let gone: Vec<MapRun> = runs.values().filter(|r| inside(r)).copied().collect();
                 for run in gone {
                     unmaps += 1;
-                    match self.ops.ioas_unmap(*ioas, run.iova, run.len) {
-                        Ok(n) if n == run.len => {
+                    match unmap_exact(&*self.ops, *ioas, run.iova, run.len) {
+                        Ok(()) => {
                             runs.remove(&run.iova);
                         }
-                        Ok(removed) => {
-                            first_err.get_or_insert(BackendError::ShortUnmap {
-                                len: run.len,
-                                removed,
-                            });
-                            failed_domains.push(*id);
-                        }
                         Err(e) => {
-                            first_err.get_or_insert(host_err(e));
+                            first_err.get_or_insert(e);
                             failed_domains.push(*id);
                         }
                     }
@@ -718,18 +714,9 @@ impl IommufdBackend {
         }
         let direct = inner.direct;
         unmaps += 1;
-        match self.ops.ioas_unmap(direct, region.gpa, region.len) {
-            Ok(n) if n == region.len => {}
-            result => {
-                first_err.get_or_insert(match result {
-                    Err(e) => host_err(e),
-                    Ok(removed) => BackendError::ShortUnmap {
-                        len: region.len,
-                        removed,
-                    },
-                });
-                self.fail_direct(&mut inner);
-            }
+        if let Err(e) = unmap_exact(&*self.ops, direct, region.gpa, region.len) {
+            first_err.get_or_insert(e);
+            self.fail_direct(&mut inner);
         }
         inner.stats.unmaps += unmaps;
         inner.regions.remove(&gpa);
@@ -968,15 +955,7 @@ impl IommufdBackend {
         }
         for run in stale {
             inner.stats.unmaps += 1;
-            let failure = match self.ops.ioas_unmap(shadow.ioas, run.iova, run.len) {
-                Ok(n) if n == run.len => None,
-                Ok(removed) => Some(BackendError::ShortUnmap {
-                    len: run.len,
-                    removed,
-                }),
-                Err(e) => Some(host_err(e)),
-            };
-            if let Some(e) = failure {
+            if let Err(e) = unmap_exact(&*self.ops, shadow.ioas, run.iova, run.len) {
                 shadow.failed = true;
                 return Err(e);
             }
@@ -1427,22 +1406,16 @@ impl Backend for IommufdBackend {
         let ioas = *ioas;
         inner.stats.unmaps += 1;
         // The run is forgotten only once the host has unmapped it.
-        match self.ops.ioas_unmap(ioas, run.iova, run.len) {
-            Ok(n) if n == run.len => {
+        match unmap_exact(&*self.ops, ioas, run.iova, run.len) {
+            Ok(()) => {
                 if let Some(Domain::S2 { runs, .. }) = inner.domains.get_mut(&domain) {
                     runs.remove(&run.iova);
                 }
                 Ok(())
             }
-            result => {
+            Err(e) => {
                 self.fail_domain(&mut inner, domain);
-                Err(match result {
-                    Err(e) => host_err(e),
-                    Ok(removed) => BackendError::ShortUnmap {
-                        len: run.len,
-                        removed,
-                    },
-                })
+                Err(e)
             }
         }
     }
