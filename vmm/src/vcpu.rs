@@ -154,9 +154,10 @@ impl Vcpu {
         // No sync regs: the registers are read with KVM_GET_REGS on the few
         // exits that need them (hypercalls, failures). Syncing the segment
         // registers on every exit slowed Linux guests on nested kvm_amd by a
-        // third and made about one boot in six crash or stall there; syncing
-        // the general registers on every exit still left about one Linux
-        // boot in eight ending in an AP's triple fault there.
+        // third and made about one boot in six crash or stall there; with
+        // the general registers synced on every exit, about one nested
+        // Linux boot in eight still ended in an AP's triple fault (none in
+        // the few boots since: too few to call it the cause).
         loop {
             if shared.stop.load(Ordering::Acquire) {
                 break;
