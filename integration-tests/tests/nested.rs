@@ -417,9 +417,9 @@ fn pvmm_on_nested_kvm_amd() {
     let mut problems = Vec::new();
     // The nested emulator (QEMU TCG's SVM) sometimes stalls L1 or crashes an
     // L2 guest for reasons of its own: a step that fails or never ends gets
-    // one more run in a fresh L1, and both runs are reported.
+    // more runs in a fresh L1 (up to L1_ATTEMPTS), and every run is reported.
     let mut to_run = all;
-    for attempt in 1..=2 {
+    for attempt in 1..=L1_ATTEMPTS {
         let run = l1.run(attempt, &to_run);
         log.push_str(&format!(
             "=== L1 run {attempt} (steps {to_run:?}): {} s, {}\n{}\n",
@@ -435,9 +435,9 @@ fn pvmm_on_nested_kvm_amd() {
             let ok = o.as_ref().is_some_and(|o| o.status == Some(0));
             if !ok {
                 failed.push(i);
-                if attempt == 1 {
+                if attempt < L1_ATTEMPTS {
                     println!(
-                        "nested harness: {label} failed in L1 run 1 ({}); running it again",
+                        "nested harness: {label} failed in L1 run {attempt} ({}); running it again",
                         o.as_ref().map_or("did not finish".to_string(), |o| format!(
                             "status {:?}",
                             o.status
@@ -451,7 +451,7 @@ fn pvmm_on_nested_kvm_amd() {
             break;
         }
         to_run = failed;
-        if attempt == 2 {
+        if attempt == L1_ATTEMPTS {
             problems.push(format!("L1 run 2 ended: {}\n{}", run.end, run.stderr));
         }
     }
@@ -498,6 +498,10 @@ struct L1Run {
     wall: Duration,
     end: String,
 }
+
+/// L1 runs a failing step gets in all (a fresh L1 each): nested TCG's SVM
+/// sometimes stalls or crashes an L2 guest, or L1 itself.
+const L1_ATTEMPTS: u32 = 3;
 
 /// What it takes to boot L1.
 struct L1 {
