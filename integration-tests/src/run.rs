@@ -60,28 +60,53 @@ fn wait_or_kill(child: &mut Child, timeout: Duration) -> io::Result<Option<ExitS
     }
 }
 
+/// A child with stdin closed whose stdout and stderr are being read.
+struct Captured {
+    child: Child,
+    start: Instant,
+    out: Option<thread::JoinHandle<String>>,
+    err: Option<thread::JoinHandle<String>>,
+}
+
+impl Captured {
+    fn spawn(cmd: &mut Command) -> io::Result<Self> {
+        let start = Instant::now();
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let out = child.stdout.take().map(reader);
+        let err = child.stderr.take().map(reader);
+        Ok(Self {
+            child,
+            start,
+            out,
+            err,
+        })
+    }
+
+    /// The output, once the child ended with `status` (`None`: killed).
+    fn finish(self, status: Option<ExitStatus>) -> Output {
+        let elapsed = self.start.elapsed();
+        let join = |h: Option<thread::JoinHandle<String>>| {
+            h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
+        };
+        Output {
+            status,
+            stdout: join(self.out),
+            stderr: join(self.err),
+            elapsed,
+        }
+    }
+}
+
 /// Runs `cmd` with stdin closed, capturing stdout and stderr; kills it after
 /// `timeout`.
 pub fn run(mut cmd: Command, timeout: Duration) -> io::Result<Output> {
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let out = child.stdout.take().map(reader);
-    let err = child.stderr.take().map(reader);
-    let status = wait_or_kill(&mut child, timeout)?;
-    let elapsed = start.elapsed();
-    let join = |h: Option<thread::JoinHandle<String>>| {
-        h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
-    };
-    Ok(Output {
-        status,
-        stdout: join(out),
-        stderr: join(err),
-        elapsed,
-    })
+    let mut c = Captured::spawn(&mut cmd)?;
+    let status = wait_or_kill(&mut c.child, timeout)?;
+    Ok(c.finish(status))
 }
 
 /// [`run`], also measuring the command's peak resident set size: returns
@@ -91,15 +116,8 @@ pub fn run(mut cmd: Command, timeout: Duration) -> io::Result<Output> {
 #[allow(unsafe_code)]
 pub fn run_peak_rss(mut cmd: Command, timeout: Duration) -> io::Result<(Output, u64)> {
     use std::os::unix::process::ExitStatusExt;
-    let start = Instant::now();
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let pid = libc::pid_t::try_from(child.id()).map_err(io::Error::other)?;
-    let out = child.stdout.take().map(reader);
-    let err = child.stderr.take().map(reader);
+    let mut c = Captured::spawn(&mut cmd)?;
+    let pid = libc::pid_t::try_from(c.child.id()).map_err(io::Error::other)?;
     let mut killed = false;
     let (raw, usage) = loop {
         let mut raw = 0;
@@ -118,23 +136,14 @@ pub fn run_peak_rss(mut cmd: Command, timeout: Duration) -> io::Result<(Output, 
             }
             return Err(e);
         }
-        if !killed && start.elapsed() >= timeout {
+        if !killed && c.start.elapsed() >= timeout {
             // Not reaped yet (wait4 said so), so the pid is still ours.
-            child.kill()?;
+            c.child.kill()?;
             killed = true;
         }
         thread::sleep(Duration::from_millis(5));
     };
-    let elapsed = start.elapsed();
-    let join = |h: Option<thread::JoinHandle<String>>| {
-        h.map(|h| h.join().unwrap_or_default()).unwrap_or_default()
-    };
-    let output = Output {
-        status: (!killed).then(|| ExitStatus::from_raw(raw)),
-        stdout: join(out),
-        stderr: join(err),
-        elapsed,
-    };
+    let output = c.finish((!killed).then(|| ExitStatus::from_raw(raw)));
     Ok((output, u64::try_from(usage.ru_maxrss).unwrap_or(0)))
 }
 
