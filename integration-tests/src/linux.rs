@@ -387,8 +387,18 @@ impl Console {
     /// Starts `pvmm` with `args`, stdin closed, stdout read here; stderr
     /// is collected by [`Console::finish`].
     pub fn start(pvmm: &Path, args: &[&str]) -> Result<Self, String> {
+        Self::start_with_env(pvmm, args, &[])
+    }
+
+    /// [`Console::start`] with `env` added to pvmm's environment.
+    pub fn start_with_env(
+        pvmm: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self, String> {
         let mut child = Command::new(pvmm)
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -29,6 +29,9 @@
 //! shapes the checks use ([`CALLS`]) are `size_of` those types, the table is
 //! checked at compile time to be [`HypercallCode::ALL`] in order (the
 //! counters' slots follow that list), and the handlers get typed values.
+//! The IOMMU's calls run under its state lock; the one call of the
+//! partition's (`vp`: SEND_SYNTHETIC_CLUSTER_IPI) runs against the VMM's
+//! [`Processors`], without it.
 
 use crate::domains::{RepError, State};
 use crate::ram;
@@ -38,8 +41,9 @@ use pviommu_abi::{
     InputConfigureDeviceDomain, InputCreateDeviceDomain, InputDeleteDeviceDomain,
     InputDetachDeviceDomain, InputFlushDeviceDomain, InputFlushDeviceDomainList,
     InputGetIommuCapabilities, InputGetLogicalDeviceProperty, InputGetVpRegisters,
-    InputMapDeviceGpaPages, InputUnmapDeviceGpaPages, OutputGetIommuCapabilities,
-    OutputGetLogicalDeviceProperty, RegisterValue, HV_PAGE_SIZE,
+    InputMapDeviceGpaPages, InputSendSyntheticClusterIpi, InputUnmapDeviceGpaPages,
+    OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty, RegisterValue, HV_PAGE_SIZE,
+    IPI_VECTORS,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::GuestMemory;
@@ -103,6 +107,17 @@ pub enum HypercallOutcome {
     },
 }
 
+/// The partition's virtual processors, for the calls that reach them
+/// rather than the IOMMU (SEND_SYNTHETIC_CLUSTER_IPI). The VMM implements
+/// it over its vCPUs; [`Iommu::dispatch_for`] takes one per call.
+pub trait Processors: Sync {
+    /// Delivers fixed interrupt `vector` (in [`IPI_VECTORS`], checked) to
+    /// every VP whose bit is set in `targets` (bit n: VP n), and ends any
+    /// GUEST_IDLE wait of theirs. A target the partition does not have is
+    /// INVALID_PARAMETER, before anything is delivered.
+    fn send_ipi(&self, vector: u8, targets: u64) -> Result<(), HvError>;
+}
+
 /// The shape of a call, from its ABI types ([`CALLS`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Shape {
@@ -137,6 +152,8 @@ pub(crate) struct Ctx<'a, M: ?Sized> {
     pub iommu: &'a Iommu,
     pub mem: &'a M,
     pub vp_index: u32,
+    /// `None`: the calls to processors are INVALID_HYPERCALL_CODE.
+    pub processors: Option<&'a dyn Processors>,
 }
 
 /// A rep element type: a slice of them over guest bytes, typed (no
@@ -212,14 +229,14 @@ impl<T> HandlerResult<T> for Result<T, RepError> {
 /// Parses a call's typed input and elements out of the zeroed copies the
 /// dispatcher made, runs `handler` on them, and writes its output.
 #[allow(clippy::too_many_arguments)]
-fn run_typed<M, I, E, O, Out, R>(
+fn run_typed<M, S, I, E, O, Out, R>(
     cx: &Ctx<'_, M>,
-    state: &mut State,
+    state: &mut S,
     header: &[u8],
     elems: &[u8],
     (start, end): (u16, u16),
     output: &mut [u8],
-    handler: impl FnOnce(&Ctx<'_, M>, &mut State, &I, Reps<'_, E, O>) -> R,
+    handler: impl FnOnce(&Ctx<'_, M>, &mut S, &I, Reps<'_, E, O>) -> R,
 ) -> Result<(), RepError>
 where
     M: GuestMemory + ?Sized,
@@ -288,14 +305,13 @@ macro_rules! hypercalls {
                 end: u16,
                 output: &mut [u8],
             ) -> Result<(), RepError> {
-                let mut state = self.lock_state();
-                let state = &mut *state;
-                state.sync_budget(&cx.iommu.config, cx.mem);
                 let reps = (start, end);
                 match code {
-                    $(HypercallCode::$code => run_typed::<M, $input, $elem, $out_elem, $output, _>(
-                        cx, state, header, elems, reps, output, $handler,
-                    ),)*
+                    $(HypercallCode::$code => hypercalls!(@state $kind, self, cx, |state| {
+                        run_typed::<M, hypercalls!(@ty $kind), $input, $elem, $out_elem, $output, _>(
+                            cx, state, header, elems, reps, output, $handler,
+                        )
+                    }),)*
                     _ => Err(HvError::INVALID_HYPERCALL_CODE.into()),
                 }
             }
@@ -303,6 +319,18 @@ macro_rules! hypercalls {
     };
     (@rep simple) => { false };
     (@rep rep) => { true };
+    (@rep vp) => { false };
+    // The IOMMU's calls run under its state lock; a VP call (`vp`: simple,
+    // about the partition's processors) takes no lock of the IOMMU's.
+    (@ty vp) => { () };
+    (@ty $kind:ident) => { State };
+    (@state vp, $iommu:ident, $cx:ident, $run:expr) => { ($run)(&mut ()) };
+    (@state $kind:ident, $iommu:ident, $cx:ident, $run:expr) => {{
+        let mut state = $iommu.lock_state();
+        let state = &mut *state;
+        state.sync_budget(&$cx.iommu.config, $cx.mem);
+        ($run)(state)
+    }};
 }
 
 hypercalls! {
@@ -342,6 +370,25 @@ hypercalls! {
         = |cx, state, input, reps| {
             state.get_vp_registers(cx.vp_index, input, reps.elems, reps.out)
         };
+    SEND_SYNTHETIC_CLUSTER_IPI: vp(InputSendSyntheticClusterIpi, () => ()) -> ()
+        = |cx, _, input, _| send_ipi(cx.processors, input);
+}
+
+/// SEND_SYNTHETIC_CLUSTER_IPI: the input's checks (TLFS: a vector outside
+/// [`IPI_VECTORS`] or a reserved bit set is INVALID_PARAMETER), then the
+/// VMM's delivery. Without [`Processors`] the call does not exist.
+fn send_ipi(
+    processors: Option<&dyn Processors>,
+    input: &InputSendSyntheticClusterIpi,
+) -> Result<(), HvError> {
+    let processors = processors.ok_or(HvError::INVALID_HYPERCALL_CODE)?;
+    let vector = input.vector.get();
+    if input.reserved.get() != 0 || !IPI_VECTORS.contains(&vector) {
+        return Err(HvError::INVALID_PARAMETER);
+    }
+    // In IPI_VECTORS: fits a u8.
+    let vector = u8::try_from(vector).map_err(|_| HvError::INVALID_PARAMETER)?;
+    processors.send_ipi(vector, input.cpu_mask.get())
 }
 
 /// The largest `field` over the table (for the dispatcher's stack buffers).
@@ -478,13 +525,27 @@ impl Iommu {
     }
 
     /// Runs the hypercall in `regs` for `caller` against guest memory `mem`,
-    /// on the calling thread. Never panics, whatever the registers and
-    /// memory hold; allocates nothing.
+    /// on the calling thread, without [`Processors`] (their calls are
+    /// INVALID_HYPERCALL_CODE); see [`Iommu::dispatch_for`].
     pub fn dispatch_from<M: GuestMemory + ?Sized>(
         &self,
         mem: &M,
         caller: Caller,
         regs: HypercallRegs,
+    ) -> HypercallOutcome {
+        self.dispatch_for(mem, caller, regs, None)
+    }
+
+    /// Runs the hypercall in `regs` for `caller` against guest memory `mem`,
+    /// on the calling thread, the partition's calls against `processors`.
+    /// Never panics, whatever the registers and memory hold; allocates
+    /// nothing.
+    pub fn dispatch_for<M: GuestMemory + ?Sized>(
+        &self,
+        mem: &M,
+        caller: Caller,
+        regs: HypercallRegs,
+        processors: Option<&dyn Processors>,
     ) -> HypercallOutcome {
         let vp_index = caller.vp_index;
         let control = Control::from_bits(regs.rcx);
@@ -497,7 +558,13 @@ impl Iommu {
             } else {
                 u16::MAX
             };
-            let r = self.dispatch_inner(mem, vp_index, control, regs, budget);
+            let cx = Ctx {
+                iommu: self,
+                mem,
+                vp_index,
+                processors,
+            };
+            let r = self.dispatch_inner(&cx, control, regs, budget);
             // A call that may have taken translations away returns only
             // after the emulated DMA that may still use them has finished.
             if !matches!(
@@ -505,6 +572,7 @@ impl Iommu {
                 HypercallCode::GET_IOMMU_CAPABILITIES
                     | HypercallCode::GET_LOGICAL_DEVICE_PROPERTY
                     | HypercallCode::GET_VP_REGISTERS
+                    | HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI
                     | HypercallCode::CREATE_DEVICE_DOMAIN
                     | HypercallCode::MAP_DEVICE_GPA_PAGES
             ) {
@@ -544,8 +612,7 @@ impl Iommu {
 
     fn dispatch_inner<M: GuestMemory + ?Sized>(
         &self,
-        mem: &M,
-        vp_index: u32,
+        cx: &Ctx<'_, M>,
         control: Control,
         regs: HypercallRegs,
         budget: u16,
@@ -583,11 +650,7 @@ impl Iommu {
         // calls with elements, this slice's elements (at most one page).
         let mut header = [0u8; MAX_HEADER];
         let mut output = [0u8; MAX_OUTPUT];
-        let cx = Ctx {
-            iommu: self,
-            mem,
-            vp_index,
-        };
+        let mem = cx.mem;
         let result = if control.fast() {
             if input_size > FAST_BYTES || shape.output != 0 || shape.out_elem != 0 {
                 return fail(HvError::INVALID_HYPERCALL_INPUT);
@@ -595,7 +658,7 @@ impl Iommu {
             header[..8].copy_from_slice(&regs.rdx.to_le_bytes());
             header[8..16].copy_from_slice(&regs.r8.to_le_bytes());
             self.run_call(
-                &cx,
+                cx,
                 code,
                 &header[..shape.header],
                 &[],
@@ -629,7 +692,7 @@ impl Iommu {
                 }
                 if shape.out_elem != 0 {
                     self.run_with_rep_output(
-                        &cx,
+                        cx,
                         code,
                         shape,
                         &header[..shape.header],
@@ -639,7 +702,7 @@ impl Iommu {
                     )
                 } else {
                     self.run_call(
-                        &cx,
+                        cx,
                         code,
                         &header[..shape.header],
                         elems,
@@ -650,7 +713,7 @@ impl Iommu {
                 }
             } else {
                 self.run_call(
-                    &cx,
+                    cx,
                     code,
                     &header[..shape.header],
                     &[],

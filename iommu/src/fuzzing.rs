@@ -17,12 +17,12 @@
 //!
 //! Any panic from inside the crate is a finding too.
 
-use crate::dispatch::{HypercallOutcome, HypercallRegs};
+use crate::dispatch::{Caller, HypercallOutcome, HypercallRegs, Processors};
 use crate::testing::RecordingBackend;
 use crate::{Access, BackendId, DomainInfoKind, Iommu, IommuConfig};
 use pviommu_abi::{
-    Control, DeviceDomainId, DeviceDomainType, DeviceId, FlushListEntry, HvStatus, HypercallCode,
-    HypercallOutput, HV_PARTITION_ID_SELF,
+    Control, DeviceDomainId, DeviceDomainType, DeviceId, FlushListEntry, HvError, HvStatus,
+    HypercallCode, HypercallOutput, HV_PARTITION_ID_SELF, IPI_VECTORS,
 };
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -230,6 +230,22 @@ fn run_with(mem: &GuestMemoryMmap<()>, data: &[u8], coverage: &mut Coverage) {
     check_consistency(&iommu, &rec);
 }
 
+/// A partition of four VPs; an IPI's vector must have been checked.
+struct FuzzProcessors;
+
+impl Processors for FuzzProcessors {
+    fn send_ipi(&self, vector: u8, targets: u64) -> Result<(), HvError> {
+        assert!(
+            IPI_VECTORS.contains(&u32::from(vector)),
+            "vector {vector:#x}"
+        );
+        if targets >> 4 != 0 {
+            return Err(HvError::INVALID_PARAMETER);
+        }
+        Ok(())
+    }
+}
+
 fn hypercall(
     iommu: &Iommu,
     mem: &GuestMemoryMmap<()>,
@@ -354,7 +370,8 @@ fn hypercall(
     let mut rcx = rcx;
     let count = Control::from_bits(rcx).rep_count();
     for _ in 0..5000 {
-        match iommu.dispatch(mem, 0, HypercallRegs { rcx, rdx, r8 }) {
+        let regs = HypercallRegs { rcx, rdx, r8 };
+        match iommu.dispatch_for(mem, Caller::kernel(0), regs, Some(&FuzzProcessors)) {
             HypercallOutcome::Complete { rax } => {
                 let out = HypercallOutput::from_bits(rax);
                 assert!(out.hv_status().name().is_some(), "unknown status {rax:#x}");

@@ -93,7 +93,7 @@ pub use config::{
     IommuConfig, IommuError, DEFAULT_MAP_RUNS_FLOOR, DEFAULT_MAP_RUNS_PER_MIB,
     DEFAULT_PGSIZE_BITMAP, MAP_RUN_BYTES,
 };
-pub use dispatch::{Caller, HypercallOutcome, HypercallRegs};
+pub use dispatch::{Caller, HypercallOutcome, HypercallRegs, Processors};
 pub use domains::{Attachment, FlushStats};
 pub use pviommu_abi as abi;
 pub use pviommu_abi::DeviceId;

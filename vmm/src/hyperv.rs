@@ -16,21 +16,27 @@
 //!   calibrating them); and where KVM gives the guest an invariant TSC
 //!   (CPUID 0x80000007 EDX bit 8: the host's TSC is constant) REFERENCE_TSC
 //!   and TSC_INVARIANT (with it Linux trusts the raw TSC without a watchdog
-//!   and prefers it to the reference TSC page). Nothing else: no SynIC,
+//!   and prefers it to the reference TSC page); with the cluster-IPI hint
+//!   below, GUEST_IDLE (Linux's paravirtual spinlocks, crate::processors).
+//!   Nothing else: no SynIC,
 //!   synthetic timers, APIC access MSRs, crash MSRs, reenlightenment,
 //!   partition id or extended
 //!   hypercalls, each of which makes Linux use MSRs or hypercalls pvmm does
 //!   not implement.
-//! - hints (0x40000004): only "relaxed timing" (no MSR or hypercall behind
-//!   it) and "never notify long spinlock waits"; none of the TLB flush, IPI,
-//!   APIC access, nested or enlightened VMCS recommendations, which make
-//!   Linux issue hypercalls or use MSRs pvmm lacks.
+//! - hints (0x40000004): "relaxed timing" (no MSR or hypercall behind it),
+//!   "never notify long spinlock waits", and "cluster IPI" (every IPI
+//!   through HvCallSendSyntheticClusterIpi, which pvmm serves); none of the
+//!   TLB flush, processor-masks (SEND_IPI_EX), APIC access, nested or
+//!   enlightened VMCS recommendations, which make Linux issue hypercalls or
+//!   use MSRs pvmm lacks. Both spinlock pieces need the VP index in the
+//!   IPI's 64-bit mask: a VM of more than 64 vCPUs goes without them.
 //! - limits (0x40000005): the VM's vCPUs, the host's logical processors.
 //! - MSRs: GUEST_OS_ID, HYPERCALL (the stub page), VP_INDEX,
 //!   TIME_REF_COUNT, REFERENCE_TSC (the VMM writes the page), TSC_FREQUENCY,
 //!   APIC_FREQUENCY, VP_ASSIST_PAGE (Linux enables one per CPU whatever
 //!   CPUID says; pvmm keeps the value and writes nothing there: the page's
-//!   only uses are lazy EOI and nested features, neither offered), and
+//!   only uses are lazy EOI and nested features, neither offered),
+//!   GUEST_IDLE (a read idles the vCPU until an IPI, crate::processors), and
 //!   TSC_INVARIANT_CONTROL (with TSC_INVARIANT; the CPUID bit it would
 //!   expose is KVM's and visible from the start). Every other MSR of
 //!   0x40000000-0x400001ff is #GP, the same on every KVM.
@@ -69,7 +75,7 @@
 
 use std::ops::Range;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use iommu::abi::{
@@ -82,6 +88,7 @@ use zerocopy::little_endian::{I64, U32, U64};
 use zerocopy::IntoBytes;
 
 use crate::hooks::MsrContext;
+use crate::processors::Processors;
 
 /// The synthetic MSRs pvmm takes from KVM: all of 0x40000000-0x400001ff
 /// (every MSR Linux's Hyper-V code names but the nested SynIC's), in one of
@@ -235,6 +242,8 @@ pub struct Partition {
     page_writes: Mutex<()>,
     /// A TSC read failed (logged once).
     tsc_read_failed: AtomicBool,
+    /// The vCPUs, for cluster IPIs and GUEST_IDLE ([`Partition::with_processors`]).
+    processors: Option<Arc<Processors>>,
 }
 
 impl Partition {
@@ -250,8 +259,21 @@ impl Partition {
             vp_assist: (0..params.vcpus).map(|_| AtomicU64::new(0)).collect(),
             page_writes: Mutex::new(()),
             tsc_read_failed: AtomicBool::new(false),
+            processors: None,
             params,
         }
+    }
+
+    /// Offers cluster IPIs and GUEST_IDLE (Linux's paravirtual spinlocks)
+    /// over `processors`.
+    pub fn with_processors(mut self, processors: Arc<Processors>) -> Self {
+        self.processors = Some(processors);
+        self
+    }
+
+    /// The vCPUs, if cluster IPIs and GUEST_IDLE are offered.
+    pub fn processors(&self) -> Option<&Arc<Processors>> {
+        self.processors.as_ref()
     }
 
     /// What the partition was built from.
@@ -300,6 +322,18 @@ impl Partition {
         if self.tsc_invariant() {
             eax |= cpuid::FEATURES_EAX_TSC_INVARIANT;
         }
+        if self.processors.is_some() {
+            eax |= cpuid::FEATURES_EAX_GUEST_IDLE;
+        }
+        eax
+    }
+
+    /// Leaf 0x40000004 EAX: recommendations.
+    pub fn hints(&self) -> u32 {
+        let mut eax = cpuid::HINTS_EAX_RELAXED_TIMING;
+        if self.processors.is_some() {
+            eax |= cpuid::HINTS_EAX_CLUSTER_IPI;
+        }
         eax
     }
 
@@ -347,7 +381,7 @@ impl Partition {
             ),
             leaf(
                 cpuid::LEAF_HINTS,
-                cpuid::HINTS_EAX_RELAXED_TIMING,
+                self.hints(),
                 cpuid::HINTS_EBX_NEVER_NOTIFY_SPINLOCKS,
                 0,
                 0,
@@ -427,6 +461,10 @@ impl Partition {
             msr::TSC_INVARIANT_CONTROL if self.tsc_invariant() => {
                 Some(load(&self.tsc_invariant_control))
             }
+            msr::GUEST_IDLE => self.processors.as_ref().map(|p| {
+                p.idle(ctx.vp_index());
+                0
+            }),
             _ => None,
         }
     }
@@ -686,6 +724,33 @@ mod tests {
         assert!(!write(&p, &mem, msr::REFERENCE_TSC, 0x1001));
         assert_eq!(read(&p, &mem, msr::TSC_INVARIANT_CONTROL), None);
         host_clock_reference_time(&p, &mem);
+    }
+
+    /// Linux's paravirtual spinlocks: GUEST_IDLE (privilege bit 10) and the
+    /// cluster-IPI hint (hint bit 10) come with processors, and not without;
+    /// a GUEST_IDLE read returns 0 after the vCPU's kick.
+    #[test]
+    fn guest_idle_and_cluster_ipis_only_with_processors() {
+        struct NoMsi;
+        impl devices::interrupt::MsiSink for NoMsi {
+            fn signal_msi(&self, _: u64, _: u32) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mem = memory();
+        let without = Partition::new(params());
+        assert_eq!(without.privileges() & 1 << 10, 0);
+        assert_eq!(without.leaves()[4].eax, 1 << 5);
+        assert_eq!(read(&without, &mem, msr::GUEST_IDLE), None);
+
+        let vps = Arc::new(Processors::new(2, Arc::new(NoMsi)));
+        let with = Partition::new(params()).with_processors(vps.clone());
+        assert_eq!(with.privileges() & 1 << 10, 1 << 10);
+        assert_eq!(with.leaves()[4].eax, 1 << 5 | 1 << 10);
+        iommu::Processors::send_ipi(vps.as_ref(), 0xf7, 0b1).unwrap();
+        assert_eq!(read(&with, &mem, msr::GUEST_IDLE), Some(0));
+        // Read-only.
+        assert!(!write(&with, &mem, msr::GUEST_IDLE, 0));
     }
 
     /// TIME_REF_COUNT follows the host clock from the VM's start, whatever

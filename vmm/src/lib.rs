@@ -17,6 +17,7 @@ pub mod hooks;
 pub mod hotplug;
 pub mod hyperv;
 pub mod kvm;
+pub mod processors;
 pub mod pviommu;
 pub mod removal;
 pub mod rest;
@@ -284,7 +285,14 @@ impl Vmm {
                     pviommu: config.pviommu,
                     kernel_clock,
                 };
-                let partition = hyperv::Partition::new(params);
+                // Cluster IPIs and GUEST_IDLE need the VP index in an IPI's
+                // 64-bit mask (processors.rs).
+                let mut partition = hyperv::Partition::new(params);
+                if count <= u64::BITS {
+                    let msi = Arc::new(kvm::KvmMsiSink::new(vm.clone()));
+                    partition = partition
+                        .with_processors(Arc::new(processors::Processors::new(count, msi)));
+                }
                 log::info!(
                     "Hyper-V interface: privileges {:#x}, features {:#x}, TSC {} Hz, reference TSC page {}",
                     partition.privileges(),

@@ -13,8 +13,9 @@
 //! handler only, so several vCPUs may call at once.
 //!
 //! With the pvIOMMU hidden (`--hypervisor hyperv --pviommu off`), CPUID has
-//! no device domain or DMA remapping bits and the only call served is
-//! GET_VP_REGISTERS (Linux's `hyperv_init` needs it); every other code is
+//! no device domain or DMA remapping bits and the only calls served are
+//! GET_VP_REGISTERS (Linux's `hyperv_init` needs it) and the partition's
+//! SEND_SYNTHETIC_CLUSTER_IPI (crate::processors); every other code is
 //! INVALID_HYPERCALL_CODE.
 
 use std::ops::Range;
@@ -80,7 +81,10 @@ impl PortIoHypercall for Pviommu {
             return HypercallAction::NotAHypercall;
         }
         if !self.hv.params().pviommu
-            && Control::from_bits(exit.regs.rcx).call_code() != HypercallCode::GET_VP_REGISTERS
+            && !matches!(
+                Control::from_bits(exit.regs.rcx).call_code(),
+                HypercallCode::GET_VP_REGISTERS | HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI
+            )
         {
             return HypercallAction::Complete {
                 rax: HypercallOutput::from_status(HvStatus::INVALID_HYPERCALL_CODE, 0).into_bits(),
@@ -92,7 +96,14 @@ impl PortIoHypercall for Pviommu {
             cpl: exit.cpl,
             restartable: restart.is_some(),
         };
-        match (self.iommu.dispatch_from(mem, caller, exit.regs), restart) {
+        let processors = self
+            .hv
+            .processors()
+            .map(|p| p.as_ref() as &dyn iommu::Processors);
+        match (
+            self.iommu.dispatch_for(mem, caller, exit.regs, processors),
+            restart,
+        ) {
             (iommu::HypercallOutcome::Complete { rax }, _) => HypercallAction::Complete { rax },
             (iommu::HypercallOutcome::Continue { rcx }, Some(rip)) => {
                 HypercallAction::Restart { rcx, rip }

@@ -135,6 +135,8 @@ pub mod cpuid {
     /// Leaf 0x40000003 EAX: the REFERENCE_TSC MSR (reference TSC page) is
     /// available.
     pub const FEATURES_EAX_REFERENCE_TSC: u32 = 1 << 9;
+    /// Leaf 0x40000003 EAX: the GUEST_IDLE MSR is available.
+    pub const FEATURES_EAX_GUEST_IDLE: u32 = 1 << 10;
     /// Leaf 0x40000003 EAX: the TSC_FREQUENCY and APIC_FREQUENCY MSRs may
     /// be read (with [`FEATURES_EDX_FREQUENCY_MSRS`]).
     pub const FEATURES_EAX_FREQUENCY_MSRS: u32 = 1 << 11;
@@ -150,6 +152,10 @@ pub mod cpuid {
     /// Leaf 0x40000004 EAX: relaxed timing (the guest should not treat late
     /// timers or watchdogs as fatal).
     pub const HINTS_EAX_RELAXED_TIMING: u32 = 1 << 5;
+    /// Leaf 0x40000004 EAX: send IPIs with HvCallSendSyntheticClusterIpi
+    /// (Linux then sends every IPI that way, and with GUEST_IDLE takes
+    /// Hyper-V's paravirtual spinlocks).
+    pub const HINTS_EAX_CLUSTER_IPI: u32 = 1 << 10;
     /// Leaf 0x40000004 EBX: never notify the hypervisor of long spinlock
     /// waits.
     pub const HINTS_EBX_NEVER_NOTIFY_SPINLOCKS: u32 = u32::MAX;
@@ -178,6 +184,10 @@ pub mod msr {
     /// The vCPU's VP assist page, see [`super::OverlayPageMsr`] (Linux
     /// enables one on every CPU, whatever CPUID says).
     pub const VP_ASSIST_PAGE: u32 = 0x4000_0073;
+    /// Read-only: a read idles the vCPU until an IPI (even one its masked
+    /// interrupts hold back) or the hypervisor's choice ends it; the value
+    /// read is 0.
+    pub const GUEST_IDLE: u32 = 0x4000_00F0;
     /// Invariant TSC control: bit 0 ([`TSC_INVARIANT_EXPOSE`]) exposes the
     /// invariant TSC in CPUID 0x80000007 EDX bit 8.
     pub const TSC_INVARIANT_CONTROL: u32 = 0x4000_0118;
@@ -296,6 +306,9 @@ pub const fn reference_tsc_scale(tsc_hz: u64) -> Option<u64> {
 pub struct HypercallCode(pub u16);
 
 impl HypercallCode {
+    /// HvCallSendSyntheticClusterIpi (TLFS; not part of the pvIOMMU
+    /// contract: the partition's).
+    pub const SEND_SYNTHETIC_CLUSTER_IPI: Self = Self(0x000B);
     /// HvCallGetVpRegisters (rep).
     pub const GET_VP_REGISTERS: Self = Self(0x0050);
     /// HvCallCreateDeviceDomain.
@@ -322,7 +335,7 @@ impl HypercallCode {
     pub const GET_LOGICAL_DEVICE_PROPERTY: Self = Self(0x0127);
 
     /// Every call of the contract.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::CREATE_DEVICE_DOMAIN,
         Self::ATTACH_DEVICE_DOMAIN,
         Self::MAP_DEVICE_GPA_PAGES,
@@ -335,11 +348,13 @@ impl HypercallCode {
         Self::GET_IOMMU_CAPABILITIES,
         Self::GET_LOGICAL_DEVICE_PROPERTY,
         Self::GET_VP_REGISTERS,
+        Self::SEND_SYNTHETIC_CLUSTER_IPI,
     ];
 
     /// The call's name, or `None` for a code the contract does not define.
     pub const fn name(self) -> Option<&'static str> {
         Some(match self {
+            Self::SEND_SYNTHETIC_CLUSTER_IPI => "SEND_SYNTHETIC_CLUSTER_IPI",
             Self::GET_VP_REGISTERS => "GET_VP_REGISTERS",
             Self::CREATE_DEVICE_DOMAIN => "CREATE_DEVICE_DOMAIN",
             Self::ATTACH_DEVICE_DOMAIN => "ATTACH_DEVICE_DOMAIN",
@@ -1277,6 +1292,36 @@ pub struct InputFlushDeviceDomainList {
     pub reserved: U32,
 }
 
+/// SEND_SYNTHETIC_CLUSTER_IPI input (16 bytes; Linux's `hv_send_ipi`):
+/// usually the fast form, RDX holding `vector` and `reserved`, R8 the mask.
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    FromBytes,
+    IntoBytes,
+    Immutable,
+    KnownLayout,
+    Unaligned,
+)]
+#[repr(C)]
+pub struct InputSendSyntheticClusterIpi {
+    /// The interrupt vector, [`IPI_VECTORS`].
+    pub vector: U32,
+    /// Must be zero.
+    pub reserved: U32,
+    /// Bit n: VP n is a target.
+    pub cpu_mask: U64,
+}
+
+/// The vectors SEND_SYNTHETIC_CLUSTER_IPI delivers (Linux's
+/// HV_IPI_LOW_VECTOR to HV_IPI_HIGH_VECTOR); any other is
+/// INVALID_PARAMETER.
+pub const IPI_VECTORS: core::ops::RangeInclusive<u32> = 0x10..=0xff;
+
 /// GET_VP_REGISTERS input header (16 bytes), followed by one u32 register
 /// name per rep (see [`register`]).
 #[derive(
@@ -1447,6 +1492,11 @@ mod tests {
         assert_eq!(offset_of!(InputFlushDeviceDomain, device_domain), 0);
         assert_eq!(offset_of!(InputFlushDeviceDomain, flags), 24);
         assert_eq!(offset_of!(InputFlushDeviceDomain, reserved), 28);
+
+        assert_eq!(size_of::<InputSendSyntheticClusterIpi>(), 16);
+        assert_eq!(offset_of!(InputSendSyntheticClusterIpi, vector), 0);
+        assert_eq!(offset_of!(InputSendSyntheticClusterIpi, reserved), 4);
+        assert_eq!(offset_of!(InputSendSyntheticClusterIpi, cpu_mask), 8);
 
         assert_eq!(size_of::<InputGetVpRegisters>(), 16);
         assert_eq!(offset_of!(InputGetVpRegisters, partition_id), 0);

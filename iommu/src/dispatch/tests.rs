@@ -12,7 +12,7 @@ use pviommu_abi::{
     DeviceDomainSettingsFlags, DeviceDomainType, FlushListEntry, InputDeviceDomain,
     OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty, HV_PARTITION_ID_SELF,
 };
-use pviommu_abi::{register, InputGetVpRegisters, HV_VP_INDEX_SELF};
+use pviommu_abi::{register, InputGetVpRegisters, InputSendSyntheticClusterIpi, HV_VP_INDEX_SELF};
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::little_endian::{U32, U64};
@@ -669,7 +669,8 @@ fn partition_id_must_be_self_for_every_call() {
         vp_registers_input(HV_VP_INDEX_SELF, &[register::VSM_VP_STATUS]),
         1,
     ));
-    assert_eq!(calls.len(), HypercallCode::ALL.len());
+    // Every call but SEND_SYNTHETIC_CLUSTER_IPI, which names no partition.
+    assert_eq!(calls.len(), HypercallCode::ALL.len() - 1);
     for (code, bytes, reps) in calls {
         for pid in [0u64, 1, HV_PARTITION_ID_SELF - 1] {
             let mut b = bytes.clone();
@@ -2198,6 +2199,15 @@ fn the_table_is_the_contract() {
             0,
         ),
         (HypercallCode::GET_VP_REGISTERS, true, 16, 4, 0, 16),
+        // TLFS, the partition's: not in the contract's section 5.
+        (
+            HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI,
+            false,
+            16,
+            0,
+            0,
+            0,
+        ),
     ];
     assert_eq!(contract.len(), HypercallCode::ALL.len());
     for (code, rep, header, elem, output, out_elem) in contract {
@@ -2295,4 +2305,145 @@ fn unmap_returns_only_after_the_dma_in_flight_ends() {
     });
     // Later DMA faults.
     assert!(g.translate(dev(2), 0x40_0000, 8, Access::Write).is_err());
+}
+
+// ---------------------------------------------------------------- SEND_SYNTHETIC_CLUSTER_IPI
+
+/// Processors that record what they were asked to deliver; VPs 0-3 exist.
+#[derive(Default)]
+struct RecordingProcessors {
+    sent: std::sync::Mutex<Vec<(u8, u64)>>,
+}
+
+impl Processors for RecordingProcessors {
+    fn send_ipi(&self, vector: u8, targets: u64) -> Result<(), HvError> {
+        if targets >> 4 != 0 {
+            return Err(HvError::INVALID_PARAMETER);
+        }
+        self.sent.lock().unwrap().push((vector, targets));
+        Ok(())
+    }
+}
+
+fn ipi_control(fast: bool) -> u64 {
+    Control::new()
+        .with_code(HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI.0)
+        .with_fast(fast)
+        .into_bits()
+}
+
+fn ipi(
+    g: &Guest,
+    p: &RecordingProcessors,
+    caller: Caller,
+    rcx: u64,
+    rdx: u64,
+    r8: u64,
+) -> HvStatus {
+    match g
+        .iommu
+        .dispatch_for(&g.mem, caller, HypercallRegs { rcx, rdx, r8 }, Some(p))
+    {
+        HypercallOutcome::Complete { rax } => HypercallOutput::from_bits(rax).hv_status(),
+        HypercallOutcome::Continue { .. } => panic!("a simple call does not continue"),
+    }
+}
+
+/// Linux's `hv_send_ipi`: the fast form, RDX = vector (reserved above it),
+/// R8 = the VP mask; and the same input from memory.
+#[test]
+fn send_ipi_delivers_the_vector_to_the_mask_in_both_forms() {
+    let g = Guest::new();
+    let p = RecordingProcessors::default();
+    let me = Caller::kernel(1);
+    assert_eq!(
+        ipi(&g, &p, me, ipi_control(true), 0xf7, 0b1010),
+        HvStatus::SUCCESS
+    );
+    g.write_input(
+        InputSendSyntheticClusterIpi {
+            vector: U32::new(0xfd),
+            reserved: U32::new(0),
+            cpu_mask: U64::new(0b0001),
+        }
+        .as_bytes(),
+    );
+    assert_eq!(
+        ipi(&g, &p, me, ipi_control(false), INPUT, 0),
+        HvStatus::SUCCESS
+    );
+    assert_eq!(*p.sent.lock().unwrap(), [(0xf7, 0b1010), (0xfd, 0b0001)]);
+    let code = Some(HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI);
+    assert_eq!(g.iommu.stats().hypercalls.count(code, HvStatus::SUCCESS), 2);
+}
+
+/// A vector outside 0x10-0xff, a reserved bit, an unknown VP: the status
+/// the TLFS gives, and nothing is delivered.
+#[test]
+fn send_ipi_refuses_bad_vectors_reserved_bits_and_unknown_vps() {
+    let g = Guest::new();
+    let p = RecordingProcessors::default();
+    let me = Caller::kernel(0);
+    for (rdx, r8) in [
+        (0x0f, 1),
+        (0x00, 1),
+        (0x100, 1),
+        (u64::from(u32::MAX), 1),
+        (0xf7 | 1 << 32, 1),
+        (0xf7 | 1 << 63, 1),
+        (0xf7, 1 << 4),
+        (0xf7, u64::MAX),
+    ] {
+        assert_eq!(
+            ipi(&g, &p, me, ipi_control(true), rdx, r8),
+            HvStatus::INVALID_PARAMETER,
+            "rdx {rdx:#x} r8 {r8:#x}"
+        );
+    }
+    assert!(p.sent.lock().unwrap().is_empty());
+}
+
+/// The dispatcher's checks come first: CPL 3, a rep count, a misaligned
+/// input block; and without processors the call does not exist.
+#[test]
+fn send_ipi_goes_through_the_dispatchers_checks() {
+    let g = Guest::new();
+    let p = RecordingProcessors::default();
+    let user = Caller {
+        vp_index: 0,
+        cpl: 3,
+        restartable: true,
+    };
+    assert_eq!(
+        ipi(&g, &p, user, ipi_control(true), 0xf7, 1),
+        HvStatus::ACCESS_DENIED
+    );
+    let rep = Control::from_bits(ipi_control(true))
+        .with_rep_count(1)
+        .into_bits();
+    assert_eq!(
+        ipi(&g, &p, Caller::kernel(0), rep, 0xf7, 1),
+        HvStatus::INVALID_HYPERCALL_INPUT
+    );
+    assert_eq!(
+        ipi(&g, &p, Caller::kernel(0), ipi_control(false), INPUT + 4, 0),
+        HvStatus::INVALID_ALIGNMENT
+    );
+    assert!(p.sent.lock().unwrap().is_empty());
+    let rax = match g.iommu.dispatch(
+        &g.mem,
+        0,
+        HypercallRegs {
+            rcx: ipi_control(true),
+            rdx: 0xf7,
+            r8: 1,
+        },
+    ) {
+        HypercallOutcome::Complete { rax } => rax,
+        HypercallOutcome::Continue { .. } => panic!("continued"),
+    };
+    assert_eq!(
+        HypercallOutput::from_bits(rax).hv_status(),
+        HvStatus::INVALID_HYPERCALL_CODE
+    );
 }
