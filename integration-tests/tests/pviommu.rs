@@ -216,7 +216,7 @@ fn hyperv_without_the_pviommu() {
 /// prints TIME_REF_COUNT (and the TSC page's time, where pvmm offers one),
 /// waits 10 s of it, and prints them again. A sanity check of the units and
 /// the source (the line timing here is only good to some 10 ms; Linux's
-/// drift over 20 s is measured in tests/linux.rs).
+/// drift over a minute is measured in tests/linux.rs).
 #[test]
 fn reference_time_keeps_the_hosts_time() {
     if !artifacts::require_kvm() {
