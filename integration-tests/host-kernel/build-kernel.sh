@@ -1,54 +1,39 @@
 #!/usr/bin/env bash
-# Builds, once, the one Linux kernel of the tests and prints the path of its
-# bzImage on stdout (everything else goes to stderr). It serves three roles:
-# - the host kernel of the VFIO/IOMMUFD harness (run.sh: QEMU TCG, emulated
-#   VT-d, edu);
-# - the L1 kernel of the nested-KVM harness (tests/nested.rs: kvm_amd under
-#   QEMU TCG);
-# - a Linux guest of pvmm with Linux's own Hyper-V pvIOMMU driver
-#   (integration_tests::linux::hv_pviommu_kernel).
+# Builds, once, the small host kernel of the VFIO/IOMMUFD harness and prints the
+# path of its bzImage on stdout (everything else goes to stderr).
 #
-# Source: Debian sid's linux-source-7.2, which is not in Debian 12's archive:
-# .ci/setup fetches it by name and sha256 into ~/.cache/pvmm/linux-hv-pviommu/.
-# ../linux-hv-pviommu/build.sh applies the unmodified pvIOMMU series there,
-# configures `make tinyconfig` + kernel.config beside this script +
-# ../linux-hv-pviommu/kernel.config, checks the final .config and vmlinux,
-# and builds. The result (bzImage, vmlinux, .config) is cached in
-# ~/.cache/pvmm/kernel/<sha256 of the package, the patches, the fragments and
-# both scripts>/, so a second run only checks the cache.
+# Source: Debian's linux-source-6.12 (bookworm-security). Config: `make
+# tinyconfig` plus kernel.config beside this script; every `=y` line of the
+# fragment must survive into the final .config. The result is cached in
+# ~/.cache/pvmm/host-kernel/<sha256 of fragment + source version>/bzImage, so
+# a second run only checks the cache.
 #
-# Exit status: 0 built or cached; 3 the source package or a Debian package
-# is missing (.ci/setup provides them): callers may skip outside CI; anything
-# else is a real failure.
+# Exit status: 0 built or cached; 3 a Debian package is missing (.ci/setup
+# installs them): callers may skip outside CI; anything else is a real
+# failure.
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-hv=$(cd "$here/../linux-hv-pviommu" && pwd)
-cache="${PVMM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/pvmm}"
-deb="$cache/linux-hv-pviommu/linux-source-7.2_7.2.13-1_all.deb"
-cache_root="$cache/kernel"
+fragment="$here/kernel.config"
+src_pkg=linux-source-6.12
+src_tarball=/usr/src/linux-source-6.12.tar.xz
+cache_root="${PVMM_CACHE_DIR:-$HOME/.cache/pvmm}/host-kernel"
+jobs=$(nproc)
 
 . "$here/common.sh"
 
-require_packages make gcc binutils bc bison flex libelf-dev xz-utils patch
-if [ ! -s "$deb" ]; then
-    log "no $deb (run .ci/setup, which downloads it)"
-    exit 3
-fi
+require_packages "$src_pkg" make gcc bc bison flex libelf-dev xz-utils
+src_version=$(dpkg-query -W -f='${Version}' "$src_pkg")
 
 # --- cache ------------------------------------------------------------------
-key=$( {
-    sha256sum "$here/build-kernel.sh" "$here/kernel.config" "$hv"/000*.patch \
-        "$hv/kernel.config" "$hv/build.sh" | cut -d' ' -f1
-    sha256sum <"$deb"
-} | sha256sum | cut -d' ' -f1)
+key=$( { echo "$src_pkg $src_version"; cat "$fragment"; } | sha256sum | cut -d' ' -f1)
 out="$cache_root/$key"
 mkdir -p "$cache_root"
 exec 9>"$cache_root/.lock"
 flock 9 # one build at a time; a waiting caller then finds the cache filled
 
-if [ -s "$out/bzImage" ] && [ -s "$out/vmlinux" ]; then
-    log "cached: $out/bzImage"
+if [ -s "$out/bzImage" ]; then
+    log "cached: $out/bzImage ($src_pkg $src_version)"
     echo "$out/bzImage"
     exit 0
 fi
@@ -61,16 +46,41 @@ work=$(mktemp -d "$cache_root/build.XXXXXX")
 cleanup() { rm -rf "$work" </dev/null >/dev/null 2>&1 9>&- & }
 trap cleanup EXIT
 start=$(date +%s)
-log "unpacking $(basename "$deb")"
-dpkg-deb --fsys-tarfile "$deb" | tar -x -C "$work" ./usr/src/linux-source-7.2.tar.xz
-tar -xJf "$work/usr/src/linux-source-7.2.tar.xz" -C "$work"
-rm -f "$work/usr/src/linux-source-7.2.tar.xz"
+log "unpacking $src_tarball ($src_version)"
+tar -xf "$src_tarball" -C "$work"
+src="$work/linux-source-6.12"
+kmake() { make -C "$src" ARCH=x86_64 -s "$@" >&2; }
 
-log "applying the series, configuring and building (build.sh)"
-JOBS=$(nproc) "$hv/build.sh" "$work/linux-source-7.2" "$work/build" >&2
+kmake tinyconfig
+"$src/scripts/kconfig/merge_config.sh" -m -O "$src" "$src/.config" "$fragment" >/dev/null
+kmake olddefconfig
+
+missing=()
+while IFS= read -r opt; do
+    grep -qx "$opt" "$src/.config" || missing+=("$opt")
+done < <(grep -E '^CONFIG_[A-Z0-9_]+=y$' "$fragment")
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "these options of kernel.config are not set in the final .config (a dependency is missing):"
+    printf '  %s\n' "${missing[@]}" >&2
+    exit 1
+fi
+# And what the fragment turns off must not come back through a `select`.
+unwanted=()
+while IFS= read -r opt; do
+    grep -q "^$opt=y" "$src/.config" && unwanted+=("$opt")
+done < <(sed -n 's/^# \(CONFIG_[A-Z0-9_]*\) is not set$/\1/p' "$fragment")
+if [ "${#unwanted[@]}" -gt 0 ]; then
+    log "these options are off in kernel.config but on in the final .config (selected by another):"
+    printf '  %s\n' "${unwanted[@]}" >&2
+    exit 1
+fi
+
+log "building bzImage with make -j$jobs"
+kmake -j"$jobs" bzImage
 
 mkdir -p "$out.tmp"
-cp "$work/build/arch/x86/boot/bzImage" "$work/build/vmlinux" "$work/build/.config" "$out.tmp/"
+cp "$src/arch/x86/boot/bzImage" "$src/.config" "$out.tmp/"
+echo "$src_pkg $src_version" >"$out.tmp/source-version"
 rm -rf "$out"
 mv "$out.tmp" "$out"
 log "built $out/bzImage in $(($(date +%s) - start)) s"

@@ -52,62 +52,32 @@ fn run(cmd: &mut Command) -> Result<Vec<u8>, String> {
     Ok(out.stdout)
 }
 
-/// Why [`built_kernel`] has no kernel.
-#[derive(Clone, Debug)]
-pub enum BuildError {
-    /// The source package or a Debian package is missing (the script's exit
-    /// status 3): `.ci/setup` provides them.
-    Missing(String),
-    /// Anything else: a real failure.
-    Failed(String),
-}
-
-impl std::fmt::Display for BuildError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Missing(stderr) => write!(f, "run .ci/setup first:\n{stderr}"),
-            Self::Failed(e) => f.write_str(e),
-        }
-    }
-}
-
-/// The one Linux kernel this repository builds, its bzImage: Linux 7.2 with
-/// Linux's own Hyper-V pvIOMMU driver (the unmodified series in
-/// `integration-tests/linux-hv-pviommu`), IOMMUFD, VFIO, intel-iommu and
-/// kvm_amd. It is the host kernel of the host-kernel harness, the L1 kernel
-/// of the nested harness and a guest of pvmm ([`hv_pviommu_kernel`]); built
-/// once by `integration-tests/host-kernel/build-kernel.sh` into the cache.
-pub fn built_kernel() -> Result<PathBuf, BuildError> {
-    static KERNEL: OnceLock<Result<PathBuf, BuildError>> = OnceLock::new();
+/// Linux 7.2 with Linux's own Hyper-V pvIOMMU driver (the unmodified series
+/// in `integration-tests/linux-hv-pviommu`), its bzImage:
+/// `PVMM_LINUX_HVPV_BZIMAGE` if set (the nested harness sets it inside L1),
+/// else built once by `linux-hv-pviommu/build-kernel.sh` into the cache.
+pub fn hv_pviommu_kernel() -> Result<PathBuf, String> {
+    static KERNEL: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     KERNEL
         .get_or_init(|| {
+            if let Some(b) = std::env::var_os("PVMM_LINUX_HVPV_BZIMAGE") {
+                return Ok(b.into());
+            }
             let script = crate::artifacts::workspace_root()
-                .join("integration-tests/host-kernel/build-kernel.sh");
+                .join("integration-tests/linux-hv-pviommu/build-kernel.sh");
             let out = Command::new("bash")
                 .arg(&script)
                 .output()
-                .map_err(|e| BuildError::Failed(format!("cannot run {}: {e}", script.display())))?;
-            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
             match out.status.code() {
-                Some(0) => Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())),
-                Some(3) => Err(BuildError::Missing(stderr)),
-                _ => Err(BuildError::Failed(format!(
-                    "{} failed:\n{stderr}",
-                    script.display()
-                ))),
+                Some(0) => {}
+                Some(3) => return Err(format!("run .ci/setup first:\n{stderr}")),
+                _ => return Err(format!("{} failed:\n{stderr}", script.display())),
             }
+            Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()).join("bzImage"))
         })
         .clone()
-}
-
-/// Linux 7.2 with Linux's own Hyper-V pvIOMMU driver, its bzImage:
-/// `PVMM_LINUX_HVPV_BZIMAGE` if set (the nested harness sets it inside L1),
-/// else [`built_kernel`].
-pub fn hv_pviommu_kernel() -> Result<PathBuf, String> {
-    if let Some(b) = std::env::var_os("PVMM_LINUX_HVPV_BZIMAGE") {
-        return Ok(b.into());
-    }
-    built_kernel().map_err(|e| e.to_string())
 }
 
 /// Compares Debian kernel versions like 6.12.117 numerically.

@@ -1,14 +1,13 @@
 //! The nested-KVM harness: pvmm on a standard KVM (kvm_amd), the KVM every
 //! user runs, here nested under QEMU TCG with `-cpu EPYC,+svm,+npt`.
 //!
-//! The L1 guest is the repository's one built Linux, 7.2 (host-kernel/
-//! build-kernel.sh: IOMMUFD, VFIO, intel-iommu, KVM/kvm_amd, and Linux's
-//! own Hyper-V pvIOMMU driver from linux-hv-pviommu/), on a q35 with an
-//! emulated VT-d, QEMU's edu DMA device and an NVMe controller backed by a
-//! disk image; both devices are bound to vfio-pci in L1. Its initramfs
-//! carries busybox, pvmm, pvmm-remote, the test kernel, Debian's Linux
-//! (bzImage and vmlinux), the same Linux 7.2 bzImage (the guest of the
-//! pvIOMMU driver test) and this workspace's own test executables,
+//! The L1 guest is the host-kernel harness's Linux (host-kernel/
+//! build-kernel.sh: IOMMUFD, VFIO, intel-iommu, and KVM/kvm_amd), on a q35
+//! with an emulated VT-d, QEMU's edu DMA device and an NVMe controller
+//! backed by a disk image; both devices are bound to vfio-pci in L1. Its
+//! initramfs carries busybox, pvmm, pvmm-remote, the test kernel, Debian's
+//! Linux (bzImage and vmlinux), Linux 7.2 with Linux's own Hyper-V pvIOMMU
+//! driver (linux-hv-pviommu/) and this workspace's own test executables,
 //! each at the absolute path it has on the host (so the paths compiled into
 //! them hold in L1), with the shared libraries they link. L1's `/init` runs
 //! the [`PLAN`]: the same test binaries that run on the host, with
@@ -18,8 +17,8 @@
 //! over the serial console; each step must exit 0, and the NVMe pattern
 //! the L2 Linux wrote must be in the disk image after QEMU exits.
 //!
-//! Without QEMU, busybox, or the kernel's source and build tools (.ci/setup
-//! provides them) the test fails under CI=true and is skipped otherwise.
+//! Without QEMU, busybox or the kernel's build tools (.ci/setup installs
+//! them) the test fails under CI=true and is skipped otherwise.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -103,18 +102,25 @@ const L1_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 /// check must allow.
 const L1_MEMORY: &str = "8G";
 
-/// The L1 kernel (`integration_tests::linux::built_kernel`: the one kernel
-/// host-kernel/build-kernel.sh builds, cached); `None` after a SKIP line
-/// when a Debian package is missing outside CI.
+fn harness_dir() -> PathBuf {
+    artifacts::workspace_root().join("integration-tests/host-kernel")
+}
+
+/// The L1 kernel (host-kernel/build-kernel.sh, cached); `None` after a
+/// SKIP line when a Debian package is missing outside CI.
 fn l1_kernel() -> Option<PathBuf> {
-    match linux::built_kernel() {
-        Ok(k) => Some(k),
-        Err(linux::BuildError::Missing(stderr)) => {
-            artifacts::require(false, &format!("the L1 kernel cannot be built:\n{stderr}"));
-            None
-        }
-        Err(e) => panic!("{e}"),
+    let script = harness_dir().join("build-kernel.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if out.status.code() == Some(3) {
+        artifacts::require(false, &format!("the L1 kernel cannot be built:\n{stderr}"));
+        return None;
     }
+    assert!(out.status.success(), "build-kernel.sh failed:\n{stderr}");
+    Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
 }
 
 /// The shared libraries `elf` loads (its interpreter included), from ldd.

@@ -1,5 +1,5 @@
 //! `hk-guest`: tests and benchmarks of VFIO passthrough through IOMMUFD that
-//! run inside a real Linux host kernel (7.2, built by ../build-kernel.sh)
+//! run inside a real Linux host kernel (6.12, built by ../build-kernel.sh)
 //! under QEMU TCG with an emulated VT-d and QEMU's edu DMA device. The binary
 //! is statically linked into an initramfs; results come back as TAP over the
 //! serial console to the cargo test in tests/harness.rs.

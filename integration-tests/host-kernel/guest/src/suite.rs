@@ -154,12 +154,10 @@ pub const VFIO_TESTS: Suite = &[
     ),
 ];
 
-/// The IOMMUFD selftest-mock suite, in a boot of its own without
-/// intel-iommu. That was needed on Linux 6.12, which probed a device without
+/// The IOMMUFD selftest-mock suite. Linux 6.12 probes a device without
 /// firmware node with the first IOMMU driver registered, so the mock device
-/// got its mock IOMMU only when VT-d was off; Linux 7.2 gives the mock device
-/// the mock IOMMU's fwspec (`iommu_mock_device_add`), and this suite passes
-/// with VT-d on too (checked by hand once).
+/// only gets its mock IOMMU when VT-d is off: this suite runs in a boot of
+/// its own, without intel-iommu.
 pub const SELFTEST_TESTS: Suite = &[
     (
         "selftest mock: nested HWPT over NEST_PARENT, invalidation",
@@ -1542,8 +1540,8 @@ fn hypercalls_drive_edu_through_iommufd(env: &Env) -> TestResult {
     Ok(())
 }
 
-/// VT-d extended capability bits that decide nesting in Linux's intel-iommu
-/// (6.12 and 7.2: `nested_supported`, scalable mode and NEST).
+/// VT-d extended capability bits that decide nesting in Linux 6.12's
+/// intel-iommu (`nested_supported`: scalable mode and NEST).
 const VTD_ECAP_NEST: u64 = 1 << 26;
 const VTD_ECAP_SMTS: u64 = 1 << 43;
 

@@ -1,4 +1,4 @@
-//! The host-kernel harness: builds (or takes from the cache) a Linux 7.2 with
+//! The host-kernel harness: builds (or takes from the cache) a Linux 6.12 with
 //! IOMMUFD, VFIO cdev and intel-iommu, packs hk-guest into an initramfs, boots
 //! it in QEMU with an emulated VT-d and the edu device, and checks the TAP
 //! lines that come back over the serial console (see ../run.sh).
