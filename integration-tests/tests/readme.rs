@@ -146,7 +146,11 @@ fn linux_example() {
         &[("bzImage", &k.bzimage), ("initramfs.cpio", &initrd)],
     );
     std::fs::remove_file(&initrd).ok();
-    assert!(stdout.contains("PVMM-FACT cpus=2"), "{stdout}");
+    // pvmm's stderr too: why the VM ended, when the guest did not get far.
+    assert!(
+        stdout.contains("PVMM-FACT cpus=2"),
+        "{stdout}\n--- pvmm's stderr ---\n{stderr}"
+    );
     assert!(stderr.contains("pvmm: guest powered off"), "{stderr}");
 }
 
