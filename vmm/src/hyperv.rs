@@ -731,19 +731,13 @@ mod tests {
     /// a GUEST_IDLE read returns 0 after the vCPU's kick.
     #[test]
     fn guest_idle_and_cluster_ipis_only_with_processors() {
-        struct NoMsi;
-        impl devices::interrupt::MsiSink for NoMsi {
-            fn signal_msi(&self, _: u64, _: u32) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
         let mem = memory();
         let without = Partition::new(params());
         assert_eq!(without.privileges() & 1 << 10, 0);
         assert_eq!(without.leaves()[4].eax, 1 << 5);
         assert_eq!(read(&without, &mem, msr::GUEST_IDLE), None);
 
-        let vps = Arc::new(Processors::new(2, Arc::new(NoMsi)));
+        let (_, vps) = crate::processors::tests::processors(2);
         let with = Partition::new(params()).with_processors(vps.clone());
         assert_eq!(with.privileges() & 1 << 10, 1 << 10);
         assert_eq!(with.leaves()[4].eax, 1 << 5 | 1 << 10);

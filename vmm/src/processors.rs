@@ -159,13 +159,14 @@ impl Drop for Processors {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use iommu::Processors as _;
     use std::time::Instant;
 
+    /// An MSI sink that records what it was given.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<(u64, u32)>>);
+    pub(crate) struct Recorder(pub(crate) Mutex<Vec<(u64, u32)>>);
 
     impl MsiSink for Recorder {
         fn signal_msi(&self, address: u64, data: u32) -> std::io::Result<()> {
@@ -174,7 +175,8 @@ mod tests {
         }
     }
 
-    fn processors(vcpus: u32) -> (Arc<Recorder>, Arc<Processors>) {
+    /// `vcpus` processors whose IPIs go to a [`Recorder`].
+    pub(crate) fn processors(vcpus: u32) -> (Arc<Recorder>, Arc<Processors>) {
         let rec = Arc::new(Recorder::default());
         (rec.clone(), Arc::new(Processors::new(vcpus, rec)))
     }
