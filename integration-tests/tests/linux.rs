@@ -609,14 +609,15 @@ fn guest_ns(line: &str) -> Option<u64> {
 
 /// Most drift of the guest's clock against this test's over a watch
 /// ([`HYPERV_CLOCK_SECONDS`], [`KVM_CLOCK_SECONDS`]). Not scaled with the
-/// window: what the
-/// nested harness measured over 60 s, -90 to +183 ms with either sign for
-/// the same clocksource, is the jitter of the two readings (the delay from
-/// the guest's reading to this test receiving its line: forks in the guest
-/// script then, the console path), not a rate, and does not shrink with a
-/// shorter window; a third of this (83 ms) would have failed two of ten
-/// such runs. Over 20 s it still fails a clock that stops, counts in the
-/// wrong unit or runs more than 1.25% off; the test kernel's hvclock test
+/// window: what the nested harness measured over 60 s, -90 to +183 ms with
+/// either sign for the same clocksource, is the jitter of the two readings
+/// (the delay from the guest's reading to this test receiving its line:
+/// forks in the guest script then, the console path), not a rate, and does
+/// not shrink with a shorter window; a third of this (83 ms) would have
+/// failed two of ten such runs. Over the Hyper-V minute it fails a clock
+/// more than 0.42% off, over the kvm-clock 20 s one more than 1.25% off,
+/// and either way a clock that stops or counts in the wrong unit; the test
+/// kernel's hvclock test
 /// (tests/pviommu.rs) checks the reference counter's rate to 1% over 10 s.
 const DRIFT_TOLERANCE: Duration = Duration::from_millis(250);
 /// How long the guest sleeps between its two readings under Hyper-V's
