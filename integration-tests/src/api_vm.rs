@@ -123,6 +123,27 @@ impl ApiVm {
         assert_eq!(code, 200, "{body}");
     }
 
+    /// Sends `signal` to `pvmm`.
+    #[allow(unsafe_code)]
+    pub fn signal(&self, signal: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid");
+        // SAFETY: kill(2) has no memory effects; `pid` is our child, not
+        // yet reaped (`child` owns it until drop), so it names pvmm.
+        let r = unsafe { libc::kill(pid, signal) };
+        assert_eq!(r, 0, "kill({pid}, {signal})");
+    }
+
+    /// Kills `pvmm` and returns what it wrote on stderr.
+    pub fn kill_for_stderr(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let mut stderr = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            let _ = e.read_to_string(&mut stderr);
+        }
+        stderr
+    }
+
     /// Waits for `pvmm` to end by itself.
     pub fn wait_exit(&mut self) -> ExitStatus {
         self.child.wait().expect("pvmm ends")

@@ -201,6 +201,40 @@ fn hotplug_through_the_api_with_abuse_on_the_way() {
     assert_eq!(vm.serial().matches("# hotplug: domain").count(), 2);
 }
 
+/// `kill -USR2` has every vCPU log its state on stderr (for a guest that
+/// hangs), and the VM runs on: a device hot-added afterwards is found and
+/// used for DMA.
+#[test]
+fn sigusr2_logs_each_vcpus_state_and_the_vm_runs_on() {
+    let _lock = run::vm_lock();
+    let vm = Vm::start_with(
+        "states",
+        "console=ttyS0 tk.tests=hotplug tk.hotplug=1 tk.hotplug_ack=0",
+        &["--cpus", "2"],
+    );
+    vm.wait_for("# hotplug: ready", Duration::from_secs(60));
+    vm.signal(libc::SIGUSR2);
+    let (code, body) = vm.request(
+        "PUT",
+        "vm.add-device",
+        Some(r#"{"kind":"dma-test","id":"after"}"#),
+    );
+    assert_eq!(code, 200, "{body}");
+    vm.wait_for("# hotplug: s2 dma ok", Duration::from_secs(30));
+    let stderr = vm.kill_for_stderr();
+    for vp in 0..2 {
+        let line = stderr
+            .lines()
+            .find(|l| l.contains(&format!("vCPU {vp}: RIP 0x")))
+            .unwrap_or_else(|| panic!("no state of vCPU {vp}:\n{stderr}"));
+        for part in ["CR3 0x", "APIC TPR", "IRR [", "KVM_RUN returns: "] {
+            assert!(line.contains(part), "no `{part}` in {line}");
+        }
+        assert!(!line.contains("unreadable"), "{line}");
+        assert!(!line.contains("outside guest RAM"), "{line}");
+    }
+}
+
 #[test]
 fn removal_is_forced_when_the_guest_does_not_eject() {
     let _lock = run::vm_lock();

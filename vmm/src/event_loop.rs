@@ -1,15 +1,18 @@
 //! The VMM's event loop subscribers (event-manager): standard input into
-//! COM1, and the events that end the VM.
+//! COM1, the events that end the VM, and SIGUSR2's request for the vCPUs'
+//! state.
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use devices::legacy::Serial;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::error::{Error, Result};
 use crate::vcpu::ExitSlot;
 use crate::ExitReason;
 
@@ -94,6 +97,76 @@ impl MutEventSubscriber for ExitWatcher {
             if let Err(e) = ops.add(Events::new(fd, EventSet::IN)) {
                 log::error!("cannot watch an exit event: {e}");
             }
+        }
+    }
+}
+
+/// The process's state-request event, written by the SIGUSR2 handler: its
+/// descriptor, or -1 before [`StateRequests::new`]. The event is a static,
+/// never closed, so the handler cannot write to a descriptor reused for
+/// something else.
+static STATE_REQUEST_FD: AtomicI32 = AtomicI32::new(-1);
+static STATE_REQUEST: OnceLock<EventFd> = OnceLock::new();
+
+#[allow(unsafe_code)]
+extern "C" fn state_signal_handler(
+    _num: libc::c_int,
+    _info: *mut libc::siginfo_t,
+    _ctx: *mut libc::c_void,
+) {
+    let fd = STATE_REQUEST_FD.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one: u64 = 1;
+        // SAFETY: write(2) is async-signal-safe; `fd` is the static request
+        // eventfd, open for the process's life, and `one` is the 8 bytes an
+        // eventfd write takes. A full counter (EAGAIN) already asks.
+        unsafe { libc::write(fd, std::ptr::addr_of!(one).cast(), 8) };
+    }
+}
+
+/// `kill -USR2 <pvmm>` asks every vCPU to log its state (registers, run
+/// state, pending events, local APIC; `VcpuThreads::log_states`), for a
+/// guest that hangs. The signal handler only writes an eventfd; this
+/// subscriber reads it in the event loop and raises `requested`, which the
+/// VM's run loop serves.
+pub struct StateRequests {
+    event: EventFd,
+    requested: Arc<AtomicBool>,
+}
+
+impl StateRequests {
+    /// Installs the SIGUSR2 handler (once per process) and watches its
+    /// event, raising `requested`.
+    pub fn new(requested: Arc<AtomicBool>) -> Result<Self> {
+        let io = |what, e| Error::Io(what, e);
+        let event = match STATE_REQUEST.get() {
+            Some(e) => e,
+            None => {
+                let e = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| io("an event fd", e))?;
+                let e = STATE_REQUEST.get_or_init(|| e);
+                STATE_REQUEST_FD.store(e.as_raw_fd(), Ordering::Relaxed);
+                vmm_sys_util::signal::register_signal_handler(libc::SIGUSR2, state_signal_handler)
+                    .map_err(|e| io("the SIGUSR2 handler", e.into()))?;
+                e
+            }
+        };
+        Ok(Self {
+            event: event.try_clone().map_err(|e| io("an event fd", e))?,
+            requested,
+        })
+    }
+}
+
+impl MutEventSubscriber for StateRequests {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        if self.event.read().is_ok() {
+            self.requested.store(true, Ordering::Release);
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.event, EventSet::IN)) {
+            log::error!("cannot watch SIGUSR2's requests: {e}");
         }
     }
 }

@@ -24,7 +24,7 @@ pub mod rest;
 pub mod vcpu;
 pub mod vfio;
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -41,7 +41,7 @@ pub use hooks::{
 
 use boot::KernelImage;
 use cpu::Entry;
-use event_loop::{ExitWatcher, StdinInput};
+use event_loop::{ExitWatcher, StateRequests, StdinInput};
 use vcpu::{ExitSlot, Vcpu, VcpuShared, VcpuThreads};
 
 /// Why a VM ended normally.
@@ -82,6 +82,8 @@ pub struct Vmm {
     hooks: VmHooks,
     exit: Arc<ExitSlot>,
     event_manager: EventManager<Subscriber>,
+    /// Raised by SIGUSR2 ([`StateRequests`]): the vCPUs log their state.
+    state_requested: Arc<AtomicBool>,
     iommu: Arc<iommu::Iommu>,
     _kvm: Kvm,
 }
@@ -336,6 +338,10 @@ impl Vmm {
         event_manager.add_subscriber(Arc::new(Mutex::new(StdinInput::new(
             devices.serial().clone(),
         ))));
+        let state_requested = Arc::new(AtomicBool::new(false));
+        event_manager.add_subscriber(Arc::new(Mutex::new(StateRequests::new(
+            state_requested.clone(),
+        )?)));
 
         Ok(Self {
             config,
@@ -346,6 +352,7 @@ impl Vmm {
             hooks,
             exit,
             event_manager,
+            state_requested,
             iommu,
             _kvm: kvm,
         })
@@ -401,6 +408,7 @@ impl Vmm {
             memory: self.memory.clone(),
             hooks: self.hooks.clone(),
             stop: AtomicBool::new(false),
+            state_requests: AtomicU64::new(0),
             exit: self.exit.clone(),
         });
         let threads = VcpuThreads::start(std::mem::take(&mut self.vcpus), shared)?;
@@ -410,6 +418,9 @@ impl Vmm {
             }
             if let Err(e) = self.event_manager.run() {
                 break Err(Error::EventLoop(e));
+            }
+            if self.state_requested.swap(false, Ordering::AcqRel) {
+                threads.log_states();
             }
         };
         threads.stop();

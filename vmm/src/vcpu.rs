@@ -1,21 +1,22 @@
 //! vCPU threads and their run loop.
 //!
 //! Each vCPU runs `KVM_RUN` on its own thread and dispatches port-I/O and
-//! MMIO exits to the buses directly. Registers are read and written through
-//! KVM sync regs (`kvm_run.s.regs`), never KVM_GET/SET_REGS per exit. A vCPU
-//! is stopped by a flag and a signal whose handler sets
+//! MMIO exits to the buses directly. Registers are read and written with
+//! KVM_GET/SET_REGS only on the few exits that need them (hypercalls,
+//! failures). A vCPU is stopped by a flag and a signal whose handler sets
 //! `kvm_run.immediate_exit`, so a stop request cannot be lost between the
-//! flag check and `KVM_RUN`.
+//! flag check and `KVM_RUN`; the same signal has every vCPU log its state
+//! ([`VcpuThreads::log_states`]) for a guest that hangs.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
 
 use devices::bus::Bus;
 use kvm_bindings::kvm_run;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vm_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::{Error, Result, VcpuExitError};
@@ -75,6 +76,9 @@ pub struct VcpuShared {
     pub hooks: VmHooks,
     /// Set to stop every vCPU.
     pub stop: AtomicBool,
+    /// Requests for every vCPU to log its state, counted
+    /// ([`VcpuThreads::log_states`]).
+    pub state_requests: AtomicU64,
     /// The VM's end.
     pub exit: Arc<ExitSlot>,
 }
@@ -158,10 +162,18 @@ impl Vcpu {
         // the general registers synced on every exit, about one nested
         // Linux boot in eight still ended in an AP's triple fault (none in
         // the few boots since: too few to call it the cause).
+        let mut states_logged = 0;
+        let mut runs: u64 = 0;
         loop {
             if shared.stop.load(Ordering::Acquire) {
                 break;
             }
+            let requested = shared.state_requests.load(Ordering::Acquire);
+            if requested != states_logged {
+                states_logged = requested;
+                self.log_state(&shared.memory, runs);
+            }
+            runs += 1;
             let next = match self.step(shared) {
                 Next::Hypercall => match self.hypercall(shared) {
                     Ok(()) => Next::Continue,
@@ -221,6 +233,93 @@ impl Vcpu {
                 self.index
             ),
         }
+    }
+
+    /// Logs, at warn, where the vCPU is and what KVM holds for it: the
+    /// registers, the run state, the event being injected, the NMI state,
+    /// the local APIC's TPR, IRR and ISR, and how often KVM_RUN has
+    /// returned (`runs`). For a guest that hangs: two logs a while apart
+    /// tell a halted vCPU that waits for an interrupt from one that spins,
+    /// and from one that KVM keeps inside the kernel (its count stays put:
+    /// under nested SVM, a vCPU whose page-fault delivery faults again for
+    /// ever, its CR3 outside guest RAM).
+    fn log_state(&self, memory: &GuestMemoryMmap, runs: u64) {
+        const CR0_PG: u64 = 1 << 31;
+        const CR3_ADDRESS: u64 = 0x000f_ffff_ffff_f000;
+        let i = self.index;
+        let regs = match self.fd.get_regs() {
+            Ok(r) => format!("RIP {:#x} RSP {:#x} RFLAGS {:#x}", r.rip, r.rsp, r.rflags),
+            Err(e) => format!("registers unreadable ({e})"),
+        };
+        let sregs = match self.fd.get_sregs() {
+            Ok(s) => {
+                let root = s.cr3 & CR3_ADDRESS;
+                let outside = s.cr0 & CR0_PG != 0 && !memory.address_in_range(GuestAddress(root));
+                format!(
+                    "CR0 {:#x} CR3 {:#x}{} CR4 {:#x} EFER {:#x}",
+                    s.cr0,
+                    s.cr3,
+                    if outside { " (outside guest RAM)" } else { "" },
+                    s.cr4,
+                    s.efer
+                )
+            }
+            Err(e) => format!("system registers unreadable ({e})"),
+        };
+        let run_state = match self.fd.get_mp_state().map(|m| m.mp_state) {
+            Ok(kvm_bindings::KVM_MP_STATE_RUNNABLE) => "runnable".to_string(),
+            Ok(kvm_bindings::KVM_MP_STATE_UNINITIALIZED) => "not started".to_string(),
+            Ok(kvm_bindings::KVM_MP_STATE_INIT_RECEIVED) => "INIT received".to_string(),
+            Ok(kvm_bindings::KVM_MP_STATE_HALTED) => "halted".to_string(),
+            Ok(kvm_bindings::KVM_MP_STATE_SIPI_RECEIVED) => "SIPI received".to_string(),
+            Ok(other) => format!("run state {other}"),
+            Err(e) => format!("run state unreadable ({e})"),
+        };
+        let events = match self.fd.get_vcpu_events() {
+            Ok(ev) => {
+                let exception = if ev.exception.injected != 0 || ev.exception.pending != 0 {
+                    format!("exception {} being injected", ev.exception.nr)
+                } else {
+                    "no exception".to_string()
+                };
+                let interrupt = if ev.interrupt.injected != 0 {
+                    format!("interrupt {:#x} being injected", ev.interrupt.nr)
+                } else {
+                    "no interrupt".to_string()
+                };
+                format!(
+                    "{exception}, {interrupt}, NMI pending {} masked {}",
+                    ev.nmi.pending, ev.nmi.masked
+                )
+            }
+            Err(e) => format!("events unreadable ({e})"),
+        };
+        let apic = match self.fd.get_lapic() {
+            Ok(l) => {
+                let reg = |offset: usize| {
+                    let b = |k: usize| l.regs.get(offset + k).map_or(0, |c| *c as u8);
+                    u32::from_le_bytes([b(0), b(1), b(2), b(3)])
+                };
+                // IRR and ISR: eight 32-bit registers, 16 bytes apart.
+                let vectors = |base: usize| {
+                    let v: Vec<String> = (0..256usize)
+                        .filter(|v| reg(base + v / 32 * 0x10) & (1 << (v % 32)) != 0)
+                        .map(|v| format!("{v:#x}"))
+                        .collect();
+                    v.join(",")
+                };
+                format!(
+                    "APIC TPR {:#x} IRR [{}] ISR [{}]",
+                    reg(0x80),
+                    vectors(0x200),
+                    vectors(0x100)
+                )
+            }
+            Err(e) => format!("APIC unreadable ({e})"),
+        };
+        log::warn!(
+            "vCPU {i}: {regs} {sregs}; {run_state}; {events}; {apic}; KVM_RUN returns: {runs}"
+        );
     }
 
     /// One KVM_RUN and the dispatch of its exit.
@@ -414,17 +513,31 @@ impl VcpuThreads {
         self.stop_all();
     }
 
+    /// Has every running vCPU log its state (`Vcpu::log_state`) once it is
+    /// out of KVM_RUN, which this forces.
+    pub fn log_states(&self) {
+        self.shared.state_requests.fetch_add(1, Ordering::AcqRel);
+        self.kick_all();
+    }
+
+    /// Forces every running vCPU out of KVM_RUN (the stop signal), to see
+    /// `shared.stop` or a state request.
     #[allow(unsafe_code)]
-    fn stop_all(&mut self) {
+    fn kick_all(&self) {
         use std::os::unix::thread::JoinHandleExt;
-        self.shared.stop.store(true, Ordering::Release);
         for h in &self.handles {
             if !h.is_finished() {
-                // SAFETY: the pthread is alive (not yet joined); the signal
-                // has a handler installed that only sets immediate_exit.
+                // SAFETY: the pthread is alive (not yet joined: joining
+                // takes `&mut self`); the signal has a handler installed
+                // that only sets immediate_exit.
                 unsafe { libc::pthread_kill(h.as_pthread_t(), stop_signal()) };
             }
         }
+    }
+
+    fn stop_all(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        self.kick_all();
         for h in self.handles.drain(..) {
             if h.join().is_err() {
                 log::error!("a vCPU thread panicked");
