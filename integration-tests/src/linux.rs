@@ -295,6 +295,13 @@ pub const FACT: &str = "PVMM-FACT ";
 /// The first line `/init` prints: the guest reached user space.
 pub const USERSPACE: &str = "PVMM-USERSPACE";
 
+/// How long a full Linux boot to [`USERSPACE`] may take. Under nested KVM
+/// (the harness of tests/nested.rs: QEMU TCG, 2 CPUs) one takes 15-25 s. A
+/// boot that stalls there does not recover: its stuck vCPU loops inside
+/// L1's KVM (see `nested_retry` in tests/linux.rs), so a longer wait only
+/// delays the retry.
+pub const BOOT_DEADLINE: Duration = Duration::from_secs(120);
+
 /// PID 1 of [`initramfs`]: reports what the guest sees (CPUs, RAM from
 /// /proc/iomem, ACPI tables, PCI functions, clocksource, wall-clock time)
 /// as [`FACT`] lines, runs the
@@ -453,14 +460,21 @@ impl Console {
 
     /// Waits up to `timeout` for pvmm to exit by itself (killing it after
     /// that) and returns its exit code (None when killed) and stderr; the
-    /// rest of the console is in `seen`.
+    /// rest of the console is in `seen`. Before a kill, pvmm is asked for
+    /// its vCPUs' state (SIGUSR2), so that stderr says where a guest that
+    /// hung was stuck.
     pub fn finish(mut self, timeout: Duration) -> (Option<i32>, String, Vec<String>) {
         let deadline = Instant::now() + timeout;
+        let mut asked = false;
         let code = loop {
             match self.child.try_wait() {
                 Ok(Some(s)) => break s.code(),
                 Ok(None) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20))
+                }
+                Ok(None) if !asked => {
+                    asked = true;
+                    self.log_vcpu_states();
                 }
                 _ => {
                     let _ = self.child.kill();
@@ -477,6 +491,18 @@ impl Console {
             let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
         }
         (code, stderr, std::mem::take(&mut self.seen))
+    }
+
+    /// Asks pvmm to log every vCPU's state on stderr (SIGUSR2: registers,
+    /// run state, pending events, local APIC) and gives it a second to.
+    #[allow(unsafe_code)]
+    pub fn log_vcpu_states(&mut self) {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill(2) has no memory effects; `pid` is our child,
+            // not yet reaped (`child` still owns it), so it names pvmm.
+            unsafe { libc::kill(pid, libc::SIGUSR2) };
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
 
     /// The console so far, for assertion messages.

@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use integration_tests::api_vm::{request, ApiVm};
-use integration_tests::linux::{self, Console, USERSPACE};
+use integration_tests::linux::{self, Console, BOOT_DEADLINE, USERSPACE};
 use integration_tests::{artifacts, run};
 
 /// The sysfs path of the PCI function `vendor:device`, which must be bound
@@ -250,7 +250,7 @@ fn nvme_on_the_command_line() {
         ],
     )
     .expect("pvmm starts");
-    let r = c.wait_for(USERSPACE, Duration::from_secs(300));
+    let r = c.wait_for(USERSPACE, BOOT_DEADLINE);
     let (code, stderr, lines) = c.finish(Duration::from_secs(180));
     std::fs::remove_file(&initrd).ok();
     r.unwrap_or_else(|e| panic!("{e}\n{stderr}\n{}", lines.join("\n")));
@@ -290,7 +290,7 @@ fn nvme_hot_added_through_the_api() {
         ],
     )
     .expect("pvmm starts");
-    if let Err(e) = c.wait_for(USERSPACE, Duration::from_secs(300)) {
+    if let Err(e) = c.wait_for(USERSPACE, BOOT_DEADLINE) {
         panic!("{e}\n{}", c.text());
     }
     let body = format!(
