@@ -1,0 +1,38 @@
+//! VMBus for pvmm: the wire formats, a user-space SynIC and the VMBus
+//! control plane (issue 13, "VMBus and a virtual PCI bus").
+//!
+//! VMBus is Hyper-V's device bus: the host offers channels over SynIC
+//! messages, and the guest's `hv_vmbus` (Linux) connects, lists the offers
+//! and opens channels whose ring buffers then carry each device's protocol
+//! (vPCI among them).
+//!
+//! # What this slice does
+//! - [`abi`]: the SynIC MSRs and register formats, the message and
+//!   event-flags pages, HvCallPostMessage's input, the connect-time channel
+//!   messages (INITIATE_CONTACT, VERSION_RESPONSE, OFFERCHANNEL,
+//!   REQUESTOFFERS, ALLOFFERS_DELIVERED, UNLOAD, UNLOAD_RESPONSE), VMBus
+//!   versions and connection ids, the HV_STATUS codes it returns. Layouts are
+//!   tested field by field.
+//!
+//! # What it does NOT do yet
+//! This crate is complete and tested on its own but not used by pvmm:
+//! - (next: the SynIC model and the VMBus server);
+//! - nothing wires it to pvmm's hypercall dispatcher (0x5C HvPostMessage,
+//!   0x5D HvSignalEvent), to the MSR filter (SynIC MSRs), to CPUID (the
+//!   SynIC and post-message privilege bits) or to MSI delivery;
+//! - no ACPI device (`\_SB.VMOD`/`VMBS`): a Linux guest does not look for
+//!   VMBus yet, and must not until delivery works (it waits for replies
+//!   without a timeout; `[verify]` whether an empty `_CRS` on `VMBS` is
+//!   enough for Linux's probe);
+//! - no channels: no GPADL, OPENCHANNEL, ring buffers, HvSignalEvent ports,
+//!   monitor pages, rescind or hot-added offers;
+//! - no vPCI (do not offer [`abi::VPCI_INTERFACE_TYPE`] before it exists);
+//! - no KVM in-kernel SynIC backend, no save/restore.
+//!
+//! Items marked `[verify]` in the documentation are the research plan's
+//! open points, to be checked against the Linux 7.2 sources.
+//!
+//! No unsafe code; no panic on guest input; every queue is bounded.
+#![forbid(unsafe_code)]
+
+pub mod abi;
