@@ -13,10 +13,14 @@
 //!   REQUESTOFFERS, ALLOFFERS_DELIVERED, UNLOAD, UNLOAD_RESPONSE), VMBus
 //!   versions and connection ids, the HV_STATUS codes it returns. Layouts are
 //!   tested field by field.
+//! - [`synic`]: per-VP SynIC state behind the MSRs, message delivery into
+//!   the guest's message page with the busy-slot (`msg_pending`/EOM)
+//!   protocol and bounded queues, event flags, interrupts through a
+//!   [`synic::SintSink`].
 //!
 //! # What it does NOT do yet
 //! This crate is complete and tested on its own but not used by pvmm:
-//! - (next: the SynIC model and the VMBus server);
+//! - (next: the VMBus server);
 //! - nothing wires it to pvmm's hypercall dispatcher (0x5C HvPostMessage,
 //!   0x5D HvSignalEvent), to the MSR filter (SynIC MSRs), to CPUID (the
 //!   SynIC and post-message privilege bits) or to MSI delivery;
@@ -36,3 +40,6 @@
 #![forbid(unsafe_code)]
 
 pub mod abi;
+pub mod synic;
+
+pub use synic::{SintSink, Synic};
