@@ -17,10 +17,13 @@
 //!   the guest's message page with the busy-slot (`msg_pending`/EOM)
 //!   protocol and bounded queues, event flags, interrupts through a
 //!   [`synic::SintSink`].
+//! - [`server`]: HvCallPostMessage's VMBus port: version negotiation as
+//!   Linux expects it (5.3 down to 5.0 accepted), the offer list (zero or
+//!   more offers registered through [`server::Server::add_offer`]), unload.
+//!   Refusals are typed [`server::PostError`]s with their HV_STATUS.
 //!
 //! # What it does NOT do yet
 //! This crate is complete and tested on its own but not used by pvmm:
-//! - (next: the VMBus server);
 //! - nothing wires it to pvmm's hypercall dispatcher (0x5C HvPostMessage,
 //!   0x5D HvSignalEvent), to the MSR filter (SynIC MSRs), to CPUID (the
 //!   SynIC and post-message privilege bits) or to MSI delivery;
@@ -40,6 +43,8 @@
 #![forbid(unsafe_code)]
 
 pub mod abi;
+pub mod server;
 pub mod synic;
 
+pub use server::{PostError, Server};
 pub use synic::{SintSink, Synic};
