@@ -451,8 +451,9 @@ pub(crate) fn shape(code: HypercallCode) -> Option<Shape> {
 /// Code slots of the counters: one per [`HypercallCode::ALL`], then one
 /// for unknown codes.
 pub(crate) const CODE_SLOTS: usize = HypercallCode::ALL.len() + 1;
-/// Status slots of the counters: SUCCESS, one per [`HvError::ALL`], then one
-/// for a status outside the contract (never produced).
+/// Status slots of the counters: SUCCESS, one per [`HvError::ALL`] (the
+/// contract's errors and the SynIC's, which no call here returns yet), then
+/// one for a status pviommu-abi does not name (never produced).
 pub(crate) const STATUS_SLOTS: usize = HvError::ALL.len() + 2;
 
 /// Per-code counters (index in [`HypercallCode::ALL`], last slot: unknown).

@@ -8,6 +8,11 @@
 //! whatever the host. Layout tests at the end check the size and every field
 //! offset against the contract.
 //!
+//! It also holds the Hyper-V numbers beyond the contract that share its name
+//! spaces: the SynIC's MSRs (in [`msr`]) and statuses ([`HvError::ALL`] is
+//! the contract's [`HvError::PVIOMMU`] and the SynIC's), used by the vmbus
+//! crate, which has the SynIC's register and message formats.
+//!
 //! This crate is shared by the VMM (host) and the test kernel (guest): it has
 //! no `std`, no unsafe code and no dependency beyond zerocopy and
 //! bitfield-struct.
@@ -20,9 +25,10 @@ use core::num::NonZeroU16;
 use zerocopy::little_endian::{I64, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-/// Hypercall pages are 4 KiB whatever the guest's page size (HV_HYP_PAGE_SHIFT).
+/// Hypercall pages, and the SynIC's message and event-flags pages, are 4 KiB
+/// whatever the guest's page size (HV_HYP_PAGE_SHIFT).
 pub const HV_PAGE_SHIFT: u32 = 12;
-/// Size of a hypercall page in bytes.
+/// Size of such a page in bytes.
 pub const HV_PAGE_SIZE: u64 = 1 << HV_PAGE_SHIFT;
 /// The only partition id accepted: the caller's own partition.
 pub const HV_PARTITION_ID_SELF: u64 = u64::MAX;
@@ -163,7 +169,10 @@ pub mod cpuid {
     pub const HARDWARE_EAX_DMA_REMAPPING: u32 = 1 << 4;
 }
 
-/// Synthetic MSRs (contract sections 1 and 2).
+/// Synthetic MSRs: the contract's (sections 1 and 2), then the SynIC's
+/// (TLFS "Synthetic Interrupt Controller"; Linux's `HV_MSR_*`), which are
+/// not the contract's: the vmbus crate serves them and has their register
+/// formats.
 pub mod msr {
     /// Guest OS id; must be non-zero before the hypercall page is enabled.
     pub const GUEST_OS_ID: u32 = 0x4000_0000;
@@ -193,6 +202,47 @@ pub mod msr {
     pub const TSC_INVARIANT_CONTROL: u32 = 0x4000_0118;
     /// TSC_INVARIANT_CONTROL bit 0; the other bits are reserved.
     pub const TSC_INVARIANT_EXPOSE: u64 = 1;
+
+    // The SynIC's.
+
+    /// SynIC control: bit 0 enables the SynIC, bits 63:1 are reserved.
+    pub const SCONTROL: u32 = 0x4000_0080;
+    /// Read-only SynIC version (1).
+    pub const SVERSION: u32 = 0x4000_0081;
+    /// The SynIC's event-flags page (SIEFP): bit 0 enables it, bits 11:1
+    /// are preserved, bits 63:12 are its guest physical page number.
+    pub const SIEFP: u32 = 0x4000_0082;
+    /// The SynIC's message page (SIMP), in the form of [`SIEFP`].
+    pub const SIMP: u32 = 0x4000_0083;
+    /// End of message: a write (any value) tells the SynIC a message slot
+    /// was freed; reads 0.
+    pub const EOM: u32 = 0x4000_0084;
+    /// SINT0, the first synthetic interrupt source: vector (bits 7:0),
+    /// masked (16), auto-EOI (17), polling (18). SINTn is `SINT0 + n`, see
+    /// [`sint`].
+    pub const SINT0: u32 = 0x4000_0090;
+    /// SINT15, the last synthetic interrupt source.
+    pub const SINT15: u32 = 0x4000_009F;
+
+    /// The MSR of SINT `sint`, `None` for `sint` >= 16.
+    pub const fn sint(sint: u8) -> Option<u32> {
+        if sint as u32 <= SINT15 - SINT0 {
+            Some(SINT0 + sint as u32)
+        } else {
+            None
+        }
+    }
+
+    /// The SINT that MSR `msr` controls, if it is SINT0..SINT15.
+    // The difference is below 16 when `msr` is in range.
+    #[allow(clippy::cast_possible_truncation)]
+    pub const fn sint_of(msr: u32) -> Option<u8> {
+        if msr >= SINT0 && msr <= SINT15 {
+            Some((msr - SINT0) as u8)
+        } else {
+            None
+        }
+    }
 }
 
 /// Value of the HYPERCALL MSR.
@@ -395,7 +445,7 @@ macro_rules! statuses {
             pub const SUCCESS: Self = Self(0);
             $($(#[$doc])* pub const $name: Self = Self($value);)*
 
-            /// The status's name, or `None` for a value the contract does not define.
+            /// The status's name, or `None` for a value this crate does not name.
             pub const fn name(self) -> Option<&'static str> {
                 Some(match self.0 {
                     0 => "SUCCESS",
@@ -411,7 +461,8 @@ macro_rules! statuses {
                 None => panic!("error statuses are non-zero"),
             });)*
 
-            /// Every error status of the contract.
+            /// Every error status this crate names: the contract's
+            /// ([`HvError::PVIOMMU`]) and the SynIC's.
             pub const ALL: &'static [Self] = &[$(Self::$name,)*];
         }
     };
@@ -436,10 +487,22 @@ statuses! {
     INSUFFICIENT_MEMORY = 0x000B,
     /// The partition id is not HV_PARTITION_ID_SELF.
     INVALID_PARTITION_ID = 0x000D,
+    /// The virtual processor index names no VP of the partition (SynIC: a
+    /// message's target VP).
+    INVALID_VP_INDEX = 0x000E,
     /// An object was not found.
     NOT_FOUND = 0x0010,
-    /// Not enough buffers.
+    /// The port of a connection was deleted or is not active (SynIC).
+    INVALID_PORT_ID = 0x0011,
+    /// No port is connected on the connection id (SynIC: HvCallPostMessage,
+    /// HvCallSignalEvent).
+    INVALID_CONNECTION_ID = 0x0012,
+    /// Not enough buffers (SynIC: the target's message queue is full; Linux
+    /// retries).
     INSUFFICIENT_BUFFERS = 0x0013,
+    /// The target VP's SynIC, or the page a message or event goes to, is
+    /// disabled.
+    INVALID_SYNIC_STATE = 0x0018,
     /// The host has no resources left for the request.
     NO_RESOURCES = 0x001D,
     /// No more device domains can be created.
@@ -480,6 +543,30 @@ impl fmt::Display for HvStatus {
 pub struct HvError(NonZeroU16);
 
 impl HvError {
+    /// The error statuses of the contract (section 3), the only ones its
+    /// calls return; [`HvError::ALL`] also has the SynIC's
+    /// (INVALID_VP_INDEX, INVALID_PORT_ID, INVALID_CONNECTION_ID,
+    /// INVALID_SYNIC_STATE), which only HvCallPostMessage and
+    /// HvCallSignalEvent return.
+    pub const PVIOMMU: &'static [Self] = &[
+        Self::INVALID_HYPERCALL_CODE,
+        Self::INVALID_HYPERCALL_INPUT,
+        Self::INVALID_ALIGNMENT,
+        Self::INVALID_PARAMETER,
+        Self::ACCESS_DENIED,
+        Self::INVALID_PARTITION_STATE,
+        Self::OPERATION_DENIED,
+        Self::INSUFFICIENT_MEMORY,
+        Self::INVALID_PARTITION_ID,
+        Self::NOT_FOUND,
+        Self::INSUFFICIENT_BUFFERS,
+        Self::NO_RESOURCES,
+        Self::INSUFFICIENT_DEVICE_DOMAINS,
+        Self::INVALID_DEVICE_ID,
+        Self::INVALID_DEVICE_STATE,
+        Self::DEVICE_ALREADY_IN_DOMAIN,
+    ];
+
     /// The error as a status word.
     pub const fn status(self) -> HvStatus {
         HvStatus(self.0.get())
@@ -1610,6 +1697,25 @@ mod tests {
         assert_eq!(msr::APIC_FREQUENCY, 0x4000_0023);
         assert_eq!(msr::VP_ASSIST_PAGE, 0x4000_0073);
         assert_eq!(msr::TSC_INVARIANT_CONTROL, 0x4000_0118);
+        // include/hyperv/hvgdk_mini.h: the SynIC.
+        assert_eq!(msr::SCONTROL, 0x4000_0080);
+        assert_eq!(msr::SVERSION, 0x4000_0081);
+        assert_eq!(msr::SIEFP, 0x4000_0082);
+        assert_eq!(msr::SIMP, 0x4000_0083);
+        assert_eq!(msr::EOM, 0x4000_0084);
+        assert_eq!(msr::SINT0, 0x4000_0090);
+        assert_eq!(msr::SINT15, 0x4000_009F);
+        assert_eq!(msr::sint(0), Some(0x4000_0090));
+        assert_eq!(msr::sint(2), Some(0x4000_0092));
+        assert_eq!(msr::sint(15), Some(msr::SINT15));
+        assert_eq!(msr::sint(16), None);
+        assert_eq!(msr::sint(u8::MAX), None);
+        for sint in 0..16 {
+            assert_eq!(msr::sint(sint).and_then(msr::sint_of), Some(sint));
+        }
+        assert_eq!(msr::sint_of(0x4000_009F), Some(15));
+        assert_eq!(msr::sint_of(0x4000_00A0), None);
+        assert_eq!(msr::sint_of(0x4000_008F), None);
         assert_eq!(cpuid::FEATURES_EAX_TIME_REF_COUNT, 0x2);
         assert_eq!(cpuid::FEATURES_EAX_REFERENCE_TSC, 0x200);
         assert_eq!(cpuid::FEATURES_EAX_FREQUENCY_MSRS, 0x800);
@@ -1750,6 +1856,7 @@ mod tests {
         }
         assert_eq!(HypercallCode(0x0001).name(), None);
 
+        // The contract's (section 3), then the SynIC's.
         let expected: [(HvStatus, u16); 17] = [
             (HvStatus::SUCCESS, 0),
             (HvStatus::INVALID_HYPERCALL_CODE, 2),
@@ -1769,11 +1876,29 @@ mod tests {
             (HvStatus::INVALID_DEVICE_STATE, 0x58),
             (HvStatus::DEVICE_ALREADY_IN_DOMAIN, 0x66),
         ];
-        for (status, value) in expected {
-            assert_eq!(status.0, value);
+        let synic: [(HvStatus, u16); 4] = [
+            (HvStatus::INVALID_VP_INDEX, 0xE),
+            (HvStatus::INVALID_PORT_ID, 0x11),
+            (HvStatus::INVALID_CONNECTION_ID, 0x12),
+            (HvStatus::INVALID_SYNIC_STATE, 0x18),
+        ];
+        for (status, value) in expected.iter().chain(&synic) {
+            assert_eq!(status.0, *value);
             assert!(status.name().is_some());
         }
-        assert_eq!(HvError::ALL.len(), 16);
+        // PVIOMMU is exactly the contract's errors, ALL those and the
+        // SynIC's, each in numeric order.
+        let contract_errors = &expected[1..];
+        assert_eq!(HvError::PVIOMMU.len(), contract_errors.len());
+        for (e, (status, _)) in HvError::PVIOMMU.iter().zip(contract_errors) {
+            assert_eq!(e.status(), *status);
+        }
+        assert_eq!(HvError::ALL.len(), 20);
+        for (status, _) in contract_errors.iter().chain(&synic) {
+            assert!(HvError::ALL.contains(&HvError::from_status(*status).unwrap()));
+        }
+        assert!(HvError::ALL.windows(2).all(|w| w[0] < w[1]));
+        assert!(HvError::PVIOMMU.windows(2).all(|w| w[0] < w[1]));
         for e in HvError::ALL {
             assert_eq!(HvError::from_status(e.status()), Some(*e));
             assert_eq!(e.status().name(), HvStatus::from(Err::<(), _>(*e)).name());
