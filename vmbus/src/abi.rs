@@ -1,12 +1,16 @@
-//! Wire formats: the SynIC's MSRs, message and event-flag pages, the
-//! HvPostMessage input, and the VMBus channel messages of the connect
-//! sequence.
+//! Wire formats: the SynIC's register formats, message and event-flag
+//! pages, the HvPostMessage input, and the VMBus channel messages of the
+//! connect sequence.
 //!
-//! One definition each. Memory blocks are `#[repr(C)]` zerocopy structs
-//! built from little-endian byte-order integers, so every struct is packed
-//! (alignment 1, no padding) and little-endian whatever the host, like
-//! `pviommu-abi`; register words are `bitfield-struct` types. Layout tests
-//! at the end check every size and field offset.
+//! One definition each. The Hyper-V numbers that share a name space with
+//! pvmm's others are `pviommu-abi`'s, not this module's: the SynIC's MSR
+//! numbers ([`pviommu_abi::msr`]), the HV_STATUS codes
+//! ([`pviommu_abi::HvError`]) and the 4 KiB page
+//! ([`pviommu_abi::HV_PAGE_SHIFT`]). Memory blocks are `#[repr(C)]`
+//! zerocopy structs built from little-endian byte-order integers, so every
+//! struct is packed (alignment 1, no padding) and little-endian whatever the
+//! host, like `pviommu-abi`'s; register words are `bitfield-struct` types.
+//! Layout tests at the end check every size and field offset.
 //!
 //! Sources: the TLFS (SynIC, HvCallPostMessage), Linux's
 //! `include/hyperv/hvgdk_mini.h` (SynIC), `drivers/hv/hyperv_vmbus.h`
@@ -15,16 +19,12 @@
 
 use bitfield_struct::bitfield;
 use core::fmt;
+use pviommu_abi::{msr, HV_PAGE_SHIFT};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
-/// SynIC pages are 4 KiB whatever the guest's page size.
-pub const HV_PAGE_SHIFT: u32 = 12;
-/// Size of a SynIC page in bytes.
-pub const HV_PAGE_SIZE: u64 = 1 << HV_PAGE_SHIFT;
-
-/// Synthetic interrupt sources per virtual processor.
-pub const SINT_COUNT: usize = 16;
+/// Synthetic interrupt sources per virtual processor: SINT0..SINT15.
+pub const SINT_COUNT: usize = (msr::SINT15 - msr::SINT0 + 1) as usize;
 /// Bytes of a SynIC message (`HV_MESSAGE_SIZE`): one message-page slot.
 pub const HV_MESSAGE_SIZE: usize = 256;
 /// Bytes of a SynIC message's payload (`HV_MESSAGE_PAYLOAD_BYTE_COUNT`), and
@@ -35,53 +35,11 @@ pub const HV_EVENT_FLAGS_COUNT: u32 = 2048;
 /// Bytes of one SINT's event flags: 256.
 pub const HV_EVENT_FLAGS_BYTES: usize = HV_EVENT_FLAGS_COUNT as usize / 8;
 
-/// HvCallPostMessage's call code (simple, not rep).
-pub const HVCALL_POST_MESSAGE: u16 = 0x005C;
-/// HvCallSignalEvent's call code (not served in this slice).
-pub const HVCALL_SIGNAL_EVENT: u16 = 0x005D;
-
-/// SynIC MSRs (TLFS "Synthetic Interrupt Controller"; Linux's `HV_MSR_*`).
-pub mod msr {
-    /// SynIC control: [`super::SynicControl`].
-    pub const SCONTROL: u32 = 0x4000_0080;
-    /// SynIC version, read-only (1).
-    pub const SVERSION: u32 = 0x4000_0081;
-    /// Event-flags page: [`super::SynicPageMsr`].
-    pub const SIEFP: u32 = 0x4000_0082;
-    /// Message page: [`super::SynicPageMsr`].
-    pub const SIMP: u32 = 0x4000_0083;
-    /// End of message: a write (any value) acknowledges; reads 0.
-    pub const EOM: u32 = 0x4000_0084;
-    /// SINT0: [`super::SintMsr`].
-    pub const SINT0: u32 = 0x4000_0090;
-    /// SINT15, the last.
-    pub const SINT15: u32 = 0x4000_009F;
-
-    /// The MSR of SINT `sint`, `None` for `sint` >= 16.
-    pub const fn sint(sint: u8) -> Option<u32> {
-        if (sint as usize) < super::SINT_COUNT {
-            Some(SINT0 + sint as u32)
-        } else {
-            None
-        }
-    }
-
-    /// The SINT that MSR `msr` controls, if it is SINT0..SINT15.
-    // The difference is below 16 when `msr` is in range.
-    #[allow(clippy::cast_possible_truncation)]
-    pub const fn sint_of(msr: u32) -> Option<u8> {
-        if msr >= SINT0 && msr <= SINT15 {
-            Some((msr - SINT0) as u8)
-        } else {
-            None
-        }
-    }
-}
-
 /// The value SVERSION reads (the only SynIC version).
 pub const SYNIC_VERSION: u64 = 1;
 
-/// SCONTROL: bit 0 enables the SynIC; bits 63:1 are reserved.
+/// SCONTROL ([`msr::SCONTROL`]): bit 0 enables the SynIC; bits 63:1 are
+/// reserved.
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct SynicControl {
@@ -92,7 +50,7 @@ pub struct SynicControl {
     pub reserved: u64,
 }
 
-/// SIMP and SIEFP: bit 0 enables the page, bits 11:1 are preserved (kept as
+/// SIMP and SIEFP ([`msr::SIMP`], [`msr::SIEFP`]): bit 0 enables the page, bits 11:1 are preserved (kept as
 /// written and read back), bits 63:12 are the guest physical page number.
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
@@ -114,7 +72,7 @@ impl SynicPageMsr {
     }
 }
 
-/// SINT0..SINT15 (Linux's `union hv_synic_sint`).
+/// SINT0..SINT15 ([`msr::sint`]; Linux's `union hv_synic_sint`).
 #[bitfield(u64)]
 #[derive(PartialEq, Eq)]
 pub struct SintMsr {
@@ -791,41 +749,13 @@ pub struct OfferChannel {
 /// The highest child relid plus one (`MAX_CHANNEL_RELIDS`).
 pub const MAX_CHANNEL_RELIDS: u32 = 2048;
 
-/// HV_STATUS codes the dispatcher returns for HvCallPostMessage (TLFS
-/// "HvCallPostMessage" and the status list; Linux's
-/// `include/hyperv/hvgdk_mini.h`).
-pub mod status {
-    /// HV_STATUS_SUCCESS.
-    pub const SUCCESS: u16 = 0x0000;
-    /// HV_STATUS_INVALID_HYPERCALL_INPUT: a malformed input value.
-    pub const INVALID_HYPERCALL_INPUT: u16 = 0x0003;
-    /// HV_STATUS_INVALID_PARAMETER: a bad message type (0 or bit 31 set), a
-    /// payload over 240 bytes; pvmm also uses it for a reserved field set and
-    /// for channel messages the server refuses.
-    pub const INVALID_PARAMETER: u16 = 0x0005;
-    /// HV_STATUS_ACCESS_DENIED: no PostMessages privilege.
-    pub const ACCESS_DENIED: u16 = 0x0006;
-    /// HV_STATUS_INVALID_VP_INDEX: the target VP does not exist.
-    pub const INVALID_VP_INDEX: u16 = 0x000E;
-    /// HV_STATUS_INVALID_PORT_ID: the connection's port was deleted or is
-    /// not active.
-    pub const INVALID_PORT_ID: u16 = 0x0011;
-    /// HV_STATUS_INVALID_CONNECTION_ID: no such connection.
-    pub const INVALID_CONNECTION_ID: u16 = 0x0012;
-    /// HV_STATUS_INSUFFICIENT_BUFFERS: no message buffer free for the port
-    /// (Linux retries).
-    pub const INSUFFICIENT_BUFFERS: u16 = 0x0013;
-    /// HV_STATUS_INVALID_SYNIC_STATE: the target VP's SynIC or message page
-    /// is disabled.
-    pub const INVALID_SYNIC_STATE: u16 = 0x0018;
-}
-
 #[cfg(test)]
 // Test constants are small.
 #[allow(clippy::cast_possible_truncation)]
 mod tests {
     use super::*;
     use core::mem::{align_of, offset_of, size_of};
+    use pviommu_abi::HV_PAGE_SIZE;
 
     #[test]
     fn synic_layouts() {
@@ -954,18 +884,8 @@ mod tests {
 
     #[test]
     fn registers_and_constants_match_linux() {
-        assert_eq!(msr::SCONTROL, 0x4000_0080);
-        assert_eq!(msr::SVERSION, 0x4000_0081);
-        assert_eq!(msr::SIEFP, 0x4000_0082);
-        assert_eq!(msr::SIMP, 0x4000_0083);
-        assert_eq!(msr::EOM, 0x4000_0084);
-        assert_eq!(msr::sint(0), Some(0x4000_0090));
-        assert_eq!(msr::sint(2), Some(0x4000_0092));
-        assert_eq!(msr::sint(15), Some(msr::SINT15));
-        assert_eq!(msr::sint(16), None);
-        assert_eq!(msr::sint_of(0x4000_009F), Some(15));
-        assert_eq!(msr::sint_of(0x4000_00A0), None);
-        assert_eq!(msr::sint_of(0x4000_008F), None);
+        // The MSR numbers are tested in pviommu-abi.
+        assert_eq!(SINT_COUNT, 16);
 
         assert_eq!(SynicControl::new().with_enable(true).into_bits(), 1);
         assert_eq!(SynicControl::from_bits(2).reserved(), 1);
@@ -1021,10 +941,6 @@ mod tests {
         assert_eq!(VMBUS_MESSAGE_CONNECTION_ID, 1);
         assert_eq!(VMBUS_MESSAGE_CONNECTION_ID_4, 4);
         assert_eq!(VMBUS_MESSAGE_SINT, 2);
-        assert_eq!(HVCALL_POST_MESSAGE, 0x5C);
-        assert_eq!(status::INVALID_CONNECTION_ID, 0x12);
-        assert_eq!(status::INSUFFICIENT_BUFFERS, 0x13);
-        assert_eq!(status::INVALID_SYNIC_STATE, 0x18);
     }
 
     #[test]

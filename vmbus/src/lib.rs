@@ -7,12 +7,14 @@
 //! (vPCI among them).
 //!
 //! # What this slice does
-//! - [`abi`]: the SynIC MSRs and register formats, the message and
-//!   event-flags pages, HvCallPostMessage's input, the connect-time channel
-//!   messages (INITIATE_CONTACT, VERSION_RESPONSE, OFFERCHANNEL,
-//!   REQUESTOFFERS, ALLOFFERS_DELIVERED, UNLOAD, UNLOAD_RESPONSE), VMBus
-//!   versions and connection ids, the HV_STATUS codes it returns. Layouts are
-//!   tested field by field.
+//! - [`abi`]: the SynIC's register formats, the message and event-flags
+//!   pages, HvCallPostMessage's input, the connect-time channel messages
+//!   (INITIATE_CONTACT, VERSION_RESPONSE, OFFERCHANNEL, REQUESTOFFERS,
+//!   ALLOFFERS_DELIVERED, UNLOAD, UNLOAD_RESPONSE), VMBus versions and
+//!   connection ids. Layouts are tested field by field. The SynIC's MSR
+//!   numbers ([`pviommu_abi::msr`]) and the HV_STATUS codes
+//!   ([`pviommu_abi::HvError`]) are `pviommu-abi`'s, pvmm's one definition
+//!   of Hyper-V's numbers.
 //! - [`synic`]: per-VP SynIC state behind the MSRs, message delivery into
 //!   the guest's message page with the busy-slot (`msg_pending`/EOM)
 //!   protocol and bounded queues, event flags, interrupts through a
@@ -20,13 +22,16 @@
 //! - [`server`]: HvCallPostMessage's VMBus port: version negotiation as
 //!   Linux expects it (5.3 down to 5.0 accepted), the offer list (zero or
 //!   more offers registered through [`server::Server::add_offer`]), unload.
-//!   Refusals are typed [`server::PostError`]s with their HV_STATUS.
+//!   Refusals are typed [`server::PostError`]s with their HV_STATUS (an
+//!   [`pviommu_abi::HvError`]).
 //!
 //! # What it does NOT do yet
 //! This crate is complete and tested on its own but not used by pvmm:
 //! - nothing wires it to pvmm's hypercall dispatcher (0x5C HvPostMessage,
-//!   0x5D HvSignalEvent), to the MSR filter (SynIC MSRs), to CPUID (the
-//!   SynIC and post-message privilege bits) or to MSI delivery;
+//!   0x5D HvSignalEvent: their call codes join `pviommu_abi::HypercallCode`
+//!   when the dispatcher serves them, since its `ALL` must equal the
+//!   dispatch table), to the MSR filter (SynIC MSRs), to CPUID (the SynIC
+//!   and post-message privilege bits) or to MSI delivery;
 //! - no ACPI device (`\_SB.VMOD`/`VMBS`): a Linux guest does not look for
 //!   VMBus yet, and must not until delivery works (it waits for replies
 //!   without a timeout; `[verify]` whether an empty `_CRS` on `VMBS` is

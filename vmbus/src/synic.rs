@@ -4,7 +4,7 @@
 //!
 //! # MSRs
 //! [`Synic::read_msr`] and [`Synic::write_msr`] serve SCONTROL, SVERSION,
-//! SIEFP, SIMP, EOM and SINT0..15 (see [`crate::abi::msr`]). A write the
+//! SIEFP, SIMP, EOM and SINT0..15 (see [`pviommu_abi::msr`]). A write the
 //! model refuses returns an [`MsrError`]; the caller injects #GP, as
 //! hardware does for a bad WRMSR. Refused are: a write to SVERSION
 //! (read-only); a reserved bit set in SCONTROL (bits 63:1) or a SINT (bits
@@ -65,11 +65,12 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use pviommu_abi::{msr, HvError};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, Permissions, VolatileMemory};
 use zerocopy::IntoBytes;
 
 use crate::abi::{
-    self, msr, HvMessage, HvMessageType, MessageFlags, SintMsr, SynicControl, SynicPageMsr,
+    self, HvMessage, HvMessageType, MessageFlags, SintMsr, SynicControl, SynicPageMsr,
     HV_MESSAGE_SIZE, SINT_COUNT, SYNIC_VERSION,
 };
 
@@ -168,25 +169,24 @@ pub enum DeliveryError {
 impl DeliveryError {
     /// The HV_STATUS an HvCallPostMessage whose message (or reply) met this
     /// error returns (TLFS "HvCallPostMessage"):
-    /// - HV_STATUS_INVALID_VP_INDEX (0x0E): the target VP does not exist;
-    /// - HV_STATUS_INVALID_SYNIC_STATE (0x18): the target's SynIC or SIM
-    ///   page is disabled; pvmm also returns it for a masked SINT (as the
-    ///   TLFS does for HvSignalEvent) and for a page outside RAM;
-    /// - HV_STATUS_INSUFFICIENT_BUFFERS (0x13): the queue is full (Linux
-    ///   retries);
-    /// - HV_STATUS_INVALID_PARAMETER (0x05): no such SINT or flag, or a
-    ///   message of type HVMSG_NONE.
-    pub const fn status(&self) -> u16 {
+    /// - INVALID_VP_INDEX (0x0E): the target VP does not exist;
+    /// - INVALID_SYNIC_STATE (0x18): the target's SynIC or SIM page is
+    ///   disabled; pvmm also returns it for a masked SINT (as the TLFS does
+    ///   for HvSignalEvent) and for a page outside RAM;
+    /// - INSUFFICIENT_BUFFERS (0x13): the queue is full (Linux retries);
+    /// - INVALID_PARAMETER (0x05): no such SINT or flag, or a message of
+    ///   type HVMSG_NONE.
+    pub const fn status(&self) -> HvError {
         match self {
-            Self::UnknownVp(_) => abi::status::INVALID_VP_INDEX,
+            Self::UnknownVp(_) => HvError::INVALID_VP_INDEX,
             Self::InvalidSint(_) | Self::InvalidFlag(_) | Self::EmptyMessage => {
-                abi::status::INVALID_PARAMETER
+                HvError::INVALID_PARAMETER
             }
             Self::SynicDisabled(_)
             | Self::PageDisabled(_)
             | Self::SintMasked { .. }
-            | Self::PageOutsideRam { .. } => abi::status::INVALID_SYNIC_STATE,
-            Self::QueueFull { .. } => abi::status::INSUFFICIENT_BUFFERS,
+            | Self::PageOutsideRam { .. } => HvError::INVALID_SYNIC_STATE,
+            Self::QueueFull { .. } => HvError::INSUFFICIENT_BUFFERS,
         }
     }
 }
@@ -860,7 +860,7 @@ pub(crate) mod tests {
         );
         let e = s.post(0, 2, &msg(0xFF)).unwrap_err();
         assert_eq!(e, DeliveryError::QueueFull { vp: 0, sint: 2 });
-        assert_eq!(e.status(), abi::status::INSUFFICIENT_BUFFERS);
+        assert_eq!(e.status(), HvError::INSUFFICIENT_BUFFERS);
         assert_eq!(s.queued(0, 2), MESSAGE_QUEUE_DEPTH);
         // Taking one makes room for one.
         linux_take(&s, &mem, 0, 2).unwrap();
@@ -952,25 +952,27 @@ pub(crate) mod tests {
 
     #[test]
     fn delivery_errors_map_to_tlfs_statuses() {
-        use abi::status::*;
         let cases = [
-            (DeliveryError::UnknownVp(3), INVALID_VP_INDEX),
-            (DeliveryError::InvalidSint(16), INVALID_PARAMETER),
-            (DeliveryError::InvalidFlag(4096), INVALID_PARAMETER),
-            (DeliveryError::EmptyMessage, INVALID_PARAMETER),
-            (DeliveryError::SynicDisabled(0), INVALID_SYNIC_STATE),
-            (DeliveryError::PageDisabled(0), INVALID_SYNIC_STATE),
+            (DeliveryError::UnknownVp(3), HvError::INVALID_VP_INDEX),
+            (DeliveryError::InvalidSint(16), HvError::INVALID_PARAMETER),
+            (DeliveryError::InvalidFlag(4096), HvError::INVALID_PARAMETER),
+            (DeliveryError::EmptyMessage, HvError::INVALID_PARAMETER),
+            (
+                DeliveryError::SynicDisabled(0),
+                HvError::INVALID_SYNIC_STATE,
+            ),
+            (DeliveryError::PageDisabled(0), HvError::INVALID_SYNIC_STATE),
             (
                 DeliveryError::SintMasked { vp: 0, sint: 2 },
-                INVALID_SYNIC_STATE,
+                HvError::INVALID_SYNIC_STATE,
             ),
             (
                 DeliveryError::PageOutsideRam { vp: 0, gpa: 0 },
-                INVALID_SYNIC_STATE,
+                HvError::INVALID_SYNIC_STATE,
             ),
             (
                 DeliveryError::QueueFull { vp: 0, sint: 2 },
-                INSUFFICIENT_BUFFERS,
+                HvError::INSUFFICIENT_BUFFERS,
             ),
         ];
         for (e, status) in cases {
