@@ -271,11 +271,12 @@ fn full_boot(image: Image, cpus: u32, end: &str) {
 /// in KVM and Hyper-V mode alike (measured: KVM's interface 3 triple faults
 /// in 17 boots; Hyper-V's 6 failures in 38, 2 of them triple faults). In
 /// each stall pvmm's vCPU state log (SIGUSR2, sent by `Console::finish`)
-/// showed one vCPU that never left KVM_RUN again: L1's KVM injecting a
-/// page fault into it over and over, its CR3 outside guest RAM (bit 32
-/// set), while the other vCPUs halted with nothing in their IRR. One of
-/// those boots had not made a single hypercall. A failure that repeats is
-/// real. Each retry is printed (the CI log shows them), and the first
+/// showed one vCPU that never left KVM_RUN again, holding L1's own state
+/// at VMRUN: RIP just after the `vmrun` of L1's `__svm_vcpu_run`, L1's CR3
+/// (outside guest RAM) and stack. L1's KVM re-injects the page fault this
+/// causes for ever, while the other vCPUs halt with nothing in their IRR.
+/// One of those boots had not made a single hypercall. A failure that
+/// repeats is real. Each retry is printed (the CI log shows them), and the first
 /// failure's panic message is on stderr.
 fn nested_retry<T>(what: &str, f: impl Fn() -> T) -> T {
     if std::env::var_os("PVMM_NESTED").is_none() {
