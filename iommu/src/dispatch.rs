@@ -133,6 +133,10 @@ pub(crate) struct Shape {
     pub output: usize,
     /// `size_of` one rep's output element (0: none).
     pub out_elem: usize,
+    /// The call may take translations away (`[dma_barrier]` in the
+    /// table): it returns only after the emulated DMA that may still use
+    /// them has finished.
+    pub dma_barrier: bool,
 }
 
 /// The reps of this time slice, as a typed handler gets them.
@@ -271,13 +275,15 @@ where
 
 /// The hypercall table: one line per call of the contract, in
 /// [`HypercallCode::ALL`]'s order (checked at compile time): its kind, its
-/// input header, rep element and rep output types, its output type, and its
-/// handler. [`CALLS`] (the shapes, every size a `size_of`) and the
+/// input header, rep element and rep output types, its output type,
+/// `[dma_barrier]` when it may take translations away (the call returns
+/// only once in-flight emulated DMA has finished: [`Shape::dma_barrier`]),
+/// and its handler. [`CALLS`] (the shapes, every size a `size_of`) and the
 /// dispatcher's `run_call` are both generated from it.
 macro_rules! hypercalls {
     ($(
         $code:ident: $kind:ident($input:ty, $elem:ty => $out_elem:ty) -> $output:ty
-            = $handler:expr;
+            $([$barrier:ident])? = $handler:expr;
     )*) => {
         /// Every call's shape, in [`HypercallCode::ALL`]'s order.
         pub(crate) const CALLS: [Shape; HypercallCode::ALL.len()] = [$(
@@ -288,6 +294,7 @@ macro_rules! hypercalls {
                 elem: size_of::<$elem>(),
                 output: size_of::<$output>(),
                 out_elem: size_of::<$out_elem>(),
+                dma_barrier: hypercalls!(@barrier $($barrier)?),
             },
         )*];
 
@@ -317,6 +324,8 @@ macro_rules! hypercalls {
             }
         }
     };
+    (@barrier dma_barrier) => { true };
+    (@barrier) => { false };
     (@rep simple) => { false };
     (@rep rep) => { true };
     (@rep vp) => { false };
@@ -339,27 +348,27 @@ hypercalls! {
         = |cx, state, input, _| state
             .create_domain(&cx.iommu.config, input)
             .map(|id| cx.iommu.lock_faults().forget_domain(id));
-    ATTACH_DEVICE_DOMAIN: simple(InputAttachDeviceDomain, () => ()) -> ()
+    ATTACH_DEVICE_DOMAIN: simple(InputAttachDeviceDomain, () => ()) -> () [dma_barrier]
         = |_, state, input, _| state.attach(input);
     MAP_DEVICE_GPA_PAGES: rep(InputMapDeviceGpaPages, U64 => ()) -> ()
         = |cx, state, input, reps| {
             state.map(&cx.iommu.config, cx.mem, input, reps.start, reps.elems)
         };
-    UNMAP_DEVICE_GPA_PAGES: rep(InputUnmapDeviceGpaPages, () => ()) -> ()
+    UNMAP_DEVICE_GPA_PAGES: rep(InputUnmapDeviceGpaPages, () => ()) -> () [dma_barrier]
         = |cx, state, input, reps| {
             state.unmap(&cx.iommu.config, cx.mem, input, reps.start, reps.count)
         };
-    DETACH_DEVICE_DOMAIN: simple(InputDetachDeviceDomain, () => ()) -> ()
+    DETACH_DEVICE_DOMAIN: simple(InputDetachDeviceDomain, () => ()) -> () [dma_barrier]
         = |_, state, input, _| state.detach(input);
-    DELETE_DEVICE_DOMAIN: simple(InputDeleteDeviceDomain, () => ()) -> ()
+    DELETE_DEVICE_DOMAIN: simple(InputDeleteDeviceDomain, () => ()) -> () [dma_barrier]
         = |cx, state, input, _| state
             .delete_domain(input)
             .map(|id| cx.iommu.lock_faults().forget_domain(id));
-    CONFIGURE_DEVICE_DOMAIN: simple(InputConfigureDeviceDomain, () => ()) -> ()
+    CONFIGURE_DEVICE_DOMAIN: simple(InputConfigureDeviceDomain, () => ()) -> () [dma_barrier]
         = |cx, state, input, _| state.configure(&cx.iommu.config, cx.mem, input);
-    FLUSH_DEVICE_DOMAIN: simple(InputFlushDeviceDomain, () => ()) -> ()
+    FLUSH_DEVICE_DOMAIN: simple(InputFlushDeviceDomain, () => ()) -> () [dma_barrier]
         = |_, state, input, _| state.flush(input);
-    FLUSH_DEVICE_DOMAIN_LIST: rep(InputFlushDeviceDomainList, U64 => ()) -> ()
+    FLUSH_DEVICE_DOMAIN_LIST: rep(InputFlushDeviceDomainList, U64 => ()) -> () [dma_barrier]
         = |cx, state, input, reps| state.flush_list(&cx.iommu.config, input, reps.elems);
     GET_IOMMU_CAPABILITIES: simple(InputGetIommuCapabilities, () => ()) -> OutputGetIommuCapabilities
         = |cx, state, input, _| state.get_capabilities(&cx.iommu.config, input);
@@ -568,15 +577,7 @@ impl Iommu {
             let r = self.dispatch_inner(&cx, control, regs, budget);
             // A call that may have taken translations away returns only
             // after the emulated DMA that may still use them has finished.
-            if !matches!(
-                control.call_code(),
-                HypercallCode::GET_IOMMU_CAPABILITIES
-                    | HypercallCode::GET_LOGICAL_DEVICE_PROPERTY
-                    | HypercallCode::GET_VP_REGISTERS
-                    | HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI
-                    | HypercallCode::CREATE_DEVICE_DOMAIN
-                    | HypercallCode::MAP_DEVICE_GPA_PAGES
-            ) {
+            if shape(control.call_code()).is_some_and(|s| s.dma_barrier) {
                 self.dma_barrier();
             }
             r

@@ -287,13 +287,12 @@ impl Vmm {
                     pviommu: config.pviommu,
                     kernel_clock,
                 };
-                // Cluster IPIs and GUEST_IDLE need the VP index in an IPI's
-                // 64-bit mask (processors.rs).
+                // Cluster IPIs and GUEST_IDLE, for VMs of up to
+                // processors::MAX_VPS vCPUs.
                 let mut partition = hyperv::Partition::new(params);
-                if count <= u64::BITS {
-                    let msi = Arc::new(kvm::KvmMsiSink::new(vm.clone()));
-                    partition = partition
-                        .with_processors(Arc::new(processors::Processors::new(count, msi)));
+                let msi = Arc::new(kvm::KvmMsiSink::new(vm.clone()));
+                if let Some(p) = processors::Processors::new(count, msi) {
+                    partition = partition.with_processors(Arc::new(p));
                 }
                 log::info!(
                     "Hyper-V interface: privileges {:#x}, features {:#x}, TSC {} Hz, reference TSC page {}",

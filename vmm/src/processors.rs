@@ -71,16 +71,22 @@ impl std::fmt::Debug for Processors {
     }
 }
 
+/// The most vCPUs the cluster-IPI path serves: HvCallSendSyntheticClusterIpi
+/// names its targets in one 64-bit mask (VP index = bit; the _EX form with
+/// a sparse set is not offered). Larger VMs go without cluster IPIs and
+/// GUEST_IDLE.
+pub const MAX_VPS: u32 = u64::BITS;
+
 impl Processors {
-    /// `vcpus` processors (VP index = APIC id, below 64 for the mask),
-    /// their IPIs delivered through `msi`.
-    pub fn new(vcpus: u32, msi: Arc<dyn MsiSink>) -> Self {
-        Self {
+    /// `vcpus` processors (VP index = APIC id), their IPIs delivered
+    /// through `msi`; `None` for more than [`MAX_VPS`].
+    pub fn new(vcpus: u32, msi: Arc<dyn MsiSink>) -> Option<Self> {
+        (vcpus <= MAX_VPS).then(|| Self {
             msi,
             vps: (0..vcpus).map(|_| Idle::default()).collect(),
             counts: Counts::default(),
             msi_failed: AtomicBool::new(false),
-        }
+        })
     }
 
     /// A GUEST_IDLE read by VP `vp`: returns once an IPI has been sent to it
@@ -112,9 +118,9 @@ impl Processors {
 impl iommu::Processors for Processors {
     fn send_ipi(&self, vector: u8, targets: u64) -> Result<(), HvError> {
         // Every target first: a mask naming a VP the VM lacks delivers
-        // nothing.
+        // nothing (a VM of MAX_VPS has no bit beyond its VPs).
         let vps = u32::try_from(self.vps.len()).unwrap_or(u32::MAX);
-        if vps < u64::BITS && targets >> vps != 0 {
+        if targets.checked_shr(vps).unwrap_or(0) != 0 {
             return Err(HvError::INVALID_PARAMETER);
         }
         let mut rest = targets;
@@ -178,7 +184,8 @@ pub(crate) mod tests {
     /// `vcpus` processors whose IPIs go to a [`Recorder`].
     pub(crate) fn processors(vcpus: u32) -> (Arc<Recorder>, Arc<Processors>) {
         let rec = Arc::new(Recorder::default());
-        (rec.clone(), Arc::new(Processors::new(vcpus, rec)))
+        let p = Processors::new(vcpus, rec.clone()).expect("at most MAX_VPS");
+        (rec, Arc::new(p))
     }
 
     #[test]
@@ -201,9 +208,18 @@ pub(crate) mod tests {
         assert_eq!(p.send_ipi(0xf7, 0b1_0001), Err(HvError::INVALID_PARAMETER));
         assert_eq!(p.send_ipi(0xf7, 1 << 63), Err(HvError::INVALID_PARAMETER));
         assert!(rec.0.lock().unwrap().is_empty());
-        // With 64 VPs every bit names one.
+        // With 64 VPs every bit names one; 63 lack the top one.
         let (_, p) = processors(64);
         assert_eq!(p.send_ipi(0x30, u64::MAX), Ok(()));
+        let (_, p) = processors(63);
+        assert_eq!(p.send_ipi(0x30, u64::MAX), Err(HvError::INVALID_PARAMETER));
+    }
+
+    #[test]
+    fn more_vcpus_than_one_mask_names_get_no_processors() {
+        let rec: Arc<Recorder> = Arc::default();
+        assert!(Processors::new(MAX_VPS, rec.clone()).is_some());
+        assert!(Processors::new(MAX_VPS + 1, rec).is_none());
     }
 
     #[test]
