@@ -524,8 +524,11 @@ struct L1 {
     work: PathBuf,
 }
 
-/// L1 prints a heartbeat every 20 s: this much silence is a stalled L1.
-const STALL: Duration = Duration::from_secs(180);
+/// L1 prints a heartbeat every 20 s (in this session's and the last
+/// sessions' logs never more than 20.3 s apart): this much silence is a
+/// stalled L1, which never recovers, so a longer wait only delays the
+/// fresh L1.
+const STALL: Duration = Duration::from_secs(90);
 
 impl L1 {
     /// Boots L1 running the plan steps `steps` (indices), and waits until it
