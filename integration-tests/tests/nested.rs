@@ -524,10 +524,10 @@ struct L1 {
     work: PathBuf,
 }
 
-/// L1 prints a heartbeat every 20 s (in this session's and the last
-/// sessions' logs never more than 20.3 s apart): this much silence is a
-/// stalled L1, which never recovers, so a longer wait only delays the
-/// fresh L1.
+/// L1 prints a heartbeat every 20 s (never more than 20.3 s apart in six
+/// nested runs' logs, and the first within about 3 s of L1's boot): this
+/// much silence is a stalled L1, which never recovers, so a longer wait
+/// only delays the fresh L1.
 const STALL: Duration = Duration::from_secs(90);
 
 impl L1 {
