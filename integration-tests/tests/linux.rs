@@ -23,7 +23,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use integration_tests::api_vm::request;
-use integration_tests::linux::{self, fact, facts, Console, BOOT_DEADLINE, USERSPACE};
+use integration_tests::linux::{
+    self, fact, facts, nested_retry, Console, BOOT_DEADLINE, USERSPACE,
+};
 use integration_tests::{artifacts, run};
 
 /// Emulated ring 0 is slow: the banner takes about 15 s of CPU here.
@@ -264,31 +266,6 @@ const FOUR_CPU_INTERFACE: Interface = Interface::HyperV;
 /// and that pvmm ends as `end` (poweroff or reboot) says.
 fn full_boot(image: Image, cpus: u32, end: &str) {
     full_boot_with(image, cpus, end, Interface::HyperV)
-}
-
-/// Runs `f`; in the nested harness (`PVMM_NESTED`), once more if it fails.
-/// Nested TCG's SVM stalls or resets about one four-vCPU L2 boot in six,
-/// in KVM and Hyper-V mode alike (measured: KVM's interface 3 triple faults
-/// in 17 boots; Hyper-V's 6 failures in 38, 2 of them triple faults). In
-/// each stall pvmm's vCPU state log (SIGUSR2, sent by `Console::finish`)
-/// showed one vCPU that never left KVM_RUN again, holding L1's own state
-/// at VMRUN: RIP just after the `vmrun` of L1's `__svm_vcpu_run`, L1's CR3
-/// (outside guest RAM) and stack. L1's KVM re-injects the page fault this
-/// causes for ever, while the other vCPUs halt with nothing in their IRR.
-/// One of those boots had not made a single hypercall. A failure that
-/// repeats is real. Each retry is printed (the CI log shows them), and the first
-/// failure's panic message is on stderr.
-fn nested_retry<T>(what: &str, f: impl Fn() -> T) -> T {
-    if std::env::var_os("PVMM_NESTED").is_none() {
-        return f();
-    }
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&f)) {
-        Ok(v) => v,
-        Err(_) => {
-            println!("RETRY {what}: failed once under nested TCG; running it again");
-            f()
-        }
-    }
 }
 
 fn full_boot_with(image: Image, cpus: u32, end: &str, interface: Interface) {

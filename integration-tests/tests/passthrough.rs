@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use integration_tests::api_vm::{request, ApiVm};
-use integration_tests::linux::{self, Console, BOOT_DEADLINE, USERSPACE};
+use integration_tests::linux::{self, nested_retry, Console, BOOT_DEADLINE, USERSPACE};
 use integration_tests::{artifacts, run};
 
 /// The sysfs path of the PCI function `vendor:device`, which must be bound
@@ -223,6 +223,10 @@ fn nvme_initrd(tag: &str) -> PathBuf {
 #[test]
 #[ignore = "needs a standard KVM and an NVMe controller bound to vfio-pci: the nested harness runs it"]
 fn nvme_on_the_command_line() {
+    nested_retry("NVMe on the command line", nvme_on_the_command_line_once);
+}
+
+fn nvme_on_the_command_line_once() {
     let nvme = vfio_function(0x1b36, 0x0010);
     let k = linux::debian_kernel().unwrap_or_else(|e| panic!("{e}"));
     let initrd = nvme_initrd("cmdline");
@@ -261,6 +265,13 @@ fn nvme_on_the_command_line() {
 #[test]
 #[ignore = "needs a standard KVM and an NVMe controller bound to vfio-pci: the nested harness runs it"]
 fn nvme_hot_added_through_the_api() {
+    nested_retry(
+        "NVMe hot-added through the API",
+        nvme_hot_added_through_the_api_once,
+    );
+}
+
+fn nvme_hot_added_through_the_api_once() {
     let nvme = vfio_function(0x1b36, 0x0010);
     let k = linux::debian_kernel().unwrap_or_else(|e| panic!("{e}"));
     let initrd = nvme_initrd("api");
