@@ -574,10 +574,11 @@ impl Iommu {
                 vp_index,
                 processors,
             };
-            let r = self.dispatch_inner(&cx, control, regs, budget);
+            let shape = shape(control.call_code());
+            let r = self.dispatch_inner(&cx, control, shape, regs, budget);
             // A call that may have taken translations away returns only
             // after the emulated DMA that may still use them has finished.
-            if shape(control.call_code()).is_some_and(|s| s.dma_barrier) {
+            if shape.is_some_and(|s| s.dma_barrier) {
                 self.dma_barrier();
             }
             r
@@ -616,6 +617,7 @@ impl Iommu {
         &self,
         cx: &Ctx<'_, M>,
         control: Control,
+        shape: Option<Shape>,
         regs: HypercallRegs,
         budget: u16,
     ) -> Result<Slice, (HvError, u16)> {
@@ -624,7 +626,7 @@ impl Iommu {
             return input_error;
         }
         let code = control.call_code();
-        let Some(shape) = shape(code) else {
+        let Some(shape) = shape else {
             return Err((HvError::INVALID_HYPERCALL_CODE, 0));
         };
         if control.nested() || control.variable_header_size() != 0 {
