@@ -124,13 +124,9 @@ impl ApiVm {
     }
 
     /// Sends `signal` to `pvmm`.
-    #[allow(unsafe_code)]
     pub fn signal(&self, signal: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).expect("a pid");
-        // SAFETY: kill(2) has no memory effects; `pid` is our child, not
-        // yet reaped (`child` owns it until drop), so it names pvmm.
-        let r = unsafe { libc::kill(pid, signal) };
-        assert_eq!(r, 0, "kill({pid}, {signal})");
+        crate::run::signal(&self.child, signal)
+            .unwrap_or_else(|e| panic!("signal {signal} to pvmm: {e}"));
     }
 
     /// Kills `pvmm` and returns what it wrote on stderr.

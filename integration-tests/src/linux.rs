@@ -520,12 +520,8 @@ impl Console {
 
     /// Asks pvmm to log every vCPU's state on stderr (SIGUSR2: registers,
     /// run state, pending events, local APIC) and gives it a second to.
-    #[allow(unsafe_code)]
-    pub fn log_vcpu_states(&mut self) {
-        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
-            // SAFETY: kill(2) has no memory effects; `pid` is our child,
-            // not yet reaped (`child` still owns it), so it names pvmm.
-            unsafe { libc::kill(pid, libc::SIGUSR2) };
+    pub fn log_vcpu_states(&self) {
+        if crate::run::signal(&self.child, libc::SIGUSR2).is_ok() {
             std::thread::sleep(Duration::from_secs(1));
         }
     }

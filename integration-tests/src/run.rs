@@ -109,6 +109,20 @@ pub fn run(mut cmd: Command, timeout: Duration) -> io::Result<Output> {
     Ok(c.finish(status))
 }
 
+/// Sends `signal` to `child`, which must not have been waited for yet
+/// (then its pid still names it).
+#[allow(unsafe_code)]
+pub fn signal(child: &Child, signal: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(child.id()).map_err(io::Error::other)?;
+    // SAFETY: kill(2) has no memory effects; the caller has not reaped
+    // `child`, so `pid` still names it.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// [`run`], also measuring the command's peak resident set size: returns
 /// its output and `ru_maxrss` in KiB, which `wait4` reports for the whole
 /// process (all its threads) over its whole life. Reading VmHWM from
