@@ -13,9 +13,12 @@
 //! the [`PLAN`]: the same test binaries that run on the host, with
 //! `--include-ignored` where their tests need a standard KVM (full Linux
 //! boots, Linux's ACPI hotplug, VFIO and NVMe passthrough), and the
-//! guest-driven hypercall benchmark. Every step's libtest output comes back
-//! over the serial console; each step must exit 0, and the NVMe pattern
-//! the L2 Linux wrote must be in the disk image after QEMU exits.
+//! guest-driven hypercall benchmark, one test per run of its binary (a
+//! [`Unit`]). Every unit's libtest output comes back over the serial
+//! console; each unit must exit 0, and the NVMe pattern the L2 Linux wrote
+//! must be in the disk image after QEMU exits. A unit that fails or never
+//! ends (the nested emulator's own failures) runs again in a fresh L1,
+//! within a time [`BUDGET`].
 //!
 //! Without QEMU, busybox or the kernel's build tools (.ci/setup installs
 //! them) the test fails under CI=true and is skipped otherwise.
@@ -28,74 +31,121 @@ use std::time::{Duration, Instant};
 use integration_tests::linux::{self, Cpio};
 use integration_tests::{artifacts, run};
 
-/// One step of L1's `/init`: a test or bench target of the workspace and
-/// the arguments it runs with.
+/// One step of the plan: a test or bench target of the workspace, the
+/// flags its tests run with, and the tests it leaves out.
 struct Step {
     kind: &'static str,
     target: &'static str,
-    args: &'static [&'static str],
+    flags: &'static [&'static str],
+    skip: &'static [&'static str],
 }
 
-const fn tests(target: &'static str, args: &'static [&'static str]) -> Step {
+const fn tests(target: &'static str, flags: &'static [&'static str]) -> Step {
     Step {
         kind: "test",
         target,
-        args,
+        flags,
+        skip: &[],
     }
 }
 
-/// What L1 runs, in order. One VM at a time: L1 has two vCPUs.
+/// What L1 runs, in order, one test at a time (each its own [`Unit`]).
+/// One VM at a time: L1 has two vCPUs.
 const PLAN: &[Step] = &[
     // vmm: the embedded test kernel's suites, exits, hooks (the restart of
     // a time-sliced hypercall), PCI.
-    tests("boot", &["--test-threads=1"]),
-    tests("exits", &["--test-threads=1"]),
-    tests("hooks", &["--test-threads=1"]),
-    tests("pci", &["--test-threads=1"]),
+    tests("boot", &[]),
+    tests("exits", &[]),
+    tests("hooks", &[]),
+    tests("pci", &[]),
     // integration-tests: every test-kernel suite at 1, 2 and 4 vCPUs, the
     // pvIOMMU suites with a rep budget of 64, the API and hotplug.
-    tests("pvmm", &["--test-threads=1"]),
-    tests("pviommu", &["--test-threads=1"]),
-    tests("api", &["--test-threads=1"]),
+    tests("pvmm", &[]),
+    tests("pviommu", &[]),
+    tests("api", &[]),
     // Linux: full boots, ACPI hotplug, the pvIOMMU driver. Not the banner
     // and 64-bit entry tests, made for a KVM where Linux stops early
     // (kvm_pvm): every full boot here checks the banner and e820 map.
-    tests(
-        "linux",
-        &[
-            "--test-threads=1",
-            "--include-ignored",
-            "--nocapture",
-            "--skip",
-            "banner_and_e820",
-            "--skip",
-            "bzimage_64_bit_entry",
-        ],
-    ),
+    Step {
+        kind: "test",
+        target: "linux",
+        flags: &["--include-ignored", "--nocapture"],
+        skip: &["banner_and_e820", "bzimage_64_bit_entry"],
+    },
     // VFIO: edu into the test kernel, NVMe into Linux.
-    tests(
-        "passthrough",
-        &["--test-threads=1", "--include-ignored", "--nocapture"],
-    ),
+    tests("passthrough", &["--include-ignored", "--nocapture"]),
     // The README's examples (.ci/main needs cargo: it runs on the host).
-    tests(
-        "readme",
-        &[
-            "--test-threads=1",
-            "--include-ignored",
-            "--skip",
-            "the_main_command_as_written",
-        ],
-    ),
+    Step {
+        kind: "test",
+        target: "readme",
+        flags: &["--include-ignored"],
+        skip: &["the_main_command_as_written"],
+    },
     // The guest-driven hypercall benchmark, as ratios.
     Step {
         kind: "bench",
         target: "pviommu_guest",
-        args: &[],
+        flags: &[],
+        skip: &[],
     },
 ];
 
-/// How long L1 may take, all steps included.
+/// What L1's `/init` runs and the harness retries: one test of a step
+/// (`--exact`), or a whole bench target.
+struct Unit {
+    label: String,
+    exe: PathBuf,
+    args: Vec<String>,
+}
+
+/// The units of `step`, whose executable is `exe`: one per test that
+/// `exe --list` names (less the step's skips; with `filter`, a test-name
+/// filter, only those it matches), or the bench target as one.
+fn units(step: &Step, exe: &Path, filter: Option<&str>) -> Vec<Unit> {
+    let flags = step.flags.iter().map(|f| f.to_string());
+    if step.kind == "bench" {
+        return vec![Unit {
+            label: format!("bench {}", step.target),
+            exe: exe.to_path_buf(),
+            args: flags.collect(),
+        }];
+    }
+    let out = Command::new(exe)
+        .args(["--list", "--format", "terse"])
+        .args(filter.into_iter().flat_map(str::split_whitespace))
+        .output()
+        .unwrap_or_else(|e| panic!("{} --list: {e}", exe.display()));
+    assert!(out.status.success(), "{} --list failed", exe.display());
+    let names = test_names(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        filter.is_some() || !names.is_empty(),
+        "{} lists no tests",
+        exe.display()
+    );
+    names
+        .into_iter()
+        .filter(|n| !step.skip.contains(&n.as_str()))
+        .map(|name| Unit {
+            label: format!("test {} {name}", step.target),
+            exe: exe.to_path_buf(),
+            args: flags
+                .clone()
+                .chain(["--exact".to_string(), name.clone()])
+                .collect(),
+        })
+        .collect()
+}
+
+/// The test names in libtest's `--list --format terse` output
+/// (`name: test` lines; benches and anything else are not tests).
+fn test_names(list: &str) -> Vec<String> {
+    list.lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// How long one L1 run may take, all its units included.
 const L1_TIMEOUT: Duration = Duration::from_secs(40 * 60);
 /// L1's RAM: one L2 guest at a time, the largest with 5 GiB reserved
 /// (vmm's boot test with memory above 4 GiB), which the kernel's overcommit
@@ -215,9 +265,9 @@ impl Tree {
     }
 }
 
-/// L1's `/init`: mounts, hands edu and NVMe to vfio-pci, runs every step
+/// L1's `/init`: mounts, hands edu and NVMe to vfio-pci, runs every unit
 /// with its output framed by `NESTED-RUN` and `NESTED-EXIT <status>`.
-fn init_script(steps: &[(String, PathBuf, Vec<String>)], env: &[(&str, String)]) -> String {
+fn init_script(units: &[Unit], env: &[(&str, String)]) -> String {
     let mut s = String::from(
         r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -239,17 +289,17 @@ for dev in /sys/bus/pci/devices/*; do
 done
 # A heartbeat: the harness outside takes its silence for a stalled L1.
 (while true; do echo "NESTED-HEARTBEAT $(cut -d' ' -f1 /proc/uptime)"; sleep 20; done) &
-# The steps to run this time: nested.steps=N,M,... (indices), else all.
+# The units to run this time: nested.units=N,M,... (indices), else all.
 for a in $(cat /proc/cmdline); do
-    case "$a" in nested.steps=*) steps=",${a#nested.steps=}," ;; esac
+    case "$a" in nested.units=*) units=",${a#nested.units=}," ;; esac
 done
-want() { [ -z "$steps" ] || case "$steps" in *",$1,"*) true ;; *) false ;; esac; }
+want() { [ -z "$units" ] || case "$units" in *",$1,"*) true ;; *) false ;; esac; }
 "#,
     );
     for (k, v) in env {
         s.push_str(&format!("export {k}='{v}'\n"));
     }
-    for (i, (label, exe, args)) in steps.iter().enumerate() {
+    for (i, Unit { label, exe, args }) in units.iter().enumerate() {
         s.push_str(&format!(
             "if want {i}; then\necho 'NESTED-RUN {label}'\nstart=$(cut -d' ' -f1 /proc/uptime)\n{} {} 2>&1\nstatus=$?\n\
              echo \"NESTED-EXIT $status {label} (from $start s to $(cut -d' ' -f1 /proc/uptime) s of L1)\"\nfi\n",
@@ -261,7 +311,7 @@ want() { [ -z "$steps" ] || case "$steps" in *",$1,"*) true ;; *) false ;; esac;
     s
 }
 
-/// A step's output and exit status, from the console.
+/// A unit's output and exit status, from the console.
 #[derive(Clone)]
 struct Outcome {
     label: String,
@@ -369,19 +419,19 @@ fn pvmm_on_nested_kvm_amd() {
     );
     // The pattern the L2 Linux writes to the NVMe disk.
     let token = artifacts::random_token();
-    let mut steps = Vec::new();
+    // For work on one test: PVMM_NESTED_FILTER filters every step's tests.
+    let filter = std::env::var("PVMM_NESTED_FILTER").ok();
+    let mut units = Vec::new();
     for s in PLAN.iter().filter(|s| selected(s.target)) {
         let (_, _, exe) = exes
             .iter()
             .find(|(k, n, _)| k == s.kind && n == s.target)
             .unwrap_or_else(|| panic!("cargo built no {} target {}", s.kind, s.target));
-        tree.host_file(exe, true, &work);
-        let mut args: Vec<String> = s.args.iter().map(|a| a.to_string()).collect();
-        // For work on one test: PVMM_NESTED_FILTER goes to every step.
-        if let Ok(filter) = std::env::var("PVMM_NESTED_FILTER") {
-            args.extend(filter.split_whitespace().map(str::to_string));
+        let of_step = self::units(s, exe, filter.as_deref());
+        if !of_step.is_empty() {
+            tree.host_file(exe, true, &work);
         }
-        steps.push((format!("{} {}", s.kind, s.target), exe.clone(), args));
+        units.extend(of_step);
     }
     let mut env = vec![
         ("CI", "true".to_string()),
@@ -405,7 +455,7 @@ fn pvmm_on_nested_kvm_amd() {
             env.push((var, v));
         }
     }
-    tree.file("init", 0o755, init_script(&steps, &env).as_bytes());
+    tree.file("init", 0o755, init_script(&units, &env).as_bytes());
     let initrd = work.join("initramfs.cpio");
     std::fs::write(&initrd, tree.cpio.finish()).expect("initramfs");
     let disk = work.join("nvme.img");
@@ -422,18 +472,32 @@ fn pvmm_on_nested_kvm_amd() {
     };
 
     let _vm = run::vm_lock();
-    let all: Vec<usize> = (0..steps.len()).collect();
-    let mut results: Vec<Option<Outcome>> = steps.iter().map(|_| None).collect();
+    let started = Instant::now();
+    let mut results: Vec<Option<Outcome>> = units.iter().map(|_| None).collect();
     let mut log = String::new();
     let mut problems = Vec::new();
     // The nested emulator (QEMU TCG's SVM) sometimes stalls L1 or crashes an
-    // L2 guest for reasons of its own: a step that fails or never ends gets
-    // more runs in a fresh L1 (up to L1_ATTEMPTS), and every run is reported.
-    let mut to_run = all;
+    // L2 guest for reasons of its own: a unit that fails or never ends gets
+    // more runs in a fresh L1 (up to L1_ATTEMPTS, within BUDGET), and every
+    // run is reported.
+    let mut to_run: Vec<usize> = (0..units.len()).collect();
     for attempt in 1..=L1_ATTEMPTS {
-        let run = l1.run(attempt, &to_run);
+        let left = BUDGET.saturating_sub(started.elapsed());
+        if left < MIN_L1_RUN {
+            problems.push(format!(
+                "out of time: the harness's L1 runs took {} s of their {} s, and units \
+                 {to_run:?} still have to pass",
+                started.elapsed().as_secs(),
+                BUDGET.as_secs()
+            ));
+            break;
+        }
+        // The first run runs everything: no list on L1's command line.
+        let list = (attempt > 1).then_some(to_run.as_slice());
+        let run = l1.run(attempt, list, left.min(L1_TIMEOUT));
         log.push_str(&format!(
-            "=== L1 run {attempt} (steps {to_run:?}): {} s, {}\n{}\n",
+            "=== L1 run {attempt} ({} units): {} s, {}\n{}\n",
+            to_run.len(),
             run.wall.as_secs(),
             run.end,
             run.console
@@ -441,20 +505,17 @@ fn pvmm_on_nested_kvm_amd() {
         let found = outcomes(&run.console);
         let mut failed = Vec::new();
         for &i in &to_run {
-            let label = &steps[i].0;
+            let label = &units[i].label;
             let o = found.iter().find(|o| &o.label == label).cloned();
-            let ok = o.as_ref().is_some_and(|o| o.status == Some(0));
-            if !ok {
+            if o.as_ref().is_none_or(|o| o.status != Some(0)) {
                 failed.push(i);
-                if attempt < L1_ATTEMPTS {
-                    println!(
-                        "nested harness: {label} failed in L1 run {attempt} ({}); running it again",
-                        o.as_ref().map_or("did not finish".to_string(), |o| format!(
-                            "status {:?}",
-                            o.status
-                        ))
-                    );
-                }
+                println!(
+                    "nested harness: {label} failed in L1 run {attempt} ({})",
+                    o.as_ref().map_or("did not finish".to_string(), |o| format!(
+                        "status {:?}",
+                        o.status
+                    ))
+                );
             }
             results[i] = o;
         }
@@ -477,8 +538,8 @@ fn pvmm_on_nested_kvm_amd() {
     if let Err(e) = std::fs::write(&kept, &log) {
         println!("cannot keep the log in {}: {e}", kept.display());
     }
-    for (i, (label, _, _)) in steps.iter().enumerate() {
-        match &results[i] {
+    for (Unit { label, .. }, result) in units.iter().zip(&results) {
+        match result {
             None => problems.push(format!("{label}: did not finish")),
             Some(o) if o.status != Some(0) => {
                 problems.push(format!("{label}: exit status {:?}\n{}", o.status, o.output))
@@ -487,19 +548,24 @@ fn pvmm_on_nested_kvm_amd() {
         }
     }
     // What L2's nvme driver wrote is on the disk: at 0 (the command-line
-    // device) and at 8 MiB (the hot-added one).
-    if selected("passthrough") {
-        let pattern = format!("pvmm-nvme-{token}\n");
-        for mib in [0usize, 8] {
-            let at = mib << 20;
-            let found = image
-                .get(at..at + pattern.len())
-                .is_some_and(|b| b == pattern.as_bytes());
-            if !found {
-                problems.push(format!(
-                    "the NVMe disk image has no {pattern:?} at {mib} MiB"
-                ));
-            }
+    // device) and at 8 MiB (the hot-added one), where those tests ran.
+    let pattern = format!("pvmm-nvme-{token}\n");
+    for (test, mib) in [
+        ("nvme_on_the_command_line", 0usize),
+        ("nvme_hot_added_through_the_api", 8),
+    ] {
+        let label = format!("test passthrough {test}");
+        if !units.iter().any(|u| u.label == label) {
+            continue;
+        }
+        let at = mib << 20;
+        let found = image
+            .get(at..at + pattern.len())
+            .is_some_and(|b| b == pattern.as_bytes());
+        if !found {
+            problems.push(format!(
+                "{label}: the NVMe disk image has no {pattern:?} at {mib} MiB"
+            ));
         }
     }
     assert!(problems.is_empty(), "{}", problems.join("\n"));
@@ -513,12 +579,21 @@ struct L1Run {
     end: String,
 }
 
-/// L1 runs a failing step gets in all (a fresh L1 each): nested TCG's SVM
+/// L1 runs a failing unit gets in all (a fresh L1 each): nested TCG's SVM
 /// sometimes stalls or crashes an L2 guest, or L1 itself (one CI run lost
 /// an L1 and then two NVMe boots in a row, each in its own way; another
-/// lost two L1s to freezes and one to a crash in the `linux` step). Even
-/// five runs of that step take well under CI's 90 minutes.
+/// lost two L1s to freezes and one to a crash in the `linux` step). A
+/// fresh L1 runs only the units that have not passed yet.
 const L1_ATTEMPTS: u32 = 5;
+
+/// What all L1 runs together may take: CI's whole run must end within 90
+/// minutes, and a nested emulator that fails run after run must fail the
+/// harness, not CI's clock (one CI run of five whole-step retries did).
+const BUDGET: Duration = Duration::from_secs(50 * 60);
+
+/// Less time than this left in [`BUDGET`] starts no further L1: booting L1
+/// and one Linux guest in it take about that long.
+const MIN_L1_RUN: Duration = Duration::from_secs(3 * 60);
 
 /// What it takes to boot L1.
 struct L1 {
@@ -537,15 +612,18 @@ struct L1 {
 const STALL: Duration = Duration::from_secs(90);
 
 impl L1 {
-    /// Boots L1 running the plan steps `steps` (indices), and waits until it
-    /// powers off, stalls ([`STALL`]) or runs out of time ([`L1_TIMEOUT`]).
-    fn run(&self, attempt: u32, steps: &[usize]) -> L1Run {
+    /// Boots L1 running the units `units` (indices; `None`: all of them),
+    /// and waits until it powers off, stalls ([`STALL`]) or runs out of
+    /// `time`.
+    fn run(&self, attempt: u32, units: Option<&[usize]>, time: Duration) -> L1Run {
         let console_log = self.work.join(format!("console-{attempt}.log"));
         let stderr_log = self.work.join(format!("qemu-{attempt}.err"));
-        let list: Vec<String> = steps.iter().map(usize::to_string).collect();
+        let list = units.map_or(String::new(), |u| {
+            let list: Vec<String> = u.iter().map(usize::to_string).collect();
+            format!("nested.units={}", list.join(","))
+        });
         let append = format!(
-            "console=ttyS0 intel_iommu=on loglevel=5 panic=-1 nested.steps={} {}",
-            list.join(","),
+            "console=ttyS0 intel_iommu=on loglevel=5 panic=-1 {list} {}",
             std::env::var("PVMM_NESTED_L1_EXTRA").unwrap_or_default()
         );
         let mut c = Command::new(&self.qemu);
@@ -601,10 +679,10 @@ impl L1 {
                 let _ = child.wait();
                 break format!("L1 stalled: no console output for {} s", STALL.as_secs());
             }
-            if start.elapsed() > L1_TIMEOUT {
+            if start.elapsed() > time {
                 let _ = child.kill();
                 let _ = child.wait();
-                break format!("L1 timed out after {} s", L1_TIMEOUT.as_secs());
+                break format!("L1 timed out after {} s", time.as_secs());
             }
             std::thread::sleep(Duration::from_secs(2));
         };
@@ -627,4 +705,10 @@ fn outcomes_are_framed_by_markers() {
     assert_eq!((o[0].label.as_str(), o[0].status), ("test a", Some(0)));
     assert!(o[0].output.contains("running 1 test"));
     assert_eq!((o[1].label.as_str(), o[1].status), ("bench b", Some(101)));
+}
+
+#[test]
+fn test_names_come_from_the_terse_list() {
+    let list = "boots_1_cpu: test\nmod::nested_name: test\nratios: bench\n\n";
+    assert_eq!(test_names(list), ["boots_1_cpu", "mod::nested_name"]);
 }
