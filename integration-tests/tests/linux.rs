@@ -783,8 +783,9 @@ fn acpi_hotplug_once() {
 /// The guest script of the pvIOMMU driver test: Linux's own lines about
 /// the pvIOMMU, then a marker; the test then reads pvmm's view over the API.
 const HVPV_REPORT: &str = r#"
-dmesg | grep -i -E "pvIOMMU|iommu|Hyper-V" | sed 's/^/PVMM-DMESG /'
+dmesg | grep -i -E "pvIOMMU|iommu|Hyper-V|vmbus" | sed 's/^/PVMM-DMESG /'
 ls /sys/class/iommu | sed 's/^/PVMM-IOMMU /'
+[ -d /sys/bus/vmbus/devices ] && echo "PVMM-VMBUS-DEVICES $(ls /sys/bus/vmbus/devices | wc -l)"
 echo PVMM-HVPV-READY
 "#;
 
@@ -792,7 +793,10 @@ echo PVMM-HVPV-READY
 /// `integration-tests/linux-hv-pviommu`) in pvmm's Hyper-V interface mode:
 /// Linux detects Hyper-V, the driver reads the capabilities, creates its
 /// static identity and blocking domains (S1, the flags it asks for) and
-/// registers the IOMMU; no hypercall of its boot gets an error status.
+/// registers the IOMMU; Linux's VMBus driver (`hv_vmbus`, built in) finds
+/// pvmm's VMBus device, negotiates version 5.3 through HvCallPostMessage
+/// and SynIC messages, and sees no offers; no hypercall of its boot gets an
+/// error status.
 #[test]
 #[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
 fn linux_hyperv_pviommu_driver_starts() {
@@ -898,6 +902,26 @@ fn hyperv_pviommu_driver_once() {
     assert!(made("GET_IOMMU_CAPABILITIES") >= 1, "{answer}");
     assert!(made("CREATE_DEVICE_DOMAIN") >= 2, "{answer}");
     assert!(made("CONFIGURE_DEVICE_DOMAIN") >= 2, "{answer}");
+
+    // VMBus: Linux proposes 6.0 (refused), then 5.3, then asks for the
+    // offers: three posts at least.
+    assert!(
+        text.contains("hv_vmbus: Vmbus version:5.3"),
+        "hv_vmbus did not connect:\n{stderr}\n{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l.trim_end() == "PVMM-VMBUS-DEVICES 0"),
+        "no VMBus bus, or devices on it:\n{text}"
+    );
+    assert!(made("POST_MESSAGE") >= 3, "{answer}");
+    println!(
+        "VMBus: {} posts, {}",
+        made("POST_MESSAGE"),
+        lines
+            .iter()
+            .find(|l| l.contains("Vmbus version"))
+            .map_or("", |l| l.trim())
+    );
 }
 
 #[test]

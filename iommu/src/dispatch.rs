@@ -29,9 +29,9 @@
 //! shapes the checks use ([`CALLS`]) are `size_of` those types, the table is
 //! checked at compile time to be [`HypercallCode::ALL`] in order (the
 //! counters' slots follow that list), and the handlers get typed values.
-//! The IOMMU's calls run under its state lock; the one call of the
-//! partition's (`vp`: SEND_SYNTHETIC_CLUSTER_IPI) runs against the VMM's
-//! [`Processors`], without it.
+//! The IOMMU's calls run under its state lock; the calls of the
+//! partition's (`vp`: SEND_SYNTHETIC_CLUSTER_IPI, POST_MESSAGE) run against
+//! the VMM's [`Processors`], without it.
 
 use crate::domains::{RepError, State};
 use crate::ram;
@@ -41,9 +41,9 @@ use pviommu_abi::{
     InputConfigureDeviceDomain, InputCreateDeviceDomain, InputDeleteDeviceDomain,
     InputDetachDeviceDomain, InputFlushDeviceDomain, InputFlushDeviceDomainList,
     InputGetIommuCapabilities, InputGetLogicalDeviceProperty, InputGetVpRegisters,
-    InputMapDeviceGpaPages, InputSendSyntheticClusterIpi, InputUnmapDeviceGpaPages,
-    OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty, RegisterValue, HV_PAGE_SIZE,
-    IPI_VECTORS,
+    InputMapDeviceGpaPages, InputPostMessage, InputSendSyntheticClusterIpi,
+    InputUnmapDeviceGpaPages, OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty,
+    RegisterValue, HV_PAGE_SIZE, IPI_VECTORS,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::GuestMemory;
@@ -108,7 +108,8 @@ pub enum HypercallOutcome {
 }
 
 /// The partition's virtual processors, for the calls that reach them
-/// rather than the IOMMU (SEND_SYNTHETIC_CLUSTER_IPI). The VMM implements
+/// rather than the IOMMU (SEND_SYNTHETIC_CLUSTER_IPI, and POST_MESSAGE to
+/// their SynICs' message ports). The VMM implements
 /// it over its vCPUs; [`Iommu::dispatch_for`] takes one per call.
 pub trait Processors: Sync {
     /// Delivers fixed interrupt `vector` (in [`IPI_VECTORS`], checked) to
@@ -116,6 +117,15 @@ pub trait Processors: Sync {
     /// GUEST_IDLE wait of theirs. A target the partition does not have is
     /// INVALID_PARAMETER, before anything is delivered.
     fn send_ipi(&self, vector: u8, targets: u64) -> Result<(), HvError>;
+
+    /// POST_MESSAGE from VP `vp`: `input` as the guest wrote it (nothing
+    /// checked), for the VMM's message ports (VMBus). Its status is the
+    /// call's. A VMM without ports keeps the default: the call does not
+    /// exist.
+    fn post_message(&self, vp: u32, input: &InputPostMessage) -> Result<(), HvError> {
+        let _ = (vp, input);
+        Err(HvError::INVALID_HYPERCALL_CODE)
+    }
 }
 
 /// The shape of a call, from its ABI types ([`CALLS`]).
@@ -381,6 +391,11 @@ hypercalls! {
         };
     SEND_SYNTHETIC_CLUSTER_IPI: vp(InputSendSyntheticClusterIpi, () => ()) -> ()
         = |cx, _, input, _| send_ipi(cx.processors, input);
+    POST_MESSAGE: vp(InputPostMessage, () => ()) -> ()
+        = |cx, _, input, _| cx
+            .processors
+            .ok_or(HvError::INVALID_HYPERCALL_CODE)?
+            .post_message(cx.vp_index, input);
 }
 
 /// SEND_SYNTHETIC_CLUSTER_IPI: the input's checks (TLFS: a vector outside

@@ -20,6 +20,7 @@
 use bitfield_struct::bitfield;
 use core::fmt;
 use pviommu_abi::{msr, HV_PAGE_SHIFT};
+pub use pviommu_abi::{InputPostMessage, HV_MESSAGE_PAYLOAD_SIZE};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -27,9 +28,6 @@ use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligne
 pub const SINT_COUNT: usize = (msr::SINT15 - msr::SINT0 + 1) as usize;
 /// Bytes of a SynIC message (`HV_MESSAGE_SIZE`): one message-page slot.
 pub const HV_MESSAGE_SIZE: usize = 256;
-/// Bytes of a SynIC message's payload (`HV_MESSAGE_PAYLOAD_BYTE_COUNT`), and
-/// the most HvPostMessage carries.
-pub const HV_MESSAGE_PAYLOAD_SIZE: usize = 240;
 /// Event flags per SINT (`HV_EVENT_FLAGS_COUNT`): 2048 bits.
 pub const HV_EVENT_FLAGS_COUNT: u32 = 2048;
 /// Bytes of one SINT's event flags: 256.
@@ -270,43 +268,6 @@ pub const fn event_flag_position(sint: u8, flag: u32) -> Option<(u64, u8)> {
     ))
 }
 
-/// HvCallPostMessage's input (`struct hv_input_post_message`, 256 bytes).
-#[derive(
-    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
-)]
-#[repr(C)]
-pub struct InputPostMessage {
-    /// [`ConnectionId`] of the target port.
-    pub connection_id: U32,
-    /// Must be zero (RsvdZ).
-    pub reserved: U32,
-    /// [`HvMessageType`]: non-zero, bit 31 clear.
-    pub message_type: U32,
-    /// Bytes of `payload` that are sent (<= 240).
-    pub payload_size: U32,
-    /// The message.
-    pub payload: [u8; HV_MESSAGE_PAYLOAD_SIZE],
-}
-
-impl InputPostMessage {
-    /// An input for `payload` (at most 240 bytes) on `connection_id`, type
-    /// `message_type`; `None` when `payload` is too long.
-    pub fn new(connection_id: u32, message_type: HvMessageType, payload: &[u8]) -> Option<Self> {
-        let size = u32::try_from(payload.len())
-            .ok()
-            .filter(|&n| n as usize <= HV_MESSAGE_PAYLOAD_SIZE)?;
-        let mut input = Self::new_zeroed();
-        input.connection_id = U32::new(connection_id);
-        input.message_type = U32::new(message_type.0);
-        input.payload_size = U32::new(size);
-        input
-            .payload
-            .get_mut(..payload.len())?
-            .copy_from_slice(payload);
-        Some(input)
-    }
-}
-
 /// `hv_connection_id`: bits 23:0 the id, bits 31:24 reserved.
 #[bitfield(u32)]
 #[derive(PartialEq, Eq)]
@@ -354,8 +315,8 @@ pub mod version {
     /// 5.3 (OpenVMM's "Iron"): the newest this server accepts.
     pub const WIN10_V5_3: u32 = 5 << 16 | 3;
     /// 6.0 (confidential VMBus; Linux's `VERSION_WIN10_V6_0` in the posted
-    /// patch, OpenVMM's "Copper"). `[verify]` whether Linux 7.2's
-    /// `vmbus_versions[]` lists it; this server refuses it either way.
+    /// patch, OpenVMM's "Copper"). Linux 7.2's `vmbus_versions[]` proposes
+    /// it first; this server refuses it.
     pub const V6_0: u32 = 6 << 16;
 
     /// The major number.
@@ -801,12 +762,12 @@ mod tests {
         assert_eq!(offset_of!(InputPostMessage, message_type), 8);
         assert_eq!(offset_of!(InputPostMessage, payload_size), 12);
         assert_eq!(offset_of!(InputPostMessage, payload), 16);
-        let i = InputPostMessage::new(4, HvMessageType::CHANNEL, &[0xAA; 40]).unwrap();
+        let i = InputPostMessage::new(4, HvMessageType::CHANNEL.0, &[0xAA; 40]).unwrap();
         let b = i.as_bytes();
         assert_eq!(&b[..16], &[4, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 40, 0, 0, 0]);
         assert_eq!(&b[16..56], &[0xAA; 40]);
         assert!(b[56..].iter().all(|&x| x == 0));
-        assert!(InputPostMessage::new(1, HvMessageType::CHANNEL, &[0; 241]).is_none());
+        assert!(InputPostMessage::new(1, HvMessageType::CHANNEL.0, &[0; 241]).is_none());
         assert_eq!(ConnectionId::from_bits(0x0100_0004).id(), 4);
         assert_eq!(ConnectionId::from_bits(0x0100_0004).reserved(), 1);
     }

@@ -25,19 +25,20 @@
 //!   Refusals are typed [`server::PostError`]s with their HV_STATUS (an
 //!   [`pviommu_abi::HvError`]).
 //!
+//! # Where pvmm uses it
+//! `vmm/src/vmbus.rs` wires it to the guest in pvmm's Hyper-V mode: the
+//! SynIC MSRs through the MSR filter, HvCallPostMessage through the
+//! hypercall dispatcher (`pviommu_abi::HypercallCode::POST_MESSAGE`, whose
+//! input type is `pviommu-abi`'s and re-exported here), SINT interrupts as
+//! MSIs to the local APICs, the SynIC and post-message CPUID bits with the
+//! auto-EOI deprecation hint, and the ACPI device (`\_SB.VMBS`) Linux
+//! probes. Linux 7.2's `hv_vmbus` connects at 5.3 there (the nested
+//! harness's `linux_hyperv_pviommu_driver_starts`).
+//!
 //! # What it does NOT do yet
-//! This crate is complete and tested on its own but not used by pvmm:
-//! - nothing wires it to pvmm's hypercall dispatcher (0x5C HvPostMessage,
-//!   0x5D HvSignalEvent: their call codes join `pviommu_abi::HypercallCode`
-//!   when the dispatcher serves them, since its `ALL` must equal the
-//!   dispatch table), to the MSR filter (SynIC MSRs), to CPUID (the SynIC
-//!   and post-message privilege bits) or to MSI delivery;
-//! - no ACPI device (`\_SB.VMOD`/`VMBS`): a Linux guest does not look for
-//!   VMBus yet, and must not until delivery works (it waits for replies
-//!   without a timeout; `[verify]` whether an empty `_CRS` on `VMBS` is
-//!   enough for Linux's probe);
 //! - no channels: no GPADL, OPENCHANNEL, ring buffers, HvSignalEvent ports,
-//!   monitor pages, rescind or hot-added offers;
+//!   monitor pages, rescind or hot-added offers, and no MMIO window for
+//!   them in ACPI;
 //! - no vPCI (do not offer [`abi::VPCI_INTERFACE_TYPE`] before it exists);
 //! - no KVM in-kernel SynIC backend, no save/restore.
 //!

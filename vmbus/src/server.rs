@@ -13,7 +13,7 @@
 //!    `msg_conn_id` = [`VMBUS_MESSAGE_CONNECTION_ID`]: Linux posts every
 //!    later message there) and refuses every other version
 //!    (`version_supported` = 0), so Linux walks down from its newest (6.0
-//!    `[verify: whether 7.2 lists it]`, then 5.3) to 5.3. A refusal is a
+//!    in Linux 7.2) to 5.3. A refusal is a
 //!    reply too: Linux waits for one. Below 5.0 the reply goes to SINT 2,
 //!    where those versions expect it. A guest asking for messages at
 //!    another VTL than 0 is refused likewise. A second INITIATE_CONTACT
@@ -341,8 +341,9 @@ impl<M: GuestMemory> Server<M> {
             return Err(PostError::InvalidMessageSint(sint));
         }
         let accepted = (MIN_VERSION..=MAX_VERSION).contains(&requested) && m.msg_vtl() == 0;
-        // All 16 bytes, whatever the version: [verify] Linux 7.2's
-        // min_payload_len for VERSION_RESPONSE (assumed 16). OpenVMM sends
+        // All 16 bytes, whatever the version: Linux 7.2's min_payload_len
+        // for VERSION_RESPONSE is `sizeof(struct
+        // vmbus_channel_version_response)`, 16 (channel_mgmt.c). OpenVMM sends
         // 20 (`supported_features`) only for an accepted 6.0, refused here.
         let reply = VersionResponse {
             header: ChannelMessageHeader::new(ChannelMessageType::VERSION_RESPONSE),
@@ -511,7 +512,7 @@ mod tests {
     }
 
     fn post(conn: u32, payload: &[u8]) -> InputPostMessage {
-        InputPostMessage::new(conn, HvMessageType::CHANNEL, payload).unwrap()
+        InputPostMessage::new(conn, HvMessageType::CHANNEL.0, payload).unwrap()
     }
 
     fn header_only(conn: u32, t: ChannelMessageType) -> InputPostMessage {

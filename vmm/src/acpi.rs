@@ -124,9 +124,9 @@ fn to_bytes(t: &dyn Aml) -> Vec<u8> {
 
 /// The DSDT body: `\_S5` (first, so that a guest looking for it by
 /// pattern, like the test kernel in emulated ring 0, finds it at once), the
-/// PCI root bridge with its windows, the ECAM reservation, COM1, and the
-/// PCI hotplug slots.
-fn dsdt_body(mem_size: u64, hotplug_gsi: u32) -> Result<Vec<u8>> {
+/// PCI root bridge with its windows, the ECAM reservation, COM1, VMBus's
+/// device if `vmbus`, and the PCI hotplug slots.
+fn dsdt_body(mem_size: u64, hotplug_gsi: u32, vmbus: bool) -> Result<Vec<u8>> {
     let (mmio64_start, mmio64_size) = layout::mmio64_window(mem_size).map_err(Error::Memory)?;
     let mmio32_first = u32::try_from(layout::PCI_MMIO32_START).unwrap_or(u32::MAX);
     let mmio32_last =
@@ -217,8 +217,29 @@ fn dsdt_body(mem_size: u64, hotplug_gsi: u32) -> Result<Vec<u8>> {
     )
     .to_aml_bytes(&mut body);
 
+    if vmbus {
+        vmbus_aml(&mut body);
+    }
     crate::hotplug::append_aml(&mut body, hotplug_gsi);
     Ok(body)
+}
+
+/// VMBus's ACPI device (crate::vmbus), `\_SB.VMBS`, as Hyper-V's firmware
+/// names it: Linux's `hv_vmbus` binds to `_HID "VMBus"` and connects only
+/// then. Its `_CRS` must exist (Linux walks it, and fails the probe
+/// without one) and is empty: x86 Linux takes VMBus's interrupt from the
+/// fixed HYPERVISOR_CALLBACK_VECTOR, not from ACPI, and this slice offers
+/// no device that needs an MMIO window.
+fn vmbus_aml(body: &mut Vec<u8>) {
+    aml::Device::new(
+        "_SB_.VMBS".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"VMBus"),
+            &aml::Name::new("_UID".into(), &0u8),
+            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![])),
+        ],
+    )
+    .to_aml_bytes(body);
 }
 
 /// Where the tables went.
@@ -231,12 +252,14 @@ pub struct AcpiTables {
 }
 
 /// Writes every table into `mem` at `boot::ACPI_START`; the GED of PCI
-/// hotplug interrupts on IOAPIC pin `hotplug_gsi`.
+/// hotplug interrupts on IOAPIC pin `hotplug_gsi`; VMBus's device if
+/// `vmbus`.
 pub fn write_tables(
     mem: &GuestMemoryMmap,
     mem_size: u64,
     cpus: u8,
     hotplug_gsi: u32,
+    vmbus: bool,
 ) -> Result<AcpiTables> {
     let rsdp_addr = boot::ACPI_START;
     let mut next = rsdp_addr + Rsdp::len() as u64;
@@ -252,7 +275,7 @@ pub fn write_tables(
         Ok(at)
     };
 
-    let body = dsdt_body(mem_size, hotplug_gsi)?;
+    let body = dsdt_body(mem_size, hotplug_gsi, vmbus)?;
     let mut dsdt = acpi_tables::sdt::Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     dsdt.append_slice(&body);
     let dsdt_addr = put(dsdt.as_slice(), "the DSDT")?;
@@ -340,7 +363,7 @@ mod tests {
     #[test]
     fn tables_are_linked_and_checksummed() {
         let m = mem();
-        let t = write_tables(&m, 512 << 20, 4, 9).unwrap();
+        let t = write_tables(&m, 512 << 20, 4, 9, true).unwrap();
         assert_eq!(t.rsdp, 0xe0000);
         assert!(t.end <= boot::ACPI_END);
         let rsdp = read(&m, t.rsdp, 36);
@@ -383,6 +406,9 @@ mod tests {
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"PCI0") && has(b"COM1") && has(b"_S5_") && has(b"MBRD"));
         assert!(has(b"GED_") && has(b"PHPR") && has(b"S1F_"));
+        // VMBus's device: _HID "VMBus" (a string), an empty _CRS.
+        assert!(has(b"VMBS") && has(b"_HID\x0dVMBus\0"));
+        assert!(has(b"_CRS\x11\x05\x0a\x02\x79\x00"));
 
         // MADT: 4 LAPICs, 1 IOAPIC, 1 override, 1 NMI.
         let madt = table(&m, entries[1]);
@@ -409,12 +435,19 @@ mod tests {
         assert_eq!(mcfg.len(), 60);
         assert_eq!(u64_at(&mcfg, 44), layout::PCI_ECAM_START);
         assert_eq!((mcfg[54], mcfg[55]), (0, 0));
+
+        // Without VMBus, no VMBS (the tables move: read them afresh).
+        let without = write_tables(&m, 512 << 20, 4, 9, false).unwrap();
+        let xsdt = table(&m, u64_at(&read(&m, without.rsdp, 36), 24));
+        let fadt = table(&m, u64_at(&xsdt, 36));
+        let dsdt = table(&m, u64_at(&fadt, 140));
+        assert!(!dsdt.windows(4).any(|w| w == b"VMBS"));
     }
 
     #[test]
     fn the_largest_vm_fits() {
         let m = mem();
-        let t = write_tables(&m, layout::MAX_MEMORY, crate::config::MAX_VCPUS, 9).unwrap();
+        let t = write_tables(&m, layout::MAX_MEMORY, crate::config::MAX_VCPUS, 9, true).unwrap();
         assert!(t.end <= boot::ACPI_END);
     }
 
@@ -441,7 +474,7 @@ mod tests {
         );
         assert_eq!(RESET_VALUE, 0x42);
         // The ACPI tables end before it.
-        let t = write_tables(&m, 256 << 20, 1, 5).unwrap();
+        let t = write_tables(&m, 256 << 20, 1, 5, false).unwrap();
         assert!(t.end <= boot::RESET_VECTOR);
     }
 }

@@ -52,6 +52,11 @@ pub struct Cli {
     /// --pviommu off.
     #[arg(long, value_name = "hyperv|kvm")]
     pub hypervisor: Option<Hypervisor>,
+    /// VMBus, Hyper-V's device bus (the SynIC, HvCallPostMessage and its
+    /// ACPI device). Default: on with the Hyper-V interface, off with
+    /// --hypervisor kvm (which cannot have it).
+    #[arg(long, value_name = "on|off", action = clap::ArgAction::Set, value_parser = parse_on_off)]
+    pub vmbus: Option<bool>,
     /// Reps per pvIOMMU hypercall time slice (tests of rep restarts).
     #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u16).range(1..))]
     pub pviommu_rep_budget: Option<u16>,
@@ -101,6 +106,11 @@ impl Cli {
     /// be represented at all (the VMM checks the rest against the host).
     pub fn to_config(&self) -> Result<VmConfig, crate::Error> {
         let (hypervisor, pviommu) = self.interface()?;
+        let vmbus = match (hypervisor, self.vmbus) {
+            (Hypervisor::Kvm, Some(true)) => return Err(crate::Error::VmbusNeedsHyperV),
+            (Hypervisor::Kvm, _) => false,
+            (Hypervisor::HyperV, on) => on.unwrap_or(true),
+        };
         let cpus = match u8::try_from(self.cpus) {
             Ok(0) => return Err(crate::Error::NoCpus),
             Ok(n) => n,
@@ -135,6 +145,7 @@ impl Cli {
             hypervisor,
             pviommu,
             pviommu_rep_budget: self.pviommu_rep_budget,
+            vmbus,
             api: self.api_socket.is_some(),
             devices: if self.devices.is_empty()
                 && self.kernel.is_none()
@@ -245,6 +256,21 @@ mod tests {
             .unwrap();
         assert!(c.devices.is_empty());
         assert!(parse(&["--hypervisor", "xen"]).is_err());
+    }
+
+    #[test]
+    fn vmbus_follows_the_interface() {
+        let vmbus = |args: &[&str]| parse(args).unwrap().to_config().map(|c| c.vmbus);
+        assert!(vmbus(&[]).unwrap());
+        assert!(vmbus(&["--pviommu", "off", "--hypervisor", "hyperv"]).unwrap());
+        assert!(!vmbus(&["--vmbus", "off"]).unwrap());
+        assert!(!vmbus(&["--hypervisor", "kvm"]).unwrap());
+        assert!(!vmbus(&["--pviommu", "off"]).unwrap());
+        assert!(!vmbus(&["--hypervisor", "kvm", "--vmbus", "off"]).unwrap());
+        let e = vmbus(&["--hypervisor", "kvm", "--vmbus", "on"]).unwrap_err();
+        assert!(matches!(e, crate::Error::VmbusNeedsHyperV));
+        assert!(e.to_string().contains("--hypervisor kvm needs --vmbus off"));
+        assert!(parse(&["--vmbus", "yes"]).is_err());
     }
 
     #[test]

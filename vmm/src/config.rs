@@ -168,6 +168,9 @@ pub struct VmConfig {
     pub pviommu: bool,
     /// Reps per hypercall time slice (`None`: the iommu crate's default).
     pub pviommu_rep_budget: Option<u16>,
+    /// VMBus (the SynIC, HvCallPostMessage and the `VMBS` ACPI device):
+    /// needs [`Hypervisor::HyperV`].
+    pub vmbus: bool,
     /// PCI devices plugged in before boot: the request `vm.add-device`
     /// takes (`--device` is parsed like `pvmm-remote add-device`).
     pub devices: Vec<api::AddDeviceRequest>,
@@ -189,6 +192,7 @@ impl Default for VmConfig {
             hypervisor: Hypervisor::HyperV,
             pviommu: true,
             pviommu_rep_budget: None,
+            vmbus: true,
             devices: Vec::new(),
             api: false,
         }
@@ -201,6 +205,9 @@ impl VmConfig {
     pub fn validate(&self) -> crate::Result<()> {
         if self.pviommu && self.hypervisor == Hypervisor::Kvm {
             return Err(crate::Error::PviommuNeedsHyperV);
+        }
+        if self.vmbus && self.hypervisor == Hypervisor::Kvm {
+            return Err(crate::Error::VmbusNeedsHyperV);
         }
         Ok(())
     }
@@ -287,10 +294,21 @@ mod tests {
             c.validate(),
             Err(crate::Error::PviommuNeedsHyperV)
         ));
-        for (hypervisor, pviommu) in [(Hypervisor::Kvm, false), (Hypervisor::HyperV, false)] {
+        let c = VmConfig {
+            hypervisor: Hypervisor::Kvm,
+            pviommu: false,
+            ..Default::default()
+        };
+        assert!(matches!(c.validate(), Err(crate::Error::VmbusNeedsHyperV)));
+        for (hypervisor, pviommu, vmbus) in [
+            (Hypervisor::Kvm, false, false),
+            (Hypervisor::HyperV, false, false),
+            (Hypervisor::HyperV, false, true),
+        ] {
             let c = VmConfig {
                 hypervisor,
                 pviommu,
+                vmbus,
                 ..Default::default()
             };
             assert!(c.validate().is_ok());

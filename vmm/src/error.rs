@@ -36,6 +36,12 @@ pub enum Error {
          --pviommu off (or use --hypervisor hyperv, the default)"
     )]
     PviommuNeedsHyperV,
+    /// VMBus asked for without the Hyper-V interface.
+    #[error(
+        "VMBus is Hyper-V's device bus: --hypervisor kvm needs --vmbus off \
+         (or use --hypervisor hyperv, the default)"
+    )]
+    VmbusNeedsHyperV,
     /// MSR hooks asked for more than KVM's MSR filter takes.
     #[error(
         "The MSR hooks ask for {ranges} MSR ranges (KVM's filter takes at most {max_ranges} \

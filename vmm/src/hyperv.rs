@@ -89,6 +89,7 @@ use zerocopy::IntoBytes;
 
 use crate::hooks::MsrContext;
 use crate::processors::Processors;
+use crate::vmbus::VmBus;
 
 /// The synthetic MSRs pvmm takes from KVM: all of 0x40000000-0x400001ff
 /// (every MSR Linux's Hyper-V code names but the nested SynIC's), in one of
@@ -244,6 +245,8 @@ pub struct Partition {
     tsc_read_failed: AtomicBool,
     /// The vCPUs, for cluster IPIs and GUEST_IDLE ([`Partition::with_processors`]).
     processors: Option<Arc<Processors>>,
+    /// The SynICs and VMBus ([`Partition::with_vmbus`]).
+    vmbus: Option<Arc<VmBus>>,
 }
 
 impl Partition {
@@ -260,6 +263,7 @@ impl Partition {
             page_writes: Mutex::new(()),
             tsc_read_failed: AtomicBool::new(false),
             processors: None,
+            vmbus: None,
             params,
         }
     }
@@ -269,6 +273,17 @@ impl Partition {
     pub fn with_processors(mut self, processors: Arc<Processors>) -> Self {
         self.processors = Some(processors);
         self
+    }
+
+    /// Offers the SynIC, HvCallPostMessage and VMBus over `vmbus`.
+    pub fn with_vmbus(mut self, vmbus: Arc<VmBus>) -> Self {
+        self.vmbus = Some(vmbus);
+        self
+    }
+
+    /// VMBus, if offered.
+    pub fn vmbus(&self) -> Option<&Arc<VmBus>> {
+        self.vmbus.as_ref()
     }
 
     /// The vCPUs, if cluster IPIs and GUEST_IDLE are offered.
@@ -325,7 +340,19 @@ impl Partition {
         if self.processors.is_some() {
             eax |= cpuid::FEATURES_EAX_GUEST_IDLE;
         }
+        if self.vmbus.is_some() {
+            eax |= cpuid::FEATURES_EAX_SYNIC;
+        }
         eax
+    }
+
+    /// Leaf 0x40000003 EBX: the partition's call privileges.
+    pub fn features_ebx(&self) -> u32 {
+        if self.vmbus.is_some() {
+            cpuid::FEATURES_EBX_POST_MESSAGES
+        } else {
+            0
+        }
     }
 
     /// Leaf 0x40000004 EAX: recommendations.
@@ -333,6 +360,9 @@ impl Partition {
         let mut eax = cpuid::HINTS_EAX_RELAXED_TIMING;
         if self.processors.is_some() {
             eax |= cpuid::HINTS_EAX_CLUSTER_IPI;
+        }
+        if self.vmbus.is_some() {
+            eax |= cpuid::HINTS_EAX_DEPRECATING_AEOI;
         }
         eax
     }
@@ -375,7 +405,7 @@ impl Partition {
             leaf(
                 cpuid::LEAF_FEATURES,
                 self.privileges(),
-                0,
+                self.features_ebx(),
                 0,
                 self.features_edx(),
             ),
@@ -465,6 +495,7 @@ impl Partition {
                 p.idle(ctx.vp_index());
                 0
             }),
+            _ if VmBus::is_synic_msr(index) => self.vmbus.as_ref()?.read_msr(ctx.vp_index(), index),
             _ => None,
         }
     }
@@ -489,6 +520,10 @@ impl Partition {
                 self.tsc_invariant_control.store(value, Ordering::Release);
                 true
             }
+            _ if VmBus::is_synic_msr(index) => self
+                .vmbus
+                .as_ref()
+                .is_some_and(|b| b.write_msr(ctx.vp_index(), index, value)),
             // VP_INDEX, TIME_REF_COUNT and the frequencies are read-only.
             _ => false,
         }
@@ -579,6 +614,28 @@ impl Partition {
 }
 
 /// Whether the 4 KiB page at `gpa` is guest RAM.
+/// The partition's calls (the dispatcher's `vp` kind): each exists only
+/// where the partition offers it.
+impl iommu::Processors for Partition {
+    fn send_ipi(&self, vector: u8, targets: u64) -> Result<(), iommu::abi::HvError> {
+        self.processors
+            .as_ref()
+            .ok_or(iommu::abi::HvError::INVALID_HYPERCALL_CODE)?
+            .send_ipi(vector, targets)
+    }
+
+    fn post_message(
+        &self,
+        vp: u32,
+        input: &iommu::abi::InputPostMessage,
+    ) -> Result<(), iommu::abi::HvError> {
+        self.vmbus
+            .as_ref()
+            .ok_or(iommu::abi::HvError::INVALID_HYPERCALL_CODE)?
+            .post_message(vp, input)
+    }
+}
+
 fn page_in_ram(mem: &GuestMemoryMmap, gpa: GuestAddress) -> bool {
     usize::try_from(HV_PAGE_SIZE).is_ok_and(|len| GuestMemoryBackend::check_range(mem, gpa, len))
 }
@@ -745,6 +802,50 @@ mod tests {
         assert_eq!(read(&with, &mem, msr::GUEST_IDLE), Some(0));
         // Read-only.
         assert!(!write(&with, &mem, msr::GUEST_IDLE, 0));
+    }
+
+    /// VMBus brings the SynIC and POST_MESSAGE privileges and the AEOI
+    /// deprecation; without it the SynIC MSRs are #GP and the call does not
+    /// exist.
+    #[test]
+    fn synic_and_post_message_only_with_vmbus() {
+        use iommu::Processors as _;
+        let mem = memory();
+        let without = Partition::new(params());
+        assert_eq!(without.privileges() & 1 << 2, 0);
+        assert_eq!(
+            (without.leaves()[3].ebx, without.leaves()[4].eax),
+            (0, 1 << 5)
+        );
+        assert_eq!(read(&without, &mem, msr::SCONTROL), None);
+        assert!(!write(&without, &mem, msr::SIMP, 0x1000 | 1));
+        let input = iommu::abi::InputPostMessage::new(4, 1, &[0; 8]).unwrap();
+        assert_eq!(
+            without.post_message(0, &input),
+            Err(iommu::abi::HvError::INVALID_HYPERCALL_CODE)
+        );
+        assert_eq!(
+            without.send_ipi(0xf7, 1),
+            Err(iommu::abi::HvError::INVALID_HYPERCALL_CODE)
+        );
+
+        let (rec, _) = crate::processors::tests::processors(1);
+        let bus = crate::vmbus::VmBus::new(1, Arc::new(memory()), rec);
+        let with = Partition::new(params()).with_vmbus(Arc::new(bus));
+        assert_eq!(with.privileges() & 1 << 2, 1 << 2);
+        assert_eq!(
+            (with.leaves()[3].ebx, with.leaves()[4].eax),
+            (1 << 4, 1 << 5 | 1 << 9)
+        );
+        assert!(write(&with, &mem, msr::SIMP, 0x1000 | 1));
+        assert_eq!(read(&with, &mem, msr::SIMP), Some(0x1000 | 1));
+        assert_eq!(read(&with, &mem, msr::SVERSION), Some(1));
+        assert!(!write(&with, &mem, msr::SVERSION, 2));
+        // The call reaches the server: a channel message of type 0 is refused.
+        assert_eq!(
+            with.post_message(0, &input),
+            Err(iommu::abi::HvError::INVALID_PARAMETER)
+        );
     }
 
     /// TIME_REF_COUNT follows the host clock from the VM's start, whatever

@@ -23,6 +23,7 @@ pub mod removal;
 pub mod rest;
 pub mod vcpu;
 pub mod vfio;
+pub mod vmbus;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -255,8 +256,14 @@ impl Vmm {
             }
             None => None,
         };
-        let tables =
-            acpi::write_tables(&memory, config.memory, config.cpus, devices.hotplug_gsi())?;
+        let vmbus = hyperv && config.vmbus;
+        let tables = acpi::write_tables(
+            &memory,
+            config.memory,
+            config.cpus,
+            devices.hotplug_gsi(),
+            vmbus,
+        )?;
         acpi::write_reset_vector(&memory)?;
         let map = resources::memory_map(config.memory).map_err(Error::Memory)?;
         let boot_info = match kernel.entry {
@@ -291,14 +298,23 @@ impl Vmm {
                 // processors::MAX_VPS vCPUs.
                 let mut partition = hyperv::Partition::new(params);
                 let msi = Arc::new(kvm::KvmMsiSink::new(vm.clone()));
-                if let Some(p) = processors::Processors::new(count, msi) {
+                if let Some(p) = processors::Processors::new(count, msi.clone()) {
                     partition = partition.with_processors(Arc::new(p));
                 }
+                if vmbus {
+                    partition = partition.with_vmbus(Arc::new(crate::vmbus::VmBus::new(
+                        count,
+                        memory.clone(),
+                        msi,
+                    )));
+                }
                 log::info!(
-                    "Hyper-V interface: privileges {:#x}, features {:#x}, TSC {} Hz, reference TSC page {}",
+                    "Hyper-V interface: privileges {:#x} {:#x}, features {:#x}, TSC {} Hz, VMBus {}, reference TSC page {}",
                     partition.privileges(),
+                    partition.features_ebx(),
                     partition.features_edx(),
                     partition.tsc_hz().unwrap_or(0),
+                    if vmbus { "on" } else { "off" },
                     if partition.kernel_clock() && partition.reference_tsc_available() {
                         "KVM's (KVM serves the page, the reference counter and the frequencies)"
                     } else if partition.kernel_clock() {

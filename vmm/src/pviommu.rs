@@ -15,8 +15,8 @@
 //! With the pvIOMMU hidden (`--hypervisor hyperv --pviommu off`), CPUID has
 //! no device domain or DMA remapping bits and the only calls served are
 //! GET_VP_REGISTERS (Linux's `hyperv_init` needs it) and the partition's
-//! SEND_SYNTHETIC_CLUSTER_IPI (crate::processors); every other code is
-//! INVALID_HYPERCALL_CODE.
+//! SEND_SYNTHETIC_CLUSTER_IPI (crate::processors) and POST_MESSAGE
+//! (crate::vmbus); every other code is INVALID_HYPERCALL_CODE.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -83,7 +83,9 @@ impl PortIoHypercall for Pviommu {
         if !self.hv.params().pviommu
             && !matches!(
                 Control::from_bits(exit.regs.rcx).call_code(),
-                HypercallCode::GET_VP_REGISTERS | HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI
+                HypercallCode::GET_VP_REGISTERS
+                    | HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI
+                    | HypercallCode::POST_MESSAGE
             )
         {
             return HypercallAction::Complete {
@@ -96,12 +98,13 @@ impl PortIoHypercall for Pviommu {
             cpl: exit.cpl,
             restartable: restart.is_some(),
         };
-        let processors = self
-            .hv
-            .processors()
-            .map(|p| p.as_ref() as &dyn iommu::Processors);
         match (
-            self.iommu.dispatch_for(mem, caller, exit.regs, processors),
+            self.iommu.dispatch_for(
+                mem,
+                caller,
+                exit.regs,
+                Some(&self.hv as &dyn iommu::Processors),
+            ),
             restart,
         ) {
             (iommu::HypercallOutcome::Complete { rax }, _) => HypercallAction::Complete { rax },

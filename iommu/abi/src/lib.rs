@@ -23,7 +23,7 @@ use bitfield_struct::bitfield;
 use core::fmt;
 use core::num::NonZeroU16;
 use zerocopy::little_endian::{I64, U16, U32, U64};
-use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout, Unaligned};
 
 /// Hypercall pages, and the SynIC's message and event-flags pages, are 4 KiB
 /// whatever the guest's page size (HV_HYP_PAGE_SHIFT).
@@ -134,6 +134,9 @@ pub mod cpuid {
     pub const INTERFACE_EAX: u32 = 0x3123_7648;
     /// Leaf 0x40000003 EAX: the TIME_REF_COUNT MSR is available.
     pub const FEATURES_EAX_TIME_REF_COUNT: u32 = 1 << 1;
+    /// Leaf 0x40000003 EAX: the SynIC MSRs ([`super::msr::SCONTROL`] to
+    /// [`super::msr::SINT15`]) are available.
+    pub const FEATURES_EAX_SYNIC: u32 = 1 << 2;
     /// Leaf 0x40000003 EAX: hypercall MSRs available.
     pub const FEATURES_EAX_HYPERCALL_MSRS: u32 = 1 << 5;
     /// Leaf 0x40000003 EAX: VP index MSR available.
@@ -149,6 +152,8 @@ pub mod cpuid {
     /// Leaf 0x40000003 EAX: the TSC is invariant (and the
     /// TSC_INVARIANT_CONTROL MSR is available).
     pub const FEATURES_EAX_TSC_INVARIANT: u32 = 1 << 15;
+    /// Leaf 0x40000003 EBX: the partition may post messages (POST_MESSAGE).
+    pub const FEATURES_EBX_POST_MESSAGES: u32 = 1 << 4;
     /// Leaf 0x40000003 EDX: the frequency MSRs are available.
     pub const FEATURES_EDX_FREQUENCY_MSRS: u32 = 1 << 8;
     /// Leaf 0x40000003 EDX: device domains (S2) available.
@@ -162,6 +167,10 @@ pub mod cpuid {
     /// (Linux then sends every IPI that way, and with GUEST_IDLE takes
     /// Hyper-V's paravirtual spinlocks).
     pub const HINTS_EAX_CLUSTER_IPI: u32 = 1 << 10;
+    /// Leaf 0x40000004 EAX: auto-EOI is deprecated: the guest EOIs SynIC
+    /// interrupts at its local APIC itself (Linux's
+    /// `hv_recommend_using_aeoi`).
+    pub const HINTS_EAX_DEPRECATING_AEOI: u32 = 1 << 9;
     /// Leaf 0x40000004 EBX: never notify the hypervisor of long spinlock
     /// waits.
     pub const HINTS_EBX_NEVER_NOTIFY_SPINLOCKS: u32 = u32::MAX;
@@ -361,6 +370,9 @@ impl HypercallCode {
     pub const SEND_SYNTHETIC_CLUSTER_IPI: Self = Self(0x000B);
     /// HvCallGetVpRegisters (rep).
     pub const GET_VP_REGISTERS: Self = Self(0x0050);
+    /// HvCallPostMessage (TLFS; the partition's: VMBus's transport, served
+    /// where the VMM has a message port).
+    pub const POST_MESSAGE: Self = Self(0x005C);
     /// HvCallCreateDeviceDomain.
     pub const CREATE_DEVICE_DOMAIN: Self = Self(0x00B1);
     /// HvCallAttachDeviceDomain.
@@ -384,8 +396,8 @@ impl HypercallCode {
     /// HvCallGetLogicalDeviceProperty.
     pub const GET_LOGICAL_DEVICE_PROPERTY: Self = Self(0x0127);
 
-    /// Every call of the contract.
-    pub const ALL: [Self; 13] = [
+    /// Every call pvmm's dispatcher serves: the contract's and the partition's.
+    pub const ALL: [Self; 14] = [
         Self::CREATE_DEVICE_DOMAIN,
         Self::ATTACH_DEVICE_DOMAIN,
         Self::MAP_DEVICE_GPA_PAGES,
@@ -399,6 +411,7 @@ impl HypercallCode {
         Self::GET_LOGICAL_DEVICE_PROPERTY,
         Self::GET_VP_REGISTERS,
         Self::SEND_SYNTHETIC_CLUSTER_IPI,
+        Self::POST_MESSAGE,
     ];
 
     /// The call's name, or `None` for a code the contract does not define.
@@ -406,6 +419,7 @@ impl HypercallCode {
         Some(match self {
             Self::SEND_SYNTHETIC_CLUSTER_IPI => "SEND_SYNTHETIC_CLUSTER_IPI",
             Self::GET_VP_REGISTERS => "GET_VP_REGISTERS",
+            Self::POST_MESSAGE => "POST_MESSAGE",
             Self::CREATE_DEVICE_DOMAIN => "CREATE_DEVICE_DOMAIN",
             Self::ATTACH_DEVICE_DOMAIN => "ATTACH_DEVICE_DOMAIN",
             Self::MAP_DEVICE_GPA_PAGES => "MAP_DEVICE_GPA_PAGES",
@@ -1409,6 +1423,52 @@ pub struct InputSendSyntheticClusterIpi {
 /// INVALID_PARAMETER.
 pub const IPI_VECTORS: core::ops::RangeInclusive<u32> = 0x10..=0xff;
 
+/// Bytes of a SynIC message's payload (`HV_MESSAGE_PAYLOAD_BYTE_COUNT`), and
+/// the most POST_MESSAGE carries.
+pub const HV_MESSAGE_PAYLOAD_SIZE: usize = 240;
+
+/// POST_MESSAGE input (`struct hv_input_post_message`, 256 bytes, TLFS
+/// HvCallPostMessage; not part of the pvIOMMU contract: the partition's,
+/// VMBus's transport). The message types and ports are the `vmbus`
+/// crate's.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
+#[repr(C)]
+pub struct InputPostMessage {
+    /// The target port's connection id (bits 23:0; 31:24 reserved).
+    pub connection_id: U32,
+    /// Must be zero (RsvdZ).
+    pub reserved: U32,
+    /// The message type: non-zero, bit 31 clear.
+    pub message_type: U32,
+    /// Bytes of `payload` that are sent (<= [`HV_MESSAGE_PAYLOAD_SIZE`]).
+    pub payload_size: U32,
+    /// The message.
+    pub payload: [u8; HV_MESSAGE_PAYLOAD_SIZE],
+}
+
+impl InputPostMessage {
+    /// An input for `payload` (at most [`HV_MESSAGE_PAYLOAD_SIZE`] bytes) on
+    /// `connection_id`, of type `message_type`; `None` when `payload` is
+    /// too long.
+    pub fn new(connection_id: u32, message_type: u32, payload: &[u8]) -> Option<Self> {
+        if payload.len() > HV_MESSAGE_PAYLOAD_SIZE {
+            return None;
+        }
+        let size = u32::try_from(payload.len()).ok()?;
+        let mut input = Self::new_zeroed();
+        input.connection_id = U32::new(connection_id);
+        input.message_type = U32::new(message_type);
+        input.payload_size = U32::new(size);
+        input
+            .payload
+            .get_mut(..payload.len())?
+            .copy_from_slice(payload);
+        Some(input)
+    }
+}
+
 /// GET_VP_REGISTERS input header (16 bytes), followed by one u32 register
 /// name per rep (see [`register`]).
 #[derive(
@@ -1463,7 +1523,6 @@ pub struct RegisterValue {
 mod tests {
     use super::*;
     use core::mem::{offset_of, size_of};
-    use zerocopy::FromZeros;
 
     #[test]
     fn restart_points_at_the_stub_nop_from_either_side_of_the_out() {
@@ -1584,6 +1643,13 @@ mod tests {
         assert_eq!(offset_of!(InputSendSyntheticClusterIpi, vector), 0);
         assert_eq!(offset_of!(InputSendSyntheticClusterIpi, reserved), 4);
         assert_eq!(offset_of!(InputSendSyntheticClusterIpi, cpu_mask), 8);
+
+        assert_eq!(size_of::<InputPostMessage>(), 256);
+        assert_eq!(offset_of!(InputPostMessage, connection_id), 0);
+        assert_eq!(offset_of!(InputPostMessage, reserved), 4);
+        assert_eq!(offset_of!(InputPostMessage, message_type), 8);
+        assert_eq!(offset_of!(InputPostMessage, payload_size), 12);
+        assert_eq!(offset_of!(InputPostMessage, payload), 16);
 
         assert_eq!(size_of::<InputGetVpRegisters>(), 16);
         assert_eq!(offset_of!(InputGetVpRegisters, partition_id), 0);

@@ -12,7 +12,9 @@ use pviommu_abi::{
     DeviceDomainSettingsFlags, DeviceDomainType, FlushListEntry, InputDeviceDomain,
     OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty, HV_PARTITION_ID_SELF,
 };
-use pviommu_abi::{register, InputGetVpRegisters, InputSendSyntheticClusterIpi, HV_VP_INDEX_SELF};
+use pviommu_abi::{
+    register, InputGetVpRegisters, InputPostMessage, InputSendSyntheticClusterIpi, HV_VP_INDEX_SELF,
+};
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::little_endian::{U32, U64};
@@ -669,8 +671,9 @@ fn partition_id_must_be_self_for_every_call() {
         vp_registers_input(HV_VP_INDEX_SELF, &[register::VSM_VP_STATUS]),
         1,
     ));
-    // Every call but SEND_SYNTHETIC_CLUSTER_IPI, which names no partition.
-    assert_eq!(calls.len(), HypercallCode::ALL.len() - 1);
+    // Every call but SEND_SYNTHETIC_CLUSTER_IPI and POST_MESSAGE, which
+    // name no partition.
+    assert_eq!(calls.len(), HypercallCode::ALL.len() - 2);
     for (code, bytes, reps) in calls {
         for pid in [0u64, 1, HV_PARTITION_ID_SELF - 1] {
             let mut b = bytes.clone();
@@ -2208,6 +2211,7 @@ fn the_table_is_the_contract() {
             0,
             0,
         ),
+        (HypercallCode::POST_MESSAGE, false, 256, 0, 0, 0),
     ];
     assert_eq!(contract.len(), HypercallCode::ALL.len());
     // The calls that may take translations away: each returns only once
@@ -2456,6 +2460,95 @@ fn send_ipi_goes_through_the_dispatchers_checks() {
     };
     assert_eq!(
         HypercallOutput::from_bits(rax).hv_status(),
+        HvStatus::INVALID_HYPERCALL_CODE
+    );
+}
+
+// ---------------------------------------------------------------- POST_MESSAGE
+
+/// A message port that records what it is given and answers `status`.
+struct RecordingPort {
+    posted: std::sync::Mutex<Vec<(u32, InputPostMessage)>>,
+    status: Result<(), HvError>,
+}
+
+impl Processors for RecordingPort {
+    fn send_ipi(&self, _: u8, _: u64) -> Result<(), HvError> {
+        Err(HvError::INVALID_HYPERCALL_CODE)
+    }
+
+    fn post_message(&self, vp: u32, input: &InputPostMessage) -> Result<(), HvError> {
+        self.posted.lock().unwrap().push((vp, *input));
+        self.status
+    }
+}
+
+fn post(g: &Guest, p: Option<&dyn Processors>, caller: Caller, rcx: u64, rdx: u64) -> HvStatus {
+    match g
+        .iommu
+        .dispatch_for(&g.mem, caller, HypercallRegs { rcx, rdx, r8: 0 }, p)
+    {
+        HypercallOutcome::Complete { rax } => HypercallOutput::from_bits(rax).hv_status(),
+        HypercallOutcome::Continue { .. } => panic!("a simple call does not continue"),
+    }
+}
+
+/// Linux's `hv_post_message`: a simple call whose 256-byte input the port
+/// gets as written, with the caller's VP; its status is the call's.
+#[test]
+fn post_message_hands_the_input_to_the_port_and_returns_its_status() {
+    let g = Guest::new();
+    let control = Control::new()
+        .with_code(HypercallCode::POST_MESSAGE.0)
+        .into_bits();
+    let input = InputPostMessage::new(4, 1, &[0xab; 40]).unwrap();
+    g.write_input(input.as_bytes());
+    for status in [Ok(()), Err(HvError::INSUFFICIENT_BUFFERS)] {
+        let port = RecordingPort {
+            posted: Default::default(),
+            status,
+        };
+        let want = status.map_or_else(HvError::status, |()| HvStatus::SUCCESS);
+        assert_eq!(
+            post(&g, Some(&port), Caller::kernel(3), control, INPUT),
+            want
+        );
+        assert_eq!(*port.posted.lock().unwrap(), [(3, input)]);
+    }
+    // The dispatcher's checks first: user mode, the fast form (256 bytes do
+    // not fit two registers), a misaligned input block.
+    let port = RecordingPort {
+        posted: Default::default(),
+        status: Ok(()),
+    };
+    let user = Caller {
+        vp_index: 0,
+        cpl: 3,
+        restartable: true,
+    };
+    assert_eq!(
+        post(&g, Some(&port), user, control, INPUT),
+        HvStatus::ACCESS_DENIED
+    );
+    let fast = Control::from_bits(control).with_fast(true).into_bits();
+    assert_eq!(
+        post(&g, Some(&port), Caller::kernel(0), fast, INPUT),
+        HvStatus::INVALID_HYPERCALL_INPUT
+    );
+    assert_eq!(
+        post(&g, Some(&port), Caller::kernel(0), control, INPUT + 4),
+        HvStatus::INVALID_ALIGNMENT
+    );
+    assert!(port.posted.lock().unwrap().is_empty());
+    // Without ports (no processors, or processors without a message port)
+    // the call does not exist.
+    assert_eq!(
+        post(&g, None, Caller::kernel(0), control, INPUT),
+        HvStatus::INVALID_HYPERCALL_CODE
+    );
+    let ipis_only = RecordingProcessors::default();
+    assert_eq!(
+        post(&g, Some(&ipis_only), Caller::kernel(0), control, INPUT),
         HvStatus::INVALID_HYPERCALL_CODE
     );
 }

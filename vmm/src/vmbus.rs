@@ -1,0 +1,248 @@
+//! VMBus for the Hyper-V interface (issue 13): the `vmbus` crate's
+//! user-space SynIC and control plane, wired to the guest.
+//!
+//! - **SynIC MSRs** (SCONTROL, SVERSION, SIEFP, SIMP, EOM, SINT0-15) come
+//!   through the Hyper-V MSR filter ([`crate::hyperv`]) to
+//!   [`vmbus::Synic`], per VP.
+//! - **HvCallPostMessage** comes through the hypercall dispatcher (the
+//!   partition's `POST_MESSAGE`) to [`vmbus::Server`]; its refusals are
+//!   their HV_STATUS.
+//! - **SINT interrupts** are MSIs to the target VP's local APIC (KVM_SIGNAL_MSI:
+//!   physical destination, APIC id = VP index, fixed, edge), as
+//!   HvCallSendSyntheticClusterIpi's are ([`crate::processors`]). The
+//!   guest EOIs them at its APIC: CPUID recommends against auto-EOI.
+//! - **ACPI**: a `VMBS` device (`_HID "VMBus"`) under `\_SB`
+//!   ([`crate::acpi`]), which Linux's `hv_vmbus` probes before it touches
+//!   the SynIC.
+//!
+//! KVM's in-kernel SynIC is not used: it needs KVM's Hyper-V emulation
+//! (kvm_pvm has none) and KVM's own hypercall path, while pvmm's hypercalls
+//! come through port 0xE4 on every KVM.
+//!
+//! What Linux gets in this slice: version negotiation (5.3 down to 5.0),
+//! an offer list with no offers, and unload. Channels (GPADLs, rings,
+//! HvCallSignalEvent) and vPCI are later slices.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use devices::interrupt::MsiSink;
+use iommu::abi::{HvError, InputPostMessage};
+use vm_memory::GuestMemoryMmap;
+
+/// The local APIC's MSI address window (physical destination mode: the
+/// destination APIC id in bits 19:12).
+const MSI_ADDRESS: u64 = 0xfee0_0000;
+const MSI_DEST_SHIFT: u32 = 12;
+
+/// SINT interrupts as MSIs to the VP's local APIC.
+struct MsiSint {
+    msi: Arc<dyn MsiSink>,
+    /// KVM refused an MSI (logged once).
+    failed: AtomicBool,
+}
+
+impl vmbus::SintSink for MsiSint {
+    fn signal(&self, vp: u32, vector: u8) {
+        let address = MSI_ADDRESS | u64::from(vp) << MSI_DEST_SHIFT;
+        if let Err(e) = self.msi.signal_msi(address, u32::from(vector)) {
+            if !self.failed.swap(true, Ordering::Relaxed) {
+                log::warn!(
+                    "VMBus: KVM_SIGNAL_MSI for SINT vector {vector:#x} to VP {vp} failed: {e}"
+                );
+            }
+        }
+    }
+}
+
+/// The VM's VMBus: its SynICs and its server.
+pub struct VmBus {
+    server: vmbus::Server<GuestMemoryMmap>,
+    /// Posts refused (the first is logged; the guest may post at will).
+    refused: AtomicU64,
+    /// SynIC MSR writes refused (#GP; the first is logged).
+    msr_refused: AtomicU64,
+}
+
+impl std::fmt::Debug for VmBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmBus")
+            .field("vcpus", &self.server.synic().vcpus())
+            .field("connection", &self.server.connection())
+            .finish_non_exhaustive()
+    }
+}
+
+impl VmBus {
+    /// VMBus for `vcpus` VPs whose guest RAM is `mem`, interrupting them
+    /// through `msi`.
+    pub fn new(vcpus: u32, mem: Arc<GuestMemoryMmap>, msi: Arc<dyn MsiSink>) -> Self {
+        let sink = Arc::new(MsiSint {
+            msi,
+            failed: AtomicBool::new(false),
+        });
+        let synic = Arc::new(vmbus::Synic::new(vcpus, mem, sink));
+        Self {
+            server: vmbus::Server::new(synic),
+            refused: AtomicU64::new(0),
+            msr_refused: AtomicU64::new(0),
+        }
+    }
+
+    /// The server (offers, connection state).
+    pub fn server(&self) -> &vmbus::Server<GuestMemoryMmap> {
+        &self.server
+    }
+
+    /// Whether `index` is a SynIC MSR.
+    pub fn is_synic_msr(index: u32) -> bool {
+        use iommu::abi::msr;
+        matches!(
+            index,
+            msr::SCONTROL | msr::SVERSION | msr::SIEFP | msr::SIMP | msr::EOM
+        ) || msr::sint_of(index).is_some()
+    }
+
+    /// RDMSR of SynIC MSR `index` on VP `vp`; `None` injects #GP.
+    pub fn read_msr(&self, vp: u32, index: u32) -> Option<u64> {
+        self.server.synic().read_msr(vp, index).ok()
+    }
+
+    /// WRMSR of SynIC MSR `index` on VP `vp`; `false` injects #GP.
+    pub fn write_msr(&self, vp: u32, index: u32, value: u64) -> bool {
+        match self.server.synic().write_msr(vp, index, value) {
+            Ok(()) => true,
+            Err(e) => {
+                if self.msr_refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                    log::warn!("VMBus: VP {vp}: {e} (#GP; later refusals are counted)");
+                }
+                false
+            }
+        }
+    }
+
+    /// HvCallPostMessage from VP `vp`.
+    pub fn post_message(&self, vp: u32, input: &InputPostMessage) -> Result<(), HvError> {
+        self.server.post_message(vp, input).map_err(|e| {
+            if self.refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                log::warn!("VMBus: VP {vp} posted a message the host refuses: {e} (later refusals are counted)");
+            }
+            e.status()
+        })
+    }
+}
+
+impl Drop for VmBus {
+    fn drop(&mut self) {
+        let refused = self.refused.load(Ordering::Relaxed);
+        let msr_refused = self.msr_refused.load(Ordering::Relaxed);
+        if refused != 0 || msr_refused != 0 {
+            log::info!("VMBus: {refused} posts and {msr_refused} SynIC MSR writes refused");
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::processors::tests::Recorder;
+    use iommu::abi::msr;
+    use vm_memory::{Bytes, GuestAddress};
+    use vmbus::abi::{
+        version, ChannelMessageHeader, ChannelMessageType, HvMessage, InitiateContact,
+        VersionResponse, VMBUS_MESSAGE_CONNECTION_ID_4,
+    };
+    use zerocopy::{FromBytes, FromZeros, IntoBytes};
+
+    const SIMP: u64 = 0x10_0000;
+    const SIEFP: u64 = 0x10_1000;
+    const VECTOR: u64 = 0xf3;
+
+    fn setup(vcpus: u32) -> (Arc<Recorder>, Arc<GuestMemoryMmap>, VmBus) {
+        let mem = Arc::new(GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap());
+        let rec = Arc::new(Recorder::default());
+        let bus = VmBus::new(vcpus, mem.clone(), rec.clone());
+        (rec, mem, bus)
+    }
+
+    /// What Linux's `hv_hyp_synic_enable_regs` does on each CPU.
+    fn enable_synic(bus: &VmBus, vp: u32) {
+        let page = u64::from(vp) * 0x2000;
+        assert!(bus.write_msr(vp, msr::SIMP, (SIMP + page) | 1));
+        assert!(bus.write_msr(vp, msr::SIEFP, (SIEFP + page) | 1));
+        assert!(bus.write_msr(vp, msr::SINT0 + 2, VECTOR));
+        let scontrol = bus.read_msr(vp, msr::SCONTROL).unwrap();
+        assert!(bus.write_msr(vp, msr::SCONTROL, scontrol | 1));
+    }
+
+    fn contact(requested: u32, target_vp: u32) -> InputPostMessage {
+        let mut m = InitiateContact::new_zeroed();
+        m.header = ChannelMessageHeader::new(ChannelMessageType::INITIATE_CONTACT);
+        m.vmbus_version_requested = requested.into();
+        m.target_vcpu = target_vp.into();
+        // msg_sint 2, VTL 0.
+        m.interrupt_page_or_target_info = 2u64.into();
+        InputPostMessage::new(VMBUS_MESSAGE_CONNECTION_ID_4, 1, m.as_bytes()).unwrap()
+    }
+
+    /// Linux 7.2's `vmbus_connect`: 6.0 refused, 5.3 accepted; each answer
+    /// lands in the target VP's SINT 2 slot with an MSI to its APIC.
+    #[test]
+    fn linux_connects_at_5_3_through_msrs_posts_and_msis() {
+        let (rec, mem, bus) = setup(2);
+        enable_synic(&bus, 0);
+        enable_synic(&bus, 1);
+        let slot = GuestAddress(SIMP + 0x2000 + 2 * 256);
+        let response = |mem: &GuestMemoryMmap| {
+            let mut raw = [0u8; 256];
+            mem.read_slice(&mut raw, slot).unwrap();
+            let m = HvMessage::read_from_bytes(&raw).unwrap();
+            VersionResponse::read_from_prefix(&m.payload).unwrap().0
+        };
+
+        bus.post_message(0, &contact(version::V6_0, 1)).unwrap();
+        assert_eq!(response(&mem).version_supported, 0);
+        // Linux frees the slot (message type NONE) and sees no pending bit.
+        mem.write_slice(&[0u8; 4], slot).unwrap();
+        bus.post_message(0, &contact(version::WIN10_V5_3, 1))
+            .unwrap();
+        assert_eq!(response(&mem).version_supported, 1);
+        assert_eq!(
+            *rec.0.lock().unwrap(),
+            [(0xfee0_1000, 0xf3), (0xfee0_1000, 0xf3)]
+        );
+        assert_eq!(
+            bus.server().connection().unwrap().version,
+            version::WIN10_V5_3
+        );
+    }
+
+    /// A hostile guest: bad MSR writes are #GP, bad posts their status,
+    /// and nothing is delivered.
+    #[test]
+    fn refusals_are_gp_and_statuses() {
+        let (rec, _mem, bus) = setup(1);
+        assert!(!bus.write_msr(0, msr::SVERSION, 1));
+        assert!(!bus.write_msr(0, msr::SINT0, 0x05));
+        assert!(!bus.write_msr(1, msr::SIMP, 1));
+        assert_eq!(bus.read_msr(1, msr::SCONTROL), None);
+        // Not connected, no SynIC: refused with a status, no interrupt.
+        assert_eq!(
+            bus.post_message(0, &contact(version::WIN10_V5_3, 0)),
+            Err(HvError::INVALID_SYNIC_STATE)
+        );
+        let mut bad = contact(version::WIN10_V5_3, 0);
+        bad.connection_id = 7.into();
+        assert_eq!(
+            bus.post_message(0, &bad),
+            Err(HvError::INVALID_CONNECTION_ID)
+        );
+        bad = contact(version::WIN10_V5_3, 0);
+        bad.payload_size = 241.into();
+        assert_eq!(bus.post_message(0, &bad), Err(HvError::INVALID_PARAMETER));
+        assert!(rec.0.lock().unwrap().is_empty());
+        assert!(VmBus::is_synic_msr(msr::EOM) && VmBus::is_synic_msr(msr::SINT15));
+        assert!(!VmBus::is_synic_msr(msr::SINT15 + 1) && !VmBus::is_synic_msr(msr::VP_INDEX));
+    }
+}
