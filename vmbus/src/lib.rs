@@ -49,6 +49,8 @@
 #![forbid(unsafe_code)]
 
 pub mod abi;
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod fuzzing;
 pub mod server;
 pub mod synic;
 
