@@ -710,6 +710,138 @@ pub struct OfferChannel {
 /// The highest child relid plus one (`MAX_CHANNEL_RELIDS`).
 pub const MAX_CHANNEL_RELIDS: u32 = 2048;
 
+/// A channel message of the GPADL, open and close exchanges: `#[repr(C)]`,
+/// packed little-endian fields, checked field by field in the tests.
+macro_rules! channel_message {
+    ($(#[$m:meta])* $name:ident { $($(#[$fm:meta])* $field:ident: $ty:ty,)* }) => {
+        $(#[$m])*
+        #[derive(
+            Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout,
+            Unaligned,
+        )]
+        #[repr(C)]
+        pub struct $name {
+            /// The message's type.
+            pub header: ChannelMessageHeader,
+            $($(#[$fm])* pub $field: $ty,)*
+        }
+    };
+}
+
+channel_message! {
+    /// GPADL_HEADER (`struct vmbus_channel_gpadl_header`, 20 bytes): a
+    /// guest page list for a channel, followed by `range_buflen` bytes of
+    /// ranges (each a [`GpaRange`] and its PFNs), as many as fit this
+    /// message; GPADL_BODY messages carry the rest.
+    GpadlHeader {
+        /// The channel.
+        child_relid: U32,
+        /// The guest's handle for the list.
+        gpadl: U32,
+        /// Bytes of all ranges with their PFNs.
+        range_buflen: U16,
+        /// Ranges (Linux: always 1).
+        rangecount: U16,
+    }
+}
+
+/// One range of a GPADL (`struct gpa_range`, 8 bytes), followed by its
+/// PFNs (4 KiB guest page numbers, u64 each).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
+#[repr(C)]
+pub struct GpaRange {
+    /// Bytes the range covers.
+    pub byte_count: U32,
+    /// Where they start in the first page.
+    pub byte_offset: U32,
+}
+
+channel_message! {
+    /// GPADL_BODY (`struct vmbus_channel_gpadl_body`, 16 bytes): more PFNs
+    /// of a GPADL, after the header's.
+    GpadlBody {
+        /// The body message's number (Linux: not set).
+        msgnumber: U32,
+        /// The GPADL's handle.
+        gpadl: U32,
+    }
+}
+
+channel_message! {
+    /// GPADL_CREATED (`struct vmbus_channel_gpadl_created`, 20 bytes): the
+    /// host's answer once it has every PFN.
+    GpadlCreated {
+        /// The channel.
+        child_relid: U32,
+        /// The GPADL's handle.
+        gpadl: U32,
+        /// 0, or an NTSTATUS error ([`STATUS_UNSUCCESSFUL`]).
+        creation_status: U32,
+    }
+}
+
+channel_message! {
+    /// GPADL_TEARDOWN (`struct vmbus_channel_gpadl_teardown`, 16 bytes).
+    GpadlTeardown {
+        /// The channel.
+        child_relid: U32,
+        /// The GPADL's handle.
+        gpadl: U32,
+    }
+}
+
+channel_message! {
+    /// GPADL_TORNDOWN (`struct vmbus_channel_gpadl_torndown`, 12 bytes).
+    GpadlTorndown {
+        /// The GPADL's handle.
+        gpadl: U32,
+    }
+}
+
+channel_message! {
+    /// OPENCHANNEL (`struct vmbus_channel_open_channel`, 148 bytes).
+    OpenChannel {
+        /// The channel.
+        child_relid: U32,
+        /// The guest's id for this open, echoed in the result.
+        openid: U32,
+        /// The GPADL of the two ring buffers (host-to-guest first).
+        ringbuffer_gpadl_handle: U32,
+        /// The VP the channel's interrupts go to.
+        target_vp: U32,
+        /// Where the guest-to-host ring starts in the GPADL, in pages.
+        downstream_ringbuffer_page_offset: U32,
+        /// The device's own open data.
+        user_data: [u8; OFFER_USER_DEFINED_BYTES],
+    }
+}
+
+channel_message! {
+    /// OPENCHANNEL_RESULT (`struct vmbus_channel_open_result`, 20 bytes).
+    OpenResult {
+        /// The channel.
+        child_relid: U32,
+        /// The open's id, as the guest sent it.
+        openid: U32,
+        /// 0, or an NTSTATUS error ([`STATUS_UNSUCCESSFUL`]).
+        status: U32,
+    }
+}
+
+channel_message! {
+    /// CLOSECHANNEL (`struct vmbus_channel_close_channel`, 12 bytes).
+    CloseChannel {
+        /// The channel.
+        child_relid: U32,
+    }
+}
+
+/// The NTSTATUS the host answers a GPADL or an open it refuses with
+/// (Linux only checks for non-zero).
+pub const STATUS_UNSUCCESSFUL: u32 = 0xC000_0001;
+
 #[cfg(test)]
 // Test constants are small.
 #[allow(clippy::cast_possible_truncation)]
@@ -947,5 +1079,35 @@ mod tests {
             "HvMessageType(0x80000010)"
         );
         assert_eq!(format!("{:?}", HvMessageType::NONE), "HVMSG_NONE");
+    }
+
+    #[test]
+    fn gpadl_open_and_close_layouts() {
+        assert_eq!(size_of::<GpadlHeader>(), 20);
+        assert_eq!(offset_of!(GpadlHeader, child_relid), 8);
+        assert_eq!(offset_of!(GpadlHeader, gpadl), 12);
+        assert_eq!(offset_of!(GpadlHeader, range_buflen), 16);
+        assert_eq!(offset_of!(GpadlHeader, rangecount), 18);
+        assert_eq!(size_of::<GpaRange>(), 8);
+        assert_eq!(offset_of!(GpaRange, byte_offset), 4);
+        assert_eq!(size_of::<GpadlBody>(), 16);
+        assert_eq!(offset_of!(GpadlBody, msgnumber), 8);
+        assert_eq!(offset_of!(GpadlBody, gpadl), 12);
+        assert_eq!(size_of::<GpadlCreated>(), 20);
+        assert_eq!(offset_of!(GpadlCreated, creation_status), 16);
+        assert_eq!(size_of::<GpadlTeardown>(), 16);
+        assert_eq!(size_of::<GpadlTorndown>(), 12);
+        assert_eq!(size_of::<OpenChannel>(), 148);
+        assert_eq!(offset_of!(OpenChannel, openid), 12);
+        assert_eq!(offset_of!(OpenChannel, ringbuffer_gpadl_handle), 16);
+        assert_eq!(offset_of!(OpenChannel, target_vp), 20);
+        assert_eq!(
+            offset_of!(OpenChannel, downstream_ringbuffer_page_offset),
+            24
+        );
+        assert_eq!(offset_of!(OpenChannel, user_data), 28);
+        assert_eq!(size_of::<OpenResult>(), 20);
+        assert_eq!(offset_of!(OpenResult, status), 16);
+        assert_eq!(size_of::<CloseChannel>(), 12);
     }
 }

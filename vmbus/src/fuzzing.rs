@@ -5,8 +5,8 @@
 //! sequence of guest actions: SynIC MSR writes and reads (with values
 //! biased towards pages of RAM, Linux's vector and the reserved bits),
 //! HvCallPostMessage inputs (raw, or fixed up towards valid INITIATE_CONTACT,
-//! REQUESTOFFERS and UNLOAD messages so that the server's handlers are
-//! reached), the guest zeroing a page or taking a message out of its slot
+//! REQUESTOFFERS and UNLOAD messages, or any channel message type with
+//! random content: GPADLs, opens, closes), the guest zeroing a page or taking a message out of its slot
 //! and EOM, event signals, and the VMM adding offers or resetting the
 //! server. RAM starts filled with a canary, so that a page the guest has
 //! not zeroed looks like a busy message slot. It panics if an invariant
@@ -116,7 +116,7 @@ fn input_of(r: &mut Reader<'_>, vcpus: u32) -> InputPostMessage {
     input.connection_id = if fix & 2 == 0 { 4 } else { 1 }.into();
     input.reserved = 0.into();
     input.message_type = 1.into();
-    input.payload_size = (u32::from(raw[12]) % 64).into();
+    input.payload_size = (u32::from(raw[12]) % 241).into();
     let msgtype = match fix >> 2 & 3 {
         0 => ChannelMessageType::INITIATE_CONTACT,
         1 => ChannelMessageType::REQUESTOFFERS,

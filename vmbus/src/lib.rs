@@ -6,11 +6,13 @@
 //! and opens channels whose ring buffers then carry each device's protocol
 //! (vPCI among them).
 //!
-//! # What this slice does
+//! # What it does
 //! - [`abi`]: the SynIC's register formats, the message and event-flags
-//!   pages, HvCallPostMessage's input, the connect-time channel messages
-//!   (INITIATE_CONTACT, VERSION_RESPONSE, OFFERCHANNEL, REQUESTOFFERS,
-//!   ALLOFFERS_DELIVERED, UNLOAD, UNLOAD_RESPONSE), VMBus versions and
+//!   pages, HvCallPostMessage's input, the channel messages of connect,
+//!   offers and unload (INITIATE_CONTACT, VERSION_RESPONSE, OFFERCHANNEL,
+//!   REQUESTOFFERS, ALLOFFERS_DELIVERED, UNLOAD, UNLOAD_RESPONSE) and of a
+//!   channel's set-up (GPADL_HEADER/BODY/CREATED/TEARDOWN/TORNDOWN,
+//!   OPENCHANNEL, OPENCHANNEL_RESULT, CLOSECHANNEL), VMBus versions and
 //!   connection ids. Layouts are tested field by field. The SynIC's MSR
 //!   numbers ([`pviommu_abi::msr`]) and the HV_STATUS codes
 //!   ([`pviommu_abi::HvError`]) are `pviommu-abi`'s, pvmm's one definition
@@ -21,7 +23,8 @@
 //!   [`synic::SintSink`].
 //! - [`server`]: HvCallPostMessage's VMBus port: version negotiation as
 //!   Linux expects it (5.3 down to 5.0 accepted), the offer list (zero or
-//!   more offers registered through [`server::Server::add_offer`]), unload.
+//!   more offers registered through [`server::Server::add_offer`]), unload,
+//!   and channel set-up: GPADLs, open, close.
 //!   Refusals are typed [`server::PostError`]s with their HV_STATUS (an
 //!   [`pviommu_abi::HvError`]).
 //!
@@ -36,9 +39,10 @@
 //! harness's `linux_hyperv_pviommu_driver_starts`).
 //!
 //! # What it does NOT do yet
-//! - no channels: no GPADL, OPENCHANNEL, ring buffers, HvSignalEvent ports,
-//!   monitor pages, rescind or hot-added offers, and no MMIO window for
-//!   them in ACPI;
+//! - channels stop at their set-up: GPADLs, open and close are served, but
+//!   no ring buffer is read or written, and there are no HvSignalEvent
+//!   ports, channel interrupts, monitor pages, rescinds or hot-added
+//!   offers, and no MMIO window for devices in ACPI;
 //! - no vPCI (do not offer [`abi::VPCI_INTERFACE_TYPE`] before it exists);
 //! - no KVM in-kernel SynIC backend, no save/restore.
 //!

@@ -1,7 +1,7 @@
-//! The VMBus control plane, as far as Linux's `vmbus_connect` and
-//! `vmbus_request_offers` go: INITIATE_CONTACT, REQUESTOFFERS and UNLOAD,
-//! received through HvCallPostMessage and answered through the
-//! [`Synic`].
+//! The VMBus control plane: connect (INITIATE_CONTACT), the offer list
+//! (REQUESTOFFERS), unload, and a channel's page lists and opening
+//! (GPADL_HEADER/BODY/TEARDOWN, OPENCHANNEL, CLOSECHANNEL), received
+//! through HvCallPostMessage and answered through the [`Synic`].
 //!
 //! # The connect sequence (Linux's `drivers/hv/connection.c`)
 //! 1. Linux proposes versions newest first, each with INITIATE_CONTACT: to
@@ -21,7 +21,24 @@
 //! 3. REQUESTOFFERS: one OFFERCHANNEL per offer registered with
 //!    [`Server::add_offer`] (none is fine), then ALLOFFERS_DELIVERED.
 //! 4. UNLOAD (kexec, shutdown): UNLOAD_RESPONSE, then the connection is
-//!    forgotten. Linux waits for the response without a timeout.
+//!    forgotten, with its GPADLs and open channels. Linux waits for the
+//!    response without a timeout.
+//!
+//! # Channels (Linux's `drivers/hv/channel.c`)
+//! - A GPADL is a guest page list for one channel: a header with one range
+//!   and its first PFNs, GPADL_BODY messages with the rest (Linux sends
+//!   them all, then waits for GPADL_CREATED without a timeout). The server
+//!   answers once every PFN is in: success if every page is guest RAM, else
+//!   [`crate::abi::STATUS_UNSUCCESSFUL`]; a header it cannot use is
+//!   answered with the failure at once. At most [`MAX_GPADLS`] GPADLs of
+//!   [`MAX_GPADL_PAGES`] pages each.
+//! - OPENCHANNEL names the GPADL of the channel's two rings and where the
+//!   second starts; OPENCHANNEL_RESULT says whether it opened (Linux waits
+//!   for it without a timeout, so a refusal is an answer too).
+//!   CLOSECHANNEL closes it (no answer). GPADL_TEARDOWN of a GPADL no open
+//!   channel uses is answered with GPADL_TORNDOWN.
+//! - Not yet: the rings' contents, HvSignalEvent and channel interrupts,
+//!   monitor pages, rescind and RELID_RELEASED, hot-added offers.
 //!
 //! Messages post on connection 1 or 4, whatever the version (OpenVMM's
 //! VTL0 server listens on both; `[verify]` which `msg_conn_id` it returns:
@@ -39,23 +56,36 @@
 //! The server logs one line, on the first connection; every other event
 //! is the caller's to log through its rate limiter.
 
+use std::collections::BTreeMap;
+use std::mem::size_of;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use pviommu_abi::HvError;
-use vm_memory::GuestMemory;
+use pviommu_abi::{HvError, HV_PAGE_SIZE};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 use zerocopy::{FromBytes, FromZeros, Immutable, IntoBytes, KnownLayout};
 
 use crate::abi::{
-    connection_state, version, ChannelMessageHeader, ChannelMessageType, ChannelOffer, Guid,
-    HvMessage, HvMessageType, InitiateContact, InputPostMessage, OfferChannel, VersionResponse,
-    HV_MESSAGE_PAYLOAD_SIZE, MAX_CHANNEL_RELIDS, SINT_COUNT, VMBUS_MESSAGE_CONNECTION_ID,
-    VMBUS_MESSAGE_CONNECTION_ID_4, VMBUS_MESSAGE_SINT,
+    connection_state, version, ChannelMessageHeader, ChannelMessageType, ChannelOffer,
+    CloseChannel, GpaRange, GpadlBody, GpadlCreated, GpadlHeader, GpadlTeardown, GpadlTorndown,
+    Guid, HvMessage, HvMessageType, InitiateContact, InputPostMessage, OfferChannel, OpenChannel,
+    OpenResult, VersionResponse, HV_MESSAGE_PAYLOAD_SIZE, MAX_CHANNEL_RELIDS, SINT_COUNT,
+    STATUS_UNSUCCESSFUL, VMBUS_MESSAGE_CONNECTION_ID, VMBUS_MESSAGE_CONNECTION_ID_4,
+    VMBUS_MESSAGE_SINT,
 };
 use crate::synic::{DeliveryError, Synic};
 
 /// Offers the server holds at most (it could hold 2047: relids 1..2047).
 pub const MAX_OFFERS: usize = 32;
+/// A guest page, in bytes.
+const PAGE_BYTES: usize = 4096;
+const _: () = assert!(PAGE_BYTES as u64 == HV_PAGE_SIZE);
+
+/// GPADLs a connection holds at most, created and pending together.
+pub const MAX_GPADLS: usize = 64;
+/// Pages a GPADL has at most (16 MiB): with [`MAX_GPADLS`], at most 2 MiB
+/// of PFNs per VM.
+pub const MAX_GPADL_PAGES: usize = 4096;
 /// The first offer's connection id (its HvSignalEvent target) is this plus
 /// its relid: clear of the VMBus ids 1..4.
 pub const OFFER_CONNECTION_ID_BASE: u32 = 0x1000;
@@ -96,8 +126,8 @@ pub enum PostError {
         /// The message's size.
         min: u32,
     },
-    /// A channel message this slice does not serve (GPADL, OPENCHANNEL and
-    /// the rest come with channels), or one only the host sends.
+    /// A channel message this server does not serve (RELID_RELEASED,
+    /// MODIFYCHANNEL and the rest), or one only the host sends.
     #[error("Channel message {0} is not served")]
     UnsupportedMessage(ChannelMessageType),
     /// A message that needs a connection came before INITIATE_CONTACT
@@ -110,6 +140,16 @@ pub enum PostError {
     /// INITIATE_CONTACT named a SINT above 15.
     #[error("INITIATE_CONTACT names SINT {0}")]
     InvalidMessageSint(u8),
+    /// GPADL_BODY or GPADL_TEARDOWN for a GPADL that is not pending, or
+    /// not created for that channel.
+    #[error("GPADL {0:#x} is unknown")]
+    UnknownGpadl(u32),
+    /// GPADL_TEARDOWN of a GPADL an open channel uses.
+    #[error("GPADL {0:#x} is an open channel's ring")]
+    GpadlInUse(u32),
+    /// CLOSECHANNEL of a channel that is not open.
+    #[error("Channel {0} is not open")]
+    NotOpen(u32),
     /// The SynIC did not take the reply; nothing changed.
     #[error("Reply not posted")]
     Reply(#[source] DeliveryError),
@@ -141,7 +181,10 @@ impl PostError {
             | Self::TruncatedMessage { .. }
             | Self::UnsupportedMessage(_)
             | Self::NotConnected(_)
-            | Self::InvalidMessageSint(_) => HvError::INVALID_PARAMETER,
+            | Self::InvalidMessageSint(_)
+            | Self::UnknownGpadl(_)
+            | Self::GpadlInUse(_)
+            | Self::NotOpen(_) => HvError::INVALID_PARAMETER,
             Self::InvalidTargetVp(_) => HvError::INVALID_VP_INDEX,
             Self::Reply(e) => e.status(),
         }
@@ -211,10 +254,77 @@ pub struct Connection {
     pub offers_requested: bool,
 }
 
+/// A guest page list (GPADL) the guest described for a channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gpadl {
+    /// The channel it was made for.
+    pub relid: u32,
+    /// Bytes it covers.
+    pub byte_count: u32,
+    /// Where they start in the first page.
+    pub byte_offset: u32,
+    /// Its 4 KiB guest pages, in order (all in guest RAM once created).
+    pub pfns: Vec<u64>,
+}
+
+/// A GPADL being described: its header came, its PFNs still come.
+#[derive(Debug)]
+struct PendingGpadl {
+    gpadl: Gpadl,
+    /// PFNs it has in all.
+    pages: usize,
+}
+
+impl PendingGpadl {
+    /// Takes the PFNs in `bytes` (whole u64s), as many as it still lacks.
+    fn take(&mut self, bytes: &[u8]) {
+        let lacking = self.pages - self.gpadl.pfns.len();
+        self.gpadl.pfns.extend(
+            bytes
+                .chunks_exact(8)
+                .take(lacking)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default())),
+        );
+    }
+}
+
+/// An open channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenChannelState {
+    /// The guest's id of the open.
+    pub openid: u32,
+    /// The GPADL of its two rings.
+    pub ring_gpadl: u32,
+    /// The VP its interrupts go to.
+    pub target_vp: u32,
+    /// Where the guest-to-host ring starts in the GPADL, in pages.
+    pub downstream_page_offset: u32,
+}
+
 #[derive(Debug, Default)]
 struct State {
     connection: Option<Connection>,
     offers: Vec<Offer>,
+    /// Created GPADLs, by handle (at most [`MAX_GPADLS`] with the pending).
+    gpadls: BTreeMap<u32, Gpadl>,
+    /// GPADLs whose PFNs are still coming, by handle.
+    pending: BTreeMap<u32, PendingGpadl>,
+    /// Open channels, by relid.
+    open: BTreeMap<u32, OpenChannelState>,
+}
+
+impl State {
+    /// Ends the connection and everything made in it (VMBus's unload).
+    fn disconnect(&mut self) {
+        self.connection = None;
+        self.gpadls.clear();
+        self.pending.clear();
+        self.open.clear();
+    }
+
+    fn offer(&self, relid: u32) -> bool {
+        self.offers.iter().any(|o| o.ids.relid == relid)
+    }
 }
 
 /// The VMBus server of a VM.
@@ -254,9 +364,20 @@ impl<M: GuestMemory> Server<M> {
         self.state().connection
     }
 
-    /// Forgets the connection (VM reset); offers stay.
+    /// Forgets the connection, its GPADLs and open channels (VM reset);
+    /// offers stay.
     pub fn reset(&self) {
-        self.state().connection = None;
+        self.state().disconnect();
+    }
+
+    /// GPADL `handle`, once created.
+    pub fn gpadl(&self, handle: u32) -> Option<Gpadl> {
+        self.state().gpadls.get(&handle).cloned()
+    }
+
+    /// Channel `relid`'s open state, if open.
+    pub fn open_channel(&self, relid: u32) -> Option<OpenChannelState> {
+        self.state().open.get(&relid).copied()
     }
 
     /// Registers an offer of class `interface_type`, instance `instance`,
@@ -321,6 +442,13 @@ impl<M: GuestMemory> Server<M> {
             }
             ChannelMessageType::REQUESTOFFERS => self.request_offers(),
             ChannelMessageType::UNLOAD => self.unload(),
+            ChannelMessageType::GPADL_HEADER => self.gpadl_header(payload, size),
+            ChannelMessageType::GPADL_BODY => self.gpadl_body(payload, size),
+            ChannelMessageType::GPADL_TEARDOWN => {
+                self.gpadl_teardown(parse(msgtype, payload, size)?)
+            }
+            ChannelMessageType::OPENCHANNEL => self.open(parse(msgtype, payload, size)?),
+            ChannelMessageType::CLOSECHANNEL => self.close(parse(msgtype, payload, size)?),
             _ => Err(PostError::UnsupportedMessage(msgtype)),
         }
     }
@@ -359,6 +487,7 @@ impl<M: GuestMemory> Server<M> {
         let mut state = self.state();
         self.reply(target_vp, sint, &reply)?;
         // A new INITIATE_CONTACT ends any earlier connection, refused or not.
+        state.disconnect();
         state.connection = accepted.then_some(Connection {
             version: requested,
             target_vp,
@@ -409,8 +538,189 @@ impl<M: GuestMemory> Server<M> {
         };
         let done = ChannelMessageHeader::new(ChannelMessageType::UNLOAD_RESPONSE);
         self.reply(connection.target_vp, connection.sint, &done)?;
-        state.connection = None;
+        state.disconnect();
         Ok(())
+    }
+
+    /// The connection, for a message that needs one.
+    fn connected(state: &State, msgtype: ChannelMessageType) -> Result<Connection, PostError> {
+        state.connection.ok_or(PostError::NotConnected(msgtype))
+    }
+
+    /// GPADL_HEADER: a page list for a channel, one range (as Linux sends),
+    /// its first PFNs here and the rest in GPADL_BODY messages. Once every
+    /// PFN is in, GPADL_CREATED answers: success if every page is guest RAM,
+    /// else [`STATUS_UNSUCCESSFUL`]. A header that cannot describe a GPADL
+    /// (a channel not offered, a handle in use, no or several ranges, sizes
+    /// that disagree, too many pages or GPADLs) is answered at once with
+    /// the failure: Linux waits for the answer without a timeout.
+    fn gpadl_header(&self, payload: &[u8], size: u32) -> Result<(), PostError> {
+        let msgtype = ChannelMessageType::GPADL_HEADER;
+        let header: GpadlHeader = parse(msgtype, payload, size)?;
+        let mut state = self.state();
+        let connection = Self::connected(&state, msgtype)?;
+        let (relid, handle) = (header.child_relid.get(), header.gpadl.get());
+        let rest = payload.get(size_of::<GpadlHeader>()..).unwrap_or_default();
+        let described = GpaRange::read_from_prefix(rest)
+            .ok()
+            .filter(|_| header.rangecount.get() == 1)
+            .and_then(|(range, pfns)| {
+                let buflen = usize::from(header.range_buflen.get());
+                let pages = buflen.checked_sub(size_of::<GpaRange>())? / 8;
+                let covered =
+                    u64::from(range.byte_offset.get()) + u64::from(range.byte_count.get());
+                let fits = pages.checked_sub(1)? as u64 * HV_PAGE_SIZE < covered
+                    && covered <= pages as u64 * HV_PAGE_SIZE;
+                (buflen % 8 == 0 && (1..=MAX_GPADL_PAGES).contains(&pages) && fits)
+                    .then_some((range, pages, pfns))
+            });
+        let usable = state.offer(relid)
+            && handle != 0
+            && !state.gpadls.contains_key(&handle)
+            && !state.pending.contains_key(&handle)
+            && state.gpadls.len() + state.pending.len() < MAX_GPADLS;
+        let Some((range, pages, pfns)) = described.filter(|_| usable) else {
+            return self.gpadl_created(&connection, relid, handle, false);
+        };
+        let mut pending = PendingGpadl {
+            gpadl: Gpadl {
+                relid,
+                byte_count: range.byte_count.get(),
+                byte_offset: range.byte_offset.get(),
+                pfns: Vec::with_capacity(pages),
+            },
+            pages,
+        };
+        pending.take(pfns);
+        self.gpadl_progress(&mut state, &connection, handle, pending)
+    }
+
+    /// GPADL_BODY: more PFNs of a pending GPADL.
+    fn gpadl_body(&self, payload: &[u8], size: u32) -> Result<(), PostError> {
+        let msgtype = ChannelMessageType::GPADL_BODY;
+        let body: GpadlBody = parse(msgtype, payload, size)?;
+        let mut state = self.state();
+        let connection = Self::connected(&state, msgtype)?;
+        let handle = body.gpadl.get();
+        let mut pending = state
+            .pending
+            .remove(&handle)
+            .ok_or(PostError::UnknownGpadl(handle))?;
+        pending.take(payload.get(size_of::<GpadlBody>()..).unwrap_or_default());
+        self.gpadl_progress(&mut state, &connection, handle, pending)
+    }
+
+    /// Keeps a GPADL that still lacks PFNs; answers a complete one.
+    fn gpadl_progress(
+        &self,
+        state: &mut State,
+        connection: &Connection,
+        handle: u32,
+        pending: PendingGpadl,
+    ) -> Result<(), PostError> {
+        if pending.gpadl.pfns.len() < pending.pages {
+            state.pending.insert(handle, pending);
+            return Ok(());
+        }
+        let gpadl = pending.gpadl;
+        let mem = self.synic.memory();
+        let in_ram = gpadl.pfns.iter().all(|&pfn| {
+            pfn.checked_mul(HV_PAGE_SIZE).is_some_and(|gpa| {
+                mem.check_range(GuestAddress(gpa), PAGE_BYTES, Permissions::ReadWrite)
+            })
+        });
+        let relid = gpadl.relid;
+        self.gpadl_created(connection, relid, handle, in_ram)?;
+        if in_ram {
+            state.gpadls.insert(handle, gpadl);
+        }
+        Ok(())
+    }
+
+    fn gpadl_created(
+        &self,
+        connection: &Connection,
+        relid: u32,
+        handle: u32,
+        ok: bool,
+    ) -> Result<(), PostError> {
+        let reply = GpadlCreated {
+            header: ChannelMessageHeader::new(ChannelMessageType::GPADL_CREATED),
+            child_relid: relid.into(),
+            gpadl: handle.into(),
+            creation_status: if ok { 0 } else { STATUS_UNSUCCESSFUL }.into(),
+        };
+        self.reply(connection.target_vp, connection.sint, &reply)
+    }
+
+    /// GPADL_TEARDOWN: forgets a created GPADL that no open channel uses,
+    /// and answers GPADL_TORNDOWN (Linux waits for it without a timeout; a
+    /// refused post ends its wait with an error).
+    fn gpadl_teardown(&self, m: GpadlTeardown) -> Result<(), PostError> {
+        let mut state = self.state();
+        let connection = Self::connected(&state, ChannelMessageType::GPADL_TEARDOWN)?;
+        let handle = m.gpadl.get();
+        match state.gpadls.get(&handle) {
+            Some(g) if g.relid == m.child_relid.get() => {}
+            _ => return Err(PostError::UnknownGpadl(handle)),
+        }
+        if state.open.values().any(|o| o.ring_gpadl == handle) {
+            return Err(PostError::GpadlInUse(handle));
+        }
+        let reply = GpadlTorndown {
+            header: ChannelMessageHeader::new(ChannelMessageType::GPADL_TORNDOWN),
+            gpadl: handle.into(),
+        };
+        self.reply(connection.target_vp, connection.sint, &reply)?;
+        state.gpadls.remove(&handle);
+        Ok(())
+    }
+
+    /// OPENCHANNEL: opens an offered, closed channel on a GPADL of its own
+    /// whose two rings (split at the downstream offset) each have a page at
+    /// least, interrupting an existing VP. The result says which: Linux
+    /// waits for it without a timeout, so a refused open is answered too.
+    fn open(&self, m: OpenChannel) -> Result<(), PostError> {
+        let mut state = self.state();
+        let connection = Self::connected(&state, ChannelMessageType::OPENCHANNEL)?;
+        let relid = m.child_relid.get();
+        let opened = OpenChannelState {
+            openid: m.openid.get(),
+            ring_gpadl: m.ringbuffer_gpadl_handle.get(),
+            target_vp: m.target_vp.get(),
+            downstream_page_offset: m.downstream_ringbuffer_page_offset.get(),
+        };
+        let ok = state.offer(relid)
+            && !state.open.contains_key(&relid)
+            && opened.target_vp < self.synic.vcpus()
+            && state.gpadls.get(&opened.ring_gpadl).is_some_and(|g| {
+                g.relid == relid
+                    && opened.downstream_page_offset > 0
+                    && (opened.downstream_page_offset as usize) < g.pfns.len()
+            });
+        let reply = OpenResult {
+            header: ChannelMessageHeader::new(ChannelMessageType::OPENCHANNEL_RESULT),
+            child_relid: relid.into(),
+            openid: opened.openid.into(),
+            status: if ok { 0 } else { STATUS_UNSUCCESSFUL }.into(),
+        };
+        self.reply(connection.target_vp, connection.sint, &reply)?;
+        if ok {
+            state.open.insert(relid, opened);
+        }
+        Ok(())
+    }
+
+    /// CLOSECHANNEL: closes an open channel (no answer: Linux does not wait).
+    fn close(&self, m: CloseChannel) -> Result<(), PostError> {
+        let mut state = self.state();
+        Self::connected(&state, ChannelMessageType::CLOSECHANNEL)?;
+        let relid = m.child_relid.get();
+        state
+            .open
+            .remove(&relid)
+            .map(|_| ())
+            .ok_or(PostError::NotOpen(relid))
     }
 
     /// Posts channel message `message` to `vp`, `sint`.
@@ -539,6 +849,235 @@ mod tests {
             .unwrap()
             .0
             .msgtype()
+    }
+
+    // ------------------------------------------------------------ GPADL, open, close
+
+    /// Linux's `create_gpadl_header` for `pfns` (one range of whole pages):
+    /// the header with as many PFNs as fit, then bodies.
+    fn gpadl_messages(relid: u32, handle: u32, pfns: &[u64]) -> Vec<InputPostMessage> {
+        let head = size_of::<GpadlHeader>() + size_of::<GpaRange>();
+        let first = pfns.len().min((HV_MESSAGE_PAYLOAD_SIZE - head) / 8);
+        let header = GpadlHeader {
+            header: ChannelMessageHeader::new(ChannelMessageType::GPADL_HEADER),
+            child_relid: relid.into(),
+            gpadl: handle.into(),
+            range_buflen: u16::try_from(8 + 8 * pfns.len()).unwrap().into(),
+            rangecount: 1.into(),
+        };
+        let range = GpaRange {
+            byte_count: u32::try_from(pfns.len() * 4096).unwrap().into(),
+            byte_offset: 0.into(),
+        };
+        let mut bytes = [header.as_bytes(), range.as_bytes()].concat();
+        for pfn in &pfns[..first] {
+            bytes.extend_from_slice(&pfn.to_le_bytes());
+        }
+        let mut out = vec![post(VMBUS_MESSAGE_CONNECTION_ID, &bytes)];
+        for chunk in pfns[first..].chunks((HV_MESSAGE_PAYLOAD_SIZE - 16) / 8) {
+            let body = GpadlBody {
+                header: ChannelMessageHeader::new(ChannelMessageType::GPADL_BODY),
+                msgnumber: 0.into(),
+                gpadl: handle.into(),
+            };
+            let mut bytes = body.as_bytes().to_vec();
+            for pfn in chunk {
+                bytes.extend_from_slice(&pfn.to_le_bytes());
+            }
+            out.push(post(VMBUS_MESSAGE_CONNECTION_ID, &bytes));
+        }
+        out
+    }
+
+    /// A connected server with one offer (relid 1), its offers taken.
+    fn with_channel() -> (Arc<Mem>, Server<Mem>) {
+        let (_, mem, s) = server(2);
+        s.add_offer(TEST_CLASS, INSTANCE_A).unwrap();
+        linux_enable(s.synic(), 0);
+        linux_connect(&s, &mem);
+        s.post_message(0, &header_only(1, ChannelMessageType::REQUESTOFFERS))
+            .unwrap();
+        assert_eq!(
+            msgtype(&linux_take(s.synic(), &mem, 0, 2).unwrap()),
+            ChannelMessageType::OFFERCHANNEL
+        );
+        assert_eq!(
+            msgtype(&linux_take(s.synic(), &mem, 0, 2).unwrap()),
+            ChannelMessageType::ALLOFFERS_DELIVERED
+        );
+        (mem, s)
+    }
+
+    fn take<T: FromBytes>(s: &Server<Mem>, mem: &Mem, t: ChannelMessageType) -> T {
+        let m = linux_take(s.synic(), mem, 0, 2).expect("a reply");
+        assert_eq!(msgtype(&m), t);
+        T::read_from_prefix(m.payload()).unwrap().0
+    }
+
+    fn open_message(relid: u32, gpadl: u32, downstream: u32, target_vp: u32) -> InputPostMessage {
+        let m = OpenChannel {
+            header: ChannelMessageHeader::new(ChannelMessageType::OPENCHANNEL),
+            child_relid: relid.into(),
+            openid: 7.into(),
+            ringbuffer_gpadl_handle: gpadl.into(),
+            target_vp: target_vp.into(),
+            downstream_ringbuffer_page_offset: downstream.into(),
+            user_data: [0; 120],
+        };
+        post(VMBUS_MESSAGE_CONNECTION_ID, m.as_bytes())
+    }
+
+    /// Linux's `vmbus_establish_gpadl` (40 pages: a header and a body),
+    /// `vmbus_open` on it, `vmbus_close` and `vmbus_teardown_gpadl`.
+    #[test]
+    fn gpadl_open_close_teardown_as_linux_does_them() {
+        let (mem, s) = with_channel();
+        let pfns: Vec<u64> = (0..40).map(|i| i % 16).collect();
+        let msgs = gpadl_messages(1, 0xE1E1, &pfns);
+        assert_eq!(msgs.len(), 2);
+        s.post_message(0, &msgs[0]).unwrap();
+        // Nothing until every PFN is in.
+        assert!(linux_take(s.synic(), &mem, 0, 2).is_none());
+        assert_eq!(s.gpadl(0xE1E1), None);
+        s.post_message(0, &msgs[1]).unwrap();
+        let c: GpadlCreated = take(&s, &mem, ChannelMessageType::GPADL_CREATED);
+        assert_eq!(
+            (c.child_relid.get(), c.gpadl.get(), c.creation_status.get()),
+            (1, 0xE1E1, 0)
+        );
+        let g = s.gpadl(0xE1E1).unwrap();
+        assert_eq!(
+            (g.relid, g.byte_count, g.byte_offset, g.pfns),
+            (1, 40 * 4096, 0, pfns)
+        );
+
+        s.post_message(0, &open_message(1, 0xE1E1, 20, 1)).unwrap();
+        let r: OpenResult = take(&s, &mem, ChannelMessageType::OPENCHANNEL_RESULT);
+        assert_eq!(
+            (r.child_relid.get(), r.openid.get(), r.status.get()),
+            (1, 7, 0)
+        );
+        let open = s.open_channel(1).unwrap();
+        assert_eq!(
+            (open.ring_gpadl, open.target_vp, open.downstream_page_offset),
+            (0xE1E1, 1, 20)
+        );
+        // Its ring cannot go while it is open; a second open is refused.
+        let teardown = GpadlTeardown {
+            header: ChannelMessageHeader::new(ChannelMessageType::GPADL_TEARDOWN),
+            child_relid: 1.into(),
+            gpadl: 0xE1E1.into(),
+        };
+        let teardown = post(VMBUS_MESSAGE_CONNECTION_ID, teardown.as_bytes());
+        assert_eq!(
+            s.post_message(0, &teardown),
+            Err(PostError::GpadlInUse(0xE1E1))
+        );
+        s.post_message(0, &open_message(1, 0xE1E1, 20, 1)).unwrap();
+        let r: OpenResult = take(&s, &mem, ChannelMessageType::OPENCHANNEL_RESULT);
+        assert_eq!(r.status.get(), STATUS_UNSUCCESSFUL);
+
+        let close = CloseChannel {
+            header: ChannelMessageHeader::new(ChannelMessageType::CLOSECHANNEL),
+            child_relid: 1.into(),
+        };
+        let close = post(VMBUS_MESSAGE_CONNECTION_ID, close.as_bytes());
+        s.post_message(0, &close).unwrap();
+        assert_eq!(s.open_channel(1), None);
+        assert_eq!(s.post_message(0, &close), Err(PostError::NotOpen(1)));
+        s.post_message(0, &teardown).unwrap();
+        let t: GpadlTorndown = take(&s, &mem, ChannelMessageType::GPADL_TORNDOWN);
+        assert_eq!(t.gpadl.get(), 0xE1E1);
+        assert_eq!(s.gpadl(0xE1E1), None);
+        assert_eq!(
+            s.post_message(0, &teardown),
+            Err(PostError::UnknownGpadl(0xE1E1))
+        );
+    }
+
+    /// Every GPADL Linux waits for is answered, a bad one with a failure:
+    /// pages outside RAM, a channel not offered, handle 0 or in use, sizes
+    /// that disagree, two ranges, too many pages. Opens likewise.
+    #[test]
+    fn bad_gpadls_and_opens_are_answered_with_failures() {
+        let (mem, s) = with_channel();
+        let created = |s: &Server<Mem>| {
+            let c: GpadlCreated = take(s, &mem, ChannelMessageType::GPADL_CREATED);
+            (c.gpadl.get(), c.creation_status.get())
+        };
+        // A page outside RAM (16 pages of RAM).
+        s.post_message(0, &gpadl_messages(1, 2, &[1, 16])[0])
+            .unwrap();
+        assert_eq!(created(&s), (2, STATUS_UNSUCCESSFUL));
+        s.post_message(0, &gpadl_messages(1, 3, &[1, u64::MAX])[0])
+            .unwrap();
+        assert_eq!(created(&s), (3, STATUS_UNSUCCESSFUL));
+        // Channel 2 is not offered; handle 0.
+        s.post_message(0, &gpadl_messages(2, 4, &[1])[0]).unwrap();
+        assert_eq!(created(&s), (4, STATUS_UNSUCCESSFUL));
+        s.post_message(0, &gpadl_messages(1, 0, &[1])[0]).unwrap();
+        assert_eq!(created(&s), (0, STATUS_UNSUCCESSFUL));
+        // A good one; then its handle again.
+        s.post_message(0, &gpadl_messages(1, 5, &[1, 2])[0])
+            .unwrap();
+        assert_eq!(created(&s), (5, 0));
+        s.post_message(0, &gpadl_messages(1, 5, &[3])[0]).unwrap();
+        assert_eq!(created(&s), (5, STATUS_UNSUCCESSFUL));
+        assert_eq!(s.gpadl(5).unwrap().pfns, [1, 2]);
+        // Sizes that disagree, two ranges, no pages, too many pages.
+        for (buflen, count, bytes) in [
+            (8 + 16, 1, 3 * 4096),
+            (8 + 16, 1, 4096),
+            (8 + 17, 1, 2 * 4096),
+            (8 + 16, 2, 2 * 4096),
+            (8, 1, 0),
+            (8 + 8 * 4097, 1, 4097 * 4096),
+        ] {
+            let mut m = gpadl_messages(1, 6, &[1, 2])[0];
+            m.payload[16..18].copy_from_slice(&u16::try_from(buflen).unwrap().to_le_bytes());
+            m.payload[18..20].copy_from_slice(&u16::to_le_bytes(count));
+            m.payload[20..24].copy_from_slice(&u32::to_le_bytes(bytes));
+            s.post_message(0, &m).unwrap();
+            assert_eq!(
+                created(&s),
+                (6, STATUS_UNSUCCESSFUL),
+                "{buflen} {count} {bytes}"
+            );
+        }
+        // A body for no pending GPADL.
+        let body = gpadl_messages(1, 9, &[1; 40])[1];
+        assert_eq!(s.post_message(0, &body), Err(PostError::UnknownGpadl(9)));
+        // Opens: an unknown GPADL, a ring with no downstream half, a VP the
+        // VM lacks, another channel's GPADL, a channel not offered.
+        for (relid, gpadl, downstream, vp) in [
+            (1, 77, 1, 0),
+            (1, 5, 2, 0),
+            (1, 5, 0, 0),
+            (1, 5, 1, 2),
+            (2, 5, 1, 0),
+        ] {
+            s.post_message(0, &open_message(relid, gpadl, downstream, vp))
+                .unwrap();
+            let r: OpenResult = take(&s, &mem, ChannelMessageType::OPENCHANNEL_RESULT);
+            assert_eq!(
+                r.status.get(),
+                STATUS_UNSUCCESSFUL,
+                "{relid} {gpadl} {downstream} {vp}"
+            );
+        }
+        assert_eq!(s.open_channel(1), None);
+        // At most MAX_GPADLS, created and pending together; the rest fail.
+        for h in 100..100 + MAX_GPADLS as u32 - 1 {
+            s.post_message(0, &gpadl_messages(1, h, &[1; 40])[0])
+                .unwrap();
+        }
+        s.post_message(0, &gpadl_messages(1, 999, &[1])[0]).unwrap();
+        assert_eq!(created(&s), (999, STATUS_UNSUCCESSFUL));
+        // Unload forgets them all.
+        s.post_message(0, &header_only(1, ChannelMessageType::UNLOAD))
+            .unwrap();
+        assert_eq!(s.gpadl(5), None);
+        assert!(s.state().pending.is_empty());
     }
 
     const INSTANCE_A: Guid =
@@ -944,10 +1483,24 @@ mod tests {
             assert_eq!(want.status(), status, "{want}");
         }
         // Channel messages not served, and host-only ones.
-        for t in [0, 1, 2, 4, 5, 8, 13, 15, 17, 22, 24, 25, 0xFFFF_FFFF] {
+        for t in [0, 1, 2, 4, 6, 10, 12, 13, 15, 17, 22, 24, 25, 0xFFFF_FFFF] {
             let t = ChannelMessageType(t);
             let e = s.post_message(0, &header_only(1, t)).unwrap_err();
             assert_eq!(e, PostError::UnsupportedMessage(t));
+            assert_eq!(e.status(), HvError::INVALID_PARAMETER);
+        }
+        // Served ones, cut short.
+        for (t, min) in [(5, 148), (7, 12), (8, 20), (9, 16), (11, 16)] {
+            let msgtype = ChannelMessageType(t);
+            let e = s.post_message(0, &header_only(1, msgtype)).unwrap_err();
+            assert_eq!(
+                e,
+                PostError::TruncatedMessage {
+                    msgtype,
+                    size: 8,
+                    min
+                }
+            );
             assert_eq!(e.status(), HvError::INVALID_PARAMETER);
         }
         assert_eq!(
@@ -1004,7 +1557,7 @@ mod tests {
             prop_oneof![Just(1u32), Just(4u32), any::<u32>()],
             prop_oneof![4 => Just(0u32), 1 => any::<u32>()],
             prop_oneof![4 => Just(1u32), 1 => any::<u32>()],
-            prop_oneof![0u32..=48, any::<u32>()],
+            prop_oneof![0u32..=240, any::<u32>()],
             prop_oneof![0u32..=30, any::<u32>()],
             prop_oneof![
                 version::V6_0..=version::V6_0,

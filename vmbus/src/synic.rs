@@ -253,6 +253,11 @@ impl<M: GuestMemory> Synic<M> {
         }
     }
 
+    /// The guest memory messages and event flags go to.
+    pub fn memory(&self) -> &M {
+        &self.mem
+    }
+
     /// How many VPs there are.
     pub fn vcpus(&self) -> u32 {
         u32::try_from(self.vps.len()).unwrap_or(u32::MAX)
