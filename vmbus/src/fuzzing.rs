@@ -192,7 +192,10 @@ pub fn run(data: &[u8]) -> Reached {
                 // The guest takes SINT `sint`'s message: type NONE, then EOM.
                 let sint = r.u8() % 16;
                 if let Some(page) = synic.message_page(vp) {
-                    if page + PAGE <= RAM_PAGES * PAGE {
+                    if page
+                        .checked_add(PAGE)
+                        .is_some_and(|end| end <= RAM_PAGES * PAGE)
+                    {
                         let slot = GuestAddress(page + message_slot_offset(sint));
                         mem.write_slice(&[0u8; 4], slot).expect("slot in RAM");
                         named.insert(page);
