@@ -52,7 +52,9 @@
 //! No unsafe code; no panic on guest input; every queue is bounded.
 #![forbid(unsafe_code)]
 
-pub mod abi;
+/// The wire formats: the `vmbus-abi` crate (`no_std`, shared with pvmm's
+/// test kernel).
+pub use vmbus_abi as abi;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod server;

@@ -1,6 +1,7 @@
-//! Wire formats: the SynIC's register formats, message and event-flag
-//! pages, the HvPostMessage input, and the VMBus channel messages of the
-//! connect sequence.
+//! VMBus wire formats, `no_std`: the SynIC's register formats, message and
+//! event-flag pages, the HvPostMessage input, and VMBus's channel messages
+//! (connect, offers, unload, GPADLs, open and close). The `vmbus` crate
+//! (pvmm's server) and pvmm's test kernel (a guest) share them.
 //!
 //! One definition each. The Hyper-V numbers that share a name space with
 //! pvmm's others are `pviommu-abi`'s, not this module's: the SynIC's MSR
@@ -16,6 +17,11 @@
 //! `include/hyperv/hvgdk_mini.h` (SynIC), `drivers/hv/hyperv_vmbus.h`
 //! (post-message input, connection ids) and `include/linux/hyperv.h`
 //! (channel messages, versions), as read for the research plan of issue 13.
+
+#![no_std]
+
+#[cfg(test)]
+extern crate std;
 
 use bitfield_struct::bitfield;
 use core::fmt;
@@ -849,6 +855,8 @@ mod tests {
     use super::*;
     use core::mem::{align_of, offset_of, size_of};
     use pviommu_abi::HV_PAGE_SIZE;
+    use std::format;
+    use std::string::ToString;
 
     #[test]
     fn synic_layouts() {
