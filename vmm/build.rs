@@ -26,10 +26,12 @@ fn main() {
     for p in ["src", "Cargo.toml", "Cargo.lock", "build.rs", "link.ld"] {
         println!("cargo:rerun-if-changed={}", kernel_dir.join(p).display());
     }
-    // The kernel's path dependency: the pvIOMMU ABI crate.
-    let abi_dir = manifest_dir.join("../iommu/abi");
-    for p in ["src", "Cargo.toml"] {
-        println!("cargo:rerun-if-changed={}", abi_dir.join(p).display());
+    // The kernel's path dependencies: the pvIOMMU and VMBus ABI crates.
+    for abi in ["../iommu/abi", "../vmbus/abi"] {
+        let abi_dir = manifest_dir.join(abi);
+        for p in ["src", "Cargo.toml"] {
+            println!("cargo:rerun-if-changed={}", abi_dir.join(p).display());
+        }
     }
     println!("cargo:rerun-if-env-changed=PVMM_SKIP_TEST_KERNEL");
 

@@ -399,3 +399,6 @@ HV_IO_PAGES:
     .globl HV_TSC_PAGE
 HV_TSC_PAGE:
     .skip 4096                          /* the reference TSC page (VMM overlay) */
+    .globl HV_SYNIC_PAGES
+HV_SYNIC_PAGES:
+    .skip 4096 * 2                      /* SynIC message and event-flag pages */

@@ -25,7 +25,9 @@
 //! `tk.hvclock_s` seconds apart (the host times the lines), and
 //! `tk.tests=hotplug` waits for PCI hotplug events from the API, and
 //! `tk.tests=runflood` floods the pvIOMMU with mapping runs (a hostile
-//! guest, `tk.runflood_reps` reps at most) (never part of the default set).
+//! guest, `tk.runflood_reps` reps at most), and `tk.tests=vmbus` connects
+//! to VMBus through the SynIC and times a message round trip (never part of
+//! the default set).
 
 #![no_std]
 #![no_main]
@@ -102,6 +104,7 @@ const ON_REQUEST: &[(&str, Ring, TestFn)] = &[
     ("hvclock", Ring::Kernel, suites::hvclock::run),
     ("hotplug", Ring::Kernel, suites::hotplug::run),
     ("runflood", Ring::Kernel, suites::runflood::run),
+    ("vmbus", Ring::Kernel, suites::vmbus::run),
 ];
 
 /// The ACPI tables, found once by the boot CPU (poweroff needs them from

@@ -12,3 +12,4 @@ pub mod pci;
 pub mod pviommu;
 pub mod runflood;
 pub mod smp;
+pub mod vmbus;
