@@ -265,8 +265,14 @@ impl Tree {
     }
 }
 
+/// The longest a unit may run in L1 (busybox `timeout`, SIGTERM then
+/// SIGKILL: status 143 or 137): a unit that hangs must not hold back the
+/// ones after it. The longest seen took 229 s, with its in-L1 retry.
+const UNIT_TIMEOUT: Duration = Duration::from_secs(10 * 60);
+
 /// L1's `/init`: mounts, hands edu and NVMe to vfio-pci, runs every unit
-/// with its output framed by `NESTED-RUN` and `NESTED-EXIT <status>`.
+/// (at most [`UNIT_TIMEOUT`] each) with its output framed by `NESTED-RUN`
+/// and `NESTED-EXIT <status>`.
 fn init_script(units: &[Unit], env: &[(&str, String)]) -> String {
     let mut s = String::from(
         r#"#!/bin/busybox sh
@@ -301,8 +307,10 @@ want() { [ -z "$units" ] || case "$units" in *",$1,"*) true ;; *) false ;; esac;
     }
     for (i, Unit { label, exe, args }) in units.iter().enumerate() {
         s.push_str(&format!(
-            "if want {i}; then\necho 'NESTED-RUN {label}'\nstart=$(cut -d' ' -f1 /proc/uptime)\n{} {} 2>&1\nstatus=$?\n\
+            "if want {i}; then\necho 'NESTED-RUN {label}'\nstart=$(cut -d' ' -f1 /proc/uptime)\n\
+             timeout -k 10 {} {} {} 2>&1\nstatus=$?\n\
              echo \"NESTED-EXIT $status {label} (from $start s to $(cut -d' ' -f1 /proc/uptime) s of L1)\"\nfi\n",
+            UNIT_TIMEOUT.as_secs(),
             exe.display(),
             args.join(" ")
         ));
@@ -433,6 +441,10 @@ fn pvmm_on_nested_kvm_amd() {
         }
         units.extend(of_step);
     }
+    assert!(
+        filter.is_none() || units.iter().any(|u| u.label.starts_with("test ")),
+        "PVMM_NESTED_FILTER={filter:?} matches no test"
+    );
     let mut env = vec![
         ("CI", "true".to_string()),
         ("HOME", "/root".to_string()),
@@ -517,11 +529,24 @@ fn pvmm_on_nested_kvm_amd() {
                     ))
                 );
             }
-            results[i] = o;
+            // A later run that never reached the unit keeps its failure.
+            if o.is_some() {
+                results[i] = o;
+            }
         }
         if failed.is_empty() {
             break;
         }
+        // Units that never started first, then those L1 died under, then
+        // those that failed: a unit that fails the same way every time (or
+        // kills L1) must not keep the others from running.
+        failed.sort_by_key(
+            |&i| match found.iter().find(|o| o.label == units[i].label) {
+                None => 0,
+                Some(o) if o.status.is_none() => 1,
+                Some(_) => 2,
+            },
+        );
         to_run = failed;
         if attempt == L1_ATTEMPTS {
             problems.push(format!(
@@ -711,4 +736,18 @@ fn outcomes_are_framed_by_markers() {
 fn test_names_come_from_the_terse_list() {
     let list = "boots_1_cpu: test\nmod::nested_name: test\nratios: bench\n\n";
     assert_eq!(test_names(list), ["boots_1_cpu", "mod::nested_name"]);
+}
+
+#[test]
+fn each_unit_runs_under_its_timeout_and_only_when_wanted() {
+    let unit = Unit {
+        label: "test linux a".into(),
+        exe: PathBuf::from("/t/linux"),
+        args: vec!["--exact".into(), "a".into()],
+    };
+    let script = init_script(&[unit], &[("CI", "true".into())]);
+    assert!(script.contains("export CI='true'\n"));
+    assert!(script.contains("if want 0; then\necho 'NESTED-RUN test linux a'\n"));
+    assert!(script.contains("\ntimeout -k 10 600 /t/linux --exact a 2>&1\nstatus=$?\n"));
+    assert!(script.ends_with("echo NESTED-DONE\npoweroff -f\n"));
 }

@@ -112,6 +112,14 @@ pub enum HypercallOutcome {
 /// their SynICs' message ports). The VMM implements
 /// it over its vCPUs; [`Iommu::dispatch_for`] takes one per call.
 pub trait Processors: Sync {
+    /// Whether the partition offers call `code` at all: the dispatcher
+    /// answers a call not offered with INVALID_HYPERCALL_CODE before it
+    /// checks the call's input. Default: every call.
+    fn offers(&self, code: HypercallCode) -> bool {
+        let _ = code;
+        true
+    }
+
     /// Delivers fixed interrupt `vector` (in [`IPI_VECTORS`], checked) to
     /// every VP whose bit is set in `targets` (bit n: VP n), and ends any
     /// GUEST_IDLE wait of theirs. A target the partition does not have is
@@ -394,18 +402,22 @@ hypercalls! {
     POST_MESSAGE: vp(InputPostMessage, () => ()) -> ()
         = |cx, _, input, _| cx
             .processors
+            .filter(|p| p.offers(HypercallCode::POST_MESSAGE))
             .ok_or(HvError::INVALID_HYPERCALL_CODE)?
             .post_message(cx.vp_index, input);
 }
 
 /// SEND_SYNTHETIC_CLUSTER_IPI: the input's checks (TLFS: a vector outside
 /// [`IPI_VECTORS`] or a reserved bit set is INVALID_PARAMETER), then the
-/// VMM's delivery. Without [`Processors`] the call does not exist.
+/// VMM's delivery. Without [`Processors`] that offer it the call does not
+/// exist.
 fn send_ipi(
     processors: Option<&dyn Processors>,
     input: &InputSendSyntheticClusterIpi,
 ) -> Result<(), HvError> {
-    let processors = processors.ok_or(HvError::INVALID_HYPERCALL_CODE)?;
+    let processors = processors
+        .filter(|p| p.offers(HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI))
+        .ok_or(HvError::INVALID_HYPERCALL_CODE)?;
     let vector = input.vector.get();
     if input.reserved.get() != 0 || !IPI_VECTORS.contains(&vector) {
         return Err(HvError::INVALID_PARAMETER);
@@ -476,7 +488,7 @@ pub(crate) fn shape(code: HypercallCode) -> Option<Shape> {
 /// for unknown codes.
 pub(crate) const CODE_SLOTS: usize = HypercallCode::ALL.len() + 1;
 /// Status slots of the counters: SUCCESS, one per [`HvError::ALL`] (the
-/// contract's errors and the SynIC's, which no call here returns yet), then
+/// contract's errors and the SynIC's, which POST_MESSAGE returns), then
 /// one for a status pviommu-abi does not name (never produced).
 pub(crate) const STATUS_SLOTS: usize = HvError::ALL.len() + 2;
 

@@ -17,7 +17,9 @@
 //! - an interrupt goes to a VP the VM lacks, or with a vector below 16;
 //! - guest memory changes outside the pages the guest named as message or
 //!   event-flag pages (and the pages and slots the guest itself wrote);
-//! - an accepted connection has a version outside the server's range.
+//! - an accepted connection has a version outside the server's range;
+//! - the server's GPADLs and open channels break their rules (bounds, RAM,
+//!   offered channels, a ring GPADL of the channel's own).
 //!
 //! Any panic from inside the crate is a finding too.
 
@@ -231,6 +233,7 @@ pub fn run(data: &[u8]) -> Reached {
                 assert!(synic.queued(vp, sint) <= MESSAGE_QUEUE_DEPTH);
             }
         }
+        server.check_invariants();
         if let Some(c) = server.connection() {
             assert!((MIN_VERSION..=MAX_VERSION).contains(&c.version));
             assert!(c.target_vp < vcpus);

@@ -293,11 +293,12 @@ impl PendingGpadl {
 pub struct OpenChannelState {
     /// The guest's id of the open.
     pub openid: u32,
-    /// The GPADL of its two rings.
+    /// The GPADL of its two rings: guest-to-host first, then host-to-guest.
     pub ring_gpadl: u32,
     /// The VP its interrupts go to.
     pub target_vp: u32,
-    /// Where the guest-to-host ring starts in the GPADL, in pages.
+    /// Where the host-to-guest ring starts in the GPADL, in pages (the
+    /// guest-to-host ring is at page 0).
     pub downstream_page_offset: u32,
 }
 
@@ -571,7 +572,11 @@ impl<M: GuestMemory> Server<M> {
                     u64::from(range.byte_offset.get()) + u64::from(range.byte_count.get());
                 let fits = pages.checked_sub(1)? as u64 * HV_PAGE_SIZE < covered
                     && covered <= pages as u64 * HV_PAGE_SIZE;
-                (buflen % 8 == 0 && (1..=MAX_GPADL_PAGES).contains(&pages) && fits)
+                let offset_in_page = u64::from(range.byte_offset.get()) < HV_PAGE_SIZE;
+                (buflen % 8 == 0
+                    && (1..=MAX_GPADL_PAGES).contains(&pages)
+                    && fits
+                    && offset_in_page)
                     .then_some((range, pages, pfns))
             });
         let usable = state.offer(relid)
@@ -592,49 +597,89 @@ impl<M: GuestMemory> Server<M> {
             pages,
         };
         pending.take(pfns);
-        self.gpadl_progress(&mut state, &connection, handle, pending)
+        if pending.gpadl.pfns.len() < pending.pages {
+            state.pending.insert(handle, pending);
+            return Ok(());
+        }
+        // All of it in the header: answered now, kept once answered.
+        let in_ram = self.in_ram(&pending.gpadl.pfns);
+        self.gpadl_created(&connection, relid, handle, in_ram)?;
+        if in_ram {
+            state.gpadls.insert(handle, pending.gpadl);
+        }
+        Ok(())
     }
 
-    /// GPADL_BODY: more PFNs of a pending GPADL.
+    /// GPADL_BODY: more PFNs of a pending GPADL; the last one brings the
+    /// answer. A body whose answer cannot be posted changes nothing, so that
+    /// the guest's retry (Linux retries INSUFFICIENT_BUFFERS) finds the
+    /// GPADL as it was.
     fn gpadl_body(&self, payload: &[u8], size: u32) -> Result<(), PostError> {
         let msgtype = ChannelMessageType::GPADL_BODY;
         let body: GpadlBody = parse(msgtype, payload, size)?;
         let mut state = self.state();
         let connection = Self::connected(&state, msgtype)?;
         let handle = body.gpadl.get();
-        let mut pending = state
+        let pending = state
             .pending
-            .remove(&handle)
+            .get_mut(&handle)
             .ok_or(PostError::UnknownGpadl(handle))?;
+        let before = pending.gpadl.pfns.len();
         pending.take(payload.get(size_of::<GpadlBody>()..).unwrap_or_default());
-        self.gpadl_progress(&mut state, &connection, handle, pending)
-    }
-
-    /// Keeps a GPADL that still lacks PFNs; answers a complete one.
-    fn gpadl_progress(
-        &self,
-        state: &mut State,
-        connection: &Connection,
-        handle: u32,
-        pending: PendingGpadl,
-    ) -> Result<(), PostError> {
         if pending.gpadl.pfns.len() < pending.pages {
-            state.pending.insert(handle, pending);
             return Ok(());
         }
-        let gpadl = pending.gpadl;
+        let (relid, in_ram) = (pending.gpadl.relid, self.in_ram(&pending.gpadl.pfns));
+        if let Err(e) = self.gpadl_created(&connection, relid, handle, in_ram) {
+            if let Some(p) = state.pending.get_mut(&handle) {
+                p.gpadl.pfns.truncate(before);
+            }
+            return Err(e);
+        }
+        if let Some(done) = state.pending.remove(&handle) {
+            if in_ram {
+                state.gpadls.insert(handle, done.gpadl);
+            }
+        }
+        Ok(())
+    }
+
+    /// Panics if the server's state breaks its own rules: GPADLs within
+    /// their bounds and made for offered channels, open channels on a
+    /// GPADL of their own, nothing without a connection (the fuzz target's
+    /// invariants).
+    #[cfg(any(test, feature = "fuzzing"))]
+    pub(crate) fn check_invariants(&self) {
+        let state = self.state();
+        assert!(state.gpadls.len() + state.pending.len() <= MAX_GPADLS);
+        if state.connection.is_none() {
+            assert!(state.gpadls.is_empty() && state.pending.is_empty() && state.open.is_empty());
+        }
+        for p in state.pending.values() {
+            assert!(p.gpadl.pfns.len() < p.pages && p.pages <= MAX_GPADL_PAGES);
+            assert!(state.offer(p.gpadl.relid));
+        }
+        for g in state.gpadls.values() {
+            assert!((1..=MAX_GPADL_PAGES).contains(&g.pfns.len()));
+            assert!(state.offer(g.relid) && self.in_ram(&g.pfns));
+        }
+        for (relid, open) in &state.open {
+            let ring = state.gpadls.get(&open.ring_gpadl);
+            assert!(ring.is_some_and(|g| g.relid == *relid
+                && open.downstream_page_offset > 0
+                && (open.downstream_page_offset as usize) < g.pfns.len()));
+            assert!(open.target_vp < self.synic.vcpus());
+        }
+    }
+
+    /// Whether every page of `pfns` is guest RAM.
+    fn in_ram(&self, pfns: &[u64]) -> bool {
         let mem = self.synic.memory();
-        let in_ram = gpadl.pfns.iter().all(|&pfn| {
+        pfns.iter().all(|&pfn| {
             pfn.checked_mul(HV_PAGE_SIZE).is_some_and(|gpa| {
                 mem.check_range(GuestAddress(gpa), PAGE_BYTES, Permissions::ReadWrite)
             })
-        });
-        let relid = gpadl.relid;
-        self.gpadl_created(connection, relid, handle, in_ram)?;
-        if in_ram {
-            state.gpadls.insert(handle, gpadl);
-        }
-        Ok(())
+        })
     }
 
     fn gpadl_created(
@@ -995,6 +1040,31 @@ mod tests {
         );
     }
 
+    /// The last GPADL_BODY's answer does not fit the full queue: the body
+    /// changes nothing, and Linux's retry (it retries INSUFFICIENT_BUFFERS)
+    /// creates the GPADL.
+    #[test]
+    fn a_gpadl_body_whose_answer_does_not_fit_can_be_retried() {
+        let (mem, s) = with_channel();
+        let pfns: Vec<u64> = (0..40).map(|i| i % 16).collect();
+        let msgs = gpadl_messages(1, 0xE1E1, &pfns);
+        s.post_message(0, &msgs[0]).unwrap();
+        let filler = HvMessage::new(HvMessageType::CHANNEL, &[0; 8]).unwrap();
+        for _ in 0..=MESSAGE_QUEUE_DEPTH {
+            s.synic().post(0, 2, &filler).unwrap();
+        }
+        let e = s.post_message(0, &msgs[1]).unwrap_err();
+        assert_eq!(e.status(), HvError::INSUFFICIENT_BUFFERS);
+        assert_eq!(s.gpadl(0xE1E1), None);
+        for _ in 0..=MESSAGE_QUEUE_DEPTH {
+            linux_take(s.synic(), &mem, 0, 2).unwrap();
+        }
+        s.post_message(0, &msgs[1]).unwrap();
+        let c: GpadlCreated = take(&s, &mem, ChannelMessageType::GPADL_CREATED);
+        assert_eq!((c.gpadl.get(), c.creation_status.get()), (0xE1E1, 0));
+        assert_eq!(s.gpadl(0xE1E1).unwrap().pfns, pfns);
+    }
+
     /// Every GPADL Linux waits for is answered, a bad one with a failure:
     /// pages outside RAM, a channel not offered, handle 0 or in use, sizes
     /// that disagree, two ranges, too many pages. Opens likewise.
@@ -1044,6 +1114,12 @@ mod tests {
                 "{buflen} {count} {bytes}"
             );
         }
+        // Bytes that start past the first page.
+        let mut m = gpadl_messages(1, 6, &[1, 2])[0];
+        m.payload[20..24].copy_from_slice(&u32::to_le_bytes(1));
+        m.payload[24..28].copy_from_slice(&u32::to_le_bytes(4096));
+        s.post_message(0, &m).unwrap();
+        assert_eq!(created(&s), (6, STATUS_UNSUCCESSFUL));
         // A body for no pending GPADL.
         let body = gpadl_messages(1, 9, &[1; 40])[1];
         assert_eq!(s.post_message(0, &body), Err(PostError::UnknownGpadl(9)));

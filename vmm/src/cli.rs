@@ -269,7 +269,20 @@ mod tests {
         assert!(!vmbus(&["--hypervisor", "kvm", "--vmbus", "off"]).unwrap());
         let e = vmbus(&["--hypervisor", "kvm", "--vmbus", "on"]).unwrap_err();
         assert!(matches!(e, crate::Error::VmbusNeedsHyperV));
-        assert!(e.to_string().contains("--hypervisor kvm needs --vmbus off"));
+        assert!(e
+            .to_string()
+            .contains("KVM's interface (--hypervisor kvm, or --pviommu off alone) cannot have it"));
+        let e = vmbus(&["--pviommu", "off", "--vmbus", "on"]).unwrap_err();
+        assert!(matches!(e, crate::Error::VmbusNeedsHyperV));
+        assert!(vmbus(&[
+            "--pviommu",
+            "off",
+            "--hypervisor",
+            "hyperv",
+            "--vmbus",
+            "on"
+        ])
+        .unwrap());
         assert!(parse(&["--vmbus", "yes"]).is_err());
     }
 

@@ -38,8 +38,8 @@ pub enum Error {
     PviommuNeedsHyperV,
     /// VMBus asked for without the Hyper-V interface.
     #[error(
-        "VMBus is Hyper-V's device bus: --hypervisor kvm needs --vmbus off \
-         (or use --hypervisor hyperv, the default)"
+        "VMBus is Hyper-V's device bus: KVM's interface (--hypervisor kvm, or \
+         --pviommu off alone) cannot have it; use --hypervisor hyperv with --vmbus on"
     )]
     VmbusNeedsHyperV,
     /// MSR hooks asked for more than KVM's MSR filter takes.

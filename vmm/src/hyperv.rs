@@ -613,10 +613,17 @@ impl Partition {
     }
 }
 
-/// Whether the 4 KiB page at `gpa` is guest RAM.
 /// The partition's calls (the dispatcher's `vp` kind): each exists only
 /// where the partition offers it.
 impl iommu::Processors for Partition {
+    fn offers(&self, code: iommu::abi::HypercallCode) -> bool {
+        match code {
+            iommu::abi::HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI => self.processors.is_some(),
+            iommu::abi::HypercallCode::POST_MESSAGE => self.vmbus.is_some(),
+            _ => false,
+        }
+    }
+
     fn send_ipi(&self, vector: u8, targets: u64) -> Result<(), iommu::abi::HvError> {
         self.processors
             .as_ref()
@@ -636,6 +643,7 @@ impl iommu::Processors for Partition {
     }
 }
 
+/// Whether the 4 KiB page at `gpa` is guest RAM.
 fn page_in_ram(mem: &GuestMemoryMmap, gpa: GuestAddress) -> bool {
     usize::try_from(HV_PAGE_SIZE).is_ok_and(|len| GuestMemoryBackend::check_range(mem, gpa, len))
 }

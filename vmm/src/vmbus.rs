@@ -19,9 +19,10 @@
 //! (kvm_pvm has none) and KVM's own hypercall path, while pvmm's hypercalls
 //! come through port 0xE4 on every KVM.
 //!
-//! What Linux gets in this slice: version negotiation (5.3 down to 5.0),
-//! an offer list with no offers, and unload. Channels (GPADLs, rings,
-//! HvCallSignalEvent) and vPCI are later slices.
+//! What Linux gets so far: version negotiation (5.3 down to 5.0), an offer
+//! list with no offers (pvmm offers no device yet), unload, and the
+//! server's channel set-up (GPADLs, open, close) for offers to come. Ring
+//! traffic, HvCallSignalEvent and vPCI are later slices.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;

@@ -2464,6 +2464,42 @@ fn send_ipi_goes_through_the_dispatchers_checks() {
     );
 }
 
+/// Processors that offer no IPIs (a VM of more vCPUs than the mask holds):
+/// the call does not exist, whatever its input.
+#[test]
+fn send_ipi_not_offered_does_not_exist_whatever_the_input() {
+    struct NoIpis;
+    impl Processors for NoIpis {
+        fn offers(&self, code: HypercallCode) -> bool {
+            code != HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI
+        }
+        fn send_ipi(&self, _: u8, _: u64) -> Result<(), HvError> {
+            unreachable!("not offered")
+        }
+    }
+    let g = Guest::new();
+    for (rdx, r8) in [(0xf7, 1), (0x0f, 1), (0xf7 | 1 << 32, 1)] {
+        let outcome = g.iommu.dispatch_for(
+            &g.mem,
+            Caller::kernel(0),
+            HypercallRegs {
+                rcx: ipi_control(true),
+                rdx,
+                r8,
+            },
+            Some(&NoIpis),
+        );
+        let HypercallOutcome::Complete { rax } = outcome else {
+            panic!("continued")
+        };
+        assert_eq!(
+            HypercallOutput::from_bits(rax).hv_status(),
+            HvStatus::INVALID_HYPERCALL_CODE,
+            "rdx {rdx:#x}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------- POST_MESSAGE
 
 /// A message port that records what it is given and answers `status`.

@@ -813,11 +813,13 @@ channel_message! {
         child_relid: U32,
         /// The guest's id for this open, echoed in the result.
         openid: U32,
-        /// The GPADL of the two ring buffers (host-to-guest first).
+        /// The GPADL of the two ring buffers: guest-to-host ("upstream")
+        /// from page 0, then host-to-guest ("downstream").
         ringbuffer_gpadl_handle: U32,
         /// The VP the channel's interrupts go to.
         target_vp: U32,
-        /// Where the guest-to-host ring starts in the GPADL, in pages.
+        /// Where the host-to-guest ring starts in the GPADL, in pages
+        /// (Linux: the guest-to-host ring's size).
         downstream_ringbuffer_page_offset: U32,
         /// The device's own open data.
         user_data: [u8; OFFER_USER_DEFINED_BYTES],

@@ -284,8 +284,8 @@ pub fn run(_ctx: &Ctx) -> Verdict {
         let _ = take();
         let t2 = x86::rdtsc();
         let _ = post(&io, 7, request.as_bytes());
-        trip[round] = t1 - t0;
-        refused[round] = x86::rdtsc() - t2;
+        trip[round] = t1.wrapping_sub(t0);
+        refused[round] = x86::rdtsc().wrapping_sub(t2);
     }
     // The interrupts those answers raised wait in the local APIC (one at
     // most); the next wait takes it, harmlessly.
