@@ -7,8 +7,9 @@
 //! HvCallPostMessage inputs (raw, or fixed up towards valid INITIATE_CONTACT,
 //! REQUESTOFFERS and UNLOAD messages, or any channel message type with
 //! random content: GPADLs, opens, closes), the guest zeroing a page or taking a message out of its slot
-//! and EOM, event signals, and the VMM adding offers or resetting the
-//! server. RAM starts filled with a canary, so that a page the guest has
+//! and EOM, event signals, the VMM adding offers or resetting the server,
+//! guest writes anywhere in RAM, and the host reading and writing ring
+//! packets on guest-chosen pages. RAM starts filled with a canary, so that a page the guest has
 //! not zeroed looks like a busy message slot. It panics if an invariant
 //! breaks:
 //!
@@ -32,6 +33,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::FromBytes;
 
 use crate::abi::{message_slot_offset, version, ChannelMessageType, Guid};
+use crate::ring::{Ring, MAX_PACKET};
 use crate::server::{Server, MAX_VERSION, MIN_VERSION};
 use crate::synic::{SintSink, Synic, MESSAGE_QUEUE_DEPTH};
 
@@ -175,7 +177,7 @@ pub fn run(data: &[u8]) -> Reached {
     while !r.is_empty() && steps < 512 {
         steps += 1;
         let vp = u32::from(r.u8()) % (vcpus + 1);
-        match r.u8() % 9 {
+        match r.u8() % 11 {
             0 | 1 => {
                 let m = msr_of(&mut r);
                 let v = value_of(&mut r);
@@ -209,6 +211,33 @@ pub fn run(data: &[u8]) -> Reached {
                 let sint = r.u8() % 17;
                 let flag = r.u32() % 2100;
                 let _ = synic.signal_event(vp, sint, flag);
+            }
+            9 => {
+                // The guest writes 8 bytes anywhere in its RAM (ring
+                // indices, packet headers, slots).
+                // 8-byte aligned: inside one page.
+                let at = (u64::from(r.u32()) % (RAM_PAGES * PAGE)) & !7;
+                let bytes: [u8; 8] = r.bytes();
+                mem.write_slice(&bytes, GuestAddress(at)).expect("in RAM");
+                named.insert(at & !(PAGE - 1));
+            }
+            10 => {
+                // A ring on 2 to 5 pages the guest chose (some past RAM):
+                // the host reads a packet or writes one.
+                let pages = usize::from(r.u8() % 4) + 2;
+                let pfns: Vec<u64> = (0..pages).map(|_| u64::from(r.u8() % 20)).collect();
+                if let Ok(ring) = Ring::new(&pfns) {
+                    if r.u8() & 1 == 0 {
+                        if let Ok(Some(p)) = ring.read_packet(&*mem) {
+                            assert!(p.payload.len() <= MAX_PACKET as usize);
+                        }
+                    } else {
+                        let len = usize::from(r.u8()) * 8;
+                        let _ = ring.write_packet(&*mem, 11, 0, r.u64(), &vec![0x5A; len]);
+                    }
+                    // The host may write the ring's own pages.
+                    named.extend(pfns.iter().map(|&pfn| pfn * PAGE));
+                }
             }
             7 => {
                 // The guest zeroes a page of its own (Linux allocates its

@@ -21,6 +21,9 @@
 //!   the guest's message page with the busy-slot (`msg_pending`/EOM)
 //!   protocol and bounded queues, event flags, interrupts through a
 //!   [`synic::SintSink`].
+//! - [`ring`]: a channel's two rings over its GPADL's pages: packets read
+//!   from the guest-to-host ring and written to the host-to-guest one,
+//!   with every guest index and header checked.
 //! - [`server`]: HvCallPostMessage's VMBus port: version negotiation as
 //!   Linux expects it (5.3 down to 5.0 accepted), the offer list (zero or
 //!   more offers registered through [`server::Server::add_offer`]), unload,
@@ -39,10 +42,11 @@
 //! harness's `linux_hyperv_pviommu_driver_starts`).
 //!
 //! # What it does NOT do yet
-//! - channels stop at their set-up: GPADLs, open and close are served, but
-//!   no ring buffer is read or written, and there are no HvSignalEvent
-//!   ports, channel interrupts, monitor pages, rescinds or hot-added
-//!   offers, and no MMIO window for devices in ACPI;
+//! - channels stop at their set-up: GPADLs, open and close are served, and
+//!   [`ring`] reads and writes a channel's ring packets, but no device uses
+//!   them yet: there are no HvSignalEvent ports, channel interrupts,
+//!   monitor pages, rescinds or hot-added offers, and no MMIO window for
+//!   devices in ACPI;
 //! - no vPCI (do not offer [`abi::VPCI_INTERFACE_TYPE`] before it exists);
 //! - no KVM in-kernel SynIC backend, no save/restore.
 //!
@@ -57,6 +61,7 @@
 pub use vmbus_abi as abi;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
+pub mod ring;
 pub mod server;
 pub mod synic;
 

@@ -850,6 +850,56 @@ channel_message! {
 /// (Linux only checks for non-zero).
 pub const STATUS_UNSUCCESSFUL: u32 = 0xC000_0001;
 
+/// A ring buffer's control block at the start of its first page
+/// (`struct hv_ring_buffer`'s fields, 68 bytes; the rest of the page is
+/// reserved and the data starts at the next page). Indices are byte
+/// offsets into the data.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
+#[repr(C)]
+pub struct RingControl {
+    /// Where the writer writes next.
+    pub write_index: U32,
+    /// Where the reader reads next.
+    pub read_index: U32,
+    /// Non-zero: the reader asks not to be signalled.
+    pub interrupt_mask: U32,
+    /// Bytes the writer waits for (with the feature bit).
+    pub pending_send_sz: U32,
+    /// Reserved.
+    pub reserved1: [U32; 12],
+    /// Bit 0: `feat_pending_send_sz`.
+    pub feature_bits: U32,
+}
+
+/// A packet's header in a ring (`struct vmpacket_descriptor`, 16 bytes).
+/// The packet is `len8 * 8` bytes in all, its payload from `offset8 * 8`,
+/// followed by an 8-byte trailer (the packet's start, in the high half).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
+#[repr(C)]
+pub struct PacketDescriptor {
+    /// `VM_PKT_*`.
+    pub packet_type: U16,
+    /// The payload's offset, in 8-byte units.
+    pub offset8: U16,
+    /// The packet's length, in 8-byte units.
+    pub len8: U16,
+    /// `VMBUS_DATA_PACKET_FLAG_COMPLETION_REQUESTED` (1) and the rest.
+    pub flags: U16,
+    /// The sender's id for a completion.
+    pub transaction_id: U64,
+}
+
+/// `VM_PKT_DATA_INBAND`: a packet whose payload is all in the ring.
+pub const VM_PKT_DATA_INBAND: u16 = 6;
+/// `VM_PKT_COMP`: a completion.
+pub const VM_PKT_COMP: u16 = 11;
+/// Bytes of a ring packet's trailer (`VMBUS_PKT_TRAILER`).
+pub const RING_PACKET_TRAILER: u32 = 8;
+
 #[cfg(test)]
 // Test constants are small.
 #[allow(clippy::cast_possible_truncation)]
@@ -1119,5 +1169,15 @@ mod tests {
         assert_eq!(size_of::<OpenResult>(), 20);
         assert_eq!(offset_of!(OpenResult, status), 16);
         assert_eq!(size_of::<CloseChannel>(), 12);
+        assert_eq!(size_of::<RingControl>(), 68);
+        assert_eq!(offset_of!(RingControl, read_index), 4);
+        assert_eq!(offset_of!(RingControl, interrupt_mask), 8);
+        assert_eq!(offset_of!(RingControl, pending_send_sz), 12);
+        assert_eq!(offset_of!(RingControl, feature_bits), 64);
+        assert_eq!(size_of::<PacketDescriptor>(), 16);
+        assert_eq!(offset_of!(PacketDescriptor, offset8), 2);
+        assert_eq!(offset_of!(PacketDescriptor, len8), 4);
+        assert_eq!(offset_of!(PacketDescriptor, flags), 6);
+        assert_eq!(offset_of!(PacketDescriptor, transaction_id), 8);
     }
 }
