@@ -332,7 +332,7 @@ macro_rules! hypercalls {
             ) -> Result<(), RepError> {
                 let reps = (start, end);
                 match code {
-                    $(HypercallCode::$code => hypercalls!(@state $kind, self, cx, |state| {
+                    $(HypercallCode::$code => hypercalls!(@state $kind, self, cx, code, |state| {
                         run_typed::<M, hypercalls!(@ty $kind), $input, $elem, $out_elem, $output, _>(
                             cx, state, header, elems, reps, output, $handler,
                         )
@@ -348,11 +348,18 @@ macro_rules! hypercalls {
     (@rep rep) => { true };
     (@rep vp) => { false };
     // The IOMMU's calls run under its state lock; a VP call (`vp`: simple,
-    // about the partition's processors) takes no lock of the IOMMU's.
-    (@ty vp) => { () };
+    // about the partition's processors) takes no lock of the IOMMU's and
+    // runs against the VMM's [`Processors`], where they offer it: a call
+    // they do not offer does not exist, whatever its input.
+    (@ty vp) => { &dyn Processors };
     (@ty $kind:ident) => { State };
-    (@state vp, $iommu:ident, $cx:ident, $run:expr) => { ($run)(&mut ()) };
-    (@state $kind:ident, $iommu:ident, $cx:ident, $run:expr) => {{
+    (@state vp, $iommu:ident, $cx:ident, $code:ident, $run:expr) => {
+        match $cx.processors.filter(|p| p.offers($code)) {
+            Some(mut processors) => ($run)(&mut processors),
+            None => Err(HvError::INVALID_HYPERCALL_CODE.into()),
+        }
+    };
+    (@state $kind:ident, $iommu:ident, $cx:ident, $code:ident, $run:expr) => {{
         let mut state = $iommu.lock_state();
         let state = &mut *state;
         state.sync_budget(&$cx.iommu.config, $cx.mem);
@@ -398,26 +405,18 @@ hypercalls! {
             state.get_vp_registers(cx.vp_index, input, reps.elems, reps.out)
         };
     SEND_SYNTHETIC_CLUSTER_IPI: vp(InputSendSyntheticClusterIpi, () => ()) -> ()
-        = |cx, _, input, _| send_ipi(cx.processors, input);
+        = |_, processors, input, _| send_ipi(*processors, input);
     POST_MESSAGE: vp(InputPostMessage, () => ()) -> ()
-        = |cx, _, input, _| cx
-            .processors
-            .filter(|p| p.offers(HypercallCode::POST_MESSAGE))
-            .ok_or(HvError::INVALID_HYPERCALL_CODE)?
-            .post_message(cx.vp_index, input);
+        = |cx, processors, input, _| processors.post_message(cx.vp_index, input);
 }
 
 /// SEND_SYNTHETIC_CLUSTER_IPI: the input's checks (TLFS: a vector outside
 /// [`IPI_VECTORS`] or a reserved bit set is INVALID_PARAMETER), then the
-/// VMM's delivery. Without [`Processors`] that offer it the call does not
-/// exist.
+/// VMM's delivery.
 fn send_ipi(
-    processors: Option<&dyn Processors>,
+    processors: &dyn Processors,
     input: &InputSendSyntheticClusterIpi,
 ) -> Result<(), HvError> {
-    let processors = processors
-        .filter(|p| p.offers(HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI))
-        .ok_or(HvError::INVALID_HYPERCALL_CODE)?;
     let vector = input.vector.get();
     if input.reserved.get() != 0 || !IPI_VECTORS.contains(&vector) {
         return Err(HvError::INVALID_PARAMETER);
