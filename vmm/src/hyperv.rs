@@ -495,7 +495,7 @@ impl Partition {
                 p.idle(ctx.vp_index());
                 0
             }),
-            _ if VmBus::is_synic_msr(index) => self.vmbus.as_ref()?.read_msr(ctx.vp_index(), index),
+            _ if msr::is_synic(index) => self.vmbus.as_ref()?.read_msr(ctx.vp_index(), index),
             _ => None,
         }
     }
@@ -520,7 +520,7 @@ impl Partition {
                 self.tsc_invariant_control.store(value, Ordering::Release);
                 true
             }
-            _ if VmBus::is_synic_msr(index) => self
+            _ if msr::is_synic(index) => self
                 .vmbus
                 .as_ref()
                 .is_some_and(|b| b.write_msr(ctx.vp_index(), index, value)),

@@ -36,6 +36,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_millis(2);
 const MSI_ADDRESS: u64 = 0xfee0_0000;
 const MSI_DEST_SHIFT: u32 = 12;
 
+/// The MSI address of VP `vp`'s local APIC (APIC id = VP index): the
+/// target of the partition's interrupts, IPIs and SINTs alike.
+pub(crate) fn msi_address(vp: u32) -> u64 {
+    MSI_ADDRESS | u64::from(vp) << MSI_DEST_SHIFT
+}
+
 /// One vCPU's idle state.
 #[derive(Debug, Default)]
 struct Idle {
@@ -127,8 +133,7 @@ impl iommu::Processors for Processors {
         while rest != 0 {
             let vp = rest.trailing_zeros();
             rest &= rest - 1;
-            let address = MSI_ADDRESS | u64::from(vp) << MSI_DEST_SHIFT;
-            if let Err(e) = self.msi.signal_msi(address, u32::from(vector)) {
+            if let Err(e) = self.msi.signal_msi(msi_address(vp), u32::from(vector)) {
                 // The host's failure, not the guest's: Linux falls back to
                 // the APIC when the call fails.
                 if !self.msi_failed.swap(true, Ordering::Relaxed) {

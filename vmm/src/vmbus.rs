@@ -31,11 +31,6 @@ use devices::interrupt::MsiSink;
 use iommu::abi::{HvError, InputPostMessage};
 use vm_memory::GuestMemoryMmap;
 
-/// The local APIC's MSI address window (physical destination mode: the
-/// destination APIC id in bits 19:12).
-const MSI_ADDRESS: u64 = 0xfee0_0000;
-const MSI_DEST_SHIFT: u32 = 12;
-
 /// SINT interrupts as MSIs to the VP's local APIC.
 struct MsiSint {
     msi: Arc<dyn MsiSink>,
@@ -45,7 +40,7 @@ struct MsiSint {
 
 impl vmbus::SintSink for MsiSint {
     fn signal(&self, vp: u32, vector: u8) {
-        let address = MSI_ADDRESS | u64::from(vp) << MSI_DEST_SHIFT;
+        let address = crate::processors::msi_address(vp);
         if let Err(e) = self.msi.signal_msi(address, u32::from(vector)) {
             if !self.failed.swap(true, Ordering::Relaxed) {
                 log::warn!(
@@ -93,15 +88,6 @@ impl VmBus {
     /// The server (offers, connection state).
     pub fn server(&self) -> &vmbus::Server<GuestMemoryMmap> {
         &self.server
-    }
-
-    /// Whether `index` is a SynIC MSR.
-    pub fn is_synic_msr(index: u32) -> bool {
-        use iommu::abi::msr;
-        matches!(
-            index,
-            msr::SCONTROL | msr::SVERSION | msr::SIEFP | msr::SIMP | msr::EOM
-        ) || msr::sint_of(index).is_some()
     }
 
     /// RDMSR of SynIC MSR `index` on VP `vp`; `None` injects #GP.
@@ -243,7 +229,5 @@ mod tests {
         bad.payload_size = 241.into();
         assert_eq!(bus.post_message(0, &bad), Err(HvError::INVALID_PARAMETER));
         assert!(rec.0.lock().unwrap().is_empty());
-        assert!(VmBus::is_synic_msr(msr::EOM) && VmBus::is_synic_msr(msr::SINT15));
-        assert!(!VmBus::is_synic_msr(msr::SINT15 + 1) && !VmBus::is_synic_msr(msr::VP_INDEX));
     }
 }

@@ -242,6 +242,12 @@ pub mod msr {
         }
     }
 
+    /// Whether `msr` is one of the SynIC's (SCONTROL to EOM, SINT0 to
+    /// SINT15).
+    pub const fn is_synic(msr: u32) -> bool {
+        matches!(msr, SCONTROL | SVERSION | SIEFP | SIMP | EOM) || sint_of(msr).is_some()
+    }
+
     /// The SINT that MSR `msr` controls, if it is SINT0..SINT15.
     // The difference is below 16 when `msr` is in range.
     #[allow(clippy::cast_possible_truncation)]
@@ -1782,6 +1788,8 @@ mod tests {
         assert_eq!(msr::sint_of(0x4000_009F), Some(15));
         assert_eq!(msr::sint_of(0x4000_00A0), None);
         assert_eq!(msr::sint_of(0x4000_008F), None);
+        assert!(msr::is_synic(msr::EOM) && msr::is_synic(msr::SINT15));
+        assert!(!msr::is_synic(msr::SINT15 + 1) && !msr::is_synic(msr::VP_INDEX));
         assert_eq!(cpuid::FEATURES_EAX_TIME_REF_COUNT, 0x2);
         assert_eq!(cpuid::FEATURES_EAX_REFERENCE_TSC, 0x200);
         assert_eq!(cpuid::FEATURES_EAX_FREQUENCY_MSRS, 0x800);
