@@ -515,12 +515,22 @@ fn pvmm_on_nested_kvm_amd() {
             run.console
         ));
         let found = outcomes(&run.console);
+        // Failed units with their rank for the next run: those that never
+        // started first, then those L1 died under, then those that failed,
+        // so that a unit that fails the same way every time (or kills L1)
+        // does not keep the others from running.
         let mut failed = Vec::new();
         for &i in &to_run {
             let label = &units[i].label;
             let o = found.iter().find(|o| &o.label == label).cloned();
-            if o.as_ref().is_none_or(|o| o.status != Some(0)) {
-                failed.push(i);
+            let rank = match &o {
+                None => 0,
+                Some(o) if o.status.is_none() => 1,
+                Some(o) if o.status != Some(0) => 2,
+                Some(_) => 3,
+            };
+            if rank < 3 {
+                failed.push((rank, i));
                 println!(
                     "nested harness: {label} failed in L1 run {attempt} ({})",
                     o.as_ref().map_or("did not finish".to_string(), |o| format!(
@@ -537,16 +547,8 @@ fn pvmm_on_nested_kvm_amd() {
         if failed.is_empty() {
             break;
         }
-        // Units that never started first, then those L1 died under, then
-        // those that failed: a unit that fails the same way every time (or
-        // kills L1) must not keep the others from running.
-        failed.sort_by_key(
-            |&i| match found.iter().find(|o| o.label == units[i].label) {
-                None => 0,
-                Some(o) if o.status.is_none() => 1,
-                Some(_) => 2,
-            },
-        );
+        failed.sort_by_key(|&(rank, _)| rank);
+        let failed: Vec<usize> = failed.into_iter().map(|(_, i)| i).collect();
         to_run = failed;
         if attempt == L1_ATTEMPTS {
             problems.push(format!(

@@ -12,6 +12,7 @@
 //! against the bare exit is what the VMM's hypercall path adds; the rest is
 //! the guest's own `call` into the page and `ret`.
 
+use super::{median, ratio};
 use crate::pviommu::{self as hv, Io};
 use crate::tap::Verdict;
 use crate::{diag, fail, x86, Ctx};
@@ -50,17 +51,6 @@ fn tsc_khz() -> Option<u64> {
         }
     }
     None
-}
-
-fn median(v: &mut [u64]) -> u64 {
-    v.sort_unstable();
-    v[v.len() / 2]
-}
-
-/// Prints `a / b` with two decimals.
-fn ratio(a: u64, b: u64) -> (u64, u64) {
-    let r = a * 100 / b.max(1);
-    (r / 100, r % 100)
 }
 
 pub fn run(_ctx: &Ctx) -> Verdict {

@@ -12,6 +12,7 @@
 //! against a refused post, and unloads (UNLOAD_RESPONSE). Where CPUID does
 //! not offer them (`--vmbus off`): POST_MESSAGE must not exist.
 
+use super::{median, ratio};
 use crate::idt;
 use crate::pviommu::{self as hv, Io};
 use crate::smp::{self, Lapic};
@@ -105,11 +106,6 @@ fn contact(requested: u32) -> InitiateContact {
         interrupt_page_or_target_info: InitiateContact::target_info(VMBUS_MESSAGE_SINT, 0, 0),
         ..Default::default()
     }
-}
-
-fn median(v: &mut [u64]) -> u64 {
-    v.sort_unstable();
-    v[v.len() / 2]
 }
 
 pub fn run(_ctx: &Ctx) -> Verdict {
@@ -290,13 +286,13 @@ pub fn run(_ctx: &Ctx) -> Verdict {
     // The interrupts those answers raised wait in the local APIC (one at
     // most); the next wait takes it, harmlessly.
     let (trip, refused) = (median(&mut trip), median(&mut refused));
-    let r = trip * 100 / refused.max(1);
+    let (a, b) = ratio(trip, refused);
     diag!(
         "bench: VMBus message round trip (REQUESTOFFERS to ALLOFFERS_DELIVERED in the slot) {} TSC ticks, a refused post {} ticks: ratio {}.{:02}",
         trip,
         refused,
-        r / 100,
-        r % 100
+        a,
+        b
     );
 
     // Unload, then the SynIC off.
