@@ -37,13 +37,14 @@ use crate::domains::{RepError, State};
 use crate::ram;
 use crate::Iommu;
 use pviommu_abi::{
-    Control, HvError, HvStatus, HypercallCode, HypercallOutput, InputAttachDeviceDomain,
+    Control, DeviceId, HvError, HvStatus, HypercallCode, HypercallOutput, InputAttachDeviceDomain,
     InputConfigureDeviceDomain, InputCreateDeviceDomain, InputDeleteDeviceDomain,
     InputDetachDeviceDomain, InputFlushDeviceDomain, InputFlushDeviceDomainList,
     InputGetIommuCapabilities, InputGetLogicalDeviceProperty, InputGetVpRegisters,
-    InputMapDeviceGpaPages, InputPostMessage, InputSendSyntheticClusterIpi,
-    InputUnmapDeviceGpaPages, OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty,
-    RegisterValue, HV_PAGE_SIZE, IPI_VECTORS,
+    InputMapDeviceGpaPages, InputPostMessage, InputRetargetDeviceInterrupt,
+    InputSendSyntheticClusterIpi, InputSignalEvent, InputUnmapDeviceGpaPages,
+    OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty, RegisterValue,
+    HV_INTERRUPT_SOURCE_MSI, HV_PAGE_SIZE, HV_PARTITION_ID_SELF, IPI_VECTORS,
 };
 use std::sync::atomic::{AtomicU64, Ordering};
 use vm_memory::GuestMemory;
@@ -134,6 +135,30 @@ pub trait Processors: Sync {
         let _ = (vp, input);
         Err(HvError::INVALID_HYPERCALL_CODE)
     }
+
+    /// SIGNAL_EVENT from VP `vp` (nothing checked), for the VMM's event
+    /// ports (VMBus channels). Default: the call does not exist.
+    fn signal_event(&self, vp: u32, input: &InputSignalEvent) -> Result<(), HvError> {
+        let _ = (vp, input);
+        Err(HvError::INVALID_HYPERCALL_CODE)
+    }
+
+    /// RETARGET_INTERRUPT, its input checked (partition, MSI source, a
+    /// well-formed VP set): the MSI `address` (low half) and `data` that
+    /// device `device` was given now deliver `vector` to the VPs of
+    /// `vps` (bit n: VP n; the VMM checks they exist and that the device
+    /// has that interrupt). Default: the call does not exist.
+    fn retarget_interrupt(
+        &self,
+        device: DeviceId,
+        address: u32,
+        data: u32,
+        vector: u32,
+        vps: u64,
+    ) -> Result<(), HvError> {
+        let _ = (device, address, data, vector, vps);
+        Err(HvError::INVALID_HYPERCALL_CODE)
+    }
 }
 
 /// The shape of a call, from its ABI types ([`CALLS`]).
@@ -145,6 +170,9 @@ pub(crate) struct Shape {
     pub rep: bool,
     /// `size_of` the fixed input header.
     pub header: usize,
+    /// Bytes of variable input header the call takes at most (after the
+    /// fixed header; 0: none).
+    pub var_header: usize,
     /// `size_of` one rep's input element (0: none).
     pub elem: usize,
     /// `size_of` a simple call's output (0: none).
@@ -174,6 +202,8 @@ pub(crate) struct Ctx<'a, M: ?Sized> {
     pub iommu: &'a Iommu,
     pub mem: &'a M,
     pub vp_index: u32,
+    /// The call's variable header, in 8-byte words.
+    pub var_words: usize,
     /// `None`: the calls to processors are INVALID_HYPERCALL_CODE.
     pub processors: Option<&'a dyn Processors>,
 }
@@ -301,18 +331,19 @@ where
 macro_rules! hypercalls {
     ($(
         $code:ident: $kind:ident($input:ty, $elem:ty => $out_elem:ty) -> $output:ty
-            $([$barrier:ident])? = $handler:expr;
+            $([$attr:ident])? = $handler:expr;
     )*) => {
         /// Every call's shape, in [`HypercallCode::ALL`]'s order.
         pub(crate) const CALLS: [Shape; HypercallCode::ALL.len()] = [$(
             Shape {
                 code: HypercallCode::$code,
                 rep: hypercalls!(@rep $kind),
-                header: size_of::<$input>(),
+                header: hypercalls!(@fixed $input, $($attr)?),
+                var_header: size_of::<$input>() - hypercalls!(@fixed $input, $($attr)?),
                 elem: size_of::<$elem>(),
                 output: size_of::<$output>(),
                 out_elem: size_of::<$out_elem>(),
-                dma_barrier: hypercalls!(@barrier $($barrier)?),
+                dma_barrier: hypercalls!(@barrier $($attr)?),
             },
         )*];
 
@@ -343,7 +374,11 @@ macro_rules! hypercalls {
         }
     };
     (@barrier dma_barrier) => { true };
-    (@barrier) => { false };
+    (@barrier $($attr:ident)?) => { false };
+    // `[variable]`: the input type holds the largest variable header after
+    // its `FIXED_SIZE` bytes.
+    (@fixed $input:ty, variable) => { <$input>::FIXED_SIZE };
+    (@fixed $input:ty, $($attr:ident)?) => { size_of::<$input>() };
     (@rep simple) => { false };
     (@rep rep) => { true };
     (@rep vp) => { false };
@@ -408,6 +443,36 @@ hypercalls! {
         = |_, processors, input, _| send_ipi(*processors, input);
     POST_MESSAGE: vp(InputPostMessage, () => ()) -> ()
         = |cx, processors, input, _| processors.post_message(cx.vp_index, input);
+    SIGNAL_EVENT: vp(InputSignalEvent, () => ()) -> ()
+        = |cx, processors, input, _| processors.signal_event(cx.vp_index, input);
+    RETARGET_INTERRUPT: vp(InputRetargetDeviceInterrupt, () => ()) -> () [variable]
+        = |cx, processors, input, _| retarget(*processors, input, cx.var_words);
+}
+
+/// RETARGET_INTERRUPT: the input's checks (the partition is SELF, the
+/// interrupt an MSI, the VP set well formed: else INVALID_PARTITION_ID,
+/// INVALID_PARAMETER), then the VMM's retargeting.
+fn retarget(
+    processors: &dyn Processors,
+    input: &InputRetargetDeviceInterrupt,
+    var_words: usize,
+) -> Result<(), HvError> {
+    if input.partition_id.get() != HV_PARTITION_ID_SELF {
+        return Err(HvError::INVALID_PARTITION_ID);
+    }
+    if input.source.get() != HV_INTERRUPT_SOURCE_MSI {
+        return Err(HvError::INVALID_PARAMETER);
+    }
+    let vps = input
+        .target_vps(var_words)
+        .ok_or(HvError::INVALID_PARAMETER)?;
+    processors.retarget_interrupt(
+        DeviceId::from_bits(input.device_id.get()),
+        input.msi_address.get(),
+        input.msi_data.get(),
+        input.vector.get(),
+        vps,
+    )
 }
 
 /// SEND_SYNTHETIC_CLUSTER_IPI: the input's checks (TLFS: a vector outside
@@ -442,7 +507,18 @@ macro_rules! table_max {
 }
 
 const PAGE: usize = 4096;
-const MAX_HEADER: usize = table_max!(header);
+/// The largest input header, fixed and variable parts together.
+const MAX_HEADER: usize = {
+    let mut max = 0;
+    let mut i = 0;
+    while i < CALLS.len() {
+        if CALLS[i].header + CALLS[i].var_header > max {
+            max = CALLS[i].header + CALLS[i].var_header;
+        }
+        i += 1;
+    }
+    max
+};
 const MAX_OUTPUT: usize = table_max!(output);
 const MAX_OUT_ELEM: usize = table_max!(out_elem);
 const FAST_BYTES: usize = 16;
@@ -473,7 +549,12 @@ const _: () = {
             !c.rep || c.output == 0,
             "rep calls return per-rep output only"
         );
-        assert!(c.header + c.elem <= PAGE && c.output <= PAGE && c.out_elem <= PAGE);
+        assert!(
+            c.var_header == 0 || !c.rep,
+            "only simple calls take a variable header"
+        );
+        assert!(c.var_header % 8 == 0, "variable headers are 8-byte words");
+        assert!(c.header + c.var_header + c.elem <= PAGE && c.output <= PAGE && c.out_elem <= PAGE);
         i += 1;
     }
 };
@@ -598,6 +679,7 @@ impl Iommu {
                 iommu: self,
                 mem,
                 vp_index,
+                var_words: usize::from(control.variable_header_size()),
                 processors,
             };
             let shape = shape(control.call_code());
@@ -655,7 +737,8 @@ impl Iommu {
         let Some(shape) = shape else {
             return Err((HvError::INVALID_HYPERCALL_CODE, 0));
         };
-        if control.nested() || control.variable_header_size() != 0 {
+        let var_bytes = usize::from(control.variable_header_size()) * 8;
+        if control.nested() || var_bytes > shape.var_header {
             return input_error;
         }
         let (count, start) = (control.rep_count(), control.rep_start());
@@ -672,9 +755,13 @@ impl Iommu {
         } else {
             0
         };
-        let input_size = shape.header + usize::from(count) * shape.elem;
-        let elems_lo = shape.header + usize::from(start) * shape.elem;
-        let elems_hi = shape.header + usize::from(end) * shape.elem;
+        // The guest's header (fixed and variable parts), and the whole one
+        // the handler reads: the guest's, zero-extended to the type's size.
+        let given = shape.header + var_bytes;
+        let typed = shape.header + shape.var_header;
+        let input_size = given + usize::from(count) * shape.elem;
+        let elems_lo = given + usize::from(start) * shape.elem;
+        let elems_hi = given + usize::from(end) * shape.elem;
 
         // Zeroed copies: the header (at most MAX_HEADER bytes) and, for rep
         // calls with elements, this slice's elements (at most one page).
@@ -687,15 +774,7 @@ impl Iommu {
             }
             header[..8].copy_from_slice(&regs.rdx.to_le_bytes());
             header[8..16].copy_from_slice(&regs.r8.to_le_bytes());
-            self.run_call(
-                cx,
-                code,
-                &header[..shape.header],
-                &[],
-                start,
-                end,
-                &mut output,
-            )
+            self.run_call(cx, code, &header[..typed], &[], start, end, &mut output)
         } else {
             if let Err(e) = check_block(regs.rdx, input_size) {
                 return fail(e);
@@ -709,7 +788,7 @@ impl Iommu {
                     return fail(HvError::INVALID_PARAMETER);
                 }
             }
-            if !ram::read(mem, regs.rdx, &mut header[..shape.header]) {
+            if !ram::read(mem, regs.rdx, &mut header[..given]) {
                 return fail(HvError::INVALID_PARAMETER);
             }
             if elems_hi > elems_lo {
@@ -725,32 +804,16 @@ impl Iommu {
                         cx,
                         code,
                         shape,
-                        &header[..shape.header],
+                        &header[..typed],
                         elems,
                         (start, end),
                         regs.r8,
                     )
                 } else {
-                    self.run_call(
-                        cx,
-                        code,
-                        &header[..shape.header],
-                        elems,
-                        start,
-                        end,
-                        &mut output,
-                    )
+                    self.run_call(cx, code, &header[..typed], elems, start, end, &mut output)
                 }
             } else {
-                self.run_call(
-                    cx,
-                    code,
-                    &header[..shape.header],
-                    &[],
-                    start,
-                    end,
-                    &mut output,
-                )
+                self.run_call(cx, code, &header[..typed], &[], start, end, &mut output)
             }
         };
         match result {

@@ -154,6 +154,8 @@ pub mod cpuid {
     pub const FEATURES_EAX_TSC_INVARIANT: u32 = 1 << 15;
     /// Leaf 0x40000003 EBX: the partition may post messages (POST_MESSAGE).
     pub const FEATURES_EBX_POST_MESSAGES: u32 = 1 << 4;
+    /// Leaf 0x40000003 EBX: the partition may signal events (SIGNAL_EVENT).
+    pub const FEATURES_EBX_SIGNAL_EVENTS: u32 = 1 << 5;
     /// Leaf 0x40000003 EDX: the frequency MSRs are available.
     pub const FEATURES_EDX_FREQUENCY_MSRS: u32 = 1 << 8;
     /// Leaf 0x40000003 EDX: device domains (S2) available.
@@ -379,6 +381,12 @@ impl HypercallCode {
     /// HvCallPostMessage (TLFS; the partition's: VMBus's transport, served
     /// where the VMM has a message port).
     pub const POST_MESSAGE: Self = Self(0x005C);
+    /// HvCallSignalEvent (TLFS; the partition's: a VMBus channel's
+    /// guest-to-host doorbell, served where the VMM has an event port).
+    pub const SIGNAL_EVENT: Self = Self(0x005D);
+    /// HvCallRetargetDeviceInterrupt (TLFS; the partition's: pci-hyperv
+    /// moves a vPCI device's interrupt to another vector and VP set).
+    pub const RETARGET_INTERRUPT: Self = Self(0x007E);
     /// HvCallCreateDeviceDomain.
     pub const CREATE_DEVICE_DOMAIN: Self = Self(0x00B1);
     /// HvCallAttachDeviceDomain.
@@ -403,7 +411,7 @@ impl HypercallCode {
     pub const GET_LOGICAL_DEVICE_PROPERTY: Self = Self(0x0127);
 
     /// Every call pvmm's dispatcher serves: the contract's and the partition's.
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 16] = [
         Self::CREATE_DEVICE_DOMAIN,
         Self::ATTACH_DEVICE_DOMAIN,
         Self::MAP_DEVICE_GPA_PAGES,
@@ -418,6 +426,8 @@ impl HypercallCode {
         Self::GET_VP_REGISTERS,
         Self::SEND_SYNTHETIC_CLUSTER_IPI,
         Self::POST_MESSAGE,
+        Self::SIGNAL_EVENT,
+        Self::RETARGET_INTERRUPT,
     ];
 
     /// The call's name, or `None` for a code the contract does not define.
@@ -426,6 +436,8 @@ impl HypercallCode {
             Self::SEND_SYNTHETIC_CLUSTER_IPI => "SEND_SYNTHETIC_CLUSTER_IPI",
             Self::GET_VP_REGISTERS => "GET_VP_REGISTERS",
             Self::POST_MESSAGE => "POST_MESSAGE",
+            Self::SIGNAL_EVENT => "SIGNAL_EVENT",
+            Self::RETARGET_INTERRUPT => "RETARGET_INTERRUPT",
             Self::CREATE_DEVICE_DOMAIN => "CREATE_DEVICE_DOMAIN",
             Self::ATTACH_DEVICE_DOMAIN => "ATTACH_DEVICE_DOMAIN",
             Self::MAP_DEVICE_GPA_PAGES => "MAP_DEVICE_GPA_PAGES",
@@ -1475,6 +1487,107 @@ impl InputPostMessage {
     }
 }
 
+/// SIGNAL_EVENT input (`struct hv_input_signal_event`, 8 bytes, TLFS
+/// HvCallSignalEvent; the partition's: Linux's VMBus signals a channel with
+/// it, as a fast call).
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
+#[repr(C)]
+pub struct InputSignalEvent {
+    /// The target port's connection id (bits 23:0; 31:24 reserved).
+    pub connection_id: U32,
+    /// The event flag to set in the port's target (VMBus: 0).
+    pub flag_number: U16,
+    /// Must be zero (RsvdZ).
+    pub reserved: U16,
+}
+
+/// `HV_INTERRUPT_SOURCE_MSI`: an [`InputRetargetDeviceInterrupt`]'s
+/// interrupt is an MSI.
+pub const HV_INTERRUPT_SOURCE_MSI: u32 = 1;
+/// `HV_DEVICE_INTERRUPT_TARGET_MULTICAST`: deliver to every VP of the set.
+pub const HV_DEVICE_INTERRUPT_TARGET_MULTICAST: u32 = 1;
+/// `HV_DEVICE_INTERRUPT_TARGET_PROCESSOR_SET`: the target is a sparse VP
+/// set (`vp_set`), not a 64-bit mask.
+pub const HV_DEVICE_INTERRUPT_TARGET_PROCESSOR_SET: u32 = 2;
+/// `HV_GENERIC_SET_SPARSE_4K`: a VP set's banks of 64 VPs, one u64 per
+/// bit set in `valid_bank_mask`.
+pub const HV_GENERIC_SET_SPARSE_4K: u64 = 0;
+/// Banks a VP set holds at most (`HV_MAX_SPARSE_VCPU_BANKS`).
+pub const HV_MAX_SPARSE_VCPU_BANKS: usize = 64;
+
+/// RETARGET_INTERRUPT input (`struct hv_retarget_device_interrupt`, TLFS
+/// HvCallRetargetDeviceInterrupt; the partition's, sent by pci-hyperv).
+/// The fixed header is [`Self::FIXED_SIZE`] bytes; with the
+/// PROCESSOR_SET flag a variable header follows (the call's variable
+/// header size, in 8-byte units): `valid_bank_mask` and one bank per bit
+/// set in it. This type holds the largest variable header, so that a copy
+/// of the guest's bytes into a zeroed one reads as a whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[repr(C)]
+pub struct InputRetargetDeviceInterrupt {
+    /// Must be [`HV_PARTITION_ID_SELF`].
+    pub partition_id: U64,
+    /// The device's logical id ([`DeviceId::logical_vpci`]).
+    pub device_id: U64,
+    /// `int_entry.source`: [`HV_INTERRUPT_SOURCE_MSI`].
+    pub source: U32,
+    /// Reserved.
+    pub reserved1: U32,
+    /// `int_entry.msi_entry.address`: the MSI address the device was
+    /// given (its low 32 bits).
+    pub msi_address: U32,
+    /// `int_entry.msi_entry.data`: the MSI data the device was given.
+    pub msi_data: U32,
+    /// Reserved.
+    pub reserved2: U64,
+    /// `int_target.vector`: the vector to deliver now.
+    pub vector: U32,
+    /// `int_target.flags`: `HV_DEVICE_INTERRUPT_TARGET_*`.
+    pub flags: U32,
+    /// `int_target.vp_mask` (bit n: VP n), or with PROCESSOR_SET
+    /// `vp_set.format` ([`HV_GENERIC_SET_SPARSE_4K`]).
+    pub vp_mask_or_format: U64,
+    /// With PROCESSOR_SET: `vp_set.valid_bank_mask` (variable header).
+    pub valid_bank_mask: U64,
+    /// With PROCESSOR_SET: `vp_set.bank_contents` (variable header).
+    pub bank_contents: [U64; HV_MAX_SPARSE_VCPU_BANKS],
+}
+
+impl InputRetargetDeviceInterrupt {
+    /// Bytes of the fixed header (through `vp_mask_or_format`).
+    pub const FIXED_SIZE: usize = core::mem::offset_of!(Self, valid_bank_mask);
+
+    /// The target VPs, as a bit per VP: from `vp_mask`, or from the sparse
+    /// set given `var_words` 8-byte words of variable header. `None` for a
+    /// malformed set (unknown format, a bank count that is not the mask's,
+    /// a VP at or past 64: pvmm has at most 64 VPs).
+    pub fn target_vps(&self, var_words: usize) -> Option<u64> {
+        if self.flags.get() & HV_DEVICE_INTERRUPT_TARGET_PROCESSOR_SET == 0 {
+            return (var_words == 0).then_some(self.vp_mask_or_format.get());
+        }
+        let mask = self.valid_bank_mask.get();
+        if self.vp_mask_or_format.get() != HV_GENERIC_SET_SPARSE_4K
+            || var_words != 1 + mask.count_ones() as usize
+        {
+            return None;
+        }
+        // The banks come in the mask's bit order; bank 0 holds VPs 0..64,
+        // and a VP in any other bank is one pvmm lacks.
+        let mut vps = 0;
+        let banks = (0..64u32).filter(|b| mask & (1 << b) != 0);
+        for (bank, contents) in banks.zip(&self.bank_contents) {
+            match (bank, contents.get()) {
+                (0, c) => vps = c,
+                (_, 0) => {}
+                _ => return None,
+            }
+        }
+        Some(vps)
+    }
+}
+
 /// GET_VP_REGISTERS input header (16 bytes), followed by one u32 register
 /// name per rep (see [`register`]).
 #[derive(
@@ -1650,6 +1763,21 @@ mod tests {
         assert_eq!(offset_of!(InputSendSyntheticClusterIpi, reserved), 4);
         assert_eq!(offset_of!(InputSendSyntheticClusterIpi, cpu_mask), 8);
 
+        assert_eq!(size_of::<InputSignalEvent>(), 8);
+        assert_eq!(offset_of!(InputSignalEvent, flag_number), 4);
+        assert_eq!(offset_of!(InputSignalEvent, reserved), 6);
+        // Linux's hv_retarget_device_interrupt: 56 fixed bytes, then the
+        // VP set's mask and banks.
+        assert_eq!(InputRetargetDeviceInterrupt::FIXED_SIZE, 56);
+        assert_eq!(offset_of!(InputRetargetDeviceInterrupt, device_id), 8);
+        assert_eq!(offset_of!(InputRetargetDeviceInterrupt, source), 16);
+        assert_eq!(offset_of!(InputRetargetDeviceInterrupt, msi_address), 24);
+        assert_eq!(offset_of!(InputRetargetDeviceInterrupt, msi_data), 28);
+        assert_eq!(offset_of!(InputRetargetDeviceInterrupt, vector), 40);
+        assert_eq!(offset_of!(InputRetargetDeviceInterrupt, flags), 44);
+        assert_eq!(offset_of!(InputRetargetDeviceInterrupt, vp_mask_or_format), 48);
+        assert_eq!(offset_of!(InputRetargetDeviceInterrupt, bank_contents), 64);
+        assert_eq!(size_of::<InputRetargetDeviceInterrupt>(), 64 + 64 * 8);
         assert_eq!(size_of::<InputPostMessage>(), 256);
         assert_eq!(offset_of!(InputPostMessage, connection_id), 0);
         assert_eq!(offset_of!(InputPostMessage, reserved), 4);

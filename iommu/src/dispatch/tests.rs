@@ -13,12 +13,14 @@ use pviommu_abi::{
     OutputGetIommuCapabilities, OutputGetLogicalDeviceProperty, HV_PARTITION_ID_SELF,
 };
 use pviommu_abi::{
-    register, InputGetVpRegisters, InputPostMessage, InputSendSyntheticClusterIpi, HV_VP_INDEX_SELF,
+    register, InputGetVpRegisters, InputPostMessage, InputRetargetDeviceInterrupt,
+    InputSendSyntheticClusterIpi, InputSignalEvent, HV_DEVICE_INTERRUPT_TARGET_PROCESSOR_SET,
+    HV_VP_INDEX_SELF,
 };
 use std::sync::Arc;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::little_endian::{U32, U64};
-use zerocopy::IntoBytes;
+use zerocopy::{FromZeros, IntoBytes};
 
 pub(crate) const MB: u64 = 1 << 20;
 /// RAM: [0, 64 MiB) and [128 MiB, 132 MiB); a hole between.
@@ -671,9 +673,10 @@ fn partition_id_must_be_self_for_every_call() {
         vp_registers_input(HV_VP_INDEX_SELF, &[register::VSM_VP_STATUS]),
         1,
     ));
-    // Every call but SEND_SYNTHETIC_CLUSTER_IPI and POST_MESSAGE, which
-    // name no partition.
-    assert_eq!(calls.len(), HypercallCode::ALL.len() - 2);
+    // Every call but SEND_SYNTHETIC_CLUSTER_IPI, POST_MESSAGE and
+    // SIGNAL_EVENT, which name no partition, and RETARGET_INTERRUPT, which
+    // needs processors (its partition is checked in its own test).
+    assert_eq!(calls.len(), HypercallCode::ALL.len() - 4);
     for (code, bytes, reps) in calls {
         for pid in [0u64, 1, HV_PARTITION_ID_SELF - 1] {
             let mut b = bytes.clone();
@@ -2212,6 +2215,9 @@ fn the_table_is_the_contract() {
             0,
         ),
         (HypercallCode::POST_MESSAGE, false, 256, 0, 0, 0),
+        (HypercallCode::SIGNAL_EVENT, false, 8, 0, 0, 0),
+        // 56 fixed bytes, then up to 65 words of VP set.
+        (HypercallCode::RETARGET_INTERRUPT, false, 56, 0, 0, 0),
     ];
     assert_eq!(contract.len(), HypercallCode::ALL.len());
     // The calls that may take translations away: each returns only once
@@ -2232,6 +2238,11 @@ fn the_table_is_the_contract() {
                 code,
                 rep,
                 header,
+                var_header: if code == HypercallCode::RETARGET_INTERRUPT {
+                    65 * 8
+                } else {
+                    0
+                },
                 elem,
                 output,
                 out_elem,
@@ -2587,4 +2598,153 @@ fn post_message_hands_the_input_to_the_port_and_returns_its_status() {
         post(&g, Some(&ipis_only), Caller::kernel(0), control, INPUT),
         HvStatus::INVALID_HYPERCALL_CODE
     );
+}
+
+// ------------------------------------------------- SIGNAL_EVENT, RETARGET_INTERRUPT
+
+/// An event port and interrupt retargeter that records what it is given.
+#[derive(Default)]
+struct RecordingEvents {
+    signalled: std::sync::Mutex<Vec<(u32, InputSignalEvent)>>,
+    retargeted: std::sync::Mutex<Vec<(DeviceId, u32, u32, u32, u64)>>,
+}
+
+impl Processors for RecordingEvents {
+    fn send_ipi(&self, _: u8, _: u64) -> Result<(), HvError> {
+        Err(HvError::INVALID_HYPERCALL_CODE)
+    }
+
+    fn signal_event(&self, vp: u32, input: &InputSignalEvent) -> Result<(), HvError> {
+        self.signalled.lock().unwrap().push((vp, *input));
+        Ok(())
+    }
+
+    fn retarget_interrupt(
+        &self,
+        device: DeviceId,
+        address: u32,
+        data: u32,
+        vector: u32,
+        vps: u64,
+    ) -> Result<(), HvError> {
+        self.retargeted
+            .lock()
+            .unwrap()
+            .push((device, address, data, vector, vps));
+        Ok(())
+    }
+}
+
+fn issue_with(g: &Guest, p: &dyn Processors, rcx: u64, rdx: u64, r8: u64) -> HvStatus {
+    match g.iommu.dispatch_for(
+        &g.mem,
+        Caller::kernel(1),
+        HypercallRegs { rcx, rdx, r8 },
+        Some(p),
+    ) {
+        HypercallOutcome::Complete { rax } => HypercallOutput::from_bits(rax).hv_status(),
+        HypercallOutcome::Continue { .. } => panic!("a simple call does not continue"),
+    }
+}
+
+/// Linux's `vmbus_set_event`: a fast call with the connection id and flag
+/// in RDX; the port gets them with the caller's VP.
+#[test]
+fn signal_event_is_a_fast_call_to_the_port() {
+    let g = Guest::new();
+    let events = RecordingEvents::default();
+    let control = Control::new()
+        .with_code(HypercallCode::SIGNAL_EVENT.0)
+        .with_fast(true)
+        .into_bits();
+    assert_eq!(
+        issue_with(&g, &events, control, 0x1001, 0xdead),
+        HvStatus::SUCCESS
+    );
+    let want = InputSignalEvent {
+        connection_id: 0x1001.into(),
+        flag_number: 0.into(),
+        reserved: 0.into(),
+    };
+    assert_eq!(*events.signalled.lock().unwrap(), [(1, want)]);
+    // Without an event port the call does not exist.
+    let ipis_only = RecordingProcessors::default();
+    assert_eq!(
+        issue_with(&g, &ipis_only, control, 0x1001, 0),
+        HvStatus::INVALID_HYPERCALL_CODE
+    );
+}
+
+/// pci-hyperv's `hv_irq_retarget_interrupt` with protocol 1.2 and newer: a
+/// VP set in a variable header of `1 + banks` words; malformed sets,
+/// another partition, a non-MSI source and a variable header longer than
+/// the call's are refused before the VMM sees them.
+#[test]
+fn retarget_interrupt_takes_a_vp_set_in_a_variable_header() {
+    let g = Guest::new();
+    let events = RecordingEvents::default();
+    let mut input = InputRetargetDeviceInterrupt::new_zeroed();
+    input.partition_id = HV_PARTITION_ID_SELF.into();
+    input.device_id = 0x1234_5608.into();
+    input.source = HV_INTERRUPT_SOURCE_MSI.into();
+    input.msi_address = 0xfee0_1000.into();
+    input.msi_data = 0x41.into();
+    input.vector = 0x42.into();
+    input.flags = HV_DEVICE_INTERRUPT_TARGET_PROCESSOR_SET.into();
+    input.valid_bank_mask = 1.into();
+    input.bank_contents[0] = 0b10.into();
+    let given = InputRetargetDeviceInterrupt::FIXED_SIZE + 16;
+    let call = |input: &InputRetargetDeviceInterrupt, var_words: u16| {
+        let mut bytes = input.as_bytes().to_vec();
+        bytes.resize(
+            InputRetargetDeviceInterrupt::FIXED_SIZE + 8 * usize::from(var_words),
+            0,
+        );
+        g.write_input(&bytes);
+        let rcx = Control::new()
+            .with_code(HypercallCode::RETARGET_INTERRUPT.0)
+            .with_variable_header_size(var_words)
+            .into_bits();
+        issue_with(&g, &events, rcx, INPUT, 0)
+    };
+    assert_eq!(given, 72);
+    assert_eq!(call(&input, 2), HvStatus::SUCCESS);
+    assert_eq!(
+        *events.retargeted.lock().unwrap(),
+        [(
+            DeviceId::from_bits(0x1234_5608),
+            0xfee0_1000,
+            0x41,
+            0x42,
+            0b10
+        )]
+    );
+    // A bank count that is not the mask's, a bank of VPs pvmm lacks, an
+    // unknown set format, a non-MSI source, another partition.
+    assert_eq!(call(&input, 1), HvStatus::INVALID_PARAMETER);
+    assert_eq!(call(&input, 3), HvStatus::INVALID_PARAMETER);
+    let mut high = input;
+    high.valid_bank_mask = 0b11.into();
+    high.bank_contents[1] = 1.into();
+    assert_eq!(call(&high, 3), HvStatus::INVALID_PARAMETER);
+    high.bank_contents[1] = 0.into();
+    assert_eq!(call(&high, 3), HvStatus::SUCCESS);
+    let mut format = input;
+    format.vp_mask_or_format = 1.into();
+    assert_eq!(call(&format, 2), HvStatus::INVALID_PARAMETER);
+    let mut source = input;
+    source.source = 2.into();
+    assert_eq!(call(&source, 2), HvStatus::INVALID_PARAMETER);
+    let mut partition = input;
+    partition.partition_id = 0.into();
+    assert_eq!(call(&partition, 2), HvStatus::INVALID_PARTITION_ID);
+    // Protocol 1.1's 64-bit mask: no variable header.
+    let mut mask = input;
+    mask.flags = 0.into();
+    mask.vp_mask_or_format = 0b1.into();
+    assert_eq!(call(&mask, 0), HvStatus::SUCCESS);
+    assert_eq!(call(&mask, 1), HvStatus::INVALID_PARAMETER);
+    // Past the largest VP set: the dispatcher's own check.
+    assert_eq!(call(&input, 66), HvStatus::INVALID_HYPERCALL_INPUT);
+    assert_eq!(events.retargeted.lock().unwrap().len(), 3);
 }
