@@ -2602,11 +2602,14 @@ fn post_message_hands_the_input_to_the_port_and_returns_its_status() {
 
 // ------------------------------------------------- SIGNAL_EVENT, RETARGET_INTERRUPT
 
+/// A retargeting as the VMM gets it: device, address, data, vector, VPs.
+type Retargeting = (DeviceId, u32, u32, u32, u64);
+
 /// An event port and interrupt retargeter that records what it is given.
 #[derive(Default)]
 struct RecordingEvents {
     signalled: std::sync::Mutex<Vec<(u32, InputSignalEvent)>>,
-    retargeted: std::sync::Mutex<Vec<(DeviceId, u32, u32, u32, u64)>>,
+    retargeted: std::sync::Mutex<Vec<Retargeting>>,
 }
 
 impl Processors for RecordingEvents {
