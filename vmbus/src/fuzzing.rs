@@ -7,7 +7,8 @@
 //! HvCallPostMessage inputs (raw, or fixed up towards valid INITIATE_CONTACT,
 //! REQUESTOFFERS and UNLOAD messages, or any channel message type with
 //! random content: GPADLs, opens, closes), the guest zeroing a page or taking a message out of its slot
-//! and EOM, event signals, the VMM adding offers or resetting the server,
+//! and EOM, event signals, HvCallSignalEvent on offered channels (whose
+//! device echoes every packet), the VMM adding offers or resetting the server,
 //! guest writes anywhere in RAM, and the host reading and writing ring
 //! packets on guest-chosen pages. RAM starts filled with a canary, so that a page the guest has
 //! not zeroed looks like a busy message slot. It panics if an invariant
@@ -33,9 +34,12 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use zerocopy::FromBytes;
 
 use crate::abi::{message_slot_offset, version, ChannelMessageType, Guid};
+use crate::channel::testing::Echo;
 use crate::ring::{Ring, MAX_PACKET};
+use crate::server::OFFER_CONNECTION_ID_BASE;
 use crate::server::{Server, MAX_VERSION, MIN_VERSION};
 use crate::synic::{SintSink, Synic, MESSAGE_QUEUE_DEPTH};
+use pviommu_abi::InputSignalEvent;
 
 /// Guest RAM: 16 pages at 0.
 const RAM_PAGES: u64 = 16;
@@ -208,9 +212,30 @@ pub fn run(data: &[u8]) -> Reached {
                 synic.eom(vp);
             }
             6 => {
-                let sint = r.u8() % 17;
-                let flag = r.u32() % 2100;
-                let _ = synic.signal_event(vp, sint, flag);
+                if r.u8() & 1 == 0 {
+                    let sint = r.u8() % 17;
+                    let flag = r.u32() % 2100;
+                    let _ = synic.signal_event(vp, sint, flag);
+                } else {
+                    // HvCallSignalEvent on an offer's connection id (or
+                    // near one): the echo device answers on the rings.
+                    let input = InputSignalEvent {
+                        connection_id: (OFFER_CONNECTION_ID_BASE + u32::from(r.u8() % 4)).into(),
+                        flag_number: u16::from(r.u8() % 2).into(),
+                        reserved: 0.into(),
+                    };
+                    // The device may write its open rings' pages.
+                    for relid in 1..=3 {
+                        if let Some(open) = server.open_channel(relid) {
+                            if let Some(g) = server.gpadl(open.ring_gpadl) {
+                                named.extend(g.pfns.iter().map(|&pfn| pfn * PAGE));
+                            }
+                        }
+                    }
+                    if let Err(e) = server.signal_event(vp, &input) {
+                        assert!(HvError::ALL.contains(&e.status()), "{e}");
+                    }
+                }
             }
             9 => {
                 // The guest writes 8 bytes anywhere in its RAM (ring
@@ -251,7 +276,7 @@ pub fn run(data: &[u8]) -> Reached {
                 if r.u8() & 1 == 0 {
                     let class = Guid(r.bytes());
                     let instance = Guid(r.bytes());
-                    let _ = server.add_offer(class, instance);
+                    let _ = server.add_offer(class, instance, Echo::shared());
                 } else {
                     server.reset();
                 }

@@ -59,6 +59,7 @@
 /// The wire formats: the `vmbus-abi` crate (`no_std`, shared with pvmm's
 /// test kernel).
 pub use vmbus_abi as abi;
+pub mod channel;
 #[cfg(any(test, feature = "fuzzing"))]
 pub mod fuzzing;
 pub mod ring;

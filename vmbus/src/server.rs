@@ -37,8 +37,17 @@
 //!   for it without a timeout, so a refusal is an answer too).
 //!   CLOSECHANNEL closes it (no answer). GPADL_TEARDOWN of a GPADL no open
 //!   channel uses is answered with GPADL_TORNDOWN.
-//! - Not yet: the rings' contents, HvSignalEvent and channel interrupts,
-//!   monitor pages, rescind and RELID_RELEASED, hot-added offers.
+//! - An open channel's rings belong to its offer's device
+//!   ([`ChannelDevice`]): HvCallSignalEvent on the channel's connection id
+//!   ([`Server::signal_event`]) runs the device on the signalling vCPU's
+//!   thread with the rings as a [`Channel`], and the host's packets
+//!   interrupt the guest as Linux expects for 5.x: the channel's relid as
+//!   an event flag of the connection's SINT in the target VP's event-flags
+//!   page ([`Synic::signal_event`]). The VMM runs a device with host news
+//!   through [`Server::run_channel`]. A device that fails on its rings
+//!   (a corrupt ring) is closed until the guest opens the channel again.
+//! - Not yet: monitor pages (offers say none: Linux then signals with
+//!   HvCallSignalEvent), rescind and RELID_RELEASED, hot-added offers.
 //!
 //! Messages post on connection 1 or 4, whatever the version (OpenVMM's
 //! VTL0 server listens on both; `[verify]` which `msg_conn_id` it returns:
@@ -73,7 +82,10 @@ use crate::abi::{
     STATUS_UNSUCCESSFUL, VMBUS_MESSAGE_CONNECTION_ID, VMBUS_MESSAGE_CONNECTION_ID_4,
     VMBUS_MESSAGE_SINT,
 };
+use crate::channel::{Channel, ChannelDevice, ChannelFault};
+use crate::ring::{Packet, Ring, RingError};
 use crate::synic::{DeliveryError, Synic};
+use pviommu_abi::InputSignalEvent;
 
 /// Offers the server holds at most (it could hold 2047: relids 1..2047).
 pub const MAX_OFFERS: usize = 32;
@@ -155,6 +167,37 @@ pub enum PostError {
     Reply(#[source] DeliveryError),
 }
 
+/// An HvCallSignalEvent the server refuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SignalError {
+    /// No channel has this connection id.
+    #[error("No event port on connection {0:#x}")]
+    InvalidConnectionId(u32),
+    /// A flag other than 0 (a channel's port has one flag), or the RsvdZ
+    /// field set.
+    #[error("Event flag {flag} (reserved {reserved:#x}) of connection {connection_id:#x}")]
+    InvalidFlag {
+        /// The connection id.
+        connection_id: u32,
+        /// The flag number.
+        flag: u16,
+        /// The reserved field.
+        reserved: u16,
+    },
+}
+
+impl SignalError {
+    /// The HV_STATUS the hypercall returns (TLFS "HvCallSignalEvent"):
+    /// INVALID_CONNECTION_ID for no port, INVALID_PARAMETER for a flag
+    /// past the port's or the RsvdZ field set.
+    pub const fn status(&self) -> HvError {
+        match self {
+            Self::InvalidConnectionId(_) => HvError::INVALID_CONNECTION_ID,
+            Self::InvalidFlag { .. } => HvError::INVALID_PARAMETER,
+        }
+    }
+}
+
 impl PostError {
     /// The HV_STATUS the hypercall returns (TLFS "HvCallPostMessage"):
     /// - INVALID_CONNECTION_ID (0x12): no port on the connection (Linux then
@@ -215,12 +258,26 @@ pub struct OfferIds {
     pub connection_id: u32,
 }
 
-/// An offer: a channel the guest may open (not in this slice).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A device behind a channel, shared by the server and the VMM.
+pub type SharedDevice = Arc<Mutex<dyn ChannelDevice>>;
+
+/// An offer: a channel the guest may open, and the device behind it.
+#[derive(Clone)]
 struct Offer {
     interface_type: Guid,
     instance: Guid,
     ids: OfferIds,
+    device: SharedDevice,
+}
+
+impl std::fmt::Debug for Offer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Offer")
+            .field("interface_type", &self.interface_type)
+            .field("instance", &self.instance)
+            .field("ids", &self.ids)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Offer {
@@ -302,6 +359,14 @@ pub struct OpenChannelState {
     pub downstream_page_offset: u32,
 }
 
+/// An open channel: its state and its rings (none once its device failed
+/// on them).
+#[derive(Debug)]
+struct Open {
+    state: OpenChannelState,
+    rings: Option<(Ring, Ring)>,
+}
+
 #[derive(Debug, Default)]
 struct State {
     connection: Option<Connection>,
@@ -311,7 +376,7 @@ struct State {
     /// GPADLs whose PFNs are still coming, by handle.
     pending: BTreeMap<u32, PendingGpadl>,
     /// Open channels, by relid.
-    open: BTreeMap<u32, OpenChannelState>,
+    open: BTreeMap<u32, Open>,
 }
 
 impl State {
@@ -320,11 +385,20 @@ impl State {
         self.connection = None;
         self.gpadls.clear();
         self.pending.clear();
-        self.open.clear();
+        for relid in std::mem::take(&mut self.open).into_keys() {
+            self.close_device(relid);
+        }
     }
 
     fn offer(&self, relid: u32) -> bool {
         self.offers.iter().any(|o| o.ids.relid == relid)
+    }
+
+    /// Tells channel `relid`'s device that the channel closed.
+    fn close_device(&self, relid: u32) {
+        if let Some(o) = self.offers.iter().find(|o| o.ids.relid == relid) {
+            lock_device(&o.device).closed();
+        }
     }
 }
 
@@ -378,7 +452,7 @@ impl<M: GuestMemory> Server<M> {
 
     /// Channel `relid`'s open state, if open.
     pub fn open_channel(&self, relid: u32) -> Option<OpenChannelState> {
-        self.state().open.get(&relid).copied()
+        self.state().open.get(&relid).map(|o| o.state)
     }
 
     /// Registers an offer of class `interface_type`, instance `instance`,
@@ -386,7 +460,12 @@ impl<M: GuestMemory> Server<M> {
     /// Linux driver waits on channel messages this slice does not serve
     /// (such as [`crate::abi::VPCI_INTERFACE_TYPE`]): its probe would hang the
     /// guest's boot.
-    pub fn add_offer(&self, interface_type: Guid, instance: Guid) -> Result<OfferIds, OfferError> {
+    pub fn add_offer(
+        &self,
+        interface_type: Guid,
+        instance: Guid,
+        device: SharedDevice,
+    ) -> Result<OfferIds, OfferError> {
         let mut state = self.state();
         if state.connection.is_some_and(|c| c.offers_requested) {
             return Err(OfferError::OffersSent);
@@ -407,6 +486,7 @@ impl<M: GuestMemory> Server<M> {
             interface_type,
             instance,
             ids,
+            device,
         });
         Ok(ids)
     }
@@ -664,6 +744,7 @@ impl<M: GuestMemory> Server<M> {
             assert!(state.offer(g.relid) && self.in_ram(&g.pfns));
         }
         for (relid, open) in &state.open {
+            let open = &open.state;
             let ring = state.gpadls.get(&open.ring_gpadl);
             assert!(ring.is_some_and(|g| g.relid == *relid
                 && open.downstream_page_offset > 0
@@ -709,7 +790,7 @@ impl<M: GuestMemory> Server<M> {
             Some(g) if g.relid == m.child_relid.get() => {}
             _ => return Err(PostError::UnknownGpadl(handle)),
         }
-        if state.open.values().any(|o| o.ring_gpadl == handle) {
+        if state.open.values().any(|o| o.state.ring_gpadl == handle) {
             return Err(PostError::GpadlInUse(handle));
         }
         let reply = GpadlTorndown {
@@ -735,14 +816,15 @@ impl<M: GuestMemory> Server<M> {
             target_vp: m.target_vp.get(),
             downstream_page_offset: m.downstream_ringbuffer_page_offset.get(),
         };
+        let rings = state
+            .gpadls
+            .get(&opened.ring_gpadl)
+            .filter(|g| g.relid == relid)
+            .and_then(|g| Ring::pair(&g.pfns, opened.downstream_page_offset as usize).ok());
         let ok = state.offer(relid)
             && !state.open.contains_key(&relid)
             && opened.target_vp < self.synic.vcpus()
-            && state.gpadls.get(&opened.ring_gpadl).is_some_and(|g| {
-                g.relid == relid
-                    && opened.downstream_page_offset > 0
-                    && (opened.downstream_page_offset as usize) < g.pfns.len()
-            });
+            && rings.is_some();
         let reply = OpenResult {
             header: ChannelMessageHeader::new(ChannelMessageType::OPENCHANNEL_RESULT),
             child_relid: relid.into(),
@@ -751,7 +833,16 @@ impl<M: GuestMemory> Server<M> {
         };
         self.reply(connection.target_vp, connection.sint, &reply)?;
         if ok {
-            state.open.insert(relid, opened);
+            state.open.insert(
+                relid,
+                Open {
+                    state: opened,
+                    rings,
+                },
+            );
+            if let Some(o) = state.offers.iter().find(|o| o.ids.relid == relid) {
+                lock_device(&o.device).opened();
+            }
         }
         Ok(())
     }
@@ -761,11 +852,82 @@ impl<M: GuestMemory> Server<M> {
         let mut state = self.state();
         Self::connected(&state, ChannelMessageType::CLOSECHANNEL)?;
         let relid = m.child_relid.get();
-        state
-            .open
-            .remove(&relid)
-            .map(|_| ())
-            .ok_or(PostError::NotOpen(relid))
+        state.open.remove(&relid).ok_or(PostError::NotOpen(relid))?;
+        state.close_device(relid);
+        Ok(())
+    }
+
+    /// HvCallSignalEvent from VP `_vp`: the guest put packets in a
+    /// channel's ring, or read the host's. Runs the channel's device if the
+    /// channel is open (a closed or failed channel's signal does nothing).
+    /// `Ok(Some(fault))`: the call succeeded, but the device failed on its
+    /// rings and the channel is closed to it (the caller logs it).
+    pub fn signal_event(
+        &self,
+        _vp: u32,
+        input: &InputSignalEvent,
+    ) -> Result<Option<ChannelFault>, SignalError> {
+        let connection_id = input.connection_id.get();
+        let relid = self
+            .state()
+            .offers
+            .iter()
+            .find(|o| o.ids.connection_id == connection_id)
+            .map(|o| o.ids.relid)
+            .ok_or(SignalError::InvalidConnectionId(connection_id))?;
+        let (flag, reserved) = (input.flag_number.get(), input.reserved.get());
+        if flag != 0 || reserved != 0 {
+            return Err(SignalError::InvalidFlag {
+                connection_id,
+                flag,
+                reserved,
+            });
+        }
+        Ok(self.run_channel(relid).err())
+    }
+
+    /// Runs channel `relid`'s device on its rings if the channel is open
+    /// (the host has news for the guest, or the guest signalled). A device
+    /// that fails is closed and the channel's rings are dropped until the
+    /// guest opens it again.
+    pub fn run_channel(&self, relid: u32) -> Result<(), ChannelFault> {
+        let (device, rings, target_vp, sint) = {
+            let state = self.state();
+            let (Some(connection), Some(open)) = (state.connection, state.open.get(&relid)) else {
+                return Ok(());
+            };
+            let Some(rings) = open.rings.clone() else {
+                return Ok(());
+            };
+            let Some(offer) = state.offers.iter().find(|o| o.ids.relid == relid) else {
+                return Ok(());
+            };
+            (
+                offer.device.clone(),
+                rings,
+                open.state.target_vp,
+                connection.sint,
+            )
+        };
+        let (inbound, outbound) = rings;
+        let mut channel = RingChannel {
+            synic: &self.synic,
+            inbound,
+            outbound,
+            target_vp,
+            sint,
+            relid,
+        };
+        let mut dev = lock_device(&device);
+        let result = dev.run(&mut channel);
+        if result.is_err() {
+            dev.closed();
+            drop(dev);
+            if let Some(open) = self.state().open.get_mut(&relid) {
+                open.rings = None;
+            }
+        }
+        result
     }
 
     /// Posts channel message `message` to `vp`, `sint`.
@@ -779,6 +941,54 @@ impl<M: GuestMemory> Server<M> {
             .post(vp, sint, &channel_message(message.as_bytes()))
             .map(|_| ())
             .map_err(PostError::Reply)
+    }
+}
+
+/// Locks a channel's device (a device that panicked keeps its state).
+fn lock_device(device: &SharedDevice) -> MutexGuard<'_, dyn ChannelDevice + 'static> {
+    device.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An open channel's rings as its device uses them: packets from the
+/// guest-to-host ring, packets to the host-to-guest ring with the
+/// channel's interrupt (its relid's event flag on the connection's SINT
+/// of its target VP) when the ring protocol asks for one.
+struct RingChannel<'a, M> {
+    synic: &'a Synic<M>,
+    inbound: Ring,
+    outbound: Ring,
+    target_vp: u32,
+    sint: u8,
+    relid: u32,
+}
+
+impl<M: GuestMemory> Channel for RingChannel<'_, M> {
+    fn recv(&mut self) -> Result<Option<Packet>, RingError> {
+        self.inbound.read_packet(self.synic.memory())
+    }
+
+    fn send(
+        &mut self,
+        packet_type: u16,
+        flags: u16,
+        transaction_id: u64,
+        payload: &[u8],
+    ) -> Result<(), RingError> {
+        let signal = self.outbound.write_packet(
+            self.synic.memory(),
+            packet_type,
+            flags,
+            transaction_id,
+            payload,
+        )?;
+        if signal {
+            // A guest whose SynIC cannot take the event polls its ring
+            // (or reprogrammed its SynIC): nothing more to do.
+            let _ = self
+                .synic
+                .signal_event(self.target_vp, self.sint, self.relid);
+        }
+        Ok(())
     }
 }
 
@@ -823,11 +1033,12 @@ fn parse<T: FromBytes + KnownLayout + Immutable>(
 mod tests {
     use super::*;
     use crate::abi::{HvMessageType, SintMsr};
+    use crate::channel::testing::Echo;
     use crate::synic::tests::{linux_enable, linux_take, memory, slot, Recorder, VECTOR};
     use crate::synic::{Posted, MESSAGE_QUEUE_DEPTH};
     use proptest::prelude::*;
     use pviommu_abi::msr;
-    use vm_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestMemoryMmap};
     use zerocopy::little_endian::{U32, U64};
 
     type Mem = GuestMemoryMmap;
@@ -936,8 +1147,14 @@ mod tests {
 
     /// A connected server with one offer (relid 1), its offers taken.
     fn with_channel() -> (Arc<Mem>, Server<Mem>) {
-        let (_, mem, s) = server(2);
-        s.add_offer(TEST_CLASS, INSTANCE_A).unwrap();
+        let (_, mem, s) = with_device(Echo::shared());
+        (mem, s)
+    }
+
+    /// [`with_channel`] with `device` behind the offer.
+    fn with_device(device: SharedDevice) -> (Arc<Recorder>, Arc<Mem>, Server<Mem>) {
+        let (rec, mem, s) = server(2);
+        s.add_offer(TEST_CLASS, INSTANCE_A, device).unwrap();
         linux_enable(s.synic(), 0);
         linux_connect(&s, &mem);
         s.post_message(0, &header_only(1, ChannelMessageType::REQUESTOFFERS))
@@ -950,7 +1167,7 @@ mod tests {
             msgtype(&linux_take(s.synic(), &mem, 0, 2).unwrap()),
             ChannelMessageType::ALLOFFERS_DELIVERED
         );
-        (mem, s)
+        (rec, mem, s)
     }
 
     fn take<T: FromBytes>(s: &Server<Mem>, mem: &Mem, t: ChannelMessageType) -> T {
@@ -970,6 +1187,86 @@ mod tests {
             user_data: [0; 120],
         };
         post(VMBUS_MESSAGE_CONNECTION_ID, m.as_bytes())
+    }
+
+    /// A channel's life as Linux's `vmbus_open` and `vmbus_sendpacket`
+    /// make it: the guest writes a packet and signals the channel's
+    /// connection id; the device answers on the host-to-guest ring, and the
+    /// guest gets the channel's event flag and an interrupt. A corrupt ring
+    /// closes the channel to its device; bad signals are refused.
+    #[test]
+    fn signal_event_runs_the_device_on_its_rings() {
+        let echo = Echo::shared();
+        let (rec, mem, s) = with_device(echo.clone());
+        // Four zeroed pages: the guest-to-host ring on 8-9, host-to-guest
+        // on 10-11.
+        let pfns = [8u64, 9, 10, 11];
+        for pfn in pfns {
+            mem.write_slice(&[0u8; PAGE_BYTES], GuestAddress(pfn * 4096))
+                .unwrap();
+        }
+        for m in gpadl_messages(1, 0xE1, &pfns) {
+            s.post_message(0, &m).unwrap();
+        }
+        let _: GpadlCreated = take(&s, &mem, ChannelMessageType::GPADL_CREATED);
+        s.post_message(0, &open_message(1, 0xE1, 2, 0)).unwrap();
+        let r: OpenResult = take(&s, &mem, ChannelMessageType::OPENCHANNEL_RESULT);
+        assert_eq!(r.status.get(), 0);
+        assert_eq!(echo.lock().unwrap().opened, 1);
+        rec.take();
+
+        // The guest's side of the rings.
+        let to_host = Ring::new(&pfns[..2]).unwrap();
+        let to_guest = Ring::new(&pfns[2..]).unwrap();
+        to_host
+            .write_packet(&*mem, crate::abi::VM_PKT_DATA_INBAND, 1, 0x77, b"ping!")
+            .unwrap();
+        let signal = |connection_id: u32, flag: u16| InputSignalEvent {
+            connection_id: connection_id.into(),
+            flag_number: flag.into(),
+            reserved: 0.into(),
+        };
+        assert_eq!(
+            s.signal_event(0, &signal(OFFER_CONNECTION_ID_BASE + 1, 0)),
+            Ok(None)
+        );
+        let answer = to_guest.read_packet(&*mem).unwrap().unwrap();
+        assert_eq!(answer.descriptor.transaction_id.get(), 0x77);
+        assert_eq!(&answer.payload[..5], b"ping!");
+        // Relid 1's flag in SINT 2 of VP 0's event flags, and the vector.
+        let (offset, bit) = crate::abi::event_flag_position(2, 1).unwrap();
+        let siefp = s.synic().event_flags_page(0).unwrap();
+        let flags: u8 = mem.read_obj(GuestAddress(siefp + offset)).unwrap();
+        assert_eq!(flags & bit, bit);
+        assert_eq!(rec.take(), [(0, VECTOR)]);
+
+        assert_eq!(
+            s.signal_event(0, &signal(0x7777, 0)),
+            Err(SignalError::InvalidConnectionId(0x7777))
+        );
+        assert_eq!(
+            s.signal_event(0, &signal(OFFER_CONNECTION_ID_BASE + 1, 1))
+                .map_err(|e| e.status()),
+            Err(HvError::INVALID_PARAMETER)
+        );
+        // A write index past the ring: the device fails, the channel is
+        // closed to it, later signals do nothing.
+        mem.write_obj(0xFFFF_0000u32, GuestAddress(8 * 4096))
+            .unwrap();
+        assert!(matches!(
+            s.signal_event(0, &signal(OFFER_CONNECTION_ID_BASE + 1, 0)),
+            Ok(Some(ChannelFault::Ring(RingError::Corrupt(_))))
+        ));
+        assert_eq!(echo.lock().unwrap().closed, 1);
+        assert_eq!(
+            s.signal_event(0, &signal(OFFER_CONNECTION_ID_BASE + 1, 0)),
+            Ok(None)
+        );
+        assert_eq!(echo.lock().unwrap().packets, 1);
+        // Unload closes it (again) for the device.
+        s.post_message(0, &header_only(1, ChannelMessageType::UNLOAD))
+            .unwrap();
+        assert_eq!(echo.lock().unwrap().closed, 2);
     }
 
     /// Linux's `vmbus_establish_gpadl` (40 pages: a header and a body),
@@ -1302,8 +1599,8 @@ mod tests {
     #[test]
     fn linux_connect_and_offers_with_the_pending_dance() {
         let (rec, mem, s) = server(1);
-        let a = s.add_offer(TEST_CLASS, INSTANCE_A).unwrap();
-        let b = s.add_offer(TEST_CLASS, INSTANCE_B).unwrap();
+        let a = s.add_offer(TEST_CLASS, INSTANCE_A, Echo::shared()).unwrap();
+        let b = s.add_offer(TEST_CLASS, INSTANCE_B, Echo::shared()).unwrap();
         assert_eq!(
             a,
             OfferIds {
@@ -1366,7 +1663,11 @@ mod tests {
         assert!(s.connection().unwrap().offers_requested);
         // Hot add is not in this slice.
         assert_eq!(
-            s.add_offer(TEST_CLASS, Guid::from_fields(7, 7, 7, [7; 8])),
+            s.add_offer(
+                TEST_CLASS,
+                Guid::from_fields(7, 7, 7, [7; 8]),
+                Echo::shared()
+            ),
             Err(OfferError::OffersSent)
         );
 
@@ -1407,7 +1708,7 @@ mod tests {
     #[test]
     fn a_reply_that_does_not_fit_changes_nothing_and_can_be_retried() {
         let (_, mem, s) = server(1);
-        s.add_offer(TEST_CLASS, INSTANCE_A).unwrap();
+        s.add_offer(TEST_CLASS, INSTANCE_A, Echo::shared()).unwrap();
         linux_enable(s.synic(), 0);
         s.post_message(0, &initiate_contact(version::WIN10_V5_3, 0))
             .unwrap();
@@ -1594,23 +1895,30 @@ mod tests {
         let (_, _, s) = server(1);
         for i in 0..MAX_OFFERS {
             let g = Guid::from_fields(i as u32, 0, 0, [0; 8]);
-            assert_eq!(s.add_offer(TEST_CLASS, g).unwrap().relid, i as u32 + 1);
+            assert_eq!(
+                s.add_offer(TEST_CLASS, g, Echo::shared()).unwrap().relid,
+                i as u32 + 1
+            );
         }
         assert_eq!(
-            s.add_offer(TEST_CLASS, Guid::from_fields(0xFFFF, 0, 0, [0; 8])),
+            s.add_offer(
+                TEST_CLASS,
+                Guid::from_fields(0xFFFF, 0, 0, [0; 8]),
+                Echo::shared()
+            ),
             Err(OfferError::TooMany)
         );
         let (_, _, s) = server(1);
-        s.add_offer(TEST_CLASS, INSTANCE_A).unwrap();
+        s.add_offer(TEST_CLASS, INSTANCE_A, Echo::shared()).unwrap();
         assert_eq!(
-            s.add_offer(TEST_CLASS, INSTANCE_A),
+            s.add_offer(TEST_CLASS, INSTANCE_A, Echo::shared()),
             Err(OfferError::DuplicateInstance(INSTANCE_A))
         );
         // A connection that has not requested offers yet may get more.
         let (_, mem, s) = server(1);
         linux_enable(s.synic(), 0);
         linux_connect(&s, &mem);
-        assert!(s.add_offer(TEST_CLASS, INSTANCE_B).is_ok());
+        assert!(s.add_offer(TEST_CLASS, INSTANCE_B, Echo::shared()).is_ok());
         s.reset();
         assert_eq!(s.connection(), None);
     }
@@ -1694,7 +2002,7 @@ mod tests {
         #[test]
         fn arbitrary_guests_cannot_panic_or_grow_queues(steps in prop::collection::vec(step(), 1..96)) {
             let (_, mem, s) = server(2);
-            s.add_offer(TEST_CLASS, INSTANCE_A).unwrap();
+            s.add_offer(TEST_CLASS, INSTANCE_A, Echo::shared()).unwrap();
             linux_enable(s.synic(), 0);
             linux_enable(s.synic(), 1);
             for step in steps {
