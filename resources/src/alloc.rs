@@ -310,7 +310,7 @@ mod tests {
             }
             n += 1;
         }
-        assert_eq!(n, 64);
+        assert_eq!(n, 48);
         let fallback = a.allocate_bar(256 * MIB, BarKind::Mmio64).unwrap();
         assert!(fallback < 1 << 32, "{fallback:#x}");
         a.free_bar(fallback, 256 * MIB, BarKind::Mmio64).unwrap();

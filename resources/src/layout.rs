@@ -8,13 +8,17 @@
 //! 0xC000_0000 ┼ 32-bit MMIO hole: PCI MMIO32 window (512 MiB, BARs)
 //! 0xE000_0000 ┼ PCI ECAM, bus 0 only (1 MiB)
 //! 0xE010_0000 ┼ (unused)
+//! 0xF000_0000 ┼ VMBus MMIO32 window (128 MiB: vPCI config windows and
+//!             │   32-bit BARs, which the guest places itself)
+//! 0xF800_0000 ┼ (unused)
 //! 0xFE00_0000 ┼ platform MMIO window (12 MiB)
 //! 0xFEC0_0000 ┼ IOAPIC (4 KiB)
 //! 0xFEE0_0000 ┼ LAPIC (1 MiB: 0xFEE0_0000..0xFEF0_0000 is never RAM, it is the
 //!             │   MSI doorbell range for devices)
 //! 0xFFFB_C000 ┼ KVM identity-map page and TSS (4 pages)
 //! 0x1_0000_0000 ┼ high RAM (memory above 3 GiB)
-//! MMIO64_START ┼ 64-bit MMIO window (64 GiB, PCI 64-bit BARs), 1 GiB aligned
+//! MMIO64_START ┼ 64-bit MMIO window (64 GiB, 1 GiB aligned): PCI 64-bit
+//!             │   BARs (48 GiB), then VMBus's 64-bit window (16 GiB)
 //! ```
 //!
 //! Port I/O: COM1 0x3F8, i8042 0x60/0x64, PCI config 0xCF8..0xCFF, the ACPI
@@ -47,6 +51,15 @@ pub const PCI_ECAM_START: u64 = 0xE000_0000;
 pub const PCI_ECAM_BUSES: u64 = 1;
 /// Size of the ECAM window: 1 MiB per bus.
 pub const PCI_ECAM_SIZE: u64 = PCI_ECAM_BUSES * MIB;
+
+/// VMBus's 32-bit MMIO window (its ACPI device's `_CRS`): Linux's
+/// pci-hyperv takes each vPCI bus's config window and 32-bit BARs from it.
+pub const VMBUS_MMIO32_START: u64 = 0xF000_0000;
+/// Size of VMBus's 32-bit MMIO window.
+pub const VMBUS_MMIO32_SIZE: u64 = 128 * MIB;
+/// Size of VMBus's 64-bit MMIO window, the top of the 64-bit MMIO window
+/// ([`vmbus_mmio64_window`]): vPCI devices' 64-bit BARs.
+pub const VMBUS_MMIO64_SIZE: u64 = 16 * GIB;
 
 /// Window for platform (non-PCI) MMIO devices.
 pub const PLATFORM_MMIO_START: u64 = 0xFE00_0000;
@@ -236,8 +249,9 @@ pub fn low_ram_end(mem_size: u64) -> u64 {
     mem_size.min(MMIO32_HOLE_START)
 }
 
-/// The 64-bit MMIO window `(start, size)` for `mem_size` bytes of memory: the
-/// first 1 GiB boundary at or above the end of RAM (and 4 GiB).
+/// The PCI 64-bit MMIO window `(start, size)` for `mem_size` bytes of
+/// memory: from the first 1 GiB boundary at or above the end of RAM (and
+/// 4 GiB), the 64-bit MMIO window less VMBus's part.
 pub fn mmio64_window(mem_size: u64) -> Result<(u64, u64)> {
     check_memory_size(mem_size)?;
     let ram_end = match mem_size.checked_sub(MMIO32_HOLE_START) {
@@ -245,7 +259,15 @@ pub fn mmio64_window(mem_size: u64) -> Result<(u64, u64)> {
         _ => HIGH_RAM_START,
     };
     let start = ram_end.div_ceil(MMIO64_ALIGN) * MMIO64_ALIGN;
-    Ok((start, MMIO64_SIZE))
+    Ok((start, MMIO64_SIZE - VMBUS_MMIO64_SIZE))
+}
+
+/// VMBus's 64-bit MMIO window `(start, size)` for `mem_size` bytes of
+/// memory: the top [`VMBUS_MMIO64_SIZE`] of the 64-bit MMIO window, right
+/// after PCI's.
+pub fn vmbus_mmio64_window(mem_size: u64) -> Result<(u64, u64)> {
+    let (start, size) = mmio64_window(mem_size)?;
+    Ok((start + size, VMBUS_MMIO64_SIZE))
 }
 
 /// A memory map entry type (e820 / PVH memmap / ACPI address range types).
@@ -317,7 +339,9 @@ pub fn memory_map(mem_size: u64) -> Result<Vec<MemoryMapEntry>> {
 // boot structures fit in the legacy area.
 const _: () = {
     assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
-    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= PLATFORM_MMIO_START);
+    assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= VMBUS_MMIO32_START);
+    assert!(VMBUS_MMIO32_START + VMBUS_MMIO32_SIZE <= PLATFORM_MMIO_START);
+    assert!(VMBUS_MMIO64_SIZE < MMIO64_SIZE && VMBUS_MMIO64_SIZE % MMIO64_ALIGN == 0);
     assert!(PLATFORM_MMIO_START + PLATFORM_MMIO_SIZE <= IOAPIC_START);
     assert!(IOAPIC_START + IOAPIC_SIZE <= LAPIC_START);
     assert!(LAPIC_START + LAPIC_SIZE <= KVM_IDENTITY_MAP_START);
@@ -402,9 +426,13 @@ mod tests {
                 assert!(!overlaps(ram, (PCI_ECAM_START, PCI_ECAM_SIZE)));
                 assert!(!overlaps(ram, (PCI_MMIO32_START, PCI_MMIO32_SIZE)));
                 assert!(!overlaps(ram, (KVM_IDENTITY_MAP_START, 4 * PAGE_SIZE)));
+                assert!(!overlaps(ram, (VMBUS_MMIO32_START, VMBUS_MMIO32_SIZE)));
                 let (s, l) = mmio64_window(mem).unwrap();
                 assert!(!overlaps(ram, (s, l)));
                 assert_eq!(s % MMIO64_ALIGN, 0);
+                let (vs, vl) = vmbus_mmio64_window(mem).unwrap();
+                assert!(!overlaps(ram, (vs, vl)) && !overlaps((s, l), (vs, vl)));
+                assert_eq!(vs, s + l);
             }
         }
     }
@@ -427,7 +455,7 @@ mod tests {
             Err(Error::MemoryNotPageAligned(MIN_MEMORY + 1))
         );
         assert!(ram_regions(MAX_MEMORY).is_ok());
-        let (s, l) = mmio64_window(MAX_MEMORY).unwrap();
+        let (s, l) = vmbus_mmio64_window(MAX_MEMORY).unwrap();
         assert!(s + l <= 1 << 40);
     }
 

@@ -218,7 +218,7 @@ fn dsdt_body(mem_size: u64, hotplug_gsi: u32, vmbus: bool) -> Result<Vec<u8>> {
     .to_aml_bytes(&mut body);
 
     if vmbus {
-        vmbus_aml(&mut body);
+        vmbus_aml(&mut body, mem_size)?;
     }
     crate::hotplug::append_aml(&mut body, hotplug_gsi);
     Ok(body)
@@ -226,20 +226,45 @@ fn dsdt_body(mem_size: u64, hotplug_gsi: u32, vmbus: bool) -> Result<Vec<u8>> {
 
 /// VMBus's ACPI device (crate::vmbus), `\_SB.VMBS`, as Hyper-V's firmware
 /// names it: Linux's `hv_vmbus` binds to `_HID "VMBus"` and connects only
-/// then. Its `_CRS` must exist (Linux walks it, and fails the probe
-/// without one) and is empty: x86 Linux takes VMBus's interrupt from the
-/// fixed HYPERVISOR_CALLBACK_VECTOR, not from ACPI, and this slice offers
-/// no device that needs an MMIO window.
-fn vmbus_aml(body: &mut Vec<u8>) {
+/// then. Its `_CRS` holds VMBus's MMIO windows as address-space
+/// descriptors (Linux's `vmbus_walk_resources` reads those, below 4 GiB
+/// and above): pci-hyperv allocates each vPCI bus's config window and its
+/// devices' BARs there (32-bit BARs below 4 GiB, 64-bit ones above). x86
+/// Linux takes VMBus's interrupt from the fixed
+/// HYPERVISOR_CALLBACK_VECTOR, not from ACPI.
+fn vmbus_aml(body: &mut Vec<u8>, mem_size: u64) -> Result<()> {
+    let low_first = u32::try_from(layout::VMBUS_MMIO32_START).unwrap_or(u32::MAX);
+    let low_last = u32::try_from(layout::VMBUS_MMIO32_START + layout::VMBUS_MMIO32_SIZE - 1)
+        .unwrap_or(u32::MAX);
+    let (high_start, high_size) = layout::vmbus_mmio64_window(mem_size).map_err(Error::Memory)?;
     aml::Device::new(
         "_SB_.VMBS".into(),
         vec![
             &aml::Name::new("_HID".into(), &"VMBus"),
             &aml::Name::new("_UID".into(), &0u8),
-            &aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![])),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &AddressSpace::new_memory(
+                        AddressSpaceCacheable::NotCacheable,
+                        true,
+                        low_first,
+                        low_last,
+                        None,
+                    ),
+                    &AddressSpace::new_memory(
+                        AddressSpaceCacheable::NotCacheable,
+                        true,
+                        high_start,
+                        high_start + high_size - 1,
+                        None,
+                    ),
+                ]),
+            ),
         ],
     )
     .to_aml_bytes(body);
+    Ok(())
 }
 
 /// Where the tables went.
@@ -406,9 +431,14 @@ mod tests {
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         assert!(has(b"PCI0") && has(b"COM1") && has(b"_S5_") && has(b"MBRD"));
         assert!(has(b"GED_") && has(b"PHPR") && has(b"S1F_"));
-        // VMBus's device: _HID "VMBus" (a string), an empty _CRS.
+        // VMBus's device: _HID "VMBus" (a string), its two MMIO windows as
+        // DWord and QWord address spaces (minimum, then maximum).
         assert!(has(b"VMBS") && has(b"_HID\x0dVMBus\0"));
-        assert!(has(b"_CRS\x11\x05\x0a\x02\x79\x00"));
+        let low = [0xf000_0000u32.to_le_bytes(), 0xf7ff_ffffu32.to_le_bytes()].concat();
+        assert!(has(&[&[0x87u8][..], &[0x17, 0, 0]].concat()) && has(&low));
+        let (start, size) = layout::vmbus_mmio64_window(512 << 20).unwrap();
+        let high = [start.to_le_bytes(), (start + size - 1).to_le_bytes()].concat();
+        assert!(has(&high));
 
         // MADT: 4 LAPICs, 1 IOAPIC, 1 override, 1 NMI.
         let madt = table(&m, entries[1]);

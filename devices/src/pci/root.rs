@@ -64,6 +64,10 @@ struct Slot {
     dev: Arc<Mutex<dyn PciDevice>>,
     bus_dev: SharedBusDevice,
     mapped: Vec<PciBarRegion>,
+    /// Behind a Hyper-V virtual PCI bus: absent from this bus's
+    /// configuration mechanisms, configured through [`PciRoot::vpci_config_read`]
+    /// and [`PciRoot::vpci_config_write`] (its BARs stay this bus's to map).
+    hidden: bool,
 }
 
 /// Bus 0 of segment 0: up to 32 single-function devices, slot 0 being the
@@ -97,6 +101,7 @@ impl PciRoot {
             dev: bridge.clone(),
             bus_dev: bridge,
             mapped: Vec::new(),
+            hidden: false,
         });
         root
     }
@@ -145,6 +150,7 @@ impl PciRoot {
             dev: dev.clone(),
             bus_dev,
             mapped,
+            hidden: false,
         });
         let mut d = lock::mutex(&dev);
         for (index, old, new) in moved {
@@ -211,34 +217,76 @@ impl PciRoot {
         }
     }
 
-    fn slot_of(&mut self, addr: PciAddress) -> Option<&mut Slot> {
+    /// Hides the device in `slot` from this bus's configuration mechanisms
+    /// (it moves behind a Hyper-V virtual PCI bus), or shows it again.
+    pub fn set_hidden(&mut self, slot: u8, hidden: bool) -> Result<(), PciError> {
+        if slot == 0 {
+            return Err(PciError::InvalidSlot(slot));
+        }
+        let s = self
+            .slots
+            .get_mut(usize::from(slot))
+            .ok_or(PciError::InvalidSlot(slot))?
+            .as_mut()
+            .ok_or(PciError::SlotEmpty(slot))?;
+        s.hidden = hidden;
+        Ok(())
+    }
+
+    /// The slot at `addr` as the configuration mechanisms see it (a hidden
+    /// device is absent), or the hidden device in slot `addr.device` for
+    /// its virtual PCI bus.
+    fn slot_of(&mut self, addr: PciAddress, vpci: bool) -> Option<&mut Slot> {
         if addr.bus != 0 || addr.function != 0 {
             return None;
         }
-        self.slots.get_mut(usize::from(addr.device))?.as_mut()
+        self.slots
+            .get_mut(usize::from(addr.device))?
+            .as_mut()
+            .filter(|s| s.hidden == vpci)
     }
 
     /// Configuration read; `offset` and `data.len()` must pass
     /// [`check_config_access`] for 4096 bytes (else all ones are returned).
-    /// Absent functions read as all ones.
+    /// Absent (and hidden) functions read as all ones.
     pub fn config_read(&mut self, addr: PciAddress, offset: u16, data: &mut [u8]) {
+        self.read(addr, offset, data, false)
+    }
+
+    /// Configuration read of the hidden device in `slot`, for its virtual
+    /// PCI bus; as [`Self::config_read`] otherwise.
+    pub fn vpci_config_read(&mut self, slot: u8, offset: u16, data: &mut [u8]) {
+        self.read(PciAddress::slot(slot), offset, data, true)
+    }
+
+    fn read(&mut self, addr: PciAddress, offset: u16, data: &mut [u8], vpci: bool) {
         if !check_config_access(u64::from(offset), data.len(), CONFIG_SPACE_SIZE) {
             data.fill(0xff);
             return;
         }
-        match self.slot_of(addr) {
+        match self.slot_of(addr, vpci) {
             Some(s) => lock::mutex(&s.dev).read_config(offset, data),
             None => data.fill(0xff),
         }
     }
 
-    /// Configuration write; invalid accesses and absent functions are
-    /// ignored. Follows any BAR change the write causes.
+    /// Configuration write; invalid accesses and absent (and hidden)
+    /// functions are ignored. Follows any BAR change the write causes.
     pub fn config_write(&mut self, addr: PciAddress, offset: u16, data: &[u8]) {
+        self.write(addr, offset, data, false)
+    }
+
+    /// Configuration write of the hidden device in `slot`, for its virtual
+    /// PCI bus; as [`Self::config_write`] otherwise.
+    pub fn vpci_config_write(&mut self, slot: u8, offset: u16, data: &[u8]) {
+        self.write(PciAddress::slot(slot), offset, data, true)
+    }
+
+    fn write(&mut self, addr: PciAddress, offset: u16, data: &[u8], vpci: bool) {
         if !check_config_access(u64::from(offset), data.len(), CONFIG_SPACE_SIZE) {
             return;
         }
-        let Some(s) = self.slot_of(addr) else {
+        let Some(s) = self.slot_of(addr, vpci) else {
             return;
         };
         let desired = {
@@ -260,6 +308,7 @@ impl PciRoot {
             dev,
             bus_dev,
             mut mapped,
+            hidden,
         } = s;
         // Unmap every BAR that changes first, then map the new places, so
         // that BARs of one device can trade places.
@@ -308,6 +357,7 @@ impl PciRoot {
             dev,
             bus_dev,
             mapped,
+            hidden,
         });
     }
 }
@@ -538,6 +588,34 @@ mod tests {
         f.ecam
             .read(0xe000_0000, u64::from(dev) << 15 | u64::from(reg), &mut d);
         u32::from_le_bytes(d)
+    }
+
+    /// A device behind a virtual PCI bus: gone from ECAM, configured (and
+    /// its BARs mapped) through the vPCI accessors; shown again, the other
+    /// way round.
+    #[test]
+    fn hidden_devices_answer_only_their_virtual_bus() {
+        let mut f = fixture();
+        let id = ecam_read32(&mut f, 3, 0);
+        f.root.lock().unwrap().set_hidden(3, true).unwrap();
+        assert_eq!(ecam_read32(&mut f, 3, 0), u32::MAX);
+        let mut d = [0u8; 4];
+        f.root.lock().unwrap().vpci_config_read(3, 0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), id);
+        // ECAM writes are ignored, vPCI writes decode the BARs.
+        ecam_write(&mut f, 3, reg::COMMAND, &COMMAND_MEMORY.to_le_bytes());
+        assert!(f.mmio.ranges().is_empty());
+        f.root
+            .lock()
+            .unwrap()
+            .vpci_config_write(3, reg::COMMAND, &COMMAND_MEMORY.to_le_bytes());
+        assert_eq!(f.mmio.ranges(), vec![(0xc000_0000, 0x1000)]);
+        f.root.lock().unwrap().set_hidden(3, false).unwrap();
+        f.root.lock().unwrap().vpci_config_read(3, 0, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        assert_eq!(ecam_read32(&mut f, 3, 0), id);
+        assert!(f.root.lock().unwrap().set_hidden(0, true).is_err());
+        assert!(f.root.lock().unwrap().set_hidden(9, true).is_err());
     }
 
     #[test]
