@@ -26,28 +26,36 @@
 //!   with every guest index and header checked.
 //! - [`server`]: HvCallPostMessage's VMBus port: version negotiation as
 //!   Linux expects it (5.3 down to 5.0 accepted), the offer list (zero or
-//!   more offers registered through [`server::Server::add_offer`]), unload,
-//!   and channel set-up: GPADLs, open, close.
-//!   Refusals are typed [`server::PostError`]s with their HV_STATUS (an
+//!   more offers registered through [`server::Server::add_offer`], each
+//!   with its [`channel::ChannelDevice`]), unload, and channel set-up:
+//!   GPADLs, open, close; HvCallSignalEvent's ports
+//!   ([`server::Server::signal_event`]), which run a channel's device on
+//!   its rings, and the channels' interrupts (event flags).
+//!   Refusals are typed [`server::PostError`]s and
+//!   [`server::SignalError`]s with their HV_STATUS (an
 //!   [`pviommu_abi::HvError`]).
+//! - [`channel`]: what a device behind a channel sees.
+//! - [`vpci`]: the vPCI server for Linux's pci-hyperv (protocol 1.2 to
+//!   1.4): bus relations, resource requirements, D0 entry and the config
+//!   window, interrupts (x86 MSI messages), retargeting, eject.
 //!
 //! # Where pvmm uses it
 //! `vmm/src/vmbus.rs` wires it to the guest in pvmm's Hyper-V mode: the
-//! SynIC MSRs through the MSR filter, HvCallPostMessage through the
-//! hypercall dispatcher (`pviommu_abi::HypercallCode::POST_MESSAGE`, whose
-//! input type is `pviommu-abi`'s and re-exported here), SINT interrupts as
-//! MSIs to the local APICs, the SynIC and post-message CPUID bits with the
-//! auto-EOI deprecation hint, and the ACPI device (`\_SB.VMBS`) Linux
-//! probes. Linux 7.2's `hv_vmbus` connects at 5.3 there (the nested
-//! harness's `linux_hyperv_pviommu_driver_starts`).
+//! SynIC MSRs through the MSR filter, HvCallPostMessage, HvCallSignalEvent
+//! and HvCallRetargetDeviceInterrupt through the hypercall dispatcher
+//! (`pviommu_abi::HypercallCode`), SINT interrupts as MSIs to the local
+//! APICs, the SynIC, post-message and signal-event CPUID bits with the
+//! auto-EOI deprecation hint, and the ACPI device (`\_SB.VMBS`, with
+//! VMBus's MMIO windows) Linux probes. `vmm/src/vpci.rs` puts each
+//! `bus=vpci` device on a vPCI bus of its own. Linux 7.2 connects at 5.3,
+//! probes such a bus and its pvIOMMU driver manages the device (the nested
+//! harness's `linux_vpci_device_behind_the_pviommu`).
 //!
 //! # What it does NOT do yet
-//! - channels stop at their set-up: GPADLs, open and close are served, and
-//!   [`ring`] reads and writes a channel's ring packets, but no device uses
-//!   them yet: there are no HvSignalEvent ports, channel interrupts,
-//!   monitor pages, rescinds or hot-added offers, and no MMIO window for
-//!   devices in ACPI;
-//! - no vPCI (do not offer [`abi::VPCI_INTERFACE_TYPE`] before it exists);
+//! - monitor pages (offers say none), rescinds, hot-added offers;
+//! - the host never asks the guest to signal when it frees ring space
+//!   (`pending_send_sz`): a host-to-guest ring that fills up waits for the
+//!   guest's next signal;
 //! - no KVM in-kernel SynIC backend, no save/restore.
 //!
 //! Items marked `[verify]` in the documentation are the research plan's
@@ -65,6 +73,7 @@ pub mod fuzzing;
 pub mod ring;
 pub mod server;
 pub mod synic;
+pub mod vpci;
 
 pub use server::{PostError, Server};
 pub use synic::{SintSink, Synic};

@@ -20,6 +20,8 @@
 
 #![no_std]
 
+pub mod vpci;
+
 #[cfg(test)]
 extern crate std;
 
