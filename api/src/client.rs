@@ -11,7 +11,9 @@ use thiserror::Error;
 use tokio::net::UnixStream;
 
 use crate::actions::{ApiAction, Route, Success};
-use crate::types::{AddDeviceRequest, DeviceId, DeviceIdError, EmulatedKind, ErrorBody, IommuMode};
+use crate::types::{
+    AddDeviceRequest, DeviceId, DeviceIdError, EmulatedKind, ErrorBody, IommuMode, PciBus,
+};
 
 /// Errors of a client call.
 #[derive(Debug, Error)]
@@ -162,6 +164,8 @@ pub enum SpecError {
     Kind(String),
     #[error("Unknown IOMMU mode {0:?}: use direct or pviommu")]
     Iommu(String),
+    #[error("Unknown bus {0:?}: use root or vpci")]
+    Bus(String),
     #[error(transparent)]
     Id(#[from] DeviceIdError),
     #[error("A vfio device needs path=/sys/bus/pci/devices/SSSS:BB:DD.F")]
@@ -204,10 +208,11 @@ pub fn parse_device_spec(spec: &str) -> Result<AddDeviceRequest, SpecError> {
             "path" => {}
             "kind" if !names::<EmulatedKind>(value) => return Err(SpecError::Kind(value.into())),
             "iommu" if !names::<IommuMode>(value) => return Err(SpecError::Iommu(value.into())),
+            "bus" if !names::<PciBus>(value) => return Err(SpecError::Bus(value.into())),
             "id" => {
                 DeviceId::new(value)?;
             }
-            "kind" | "iommu" => {}
+            "kind" | "iommu" | "bus" => {}
             _ => return Err(SpecError::UnknownKey(key.to_owned())),
         }
         if body.insert(key.to_owned(), value.into()).is_some() {

@@ -189,6 +189,26 @@ impl<'de> Deserialize<'de> for Bdf {
     }
 }
 
+/// Which PCI bus a device sits on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PciBus {
+    /// The ordinary PCI root (segment 0, bus 0), with ACPI hotplug.
+    Root,
+    /// A Hyper-V virtual PCI bus of its own, offered over VMBus: where
+    /// Linux's pvIOMMU driver manages the device (needs VMBus).
+    Vpci,
+}
+
+impl fmt::Display for PciBus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Root => "root",
+            Self::Vpci => "vpci",
+        })
+    }
+}
+
 /// How a device's DMA is translated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -261,6 +281,8 @@ pub struct AddDeviceRequest {
     /// The translation mode; the VMM's default when absent (pviommu when the
     /// VM has the pvIOMMU, direct otherwise).
     pub iommu: Option<IommuMode>,
+    /// The bus; the ordinary root when absent.
+    pub bus: Option<PciBus>,
 }
 
 /// The wire form of [`AddDeviceRequest`], before its fields are checked together.
@@ -275,6 +297,8 @@ struct AddDeviceBody {
     id: Option<DeviceId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iommu: Option<IommuMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bus: Option<PciBus>,
 }
 
 /// Longest accepted device path, in bytes (Linux's PATH_MAX).
@@ -306,6 +330,7 @@ impl TryFrom<AddDeviceBody> for AddDeviceRequest {
             source,
             id: body.id,
             iommu: body.iommu,
+            bus: body.bus,
         })
     }
 }
@@ -321,6 +346,7 @@ impl From<AddDeviceRequest> for AddDeviceBody {
             kind,
             id: request.id,
             iommu: request.iommu,
+            bus: request.bus,
         }
     }
 }
@@ -626,6 +652,7 @@ mod tests {
                 source: DeviceSource::Emulated(EmulatedKind::DmaTest),
                 id: Some(DeviceId::new("d0").expect("valid id")),
                 iommu: Some(IommuMode::Pviommu),
+                bus: None,
             }
         );
         let request = add_device(json!({"path": "/sys/bus/pci/devices/0000:00:04.0"}))
@@ -679,6 +706,7 @@ mod tests {
             source: DeviceSource::Vfio("/sys/bus/pci/devices/0000:00:04.0".into()),
             id: None,
             iommu: Some(IommuMode::Direct),
+            bus: None,
         };
         let text = serde_json::to_string(&request).expect("serializes");
         assert_eq!(

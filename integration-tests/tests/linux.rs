@@ -924,6 +924,152 @@ fn hyperv_pviommu_driver_once() {
     );
 }
 
+/// The guest script of the vPCI test: what Linux says about VMBus, its
+/// vPCI bus and the pvIOMMU, the device's IOMMU group, then a marker.
+const VPCI_REPORT: &str = r#"
+dmesg | grep -i -E "hv_pci|hv_vmbus|pvIOMMU|iommu group|pci [0-9a-f]{4}:" | sed 's/^/PVMM-DMESG /'
+for d in /sys/bus/pci/devices/*; do
+  echo "PVMM-PCIDEV $(basename $d) $(cat $d/vendor):$(cat $d/device) group=$(basename $(readlink $d/iommu_group) 2>/dev/null)"
+done
+echo PVMM-VPCI-READY
+"#;
+
+/// A dma-test device on a Hyper-V virtual PCI bus (`bus=vpci`), found by
+/// Linux's own drivers, unmodified: hv_vmbus gets pvmm's vPCI offer,
+/// pci-hyperv negotiates the protocol over the channel's rings
+/// (HvCallSignalEvent in, ring packets and event flags out), places the
+/// config window and the BARs in VMBus's MMIO windows and scans the bus;
+/// the pvIOMMU driver finds the bus's logical device id registered and
+/// probes the device, which gets an IOMMU group, and Linux's default DMA
+/// domain for it is a paging (S1) domain of the guest's, in which pvmm's
+/// `iommu.domains` shows the device. No hypercall fails.
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn linux_vpci_device_behind_the_pviommu() {
+    nested_retry("the vPCI device", vpci_device_once);
+}
+
+fn vpci_device_once() {
+    let bzimage = linux::hv_pviommu_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let dir = std::env::temp_dir();
+    let tag = format!("{}", std::process::id());
+    let initrd = dir.join(format!("pvmm-linux-vpci-{tag}.cpio"));
+    let socket = dir.join(format!("pvmm-linux-vpci-{tag}.sock"));
+    let _ = std::fs::remove_file(&socket);
+    linux::initramfs(&initrd, &[("report.sh", 0o755, VPCI_REPORT.as_bytes())])
+        .unwrap_or_else(|e| panic!("initramfs: {e}"));
+    let _vm = run::vm_lock();
+    let start = Instant::now();
+    let mut c = Console::start(
+        &pvmm(),
+        &[
+            "--kernel",
+            path(&bzimage),
+            "--initrd",
+            path(&initrd),
+            "--memory",
+            "512M",
+            "--cpus",
+            "2",
+            "--device",
+            "dma-test,id=vp0,bus=vpci",
+            "--api-socket",
+            path(&socket),
+            "--cmdline",
+            "console=ttyS0 panic=-1 pvmm.run=report.sh pvmm.end=wait",
+        ],
+    )
+    .expect("pvmm starts");
+    let fail = |c: Console, e: String| -> ! {
+        let (code, stderr, lines) = c.finish(Duration::from_secs(5));
+        panic!("{e}\npvmm: {code:?}, {stderr}\n{}", lines.join("\n"))
+    };
+    if let Err(e) = c.wait_for("PVMM-VPCI-READY", BOOT_DEADLINE) {
+        fail(c, e);
+    }
+    println!(
+        "Linux 7.2 with a vPCI device reached user space in {:.2?}",
+        start.elapsed()
+    );
+    let (status, answer) = request(&socket, "GET", "iommu.domains", None);
+    let (info_status, info) = request(&socket, "GET", "vm.info", None);
+    let (stop, _) = request(&socket, "PUT", "vmm.shutdown", None);
+    let (code, stderr, lines) = c.finish(Duration::from_secs(30));
+    std::fs::remove_file(&initrd).ok();
+    std::fs::remove_file(&socket).ok();
+    let text = lines.join("\n");
+    assert_eq!((status, info_status), (200, 200), "{answer}\n{info}");
+    assert_eq!((stop, code), (204, Some(0)), "{stderr}\n{text}");
+    for l in lines
+        .iter()
+        .filter(|l| l.contains("PVMM-DMESG") || l.contains("PVMM-PCIDEV"))
+    {
+        println!("  {l}");
+    }
+    check_interface(Interface::HyperV, &text);
+    // pvmm's bus for slot S is domain 0x56SS; its only function is 00.0.
+    let vinfo: api::VmInfoResponse =
+        serde_json::from_str(&info).unwrap_or_else(|e| panic!("{e}: {info}"));
+    let bdf = vinfo
+        .devices
+        .iter()
+        .find(|d| d.id.as_str() == "vp0")
+        .map(|d| d.bdf.to_string())
+        .unwrap_or_else(|| panic!("no vp0 in vm.info: {info}"));
+    assert!(bdf.starts_with("56") && bdf.ends_with(":00:00.0"), "{bdf}");
+    assert!(
+        text.contains("PCI VMBus probing: Using version 0x10004"),
+        "pci-hyperv did not negotiate 1.4:\n{stderr}\n{text}"
+    );
+    let dev_line = lines
+        .iter()
+        .find(|l| l.starts_with(&format!("PVMM-PCIDEV {bdf} ")))
+        .unwrap_or_else(|| panic!("Linux has no {bdf}:\n{stderr}\n{text}"));
+    assert!(dev_line.contains("0x1234:0x0d7a"), "{dev_line}");
+    assert!(
+        !dev_line.trim_end().ends_with("group="),
+        "{bdf} has no IOMMU group (the pvIOMMU did not probe it):\n{text}"
+    );
+
+    let domains: api::IommuDomainsResponse =
+        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    println!("pvmm's view: {answer}");
+    let errors: Vec<_> = domains
+        .hypercalls
+        .iter()
+        .filter(|h| h.status != "SUCCESS")
+        .collect();
+    assert!(errors.is_empty(), "calls that failed: {errors:?}\n{text}");
+    let home = domains
+        .domains
+        .iter()
+        .find(|d| d.devices.iter().any(|id| id.as_str() == "vp0"))
+        .unwrap_or_else(|| panic!("vp0 is in no domain: {answer}"));
+    assert_eq!(home.domain_type, api::DomainType::S1, "{answer}");
+    assert_eq!(
+        home.s1.map(|s| s.mode),
+        Some(api::S1Mode::Translate),
+        "vp0 is not in a paging domain: {answer}"
+    );
+    let made = |call: &str| {
+        domains
+            .hypercalls
+            .iter()
+            .filter(|h| h.call == call)
+            .map(|h| h.count)
+            .sum::<u64>()
+    };
+    assert!(made("SIGNAL_EVENT") >= 4, "{answer}");
+    assert!(made("GET_LOGICAL_DEVICE_PROPERTY") >= 1, "{answer}");
+    println!(
+        "vPCI: {} signals, {} retargets, {} posts; vp0 in S1 paging domain {}",
+        made("SIGNAL_EVENT"),
+        made("RETARGET_INTERRUPT"),
+        made("POST_MESSAGE"),
+        home.id
+    );
+}
+
 #[test]
 fn expected_ram_of_512m() {
     // /proc/iomem: 00001000-0009fbff and 00100000-1fffffff.

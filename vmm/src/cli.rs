@@ -75,6 +75,7 @@ fn dma_test() -> AddDeviceRequest {
         source: DeviceSource::Emulated(EmulatedKind::DmaTest),
         id: None,
         iommu: None,
+        bus: None,
     }
 }
 
@@ -336,6 +337,7 @@ mod tests {
                     source: DeviceSource::Vfio("/sys/bus/pci/devices/0000:00:04.0".into()),
                     id: None,
                     iommu: Some(api::IommuMode::Direct),
+                    bus: None,
                 }
             ]
         );

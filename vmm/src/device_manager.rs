@@ -73,6 +73,12 @@ pub struct DeviceManager {
     pviommu: bool,
     /// The pluggable devices.
     table: lifecycle::Table,
+    /// VMBus, for devices on vPCI buses (`bus: vpci`).
+    vmbus: Option<Arc<crate::vmbus::VmBus>>,
+    /// The VM's vCPUs (vPCI interrupt targets).
+    vcpus: u32,
+    /// Guest RAM in bytes (where VMBus's windows are).
+    mem_size: u64,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -256,7 +262,17 @@ impl DeviceManager {
             iommu,
             pviommu,
             table: lifecycle::Table::default(),
+            vmbus: None,
+            vcpus: 1,
+            mem_size,
         })
+    }
+
+    /// Lets devices sit on vPCI buses offered over `vmbus`, interrupting
+    /// `vcpus` vCPUs. Before the first device is added.
+    pub fn set_vmbus(&mut self, vmbus: Arc<crate::vmbus::VmBus>, vcpus: u32) {
+        self.vmbus = Some(vmbus);
+        self.vcpus = vcpus;
     }
 
     /// The port-I/O bus.

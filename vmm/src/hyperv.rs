@@ -349,7 +349,7 @@ impl Partition {
     /// Leaf 0x40000003 EBX: the partition's call privileges.
     pub fn features_ebx(&self) -> u32 {
         if self.vmbus.is_some() {
-            cpuid::FEATURES_EBX_POST_MESSAGES
+            cpuid::FEATURES_EBX_POST_MESSAGES | cpuid::FEATURES_EBX_SIGNAL_EVENTS
         } else {
             0
         }
@@ -619,7 +619,9 @@ impl iommu::Processors for Partition {
     fn offers(&self, code: iommu::abi::HypercallCode) -> bool {
         match code {
             iommu::abi::HypercallCode::SEND_SYNTHETIC_CLUSTER_IPI => self.processors.is_some(),
-            iommu::abi::HypercallCode::POST_MESSAGE => self.vmbus.is_some(),
+            iommu::abi::HypercallCode::POST_MESSAGE
+            | iommu::abi::HypercallCode::SIGNAL_EVENT
+            | iommu::abi::HypercallCode::RETARGET_INTERRUPT => self.vmbus.is_some(),
             _ => false,
         }
     }
@@ -640,6 +642,31 @@ impl iommu::Processors for Partition {
             .as_ref()
             .ok_or(iommu::abi::HvError::INVALID_HYPERCALL_CODE)?
             .post_message(vp, input)
+    }
+
+    fn signal_event(
+        &self,
+        vp: u32,
+        input: &iommu::abi::InputSignalEvent,
+    ) -> Result<(), iommu::abi::HvError> {
+        self.vmbus
+            .as_ref()
+            .ok_or(iommu::abi::HvError::INVALID_HYPERCALL_CODE)?
+            .signal_event(vp, input)
+    }
+
+    fn retarget_interrupt(
+        &self,
+        device: iommu::DeviceId,
+        address: u32,
+        data: u32,
+        vector: u32,
+        vps: u64,
+    ) -> Result<(), iommu::abi::HvError> {
+        self.vmbus
+            .as_ref()
+            .ok_or(iommu::abi::HvError::INVALID_HYPERCALL_CODE)?
+            .retarget_interrupt(device, address, data, vector, vps)
     }
 }
 
@@ -812,9 +839,9 @@ mod tests {
         assert!(!write(&with, &mem, msr::GUEST_IDLE, 0));
     }
 
-    /// VMBus brings the SynIC and POST_MESSAGE privileges and the AEOI
-    /// deprecation; without it the SynIC MSRs are #GP and the call does not
-    /// exist.
+    /// VMBus brings the SynIC, POST_MESSAGE and SIGNAL_EVENT privileges and
+    /// the AEOI deprecation; without it the SynIC MSRs are #GP and VMBus's
+    /// calls (RETARGET_INTERRUPT too) do not exist.
     #[test]
     fn synic_and_post_message_only_with_vmbus() {
         use iommu::Processors as _;
@@ -837,13 +864,42 @@ mod tests {
             Err(iommu::abi::HvError::INVALID_HYPERCALL_CODE)
         );
 
+        use iommu::abi::HypercallCode as Code;
+        let calls = [
+            Code::POST_MESSAGE,
+            Code::SIGNAL_EVENT,
+            Code::RETARGET_INTERRUPT,
+        ];
+        assert!(calls.iter().all(|&c| !without.offers(c)));
+
         let (rec, _) = crate::processors::tests::processors(1);
         let bus = crate::vmbus::VmBus::new(1, Arc::new(memory()), rec);
         let with = Partition::new(params()).with_vmbus(Arc::new(bus));
+        assert!(calls.iter().all(|&c| with.offers(c)));
+        // No vPCI bus has this logical id; no channel this connection id.
+        assert_eq!(
+            with.retarget_interrupt(
+                iommu::DeviceId::logical(0x5601_0000),
+                0xfee0_0000,
+                0x41,
+                0x41,
+                1
+            ),
+            Err(iommu::abi::HvError::INVALID_DEVICE_ID)
+        );
+        let signal = iommu::abi::InputSignalEvent {
+            connection_id: 0x1001.into(),
+            flag_number: 0.into(),
+            reserved: 0.into(),
+        };
+        assert_eq!(
+            with.signal_event(0, &signal),
+            Err(iommu::abi::HvError::INVALID_CONNECTION_ID)
+        );
         assert_eq!(with.privileges() & 1 << 2, 1 << 2);
         assert_eq!(
             (with.leaves()[3].ebx, with.leaves()[4].eax),
-            (1 << 4, 1 << 5 | 1 << 9)
+            (1 << 4 | 1 << 5, 1 << 5 | 1 << 9)
         );
         assert!(write(&with, &mem, msr::SIMP, 0x1000 | 1));
         assert_eq!(read(&with, &mem, msr::SIMP), Some(0x1000 | 1));

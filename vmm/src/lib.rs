@@ -24,6 +24,7 @@ pub mod rest;
 pub mod vcpu;
 pub mod vfio;
 pub mod vmbus;
+pub mod vpci;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -231,6 +232,16 @@ impl Vmm {
             iommu.clone(),
             pv_devices,
         )?;
+        // VMBus exists before the devices: those on vPCI buses are its
+        // offers.
+        let vmbus = hyperv && config.vmbus;
+        let count = u32::from(config.cpus);
+        let msi = Arc::new(kvm::KvmMsiSink::new(vm.clone()));
+        let vmbus_server =
+            vmbus.then(|| Arc::new(crate::vmbus::VmBus::new(count, memory.clone(), msi.clone())));
+        if let Some(v) = &vmbus_server {
+            devices.set_vmbus(v.clone(), count);
+        }
         // The command line's devices take the path of the API's.
         for d in &config.devices {
             devices
@@ -256,7 +267,6 @@ impl Vmm {
             }
             None => None,
         };
-        let vmbus = hyperv && config.vmbus;
         let tables = acpi::write_tables(
             &memory,
             config.memory,
@@ -274,7 +284,6 @@ impl Vmm {
         };
 
         // vCPUs.
-        let count = u32::from(config.cpus);
         let mut hooks = hooks;
         let mut vcpus = Vec::with_capacity(usize::from(config.cpus));
         for index in 0..count {
@@ -297,16 +306,11 @@ impl Vmm {
                 // Cluster IPIs and GUEST_IDLE, for VMs of up to
                 // processors::MAX_VPS vCPUs.
                 let mut partition = hyperv::Partition::new(params);
-                let msi = Arc::new(kvm::KvmMsiSink::new(vm.clone()));
                 if let Some(p) = processors::Processors::new(count, msi.clone()) {
                     partition = partition.with_processors(Arc::new(p));
                 }
-                if vmbus {
-                    partition = partition.with_vmbus(Arc::new(crate::vmbus::VmBus::new(
-                        count,
-                        memory.clone(),
-                        msi,
-                    )));
+                if let Some(v) = &vmbus_server {
+                    partition = partition.with_vmbus(v.clone());
                 }
                 log::info!(
                     "Hyper-V interface: privileges {:#x} {:#x}, features {:#x}, TSC {} Hz, VMBus {}, reference TSC page {}",

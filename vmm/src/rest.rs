@@ -198,10 +198,12 @@ impl VmmApi for RestVmm {
             .dm()
             .plugged()
             .map(|p| {
+                let (segment, addr) = p.guest_address();
                 Ok(DeviceInfo {
                     id: p.id.clone(),
                     kind: p.kind,
-                    bdf: bdf(p.addr)?,
+                    bdf: Bdf::new(segment, addr.bus, addr.device, addr.function)
+                        .map_err(VmmError::internal)?,
                     iommu: p.mode,
                     path: p.path.clone(),
                 })
@@ -218,6 +220,9 @@ impl VmmApi for RestVmm {
         if self.state != VmState::Running {
             return Err(VmmError::conflict("The VM is not running"));
         }
+        if request.bus == Some(api::PciBus::Vpci) {
+            return Err(api_error(DeviceError::VpciHotAdd));
+        }
         let mut dm = self.dm();
         let p = dm.add_device(&request).map_err(api_error)?;
         dm.announce(p.addr.device);
@@ -229,10 +234,14 @@ impl VmmApi for RestVmm {
 
     fn vm_remove_device(&mut self, request: RemoveDeviceRequest, responder: Responder<()>) {
         let id = request.id;
-        let Some(slot) = self.dm().device(&id).map(|p| p.addr.device) else {
+        let Some((slot, bus)) = self.dm().device(&id).map(|p| (p.addr.device, p.bus)) else {
             responder.respond(Err(VmmError::not_found(format!("No device \"{id}\""))));
             return;
         };
+        if bus == api::PciBus::Vpci {
+            responder.respond(Err(api_error(DeviceError::VpciRemoval(id))));
+            return;
+        }
         if self.state != VmState::Running {
             // Nobody to ask: remove at once.
             responder.respond(self.dm().remove_device(&id).map_err(api_error));

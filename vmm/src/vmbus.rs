@@ -19,17 +19,27 @@
 //! (kvm_pvm has none) and KVM's own hypercall path, while pvmm's hypercalls
 //! come through port 0xE4 on every KVM.
 //!
-//! What Linux gets so far: version negotiation (5.3 down to 5.0), an offer
-//! list with no offers (pvmm offers no device yet), unload, and the
-//! server's channel set-up (GPADLs, open, close) for offers to come. Ring
-//! traffic, HvCallSignalEvent and vPCI are later slices.
+//! - **HvCallSignalEvent** comes through the dispatcher (`SIGNAL_EVENT`)
+//!   to [`vmbus::Server::signal_event`], which runs the channel's device
+//!   on the signalling vCPU.
+//! - **vPCI**: each `bus=vpci` device's bus is an offer
+//!   ([`VmBus::add_vpci`], [`crate::vpci`]); HvCallRetargetDeviceInterrupt
+//!   reaches the bus whose logical device id prefix the call names.
+//!
+//! What Linux gets: version negotiation (5.3 down to 5.0), the offers (one
+//! per vPCI bus), unload, GPADLs, open and close, and the channels' ring
+//! traffic.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use devices::interrupt::MsiSink;
-use iommu::abi::{HvError, InputPostMessage};
+use iommu::abi::{HvError, InputPostMessage, InputSignalEvent};
 use vm_memory::GuestMemoryMmap;
+use vmbus::abi::Guid;
+use vmbus::vpci::Vpci;
+
+use crate::vpci::VpciFunction;
 
 /// SINT interrupts as MSIs to the VP's local APIC.
 struct MsiSint {
@@ -54,6 +64,12 @@ impl vmbus::SintSink for MsiSint {
 /// The VM's VMBus: its SynICs and its server.
 pub struct VmBus {
     server: vmbus::Server<GuestMemoryMmap>,
+    /// The vPCI buses, by logical device id prefix.
+    vpci: std::sync::Mutex<Vec<(u32, Vpci<VpciFunction>)>>,
+    /// Signals refused (the first is logged).
+    signals_refused: AtomicU64,
+    /// Channels whose device failed on its rings (each is logged).
+    faults: AtomicU64,
     /// Posts refused (the first is logged; the guest may post at will).
     refused: AtomicU64,
     /// SynIC MSR writes refused (#GP; the first is logged).
@@ -80,6 +96,9 @@ impl VmBus {
         let synic = Arc::new(vmbus::Synic::new(vcpus, mem, sink));
         Self {
             server: vmbus::Server::new(synic),
+            vpci: std::sync::Mutex::new(Vec::new()),
+            signals_refused: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             msr_refused: AtomicU64::new(0),
         }
@@ -108,6 +127,71 @@ impl VmBus {
         }
     }
 
+    /// Offers `vpci`, a vPCI bus whose channel instance is `instance`
+    /// (its logical device id prefix follows from it).
+    pub fn add_vpci(
+        &self,
+        instance: Guid,
+        vpci: Vpci<VpciFunction>,
+    ) -> Result<vmbus::server::OfferIds, vmbus::server::OfferError> {
+        let device: vmbus::server::SharedDevice = Arc::new(std::sync::Mutex::new(vpci.clone()));
+        let ids = self
+            .server
+            .add_offer(vmbus::abi::VPCI_INTERFACE_TYPE, instance, device)?;
+        let prefix = iommu::abi::logical_device_id_prefix(&instance.0);
+        devices::lock::mutex(&self.vpci).push((prefix, vpci));
+        Ok(ids)
+    }
+
+    /// HvCallSignalEvent from VP `vp`.
+    pub fn signal_event(&self, vp: u32, input: &InputSignalEvent) -> Result<(), HvError> {
+        match self.server.signal_event(vp, input) {
+            Ok(None) => Ok(()),
+            Ok(Some(fault)) => {
+                // Once per open of a channel: the channel stays closed to
+                // its device until the guest opens it again.
+                self.faults.fetch_add(1, Ordering::Relaxed);
+                log::warn!(
+                    "VMBus: channel of connection {:#x} closed to its device: {fault}",
+                    input.connection_id.get()
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if self.signals_refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                    log::warn!("VMBus: VP {vp}: {e} (later refusals are counted)");
+                }
+                Err(e.status())
+            }
+        }
+    }
+
+    /// HvCallRetargetDeviceInterrupt: the vPCI bus of `device`'s prefix
+    /// retargets its function's interrupt (`address`, `data`) to `vector`
+    /// on the VPs of `vps`. INVALID_DEVICE_ID for a device on no vPCI bus,
+    /// INVALID_PARAMETER for an interrupt or target the bus refuses.
+    pub fn retarget_interrupt(
+        &self,
+        device: iommu::DeviceId,
+        address: u32,
+        data: u32,
+        vector: u32,
+        vps: u64,
+    ) -> Result<(), HvError> {
+        let bits = u32::try_from(device.into_bits()).map_err(|_| HvError::INVALID_DEVICE_ID)?;
+        let vpci = devices::lock::mutex(&self.vpci)
+            .iter()
+            .find(|(prefix, _)| *prefix == bits & !0x7)
+            .map(|(_, v)| v.clone())
+            .ok_or(HvError::INVALID_DEVICE_ID)?;
+        let targets: Vec<u32> = (0..64).filter(|vp| vps & (1 << vp) != 0).collect();
+        // The low 3 bits: the function.
+        #[allow(clippy::cast_possible_truncation)]
+        let function = (bits & 0x7) as u8;
+        vpci.retarget(function, u64::from(address), data, vector, &targets)
+            .map_err(|_| HvError::INVALID_PARAMETER)
+    }
+
     /// HvCallPostMessage from VP `vp`.
     pub fn post_message(&self, vp: u32, input: &InputPostMessage) -> Result<(), HvError> {
         self.server.post_message(vp, input).map_err(|e| {
@@ -123,8 +207,11 @@ impl Drop for VmBus {
     fn drop(&mut self) {
         let refused = self.refused.load(Ordering::Relaxed);
         let msr_refused = self.msr_refused.load(Ordering::Relaxed);
-        if refused != 0 || msr_refused != 0 {
-            log::info!("VMBus: {refused} posts and {msr_refused} SynIC MSR writes refused");
+        let signals = self.signals_refused.load(Ordering::Relaxed);
+        if refused != 0 || msr_refused != 0 || signals != 0 {
+            log::info!(
+                "VMBus: {refused} posts, {signals} signals and {msr_refused} SynIC MSR writes refused"
+            );
         }
     }
 }

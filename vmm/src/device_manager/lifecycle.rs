@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use api::{
     AddDeviceRequest, DeviceId, DeviceKind, DeviceSource, EmulatedKind, ErrorKind, IommuMode,
+    PciBus,
 };
 use devices::pci::PciAddress;
 use devices::vfio::{Passthrough, PassthroughError, VfioPciError};
@@ -38,6 +39,19 @@ pub struct Plugged {
     pub path: Option<PathBuf>,
     /// Its name at the pvIOMMU.
     pub iommu_id: iommu::DeviceId,
+    /// The bus the guest finds it on.
+    pub bus: PciBus,
+}
+
+impl Plugged {
+    /// Its address as the guest sees it: on the root, segment 0; on its
+    /// vPCI bus, that bus's domain, bus 0, device 0.
+    pub fn guest_address(&self) -> (u16, PciAddress) {
+        match self.bus {
+            PciBus::Root => (0, self.addr),
+            PciBus::Vpci => (crate::vpci::domain(self.addr.device), PciAddress::slot(0)),
+        }
+    }
 }
 
 /// Why a device cannot be added or removed.
@@ -90,6 +104,21 @@ pub enum DeviceError {
     /// Plugging into the PCI root failed.
     #[error("Cannot plug the device in")]
     Plug(#[source] Error),
+    /// `bus: vpci` on a VM without VMBus.
+    #[error("\"bus\": \"vpci\" needs VMBus (the Hyper-V interface with --vmbus on)")]
+    NoVmbus,
+    /// VMBus did not take the vPCI bus's offer: after boot (hot add over
+    /// vPCI is not served yet), or too many offers.
+    #[error("Cannot offer a vPCI bus")]
+    Vpci(#[source] vmbus::server::OfferError),
+    /// Devices join vPCI buses at boot only (hot add over vPCI is not
+    /// served yet).
+    #[error("Devices join a vPCI bus at boot only (--device ...,bus=vpci)")]
+    VpciHotAdd,
+    /// A device on a vPCI bus stays (hot removal over vPCI is not served
+    /// yet).
+    #[error("Device \"{0}\" is on a vPCI bus, which cannot remove it yet")]
+    VpciRemoval(DeviceId),
 }
 
 impl DeviceError {
@@ -101,13 +130,19 @@ impl DeviceError {
             }
             Self::NoSlot(_) => ErrorKind::Conflict,
             Self::NotFound(_) => ErrorKind::NotFound,
+            Self::Vpci(vmbus::server::OfferError::OffersSent)
+            | Self::VpciHotAdd
+            | Self::VpciRemoval(_) => ErrorKind::Conflict,
             Self::NoPviommu
+            | Self::NoVmbus
             | Self::NoSuchPath(..)
             | Self::NotPciFunction(_)
             | Self::NotVfioPci(_) => ErrorKind::InvalidRequest,
-            Self::Passthrough(..) | Self::Create(..) | Self::Iommu(_) | Self::Plug(_) => {
-                ErrorKind::Internal
-            }
+            Self::Passthrough(..)
+            | Self::Create(..)
+            | Self::Iommu(_)
+            | Self::Plug(_)
+            | Self::Vpci(_) => ErrorKind::Internal,
         }
     }
 }
@@ -204,13 +239,17 @@ impl DeviceManager {
             (None, true) => IommuMode::Pviommu,
             (None, false) => IommuMode::Direct,
         };
+        let bus = request.bus.unwrap_or(PciBus::Root);
+        if bus == PciBus::Vpci && self.vmbus.is_none() {
+            return Err(DeviceError::NoVmbus);
+        }
         match &request.source {
             DeviceSource::Emulated(EmulatedKind::DmaTest) => {
                 let id = match &request.id {
                     Some(id) => id.clone(),
                     None => self.fresh_name("dma-test"),
                 };
-                self.add_dma_test(id, mode)
+                self.add_dma_test(id, mode, bus)
             }
             DeviceSource::Vfio(path) => {
                 let path = pci_function_path(path)?;
@@ -224,12 +263,17 @@ impl DeviceManager {
                     Some(id) => id.clone(),
                     None => self.fresh_name("vfio"),
                 };
-                self.add_vfio(id, mode, path)
+                self.add_vfio(id, mode, bus, path)
             }
         }
     }
 
-    fn add_dma_test(&mut self, id: DeviceId, mode: IommuMode) -> Result<Plugged, DeviceError> {
+    fn add_dma_test(
+        &mut self,
+        id: DeviceId,
+        mode: IommuMode,
+        bus: PciBus,
+    ) -> Result<Plugged, DeviceError> {
         let dev = devices::dma_test::DmaTest::new(
             id.as_str(),
             self.iommu.clone(),
@@ -239,15 +283,23 @@ impl DeviceManager {
         .map_err(|e| DeviceError::Create("dma-test", e))?;
         let dev = Arc::new(Mutex::new(dev));
         let iommu = self.iommu.clone();
-        self.plug(dev.clone(), id, DeviceKind::DmaTest, mode, None, |iid| {
-            match mode {
-                IommuMode::Pviommu => iommu.register_device(iid, BackendId::SOFTWARE),
-                IommuMode::Direct => iommu.register_direct_device(iid, BackendId::SOFTWARE),
-            }
-            .map_err(DeviceError::Iommu)?;
-            devices::lock::mutex(&dev).set_device_id(iid);
-            Ok(())
-        })
+        self.plug(
+            dev.clone(),
+            id,
+            DeviceKind::DmaTest,
+            mode,
+            bus,
+            None,
+            |iid| {
+                match mode {
+                    IommuMode::Pviommu => iommu.register_device(iid, BackendId::SOFTWARE),
+                    IommuMode::Direct => iommu.register_direct_device(iid, BackendId::SOFTWARE),
+                }
+                .map_err(DeviceError::Iommu)?;
+                devices::lock::mutex(&dev).set_device_id(iid);
+                Ok(())
+            },
+        )
     }
 
     /// `/dev/iommu` and the IOMMUFD backend with guest RAM mapped, opened
@@ -276,6 +328,7 @@ impl DeviceManager {
         &mut self,
         id: DeviceId,
         mode: IommuMode,
+        bus: PciBus,
         path: PathBuf,
     ) -> Result<Plugged, DeviceError> {
         // Before /dev/iommu: a device not bound to vfio-pci is the caller's
@@ -299,6 +352,7 @@ impl DeviceManager {
             id,
             DeviceKind::Vfio,
             mode,
+            bus,
             Some(path.clone()),
             |iid| {
                 let d = devices::lock::mutex(&dev);
@@ -312,13 +366,17 @@ impl DeviceManager {
     }
 
     /// Plugs `dev` into a free slot, registers it (`register`, given its
-    /// pvIOMMU name) and enters it in the table.
+    /// pvIOMMU name) and enters it in the table. On a vPCI bus the slot is
+    /// hidden from the root, the pvIOMMU name is the bus's logical id, and
+    /// the bus is offered over VMBus.
+    #[allow(clippy::too_many_arguments)]
     fn plug<T>(
         &mut self,
         dev: Arc<Mutex<T>>,
         id: DeviceId,
         kind: DeviceKind,
         mode: IommuMode,
+        bus: PciBus,
         path: Option<PathBuf>,
         register: impl FnOnce(iommu::DeviceId) -> Result<(), DeviceError>,
     ) -> Result<Plugged, DeviceError>
@@ -331,10 +389,41 @@ impl DeviceManager {
                 Error::Resource(r) => DeviceError::NoSlot(r),
                 e => DeviceError::Plug(e),
             })?;
+        let slot = addr.device;
         let iid = iommu::DeviceId::pci(0, addr.bus, addr.device, addr.function);
+        if bus == PciBus::Vpci {
+            let hidden = devices::lock::mutex(&self.pci).set_hidden(slot, true);
+            if let Err(e) = hidden {
+                let _ = self.remove_pci_device(slot);
+                return Err(DeviceError::Plug(Error::Pci(e)));
+            }
+        }
         if let Err(e) = register(iid) {
-            let _ = self.remove_pci_device(addr.device);
+            let _ = self.remove_pci_device(slot);
             return Err(e);
+        }
+        if let (PciBus::Vpci, Some(vmbus)) = (bus, &self.vmbus) {
+            // The guest's driver names it by its bus's logical id; pvmm
+            // keeps the PCI id for translation and statistics.
+            let logical = iommu::DeviceId::logical_vpci(&crate::vpci::instance_guid(slot).0, 0);
+            if let Err(e) = self.iommu.register_device_alias(logical, iid) {
+                let _ = self.iommu.unregister_device(iid);
+                let _ = self.remove_pci_device(slot);
+                return Err(DeviceError::Iommu(e));
+            }
+            let function = crate::vpci::VpciFunction::new(
+                self.pci.clone(),
+                slot,
+                self.mmio_bus.clone(),
+                self.mem_size,
+            );
+            if let Err(e) =
+                vmbus.add_vpci(crate::vpci::instance_guid(slot), function.bus(self.vcpus))
+            {
+                let _ = self.iommu.unregister_device(iid);
+                let _ = self.remove_pci_device(slot);
+                return Err(DeviceError::Vpci(e));
+            }
         }
         let plugged = Plugged {
             id: id.clone(),
@@ -343,9 +432,18 @@ impl DeviceManager {
             mode,
             path,
             iommu_id: iid,
+            bus,
         };
         self.table.plugged.insert(id.clone(), plugged.clone());
-        log::info!("{id}: {kind:?} at {addr}");
+        match bus {
+            PciBus::Root => log::info!("{id}: {kind:?} at {addr}"),
+            PciBus::Vpci => log::info!(
+                "{id}: {kind:?} on vPCI bus {} (domain {:04x}, pvIOMMU id {})",
+                crate::vpci::instance_guid(slot),
+                crate::vpci::domain(slot),
+                iommu::DeviceId::logical_vpci(&crate::vpci::instance_guid(slot).0, 0)
+            ),
+        }
         Ok(plugged)
     }
 
@@ -368,6 +466,11 @@ impl DeviceManager {
     /// which detaches it from every domain and, for VFIO, from the host
     /// IOMMU) before it leaves the PCI root, and it is closed last.
     pub fn remove_device(&mut self, id: &DeviceId) -> Result<(), DeviceError> {
+        match self.table.plugged.get(id) {
+            None => return Err(DeviceError::NotFound(id.clone())),
+            Some(p) if p.bus == PciBus::Vpci => return Err(DeviceError::VpciRemoval(id.clone())),
+            Some(_) => {}
+        }
         let Some(p) = self.table.plugged.remove(id) else {
             return Err(DeviceError::NotFound(id.clone()));
         };
