@@ -1524,7 +1524,9 @@ pub const HV_MAX_SPARSE_VCPU_BANKS: usize = 64;
 /// header size, in 8-byte units): `valid_bank_mask` and one bank per bit
 /// set in it. This type holds the largest variable header, so that a copy
 /// of the guest's bytes into a zeroed one reads as a whole.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, FromBytes, IntoBytes, Immutable, KnownLayout, Unaligned,
+)]
 #[repr(C)]
 pub struct InputRetargetDeviceInterrupt {
     /// Must be [`HV_PARTITION_ID_SELF`].
@@ -1775,7 +1777,10 @@ mod tests {
         assert_eq!(offset_of!(InputRetargetDeviceInterrupt, msi_data), 28);
         assert_eq!(offset_of!(InputRetargetDeviceInterrupt, vector), 40);
         assert_eq!(offset_of!(InputRetargetDeviceInterrupt, flags), 44);
-        assert_eq!(offset_of!(InputRetargetDeviceInterrupt, vp_mask_or_format), 48);
+        assert_eq!(
+            offset_of!(InputRetargetDeviceInterrupt, vp_mask_or_format),
+            48
+        );
         assert_eq!(offset_of!(InputRetargetDeviceInterrupt, bank_contents), 64);
         assert_eq!(size_of::<InputRetargetDeviceInterrupt>(), 64 + 64 * 8);
         assert_eq!(size_of::<InputPostMessage>(), 256);
