@@ -8,7 +8,8 @@
 //! REQUESTOFFERS and UNLOAD messages, or any channel message type with
 //! random content: GPADLs, opens, closes), the guest zeroing a page or taking a message out of its slot
 //! and EOM, event signals, HvCallSignalEvent on offered channels (whose
-//! device echoes every packet), the VMM adding offers or resetting the server,
+//! device echoes every packet), the VMM adding or rescinding offers or
+//! resetting the server,
 //! guest writes anywhere in RAM, and the host reading and writing ring
 //! packets on guest-chosen pages. RAM starts filled with a canary, so that a page the guest has
 //! not zeroed looks like a busy message slot. It panics if an invariant
@@ -273,12 +274,16 @@ pub fn run(data: &[u8]) -> Reached {
                 named.insert(page);
             }
             _ => {
-                if r.u8() & 1 == 0 {
-                    let class = Guid(r.bytes());
-                    let instance = Guid(r.bytes());
-                    let _ = server.add_offer(class, instance, Echo::shared());
-                } else {
-                    server.reset();
+                match r.u8() % 3 {
+                    0 => {
+                        let class = Guid(r.bytes());
+                        let instance = Guid(r.bytes());
+                        let _ = server.add_offer(class, instance, Echo::shared());
+                    }
+                    1 => {
+                        let _ = server.rescind(u32::from(r.u8() % 4));
+                    }
+                    _ => server.reset(),
                 }
             }
         }

@@ -52,7 +52,7 @@
 //! harness's `linux_vpci_device_behind_the_pviommu`).
 //!
 //! # What it does NOT do yet
-//! - monitor pages (offers say none), rescinds, hot-added offers;
+//! - monitor pages (offers say none);
 //! - the host never asks the guest to signal when it frees ring space
 //!   (`pending_send_sz`): a host-to-guest ring that fills up waits for the
 //!   guest's next signal;

@@ -46,8 +46,13 @@
 //!   page ([`Synic::signal_event`]). The VMM runs a device with host news
 //!   through [`Server::run_channel`]. A device that fails on its rings
 //!   (a corrupt ring) is closed until the guest opens the channel again.
+//! - Offers come and go after the offer list: [`Server::add_offer`] sends
+//!   a new one at once, [`Server::rescind`] takes one back
+//!   (RESCIND_CHANNELOFFER; the channel ends on the host's side at once,
+//!   as Linux sends no teardown for it) and the relid is free again once
+//!   the guest sends RELID_RELEASED.
 //! - Not yet: monitor pages (offers say none: Linux then signals with
-//!   HvCallSignalEvent), rescind and RELID_RELEASED, hot-added offers.
+//!   HvCallSignalEvent).
 //!
 //! Messages post on connection 1 or 4, whatever the version (OpenVMM's
 //! VTL0 server listens on both; `[verify]` which `msg_conn_id` it returns:
@@ -78,9 +83,9 @@ use crate::abi::{
     connection_state, version, ChannelMessageHeader, ChannelMessageType, ChannelOffer,
     CloseChannel, GpaRange, GpadlBody, GpadlCreated, GpadlHeader, GpadlTeardown, GpadlTorndown,
     Guid, HvMessage, HvMessageType, InitiateContact, InputPostMessage, OfferChannel, OpenChannel,
-    OpenResult, VersionResponse, HV_MESSAGE_PAYLOAD_SIZE, MAX_CHANNEL_RELIDS, SINT_COUNT,
-    STATUS_UNSUCCESSFUL, VMBUS_MESSAGE_CONNECTION_ID, VMBUS_MESSAGE_CONNECTION_ID_4,
-    VMBUS_MESSAGE_SINT,
+    OpenResult, RelidReleased, RescindOffer, VersionResponse, HV_MESSAGE_PAYLOAD_SIZE,
+    MAX_CHANNEL_RELIDS, SINT_COUNT, STATUS_UNSUCCESSFUL, VMBUS_MESSAGE_CONNECTION_ID,
+    VMBUS_MESSAGE_CONNECTION_ID_4, VMBUS_MESSAGE_SINT,
 };
 use crate::channel::{Channel, ChannelDevice, ChannelFault};
 use crate::ring::{Packet, Ring, RingError};
@@ -89,6 +94,8 @@ use pviommu_abi::InputSignalEvent;
 
 /// Offers the server holds at most (it could hold 2047: relids 1..2047).
 pub const MAX_OFFERS: usize = 32;
+const MAX_OFFERS_U32: u32 = 32;
+const _: () = assert!(MAX_OFFERS_U32 as usize == MAX_OFFERS);
 /// A guest page, in bytes.
 const PAGE_BYTES: usize = 4096;
 const _: () = assert!(PAGE_BYTES as u64 == HV_PAGE_SIZE);
@@ -162,6 +169,9 @@ pub enum PostError {
     /// CLOSECHANNEL of a channel that is not open.
     #[error("Channel {0} is not open")]
     NotOpen(u32),
+    /// RELID_RELEASED of a relid the host did not rescind.
+    #[error("Channel {0} was not rescinded")]
+    NotRescinded(u32),
     /// The SynIC did not take the reply; nothing changed.
     #[error("Reply not posted")]
     Reply(#[source] DeliveryError),
@@ -227,7 +237,8 @@ impl PostError {
             | Self::InvalidMessageSint(_)
             | Self::UnknownGpadl(_)
             | Self::GpadlInUse(_)
-            | Self::NotOpen(_) => HvError::INVALID_PARAMETER,
+            | Self::NotOpen(_)
+            | Self::NotRescinded(_) => HvError::INVALID_PARAMETER,
             Self::InvalidTargetVp(_) => HvError::INVALID_VP_INDEX,
             Self::Reply(e) => e.status(),
         }
@@ -243,10 +254,21 @@ pub enum OfferError {
     /// An offer with this instance GUID exists (Linux names devices by it).
     #[error("An offer with instance {0} exists")]
     DuplicateInstance(Guid),
-    /// The guest already has the offer list: announcing a new offer (hot
-    /// add) is not in this slice.
-    #[error("The guest already requested the offers")]
-    OffersSent,
+    /// The SynIC did not take the hot-added offer's message (the guest's
+    /// SINT queue is full, or its SynIC is off); nothing changed.
+    #[error("The offer could not be sent")]
+    NotSent(#[source] DeliveryError),
+}
+
+/// Why an offer was not rescinded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RescindError {
+    /// No offer has this relid, or it is rescinded already.
+    #[error("No offer with relid {0}")]
+    UnknownRelid(u32),
+    /// The SynIC did not take the rescind message; nothing changed.
+    #[error("The rescind could not be sent")]
+    NotSent(#[source] DeliveryError),
 }
 
 /// A registered offer's ids.
@@ -268,6 +290,8 @@ struct Offer {
     instance: Guid,
     ids: OfferIds,
     device: SharedDevice,
+    /// Taken back: the guest still holds its relid until RELID_RELEASED.
+    rescinded: bool,
 }
 
 impl std::fmt::Debug for Offer {
@@ -276,6 +300,7 @@ impl std::fmt::Debug for Offer {
             .field("interface_type", &self.interface_type)
             .field("instance", &self.instance)
             .field("ids", &self.ids)
+            .field("rescinded", &self.rescinded)
             .finish_non_exhaustive()
     }
 }
@@ -388,10 +413,20 @@ impl State {
         for relid in std::mem::take(&mut self.open).into_keys() {
             self.close_device(relid);
         }
+        // The guest is gone: the relids it held are free.
+        self.offers.retain(|o| !o.rescinded);
     }
 
+    /// Whether `relid` is a live (offered, not rescinded) channel.
     fn offer(&self, relid: u32) -> bool {
-        self.offers.iter().any(|o| o.ids.relid == relid)
+        self.offers
+            .iter()
+            .any(|o| o.ids.relid == relid && !o.rescinded)
+    }
+
+    /// The guest has the offer list: offers come and go by message.
+    fn offers_sent(&self) -> Option<Connection> {
+        self.connection.filter(|c| c.offers_requested)
     }
 
     /// Tells channel `relid`'s device that the channel closed.
@@ -467,28 +502,77 @@ impl<M: GuestMemory> Server<M> {
         device: SharedDevice,
     ) -> Result<OfferIds, OfferError> {
         let mut state = self.state();
-        if state.connection.is_some_and(|c| c.offers_requested) {
-            return Err(OfferError::OffersSent);
-        }
         if state.offers.len() >= MAX_OFFERS {
             return Err(OfferError::TooMany);
         }
         if state.offers.iter().any(|o| o.instance == instance) {
             return Err(OfferError::DuplicateInstance(instance));
         }
-        // Below MAX_OFFERS + 1: fits.
-        let relid = u32::try_from(state.offers.len() + 1).map_err(|_| OfferError::TooMany)?;
-        let ids = OfferIds {
-            relid,
-            connection_id: OFFER_CONNECTION_ID_BASE + relid,
-        };
-        state.offers.push(Offer {
+        // The lowest relid no offer holds (rescinded ones hold theirs until
+        // the guest releases them); below MAX_OFFERS + 1, so it fits.
+        let relid = (1..=MAX_OFFERS_U32)
+            .find(|r| state.offers.iter().all(|o| o.ids.relid != *r))
+            .ok_or(OfferError::TooMany)?;
+        let offer = Offer {
             interface_type,
             instance,
-            ids,
+            ids: OfferIds {
+                relid,
+                connection_id: OFFER_CONNECTION_ID_BASE + relid,
+            },
             device,
-        });
+            rescinded: false,
+        };
+        // Hot add: a guest that has the offer list gets the offer now.
+        if let Some(c) = state.offers_sent() {
+            self.synic
+                .post(
+                    c.target_vp,
+                    c.sint,
+                    &channel_message(offer.message().as_bytes()),
+                )
+                .map_err(OfferError::NotSent)?;
+        }
+        let ids = offer.ids;
+        state.offers.push(offer);
         Ok(ids)
+    }
+
+    /// Takes offer `relid` back (hot removal): a guest that has it gets
+    /// RESCIND_CHANNELOFFER, and the channel's rings, GPADLs and device
+    /// session end at once (Linux sends no teardown for a rescinded
+    /// channel). The relid stays the guest's until it sends RELID_RELEASED
+    /// (or disconnects); a guest that never had the offer list loses the
+    /// offer at once.
+    pub fn rescind(&self, relid: u32) -> Result<(), RescindError> {
+        let mut state = self.state();
+        let index = state
+            .offers
+            .iter()
+            .position(|o| o.ids.relid == relid && !o.rescinded)
+            .ok_or(RescindError::UnknownRelid(relid))?;
+        let device = state.offers[index].device.clone();
+        match state.offers_sent() {
+            Some(c) => {
+                let m = RescindOffer {
+                    header: ChannelMessageHeader::new(ChannelMessageType::RESCIND_CHANNELOFFER),
+                    child_relid: relid.into(),
+                };
+                self.synic
+                    .post(c.target_vp, c.sint, &channel_message(m.as_bytes()))
+                    .map_err(RescindError::NotSent)?;
+                state.offers[index].rescinded = true;
+            }
+            None => {
+                state.offers.remove(index);
+            }
+        }
+        if state.open.remove(&relid).is_some() {
+            lock_device(&device).closed();
+        }
+        state.gpadls.retain(|_, g| g.relid != relid);
+        state.pending.retain(|_, p| p.gpadl.relid != relid);
+        Ok(())
     }
 
     /// HvCallPostMessage from VP `_vp`, the caller (not used: replies go to
@@ -530,6 +614,9 @@ impl<M: GuestMemory> Server<M> {
             }
             ChannelMessageType::OPENCHANNEL => self.open(parse(msgtype, payload, size)?),
             ChannelMessageType::CLOSECHANNEL => self.close(parse(msgtype, payload, size)?),
+            ChannelMessageType::RELID_RELEASED => {
+                self.relid_released(parse(msgtype, payload, size)?)
+            }
             _ => Err(PostError::UnsupportedMessage(msgtype)),
         }
     }
@@ -597,9 +684,13 @@ impl<M: GuestMemory> Server<M> {
         };
         let (vp, sint) = (connection.target_vp, connection.sint);
         self.synic
-            .can_post(vp, sint, state.offers.len() + 1)
+            .can_post(
+                vp,
+                sint,
+                state.offers.iter().filter(|o| !o.rescinded).count() + 1,
+            )
             .map_err(PostError::Reply)?;
-        for offer in &state.offers {
+        for offer in state.offers.iter().filter(|o| !o.rescinded) {
             self.reply(vp, sint, &offer.message())?;
         }
         let done = ChannelMessageHeader::new(ChannelMessageType::ALLOFFERS_DELIVERED);
@@ -852,8 +943,31 @@ impl<M: GuestMemory> Server<M> {
         let mut state = self.state();
         Self::connected(&state, ChannelMessageType::CLOSECHANNEL)?;
         let relid = m.child_relid.get();
+        // Linux closes a rescinded channel too: it is closed already.
+        if state
+            .offers
+            .iter()
+            .any(|o| o.ids.relid == relid && o.rescinded)
+        {
+            return Ok(());
+        }
         state.open.remove(&relid).ok_or(PostError::NotOpen(relid))?;
         state.close_device(relid);
+        Ok(())
+    }
+
+    /// RELID_RELEASED: the guest is done with a rescinded channel; its
+    /// relid is free for a new offer (no answer).
+    fn relid_released(&self, m: RelidReleased) -> Result<(), PostError> {
+        let mut state = self.state();
+        Self::connected(&state, ChannelMessageType::RELID_RELEASED)?;
+        let relid = m.child_relid.get();
+        let index = state
+            .offers
+            .iter()
+            .position(|o| o.ids.relid == relid && o.rescinded)
+            .ok_or(PostError::NotRescinded(relid))?;
+        state.offers.remove(index);
         Ok(())
     }
 
@@ -1187,6 +1301,80 @@ mod tests {
             user_data: [0; 120],
         };
         post(VMBUS_MESSAGE_CONNECTION_ID, m.as_bytes())
+    }
+
+    /// Hot add and removal as Linux sees them: an offer added after the
+    /// offer list goes out at once; a rescind reaches the guest, ends the
+    /// channel (rings, GPADLs, device session) without a teardown from the
+    /// guest, tolerates Linux's CLOSECHANNEL, and holds the relid until
+    /// RELID_RELEASED, after which a new offer reuses it.
+    #[test]
+    fn offers_come_and_go_after_the_offer_list() {
+        let echo = Echo::shared();
+        let (mem, s) = with_channel();
+        let late = Guid::from_fields(7, 7, 7, [7; 8]);
+        let ids = s.add_offer(TEST_CLASS, late, echo.clone()).unwrap();
+        assert_eq!(ids.relid, 2);
+        let o: OfferChannel = take(&s, &mem, ChannelMessageType::OFFERCHANNEL);
+        assert_eq!((o.offer.if_instance, o.child_relid.get()), (late, 2));
+
+        // Open it on a GPADL, then rescind it.
+        let pfns = [8u64, 9, 10, 11];
+        for m in gpadl_messages(2, 0xE2, &pfns) {
+            s.post_message(0, &m).unwrap();
+        }
+        let _: GpadlCreated = take(&s, &mem, ChannelMessageType::GPADL_CREATED);
+        s.post_message(0, &open_message(2, 0xE2, 2, 0)).unwrap();
+        let r: OpenResult = take(&s, &mem, ChannelMessageType::OPENCHANNEL_RESULT);
+        assert_eq!(r.status.get(), 0);
+        s.rescind(2).unwrap();
+        let r: RescindOffer = take(&s, &mem, ChannelMessageType::RESCIND_CHANNELOFFER);
+        assert_eq!(r.child_relid.get(), 2);
+        assert_eq!(echo.lock().unwrap().closed, 1);
+        assert_eq!((s.open_channel(2), s.gpadl(0xE2)), (None, None));
+        assert_eq!(s.rescind(2), Err(RescindError::UnknownRelid(2)));
+        // Linux's vmbus_close of the rescinded channel is accepted.
+        let close = CloseChannel {
+            header: ChannelMessageHeader::new(ChannelMessageType::CLOSECHANNEL),
+            child_relid: 2.into(),
+        };
+        s.post_message(0, &post(VMBUS_MESSAGE_CONNECTION_ID, close.as_bytes()))
+            .unwrap();
+        // Relid 2 is the guest's until it releases it.
+        let other = Guid::from_fields(8, 8, 8, [8; 8]);
+        let third = s.add_offer(TEST_CLASS, other, Echo::shared()).unwrap();
+        assert_eq!(third.relid, 3);
+        let _: OfferChannel = take(&s, &mem, ChannelMessageType::OFFERCHANNEL);
+        let released = |relid: u32| {
+            let m = RelidReleased {
+                header: ChannelMessageHeader::new(ChannelMessageType::RELID_RELEASED),
+                child_relid: relid.into(),
+            };
+            post(VMBUS_MESSAGE_CONNECTION_ID, m.as_bytes())
+        };
+        assert_eq!(
+            s.post_message(0, &released(1)),
+            Err(PostError::NotRescinded(1))
+        );
+        s.post_message(0, &released(2)).unwrap();
+        assert_eq!(
+            s.post_message(0, &released(2)),
+            Err(PostError::NotRescinded(2))
+        );
+        // The same instance comes back, on the freed relid.
+        assert_eq!(s.add_offer(TEST_CLASS, late, echo).unwrap().relid, 2);
+        let _: OfferChannel = take(&s, &mem, ChannelMessageType::OFFERCHANNEL);
+        // A guest that never had the list loses a rescinded offer at once.
+        let (_, _, fresh) = server(1);
+        let ids = fresh.add_offer(TEST_CLASS, late, Echo::shared()).unwrap();
+        fresh.rescind(ids.relid).unwrap();
+        assert_eq!(
+            fresh
+                .add_offer(TEST_CLASS, late, Echo::shared())
+                .unwrap()
+                .relid,
+            1
+        );
     }
 
     /// A channel's life as Linux's `vmbus_open` and `vmbus_sendpacket`
@@ -1661,16 +1849,6 @@ mod tests {
         assert_eq!(last.header.payload_size, 8);
         assert!(!last.header.flags().msg_pending());
         assert!(s.connection().unwrap().offers_requested);
-        // Hot add is not in this slice.
-        assert_eq!(
-            s.add_offer(
-                TEST_CLASS,
-                Guid::from_fields(7, 7, 7, [7; 8]),
-                Echo::shared()
-            ),
-            Err(OfferError::OffersSent)
-        );
-
         // UNLOAD (kexec): UNLOAD_RESPONSE, connection forgotten.
         s.post_message(0, &header_only(1, ChannelMessageType::UNLOAD))
             .unwrap();
@@ -1860,14 +2038,14 @@ mod tests {
             assert_eq!(want.status(), status, "{want}");
         }
         // Channel messages not served, and host-only ones.
-        for t in [0, 1, 2, 4, 6, 10, 12, 13, 15, 17, 22, 24, 25, 0xFFFF_FFFF] {
+        for t in [0, 1, 2, 4, 6, 10, 12, 15, 17, 22, 24, 25, 0xFFFF_FFFF] {
             let t = ChannelMessageType(t);
             let e = s.post_message(0, &header_only(1, t)).unwrap_err();
             assert_eq!(e, PostError::UnsupportedMessage(t));
             assert_eq!(e.status(), HvError::INVALID_PARAMETER);
         }
         // Served ones, cut short.
-        for (t, min) in [(5, 148), (7, 12), (8, 20), (9, 16), (11, 16)] {
+        for (t, min) in [(5, 148), (7, 12), (8, 20), (9, 16), (11, 16), (13, 12)] {
             let msgtype = ChannelMessageType(t);
             let e = s.post_message(0, &header_only(1, msgtype)).unwrap_err();
             assert_eq!(

@@ -848,6 +848,24 @@ channel_message! {
     }
 }
 
+channel_message! {
+    /// RESCIND_CHANNELOFFER (`struct vmbus_channel_rescind_offer`, 12
+    /// bytes): the host takes an offer back (hot removal).
+    RescindOffer {
+        /// The channel.
+        child_relid: U32,
+    }
+}
+
+channel_message! {
+    /// RELID_RELEASED (`struct vmbus_channel_relid_released`, 12 bytes):
+    /// the guest is done with a rescinded channel; its relid is free.
+    RelidReleased {
+        /// The channel.
+        child_relid: U32,
+    }
+}
+
 /// The NTSTATUS the host answers a GPADL or an open it refuses with
 /// (Linux only checks for non-zero).
 pub const STATUS_UNSUCCESSFUL: u32 = 0xC000_0001;
@@ -1171,6 +1189,10 @@ mod tests {
         assert_eq!(size_of::<OpenResult>(), 20);
         assert_eq!(offset_of!(OpenResult, status), 16);
         assert_eq!(size_of::<CloseChannel>(), 12);
+        assert_eq!(size_of::<RescindOffer>(), 12);
+        assert_eq!(offset_of!(RescindOffer, child_relid), 8);
+        assert_eq!(size_of::<RelidReleased>(), 12);
+        assert_eq!(offset_of!(RelidReleased, child_relid), 8);
         assert_eq!(size_of::<RingControl>(), 68);
         assert_eq!(offset_of!(RingControl, read_index), 4);
         assert_eq!(offset_of!(RingControl, interrupt_mask), 8);
