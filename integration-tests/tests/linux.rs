@@ -1070,6 +1070,105 @@ fn vpci_device_once() {
     );
 }
 
+/// Hot add and removal over vPCI with Linux's own drivers, three times: a
+/// dma-test device added through the API with `"bus": "vpci"` is a VMBus
+/// offer that hv_vmbus takes at once; pci-hyperv probes its bus and the
+/// pvIOMMU driver puts the function in an S1 paging domain. Removing it
+/// through the API sends PCI_EJECT: Linux ejects the function by itself
+/// (answered well before pvmm's forced-removal timeout), pvmm blocks its
+/// DMA, rescinds the offer, and the function leaves Linux's sysfs.
+#[test]
+#[ignore = "needs a standard KVM (VMX or SVM); the nested harness (tests/nested.rs) runs it"]
+fn linux_vpci_hotplug_through_the_api() {
+    nested_retry("vPCI hotplug", vpci_hotplug_once);
+}
+
+fn vpci_hotplug_once() {
+    let bzimage = linux::hv_pviommu_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let dir = std::env::temp_dir();
+    let tag = format!("{}", std::process::id());
+    let initrd = dir.join(format!("pvmm-linux-vpci-hp-{tag}.cpio"));
+    let socket = dir.join(format!("pvmm-linux-vpci-hp-{tag}.sock"));
+    let _ = std::fs::remove_file(&socket);
+    linux::initramfs(&initrd, &[("watch.sh", 0o755, PCI_WATCH.as_bytes())])
+        .unwrap_or_else(|e| panic!("initramfs: {e}"));
+    let _vm = run::vm_lock();
+    let mut c = Console::start(
+        &pvmm(),
+        &[
+            "--kernel",
+            path(&bzimage),
+            "--initrd",
+            path(&initrd),
+            "--memory",
+            "512M",
+            "--cpus",
+            "2",
+            "--api-socket",
+            path(&socket),
+            "--cmdline",
+            "console=ttyS0 panic=-1 pvmm.run=watch.sh pvmm.end=poweroff",
+        ],
+    )
+    .expect("pvmm starts");
+    let fail = |c: Console, e: String| -> ! {
+        let (code, stderr, lines) = c.finish(Duration::from_secs(5));
+        panic!("{e}\npvmm: {code:?}, {stderr}\n{}", lines.join("\n"))
+    };
+    if let Err(e) = c.wait_for("PVMM-PCI-WATCH", BOOT_DEADLINE) {
+        fail(c, e);
+    }
+    for round in 0..3 {
+        let id = format!("vhp{round}");
+        let body = format!(r#"{{"kind": "dma-test", "id": "{id}", "bus": "vpci"}}"#);
+        let (status, answer) = request(&socket, "PUT", "vm.add-device", Some(&body));
+        assert_eq!(status, 200, "add-device: {answer}");
+        if let Err(e) = c.wait_for("PVMM-PCI add", Duration::from_secs(60)) {
+            fail(c, e);
+        }
+        let added = c.seen.last().cloned().unwrap_or_default();
+        assert!(
+            added.contains("0x1234:0x0d7a") && added.contains(" 56"),
+            "round {round}: {added}"
+        );
+        // The pvIOMMU driver probed it: in an S1 paging domain.
+        let (status, domains) = request(&socket, "GET", "iommu.domains", None);
+        assert_eq!(status, 200, "{domains}");
+        let v: serde_json::Value = serde_json::from_str(&domains).expect("JSON");
+        let home = v["domains"].as_array().and_then(|d| {
+            d.iter().find(|d| {
+                d["devices"]
+                    .as_array()
+                    .is_some_and(|devs| devs.iter().any(|x| x == id.as_str()))
+            })
+        });
+        assert_eq!(
+            home.map(|h| (h["type"].as_str(), h["s1"]["mode"].as_str())),
+            Some((Some("s1"), Some("translate"))),
+            "round {round}: {id} is not in a paging S1 domain: {domains}"
+        );
+        let start = Instant::now();
+        let body = format!(r#"{{"id": "{id}"}}"#);
+        let (status, answer) = request(&socket, "PUT", "vm.remove-device", Some(&body));
+        let took = start.elapsed();
+        assert_eq!(status, 204, "remove-device: {answer}");
+        if let Err(e) = c.wait_for("PVMM-PCI remove", Duration::from_secs(30)) {
+            fail(c, e);
+        }
+        assert!(
+            took < vmm::rest::EJECT_TIMEOUT,
+            "round {round}: the removal took {took:?}: Linux did not eject"
+        );
+        println!("round {round}: Linux probed and ejected {id} over vPCI ({}); removal answered in {took:.2?}", added.trim());
+    }
+    let (status, _) = request(&socket, "PUT", "vmm.shutdown", None);
+    assert_eq!(status, 204);
+    let (code, stderr, _) = c.finish(Duration::from_secs(30));
+    std::fs::remove_file(&initrd).ok();
+    std::fs::remove_file(&socket).ok();
+    assert_eq!(code, Some(0), "{stderr}");
+}
+
 #[test]
 fn expected_ram_of_512m() {
     // /proc/iomem: 00001000-0009fbff and 00100000-1fffffff.

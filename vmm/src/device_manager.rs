@@ -79,6 +79,10 @@ pub struct DeviceManager {
     vcpus: u32,
     /// Guest RAM in bytes (where VMBus's windows are).
     mem_size: u64,
+    /// vPCI buses plugged so far (each gets its own instance GUID).
+    vpci_generation: u32,
+    /// What the guest ejected over vPCI.
+    vpci_ejections: Arc<crate::vpci::Ejections>,
 }
 
 impl std::fmt::Debug for DeviceManager {
@@ -214,6 +218,11 @@ impl DeviceManager {
         vm.register_irqfd(&hotplug_irq, hotplug_gsi)
             .map_err(|e| Error::Kvm("KVM_IRQFD (GED)", e))?;
         let hotplug_eject = evt("the hotplug eject event")?;
+        let vpci_ejections = Arc::new(crate::vpci::Ejections::new(
+            hotplug_eject
+                .try_clone()
+                .map_err(|e| Error::Io("an event fd", e))?,
+        ));
         let hotplug = Arc::new(Mutex::new(AcpiHotplug::new(
             EventFdTrigger::try_clone_from(&hotplug_irq)
                 .map_err(|e| Error::Io("an event fd", e))?,
@@ -265,6 +274,8 @@ impl DeviceManager {
             vmbus: None,
             vcpus: 1,
             mem_size,
+            vpci_generation: 0,
+            vpci_ejections,
         })
     }
 

@@ -65,8 +65,9 @@ impl std::fmt::Debug for RestVmm {
     }
 }
 
-fn bdf(addr: devices::pci::PciAddress) -> VmmResult<Bdf> {
-    Bdf::new(0, addr.bus, addr.device, addr.function).map_err(VmmError::internal)
+/// A device's address as the guest sees it (`Plugged::guest_address`).
+fn bdf((segment, addr): (u16, devices::pci::PciAddress)) -> VmmResult<Bdf> {
+    Bdf::new(segment, addr.bus, addr.device, addr.function).map_err(VmmError::internal)
 }
 
 /// A device manager error as the API answers it.
@@ -198,12 +199,10 @@ impl VmmApi for RestVmm {
             .dm()
             .plugged()
             .map(|p| {
-                let (segment, addr) = p.guest_address();
                 Ok(DeviceInfo {
                     id: p.id.clone(),
                     kind: p.kind,
-                    bdf: Bdf::new(segment, addr.bus, addr.device, addr.function)
-                        .map_err(VmmError::internal)?,
+                    bdf: bdf(p.guest_address())?,
                     iommu: p.mode,
                     path: p.path.clone(),
                 })
@@ -220,28 +219,21 @@ impl VmmApi for RestVmm {
         if self.state != VmState::Running {
             return Err(VmmError::conflict("The VM is not running"));
         }
-        if request.bus == Some(api::PciBus::Vpci) {
-            return Err(api_error(DeviceError::VpciHotAdd));
-        }
         let mut dm = self.dm();
         let p = dm.add_device(&request).map_err(api_error)?;
-        dm.announce(p.addr.device);
+        dm.announce(&p);
         Ok(AddDeviceResponse {
+            bdf: bdf(p.guest_address())?,
             id: p.id,
-            bdf: bdf(p.addr)?,
         })
     }
 
     fn vm_remove_device(&mut self, request: RemoveDeviceRequest, responder: Responder<()>) {
         let id = request.id;
-        let Some((slot, bus)) = self.dm().device(&id).map(|p| (p.addr.device, p.bus)) else {
+        let Some(slot) = self.dm().device(&id).map(|p| p.addr.device) else {
             responder.respond(Err(VmmError::not_found(format!("No device \"{id}\""))));
             return;
         };
-        if bus == api::PciBus::Vpci {
-            responder.respond(Err(api_error(DeviceError::VpciRemoval(id))));
-            return;
-        }
         if self.state != VmState::Running {
             // Nobody to ask: remove at once.
             responder.respond(self.dm().remove_device(&id).map_err(api_error));
@@ -436,7 +428,13 @@ mod tests {
             device: 31,
             function: 0,
         };
-        assert_eq!(bdf(a).unwrap().to_string(), "0000:00:1f.0");
+        assert_eq!(bdf((0, a)).unwrap().to_string(), "0000:00:1f.0");
+        assert_eq!(
+            bdf((0x5601, devices::pci::PciAddress::slot(0)))
+                .unwrap()
+                .to_string(),
+            "5601:00:00.0"
+        );
     }
 
     #[test]

@@ -61,11 +61,22 @@ impl vmbus::SintSink for MsiSint {
     }
 }
 
+/// A vPCI bus offered over VMBus.
+struct VpciBus {
+    /// The root slot of its device.
+    slot: u8,
+    /// Its logical device id prefix.
+    prefix: u32,
+    /// Its channel.
+    relid: u32,
+    vpci: Vpci<VpciFunction>,
+}
+
 /// The VM's VMBus: its SynICs and its server.
 pub struct VmBus {
     server: vmbus::Server<GuestMemoryMmap>,
-    /// The vPCI buses, by logical device id prefix.
-    vpci: std::sync::Mutex<Vec<(u32, Vpci<VpciFunction>)>>,
+    /// The vPCI buses.
+    vpci: std::sync::Mutex<Vec<VpciBus>>,
     /// Signals refused (the first is logged).
     signals_refused: AtomicU64,
     /// Channels whose device failed on its rings (each is logged).
@@ -127,10 +138,12 @@ impl VmBus {
         }
     }
 
-    /// Offers `vpci`, a vPCI bus whose channel instance is `instance`
-    /// (its logical device id prefix follows from it).
+    /// Offers `vpci`, the vPCI bus of the device in root slot `slot`,
+    /// whose channel instance is `instance` (its logical device id prefix
+    /// follows from it). A guest that has the offer list gets it now.
     pub fn add_vpci(
         &self,
+        slot: u8,
         instance: Guid,
         vpci: Vpci<VpciFunction>,
     ) -> Result<vmbus::server::OfferIds, vmbus::server::OfferError> {
@@ -138,9 +151,48 @@ impl VmBus {
         let ids = self
             .server
             .add_offer(vmbus::abi::VPCI_INTERFACE_TYPE, instance, device)?;
-        let prefix = iommu::abi::logical_device_id_prefix(&instance.0);
-        devices::lock::mutex(&self.vpci).push((prefix, vpci));
+        devices::lock::mutex(&self.vpci).push(VpciBus {
+            slot,
+            prefix: iommu::abi::logical_device_id_prefix(&instance.0),
+            relid: ids.relid,
+            vpci,
+        });
         Ok(ids)
+    }
+
+    /// Asks the guest to eject the function of slot `slot`'s vPCI bus
+    /// (PCI_EJECT, sent at once). `false`: there is no such bus, or its
+    /// guest driver has not listed the function yet (nothing to eject: the
+    /// caller's timeout ends the removal).
+    pub fn eject_vpci(&self, slot: u8) -> bool {
+        let Some((relid, vpci)) = devices::lock::mutex(&self.vpci)
+            .iter()
+            .find(|b| b.slot == slot)
+            .map(|b| (b.relid, b.vpci.clone()))
+        else {
+            return false;
+        };
+        if vpci.eject(vmbus::abi::vpci::WinSlot::new()).is_err() {
+            return false;
+        }
+        if let Err(e) = self.server.run_channel(relid) {
+            log::warn!("VMBus: vPCI bus of slot {slot}: {e}");
+        }
+        true
+    }
+
+    /// Takes slot `slot`'s vPCI bus away: its offer is rescinded (the
+    /// guest drops the bus).
+    pub fn remove_vpci(&self, slot: u8) -> Result<(), vmbus::server::RescindError> {
+        let mut buses = devices::lock::mutex(&self.vpci);
+        let Some(i) = buses.iter().position(|b| b.slot == slot) else {
+            return Ok(());
+        };
+        // The rescind closes the channel, and the bus's session with it
+        // (its config window goes).
+        self.server.rescind(buses[i].relid)?;
+        buses.remove(i);
+        Ok(())
     }
 
     /// HvCallSignalEvent from VP `vp`.
@@ -181,8 +233,8 @@ impl VmBus {
         let bits = u32::try_from(device.into_bits()).map_err(|_| HvError::INVALID_DEVICE_ID)?;
         let vpci = devices::lock::mutex(&self.vpci)
             .iter()
-            .find(|(prefix, _)| *prefix == bits & !0x7)
-            .map(|(_, v)| v.clone())
+            .find(|b| b.prefix == bits & !0x7)
+            .map(|b| b.vpci.clone())
             .ok_or(HvError::INVALID_DEVICE_ID)?;
         let targets: Vec<u32> = (0..64).filter(|vp| vps & (1 << vp) != 0).collect();
         // The low 3 bits: the function.

@@ -19,11 +19,20 @@
 //! ([`VpciFunction::set_config_window`]). Its MSI-X messages are the x86
 //! messages the vPCI server composes, so they reach the guest as they are.
 //!
-//! Not yet: hot add and removal over vPCI (such devices come from the
-//! command line and stay), and retargeting an interrupt to another vector
-//! or VP than the one it was created for.
+//! Hot add offers a new bus (VMBus sends the offer at once); removal asks
+//! the guest to eject the function (PCI_EJECT), and once it did
+//! (PCI_EJECTION_COMPLETE: [`Ejections`]) or the eject timeout passed, the
+//! device manager blocks the device's DMA, rescinds the bus's offer and
+//! unplugs the device.
+//!
+//! Not yet: retargeting an interrupt to another vector or VP than the one
+//! it was created for ([`vmbus::vpci::Vpci::translate`] is not applied to
+//! the device's messages).
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+
+use vmm_sys_util::eventfd::EventFd;
 
 use devices::bus::{Bus, BusDevice, SharedBusDevice};
 use devices::pci::PciRoot;
@@ -43,16 +52,58 @@ pub fn domain(slot: u8) -> u16 {
     0x5600 | u16::from(slot)
 }
 
-/// The instance GUID of the vPCI bus of the device in root slot `slot`.
-/// Linux takes the bus's PCI domain from bytes 4 and 5 (here
-/// `0x5600 | slot`: never 0, never the root's, one per slot) and the
-/// logical device id prefix from bytes 4 to 7 (bytes 6 and 7 are zero).
-pub fn instance_guid(slot: u8) -> Guid {
+/// The instance GUID of the vPCI bus of the device in root slot `slot`,
+/// the `generation`th plugged there. Linux takes the bus's PCI domain from
+/// bytes 4 and 5 (here `0x5600 | slot`: never 0, never the root's, one per
+/// slot) and the logical device id prefix from bytes 4 to 7 (bytes 6 and
+/// 7 are zero). The generation (the last bytes) tells apart a bus and the
+/// one that replaces it, while the guest may still hold the old one's
+/// channel.
+pub fn instance_guid(slot: u8, generation: u32) -> Guid {
+    let g = generation.to_be_bytes();
     Guid([
         0x70, 0x76, 0x6d, 0x6d, // "pvmm"
         slot, 0x56, 0x00, 0x00, // domain(slot); prefix 0x56SS_0000
-        0x76, 0x70, 0x63, 0x69, 0x00, 0x00, 0x00, 0x01,
+        0x76, 0x70, 0x63, 0x69, g[0], g[1], g[2], g[3],
     ])
+}
+
+/// The pvIOMMU's name (logical id) for the device in root slot `slot` on
+/// its vPCI bus: the same for every generation.
+pub fn logical_id(slot: u8) -> iommu::DeviceId {
+    iommu::DeviceId::logical_vpci(&instance_guid(slot, 0).0, 0)
+}
+
+/// The slots whose vPCI device the guest ejected (PCI_EJECTION_COMPLETE),
+/// and the event that tells the VMM's event loop (the ACPI hotplug's eject
+/// event: the removals of both kinds end on it).
+#[derive(Debug)]
+pub struct Ejections {
+    slots: AtomicU32,
+    event: EventFd,
+}
+
+impl Ejections {
+    /// Ejections signalled on `event`.
+    pub fn new(event: EventFd) -> Self {
+        Self {
+            slots: AtomicU32::new(0),
+            event,
+        }
+    }
+
+    /// The slots ejected since the last call (bit n: slot n).
+    pub fn take(&self) -> u32 {
+        self.slots.swap(0, Ordering::AcqRel)
+    }
+
+    /// Slot `slot`'s device is ejected (or the guest never had it).
+    pub fn ejected(&self, slot: u8) {
+        self.slots.fetch_or(1 << (slot % 32), Ordering::AcqRel);
+        if let Err(e) = self.event.write(1) {
+            log::error!("vPCI: cannot signal the ejection of slot {slot}: {e}");
+        }
+    }
 }
 
 /// The one function of a device's vPCI bus: the device in root slot
@@ -66,6 +117,8 @@ pub struct VpciFunction {
     window: Mutex<Option<u64>>,
     /// The window's device (the bus's server), set once it exists.
     window_dev: OnceLock<SharedBusDevice>,
+    /// Where the guest's ejection goes.
+    ejections: Arc<Ejections>,
 }
 
 impl std::fmt::Debug for VpciFunction {
@@ -80,8 +133,14 @@ impl std::fmt::Debug for VpciFunction {
 impl VpciFunction {
     /// The function for the (hidden) device in root slot `slot`; its
     /// config window goes on `mmio_bus`, inside VMBus's windows for
-    /// `mem_size` bytes of RAM.
-    pub fn new(root: Arc<Mutex<PciRoot>>, slot: u8, mmio_bus: Arc<Bus>, mem_size: u64) -> Self {
+    /// `mem_size` bytes of RAM; its ejection is told to `ejections`.
+    pub fn new(
+        root: Arc<Mutex<PciRoot>>,
+        slot: u8,
+        mmio_bus: Arc<Bus>,
+        mem_size: u64,
+        ejections: Arc<Ejections>,
+    ) -> Self {
         Self {
             root,
             slot,
@@ -89,6 +148,7 @@ impl VpciFunction {
             mem_size,
             window: Mutex::new(None),
             window_dev: OnceLock::new(),
+            ejections,
         }
     }
 
@@ -206,7 +266,9 @@ impl VpciFunctions for VpciFunction {
         }
     }
 
-    fn ejected(&self, _slot: WinSlot) {}
+    fn ejected(&self, _slot: WinSlot) {
+        self.ejections.ejected(self.slot);
+    }
 }
 
 /// A vPCI bus's config window on the MMIO bus.
@@ -229,12 +291,17 @@ mod tests {
     /// The GUID's bytes give Linux's domain and the pvIOMMU prefix.
     #[test]
     fn instance_guids_name_one_domain_per_slot() {
-        let g = instance_guid(3);
+        let g = instance_guid(3, 0);
         assert_eq!(u16::from(g.0[5]) << 8 | u16::from(g.0[4]), domain(3));
         assert_eq!(
             iommu::DeviceId::logical_vpci(&g.0, 0),
             iommu::DeviceId::logical(0x5603_0000)
         );
-        assert_ne!(instance_guid(4), g);
+        assert_eq!(logical_id(3), iommu::DeviceId::logical(0x5603_0000));
+        assert_ne!(instance_guid(4, 0), g);
+        // A later bus in the same slot: another instance, the same ids.
+        let later = instance_guid(3, 1);
+        assert_ne!(later, g);
+        assert_eq!(iommu::DeviceId::logical_vpci(&later.0, 0), logical_id(3));
     }
 }

@@ -107,18 +107,10 @@ pub enum DeviceError {
     /// `bus: vpci` on a VM without VMBus.
     #[error("\"bus\": \"vpci\" needs VMBus (the Hyper-V interface with --vmbus on)")]
     NoVmbus,
-    /// VMBus did not take the vPCI bus's offer: after boot (hot add over
-    /// vPCI is not served yet), or too many offers.
+    /// VMBus did not take the vPCI bus's offer (too many offers, or the
+    /// guest's SynIC did not take the message).
     #[error("Cannot offer a vPCI bus")]
     Vpci(#[source] vmbus::server::OfferError),
-    /// Devices join vPCI buses at boot only (hot add over vPCI is not
-    /// served yet).
-    #[error("Devices join a vPCI bus at boot only (--device ...,bus=vpci)")]
-    VpciHotAdd,
-    /// A device on a vPCI bus stays (hot removal over vPCI is not served
-    /// yet).
-    #[error("Device \"{0}\" is on a vPCI bus, which cannot remove it yet")]
-    VpciRemoval(DeviceId),
 }
 
 impl DeviceError {
@@ -130,19 +122,15 @@ impl DeviceError {
             }
             Self::NoSlot(_) => ErrorKind::Conflict,
             Self::NotFound(_) => ErrorKind::NotFound,
-            Self::Vpci(vmbus::server::OfferError::OffersSent)
-            | Self::VpciHotAdd
-            | Self::VpciRemoval(_) => ErrorKind::Conflict,
+            Self::Vpci(_) => ErrorKind::Conflict,
             Self::NoPviommu
             | Self::NoVmbus
             | Self::NoSuchPath(..)
             | Self::NotPciFunction(_)
             | Self::NotVfioPci(_) => ErrorKind::InvalidRequest,
-            Self::Passthrough(..)
-            | Self::Create(..)
-            | Self::Iommu(_)
-            | Self::Plug(_)
-            | Self::Vpci(_) => ErrorKind::Internal,
+            Self::Passthrough(..) | Self::Create(..) | Self::Iommu(_) | Self::Plug(_) => {
+                ErrorKind::Internal
+            }
         }
     }
 }
@@ -405,7 +393,7 @@ impl DeviceManager {
         if let (PciBus::Vpci, Some(vmbus)) = (bus, &self.vmbus) {
             // The guest's driver names it by its bus's logical id; pvmm
             // keeps the PCI id for translation and statistics.
-            let logical = iommu::DeviceId::logical_vpci(&crate::vpci::instance_guid(slot).0, 0);
+            let logical = crate::vpci::logical_id(slot);
             if let Err(e) = self.iommu.register_device_alias(logical, iid) {
                 let _ = self.iommu.unregister_device(iid);
                 let _ = self.remove_pci_device(slot);
@@ -416,10 +404,11 @@ impl DeviceManager {
                 slot,
                 self.mmio_bus.clone(),
                 self.mem_size,
+                self.vpci_ejections.clone(),
             );
-            if let Err(e) =
-                vmbus.add_vpci(crate::vpci::instance_guid(slot), function.bus(self.vcpus))
-            {
+            let instance = crate::vpci::instance_guid(slot, self.vpci_generation);
+            self.vpci_generation = self.vpci_generation.wrapping_add(1);
+            if let Err(e) = vmbus.add_vpci(slot, instance, function.bus(self.vcpus)) {
                 let _ = self.iommu.unregister_device(iid);
                 let _ = self.remove_pci_device(slot);
                 return Err(DeviceError::Vpci(e));
@@ -438,39 +427,49 @@ impl DeviceManager {
         match bus {
             PciBus::Root => log::info!("{id}: {kind:?} at {addr}"),
             PciBus::Vpci => log::info!(
-                "{id}: {kind:?} on vPCI bus {} (domain {:04x}, pvIOMMU id {})",
-                crate::vpci::instance_guid(slot),
+                "{id}: {kind:?} on a vPCI bus (domain {:04x}, pvIOMMU id {})",
                 crate::vpci::domain(slot),
-                iommu::DeviceId::logical_vpci(&crate::vpci::instance_guid(slot).0, 0)
+                crate::vpci::logical_id(slot)
             ),
         }
         Ok(plugged)
     }
 
-    /// Tells the guest that the device in `slot` arrived (PCIU, GED).
-    pub fn announce(&self, slot: u8) {
-        devices::lock::mutex(&self.hotplug).slot_added(slot);
+    /// Tells the guest that the device `p` arrived: ACPI hotplug (PCIU,
+    /// GED) on the root; a vPCI bus's offer went out as it was added.
+    pub fn announce(&self, p: &Plugged) {
+        if p.bus == PciBus::Root {
+            devices::lock::mutex(&self.hotplug).slot_added(p.addr.device);
+        }
     }
 
-    /// Asks the guest to eject the device in `slot` (PCID, GED).
+    /// Asks the guest to eject the device in `slot`: PCID and the GED on
+    /// the root, PCI_EJECT on its vPCI bus.
     pub fn request_eject(&self, slot: u8) {
-        devices::lock::mutex(&self.hotplug).request_eject(slot);
+        let vpci = self
+            .plugged()
+            .any(|p| p.addr.device == slot && p.bus == PciBus::Vpci);
+        match (&self.vmbus, vpci) {
+            (Some(vmbus), true) => {
+                // A guest that never listed the function has nothing to
+                // eject: the removal goes on at once.
+                if !vmbus.eject_vpci(slot) {
+                    self.vpci_ejections.ejected(slot);
+                }
+            }
+            _ => devices::lock::mutex(&self.hotplug).request_eject(slot),
+        }
     }
 
-    /// The slots the guest ejected since the last call.
+    /// The slots the guest ejected since the last call (both kinds).
     pub fn take_ejected(&self) -> u32 {
-        devices::lock::mutex(&self.hotplug).take_ejected()
+        devices::lock::mutex(&self.hotplug).take_ejected() | self.vpci_ejections.take()
     }
 
     /// Removes the device `id`: its DMA is blocked (pvIOMMU unregister,
     /// which detaches it from every domain and, for VFIO, from the host
     /// IOMMU) before it leaves the PCI root, and it is closed last.
     pub fn remove_device(&mut self, id: &DeviceId) -> Result<(), DeviceError> {
-        match self.table.plugged.get(id) {
-            None => return Err(DeviceError::NotFound(id.clone())),
-            Some(p) if p.bus == PciBus::Vpci => return Err(DeviceError::VpciRemoval(id.clone())),
-            Some(_) => {}
-        }
         let Some(p) = self.table.plugged.remove(id) else {
             return Err(DeviceError::NotFound(id.clone()));
         };
@@ -478,6 +477,12 @@ impl DeviceManager {
         devices::lock::mutex(&self.hotplug).cancel_eject(slot);
         if let Err(e) = self.iommu.unregister_device(p.iommu_id) {
             log::error!("{id}: unregistering from the pvIOMMU: {}", ErrorChain(&e));
+        }
+        // Its DMA is blocked: its bus goes (the guest drops it).
+        if let (PciBus::Vpci, Some(vmbus)) = (p.bus, &self.vmbus) {
+            if let Err(e) = vmbus.remove_vpci(slot) {
+                log::error!("{id}: rescinding its vPCI bus: {}", ErrorChain(&e));
+            }
         }
         // The PCI root held the last reference: a VFIO device is reset and
         // closed when the returned one drops.
