@@ -273,19 +273,17 @@ pub fn run(data: &[u8]) -> Reached {
                     .expect("page in RAM");
                 named.insert(page);
             }
-            _ => {
-                match r.u8() % 3 {
-                    0 => {
-                        let class = Guid(r.bytes());
-                        let instance = Guid(r.bytes());
-                        let _ = server.add_offer(class, instance, Echo::shared());
-                    }
-                    1 => {
-                        let _ = server.rescind(u32::from(r.u8() % 4));
-                    }
-                    _ => server.reset(),
+            _ => match r.u8() % 3 {
+                0 => {
+                    let class = Guid(r.bytes());
+                    let instance = Guid(r.bytes());
+                    let _ = server.add_offer(class, instance, Echo::shared());
                 }
-            }
+                1 => {
+                    let _ = server.rescind(u32::from(r.u8() % 4));
+                }
+                _ => server.reset(),
+            },
         }
         for vp in 0..vcpus {
             for sint in 0..=16u8 {
