@@ -266,9 +266,6 @@ pub enum RescindError {
     /// No offer has this relid, or it is rescinded already.
     #[error("No offer with relid {0}")]
     UnknownRelid(u32),
-    /// The SynIC did not take the rescind message; nothing changed.
-    #[error("The rescind could not be sent")]
-    NotSent(#[source] DeliveryError),
 }
 
 /// A registered offer's ids.
@@ -390,6 +387,9 @@ pub struct OpenChannelState {
 struct Open {
     state: OpenChannelState,
     rings: Option<(Ring, Ring)>,
+    /// This open's number: a run of the device that began before a close
+    /// (or a later open) finds another number, or none, and does nothing.
+    epoch: u64,
 }
 
 #[derive(Debug, Default)]
@@ -402,19 +402,27 @@ struct State {
     pending: BTreeMap<u32, PendingGpadl>,
     /// Open channels, by relid.
     open: BTreeMap<u32, Open>,
+    /// Opens so far (each open's epoch).
+    opens: u64,
 }
 
 impl State {
-    /// Ends the connection and everything made in it (VMBus's unload).
-    fn disconnect(&mut self) {
+    /// Ends the connection and everything made in it (VMBus's unload);
+    /// returns the devices of the channels that were open, for the caller
+    /// to close once it let go of the state (a device runs under its own
+    /// lock, which is always taken before the state's).
+    #[must_use]
+    fn disconnect(&mut self) -> Vec<SharedDevice> {
         self.connection = None;
         self.gpadls.clear();
         self.pending.clear();
-        for relid in std::mem::take(&mut self.open).into_keys() {
-            self.close_device(relid);
-        }
+        let closing = std::mem::take(&mut self.open)
+            .into_keys()
+            .filter_map(|relid| self.device_of(relid))
+            .collect();
         // The guest is gone: the relids it held are free.
         self.offers.retain(|o| !o.rescinded);
+        closing
     }
 
     /// Whether `relid` is a live (offered, not rescinded) channel.
@@ -429,11 +437,19 @@ impl State {
         self.connection.filter(|c| c.offers_requested)
     }
 
-    /// Tells channel `relid`'s device that the channel closed.
-    fn close_device(&self, relid: u32) {
-        if let Some(o) = self.offers.iter().find(|o| o.ids.relid == relid) {
-            lock_device(&o.device).closed();
-        }
+    /// Channel `relid`'s device.
+    fn device_of(&self, relid: u32) -> Option<SharedDevice> {
+        self.offers
+            .iter()
+            .find(|o| o.ids.relid == relid)
+            .map(|o| o.device.clone())
+    }
+}
+
+/// Tells `devices` that their channels closed (without the state lock).
+fn close_all(devices: &[SharedDevice]) {
+    for d in devices {
+        lock_device(d).closed();
     }
 }
 
@@ -477,7 +493,8 @@ impl<M: GuestMemory> Server<M> {
     /// Forgets the connection, its GPADLs and open channels (VM reset);
     /// offers stay.
     pub fn reset(&self) {
-        self.state().disconnect();
+        let closing = self.state().disconnect();
+        close_all(&closing);
     }
 
     /// GPADL `handle`, once created.
@@ -538,13 +555,16 @@ impl<M: GuestMemory> Server<M> {
         Ok(ids)
     }
 
-    /// Takes offer `relid` back (hot removal): a guest that has it gets
-    /// RESCIND_CHANNELOFFER, and the channel's rings, GPADLs and device
-    /// session end at once (Linux sends no teardown for a rescinded
-    /// channel). The relid stays the guest's until it sends RELID_RELEASED
-    /// (or disconnects); a guest that never had the offer list loses the
-    /// offer at once.
-    pub fn rescind(&self, relid: u32) -> Result<(), RescindError> {
+    /// Takes offer `relid` back (hot removal): the channel's rings, GPADLs
+    /// and device session end at once, whatever the guest does (Linux sends
+    /// no teardown for a rescinded channel), and a guest that has the offer
+    /// list is sent RESCIND_CHANNELOFFER. The relid stays the guest's until
+    /// it sends RELID_RELEASED (or disconnects); a guest that never had the
+    /// offer list loses the offer at once. `Ok(false)`: the guest's SynIC
+    /// did not take the message (its SINT masked, its queue full): the
+    /// offer is gone on the host's side all the same, and its relid stays
+    /// held until the guest disconnects.
+    pub fn rescind(&self, relid: u32) -> Result<bool, RescindError> {
         let mut state = self.state();
         let index = state
             .offers
@@ -552,27 +572,30 @@ impl<M: GuestMemory> Server<M> {
             .position(|o| o.ids.relid == relid && !o.rescinded)
             .ok_or(RescindError::UnknownRelid(relid))?;
         let device = state.offers[index].device.clone();
-        match state.offers_sent() {
+        let told = match state.offers_sent() {
             Some(c) => {
                 let m = RescindOffer {
                     header: ChannelMessageHeader::new(ChannelMessageType::RESCIND_CHANNELOFFER),
                     child_relid: relid.into(),
                 };
+                state.offers[index].rescinded = true;
                 self.synic
                     .post(c.target_vp, c.sint, &channel_message(m.as_bytes()))
-                    .map_err(RescindError::NotSent)?;
-                state.offers[index].rescinded = true;
+                    .is_ok()
             }
             None => {
                 state.offers.remove(index);
+                true
             }
-        }
-        if state.open.remove(&relid).is_some() {
-            lock_device(&device).closed();
-        }
+        };
+        let was_open = state.open.remove(&relid).is_some();
         state.gpadls.retain(|_, g| g.relid != relid);
         state.pending.retain(|_, p| p.gpadl.relid != relid);
-        Ok(())
+        drop(state);
+        if was_open {
+            lock_device(&device).closed();
+        }
+        Ok(told)
     }
 
     /// HvCallPostMessage from VP `_vp`, the caller (not used: replies go to
@@ -655,7 +678,7 @@ impl<M: GuestMemory> Server<M> {
         let mut state = self.state();
         self.reply(target_vp, sint, &reply)?;
         // A new INITIATE_CONTACT ends any earlier connection, refused or not.
-        state.disconnect();
+        let closing = state.disconnect();
         state.connection = accepted.then_some(Connection {
             version: requested,
             target_vp,
@@ -670,6 +693,8 @@ impl<M: GuestMemory> Server<M> {
                 state.offers.len()
             );
         }
+        drop(state);
+        close_all(&closing);
         Ok(())
     }
 
@@ -710,7 +735,9 @@ impl<M: GuestMemory> Server<M> {
         };
         let done = ChannelMessageHeader::new(ChannelMessageType::UNLOAD_RESPONSE);
         self.reply(connection.target_vp, connection.sint, &done)?;
-        state.disconnect();
+        let closing = state.disconnect();
+        drop(state);
+        close_all(&closing);
         Ok(())
     }
 
@@ -924,15 +951,20 @@ impl<M: GuestMemory> Server<M> {
         };
         self.reply(connection.target_vp, connection.sint, &reply)?;
         if ok {
+            state.opens += 1;
+            let epoch = state.opens;
             state.open.insert(
                 relid,
                 Open {
                     state: opened,
                     rings,
+                    epoch,
                 },
             );
-            if let Some(o) = state.offers.iter().find(|o| o.ids.relid == relid) {
-                lock_device(&o.device).opened();
+            let device = state.device_of(relid);
+            drop(state);
+            if let Some(d) = device {
+                lock_device(&d).opened();
             }
         }
         Ok(())
@@ -952,7 +984,11 @@ impl<M: GuestMemory> Server<M> {
             return Ok(());
         }
         state.open.remove(&relid).ok_or(PostError::NotOpen(relid))?;
-        state.close_device(relid);
+        let device = state.device_of(relid);
+        drop(state);
+        if let Some(d) = device {
+            lock_device(&d).closed();
+        }
         Ok(())
     }
 
@@ -1005,7 +1041,7 @@ impl<M: GuestMemory> Server<M> {
     /// that fails is closed and the channel's rings are dropped until the
     /// guest opens it again.
     pub fn run_channel(&self, relid: u32) -> Result<(), ChannelFault> {
-        let (device, rings, target_vp, sint) = {
+        let (device, rings, target_vp, sint, epoch) = {
             let state = self.state();
             let (Some(connection), Some(open)) = (state.connection, state.open.get(&relid)) else {
                 return Ok(());
@@ -1021,6 +1057,7 @@ impl<M: GuestMemory> Server<M> {
                 rings,
                 open.state.target_vp,
                 connection.sint,
+                open.epoch,
             )
         };
         let (inbound, outbound) = rings;
@@ -1033,12 +1070,26 @@ impl<M: GuestMemory> Server<M> {
             relid,
         };
         let mut dev = lock_device(&device);
+        // Still the same open: a close (or a new open) since the rings were
+        // taken waits for this lock to tell the device, so the device never
+        // runs on a session that ended.
+        let current = |state: &State| {
+            state
+                .open
+                .get(&relid)
+                .is_some_and(|o| o.epoch == epoch && o.rings.is_some())
+        };
+        if !current(&self.state()) {
+            return Ok(());
+        }
         let result = dev.run(&mut channel);
         if result.is_err() {
             dev.closed();
-            drop(dev);
-            if let Some(open) = self.state().open.get_mut(&relid) {
-                open.rings = None;
+            let mut state = self.state();
+            if current(&state) {
+                if let Some(open) = state.open.get_mut(&relid) {
+                    open.rings = None;
+                }
             }
         }
         result
@@ -1327,7 +1378,7 @@ mod tests {
         s.post_message(0, &open_message(2, 0xE2, 2, 0)).unwrap();
         let r: OpenResult = take(&s, &mem, ChannelMessageType::OPENCHANNEL_RESULT);
         assert_eq!(r.status.get(), 0);
-        s.rescind(2).unwrap();
+        assert_eq!(s.rescind(2), Ok(true));
         let r: RescindOffer = take(&s, &mem, ChannelMessageType::RESCIND_CHANNELOFFER);
         assert_eq!(r.child_relid.get(), 2);
         assert_eq!(echo.lock().unwrap().closed, 1);
@@ -1364,10 +1415,23 @@ mod tests {
         // The same instance comes back, on the freed relid.
         assert_eq!(s.add_offer(TEST_CLASS, late, echo).unwrap().relid, 2);
         let _: OfferChannel = take(&s, &mem, ChannelMessageType::OFFERCHANNEL);
+        // A guest whose SINT cannot take the rescind loses the offer all
+        // the same (the relid stays held until it disconnects).
+        let sint2 = msr::sint(2).unwrap();
+        let v = s.synic().read_msr(0, sint2).unwrap();
+        s.synic()
+            .write_msr(
+                0,
+                sint2,
+                SintMsr::from_bits(v).with_masked(true).into_bits(),
+            )
+            .unwrap();
+        assert_eq!(s.rescind(3), Ok(false));
+        assert_eq!(s.rescind(3), Err(RescindError::UnknownRelid(3)));
         // A guest that never had the list loses a rescinded offer at once.
         let (_, _, fresh) = server(1);
         let ids = fresh.add_offer(TEST_CLASS, late, Echo::shared()).unwrap();
-        fresh.rescind(ids.relid).unwrap();
+        assert_eq!(fresh.rescind(ids.relid), Ok(true));
         assert_eq!(
             fresh
                 .add_offer(TEST_CLASS, late, Echo::shared())

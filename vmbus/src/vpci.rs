@@ -24,7 +24,9 @@
 //!    1.3), per MSI or MSI-X vector: the answer is a real x86 MSI message,
 //!    physical destination (APIC id = VP index, at most 254), fixed, edge:
 //!    address `0xFEE0_0000 | vp << 12`, data = the vector. A multi-MSI
-//!    block (Linux asks vector 32, a dummy, for up to 32 vectors) gets a
+//!    block (Linux asks vector 32, a dummy, for up to 32 vectors) is served
+//!    only by a bus made with [`Vpci::with_multi_msi`] (else NOT_SUPPORTED,
+//!    and Linux uses one vector); it gets a
 //!    tag in the data's reserved bits 13:11 so that no two live blocks, and
 //!    no single vector, share a message. Linux then moves each vector with
 //!    HvCallRetargetDeviceInterrupt: [`Vpci::retarget`] checks the message
@@ -174,8 +176,9 @@ pub trait VpciFunctions: Send + Sync {
     /// ([`PCI_CONFIG_MMIO_LENGTH`] bytes, page aligned); `None` at
     /// BUS_D0EXIT and when the channel opens or closes with it mapped. The
     /// VMM forwards the window's accesses to [`Vpci::window_read`] and
-    /// [`Vpci::window_write`].
-    fn set_config_window(&self, base: Option<u64>);
+    /// [`Vpci::window_write`]. `false`: the VMM cannot map it there (D0
+    /// entry fails with INVALID_PARAMETER).
+    fn set_config_window(&self, base: Option<u64>) -> bool;
     /// The guest finished ejecting `slot` (EJECTION_COMPLETE) after
     /// [`Vpci::eject`]. May come after the VMM gave up waiting.
     fn ejected(&self, slot: WinSlot);
@@ -336,9 +339,22 @@ struct CreateRequest {
 
 impl Interrupts {
     /// Creates an interrupt; `Err` is the NTSTATUS of a refusal.
-    fn create(&mut self, r: &CreateRequest, vcpus: u32) -> Result<TranIntDesc, u32> {
+    fn create(
+        &mut self,
+        r: &CreateRequest,
+        vcpus: u32,
+        multi_msi: bool,
+    ) -> Result<TranIntDesc, u32> {
         let count = r.vector_count;
-        let last = r.vector.checked_add(u32::from(count)).map(|v| v - 1);
+        // Without translation in the VMM's interrupt path, a block's
+        // vectors would arrive as Linux's dummy ones.
+        if count > 1 && !multi_msi {
+            return Err(STATUS_NOT_SUPPORTED);
+        }
+        let last = r
+            .vector
+            .checked_add(u32::from(count))
+            .and_then(|v| v.checked_sub(1));
         if r.delivery_mode != APIC_DELIVERY_MODE_FIXED
             || !(1..=MAX_BLOCK).contains(&count)
             || !VECTORS.contains(&r.vector)
@@ -482,6 +498,8 @@ struct State {
 struct Inner<F> {
     functions: Arc<F>,
     vcpus: u32,
+    /// Multi-MSI blocks are served (the VMM applies [`Vpci::translate`]).
+    multi_msi: bool,
     state: Mutex<State>,
 }
 
@@ -552,15 +570,34 @@ fn read<T: FromBytes + KnownLayout + Immutable>(payload: &[u8]) -> Option<T> {
 
 impl<F: VpciFunctions> Vpci<F> {
     /// A bus over `functions`, in a VM of `vcpus` VPs (interrupt targets
-    /// must be below it).
+    /// must be below it). Multi-MSI blocks are refused (NOT_SUPPORTED:
+    /// Linux then uses one vector): their vectors reach the guest only
+    /// through [`Vpci::translate`], which a VMM must apply to take them
+    /// ([`Vpci::with_multi_msi`]).
     pub fn new(functions: Arc<F>, vcpus: u32) -> Self {
+        Self::build(functions, vcpus, false)
+    }
+
+    /// [`Vpci::new`], serving multi-MSI blocks: for a VMM that delivers
+    /// every message of the bus's functions through [`Vpci::translate`].
+    pub fn with_multi_msi(functions: Arc<F>, vcpus: u32) -> Self {
+        Self::build(functions, vcpus, true)
+    }
+
+    fn build(functions: Arc<F>, vcpus: u32, multi_msi: bool) -> Self {
         Self {
             inner: Arc::new(Inner {
                 functions,
                 vcpus,
+                multi_msi,
                 state: Mutex::new(State::default()),
             }),
         }
+    }
+
+    /// The bus's functions.
+    pub fn functions(&self) -> &Arc<F> {
+        &self.inner.functions
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -944,22 +981,26 @@ impl<F: VpciFunctions> Vpci<F> {
                 status_payload(STATUS_INVALID_PARAMETER),
             );
         };
-        {
-            let mut st = self.state();
-            st.session.window = Some(base);
-            st.session.selected = None;
+        if !self.inner.functions.set_config_window(Some(base)) {
+            return (
+                STATUS_INVALID_PARAMETER,
+                status_payload(STATUS_INVALID_PARAMETER),
+            );
         }
-        self.inner.functions.set_config_window(Some(base));
+        let mut st = self.state();
+        st.session.window = Some(base);
+        st.session.selected = None;
         (STATUS_SUCCESS, status_payload(STATUS_SUCCESS))
     }
 
     fn create_interrupt(&self, request: Option<CreateRequest>) -> (u32, Vec<u8>) {
         let result = match request {
-            Some(req) if self.known(req.slot) => self
-                .state()
-                .session
-                .interrupts
-                .create(&req, self.inner.vcpus),
+            Some(req) if self.known(req.slot) => {
+                self.state()
+                    .session
+                    .interrupts
+                    .create(&req, self.inner.vcpus, self.inner.multi_msi)
+            }
             Some(_) => Err(STATUS_NO_SUCH_DEVICE),
             None => Err(STATUS_INVALID_PARAMETER),
         };
@@ -1175,6 +1216,8 @@ mod tests {
 
     /// The VMM's side: one dma-test-like function at [`SLOT`].
     struct FakeFns {
+        /// The VMM refuses to map windows.
+        refuse_windows: std::sync::atomic::AtomicBool,
         functions: Mutex<Vec<Function>>,
         config: Mutex<Vec<u8>>,
         windows: Mutex<Vec<Option<u64>>>,
@@ -1190,6 +1233,7 @@ mod tests {
             config[0x14..0x18].copy_from_slice(&0x1u32.to_le_bytes());
             config[0x18..0x1C].copy_from_slice(&0xD000_0000u32.to_le_bytes());
             Self {
+                refuse_windows: std::sync::atomic::AtomicBool::new(false),
                 functions: Mutex::new(vec![dma_test()]),
                 config: Mutex::new(config),
                 windows: Mutex::new(Vec::new()),
@@ -1229,8 +1273,16 @@ mod tests {
                 .push((slot, offset, data.to_vec()));
         }
 
-        fn set_config_window(&self, base: Option<u64>) {
+        fn set_config_window(&self, base: Option<u64>) -> bool {
+            if base.is_some()
+                && self
+                    .refuse_windows
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                return false;
+            }
             self.windows.lock().unwrap().push(base);
+            true
         }
 
         fn ejected(&self, slot: WinSlot) {
@@ -1247,7 +1299,7 @@ mod tests {
     impl Bus {
         fn new(vcpus: u32) -> Self {
             let fns = Arc::new(FakeFns::new());
-            let mut vpci = Vpci::new(Arc::clone(&fns), vcpus);
+            let mut vpci = Vpci::with_multi_msi(Arc::clone(&fns), vcpus);
             vpci.opened();
             Self {
                 vpci,
@@ -1637,12 +1689,40 @@ mod tests {
         );
     }
 
+    /// A bus made with `new` (the VMM does not translate) refuses
+    /// multi-MSI blocks; a window the VMM cannot map fails D0 entry.
+    #[test]
+    fn without_translation_blocks_are_refused_and_d0_needs_a_window() {
+        let fns = Arc::new(FakeFns::new());
+        let mut bus = Bus {
+            vpci: Vpci::new(Arc::clone(&fns), 2),
+            fns,
+            ch: FakeChannel::default(),
+        };
+        bus.vpci.opened();
+        bus.probe();
+        assert_eq!(
+            bus.create3(32, 4, &[1]).status.get(),
+            ntstatus(STATUS_NOT_SUPPORTED)
+        );
+        assert_eq!(bus.create3(0x41, 1, &[1]).status.get(), 0);
+        bus.fns
+            .refuse_windows
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            bus.ask_status(5, &d0(BASE + 0x10_0000)),
+            ntstatus(STATUS_INVALID_PARAMETER)
+        );
+        assert_eq!(bus.vpci.config_window(), Some(BASE));
+    }
+
     #[test]
     fn bad_interrupt_requests_are_refused() {
         let mut bus = Bus::new(4);
         bus.probe();
         let inval = ntstatus(STATUS_INVALID_PARAMETER);
-        let cases: [(u32, u16, &[u16]); 10] = [
+        let cases: [(u32, u16, &[u16]); 11] = [
+            (0, 0, &[0]),    // no vector at 0 (no underflow either)
             (300, 1, &[0]),  // past 255
             (0x0F, 1, &[0]), // an exception vector
             (0xFF, 2, &[0]), // the block passes 255
@@ -1671,7 +1751,7 @@ mod tests {
             ntstatus(STATUS_NO_SUCH_DEVICE)
         );
         assert_eq!(bus.vpci.interrupts(), 0);
-        assert_eq!(bus.vpci.stats().refused, 13);
+        assert_eq!(bus.vpci.stats().refused, 14);
         // A VP past the xAPIC's 254 is refused whatever the VM's size.
         let mut big = Bus::new(300);
         big.probe();

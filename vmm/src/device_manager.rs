@@ -332,9 +332,16 @@ impl DeviceManager {
     }
 
     /// Plugs a PCI device into `slot` (or the first free slot), after giving
-    /// each of its BARs an address from the allocators. Returns its address.
-    /// The guest enables decoding (and may move the BARs) itself.
-    pub fn add_pci_device<T>(&mut self, dev: Arc<Mutex<T>>, slot: Option<u8>) -> Result<PciAddress>
+    /// each of its BARs an address from the allocators; `hidden` keeps it
+    /// from the root's configuration mechanisms (for a vPCI bus). Returns
+    /// its address. The guest enables decoding (and may move the BARs)
+    /// itself.
+    pub fn add_pci_device<T>(
+        &mut self,
+        dev: Arc<Mutex<T>>,
+        slot: Option<u8>,
+        hidden: bool,
+    ) -> Result<PciAddress>
     where
         T: PciDevice + BusDevice + 'static,
     {
@@ -370,9 +377,19 @@ impl DeviceManager {
             }
             let pci_dev: Arc<Mutex<dyn PciDevice>> = dev.clone();
             let bus_dev: SharedBusDevice = dev.clone();
-            devices::lock::mutex(&self.pci)
+            // Hidden in the same critical section: the guest's ECAM never
+            // sees a device meant for a vPCI bus.
+            let mut root = devices::lock::mutex(&self.pci);
+            let addr = root
                 .add_device(slot, pci_dev, bus_dev)
-                .map_err(Error::Pci)
+                .map_err(Error::Pci)?;
+            if hidden {
+                if let Err(e) = root.set_hidden(slot, true) {
+                    let _ = root.remove_device(slot);
+                    return Err(Error::Pci(e));
+                }
+            }
+            Ok(addr)
         })();
         match result {
             Ok(a) => {

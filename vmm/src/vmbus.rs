@@ -79,8 +79,10 @@ pub struct VmBus {
     vpci: std::sync::Mutex<Vec<VpciBus>>,
     /// Signals refused (the first is logged).
     signals_refused: AtomicU64,
-    /// Channels whose device failed on its rings (each is logged).
+    /// Channels whose device failed on its rings (the first is logged).
     faults: AtomicU64,
+    /// Retargets that would move an interrupt (the first is logged).
+    moves_refused: AtomicU64,
     /// Posts refused (the first is logged; the guest may post at will).
     refused: AtomicU64,
     /// SynIC MSR writes refused (#GP; the first is logged).
@@ -110,6 +112,7 @@ impl VmBus {
             vpci: std::sync::Mutex::new(Vec::new()),
             signals_refused: AtomicU64::new(0),
             faults: AtomicU64::new(0),
+            moves_refused: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             msr_refused: AtomicU64::new(0),
         }
@@ -188,11 +191,18 @@ impl VmBus {
         let Some(i) = buses.iter().position(|b| b.slot == slot) else {
             return Ok(());
         };
-        // The rescind closes the channel, and the bus's session with it
-        // (its config window goes).
-        self.server.rescind(buses[i].relid)?;
-        buses.remove(i);
-        Ok(())
+        // The rescind closes the channel, and the bus's session with it;
+        // the bus's window and server go whatever the guest does.
+        let bus = buses.remove(i);
+        drop(buses);
+        let told = self.server.rescind(bus.relid);
+        bus.vpci.functions().detach();
+        if told == Ok(false) {
+            log::warn!(
+                "VMBus: the guest's SynIC did not take the rescind of slot {slot}'s vPCI bus"
+            );
+        }
+        told.map(|_| ())
     }
 
     /// HvCallSignalEvent from VP `vp`.
@@ -200,13 +210,14 @@ impl VmBus {
         match self.server.signal_event(vp, input) {
             Ok(None) => Ok(()),
             Ok(Some(fault)) => {
-                // Once per open of a channel: the channel stays closed to
-                // its device until the guest opens it again.
-                self.faults.fetch_add(1, Ordering::Relaxed);
-                log::warn!(
-                    "VMBus: channel of connection {:#x} closed to its device: {fault}",
-                    input.connection_id.get()
-                );
+                // The channel stays closed to its device until the guest
+                // opens it again (the first is logged, the rest counted).
+                if self.faults.fetch_add(1, Ordering::Relaxed) == 0 {
+                    log::warn!(
+                        "VMBus: channel of connection {:#x} closed to its device: {fault} (later faults are counted)",
+                        input.connection_id.get()
+                    );
+                }
                 Ok(())
             }
             Err(e) => {
@@ -237,6 +248,18 @@ impl VmBus {
             .map(|b| b.vpci.clone())
             .ok_or(HvError::INVALID_DEVICE_ID)?;
         let targets: Vec<u32> = (0..64).filter(|vp| vps & (1 << vp) != 0).collect();
+        // pvmm delivers the messages it created as they are (the devices'
+        // MSI paths do not translate): a retarget may confirm an
+        // interrupt's target, not move it.
+        let first = targets.first().copied().ok_or(HvError::INVALID_PARAMETER)?;
+        if !confirms(address, data, vector, first) {
+            if self.moves_refused.fetch_add(1, Ordering::Relaxed) == 0 {
+                log::warn!(
+                    "VMBus: a retarget that moves an interrupt ({address:#x}/{data:#x} to vector {vector:#x} on VP {first}) is refused (later ones are counted)"
+                );
+            }
+            return Err(HvError::INVALID_PARAMETER);
+        }
         // The low 3 bits: the function.
         #[allow(clippy::cast_possible_truncation)]
         let function = (bits & 0x7) as u8;
@@ -253,6 +276,13 @@ impl VmBus {
             e.status()
         })
     }
+}
+
+/// Whether a retarget of the MSI (`address`'s low half, `data`) to
+/// `vector` on VP `vp` leaves it where it is: the message pvmm created for
+/// that vector and VP is that very one.
+fn confirms(address: u32, data: u32, vector: u32, vp: u32) -> bool {
+    (u64::from(address), data) == (vmbus::vpci::msi_address(vp) & 0xffff_ffff, vector)
 }
 
 impl Drop for VmBus {
@@ -342,6 +372,16 @@ mod tests {
             bus.server().connection().unwrap().version,
             version::WIN10_V5_3
         );
+    }
+
+    /// pci-hyperv's unmask retargets an MSI-X vector to the vector and VP
+    /// it was created for: confirmed; any move is not.
+    #[test]
+    fn retargets_may_confirm_not_move() {
+        assert!(confirms(0xfee0_1000, 0x41, 0x41, 1));
+        assert!(!confirms(0xfee0_1000, 0x41, 0x42, 1));
+        assert!(!confirms(0xfee0_1000, 0x41, 0x41, 0));
+        assert!(!confirms(0xfee0_0000, 0x1841, 0x41, 0));
     }
 
     /// A hostile guest: bad MSR writes are #GP, bad posts their status,

@@ -30,7 +30,7 @@
 //! the device's messages).
 
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -53,25 +53,29 @@ pub fn domain(slot: u8) -> u16 {
 }
 
 /// The instance GUID of the vPCI bus of the device in root slot `slot`,
-/// the `generation`th plugged there. Linux takes the bus's PCI domain from
+/// the `generation`th bus pvmm made. Linux takes the bus's PCI domain from
 /// bytes 4 and 5 (here `0x5600 | slot`: never 0, never the root's, one per
-/// slot) and the logical device id prefix from bytes 4 to 7 (bytes 6 and
-/// 7 are zero). The generation (the last bytes) tells apart a bus and the
-/// one that replaces it, while the guest may still hold the old one's
-/// channel.
+/// slot) and the logical device id prefix from bytes 4 to 7: the
+/// generation's low 13 bits go in bytes 6 and 7 (byte 6's low 3 bits are
+/// the function's in the id), so a bus and the one that replaces it in a
+/// slot differ in instance and in logical id while the guest may still
+/// hold the old one.
 pub fn instance_guid(slot: u8, generation: u32) -> Guid {
     let g = generation.to_be_bytes();
+    // The casts keep the generation's low bits on purpose.
+    #[allow(clippy::cast_possible_truncation)]
+    let (b6, b7) = (((generation & 0x1f) << 3) as u8, (generation >> 5) as u8);
     Guid([
         0x70, 0x76, 0x6d, 0x6d, // "pvmm"
-        slot, 0x56, 0x00, 0x00, // domain(slot); prefix 0x56SS_0000
+        slot, 0x56, b6, b7, // domain(slot); prefix 0x56SS_gggg
         0x76, 0x70, 0x63, 0x69, g[0], g[1], g[2], g[3],
     ])
 }
 
-/// The pvIOMMU's name (logical id) for the device in root slot `slot` on
-/// its vPCI bus: the same for every generation.
-pub fn logical_id(slot: u8) -> iommu::DeviceId {
-    iommu::DeviceId::logical_vpci(&instance_guid(slot, 0).0, 0)
+/// The pvIOMMU's name (logical id) of the device of `instance`'s vPCI bus
+/// (its function 0).
+pub fn logical_id(instance: &Guid) -> iommu::DeviceId {
+    iommu::DeviceId::logical_vpci(&instance.0, 0)
 }
 
 /// The slots whose vPCI device the guest ejected (PCI_EJECTION_COMPLETE),
@@ -115,8 +119,10 @@ pub struct VpciFunction {
     mem_size: u64,
     /// Where the guest put the config window, once mapped.
     window: Mutex<Option<u64>>,
-    /// The window's device (the bus's server), set once it exists.
-    window_dev: OnceLock<SharedBusDevice>,
+    /// The window's device (the bus's server), set once it exists and
+    /// dropped when the bus goes ([`VpciFunction::detach`]): it holds the
+    /// server, which holds this function.
+    window_dev: Mutex<Option<SharedBusDevice>>,
     /// Where the guest's ejection goes.
     ejections: Arc<Ejections>,
 }
@@ -147,7 +153,7 @@ impl VpciFunction {
             mmio_bus,
             mem_size,
             window: Mutex::new(None),
-            window_dev: OnceLock::new(),
+            window_dev: Mutex::new(None),
             ejections,
         }
     }
@@ -157,8 +163,15 @@ impl VpciFunction {
         let function = Arc::new(self);
         let vpci = Vpci::new(function.clone(), vcpus);
         let window: SharedBusDevice = Arc::new(Mutex::new(ConfigWindow(vpci.clone())));
-        let _ = function.window_dev.set(window);
+        *devices::lock::mutex(&function.window_dev) = Some(window);
         vpci
+    }
+
+    /// The bus goes: its window is unmapped and its device dropped (which
+    /// frees the server).
+    pub fn detach(&self) {
+        let _ = self.set_config_window(None);
+        devices::lock::mutex(&self.window_dev).take();
     }
 
     fn read32(&self, offset: u16) -> u32 {
@@ -242,27 +255,36 @@ impl VpciFunctions for VpciFunction {
         }
     }
 
-    fn set_config_window(&self, base: Option<u64>) {
+    fn set_config_window(&self, base: Option<u64>) -> bool {
         let mut window = devices::lock::mutex(&self.window);
         if let Some(old) = window.take() {
             let _ = self.mmio_bus.remove(old, WINDOW_SIZE);
         }
-        let (Some(base), Some(dev)) = (base, self.window_dev.get()) else {
-            return;
+        let Some(base) = base else {
+            return true;
+        };
+        let Some(dev) = devices::lock::mutex(&self.window_dev).clone() else {
+            return false;
         };
         if !self.in_vmbus_window(base) {
             devices::guest_warn!(
                 "vPCI slot {}: config window at {base:#x} is outside VMBus's MMIO windows",
                 self.slot
             );
-            return;
+            return false;
         }
-        match self.mmio_bus.insert(dev.clone(), base, WINDOW_SIZE) {
-            Ok(()) => *window = Some(base),
-            Err(e) => devices::guest_warn!(
-                "vPCI slot {}: config window at {base:#x} not mapped: {e}",
-                self.slot
-            ),
+        match self.mmio_bus.insert(dev, base, WINDOW_SIZE) {
+            Ok(()) => {
+                *window = Some(base);
+                true
+            }
+            Err(e) => {
+                devices::guest_warn!(
+                    "vPCI slot {}: config window at {base:#x} not mapped: {e}",
+                    self.slot
+                );
+                false
+            }
         }
     }
 
@@ -293,15 +315,13 @@ mod tests {
     fn instance_guids_name_one_domain_per_slot() {
         let g = instance_guid(3, 0);
         assert_eq!(u16::from(g.0[5]) << 8 | u16::from(g.0[4]), domain(3));
-        assert_eq!(
-            iommu::DeviceId::logical_vpci(&g.0, 0),
-            iommu::DeviceId::logical(0x5603_0000)
-        );
-        assert_eq!(logical_id(3), iommu::DeviceId::logical(0x5603_0000));
+        assert_eq!(logical_id(&g), iommu::DeviceId::logical(0x5603_0000));
         assert_ne!(instance_guid(4, 0), g);
-        // A later bus in the same slot: another instance, the same ids.
-        let later = instance_guid(3, 1);
+        // A later bus in the same slot: the same domain, another instance
+        // and logical id (generation 33: 1 << 3 in byte 6, 1 in byte 7).
+        let later = instance_guid(3, 33);
+        assert_eq!(later.0[4..6], g.0[4..6]);
         assert_ne!(later, g);
-        assert_eq!(iommu::DeviceId::logical_vpci(&later.0, 0), logical_id(3));
+        assert_eq!(logical_id(&later), iommu::DeviceId::logical(0x5603_0108));
     }
 }

@@ -55,7 +55,7 @@ fn a_plugged_device_is_enumerated() {
         .devices()
         .lock()
         .expect("lock")
-        .add_pci_device(dev.clone(), None)
+        .add_pci_device(dev.clone(), None, false)
         .expect("plug");
     assert_eq!(addr.to_string(), "0000:00:01.0");
     let bar = dev.lock().expect("lock").config.bar_address(0);

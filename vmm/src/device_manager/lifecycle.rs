@@ -372,20 +372,13 @@ impl DeviceManager {
         T: devices::pci::PciDevice + devices::bus::BusDevice + 'static,
     {
         let addr = self
-            .add_pci_device(dev.clone(), None)
+            .add_pci_device(dev.clone(), None, bus == PciBus::Vpci)
             .map_err(|e| match e {
                 Error::Resource(r) => DeviceError::NoSlot(r),
                 e => DeviceError::Plug(e),
             })?;
         let slot = addr.device;
         let iid = iommu::DeviceId::pci(0, addr.bus, addr.device, addr.function);
-        if bus == PciBus::Vpci {
-            let hidden = devices::lock::mutex(&self.pci).set_hidden(slot, true);
-            if let Err(e) = hidden {
-                let _ = self.remove_pci_device(slot);
-                return Err(DeviceError::Plug(Error::Pci(e)));
-            }
-        }
         if let Err(e) = register(iid) {
             let _ = self.remove_pci_device(slot);
             return Err(e);
@@ -393,7 +386,9 @@ impl DeviceManager {
         if let (PciBus::Vpci, Some(vmbus)) = (bus, &self.vmbus) {
             // The guest's driver names it by its bus's logical id; pvmm
             // keeps the PCI id for translation and statistics.
-            let logical = crate::vpci::logical_id(slot);
+            let instance = crate::vpci::instance_guid(slot, self.vpci_generation);
+            self.vpci_generation = self.vpci_generation.wrapping_add(1);
+            let logical = crate::vpci::logical_id(&instance);
             if let Err(e) = self.iommu.register_device_alias(logical, iid) {
                 let _ = self.iommu.unregister_device(iid);
                 let _ = self.remove_pci_device(slot);
@@ -406,8 +401,6 @@ impl DeviceManager {
                 self.mem_size,
                 self.vpci_ejections.clone(),
             );
-            let instance = crate::vpci::instance_guid(slot, self.vpci_generation);
-            self.vpci_generation = self.vpci_generation.wrapping_add(1);
             if let Err(e) = vmbus.add_vpci(slot, instance, function.bus(self.vcpus)) {
                 let _ = self.iommu.unregister_device(iid);
                 let _ = self.remove_pci_device(slot);
@@ -427,9 +420,8 @@ impl DeviceManager {
         match bus {
             PciBus::Root => log::info!("{id}: {kind:?} at {addr}"),
             PciBus::Vpci => log::info!(
-                "{id}: {kind:?} on a vPCI bus (domain {:04x}, pvIOMMU id {})",
-                crate::vpci::domain(slot),
-                crate::vpci::logical_id(slot)
+                "{id}: {kind:?} on a vPCI bus (domain {:04x})",
+                crate::vpci::domain(slot)
             ),
         }
         Ok(plugged)
