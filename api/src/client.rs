@@ -266,6 +266,12 @@ mod tests {
             DeviceSource::Vfio("/sys/bus/pci/devices/0000:00:04.0".into())
         );
         assert_eq!(request.id, Some(DeviceId::new("nvme0").expect("valid id")));
+        assert_eq!(request.bus, None);
+        let request = parse_device_spec("dma-test,bus=vpci").expect("valid");
+        assert_eq!(request.bus, Some(PciBus::Vpci));
+        let request = parse_device_spec("vfio,path=/sys/bus/pci/devices/0000:00:04.0,bus=root")
+            .expect("valid");
+        assert_eq!(request.bus, Some(PciBus::Root));
     }
 
     #[test]
@@ -282,6 +288,8 @@ mod tests {
             ("kind=dma-test,kind=dma-test", Repeated("kind".into())),
             ("kind=nvme", Kind("nvme".into())),
             ("kind=dma-test,iommu=on", Iommu("on".into())),
+            ("kind=dma-test,bus=pci", Bus("pci".into())),
+            ("kind=dma-test,bus=vpci,bus=root", Repeated("bus".into())),
             ("kind=dma-test,id=", Id(DeviceIdError::Empty)),
         ];
         for (spec, expected) in cases {

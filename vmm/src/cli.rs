@@ -60,9 +60,11 @@ pub struct Cli {
     /// Reps per pvIOMMU hypercall time slice (tests of rep restarts).
     #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u16).range(1..))]
     pub pviommu_rep_budget: Option<u16>,
-    /// A PCI device, repeatable: dma-test[,id=NAME][,iommu=pviommu|direct],
-    /// or a host PCI function bound to vfio-pci:
-    /// vfio,path=/sys/bus/pci/devices/SSSS:BB:DD.F[,id=NAME][,iommu=...].
+    /// A PCI device, repeatable:
+    /// dma-test[,id=NAME][,iommu=pviommu|direct][,bus=root|vpci], or a host
+    /// PCI function bound to vfio-pci:
+    /// vfio,path=/sys/bus/pci/devices/SSSS:BB:DD.F[,id=NAME][,iommu=...][,bus=...].
+    /// bus=vpci: a Hyper-V virtual PCI bus of its own, over VMBus.
     /// With no arguments at all, pvmm boots its test kernel with one
     /// dma-test device.
     #[arg(long = "device", value_name = "SPEC", value_parser = api::client::parse_device_spec)]
