@@ -53,9 +53,6 @@
 //!
 //! # What it does NOT do yet
 //! - monitor pages (offers say none);
-//! - the host never asks the guest to signal when it frees ring space
-//!   (`pending_send_sz`): a host-to-guest ring that fills up waits for the
-//!   guest's next signal;
 //! - no KVM in-kernel SynIC backend, no save/restore.
 //!
 //! Items marked `[verify]` in the documentation are the research plan's

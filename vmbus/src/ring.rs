@@ -9,6 +9,10 @@
 //! [`PacketDescriptor`], the rest of the packet up to `len8 * 8` bytes,
 //! then an 8-byte trailer; everything is 8-byte aligned.
 //!
+//! A packet that does not fit asks the guest to signal once it has read
+//! enough (`pending_send_sz`, which Linux honours: it sets the feature bit
+//! on both rings itself).
+//!
 //! The guest owns the memory: every index, length and offset read from it
 //! is checked before use, a packet is at most [`MAX_PACKET`] bytes, and a
 //! ring whose indices make no sense is [`RingError::Corrupt`] (the caller
@@ -34,6 +38,7 @@ const MAX_DATA_PAGES: usize = 4096;
 const WRITE_INDEX: u64 = core::mem::offset_of!(RingControl, write_index) as u64;
 const READ_INDEX: u64 = core::mem::offset_of!(RingControl, read_index) as u64;
 const INTERRUPT_MASK: u64 = core::mem::offset_of!(RingControl, interrupt_mask) as u64;
+const PENDING_SEND_SZ: u64 = core::mem::offset_of!(RingControl, pending_send_sz) as u64;
 
 /// What a ring refuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -236,6 +241,9 @@ impl Ring {
         // One slot always stays free: read == write means empty.
         let free = self.size - used;
         if need >= free {
+            // Asks the guest to signal once it has read enough (Linux's
+            // `hv_signal_on_read`, with the feature bit it sets itself).
+            self.set_control(mem, PENDING_SEND_SZ, need)?;
             return Err(RingError::Full { need, free });
         }
         let descriptor = PacketDescriptor {
@@ -255,6 +263,9 @@ impl Ring {
         // The data before the index that publishes it.
         std::sync::atomic::fence(std::sync::atomic::Ordering::Release);
         self.set_control(mem, WRITE_INDEX, (write + need) % self.size)?;
+        if self.control(mem, PENDING_SEND_SZ)? != 0 {
+            self.set_control(mem, PENDING_SEND_SZ, 0)?;
+        }
         std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
         let masked = self.control(mem, INTERRUPT_MASK)? != 0;
         let read_now = self.control(mem, READ_INDEX)?;
@@ -348,11 +359,14 @@ mod tests {
         assert_eq!(n, 11, "12 KiB of 1024-byte packets, one slot kept");
         assert!(matches!(
             down.write_packet(&mem, VM_PKT_COMP, 0, n, &payload),
-            Err(RingError::Full { .. })
+            Err(RingError::Full { need: 1024, .. })
         ));
+        // The guest is asked to signal once 1024 bytes are free.
+        assert_eq!(down.control(&mem, PENDING_SEND_SZ).unwrap(), 1024);
         down.read_packet(&mem).unwrap().unwrap();
         down.write_packet(&mem, VM_PKT_COMP, 0, n, &payload)
             .unwrap();
+        assert_eq!(down.control(&mem, PENDING_SEND_SZ).unwrap(), 0);
         assert!(matches!(
             down.write_packet(&mem, VM_PKT_COMP, 0, 0, &[0; 70_000]),
             Err(RingError::TooLarge(70_000))

@@ -78,8 +78,13 @@ use crate::ring::{Packet, RingError};
 /// Answers waiting for room in the host-to-guest ring; at the bound the
 /// server stops reading the guest's requests.
 pub const MAX_QUEUED: usize = 16;
-/// Packets one [`ChannelDevice::run`] reads at most.
-pub const MAX_PACKETS_PER_RUN: usize = 256;
+/// Packets one [`ChannelDevice::run`] reads at most. More than a ring
+/// Linux opens can hold (16 KiB: at most 682 of the smallest packets), so
+/// a run drains the ring: Linux signals the host only when its ring goes
+/// from empty to not empty, and waits for some answers with interrupts
+/// off. The bound is for a guest that refills the ring from another VP
+/// while the host reads it.
+pub const MAX_PACKETS_PER_RUN: usize = 4096;
 /// Interrupt vectors one bus holds at most (MSI-X allows 2048 per function).
 pub const MAX_VECTORS: usize = 2048;
 /// Functions a relations message lists at most (every [`WinSlot`]).
