@@ -393,4 +393,19 @@ pub trait Backend: Send + Sync {
     /// range: a range is a maximal union of the guest's entries, exact (it
     /// covers no page outside them).
     fn invalidate(&self, domain: DomainId, what: Invalidation) -> Result<(), BackendError>;
+
+    /// Whether the host copies S1 domains' tables ([`Backend::resync`]
+    /// matters): the guest's new mappings reach the device only once
+    /// copied. Default: no (the table is walked where it is).
+    fn copies_s1_tables(&self) -> bool {
+        false
+    }
+
+    /// Copies S1 domain `domain`'s whole table again, new mappings
+    /// included (the guest does not flush a mapping it adds; a VMM that
+    /// copies tables calls this before the guest starts a device's DMA).
+    /// Default: nothing to copy.
+    fn resync(&self, _domain: DomainId) -> Result<(), BackendError> {
+        Ok(())
+    }
 }

@@ -313,6 +313,39 @@ impl Iommu {
         result
     }
 
+    /// Whether `device`'s backend copies S1 tables (the IOMMUFD backend on a
+    /// host that cannot nest): its DMA then needs [`Iommu::sync_device`]
+    /// before the guest starts it.
+    pub fn copies_s1_tables(&self, device: DeviceId) -> bool {
+        let state = self.lock_state();
+        state
+            .devices
+            .get(&device)
+            .and_then(|e| state.backends.get(e.backend.0))
+            .is_some_and(|b| b.copies_s1_tables())
+    }
+
+    /// Brings the host's copy of the S1 table `device` is attached to up to
+    /// date with the guest's, new mappings included: Linux's driver does not
+    /// flush a mapping it adds, so a host that copies tables learns of it
+    /// only here, before the device is told to use it (its doorbell).
+    /// Nothing for other attachments and backends.
+    pub fn sync_device(&self, device: DeviceId) -> Result<(), IommuError> {
+        let state = self.lock_state();
+        let entry = state
+            .devices
+            .get(&device)
+            .ok_or(IommuError::UnknownDevice(device))?;
+        let Attachment::Domain(id) = entry.attached else {
+            return Ok(());
+        };
+        let backend = state
+            .backends
+            .get(entry.backend.0)
+            .ok_or(IommuError::UnknownBackend(entry.backend))?;
+        backend.resync(id).map_err(IommuError::Backend)
+    }
+
     /// Where a registered device's DMA goes now.
     pub fn device_attachment(&self, device: DeviceId) -> Option<Attachment> {
         self.lock_state().devices.get(&device).map(|e| e.attached)

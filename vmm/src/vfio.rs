@@ -65,6 +65,49 @@ pub fn hooks(dm: &DeviceManager) -> VfioHooks {
             dm.vm_fd().clone(),
             dm.kvm_slots().clone(),
         ))),
+        dma_sync: None,
+    }
+}
+
+/// Before a doorbell of a VFIO device behind Linux's pvIOMMU driver: the
+/// S1 table its domain has, copied again where the host copies tables
+/// ([`iommu::Iommu::sync_device`]): Linux adds mappings without flushing.
+pub struct SyncBeforeDoorbell {
+    iommu: Arc<iommu::Iommu>,
+    device: std::sync::OnceLock<iommu::DeviceId>,
+    /// A sync failed (the first is logged).
+    failed: std::sync::atomic::AtomicBool,
+}
+
+impl SyncBeforeDoorbell {
+    /// For a device of `iommu`'s, named later ([`Self::set_device`]).
+    pub fn new(iommu: Arc<iommu::Iommu>) -> Self {
+        Self {
+            iommu,
+            device: std::sync::OnceLock::new(),
+            failed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The device's name at the pvIOMMU, once registered.
+    pub fn set_device(&self, device: iommu::DeviceId) {
+        let _ = self.device.set(device);
+    }
+}
+
+impl devices::vfio::DmaSync for SyncBeforeDoorbell {
+    fn sync(&self) {
+        let Some(&device) = self.device.get() else {
+            return;
+        };
+        if let Err(e) = self.iommu.sync_device(device) {
+            if !self.failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                log::warn!(
+                    "{device}: syncing its translations before a doorbell: {} (later failures are not logged)",
+                    resources::ErrorChain(&e)
+                );
+            }
+        }
     }
 }
 

@@ -36,12 +36,24 @@ pub trait BarSlots: Send + Sync {
     fn remove(&self, slot: u32) -> io::Result<()>;
 }
 
-/// How the device reaches the VMM (both optional: without them, MSI is not
+/// What the VMM does before the guest's write reaches a BAR of the device
+/// (a doorbell): brings the host's DMA translations up to date with the
+/// guest's, where the host keeps a shadow of the guest's table that the
+/// guest does not flush on map (the pvIOMMU's shadowed S1 domains). A
+/// device with one traps every BAR access.
+pub trait DmaSync: Send + Sync {
+    /// Before a BAR write.
+    fn sync(&self);
+}
+
+/// How the device reaches the VMM (all optional: without them, MSI is not
 /// delivered and every BAR access is trapped).
 #[derive(Clone, Default)]
 pub struct VfioHooks {
     /// MSI routes (KVM GSI routing and irqfd).
     pub msi: Option<Arc<dyn MsiRoutes>>,
-    /// Memory slots for mmapped BAR areas.
+    /// Memory slots for mmapped BAR areas (not used with `dma_sync`).
     pub bar_slots: Option<Arc<dyn BarSlots>>,
+    /// Translations to sync before each BAR write.
+    pub dma_sync: Option<Arc<dyn DmaSync>>,
 }

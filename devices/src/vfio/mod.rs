@@ -49,7 +49,7 @@ mod msix;
 mod open;
 mod passthrough;
 
-pub use hooks::{BarSlots, MsiRoutes, VfioHooks};
+pub use hooks::{BarSlots, DmaSync, MsiRoutes, VfioHooks};
 use hw::bar_region;
 pub use hw::{HostMapping, VfioHw, CONFIG_REGION, ROM_REGION};
 use msi::{Msi, CAP_ID_MSI};
@@ -170,6 +170,7 @@ pub struct VfioPciDevice {
     routes: Option<Arc<dyn MsiRoutes>>,
     bar_slots: Option<Arc<dyn BarSlots>>,
     bar_areas: Vec<BarArea>,
+    dma_sync: Option<Arc<dyn DmaSync>>,
 }
 
 impl VfioPciDevice {
@@ -231,7 +232,9 @@ impl VfioPciDevice {
             ptr = next;
         }
         let mut bar_areas = Vec::new();
-        if hooks.bar_slots.is_some() {
+        // A device whose doorbells must sync its translations first keeps
+        // every BAR access trapped.
+        if hooks.bar_slots.is_some() && hooks.dma_sync.is_none() {
             for (index, _, kind) in config.declared_bars() {
                 if kind == BarKind::Io {
                     continue;
@@ -268,6 +271,7 @@ impl VfioPciDevice {
             routes: hooks.msi,
             bar_slots: hooks.bar_slots,
             bar_areas,
+            dma_sync: hooks.dma_sync,
         })
     }
 
@@ -479,6 +483,9 @@ impl BusDevice for VfioPciDevice {
                 return;
             }
         }
+        if let Some(s) = &self.dma_sync {
+            s.sync();
+        }
         let _ = self.hw.write(bar_region(bar.index), offset, data);
     }
 }
@@ -675,6 +682,44 @@ mod tests {
         unsafe { libc::msync(ptr.cast(), len, libc::MS_ASYNC) == 0 }
     }
 
+    /// Syncs counted, with the BAR writes they came before.
+    #[derive(Default)]
+    struct CountingSync(std::sync::atomic::AtomicU32);
+
+    impl DmaSync for CountingSync {
+        fn sync(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// A device whose translations are synced before each doorbell keeps
+    /// its BARs trapped (nothing mmapped for the guest) and syncs before
+    /// every BAR write reaches the device, not before reads.
+    #[test]
+    fn dma_sync_runs_before_each_bar_write() {
+        let slots = Arc::new(FakeSlots::default());
+        let sync = Arc::new(CountingSync::default());
+        let hw = FakeHw::new();
+        let hooks = VfioHooks {
+            msi: None,
+            bar_slots: Some(slots.clone() as Arc<dyn BarSlots>),
+            dma_sync: Some(sync.clone() as Arc<dyn DmaSync>),
+        };
+        let mut d = VfioPciDevice::from_hw(hw.clone(), hooks).expect("device");
+        d.set_bar_address(0, 0xc000_0000).expect("BAR 0");
+        d.write_config(0x04, &[0x02, 0]); // memory decoding on
+        d.bar_moved(0, None, Some(0xc000_0000));
+        assert!(d.bar_mappings().is_empty() && slots.slots.lock().expect("lock").is_empty());
+        hw.writes.lock().expect("lock").clear();
+        let mut b = [0u8; 4];
+        d.read(0xc000_0000, 8, &mut b);
+        assert_eq!(sync.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+        d.write(0xc000_0000, 8, &[1, 0, 0, 0]);
+        d.write(0xc000_0000, 12, &[2, 0, 0, 0]);
+        assert_eq!(sync.0.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(hw.writes.lock().expect("lock").len(), 2);
+    }
+
     /// A slot KVM will not remove keeps its mapping: the BAR stays where
     /// it was when the guest moves it, and the mapping is leaked, not
     /// unmapped, when the device goes.
@@ -684,6 +729,7 @@ mod tests {
         let hooks = VfioHooks {
             msi: None,
             bar_slots: Some(slots.clone() as Arc<dyn BarSlots>),
+            dma_sync: None,
         };
         let mut d = VfioPciDevice::from_hw(FakeHw::new(), hooks).expect("device");
         d.bar_moved(0, None, Some(0xc000_0000));
@@ -711,6 +757,7 @@ mod tests {
         let hooks = VfioHooks {
             msi: None,
             bar_slots: Some(slots.clone() as Arc<dyn BarSlots>),
+            dma_sync: None,
         };
         let mut d = VfioPciDevice::from_hw(FakeHw::new(), hooks).expect("device");
         d.bar_moved(0, None, Some(0xc000_0000));
@@ -745,6 +792,7 @@ mod tests {
         let hooks = VfioHooks {
             msi: Some(routes.clone() as Arc<dyn MsiRoutes>),
             bar_slots: None,
+            dma_sync: None,
         };
         let dev = VfioPciDevice::from_hw(hw.clone(), hooks).expect("device");
         (dev, hw, routes)
@@ -831,6 +879,7 @@ mod tests {
         let hooks = VfioHooks {
             msi: None,
             bar_slots: Some(slots.clone() as Arc<dyn BarSlots>),
+            dma_sync: None,
         };
         let mut d = VfioPciDevice::from_hw(hw, hooks).expect("device");
         let maps = d.bar_mappings();

@@ -1481,6 +1481,24 @@ impl Backend for IommufdBackend {
         result.and(self.drop_table(&mut inner, old))
     }
 
+    fn copies_s1_tables(&self) -> bool {
+        self.shadows_s1()
+    }
+
+    fn resync(&self, domain: DomainId) -> Result<(), BackendError> {
+        let shadowed = matches!(
+            self.lock().domains.get(&domain),
+            Some(Domain::S1 {
+                table: S1Table::Shadow(_),
+                ..
+            })
+        );
+        if !shadowed {
+            return Ok(());
+        }
+        self.invalidate(domain, Invalidation::All)
+    }
+
     fn invalidate(&self, domain: DomainId, what: Invalidation) -> Result<(), BackendError> {
         let mut inner = self.lock();
         let hwpt = match inner.domains.get_mut(&domain) {
@@ -2458,6 +2476,42 @@ mod tests {
         assert_eq!(view(&ops, ioas, host), []);
         assert_eq!(dev.on(), Some(ioas));
         assert_eq!(b.s1_shadow_runs(6), []);
+    }
+
+    /// Linux's driver adds mappings without flushing them: `resync` (the
+    /// VMM's, before a doorbell) copies the whole table again, new entries
+    /// included; it does nothing for a domain that is not shadowed.
+    #[test]
+    fn s1_shadow_resync_takes_unflushed_new_entries() {
+        let (b, ops, _dev, _ram, host) = setup_shadow();
+        let pte = |i, v| pte_at(host, RAM, PT, i, v);
+        pte(0, 0x10000 | PF);
+        b.create_domain(6, DomainKind::S1).expect("create");
+        b.set_s1(6, s1(PML4)).expect("configure");
+        b.attach(DEV, AttachTarget::Domain(6)).expect("attach");
+        assert!(b.copies_s1_tables());
+        let ioas = b.s1_shadow_ioas(6).expect("shadowed");
+        // A new mapping, not flushed: not there until the resync.
+        pte(3, 0x13000 | PF);
+        assert_eq!(view(&ops, ioas, host), [(BASE, 0x10000, 0x1000, true)]);
+        b.resync(6).expect("resync");
+        assert_eq!(
+            view(&ops, ioas, host),
+            [
+                (BASE, 0x10000, 0x1000, true),
+                (BASE + 0x3000, 0x13000, 0x1000, true)
+            ]
+        );
+        // Unchanged: a resync costs no host call.
+        ops.take();
+        b.resync(6).expect("resync");
+        assert!(ops.take().is_empty());
+        // Not shadowed (an S2 domain, an unknown one): nothing.
+        b.create_domain(7, DomainKind::S2).expect("create");
+        ops.take();
+        b.resync(7).expect("S2");
+        b.resync(99).expect("unknown");
+        assert!(ops.take().is_empty());
     }
 
     /// 2 MiB and 1 GiB leaves: one IOAS map each where the GPA range is one

@@ -322,7 +322,15 @@ impl DeviceManager {
         // Before /dev/iommu: a device not bound to vfio-pci is the caller's
         // mistake on any host.
         devices::vfio::check_vfio_pci(&path).map_err(DeviceError::NotVfioPci)?;
-        let hooks = crate::vfio::hooks(self);
+        let mut hooks = crate::vfio::hooks(self);
+        // Behind Linux's pvIOMMU driver (on vPCI), the guest adds mappings
+        // without flushing them: a host that copies its tables syncs them
+        // before each doorbell (the BARs stay trapped for that).
+        let sync = (bus == PciBus::Vpci && mode == IommuMode::Pviommu)
+            .then(|| Arc::new(crate::vfio::SyncBeforeDoorbell::new(self.iommu.clone())));
+        if let Some(s) = &sync {
+            hooks.dma_sync = Some(s.clone());
+        }
         let pt = self.passthrough(&path)?;
         let dev = pt.open_device(&path, hooks).map_err(|e| match e {
             PassthroughError::Device(d @ VfioPciError::NotVfioDevice { .. }) => {
@@ -343,6 +351,9 @@ impl DeviceManager {
             bus,
             Some(path.clone()),
             |iid| {
+                if let Some(s) = &sync {
+                    s.set_device(iid);
+                }
                 let d = devices::lock::mutex(&dev);
                 match mode {
                     IommuMode::Pviommu => pt.register(&iommu, iid, &d),

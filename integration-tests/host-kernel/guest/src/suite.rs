@@ -1086,6 +1086,7 @@ fn devices_vfio_passthrough(env: &Env) -> TestResult {
     let hooks = VfioHooks {
         msi: Some(Arc::clone(&routes) as Arc<dyn MsiRoutes>),
         bar_slots: Some(Arc::clone(&slots) as Arc<dyn BarSlots>),
+        dma_sync: None,
     };
     let mut dev = VfioPciDevice::open(&env.edu, Arc::clone(fd.inner()), hooks)?;
     // Configuration space as the guest sees it.
@@ -1232,6 +1233,7 @@ fn devices_vfio_msix(env: &Env) -> TestResult {
     let hooks = VfioHooks {
         msi: Some(Arc::clone(&routes) as Arc<dyn MsiRoutes>),
         bar_slots: None,
+        dma_sync: None,
     };
     let mut dev = VfioPciDevice::open(&sysfs, Arc::clone(fd.inner()), hooks)?;
     // Find MSI-X in the guest-visible capability list.
