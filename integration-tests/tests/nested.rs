@@ -575,11 +575,13 @@ fn pvmm_on_nested_kvm_amd() {
         }
     }
     // What L2's nvme driver wrote is on the disk: at 0 (the command-line
-    // device) and at 8 MiB (the hot-added one), where those tests ran.
+    // device), at 8 MiB (the hot-added one) and at 16 MiB (the one on
+    // vPCI, behind Linux's pvIOMMU driver), where those tests ran.
     let pattern = format!("pvmm-nvme-{token}\n");
     for (test, mib) in [
         ("nvme_on_the_command_line", 0usize),
         ("nvme_hot_added_through_the_api", 8),
+        ("nvme_on_vpci_behind_the_pviommu", 16),
     ] {
         let label = format!("test passthrough {test}");
         if !units.iter().any(|u| u.label == label) {

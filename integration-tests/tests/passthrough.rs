@@ -262,6 +262,119 @@ fn nvme_on_the_command_line_once() {
     check_nvme(&lines);
 }
 
+/// The NVMe controller passed through on a Hyper-V virtual PCI bus
+/// (`bus=vpci`) to Linux 7.2 with its own pvIOMMU driver (unmodified):
+/// pci-hyperv finds it, the pvIOMMU driver puts it in its default DMA
+/// domain (a paging S1 domain of the guest's), and the nvme driver writes
+/// and reads back the pattern at 16 MiB through its DMA-API mappings: every
+/// DMA goes through the guest's S1 tables, nested in IOMMUFD on L1's VT-d,
+/// and the guest's flushes reach the host. The harness checks the disk
+/// image afterwards; `iommu.domains` shows the device in the S1 domain and
+/// the flush counts, which the test prints.
+#[test]
+#[ignore = "needs a standard KVM and an NVMe controller bound to vfio-pci: the nested harness runs it"]
+fn nvme_on_vpci_behind_the_pviommu() {
+    nested_retry("NVMe on vPCI", nvme_on_vpci_once);
+}
+
+fn nvme_on_vpci_once() {
+    let nvme = vfio_function(0x1b36, 0x0010);
+    let bzimage = linux::hv_pviommu_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let initrd = nvme_initrd("vpci");
+    let socket = std::env::temp_dir().join(format!("pvmm-nvme-vpci-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    let cmdline = format!(
+        "console=ttyS0 panic=-1 pvmm.run=nvme.sh pvmm.end=wait pvmm.token={} pvmm.nvme_mib=16",
+        nvme_token()
+    );
+    let device = format!("vfio,path={},id=nvme0,bus=vpci", nvme.display());
+    let _lock = run::vm_lock();
+    let mut c = Console::start(
+        &artifacts::pvmm().unwrap_or_else(|e| panic!("{e}")),
+        &[
+            "--kernel",
+            bzimage.to_str().expect("utf-8"),
+            "--initrd",
+            initrd.to_str().expect("utf-8"),
+            "--memory",
+            "512M",
+            "--cpus",
+            "2",
+            "--device",
+            &device,
+            "--api-socket",
+            socket.to_str().expect("utf-8"),
+            "--cmdline",
+            &cmdline,
+        ],
+    )
+    .expect("pvmm starts");
+    let r = c.wait_for("PVMM-NVME-IRQ", BOOT_DEADLINE);
+    // The interrupt lines come right after the pattern's.
+    std::thread::sleep(Duration::from_secs(2));
+    let (status, domains) = request(&socket, "GET", "iommu.domains", None);
+    let (stop, _) = request(&socket, "PUT", "vmm.shutdown", None);
+    let (code, stderr, lines) = c.finish(Duration::from_secs(60));
+    std::fs::remove_file(&initrd).ok();
+    std::fs::remove_file(&socket).ok();
+    let text = lines.join("\n");
+    r.unwrap_or_else(|e| panic!("{e}\n{stderr}\n{text}"));
+    assert_eq!(
+        (status, stop, code),
+        (200, 204, Some(0)),
+        "{stderr}\n{text}"
+    );
+    check_nvme(&lines);
+    for l in lines
+        .iter()
+        .filter(|l| l.contains("hv_pci") || l.contains("iommu group"))
+    {
+        println!("  {l}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&domains).expect("iommu.domains is JSON");
+    let home = v["domains"]
+        .as_array()
+        .and_then(|d| {
+            d.iter().find(|d| {
+                d["devices"]
+                    .as_array()
+                    .is_some_and(|devs| devs.iter().any(|x| x == "nvme0"))
+            })
+        })
+        .unwrap_or_else(|| panic!("nvme0 is in no domain: {domains}"));
+    assert_eq!(
+        (home["type"].as_str(), home["s1"]["mode"].as_str()),
+        (Some("s1"), Some("translate")),
+        "nvme0 is not in a paging S1 domain: {domains}"
+    );
+    let failed: Vec<&serde_json::Value> = v["hypercalls"]
+        .as_array()
+        .map(|h| h.iter().filter(|h| h["status"] != "SUCCESS").collect())
+        .unwrap_or_default();
+    assert!(failed.is_empty(), "calls that failed: {failed:?}\n{text}");
+    let flush = &home["flushes"];
+    let calls = |name: &str| -> u64 {
+        v["hypercalls"]
+            .as_array()
+            .map(|h| {
+                h.iter()
+                    .filter(|h| h["call"] == name)
+                    .filter_map(|h| h["count"].as_u64())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    println!(
+        "NVMe on vPCI, S1 domain {}: guest flush calls {} (domain) + {} (list); flushed: {} full, {} ranges, {} pages",
+        home["id"],
+        calls("FLUSH_DEVICE_DOMAIN"),
+        calls("FLUSH_DEVICE_DOMAIN_LIST"),
+        flush["full"],
+        flush["ranges"],
+        flush["pages"]
+    );
+}
+
 #[test]
 #[ignore = "needs a standard KVM and an NVMe controller bound to vfio-pci: the nested harness runs it"]
 fn nvme_hot_added_through_the_api() {
