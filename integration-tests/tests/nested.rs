@@ -88,6 +88,13 @@ const PLAN: &[Step] = &[
         flags: &[],
         skip: &[],
     },
+    // NVMe reads on vPCI, identity against paging domain.
+    Step {
+        kind: "bench",
+        target: "nvme_vpci",
+        flags: &[],
+        skip: &[],
+    },
 ];
 
 /// What L1's `/init` runs and the harness retries: one test of a step
