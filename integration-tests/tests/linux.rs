@@ -780,6 +780,74 @@ fn acpi_hotplug_once() {
     assert_eq!(code, Some(0), "{stderr}");
 }
 
+/// Linux 7.2 with the pvIOMMU series (`linux::hv_pviommu_kernel`) running
+/// in pvmm (512 MiB, 2 vCPUs, an API socket), with the VM lock held:
+/// `script` is the initramfs's job (`pvmm.run`), `end` what follows it
+/// (`pvmm.end`), `args` more of pvmm's arguments (devices).
+struct HvpvVm {
+    c: Console,
+    socket: PathBuf,
+    initrd: PathBuf,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl HvpvVm {
+    fn start(tag: &str, script: &str, end: &str, args: &[&str]) -> Self {
+        let bzimage = linux::hv_pviommu_kernel().unwrap_or_else(|e| panic!("{e}"));
+        let dir = std::env::temp_dir();
+        let tag = format!("{tag}-{}", std::process::id());
+        let initrd = dir.join(format!("pvmm-linux-{tag}.cpio"));
+        let socket = dir.join(format!("pvmm-linux-{tag}.sock"));
+        let _ = std::fs::remove_file(&socket);
+        linux::initramfs(&initrd, &[("job.sh", 0o755, script.as_bytes())])
+            .unwrap_or_else(|e| panic!("initramfs: {e}"));
+        let lock = run::vm_lock();
+        let cmdline = format!("console=ttyS0 panic=-1 pvmm.run=job.sh pvmm.end={end}");
+        let mut all = vec![
+            "--kernel",
+            path(&bzimage),
+            "--initrd",
+            path(&initrd),
+            "--memory",
+            "512M",
+            "--cpus",
+            "2",
+            "--api-socket",
+            path(&socket),
+            "--cmdline",
+            &cmdline,
+        ];
+        all.extend_from_slice(args);
+        let c = Console::start(&pvmm(), &all).expect("pvmm starts");
+        Self {
+            c,
+            socket,
+            initrd,
+            _lock: lock,
+        }
+    }
+
+    /// Waits for `marker`; on failure, ends the VM and panics with pvmm's
+    /// and the guest's output.
+    fn wait_for(mut self, marker: &str, within: Duration) -> Self {
+        match self.c.wait_for(marker, within) {
+            Ok(_) => self,
+            Err(e) => {
+                let (code, stderr, lines) = self.finish(Duration::from_secs(5));
+                panic!("{e}\npvmm: {code:?}, {stderr}\n{}", lines.join("\n"))
+            }
+        }
+    }
+
+    /// Ends the VM: (exit code, stderr, console lines); removes its files.
+    fn finish(self, within: Duration) -> (Option<i32>, String, Vec<String>) {
+        let out = self.c.finish(within);
+        std::fs::remove_file(&self.initrd).ok();
+        std::fs::remove_file(&self.socket).ok();
+        out
+    }
+}
+
 /// The guest script of the pvIOMMU driver test: Linux's own lines about
 /// the pvIOMMU, then a marker; the test then reads pvmm's view over the API.
 const HVPV_REPORT: &str = r#"
@@ -804,52 +872,21 @@ fn linux_hyperv_pviommu_driver_starts() {
 }
 
 fn hyperv_pviommu_driver_once() {
-    let bzimage = linux::hv_pviommu_kernel().unwrap_or_else(|e| panic!("{e}"));
-    let dir = std::env::temp_dir();
-    let tag = format!("{}", std::process::id());
-    let initrd = dir.join(format!("pvmm-linux-hvpv-{tag}.cpio"));
-    let socket = dir.join(format!("pvmm-linux-hvpv-{tag}.sock"));
-    let _ = std::fs::remove_file(&socket);
-    linux::initramfs(&initrd, &[("report.sh", 0o755, HVPV_REPORT.as_bytes())])
-        .unwrap_or_else(|e| panic!("initramfs: {e}"));
-    let _vm = run::vm_lock();
     let start = Instant::now();
-    let mut c = Console::start(
-        &pvmm(),
-        &[
-            "--kernel",
-            path(&bzimage),
-            "--initrd",
-            path(&initrd),
-            "--memory",
-            "512M",
-            "--cpus",
-            "2",
-            "--device",
-            "dma-test,id=dt0",
-            "--api-socket",
-            path(&socket),
-            "--cmdline",
-            "console=ttyS0 panic=-1 pvmm.run=report.sh pvmm.end=wait",
-        ],
+    let vm = HvpvVm::start(
+        "hvpv",
+        HVPV_REPORT,
+        "wait",
+        &["--device", "dma-test,id=dt0"],
     )
-    .expect("pvmm starts");
-    let fail = |c: Console, e: String| -> ! {
-        let (code, stderr, lines) = c.finish(Duration::from_secs(5));
-        panic!("{e}\npvmm: {code:?}, {stderr}\n{}", lines.join("\n"))
-    };
-    if let Err(e) = c.wait_for("PVMM-HVPV-READY", BOOT_DEADLINE) {
-        fail(c, e);
-    }
+    .wait_for("PVMM-HVPV-READY", BOOT_DEADLINE);
     println!(
         "Linux 7.2 with the pvIOMMU driver reached user space in {:.2?}",
         start.elapsed()
     );
-    let (status, answer) = request(&socket, "GET", "iommu.domains", None);
-    let (stop, _) = request(&socket, "PUT", "vmm.shutdown", None);
-    let (code, stderr, lines) = c.finish(Duration::from_secs(30));
-    std::fs::remove_file(&initrd).ok();
-    std::fs::remove_file(&socket).ok();
+    let (status, answer) = request(&vm.socket, "GET", "iommu.domains", None);
+    let (stop, _) = request(&vm.socket, "PUT", "vmm.shutdown", None);
+    let (code, stderr, lines) = vm.finish(Duration::from_secs(30));
     let text = lines.join("\n");
     assert_eq!(status, 200, "iommu.domains: {answer}");
     assert_eq!((stop, code), (204, Some(0)), "{stderr}\n{text}");
@@ -950,53 +987,22 @@ fn linux_vpci_device_behind_the_pviommu() {
 }
 
 fn vpci_device_once() {
-    let bzimage = linux::hv_pviommu_kernel().unwrap_or_else(|e| panic!("{e}"));
-    let dir = std::env::temp_dir();
-    let tag = format!("{}", std::process::id());
-    let initrd = dir.join(format!("pvmm-linux-vpci-{tag}.cpio"));
-    let socket = dir.join(format!("pvmm-linux-vpci-{tag}.sock"));
-    let _ = std::fs::remove_file(&socket);
-    linux::initramfs(&initrd, &[("report.sh", 0o755, VPCI_REPORT.as_bytes())])
-        .unwrap_or_else(|e| panic!("initramfs: {e}"));
-    let _vm = run::vm_lock();
     let start = Instant::now();
-    let mut c = Console::start(
-        &pvmm(),
-        &[
-            "--kernel",
-            path(&bzimage),
-            "--initrd",
-            path(&initrd),
-            "--memory",
-            "512M",
-            "--cpus",
-            "2",
-            "--device",
-            "dma-test,id=vp0,bus=vpci",
-            "--api-socket",
-            path(&socket),
-            "--cmdline",
-            "console=ttyS0 panic=-1 pvmm.run=report.sh pvmm.end=wait",
-        ],
+    let vm = HvpvVm::start(
+        "vpci",
+        VPCI_REPORT,
+        "wait",
+        &["--device", "dma-test,id=vp0,bus=vpci"],
     )
-    .expect("pvmm starts");
-    let fail = |c: Console, e: String| -> ! {
-        let (code, stderr, lines) = c.finish(Duration::from_secs(5));
-        panic!("{e}\npvmm: {code:?}, {stderr}\n{}", lines.join("\n"))
-    };
-    if let Err(e) = c.wait_for("PVMM-VPCI-READY", BOOT_DEADLINE) {
-        fail(c, e);
-    }
+    .wait_for("PVMM-VPCI-READY", BOOT_DEADLINE);
     println!(
         "Linux 7.2 with a vPCI device reached user space in {:.2?}",
         start.elapsed()
     );
-    let (status, answer) = request(&socket, "GET", "iommu.domains", None);
-    let (info_status, info) = request(&socket, "GET", "vm.info", None);
-    let (stop, _) = request(&socket, "PUT", "vmm.shutdown", None);
-    let (code, stderr, lines) = c.finish(Duration::from_secs(30));
-    std::fs::remove_file(&initrd).ok();
-    std::fs::remove_file(&socket).ok();
+    let (status, answer) = request(&vm.socket, "GET", "iommu.domains", None);
+    let (info_status, info) = request(&vm.socket, "GET", "vm.info", None);
+    let (stop, _) = request(&vm.socket, "PUT", "vmm.shutdown", None);
+    let (code, stderr, lines) = vm.finish(Duration::from_secs(30));
     let text = lines.join("\n");
     assert_eq!((status, info_status), (200, 200), "{answer}\n{info}");
     assert_eq!((stop, code), (204, Some(0)), "{stderr}\n{text}");
@@ -1084,49 +1090,16 @@ fn linux_vpci_hotplug_through_the_api() {
 }
 
 fn vpci_hotplug_once() {
-    let bzimage = linux::hv_pviommu_kernel().unwrap_or_else(|e| panic!("{e}"));
-    let dir = std::env::temp_dir();
-    let tag = format!("{}", std::process::id());
-    let initrd = dir.join(format!("pvmm-linux-vpci-hp-{tag}.cpio"));
-    let socket = dir.join(format!("pvmm-linux-vpci-hp-{tag}.sock"));
-    let _ = std::fs::remove_file(&socket);
-    linux::initramfs(&initrd, &[("watch.sh", 0o755, PCI_WATCH.as_bytes())])
-        .unwrap_or_else(|e| panic!("initramfs: {e}"));
-    let _vm = run::vm_lock();
-    let mut c = Console::start(
-        &pvmm(),
-        &[
-            "--kernel",
-            path(&bzimage),
-            "--initrd",
-            path(&initrd),
-            "--memory",
-            "512M",
-            "--cpus",
-            "2",
-            "--api-socket",
-            path(&socket),
-            "--cmdline",
-            "console=ttyS0 panic=-1 pvmm.run=watch.sh pvmm.end=poweroff",
-        ],
-    )
-    .expect("pvmm starts");
-    let fail = |c: Console, e: String| -> ! {
-        let (code, stderr, lines) = c.finish(Duration::from_secs(5));
-        panic!("{e}\npvmm: {code:?}, {stderr}\n{}", lines.join("\n"))
-    };
-    if let Err(e) = c.wait_for("PVMM-PCI-WATCH", BOOT_DEADLINE) {
-        fail(c, e);
-    }
+    let mut vm = HvpvVm::start("vpci-hp", PCI_WATCH, "poweroff", &[])
+        .wait_for("PVMM-PCI-WATCH", BOOT_DEADLINE);
+    let socket = vm.socket.clone();
     for round in 0..3 {
         let id = format!("vhp{round}");
         let body = format!(r#"{{"kind": "dma-test", "id": "{id}", "bus": "vpci"}}"#);
         let (status, answer) = request(&socket, "PUT", "vm.add-device", Some(&body));
         assert_eq!(status, 200, "add-device: {answer}");
-        if let Err(e) = c.wait_for("PVMM-PCI add", Duration::from_secs(60)) {
-            fail(c, e);
-        }
-        let added = c.seen.last().cloned().unwrap_or_default();
+        vm = vm.wait_for("PVMM-PCI add", Duration::from_secs(60));
+        let added = vm.c.seen.last().cloned().unwrap_or_default();
         assert!(
             added.contains("0x1234:0x0d7a") && added.contains(" 56"),
             "round {round}: {added}"
@@ -1152,9 +1125,7 @@ fn vpci_hotplug_once() {
         let (status, answer) = request(&socket, "PUT", "vm.remove-device", Some(&body));
         let took = start.elapsed();
         assert_eq!(status, 204, "remove-device: {answer}");
-        if let Err(e) = c.wait_for("PVMM-PCI remove", Duration::from_secs(30)) {
-            fail(c, e);
-        }
+        vm = vm.wait_for("PVMM-PCI remove", Duration::from_secs(30));
         assert!(
             took < vmm::rest::EJECT_TIMEOUT,
             "round {round}: the removal took {took:?}: Linux did not eject"
@@ -1163,9 +1134,7 @@ fn vpci_hotplug_once() {
     }
     let (status, _) = request(&socket, "PUT", "vmm.shutdown", None);
     assert_eq!(status, 204);
-    let (code, stderr, _) = c.finish(Duration::from_secs(30));
-    std::fs::remove_file(&initrd).ok();
-    std::fs::remove_file(&socket).ok();
+    let (code, stderr, _) = vm.finish(Duration::from_secs(30));
     assert_eq!(code, Some(0), "{stderr}");
 }
 
