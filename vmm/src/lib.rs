@@ -453,6 +453,18 @@ impl Vmm {
                 calls.continuations
             );
         }
+        if let Some(s) = devices::lock::mutex(&self.devices).passthrough_stats() {
+            log::info!(
+                "IOMMUFD: {} maps, {} unmaps, {} invalidations; {} shadow walks ({} entries read); the guest's range flushes of shadowed domains covered {} pages, {} of them unchanged (over-flushed)",
+                s.maps,
+                s.unmaps,
+                s.invalidations,
+                s.shadow_walks,
+                s.shadow_entries_read,
+                s.range_flush_pages,
+                s.range_flush_unchanged_pages
+            );
+        }
         if stats.guest_log.dropped > 0 {
             log::warn!(
                 "{} guest-caused log lines were dropped ({} logged)",

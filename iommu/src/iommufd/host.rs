@@ -154,6 +154,12 @@ pub struct IommufdStats {
     pub shadow_walks: u64,
     /// Table entries those walks read.
     pub shadow_entries_read: u64,
+    /// Pages the guest's range flushes of shadowed domains covered.
+    pub range_flush_pages: u64,
+    /// Of those, pages whose translation had not changed (mapped before
+    /// and after the same way): over-flushed. Pages unmapped before and
+    /// after are not counted (the ranges may span unmapped space).
+    pub range_flush_unchanged_pages: u64,
 }
 
 /// A guest RAM region: `len` bytes at guest-physical `gpa`, mapped in this
@@ -838,7 +844,14 @@ impl IommufdBackend {
             maps: BTreeMap::new(),
             failed: false,
         };
-        match self.sync_shadow(inner, &mut shadow, config, 0, s1table::reach(config.levels)) {
+        match self.sync_shadow(
+            inner,
+            &mut shadow,
+            config,
+            0,
+            s1table::reach(config.levels),
+            false,
+        ) {
             Ok(()) => Ok(shadow),
             Err(e) => {
                 let _ = self.drop_shadow(inner, shadow);
@@ -867,6 +880,9 @@ impl IommufdBackend {
     /// the range is unmapped, the outer parts mapped again, and the error
     /// returned ([`BackendError::WalkTooLong`], [`BackendError::OutOfRuns`]).
     #[allow(unsafe_code)]
+    /// `range_flush`: the guest flushed `[start, end)` (counted in the
+    /// stats' range-flush figures).
+    #[allow(clippy::too_many_arguments)]
     fn sync_shadow(
         &self,
         inner: &mut Inner,
@@ -874,6 +890,7 @@ impl IommufdBackend {
         config: &S1Config,
         start: u64,
         end: u64,
+        range_flush: bool,
     ) -> Result<(), BackendError> {
         let end = end.min(s1table::reach(config.levels));
         if start >= end {
@@ -961,6 +978,13 @@ impl IommufdBackend {
             }
             shadow.maps.remove(&run.iova);
             inner.budget.give_back(1);
+        }
+
+        if range_flush {
+            let pages = |a: u64, b: u64| (b - a) >> PAGE_SHIFT;
+            inner.stats.range_flush_pages += pages(start, end);
+            inner.stats.range_flush_unchanged_pages +=
+                covered.iter().map(|&(a, b)| pages(a, b)).sum::<u64>();
         }
 
         // Map what is wanted and not covered by a run that stayed, and the
@@ -1520,7 +1544,9 @@ impl Backend for IommufdBackend {
                         Invalidation::All => (0, s1table::reach(config.levels)),
                         Invalidation::Range { iova, len } => (iova, iova.saturating_add(len)),
                     };
-                    let result = self.sync_shadow(&mut inner, &mut shadow, &config, start, end);
+                    let range_flush = matches!(what, Invalidation::Range { .. });
+                    let result =
+                        self.sync_shadow(&mut inner, &mut shadow, &config, start, end, range_flush);
                     let failed = shadow.failed;
                     if let Some(Domain::S1 { table, .. }) = inner.domains.get_mut(&domain) {
                         *table = S1Table::Shadow(shadow);
@@ -2427,14 +2453,26 @@ mod tests {
         let ioas = b.s1_shadow_ioas(6).expect("shadowed");
         assert_eq!(view(&ops, ioas, host), [(BASE, 0x10000, 0x2000, true)]);
         ops.take();
-        // Unchanged: a flush costs no host call.
+        // Unchanged: a flush costs no host call, and its two pages are
+        // over-flushed.
         b.invalidate(6, range(BASE, 0x2000)).expect("flush");
         assert!(ops.take().is_empty());
+        let st = b.stats();
+        assert_eq!(
+            (st.range_flush_pages, st.range_flush_unchanged_pages),
+            (2, 2)
+        );
         // Change entry 1: nothing happens until it is flushed.
         pte(1, 0x30000 | PF);
         assert_eq!(view(&ops, ioas, host), [(BASE, 0x10000, 0x2000, true)]);
         b.invalidate(6, range(BASE + 0x1000, 0x1000))
             .expect("flush");
+        // The changed page was needed: not over-flushed.
+        let st = b.stats();
+        assert_eq!(
+            (st.range_flush_pages, st.range_flush_unchanged_pages),
+            (3, 2)
+        );
         // The run reached outside the range: it was unmapped whole and its
         // outer part (entry 0, not flushed) mapped again.
         assert_eq!(

@@ -193,6 +193,14 @@ impl DeviceManager {
         self.table.plugged.get(id)
     }
 
+    /// The IOMMUFD backend's counters, once a device was passed through.
+    pub fn passthrough_stats(&self) -> Option<iommu::iommufd::IommufdStats> {
+        self.table
+            .passthrough
+            .as_ref()
+            .map(|pt| pt.backend().stats())
+    }
+
     /// The table's name of the device the pvIOMMU calls `iid`.
     pub fn name_of(&self, iid: iommu::DeviceId) -> Option<&DeviceId> {
         self.plugged().find(|p| p.iommu_id == iid).map(|p| &p.id)
