@@ -101,9 +101,6 @@ pub const MAX_MSI_VP: u32 = 254;
 /// The vectors an interrupt may use (0-15 are exceptions).
 pub const VECTORS: std::ops::RangeInclusive<u32> = 0x10..=0xFF;
 
-/// The local APIC's MSI window (physical destination in bits 19:12).
-const MSI_ADDRESS: u64 = 0xFEE0_0000;
-const MSI_DEST_SHIFT: u32 = 12;
 /// Multi-MSI tags: MSI data bits 13:11 (reserved in x86's format, kept in
 /// MSI's 16-bit data register, ignored by the local APIC).
 const MSI_TAG_SHIFT: u32 = 11;
@@ -114,10 +111,9 @@ const MAX_BLOCK: u16 = 32;
 const MAX_GPA: u64 = 1 << 52;
 const PAGE_SIZE: u64 = 4096;
 
-/// The MSI address of VP `vp`'s local APIC (physical destination mode).
-pub const fn msi_address(vp: u32) -> u64 {
-    MSI_ADDRESS | (vp as u64) << MSI_DEST_SHIFT
-}
+/// The MSI address of VP `vp`'s local APIC (`pviommu-abi`'s, pvmm's one
+/// definition).
+pub use pviommu_abi::msi_address;
 
 /// One PCI function on the bus, as BUS_RELATIONS2 describes it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

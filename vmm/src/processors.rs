@@ -25,22 +25,11 @@ use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
 use devices::interrupt::MsiSink;
-use iommu::abi::HvError;
+use iommu::abi::{msi_address, HvError};
 
 /// The longest a GUEST_IDLE read blocks: a twentieth of a 100 Hz tick,
 /// half of a 250 Hz one.
 pub const IDLE_TIMEOUT: Duration = Duration::from_millis(2);
-
-/// The local APIC's MSI address window (physical destination mode: the
-/// destination APIC id in bits 19:12).
-const MSI_ADDRESS: u64 = 0xfee0_0000;
-const MSI_DEST_SHIFT: u32 = 12;
-
-/// The MSI address of VP `vp`'s local APIC (APIC id = VP index): the
-/// target of the partition's interrupts, IPIs and SINTs alike.
-pub(crate) fn msi_address(vp: u32) -> u64 {
-    MSI_ADDRESS | u64::from(vp) << MSI_DEST_SHIFT
-}
 
 /// One vCPU's idle state.
 #[derive(Debug, Default)]

@@ -50,7 +50,7 @@ struct MsiSint {
 
 impl vmbus::SintSink for MsiSint {
     fn signal(&self, vp: u32, vector: u8) {
-        let address = crate::processors::msi_address(vp);
+        let address = iommu::abi::msi_address(vp);
         if let Err(e) = self.msi.signal_msi(address, u32::from(vector)) {
             if !self.failed.swap(true, Ordering::Relaxed) {
                 log::warn!(
@@ -282,7 +282,7 @@ impl VmBus {
 /// `vector` on VP `vp` leaves it where it is: the message pvmm created for
 /// that vector and VP is that very one.
 fn confirms(address: u32, data: u32, vector: u32, vp: u32) -> bool {
-    (u64::from(address), data) == (vmbus::vpci::msi_address(vp) & 0xffff_ffff, vector)
+    (u64::from(address), data) == (iommu::abi::msi_address(vp) & 0xffff_ffff, vector)
 }
 
 impl Drop for VmBus {

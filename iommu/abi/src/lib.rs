@@ -1436,6 +1436,14 @@ pub struct InputSendSyntheticClusterIpi {
     pub cpu_mask: U64,
 }
 
+/// The x86 MSI address of VP `vp`'s local APIC: physical destination
+/// mode, the destination APIC id in bits 19:12, and pvmm gives VP n the
+/// APIC id n. Where the partition's interrupts go: IPIs, SINTs, and the
+/// MSI messages the vPCI server hands to devices.
+pub const fn msi_address(vp: u32) -> u64 {
+    0xfee0_0000 | (vp as u64) << 12
+}
+
 /// The vectors SEND_SYNTHETIC_CLUSTER_IPI delivers (Linux's
 /// HV_IPI_LOW_VECTOR to HV_IPI_HIGH_VECTOR); any other is
 /// INVALID_PARAMETER.
