@@ -159,15 +159,21 @@ impl PciRoot {
         Ok(PciAddress::slot(slot))
     }
 
-    /// Unplugs the device in `slot` (not the host bridge), unmapping its BARs.
-    pub fn remove_device(&mut self, slot: u8) -> Result<Arc<Mutex<dyn PciDevice>>, PciError> {
+    /// The entry of `slot`, a slot a device may be plugged into (not the
+    /// host bridge's, not past the bus).
+    fn pluggable(&mut self, slot: u8) -> Result<&mut Option<Slot>, PciError> {
         if slot == 0 {
             return Err(PciError::InvalidSlot(slot));
         }
-        let s = self
-            .slots
+        self.slots
             .get_mut(usize::from(slot))
-            .ok_or(PciError::InvalidSlot(slot))?
+            .ok_or(PciError::InvalidSlot(slot))
+    }
+
+    /// Unplugs the device in `slot` (not the host bridge), unmapping its BARs.
+    pub fn remove_device(&mut self, slot: u8) -> Result<Arc<Mutex<dyn PciDevice>>, PciError> {
+        let s = self
+            .pluggable(slot)?
             .take()
             .ok_or(PciError::SlotEmpty(slot))?;
         for r in &s.mapped {
@@ -220,13 +226,8 @@ impl PciRoot {
     /// Hides the device in `slot` from this bus's configuration mechanisms
     /// (it moves behind a Hyper-V virtual PCI bus), or shows it again.
     pub fn set_hidden(&mut self, slot: u8, hidden: bool) -> Result<(), PciError> {
-        if slot == 0 {
-            return Err(PciError::InvalidSlot(slot));
-        }
         let s = self
-            .slots
-            .get_mut(usize::from(slot))
-            .ok_or(PciError::InvalidSlot(slot))?
+            .pluggable(slot)?
             .as_mut()
             .ok_or(PciError::SlotEmpty(slot))?;
         s.hidden = hidden;
