@@ -550,6 +550,33 @@ pub struct IommuDomainsResponse {
     pub hypercalls: Vec<HypercallStatusCount>,
 }
 
+impl IommuDomainsResponse {
+    /// How many calls of `call` (its name, e.g. `"SIGNAL_EVENT"`) completed,
+    /// whatever their status.
+    pub fn calls(&self, call: &str) -> u64 {
+        self.hypercalls
+            .iter()
+            .filter(|h| h.call == call)
+            .map(|h| h.count)
+            .sum()
+    }
+
+    /// The calls that completed with a status other than success.
+    pub fn failed_calls(&self) -> Vec<&HypercallStatusCount> {
+        self.hypercalls
+            .iter()
+            .filter(|h| h.status != "SUCCESS")
+            .collect()
+    }
+
+    /// The domain `device` is attached to, if any.
+    pub fn domain_of(&self, device: &str) -> Option<&DomainInfo> {
+        self.domains
+            .iter()
+            .find(|d| d.devices.iter().any(|id| id.as_str() == device))
+    }
+}
+
 /// The body of every error answer: the error and the chain of its causes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -588,6 +615,32 @@ mod tests {
 
     fn add_device(value: serde_json::Value) -> Result<AddDeviceRequest, String> {
         serde_json::from_value(value).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn iommu_domains_answers_are_queried_by_call_and_device() {
+        let answer: IommuDomainsResponse = serde_json::from_value(json!({
+            "domains": [
+                {"id": 1, "type": "s2", "devices": ["a"], "mapped_pages": 0,
+                 "flushes": {"full": 0, "ranges": 0, "pages": 0}},
+                {"id": 2, "type": "s2", "devices": ["b", "c"], "mapped_pages": 3,
+                 "flushes": {"full": 1, "ranges": 0, "pages": 0}}
+            ],
+            "faults": [],
+            "hypercalls": [
+                {"call": "SIGNAL_EVENT", "status": "SUCCESS", "count": 4},
+                {"call": "SIGNAL_EVENT", "status": "INVALID_PARAMETER", "count": 1},
+                {"call": "POST_MESSAGE", "status": "SUCCESS", "count": 2}
+            ]
+        }))
+        .expect("an answer");
+        assert_eq!(answer.calls("SIGNAL_EVENT"), 5);
+        assert_eq!(answer.calls("FLUSH_DEVICE_DOMAIN"), 0);
+        let failed = answer.failed_calls();
+        assert_eq!(failed.len(), 1);
+        assert_eq!(failed[0].status, "INVALID_PARAMETER");
+        assert_eq!(answer.domain_of("c").map(|d| d.id), Some(2));
+        assert!(answer.domain_of("d").is_none());
     }
 
     #[test]

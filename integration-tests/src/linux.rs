@@ -80,6 +80,59 @@ pub fn hv_pviommu_kernel() -> Result<PathBuf, String> {
         .clone()
 }
 
+/// The guest program `integration-tests/guest/vfio-dma.c`, a static
+/// x86-64 executable that drives a dma-test device through vfio-pci from a
+/// Linux guest's user space: `PVMM_GUEST_VFIO_DMA` if set (the nested
+/// harness sets it inside L1, which has no compiler), else compiled once
+/// with `cc -static` (libc6-dev, from `.ci/setup`). Its register offsets
+/// and codes are written into a header from the device's one definition,
+/// `devices::dma_test::regs`.
+pub fn vfio_dma_program() -> Result<PathBuf, String> {
+    static PROGRAM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PROGRAM
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("PVMM_GUEST_VFIO_DMA") {
+                return Ok(p.into());
+            }
+            use devices::dma_test::regs::{command, offset, status};
+            let defines = [
+                ("SRC_IOVA", offset::SRC_IOVA),
+                ("DST_IOVA", offset::DST_IOVA),
+                ("LEN", offset::LEN),
+                ("PATTERN", offset::PATTERN),
+                ("COMMAND", offset::COMMAND),
+                ("STATUS", offset::STATUS),
+                ("FAULT_IOVA", offset::FAULT_IOVA),
+                ("FAULT_REASON", offset::FAULT_REASON),
+                ("RESULT", offset::RESULT),
+                ("COMMAND_FILL", command::FILL.into()),
+                ("COMMAND_CHECKSUM", command::CHECKSUM.into()),
+                ("STATUS_DONE", status::DONE.into()),
+                ("STATUS_FAULT", status::FAULT.into()),
+            ];
+            let dir = std::env::temp_dir().join(format!("pvmm-vfio-dma-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            let header = dir.join("dma-test-regs.h");
+            let text: String = defines
+                .iter()
+                .map(|(name, value)| format!("#define DMA_TEST_{name} {value:#x}u\n"))
+                .collect();
+            std::fs::write(&header, text).map_err(|e| format!("{}: {e}", header.display()))?;
+            let source =
+                crate::artifacts::workspace_root().join("integration-tests/guest/vfio-dma.c");
+            let program = dir.join("vfio-dma");
+            run(Command::new("cc")
+                .args(["-static", "-O2", "-Wall", "-Werror", "-include"])
+                .arg(&header)
+                .arg("-o")
+                .arg(&program)
+                .arg(&source))
+            .map_err(|e| format!("{e} (.ci/setup installs gcc and libc6-dev)"))?;
+            Ok(program)
+        })
+        .clone()
+}
+
 /// Compares Debian kernel versions like 6.12.117 numerically.
 fn version_key(name: &str) -> Vec<u64> {
     name.split(|c: char| !c.is_ascii_digit())
@@ -577,6 +630,19 @@ mod tests {
         assert_eq!(f.iter().filter(|(k, _)| k == "pci").count(), 2);
         assert_eq!(fact(&f, "pci"), Some("0000:00:00.0 0x8086:0x0d57"));
         assert_eq!(fact(&f, "ram"), None);
+    }
+
+    #[test]
+    fn the_vfio_guest_program_builds_static() {
+        let program = vfio_dma_program().unwrap_or_else(|e| panic!("{e}"));
+        let elf = std::fs::read(&program).expect("vfio-dma");
+        assert_eq!(&elf[..4], b"\x7fELF");
+        // No PT_INTERP: the initramfs has no dynamic loader.
+        let out = run(Command::new("readelf").arg("-lW").arg(&program)).expect("readelf");
+        assert!(
+            !String::from_utf8_lossy(&out).contains("INTERP"),
+            "vfio-dma is not static"
+        );
     }
 
     #[test]

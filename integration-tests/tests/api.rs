@@ -16,20 +16,16 @@ use std::time::{Duration, Instant};
 use integration_tests::api_vm::{request, ApiVm as Vm};
 use integration_tests::run;
 
-/// The domain (from iommu.domains) that device `id` is attached to.
-fn domain_of(socket: &Path, id: &str) -> Option<serde_json::Value> {
+/// pvmm's `iommu.domains` answer, typed.
+fn domains(socket: &Path) -> api::IommuDomainsResponse {
     let (code, body) = request(socket, "GET", "iommu.domains", None);
     assert_eq!(code, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).expect("iommu.domains is JSON");
-    v["domains"]
-        .as_array()?
-        .iter()
-        .find(|d| {
-            d["devices"]
-                .as_array()
-                .is_some_and(|devs| devs.iter().any(|x| x == id))
-        })
-        .cloned()
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// The domain (from iommu.domains) that device `id` is attached to.
+fn domain_of(socket: &Path, id: &str) -> Option<api::DomainInfo> {
+    domains(socket).domain_of(id).cloned()
 }
 
 #[test]
@@ -63,9 +59,9 @@ fn hotplug_through_the_api_with_abuse_on_the_way() {
     // one page mapped, and DMAs through it.
     vm.wait_for("# hotplug: s2 dma ok", Duration::from_secs(30));
     let s2 = domain_of(socket, "hp0").unwrap_or_else(|| panic!("hp0 is in no domain"));
-    assert_eq!(s2["type"], "s2", "{s2}");
-    assert!(s2["id"].as_u64().is_some_and(|id| id > 0x100), "{s2}");
-    assert_eq!(s2["mapped_pages"], 1, "{s2}");
+    assert_eq!(s2.domain_type, api::DomainType::S2, "{s2:?}");
+    assert!(s2.id > 0x100, "{s2:?}");
+    assert_eq!(s2.mapped_pages, 1, "{s2:?}");
 
     // Abuse: the right codes, and the VM keeps running.
     let (code, body) = request(
@@ -158,16 +154,11 @@ fn hotplug_through_the_api_with_abuse_on_the_way() {
     // Detached by the VMM, the guest's domain can go: the guest deletes it,
     // and its mapping goes with it.
     vm.wait_for("# hotplug: domain", Duration::from_secs(10));
-    let (_, body) = request(socket, "GET", "iommu.domains", None);
-    let domains: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let after = domains(socket);
     assert!(
-        !domains["domains"]
-            .as_array()
-            .expect("a domain list")
-            .iter()
-            .any(|d| d["id"] == s2["id"]),
-        "domain {} is still there: {body}",
-        s2["id"]
+        !after.domains.iter().any(|d| d.id == s2.id),
+        "domain {} is still there: {after:?}",
+        s2.id
     );
 
     // A second device, removed last: the guest then powers off.
@@ -371,7 +362,7 @@ fn a_direct_device_stays_where_the_vmm_put_it() {
     );
     assert!(vm.serial().contains("# hotplug: dma ok"), "{}", vm.serial());
     let d = domain_of(socket, "pinned").expect("in a domain");
-    assert_eq!(d["type"], "default", "{d}");
+    assert_eq!(d.domain_type, api::DomainType::Default, "{d:?}");
     let (code, body) = request(socket, "GET", "vm.info", None);
     assert_eq!(code, 200);
     assert!(body.contains(r#""iommu":"direct""#), "{body}");

@@ -396,6 +396,7 @@ fn pvmm_on_nested_kvm_amd() {
     let test_kernel = artifacts::test_kernel().unwrap_or_else(|e| panic!("{e}"));
     let debian = linux::debian_kernel().unwrap_or_else(|e| panic!("{e}"));
     let hvpv = linux::hv_pviommu_kernel().unwrap_or_else(|e| panic!("{e}"));
+    let vfio_dma = linux::vfio_dma_program().unwrap_or_else(|e| panic!("{e}"));
     let mut args = vec!["-p", "vmm", "-p", "integration-tests"];
     for s in PLAN {
         args.push(if s.kind == "bench" {
@@ -432,6 +433,11 @@ fn pvmm_on_nested_kvm_amd() {
         0o644,
         &std::fs::read(&hvpv).expect("Linux with the pvIOMMU driver"),
     );
+    tree.file(
+        "payload/vfio-dma",
+        0o755,
+        &std::fs::read(&vfio_dma).expect("the VFIO guest program"),
+    );
     // The pattern the L2 Linux writes to the NVMe disk.
     let token = artifacts::random_token();
     // For work on one test: PVMM_NESTED_FILTER filters every step's tests.
@@ -465,6 +471,7 @@ fn pvmm_on_nested_kvm_amd() {
             "PVMM_LINUX_HVPV_BZIMAGE",
             "/payload/hvpv-bzImage".to_string(),
         ),
+        ("PVMM_GUEST_VFIO_DMA", "/payload/vfio-dma".to_string()),
         ("PVMM_NESTED", "1".to_string()),
         ("PVMM_CONSOLE_ECHO", "1".to_string()),
         ("PVMM_NVME_TOKEN", token.clone()),

@@ -12,6 +12,9 @@
 //!   nvme driver writes a pattern and reads it back with its interrupts
 //!   (MSI-X) delivered; the harness checks the disk image afterwards
 //!   (`PVMM_NVME_TOKEN` names the pattern).
+//! - NVMe on a Hyper-V virtual PCI bus behind Linux's own pvIOMMU driver,
+//!   given on the command line and then hot-removed and hot-added over
+//!   vPCI three times through the API.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -161,25 +164,41 @@ fn vfio_edu_hot_added_into_the_test_kernel() {
 
 /// The L2 script that writes a pattern to the NVMe namespace at
 /// `pvmm.nvme_mib=` MiB and reads it back (O_DIRECT both ways), then
-/// reports the nvme interrupts.
+/// reports the nvme interrupts. With `pvmm.nvme_rounds=N` it does that for
+/// N controllers one after the other (hot-plugged), each time saying
+/// `PVMM-NVME-ROUND r` when done and `PVMM-NVME-GONE r` once the
+/// controller left.
 const NVME_SCRIPT: &str = r#"
+rounds=1
 for a in $(cat /proc/cmdline); do
     case "$a" in
     pvmm.token=*) token=${a#pvmm.token=} ;;
     pvmm.nvme_mib=*) mib=${a#pvmm.nvme_mib=} ;;
+    pvmm.nvme_rounds=*) rounds=${a#pvmm.nvme_rounds=} ;;
     esac
 done
-i=0
-while [ ! -b /dev/nvme0n1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
-if [ ! -b /dev/nvme0n1 ]; then echo "PVMM-NVME no /dev/nvme0n1"; exit; fi
 yes "pvmm-nvme-$token" | head -c 1048576 >/tmp/pattern
-dd if=/tmp/pattern of=/dev/nvme0n1 bs=65536 seek=$((mib * 16)) oflag=direct conv=fsync 2>/dev/null
-dd if=/dev/nvme0n1 of=/tmp/back bs=65536 skip=$((mib * 16)) count=16 iflag=direct 2>/dev/null
-if cmp -s /tmp/pattern /tmp/back; then echo "PVMM-NVME pattern written and read back"; else echo "PVMM-NVME mismatch"; fi
-grep nvme /proc/interrupts | while read -r line; do
-    n=0
-    for f in $line; do case "$f" in *[!0-9]*) ;; *) n=$((n + f)) ;; esac; done
-    echo "PVMM-NVME-IRQ $n ${line##* }"
+r=0
+while [ $r -lt $rounds ]; do
+    i=0
+    while [ ! -b /dev/nvme0n1 ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+    if [ ! -b /dev/nvme0n1 ]; then echo "PVMM-NVME no /dev/nvme0n1"; exit; fi
+    rm -f /tmp/back
+    dd if=/tmp/pattern of=/dev/nvme0n1 bs=65536 seek=$((mib * 16)) oflag=direct conv=fsync 2>/dev/null
+    dd if=/dev/nvme0n1 of=/tmp/back bs=65536 skip=$((mib * 16)) count=16 iflag=direct 2>/dev/null
+    if cmp -s /tmp/pattern /tmp/back; then echo "PVMM-NVME pattern written and read back"; else echo "PVMM-NVME mismatch"; fi
+    grep nvme /proc/interrupts | while read -r line; do
+        n=0
+        for f in $line; do case "$f" in *[!0-9]*) ;; *) n=$((n + f)) ;; esac; done
+        echo "PVMM-NVME-IRQ $n ${line##* }"
+    done
+    if [ $rounds -gt 1 ]; then
+        echo "PVMM-NVME-ROUND $r"
+        i=0
+        while [ -b /dev/nvme0n1 ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i + 1)); done
+        echo "PVMM-NVME-GONE $r"
+    fi
+    r=$((r + 1))
 done
 "#;
 
@@ -274,7 +293,11 @@ fn nvme_on_the_command_line_once() {
 /// page-selective flush (FLUSH_DEVICE_DOMAIN_LIST). The harness checks the
 /// disk image afterwards; the test prints the flush figures: the guest's
 /// calls, the ranges and pages they covered, and how many of those pages
-/// had not changed (over-flushed), from pvmm's IOMMUFD counters.
+/// had not changed (over-flushed), from pvmm's IOMMUFD counters. Then,
+/// three times, the controller is removed through the API (PCI_EJECT:
+/// Linux ejects it well before pvmm's forced-removal timeout) and
+/// hot-added again over vPCI, where Linux's nvme driver writes and reads
+/// back the pattern through a new S1 paging domain.
 #[test]
 #[ignore = "needs a standard KVM and an NVMe controller bound to vfio-pci: the nested harness runs it"]
 fn nvme_on_vpci_behind_the_pviommu() {
@@ -288,7 +311,7 @@ fn nvme_on_vpci_once() {
     let socket = std::env::temp_dir().join(format!("pvmm-nvme-vpci-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
     let cmdline = format!(
-        "console=ttyS0 panic=-1 iommu.strict=1 pvmm.run=nvme.sh pvmm.end=wait pvmm.token={} pvmm.nvme_mib=16",
+        "console=ttyS0 panic=-1 iommu.strict=1 pvmm.run=nvme.sh pvmm.end=wait pvmm.token={} pvmm.nvme_mib=16 pvmm.nvme_rounds=4",
         nvme_token()
     );
     let device = format!("vfio,path={},id=nvme0,bus=vpci", nvme.display());
@@ -315,71 +338,108 @@ fn nvme_on_vpci_once() {
         &[("RUST_LOG", "info")],
     )
     .expect("pvmm starts");
-    let r = c.wait_for("PVMM-NVME-IRQ", BOOT_DEADLINE);
-    // The interrupt lines come right after the pattern's.
-    std::thread::sleep(Duration::from_secs(2));
+    if let Err(e) = c.wait_for("PVMM-NVME-ROUND 0", BOOT_DEADLINE) {
+        panic!("{e}\n{}", c.text());
+    }
+    // The flush figures are those of the controller given at boot.
     let (status, domains) = request(&socket, "GET", "iommu.domains", None);
+    // Then three times: removed over vPCI through the API (Linux ejects
+    // it), and hot-added again, a new controller for Linux's nvme driver.
+    for round in 1..4 {
+        let gone = format!("nvme{}", round - 1);
+        let start = std::time::Instant::now();
+        let body = format!(r#"{{"id":"{gone}"}}"#);
+        let (code, answer) = request(&socket, "PUT", "vm.remove-device", Some(&body));
+        let took = start.elapsed();
+        assert_eq!(code, 204, "round {round}: {answer}");
+        assert!(
+            took < vmm::rest::EJECT_TIMEOUT,
+            "round {round}: the removal took {took:?}: Linux did not eject\n{}",
+            c.text()
+        );
+        if let Err(e) = c.wait_for(
+            &format!("PVMM-NVME-GONE {}", round - 1),
+            Duration::from_secs(60),
+        ) {
+            panic!("{e}\n{}", c.text());
+        }
+        let id = format!("nvme{round}");
+        let body = format!(
+            r#"{{"path":{:?},"id":"{id}","bus":"vpci"}}"#,
+            nvme.display().to_string()
+        );
+        let (code, answer) = request(&socket, "PUT", "vm.add-device", Some(&body));
+        assert_eq!(code, 200, "round {round}: {answer}");
+        if let Err(e) = c.wait_for(
+            &format!("PVMM-NVME-ROUND {round}"),
+            Duration::from_secs(180),
+        ) {
+            panic!("{e}\n{}", c.text());
+        }
+        let (code, answer) = request(&socket, "GET", "iommu.domains", None);
+        assert_eq!(code, 200, "{answer}");
+        let now: api::IommuDomainsResponse =
+            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+        assert_eq!(
+            now.domain_of(&id)
+                .map(|d| (d.domain_type, d.s1.map(|s| s.mode))),
+            Some((api::DomainType::S1, Some(api::S1Mode::Translate))),
+            "round {round}: {id} is not in a paging S1 domain: {answer}"
+        );
+        println!("round {round}: {gone} ejected by Linux in {took:.2?}; {id} hot-added over vPCI, pattern written and read back");
+    }
+    let (code, answer) = request(
+        &socket,
+        "PUT",
+        "vm.remove-device",
+        Some(r#"{"id":"nvme3"}"#),
+    );
+    assert_eq!(code, 204, "{answer}");
     let (stop, _) = request(&socket, "PUT", "vmm.shutdown", None);
     let (code, stderr, lines) = c.finish(Duration::from_secs(60));
     std::fs::remove_file(&initrd).ok();
     std::fs::remove_file(&socket).ok();
     let text = lines.join("\n");
-    r.unwrap_or_else(|e| panic!("{e}\n{stderr}\n{text}"));
     assert_eq!(
         (status, stop, code),
         (200, 204, Some(0)),
         "{stderr}\n{text}"
     );
     check_nvme(&lines);
+    let rounds = lines
+        .iter()
+        .filter(|l| l.contains("PVMM-NVME pattern written and read back"))
+        .count();
+    assert_eq!(rounds, 4, "{text}");
     for l in lines
         .iter()
         .filter(|l| l.contains("hv_pci") || l.contains("iommu group"))
     {
         println!("  {l}");
     }
-    let v: serde_json::Value = serde_json::from_str(&domains).expect("iommu.domains is JSON");
-    let home = v["domains"]
-        .as_array()
-        .and_then(|d| {
-            d.iter().find(|d| {
-                d["devices"]
-                    .as_array()
-                    .is_some_and(|devs| devs.iter().any(|x| x == "nvme0"))
-            })
-        })
+    let v: api::IommuDomainsResponse =
+        serde_json::from_str(&domains).unwrap_or_else(|e| panic!("{e}: {domains}"));
+    let home = v
+        .domain_of("nvme0")
         .unwrap_or_else(|| panic!("nvme0 is in no domain: {domains}"));
     assert_eq!(
-        (home["type"].as_str(), home["s1"]["mode"].as_str()),
-        (Some("s1"), Some("translate")),
+        (home.domain_type, home.s1.map(|s| s.mode)),
+        (api::DomainType::S1, Some(api::S1Mode::Translate)),
         "nvme0 is not in a paging S1 domain: {domains}"
     );
-    let failed: Vec<&serde_json::Value> = v["hypercalls"]
-        .as_array()
-        .map(|h| h.iter().filter(|h| h["status"] != "SUCCESS").collect())
-        .unwrap_or_default();
+    let failed = v.failed_calls();
     assert!(failed.is_empty(), "calls that failed: {failed:?}\n{text}");
-    let flush = &home["flushes"];
-    let calls = |name: &str| -> u64 {
-        v["hypercalls"]
-            .as_array()
-            .map(|h| {
-                h.iter()
-                    .filter(|h| h["call"] == name)
-                    .filter_map(|h| h["count"].as_u64())
-                    .sum()
-            })
-            .unwrap_or(0)
-    };
+    let flush = &home.flushes;
     // Strict mode: every unmap is a page-selective flush, forwarded.
-    assert!(calls("FLUSH_DEVICE_DOMAIN_LIST") > 0, "{domains}");
+    assert!(v.calls("FLUSH_DEVICE_DOMAIN_LIST") > 0, "{domains}");
     println!(
         "NVMe on vPCI, S1 domain {}: guest flush calls {} (domain) + {} (list); flushed: {} full, {} ranges, {} pages",
-        home["id"],
-        calls("FLUSH_DEVICE_DOMAIN"),
-        calls("FLUSH_DEVICE_DOMAIN_LIST"),
-        flush["full"],
-        flush["ranges"],
-        flush["pages"]
+        home.id,
+        v.calls("FLUSH_DEVICE_DOMAIN"),
+        v.calls("FLUSH_DEVICE_DOMAIN_LIST"),
+        flush.full,
+        flush.ranges,
+        flush.pages
     );
     let host = stderr
         .lines()
