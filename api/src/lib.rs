@@ -43,6 +43,6 @@ pub use server::{
 pub use types::{
     AddDeviceRequest, AddDeviceResponse, Bdf, DeviceId, DeviceInfo, DeviceKind, DeviceSource,
     DmaAccess, DomainInfo, DomainType, EmulatedKind, ErrorBody, FaultInfo, FlushCounters,
-    HypercallStatusCount, IommuDomainsResponse, IommuMode, NoBody, PciBus, PingResponse,
-    RemoveDeviceRequest, S1Mode, S1Settings, VmConfigInfo, VmInfoResponse, VmState,
+    HypercallStatusCount, IommuDomainsResponse, IommuMode, NoBody, PciBus, PciBusError,
+    PingResponse, RemoveDeviceRequest, S1Mode, S1Settings, VmConfigInfo, VmInfoResponse, VmState,
 };

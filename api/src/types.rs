@@ -200,6 +200,20 @@ pub enum PciBus {
     Vpci,
 }
 
+/// A bus name that is not `root` or `vpci`.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("Invalid PCI bus \"{0}\": use root or vpci")]
+pub struct PciBusError(pub String);
+
+impl FromStr for PciBus {
+    type Err = PciBusError;
+
+    /// The names of the JSON form.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        serde_json::from_value(s.into()).map_err(|_| PciBusError(s.into()))
+    }
+}
+
 impl fmt::Display for PciBus {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -281,7 +295,8 @@ pub struct AddDeviceRequest {
     /// The translation mode; the VMM's default when absent (pviommu when the
     /// VM has the pvIOMMU, direct otherwise).
     pub iommu: Option<IommuMode>,
-    /// The bus; the ordinary root when absent.
+    /// The bus; the VM's default when absent (pvmm's `--pci-bus`: vPCI
+    /// with VMBus and a kernel of the user's, else the ordinary root).
     pub bus: Option<PciBus>,
 }
 

@@ -253,7 +253,9 @@ fn nvme_on_the_command_line_once() {
         "console=ttyS0 panic=-1 pvmm.run=nvme.sh pvmm.token={} pvmm.nvme_mib=0",
         nvme_token()
     );
-    let device = format!("vfio,path={},id=nvme0", nvme.display());
+    // On the ordinary root: Debian's kernel has VMBus and vPCI as modules,
+    // which this initramfs does not load.
+    let device = format!("vfio,path={},id=nvme0,bus=root", nvme.display());
     let _lock = run::vm_lock();
     let mut c = Console::start(
         &artifacts::pvmm().unwrap_or_else(|e| panic!("{e}")),
@@ -485,6 +487,10 @@ fn nvme_hot_added_through_the_api_once() {
             "2",
             "--api-socket",
             socket.to_str().expect("utf-8"),
+            // ACPI hotplug on the ordinary root (Debian's kernel has VMBus
+            // and vPCI as modules, which this initramfs does not load).
+            "--pci-bus",
+            "root",
             "--cmdline",
             &cmdline,
         ],

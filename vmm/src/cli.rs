@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use api::{AddDeviceRequest, DeviceSource, EmulatedKind};
+use api::{AddDeviceRequest, DeviceSource, EmulatedKind, PciBus};
 
 use crate::config::{parse_size, BootProtocol, Hypervisor, KernelSource, SerialConfig, VmConfig};
 
@@ -60,11 +60,19 @@ pub struct Cli {
     /// Reps per pvIOMMU hypercall time slice (tests of rep restarts).
     #[arg(long, value_name = "N", hide = true, value_parser = clap::value_parser!(u16).range(1..))]
     pub pviommu_rep_budget: Option<u16>,
+    /// Where a device that names no bus goes: vpci (a Hyper-V virtual PCI
+    /// bus of its own, over VMBus, the way Hyper-V presents assigned
+    /// devices) or root (the ordinary PCI root). Default: vpci with VMBus
+    /// and --kernel; root without VMBus, and with the embedded test kernel,
+    /// which has no VMBus client.
+    #[arg(long, value_name = "root|vpci", value_parser = str::parse::<PciBus>)]
+    pub pci_bus: Option<PciBus>,
     /// A PCI device, repeatable:
     /// dma-test[,id=NAME][,iommu=pviommu|direct][,bus=root|vpci], or a host
     /// PCI function bound to vfio-pci:
     /// vfio,path=/sys/bus/pci/devices/SSSS:BB:DD.F[,id=NAME][,iommu=...][,bus=...].
-    /// bus=vpci: a Hyper-V virtual PCI bus of its own, over VMBus.
+    /// bus=vpci: a Hyper-V virtual PCI bus of its own, over VMBus;
+    /// bus=root: the ordinary PCI root; default: --pci-bus.
     /// With no arguments at all, pvmm boots its test kernel with one
     /// dma-test device.
     #[arg(long = "device", value_name = "SPEC", value_parser = api::client::parse_device_spec)]
@@ -114,6 +122,12 @@ impl Cli {
             (Hypervisor::Kvm, _) => false,
             (Hypervisor::HyperV, on) => on.unwrap_or(true),
         };
+        let pci_bus = match (self.pci_bus, vmbus) {
+            (Some(PciBus::Vpci), false) => return Err(crate::Error::VpciNeedsVmbus),
+            (Some(bus), _) => bus,
+            (None, true) if self.kernel.is_some() => PciBus::Vpci,
+            (None, _) => PciBus::Root,
+        };
         let cpus = match u8::try_from(self.cpus) {
             Ok(0) => return Err(crate::Error::NoCpus),
             Ok(n) => n,
@@ -149,6 +163,7 @@ impl Cli {
             pviommu,
             pviommu_rep_budget: self.pviommu_rep_budget,
             vmbus,
+            pci_bus,
             api: self.api_socket.is_some(),
             devices: if self.devices.is_empty()
                 && self.kernel.is_none()
@@ -259,6 +274,32 @@ mod tests {
             .unwrap();
         assert!(c.devices.is_empty());
         assert!(parse(&["--hypervisor", "xen"]).is_err());
+    }
+
+    #[test]
+    fn devices_go_on_vpci_by_default_with_vmbus_and_a_kernel() {
+        let bus = |args: &[&str]| parse(args).unwrap().to_config().map(|c| c.pci_bus);
+        // The embedded test kernel has no VMBus client.
+        assert_eq!(bus(&[]).unwrap(), PciBus::Root);
+        assert_eq!(bus(&["--kernel", "/k"]).unwrap(), PciBus::Vpci);
+        assert_eq!(
+            bus(&["--kernel", "/k", "--vmbus", "off"]).unwrap(),
+            PciBus::Root
+        );
+        assert_eq!(
+            bus(&["--kernel", "/k", "--hypervisor", "kvm"]).unwrap(),
+            PciBus::Root
+        );
+        assert_eq!(
+            bus(&["--kernel", "/k", "--pci-bus", "root"]).unwrap(),
+            PciBus::Root
+        );
+        assert_eq!(bus(&["--pci-bus", "vpci"]).unwrap(), PciBus::Vpci);
+        assert!(matches!(
+            bus(&["--pci-bus", "vpci", "--vmbus", "off"]),
+            Err(crate::Error::VpciNeedsVmbus)
+        ));
+        assert!(parse(&["--pci-bus", "pcie"]).is_err());
     }
 
     #[test]

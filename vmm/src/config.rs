@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+use api::PciBus;
 use resources::layout::MIB;
 
 /// Default guest memory.
@@ -171,6 +172,9 @@ pub struct VmConfig {
     /// VMBus (the SynIC, HvCallPostMessage and the `VMBS` ACPI device):
     /// needs [`Hypervisor::HyperV`].
     pub vmbus: bool,
+    /// Where a device that names no bus goes (the command line's and the
+    /// API's alike): [`PciBus::Vpci`] needs [`VmConfig::vmbus`].
+    pub pci_bus: PciBus,
     /// PCI devices plugged in before boot: the request `vm.add-device`
     /// takes (`--device` is parsed like `pvmm-remote add-device`).
     pub devices: Vec<api::AddDeviceRequest>,
@@ -193,6 +197,8 @@ impl Default for VmConfig {
             pviommu: true,
             pviommu_rep_budget: None,
             vmbus: true,
+            // The embedded test kernel has no VMBus client.
+            pci_bus: PciBus::Root,
             devices: Vec::new(),
             api: false,
         }
@@ -208,6 +214,9 @@ impl VmConfig {
         }
         if self.vmbus && self.hypervisor == Hypervisor::Kvm {
             return Err(crate::Error::VmbusNeedsHyperV);
+        }
+        if self.pci_bus == PciBus::Vpci && !self.vmbus {
+            return Err(crate::Error::VpciNeedsVmbus);
         }
         Ok(())
     }
@@ -300,6 +309,12 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(c.validate(), Err(crate::Error::VmbusNeedsHyperV)));
+        let c = VmConfig {
+            vmbus: false,
+            pci_bus: PciBus::Vpci,
+            ..VmConfig::default()
+        };
+        assert!(matches!(c.validate(), Err(crate::Error::VpciNeedsVmbus)));
         for (hypervisor, pviommu, vmbus) in [
             (Hypervisor::Kvm, false, false),
             (Hypervisor::HyperV, false, false),

@@ -7,6 +7,7 @@ use std::fs::OpenOptions;
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use api::PciBus;
 use devices::acpi_hotplug::{AcpiHotplug, HOTPLUG_PORT, HOTPLUG_SIZE};
 use devices::bus::{Bus, BusDevice, SharedBusDevice};
 use devices::interrupt::MsiSink;
@@ -75,6 +76,8 @@ pub struct DeviceManager {
     table: lifecycle::Table,
     /// VMBus, for devices on vPCI buses (`bus: vpci`).
     vmbus: Option<Arc<crate::vmbus::VmBus>>,
+    /// Where a device whose request names no bus goes.
+    default_bus: PciBus,
     /// The VM's vCPUs (vPCI interrupt targets).
     vcpus: u32,
     /// Guest RAM in bytes (where VMBus's windows are).
@@ -272,6 +275,7 @@ impl DeviceManager {
             pviommu,
             table: lifecycle::Table::default(),
             vmbus: None,
+            default_bus: PciBus::Root,
             vcpus: 1,
             mem_size,
             vpci_generation: 0,
@@ -284,6 +288,12 @@ impl DeviceManager {
     pub fn set_vmbus(&mut self, vmbus: Arc<crate::vmbus::VmBus>, vcpus: u32) {
         self.vmbus = Some(vmbus);
         self.vcpus = vcpus;
+    }
+
+    /// Where a device whose request names no bus goes (the VM's
+    /// `pci_bus`); the ordinary root until set.
+    pub fn set_default_bus(&mut self, bus: PciBus) {
+        self.default_bus = bus;
     }
 
     /// The port-I/O bus.

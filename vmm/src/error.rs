@@ -42,6 +42,9 @@ pub enum Error {
          --pviommu off alone) cannot have it; use --hypervisor hyperv with --vmbus on"
     )]
     VmbusNeedsHyperV,
+    /// Devices put on vPCI buses by default without VMBus.
+    #[error("vPCI buses are offered over VMBus: --pci-bus vpci needs --vmbus on")]
+    VpciNeedsVmbus,
     /// MSR hooks asked for more than KVM's MSR filter takes.
     #[error(
         "The MSR hooks ask for {ranges} MSR ranges (KVM's filter takes at most {max_ranges} \

@@ -242,6 +242,7 @@ impl Vmm {
         if let Some(v) = &vmbus_server {
             devices.set_vmbus(v.clone(), count);
         }
+        devices.set_default_bus(config.pci_bus);
         // The command line's devices take the path of the API's.
         for d in &config.devices {
             devices

@@ -235,7 +235,7 @@ impl DeviceManager {
             (None, true) => IommuMode::Pviommu,
             (None, false) => IommuMode::Direct,
         };
-        let bus = request.bus.unwrap_or(PciBus::Root);
+        let bus = request.bus.unwrap_or(self.default_bus);
         if bus == PciBus::Vpci && self.vmbus.is_none() {
             return Err(DeviceError::NoVmbus);
         }
