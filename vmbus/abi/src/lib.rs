@@ -20,6 +20,43 @@
 
 #![no_std]
 
+/// A wire code's named values, written once: the associated consts, a
+/// `name()` that gives a value's const name, and `Debug`/`Display` that
+/// print the name, or `Type(value)` (in `$fmt`) for a value without one.
+macro_rules! named_values {
+    (
+        $ty:ident, $fmt:literal,
+        $($(#[$doc:meta])* $name:ident = $value:expr,)*
+    ) => {
+        impl $ty {
+            $($(#[$doc])* pub const $name: Self = Self($value);)*
+
+            /// The value's name, `None` for one this crate does not name.
+            pub const fn name(self) -> Option<&'static str> {
+                $(if self.0 == $value {
+                    return Some(stringify!($name));
+                })*
+                None
+            }
+        }
+
+        impl core::fmt::Debug for $ty {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                match self.name() {
+                    Some(name) => f.write_str(name),
+                    None => write!(f, concat!(stringify!($ty), "(", $fmt, ")"), self.0),
+                }
+            }
+        }
+
+        impl core::fmt::Display for $ty {
+            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                core::fmt::Debug::fmt(self, f)
+            }
+        }
+    };
+}
+
 pub mod vpci;
 
 #[cfg(test)]
@@ -347,92 +384,54 @@ pub mod version {
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ChannelMessageType(pub u32);
 
-impl ChannelMessageType {
+named_values! {
+    ChannelMessageType, "{}",
     /// CHANNELMSG_INVALID.
-    pub const INVALID: Self = Self(0);
+    INVALID = 0,
     /// Host: a channel offer.
-    pub const OFFERCHANNEL: Self = Self(1);
+    OFFERCHANNEL = 1,
     /// Host: an offer is withdrawn.
-    pub const RESCIND_CHANNELOFFER: Self = Self(2);
+    RESCIND_CHANNELOFFER = 2,
     /// Guest: send every offer.
-    pub const REQUESTOFFERS: Self = Self(3);
+    REQUESTOFFERS = 3,
     /// Host: every offer was sent.
-    pub const ALLOFFERS_DELIVERED: Self = Self(4);
+    ALLOFFERS_DELIVERED = 4,
     /// Guest: open a channel.
-    pub const OPENCHANNEL: Self = Self(5);
+    OPENCHANNEL = 5,
     /// Host: result of OPENCHANNEL.
-    pub const OPENCHANNEL_RESULT: Self = Self(6);
+    OPENCHANNEL_RESULT = 6,
     /// Guest: close a channel.
-    pub const CLOSECHANNEL: Self = Self(7);
+    CLOSECHANNEL = 7,
     /// Guest: a GPADL's first part.
-    pub const GPADL_HEADER: Self = Self(8);
+    GPADL_HEADER = 8,
     /// Guest: more of a GPADL.
-    pub const GPADL_BODY: Self = Self(9);
+    GPADL_BODY = 9,
     /// Host: GPADL created.
-    pub const GPADL_CREATED: Self = Self(10);
+    GPADL_CREATED = 10,
     /// Guest: tear a GPADL down.
-    pub const GPADL_TEARDOWN: Self = Self(11);
+    GPADL_TEARDOWN = 11,
     /// Host: GPADL torn down.
-    pub const GPADL_TORNDOWN: Self = Self(12);
+    GPADL_TORNDOWN = 12,
     /// Guest: a rescinded relid may be reused.
-    pub const RELID_RELEASED: Self = Self(13);
+    RELID_RELEASED = 13,
     /// Guest: connect, proposing a protocol version.
-    pub const INITIATE_CONTACT: Self = Self(14);
+    INITIATE_CONTACT = 14,
     /// Host: answer to INITIATE_CONTACT.
-    pub const VERSION_RESPONSE: Self = Self(15);
+    VERSION_RESPONSE = 15,
     /// Guest: disconnect.
-    pub const UNLOAD: Self = Self(16);
+    UNLOAD = 16,
     /// Host: disconnected.
-    pub const UNLOAD_RESPONSE: Self = Self(17);
+    UNLOAD_RESPONSE = 17,
     /// Guest: retarget a channel's interrupts.
-    pub const MODIFYCHANNEL: Self = Self(22);
+    MODIFYCHANNEL = 22,
     /// Host: result of MODIFYCHANNEL.
-    pub const MODIFYCHANNEL_RESPONSE: Self = Self(24);
+    MODIFYCHANNEL_RESPONSE = 24,
+}
+
+impl ChannelMessageType {
     /// CHANNELMSG_COUNT: Linux drops host messages whose type is not below
     /// it.
     pub const COUNT: u32 = 25;
-
-    /// The type's name, `None` for one this crate does not name.
-    pub const fn name(self) -> Option<&'static str> {
-        Some(match self {
-            Self::INVALID => "INVALID",
-            Self::OFFERCHANNEL => "OFFERCHANNEL",
-            Self::RESCIND_CHANNELOFFER => "RESCIND_CHANNELOFFER",
-            Self::REQUESTOFFERS => "REQUESTOFFERS",
-            Self::ALLOFFERS_DELIVERED => "ALLOFFERS_DELIVERED",
-            Self::OPENCHANNEL => "OPENCHANNEL",
-            Self::OPENCHANNEL_RESULT => "OPENCHANNEL_RESULT",
-            Self::CLOSECHANNEL => "CLOSECHANNEL",
-            Self::GPADL_HEADER => "GPADL_HEADER",
-            Self::GPADL_BODY => "GPADL_BODY",
-            Self::GPADL_CREATED => "GPADL_CREATED",
-            Self::GPADL_TEARDOWN => "GPADL_TEARDOWN",
-            Self::GPADL_TORNDOWN => "GPADL_TORNDOWN",
-            Self::RELID_RELEASED => "RELID_RELEASED",
-            Self::INITIATE_CONTACT => "INITIATE_CONTACT",
-            Self::VERSION_RESPONSE => "VERSION_RESPONSE",
-            Self::UNLOAD => "UNLOAD",
-            Self::UNLOAD_RESPONSE => "UNLOAD_RESPONSE",
-            Self::MODIFYCHANNEL => "MODIFYCHANNEL",
-            Self::MODIFYCHANNEL_RESPONSE => "MODIFYCHANNEL_RESPONSE",
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Debug for ChannelMessageType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.name() {
-            Some(name) => f.write_str(name),
-            None => write!(f, "ChannelMessageType({})", self.0),
-        }
-    }
-}
-
-impl fmt::Display for ChannelMessageType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
 }
 
 /// The header of every channel message (`struct

@@ -12,7 +12,6 @@
 //! 1, packed like Linux's `__packed`), checked field by field in the tests.
 
 use bitfield_struct::bitfield;
-use core::fmt;
 use zerocopy::little_endian::{I32, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
@@ -92,111 +91,67 @@ pub const PCI_MESSAGE_BASE: u32 = 0x4249_0000;
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MessageType(pub u32);
 
-impl MessageType {
+named_values! {
+    MessageType, "{:#x}",
     /// Host: the functions on the bus (`pci_bus_relations`, 1.1).
-    pub const BUS_RELATIONS: Self = Self(PCI_MESSAGE_BASE);
+    BUS_RELATIONS = PCI_MESSAGE_BASE,
     /// Guest: send the bus relations (no completion).
-    pub const QUERY_BUS_RELATIONS: Self = Self(PCI_MESSAGE_BASE + 1);
+    QUERY_BUS_RELATIONS = PCI_MESSAGE_BASE + 1,
     /// Guest: set a function's power state (`pci_set_power`; Linux never
     /// sends it).
-    pub const POWER_STATE_CHANGE: Self = Self(PCI_MESSAGE_BASE + 4);
+    POWER_STATE_CHANGE = PCI_MESSAGE_BASE + 4,
     /// Guest: a function's probed BARs (`pci_child_message`).
-    pub const QUERY_RESOURCE_REQUIREMENTS: Self = Self(PCI_MESSAGE_BASE + 5);
+    QUERY_RESOURCE_REQUIREMENTS = PCI_MESSAGE_BASE + 5,
     /// Unused by Linux.
-    pub const QUERY_RESOURCE_RESOURCES: Self = Self(PCI_MESSAGE_BASE + 6);
+    QUERY_RESOURCE_RESOURCES = PCI_MESSAGE_BASE + 6,
     /// Guest: the bus enters D0, with the configuration window's base.
-    pub const BUS_D0ENTRY: Self = Self(PCI_MESSAGE_BASE + 7);
+    BUS_D0ENTRY = PCI_MESSAGE_BASE + 7,
     /// Guest: the bus leaves D0 (a bare `pci_message`).
-    pub const BUS_D0EXIT: Self = Self(PCI_MESSAGE_BASE + 8);
+    BUS_D0EXIT = PCI_MESSAGE_BASE + 8,
     /// Guest: read a configuration block (`pci_read_block`).
-    pub const READ_BLOCK: Self = Self(PCI_MESSAGE_BASE + 9);
+    READ_BLOCK = PCI_MESSAGE_BASE + 9,
     /// Guest: write a configuration block (`pci_write_block`).
-    pub const WRITE_BLOCK: Self = Self(PCI_MESSAGE_BASE + 0xA);
+    WRITE_BLOCK = PCI_MESSAGE_BASE + 0xA,
     /// Host: eject a function (`pci_dev_incoming`).
-    pub const EJECT: Self = Self(PCI_MESSAGE_BASE + 0xB);
+    EJECT = PCI_MESSAGE_BASE + 0xB,
     /// Unused by Linux.
-    pub const QUERY_STOP: Self = Self(PCI_MESSAGE_BASE + 0xC);
+    QUERY_STOP = PCI_MESSAGE_BASE + 0xC,
     /// Unused by Linux.
-    pub const REENABLE: Self = Self(PCI_MESSAGE_BASE + 0xD);
+    REENABLE = PCI_MESSAGE_BASE + 0xD,
     /// Unused by Linux.
-    pub const QUERY_STOP_FAILED: Self = Self(PCI_MESSAGE_BASE + 0xE);
+    QUERY_STOP_FAILED = PCI_MESSAGE_BASE + 0xE,
     /// Guest: a function is ejected (`pci_eject_response`, no completion).
-    pub const EJECTION_COMPLETE: Self = Self(PCI_MESSAGE_BASE + 0xF);
+    EJECTION_COMPLETE = PCI_MESSAGE_BASE + 0xF,
     /// Guest: a function's resources (`pci_resources_assigned`, 1.1).
-    pub const RESOURCES_ASSIGNED: Self = Self(PCI_MESSAGE_BASE + 0x10);
+    RESOURCES_ASSIGNED = PCI_MESSAGE_BASE + 0x10,
     /// Guest: a function's resources are released (`pci_child_message`,
     /// no completion).
-    pub const RESOURCES_RELEASED: Self = Self(PCI_MESSAGE_BASE + 0x11);
+    RESOURCES_RELEASED = PCI_MESSAGE_BASE + 0x11,
     /// Host: configuration blocks changed (`pci_dev_inval_block`).
-    pub const INVALIDATE_BLOCK: Self = Self(PCI_MESSAGE_BASE + 0x12);
+    INVALIDATE_BLOCK = PCI_MESSAGE_BASE + 0x12,
     /// Guest: propose a protocol version (`pci_version_request`).
-    pub const QUERY_PROTOCOL_VERSION: Self = Self(PCI_MESSAGE_BASE + 0x13);
+    QUERY_PROTOCOL_VERSION = PCI_MESSAGE_BASE + 0x13,
     /// Guest: create an interrupt (`pci_create_interrupt`, 1.1).
-    pub const CREATE_INTERRUPT_MESSAGE: Self = Self(PCI_MESSAGE_BASE + 0x14);
+    CREATE_INTERRUPT_MESSAGE = PCI_MESSAGE_BASE + 0x14,
     /// Guest: delete an interrupt (`pci_delete_interrupt`, no completion).
-    pub const DELETE_INTERRUPT_MESSAGE: Self = Self(PCI_MESSAGE_BASE + 0x15);
+    DELETE_INTERRUPT_MESSAGE = PCI_MESSAGE_BASE + 0x15,
     /// Guest: a function's resources (`pci_resources_assigned2`, 1.2+).
-    pub const RESOURCES_ASSIGNED2: Self = Self(PCI_MESSAGE_BASE + 0x16);
+    RESOURCES_ASSIGNED2 = PCI_MESSAGE_BASE + 0x16,
     /// Guest: create an interrupt (`pci_create_interrupt2`, 1.2 and 1.3).
-    pub const CREATE_INTERRUPT_MESSAGE2: Self = Self(PCI_MESSAGE_BASE + 0x17);
+    CREATE_INTERRUPT_MESSAGE2 = PCI_MESSAGE_BASE + 0x17,
     /// Unused by Linux.
-    pub const DELETE_INTERRUPT_MESSAGE2: Self = Self(PCI_MESSAGE_BASE + 0x18);
+    DELETE_INTERRUPT_MESSAGE2 = PCI_MESSAGE_BASE + 0x18,
     /// Host: the functions on the bus (`pci_bus_relations2`).
-    pub const BUS_RELATIONS2: Self = Self(PCI_MESSAGE_BASE + 0x19);
+    BUS_RELATIONS2 = PCI_MESSAGE_BASE + 0x19,
     /// Unused by Linux.
-    pub const RESOURCES_ASSIGNED3: Self = Self(PCI_MESSAGE_BASE + 0x1A);
+    RESOURCES_ASSIGNED3 = PCI_MESSAGE_BASE + 0x1A,
     /// Guest: create an interrupt (`pci_create_interrupt3`, 1.4).
-    pub const CREATE_INTERRUPT_MESSAGE3: Self = Self(PCI_MESSAGE_BASE + 0x1B);
+    CREATE_INTERRUPT_MESSAGE3 = PCI_MESSAGE_BASE + 0x1B,
+}
+
+impl MessageType {
     /// `PCI_MESSAGE_MAXIMUM`: one past the last type.
     pub const MAXIMUM: Self = Self(PCI_MESSAGE_BASE + 0x1C);
-
-    /// The type's name, `None` for one this crate does not name.
-    pub const fn name(self) -> Option<&'static str> {
-        Some(match self {
-            Self::BUS_RELATIONS => "BUS_RELATIONS",
-            Self::QUERY_BUS_RELATIONS => "QUERY_BUS_RELATIONS",
-            Self::POWER_STATE_CHANGE => "POWER_STATE_CHANGE",
-            Self::QUERY_RESOURCE_REQUIREMENTS => "QUERY_RESOURCE_REQUIREMENTS",
-            Self::QUERY_RESOURCE_RESOURCES => "QUERY_RESOURCE_RESOURCES",
-            Self::BUS_D0ENTRY => "BUS_D0ENTRY",
-            Self::BUS_D0EXIT => "BUS_D0EXIT",
-            Self::READ_BLOCK => "READ_BLOCK",
-            Self::WRITE_BLOCK => "WRITE_BLOCK",
-            Self::EJECT => "EJECT",
-            Self::QUERY_STOP => "QUERY_STOP",
-            Self::REENABLE => "REENABLE",
-            Self::QUERY_STOP_FAILED => "QUERY_STOP_FAILED",
-            Self::EJECTION_COMPLETE => "EJECTION_COMPLETE",
-            Self::RESOURCES_ASSIGNED => "RESOURCES_ASSIGNED",
-            Self::RESOURCES_RELEASED => "RESOURCES_RELEASED",
-            Self::INVALIDATE_BLOCK => "INVALIDATE_BLOCK",
-            Self::QUERY_PROTOCOL_VERSION => "QUERY_PROTOCOL_VERSION",
-            Self::CREATE_INTERRUPT_MESSAGE => "CREATE_INTERRUPT_MESSAGE",
-            Self::DELETE_INTERRUPT_MESSAGE => "DELETE_INTERRUPT_MESSAGE",
-            Self::RESOURCES_ASSIGNED2 => "RESOURCES_ASSIGNED2",
-            Self::CREATE_INTERRUPT_MESSAGE2 => "CREATE_INTERRUPT_MESSAGE2",
-            Self::DELETE_INTERRUPT_MESSAGE2 => "DELETE_INTERRUPT_MESSAGE2",
-            Self::BUS_RELATIONS2 => "BUS_RELATIONS2",
-            Self::RESOURCES_ASSIGNED3 => "RESOURCES_ASSIGNED3",
-            Self::CREATE_INTERRUPT_MESSAGE3 => "CREATE_INTERRUPT_MESSAGE3",
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Debug for MessageType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.name() {
-            Some(name) => f.write_str(name),
-            None => write!(f, "MessageType({:#x})", self.0),
-        }
-    }
-}
-
-impl fmt::Display for MessageType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        fmt::Debug::fmt(self, f)
-    }
 }
 
 /// A function's place on the bus (`union win_slot_encoding`, Windows'
