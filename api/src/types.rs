@@ -522,6 +522,14 @@ pub struct DomainInfo {
     pub s1: Option<S1Settings>,
 }
 
+impl DomainInfo {
+    /// An S1 domain that translates through the guest's table: a paging
+    /// domain of the guest's driver.
+    pub fn is_s1_paging(&self) -> bool {
+        self.domain_type == DomainType::S1 && self.s1.is_some_and(|s| s.mode == S1Mode::Translate)
+    }
+}
+
 /// Completed hypercalls of one call code that ended with one status.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -655,6 +663,7 @@ mod tests {
         assert_eq!(failed.len(), 1);
         assert_eq!(failed[0].status, "INVALID_PARAMETER");
         assert_eq!(answer.domain_of("c").map(|d| d.id), Some(2));
+        assert!(!answer.domain_of("c").is_some_and(DomainInfo::is_s1_paging));
         assert!(answer.domain_of("d").is_none());
     }
 

@@ -117,6 +117,7 @@ int main(int argc, char **argv)
 	container = open("/dev/vfio/vfio", O_RDWR);
 	if (container < 0)
 		fail("open /dev/vfio/vfio");
+	errno = 0;
 	if (ioctl(container, VFIO_GET_API_VERSION) != VFIO_API_VERSION ||
 	    ioctl(container, VFIO_CHECK_EXTENSION, VFIO_TYPE1v2_IOMMU) != 1)
 		fail("no VFIO type1v2");

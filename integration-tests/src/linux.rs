@@ -83,9 +83,10 @@ pub fn hv_pviommu_kernel() -> Result<PathBuf, String> {
 /// The guest program `integration-tests/guest/vfio-dma.c`, a static
 /// x86-64 executable that drives a dma-test device through vfio-pci from a
 /// Linux guest's user space: `PVMM_GUEST_VFIO_DMA` if set (the nested
-/// harness sets it inside L1, which has no compiler), else compiled once
-/// with `cc -static` (libc6-dev, from `.ci/setup`). Its register offsets
-/// and codes are written into a header from the device's one definition,
+/// harness sets it inside L1, which has no compiler), else compiled with
+/// `cc -static` (libc6-dev, from `.ci/setup`) into the cache, under a key
+/// of its source and header. Its register offsets and codes are written
+/// into that header from the device's one definition,
 /// `devices::dma_test::regs`.
 pub fn vfio_dma_program() -> Result<PathBuf, String> {
     static PROGRAM: OnceLock<Result<PathBuf, String>> = OnceLock::new();
@@ -110,25 +111,40 @@ pub fn vfio_dma_program() -> Result<PathBuf, String> {
                 ("STATUS_DONE", status::DONE.into()),
                 ("STATUS_FAULT", status::FAULT.into()),
             ];
-            let dir = std::env::temp_dir().join(format!("pvmm-vfio-dma-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-            let header = dir.join("dma-test-regs.h");
             let text: String = defines
                 .iter()
                 .map(|(name, value)| format!("#define DMA_TEST_{name} {value:#x}u\n"))
                 .collect();
-            std::fs::write(&header, text).map_err(|e| format!("{}: {e}", header.display()))?;
             let source =
                 crate::artifacts::workspace_root().join("integration-tests/guest/vfio-dma.c");
+            let code = std::fs::read(&source).map_err(|e| format!("{}: {e}", source.display()))?;
+            let mut key = std::hash::DefaultHasher::new();
+            std::hash::Hash::hash(&(&code, &text), &mut key);
+            let dir = cache_root().join(format!(
+                "guest/vfio-dma-{:016x}",
+                std::hash::Hasher::finish(&key)
+            ));
             let program = dir.join("vfio-dma");
-            run(Command::new("cc")
+            if program.is_file() {
+                return Ok(program);
+            }
+            std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            // Per process until the rename: test processes build at once.
+            let header = dir.join(format!("dma-test-regs.h.{}", std::process::id()));
+            std::fs::write(&header, text).map_err(|e| format!("{}: {e}", header.display()))?;
+            let built = dir.join(format!("vfio-dma.{}", std::process::id()));
+            let result = run(Command::new("cc")
                 .args(["-static", "-O2", "-Wall", "-Werror", "-include"])
                 .arg(&header)
                 .arg("-o")
-                .arg(&program)
+                .arg(&built)
                 .arg(&source))
-            .map_err(|e| format!("{e} (.ci/setup installs gcc and libc6-dev)"))?;
-            Ok(program)
+            .map_err(|e| format!("{e} (.ci/setup installs gcc and libc6-dev)"))
+            .and_then(|_| {
+                std::fs::rename(&built, &program).map_err(|e| format!("{}: {e}", program.display()))
+            });
+            std::fs::remove_file(&header).ok();
+            result.map(|()| program)
         })
         .clone()
 }

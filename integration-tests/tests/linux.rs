@@ -1065,10 +1065,8 @@ fn vpci_device_once() {
     let home = domains
         .domain_of("vp0")
         .unwrap_or_else(|| panic!("vp0 is in no domain: {answer}"));
-    assert_eq!(home.domain_type, api::DomainType::S1, "{answer}");
-    assert_eq!(
-        home.s1.map(|s| s.mode),
-        Some(api::S1Mode::Translate),
+    assert!(
+        home.is_s1_paging(),
         "vp0 is not in a paging domain: {answer}"
     );
     let made = |call: &str| domains.calls(call);
@@ -1119,11 +1117,10 @@ fn vpci_hotplug_once() {
         assert_eq!(status, 200, "{domains}");
         let answer: api::IommuDomainsResponse =
             serde_json::from_str(&domains).unwrap_or_else(|e| panic!("{e}: {domains}"));
-        assert_eq!(
+        assert!(
             answer
                 .domain_of(&id)
-                .map(|h| (h.domain_type, h.s1.map(|s| s.mode))),
-            Some((api::DomainType::S1, Some(api::S1Mode::Translate))),
+                .is_some_and(api::DomainInfo::is_s1_paging),
             "round {round}: {id} is not in a paging S1 domain: {domains}"
         );
         let start = Instant::now();
@@ -1167,7 +1164,14 @@ while [ $round -lt 3 ]; do
     dev=/sys/bus/pci/devices/$bdf
     group=$(basename "$(readlink "$dev/iommu_group")")
     echo vfio-pci > "$dev/driver_override"
-    echo "$bdf" > /sys/bus/pci/drivers_probe
+    # Until pci-hyperv has added the function, a probe matches nothing (and
+    # says nothing): ask again until vfio-pci holds it.
+    i=0
+    until [ -e "/dev/vfio/$group" ] || [ $i -ge 200 ]; do
+        echo "$bdf" > /sys/bus/pci/drivers_probe 2>/dev/null
+        sleep 0.05
+        i=$((i + 1))
+    done
     /vfio-dma "$group" "$bdf" 2>&1 | sed 's/^/PVMM-/'
     echo "PVMM-VFIO-DONE $bdf"
     while [ -e "$dev" ]; do sleep 0.05; done
@@ -1256,18 +1260,32 @@ fn vfio_in_the_guest_once() {
             failed.is_empty(),
             "round {round}: calls that failed: {failed:?}"
         );
+        let start = Instant::now();
         let body = format!(r#"{{"id": "{id}"}}"#);
         let (status, answer) = request(&socket, "PUT", "vm.remove-device", Some(&body));
+        let took = start.elapsed();
         assert_eq!(status, 204, "remove-device: {answer}");
+        // vfio-pci let go: Linux ejected the function by itself.
+        assert!(
+            took < vmm::rest::EJECT_TIMEOUT,
+            "round {round}: the removal took {took:?}: Linux did not eject"
+        );
         vm = vm.wait_for("PVMM-VFIO-GONE", Duration::from_secs(30));
         println!(
-            "round {round}: {}; pvmm counted the fault: {} at {:#x} ({})",
+            "round {round}: {}; pvmm counted the fault: {} at {:#x} ({}); Linux ejected it, removal answered in {took:.2?}",
             said.join("; "),
             fault.device.as_str(),
             fault.iova,
             fault.reason
         );
     }
+    // The removals' teardown (detach, domain deletion) failed nothing.
+    let (status, domains) = request(&socket, "GET", "iommu.domains", None);
+    assert_eq!(status, 200, "{domains}");
+    let answer: api::IommuDomainsResponse =
+        serde_json::from_str(&domains).unwrap_or_else(|e| panic!("{e}: {domains}"));
+    let failed = answer.failed_calls();
+    assert!(failed.is_empty(), "calls that failed: {failed:?}");
     let (status, _) = request(&socket, "PUT", "vmm.shutdown", None);
     assert_eq!(status, 204);
     let (code, stderr, _) = vm.finish(Duration::from_secs(30));
