@@ -13,6 +13,7 @@ use tokio::net::UnixStream;
 use crate::actions::{ApiAction, Route, Success};
 use crate::types::{
     AddDeviceRequest, DeviceId, DeviceIdError, EmulatedKind, ErrorBody, IommuMode, PciBus,
+    PciBusError,
 };
 
 /// Errors of a client call.
@@ -156,7 +157,7 @@ impl Client {
 pub enum SpecError {
     #[error("Expected key=value, found {0:?}")]
     NotKeyValue(String),
-    #[error("Unknown key {0:?}: use path, kind, id or iommu")]
+    #[error("Unknown key {0:?}: use path, kind, id, iommu or bus")]
     UnknownKey(String),
     #[error("Key {0:?} is given twice")]
     Repeated(String),
@@ -164,8 +165,8 @@ pub enum SpecError {
     Kind(String),
     #[error("Unknown IOMMU mode {0:?}: use direct or pviommu")]
     Iommu(String),
-    #[error("Unknown bus {0:?}: use root or vpci")]
-    Bus(String),
+    #[error(transparent)]
+    Bus(#[from] PciBusError),
     #[error(transparent)]
     Id(#[from] DeviceIdError),
     #[error("A vfio device needs path=/sys/bus/pci/devices/SSSS:BB:DD.F")]
@@ -208,11 +209,13 @@ pub fn parse_device_spec(spec: &str) -> Result<AddDeviceRequest, SpecError> {
             "path" => {}
             "kind" if !names::<EmulatedKind>(value) => return Err(SpecError::Kind(value.into())),
             "iommu" if !names::<IommuMode>(value) => return Err(SpecError::Iommu(value.into())),
-            "bus" if !names::<PciBus>(value) => return Err(SpecError::Bus(value.into())),
+            "bus" => {
+                value.parse::<PciBus>()?;
+            }
             "id" => {
                 DeviceId::new(value)?;
             }
-            "kind" | "iommu" | "bus" => {}
+            "kind" | "iommu" => {}
             _ => return Err(SpecError::UnknownKey(key.to_owned())),
         }
         if body.insert(key.to_owned(), value.into()).is_some() {
@@ -288,7 +291,7 @@ mod tests {
             ("kind=dma-test,kind=dma-test", Repeated("kind".into())),
             ("kind=nvme", Kind("nvme".into())),
             ("kind=dma-test,iommu=on", Iommu("on".into())),
-            ("kind=dma-test,bus=pci", Bus("pci".into())),
+            ("kind=dma-test,bus=pci", Bus(PciBusError("pci".into()))),
             ("kind=dma-test,bus=vpci,bus=root", Repeated("bus".into())),
             ("kind=dma-test,id=", Id(DeviceIdError::Empty)),
         ];

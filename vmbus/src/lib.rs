@@ -47,7 +47,8 @@
 //! APICs, the SynIC, post-message and signal-event CPUID bits with the
 //! auto-EOI deprecation hint, and the ACPI device (`\_SB.VMBS`, with
 //! VMBus's MMIO windows) Linux probes. `vmm/src/vpci.rs` puts each
-//! `bus=vpci` device on a vPCI bus of its own. Linux 7.2 connects at 5.3,
+//! vPCI device (by default, every device of a VM with VMBus and a kernel
+//! of the user's) on a vPCI bus of its own. Linux 7.2 connects at 5.3,
 //! probes such a bus and its pvIOMMU driver manages the device (the nested
 //! harness's `linux_vpci_device_behind_the_pviommu`).
 //!

@@ -64,7 +64,7 @@ pub struct Cli {
     /// bus of its own, over VMBus, the way Hyper-V presents assigned
     /// devices) or root (the ordinary PCI root). Default: vpci with VMBus
     /// and --kernel; root without VMBus, and with the embedded test kernel,
-    /// which has no VMBus client.
+    /// which has no vPCI client.
     #[arg(long, value_name = "root|vpci", value_parser = str::parse::<PciBus>)]
     pub pci_bus: Option<PciBus>,
     /// A PCI device, repeatable:
@@ -79,13 +79,14 @@ pub struct Cli {
     pub devices: Vec<AddDeviceRequest>,
 }
 
-/// A dma-test device with the VMM's name and mode.
+/// A dma-test device with the VMM's name and mode, on the ordinary root
+/// (where the embedded test kernel, which has no vPCI client, finds it).
 fn dma_test() -> AddDeviceRequest {
     AddDeviceRequest {
         source: DeviceSource::Emulated(EmulatedKind::DmaTest),
         id: None,
         iommu: None,
-        bus: None,
+        bus: Some(PciBus::Root),
     }
 }
 
@@ -279,7 +280,7 @@ mod tests {
     #[test]
     fn devices_go_on_vpci_by_default_with_vmbus_and_a_kernel() {
         let bus = |args: &[&str]| parse(args).unwrap().to_config().map(|c| c.pci_bus);
-        // The embedded test kernel has no VMBus client.
+        // The embedded test kernel has no vPCI client.
         assert_eq!(bus(&[]).unwrap(), PciBus::Root);
         assert_eq!(bus(&["--kernel", "/k"]).unwrap(), PciBus::Vpci);
         assert_eq!(
@@ -368,14 +369,21 @@ mod tests {
         assert!(!c.pviommu);
         assert_eq!(c.hypervisor, Hypervisor::Kvm);
         assert_eq!(c.pviommu_rep_budget, Some(16));
+        // KVM's interface: no VMBus, the devices' default bus is the root.
+        assert_eq!(c.pci_bus, PciBus::Root);
+        // As given: no bus of their own.
+        let given = AddDeviceRequest {
+            bus: None,
+            ..dma_test()
+        };
         assert_eq!(
             c.devices,
             vec![
                 AddDeviceRequest {
                     id: Some(api::DeviceId::new("a").unwrap()),
-                    ..dma_test()
+                    ..given.clone()
                 },
-                dma_test(),
+                given,
                 AddDeviceRequest {
                     source: DeviceSource::Vfio("/sys/bus/pci/devices/0000:00:04.0".into()),
                     id: None,

@@ -173,7 +173,9 @@ pub struct VmConfig {
     /// needs [`Hypervisor::HyperV`].
     pub vmbus: bool,
     /// Where a device that names no bus goes (the command line's and the
-    /// API's alike): [`PciBus::Vpci`] needs [`VmConfig::vmbus`].
+    /// API's alike): [`PciBus::Vpci`] needs [`VmConfig::vmbus`]. The
+    /// default is the root; the command line picks vpci for `--kernel`
+    /// with VMBus.
     pub pci_bus: PciBus,
     /// PCI devices plugged in before boot: the request `vm.add-device`
     /// takes (`--device` is parsed like `pvmm-remote add-device`).
@@ -197,7 +199,7 @@ impl Default for VmConfig {
             pviommu: true,
             pviommu_rep_budget: None,
             vmbus: true,
-            // The embedded test kernel has no VMBus client.
+            // The embedded test kernel has no vPCI client.
             pci_bus: PciBus::Root,
             devices: Vec::new(),
             api: false,

@@ -74,7 +74,7 @@ pub struct DeviceManager {
     pviommu: bool,
     /// The pluggable devices.
     table: lifecycle::Table,
-    /// VMBus, for devices on vPCI buses (`bus: vpci`).
+    /// VMBus, for devices on vPCI buses.
     vmbus: Option<Arc<crate::vmbus::VmBus>>,
     /// Where a device whose request names no bus goes.
     default_bus: PciBus,

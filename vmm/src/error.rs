@@ -43,7 +43,10 @@ pub enum Error {
     )]
     VmbusNeedsHyperV,
     /// Devices put on vPCI buses by default without VMBus.
-    #[error("vPCI buses are offered over VMBus: --pci-bus vpci needs --vmbus on")]
+    #[error(
+        "vPCI buses are offered over VMBus: --pci-bus vpci needs the Hyper-V interface \
+         (--hypervisor hyperv, the default) with --vmbus on"
+    )]
     VpciNeedsVmbus,
     /// MSR hooks asked for more than KVM's MSR filter takes.
     #[error(

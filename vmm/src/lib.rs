@@ -242,6 +242,10 @@ impl Vmm {
         if let Some(v) = &vmbus_server {
             devices.set_vmbus(v.clone(), count);
         }
+        if config.pci_bus == api::PciBus::Vpci && !vmbus {
+            // VMBus asked for, but the caller's hooks replace Hyper-V's.
+            return Err(Error::VpciNeedsVmbus);
+        }
         devices.set_default_bus(config.pci_bus);
         // The command line's devices take the path of the API's.
         for d in &config.devices {

@@ -22,7 +22,7 @@
 //! - **HvCallSignalEvent** comes through the dispatcher (`SIGNAL_EVENT`)
 //!   to [`vmbus::Server::signal_event`], which runs the channel's device
 //!   on the signalling vCPU.
-//! - **vPCI**: each `bus=vpci` device's bus is an offer
+//! - **vPCI**: each vPCI device's bus is an offer
 //!   ([`VmBus::add_vpci`], [`crate::vpci`]); HvCallRetargetDeviceInterrupt
 //!   reaches the bus whose logical device id prefix the call names.
 //!

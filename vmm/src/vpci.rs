@@ -1,7 +1,8 @@
 //! Hyper-V virtual PCI buses (issue 13): where Linux's pvIOMMU driver
 //! manages a device.
 //!
-//! A device given with `bus=vpci` sits on a vPCI bus of its own, as
+//! A device on vPCI (`bus=vpci`, or no bus with `--pci-bus vpci`, the
+//! default with VMBus and `--kernel`) sits on a vPCI bus of its own, as
 //! Hyper-V presents an assigned device: a VMBus channel of class
 //! [`vmbus::abi::VPCI_INTERFACE_TYPE`] whose instance GUID
 //! ([`instance_guid`]) names the bus, served by [`vmbus::vpci::Vpci`].

@@ -37,7 +37,8 @@ enum Command {
     /// Hot-add a device (PUT vm.add-device).
     AddDevice {
         /// `kind=dma-test` or `path=/sys/bus/pci/devices/SSSS:BB:DD.F`, then
-        /// optionally `,id=NAME` and `,iommu=direct|pviommu`.
+        /// optionally `,id=NAME`, `,iommu=direct|pviommu` and
+        /// `,bus=root|vpci` (default: the VM's).
         #[arg(value_name = "SPEC", value_parser = parse_device_spec)]
         device: AddDeviceRequest,
     },

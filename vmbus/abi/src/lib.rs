@@ -33,10 +33,12 @@ macro_rules! named_values {
 
             /// The value's name, `None` for one this crate does not name.
             pub const fn name(self) -> Option<&'static str> {
-                $(if self.0 == $value {
-                    return Some(stringify!($name));
-                })*
-                None
+                // A match: two names for one value are an unreachable
+                // pattern, which the lints refuse.
+                match self {
+                    $(Self::$name => Some(stringify!($name)),)*
+                    _ => None,
+                }
             }
         }
 

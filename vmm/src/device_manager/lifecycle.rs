@@ -104,8 +104,8 @@ pub enum DeviceError {
     /// Plugging into the PCI root failed.
     #[error("Cannot plug the device in")]
     Plug(#[source] Error),
-    /// `bus: vpci` on a VM without VMBus.
-    #[error("\"bus\": \"vpci\" needs VMBus (the Hyper-V interface with --vmbus on)")]
+    /// A device for a vPCI bus on a VM without VMBus.
+    #[error("A vPCI bus needs VMBus (the Hyper-V interface with --vmbus on)")]
     NoVmbus,
     /// VMBus did not take the vPCI bus's offer (too many offers, or the
     /// guest's SynIC did not take the message).
