@@ -433,6 +433,8 @@ pub struct VmConfigInfo {
     pub pviommu: bool,
     /// Where COM1 goes: `stdout`, `file=PATH` or `off`.
     pub serial: String,
+    /// Where a device whose request names no bus goes.
+    pub pci_bus: PciBus,
 }
 
 /// One PCI device of the VM.

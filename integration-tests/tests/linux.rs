@@ -1036,6 +1036,7 @@ fn vpci_device_once() {
     // pvmm's bus for slot S is domain 0x56SS; its only function is 00.0.
     let vinfo: api::VmInfoResponse =
         serde_json::from_str(&info).unwrap_or_else(|e| panic!("{e}: {info}"));
+    assert_eq!(vinfo.config.pci_bus, api::PciBus::Vpci, "{info}");
     let bdf = vinfo
         .devices
         .iter()

@@ -194,6 +194,7 @@ impl VmmApi for RestVmm {
             cmdline: c.effective_cmdline(),
             pviommu: c.pviommu,
             serial: c.serial.to_string(),
+            pci_bus: c.pci_bus,
         };
         let devices = self
             .dm()

@@ -78,6 +78,7 @@ impl VmmApi for MockVmm {
                 cmdline: "console=ttyS0".into(),
                 pviommu: true,
                 serial: "stdout".into(),
+                pci_bus: api::PciBus::Root,
             },
             state: self.state,
             devices: self.devices.clone(),
