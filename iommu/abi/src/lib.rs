@@ -365,102 +365,96 @@ pub const fn reference_tsc_scale(tsc_hz: u64) -> Option<u64> {
     Some((((REFERENCE_TIME_HZ as u128) << 64) / tsc_hz as u128) as u64)
 }
 
-/// A hypercall call code (input value bits 15:0).
+/// A wire code's named values, written once: the associated consts, a
+/// `name()` that gives a value's const name, and `Debug`/`Display` that
+/// print the name, or `Type(value)` (in `$fmt`) for a value without one.
+#[macro_export]
+macro_rules! named_values {
+    (
+        $ty:ident, $fmt:literal,
+        $($(#[$doc:meta])* $name:ident = $value:expr,)*
+    ) => {
+        impl $ty {
+            $($(#[$doc])* pub const $name: Self = Self($value);)*
+
+            /// Every value this type names, in the order they are declared.
+            pub const ALL: &'static [Self] = &[$(Self::$name,)*];
+
+            /// The value's name, `None` for one this crate does not name.
+            pub const fn name(self) -> Option<&'static str> {
+                // A match: two names for one value are an unreachable
+                // pattern, which the lints refuse.
+                match self {
+                    $(Self::$name => Some(stringify!($name)),)*
+                    _ => None,
+                }
+            }
+        }
+
+        impl ::core::fmt::Debug for $ty {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                match self.name() {
+                    Some(name) => f.write_str(name),
+                    None => write!(f, concat!(stringify!($ty), "(", $fmt, ")"), self.0),
+                }
+            }
+        }
+
+        impl ::core::fmt::Display for $ty {
+            fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+                ::core::fmt::Debug::fmt(self, f)
+            }
+        }
+    };
+}
+
+/// A hypercall call code (input value bits 15:0). The codes named here
+/// are every call pvmm's dispatcher serves, the contract's and the
+/// partition's; [`HypercallCode::ALL`] lists them in the dispatcher's order.
 #[derive(
     Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, FromBytes, IntoBytes, Immutable, KnownLayout,
 )]
 #[repr(transparent)]
 pub struct HypercallCode(pub u16);
 
-impl HypercallCode {
+named_values! {
+    HypercallCode, "{:#06x}",
+    /// HvCallCreateDeviceDomain.
+    CREATE_DEVICE_DOMAIN = 0x00B1,
+    /// HvCallAttachDeviceDomain.
+    ATTACH_DEVICE_DOMAIN = 0x00B2,
+    /// HvCallMapDeviceGpaPages (rep).
+    MAP_DEVICE_GPA_PAGES = 0x00B3,
+    /// HvCallUnmapDeviceGpaPages (rep).
+    UNMAP_DEVICE_GPA_PAGES = 0x00B4,
+    /// HvCallDetachDeviceDomain.
+    DETACH_DEVICE_DOMAIN = 0x00C4,
+    /// HvCallDeleteDeviceDomain.
+    DELETE_DEVICE_DOMAIN = 0x00C5,
+    /// HvCallConfigureDeviceDomain.
+    CONFIGURE_DEVICE_DOMAIN = 0x00CE,
+    /// HvCallFlushDeviceDomain.
+    FLUSH_DEVICE_DOMAIN = 0x00D0,
+    /// HvCallFlushDeviceDomainList (rep).
+    FLUSH_DEVICE_DOMAIN_LIST = 0x00D1,
+    /// HvCallGetIommuCapabilities.
+    GET_IOMMU_CAPABILITIES = 0x0125,
+    /// HvCallGetLogicalDeviceProperty.
+    GET_LOGICAL_DEVICE_PROPERTY = 0x0127,
+    /// HvCallGetVpRegisters (rep).
+    GET_VP_REGISTERS = 0x0050,
     /// HvCallSendSyntheticClusterIpi (TLFS; not part of the pvIOMMU
     /// contract: the partition's).
-    pub const SEND_SYNTHETIC_CLUSTER_IPI: Self = Self(0x000B);
-    /// HvCallGetVpRegisters (rep).
-    pub const GET_VP_REGISTERS: Self = Self(0x0050);
+    SEND_SYNTHETIC_CLUSTER_IPI = 0x000B,
     /// HvCallPostMessage (TLFS; the partition's: VMBus's transport, served
     /// where the VMM has a message port).
-    pub const POST_MESSAGE: Self = Self(0x005C);
+    POST_MESSAGE = 0x005C,
     /// HvCallSignalEvent (TLFS; the partition's: a VMBus channel's
     /// guest-to-host doorbell, served where the VMM has an event port).
-    pub const SIGNAL_EVENT: Self = Self(0x005D);
+    SIGNAL_EVENT = 0x005D,
     /// HvCallRetargetDeviceInterrupt (TLFS; the partition's: pci-hyperv
     /// moves a vPCI device's interrupt to another vector and VP set).
-    pub const RETARGET_INTERRUPT: Self = Self(0x007E);
-    /// HvCallCreateDeviceDomain.
-    pub const CREATE_DEVICE_DOMAIN: Self = Self(0x00B1);
-    /// HvCallAttachDeviceDomain.
-    pub const ATTACH_DEVICE_DOMAIN: Self = Self(0x00B2);
-    /// HvCallMapDeviceGpaPages (rep).
-    pub const MAP_DEVICE_GPA_PAGES: Self = Self(0x00B3);
-    /// HvCallUnmapDeviceGpaPages (rep).
-    pub const UNMAP_DEVICE_GPA_PAGES: Self = Self(0x00B4);
-    /// HvCallDetachDeviceDomain.
-    pub const DETACH_DEVICE_DOMAIN: Self = Self(0x00C4);
-    /// HvCallDeleteDeviceDomain.
-    pub const DELETE_DEVICE_DOMAIN: Self = Self(0x00C5);
-    /// HvCallConfigureDeviceDomain.
-    pub const CONFIGURE_DEVICE_DOMAIN: Self = Self(0x00CE);
-    /// HvCallFlushDeviceDomain.
-    pub const FLUSH_DEVICE_DOMAIN: Self = Self(0x00D0);
-    /// HvCallFlushDeviceDomainList (rep).
-    pub const FLUSH_DEVICE_DOMAIN_LIST: Self = Self(0x00D1);
-    /// HvCallGetIommuCapabilities.
-    pub const GET_IOMMU_CAPABILITIES: Self = Self(0x0125);
-    /// HvCallGetLogicalDeviceProperty.
-    pub const GET_LOGICAL_DEVICE_PROPERTY: Self = Self(0x0127);
-
-    /// Every call pvmm's dispatcher serves: the contract's and the partition's.
-    pub const ALL: [Self; 16] = [
-        Self::CREATE_DEVICE_DOMAIN,
-        Self::ATTACH_DEVICE_DOMAIN,
-        Self::MAP_DEVICE_GPA_PAGES,
-        Self::UNMAP_DEVICE_GPA_PAGES,
-        Self::DETACH_DEVICE_DOMAIN,
-        Self::DELETE_DEVICE_DOMAIN,
-        Self::CONFIGURE_DEVICE_DOMAIN,
-        Self::FLUSH_DEVICE_DOMAIN,
-        Self::FLUSH_DEVICE_DOMAIN_LIST,
-        Self::GET_IOMMU_CAPABILITIES,
-        Self::GET_LOGICAL_DEVICE_PROPERTY,
-        Self::GET_VP_REGISTERS,
-        Self::SEND_SYNTHETIC_CLUSTER_IPI,
-        Self::POST_MESSAGE,
-        Self::SIGNAL_EVENT,
-        Self::RETARGET_INTERRUPT,
-    ];
-
-    /// The call's name, or `None` for a code the contract does not define.
-    pub const fn name(self) -> Option<&'static str> {
-        Some(match self {
-            Self::SEND_SYNTHETIC_CLUSTER_IPI => "SEND_SYNTHETIC_CLUSTER_IPI",
-            Self::GET_VP_REGISTERS => "GET_VP_REGISTERS",
-            Self::POST_MESSAGE => "POST_MESSAGE",
-            Self::SIGNAL_EVENT => "SIGNAL_EVENT",
-            Self::RETARGET_INTERRUPT => "RETARGET_INTERRUPT",
-            Self::CREATE_DEVICE_DOMAIN => "CREATE_DEVICE_DOMAIN",
-            Self::ATTACH_DEVICE_DOMAIN => "ATTACH_DEVICE_DOMAIN",
-            Self::MAP_DEVICE_GPA_PAGES => "MAP_DEVICE_GPA_PAGES",
-            Self::UNMAP_DEVICE_GPA_PAGES => "UNMAP_DEVICE_GPA_PAGES",
-            Self::DETACH_DEVICE_DOMAIN => "DETACH_DEVICE_DOMAIN",
-            Self::DELETE_DEVICE_DOMAIN => "DELETE_DEVICE_DOMAIN",
-            Self::CONFIGURE_DEVICE_DOMAIN => "CONFIGURE_DEVICE_DOMAIN",
-            Self::FLUSH_DEVICE_DOMAIN => "FLUSH_DEVICE_DOMAIN",
-            Self::FLUSH_DEVICE_DOMAIN_LIST => "FLUSH_DEVICE_DOMAIN_LIST",
-            Self::GET_IOMMU_CAPABILITIES => "GET_IOMMU_CAPABILITIES",
-            Self::GET_LOGICAL_DEVICE_PROPERTY => "GET_LOGICAL_DEVICE_PROPERTY",
-            _ => return None,
-        })
-    }
-}
-
-impl fmt::Debug for HypercallCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.name() {
-            Some(name) => f.write_str(name),
-            None => write!(f, "HypercallCode({:#06x})", self.0),
-        }
-    }
+    RETARGET_INTERRUPT = 0x007E,
 }
 
 /// A guest-visible hypercall status (result bits 15:0), SUCCESS included.

@@ -20,44 +20,7 @@
 
 #![no_std]
 
-/// A wire code's named values, written once: the associated consts, a
-/// `name()` that gives a value's const name, and `Debug`/`Display` that
-/// print the name, or `Type(value)` (in `$fmt`) for a value without one.
-macro_rules! named_values {
-    (
-        $ty:ident, $fmt:literal,
-        $($(#[$doc:meta])* $name:ident = $value:expr,)*
-    ) => {
-        impl $ty {
-            $($(#[$doc])* pub const $name: Self = Self($value);)*
-
-            /// The value's name, `None` for one this crate does not name.
-            pub const fn name(self) -> Option<&'static str> {
-                // A match: two names for one value are an unreachable
-                // pattern, which the lints refuse.
-                match self {
-                    $(Self::$name => Some(stringify!($name)),)*
-                    _ => None,
-                }
-            }
-        }
-
-        impl core::fmt::Debug for $ty {
-            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-                match self.name() {
-                    Some(name) => f.write_str(name),
-                    None => write!(f, concat!(stringify!($ty), "(", $fmt, ")"), self.0),
-                }
-            }
-        }
-
-        impl core::fmt::Display for $ty {
-            fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-                core::fmt::Debug::fmt(self, f)
-            }
-        }
-    };
-}
+use pviommu_abi::named_values;
 
 pub mod vpci;
 

@@ -12,6 +12,7 @@
 //! 1, packed like Linux's `__packed`), checked field by field in the tests.
 
 use bitfield_struct::bitfield;
+use pviommu_abi::named_values;
 use zerocopy::little_endian::{I32, U16, U32, U64};
 use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
 
