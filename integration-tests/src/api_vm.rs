@@ -11,6 +11,14 @@ use std::time::{Duration, Instant};
 
 use crate::artifacts;
 
+/// `GET iommu.domains`, typed; panics (with the answer) unless it is a 200
+/// with a body of that type.
+pub fn iommu_domains(socket: &Path) -> api::IommuDomainsResponse {
+    let (status, body) = request(socket, "GET", "iommu.domains", None);
+    assert_eq!(status, 200, "iommu.domains: {body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("iommu.domains: {e}: {body}"))
+}
+
 /// Sends one request to `/api/v1/<route>`; returns the status code and the
 /// body. Panics if the socket does not answer with a status line.
 pub fn request(socket: &Path, method: &str, route: &str, body: Option<&str>) -> (u16, String) {

@@ -13,19 +13,12 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use integration_tests::api_vm::{request, ApiVm as Vm};
+use integration_tests::api_vm::{iommu_domains, request, ApiVm as Vm};
 use integration_tests::run;
-
-/// pvmm's `iommu.domains` answer, typed.
-fn domains(socket: &Path) -> api::IommuDomainsResponse {
-    let (code, body) = request(socket, "GET", "iommu.domains", None);
-    assert_eq!(code, 200, "{body}");
-    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
-}
 
 /// The domain (from iommu.domains) that device `id` is attached to.
 fn domain_of(socket: &Path, id: &str) -> Option<api::DomainInfo> {
-    domains(socket).domain_of(id).cloned()
+    iommu_domains(socket).domain_of(id).cloned()
 }
 
 #[test]
@@ -156,7 +149,7 @@ fn hotplug_through_the_api_with_abuse_on_the_way() {
     // Detached by the VMM, the guest's domain can go: the guest deletes it,
     // and its mapping goes with it.
     vm.wait_for("# hotplug: domain", Duration::from_secs(10));
-    let after = domains(socket);
+    let after = iommu_domains(socket);
     assert!(
         !after.domains.iter().any(|d| d.id == s2.id),
         "domain {} is still there: {after:?}",

@@ -22,7 +22,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use integration_tests::api_vm::request;
+use integration_tests::api_vm::{iommu_domains, request};
 use integration_tests::linux::{
     self, fact, facts, nested_retry, Console, BOOT_DEADLINE, USERSPACE,
 };
@@ -1114,15 +1114,12 @@ fn vpci_hotplug_once() {
             "round {round}: {added}"
         );
         // The pvIOMMU driver probed it: in an S1 paging domain.
-        let (status, domains) = request(&socket, "GET", "iommu.domains", None);
-        assert_eq!(status, 200, "{domains}");
-        let answer: api::IommuDomainsResponse =
-            serde_json::from_str(&domains).unwrap_or_else(|e| panic!("{e}: {domains}"));
+        let answer = iommu_domains(&socket);
         assert!(
             answer
                 .domain_of(&id)
                 .is_some_and(api::DomainInfo::is_s1_paging),
-            "round {round}: {id} is not in a paging S1 domain: {domains}"
+            "round {round}: {id} is not in a paging S1 domain: {answer:?}"
         );
         let start = Instant::now();
         let body = format!(r#"{{"id": "{id}"}}"#);
@@ -1235,26 +1232,23 @@ fn vfio_in_the_guest_once() {
             );
         }
         // pvmm counted the refused DMA: a write at the IOVA, by this device.
-        let (status, domains) = request(&socket, "GET", "iommu.domains", None);
-        assert_eq!(status, 200, "{domains}");
-        let answer: api::IommuDomainsResponse =
-            serde_json::from_str(&domains).unwrap_or_else(|e| panic!("{e}: {domains}"));
+        let answer = iommu_domains(&socket);
         let fault = answer
             .faults
             .iter()
             .rev()
             .find(|f| f.device.as_str() == id)
-            .unwrap_or_else(|| panic!("round {round}: no fault of {id}: {domains}"));
+            .unwrap_or_else(|| panic!("round {round}: no fault of {id}: {answer:?}"));
         // Refused by the guest's own S1 table (type1's paging domain),
         // where the unmapped IOVA's entry is not present any more.
         assert_eq!(
             (fault.iova, fault.access),
             (0x4000_0000, api::DmaAccess::Write),
-            "round {round}: {domains}"
+            "round {round}: {fault:?}"
         );
         assert!(
             fault.reason.starts_with("s1_not_present"),
-            "round {round}: {domains}"
+            "round {round}: {fault:?}"
         );
         let failed = answer.failed_calls();
         assert!(
@@ -1281,10 +1275,7 @@ fn vfio_in_the_guest_once() {
         );
     }
     // The removals' teardown (detach, domain deletion) failed nothing.
-    let (status, domains) = request(&socket, "GET", "iommu.domains", None);
-    assert_eq!(status, 200, "{domains}");
-    let answer: api::IommuDomainsResponse =
-        serde_json::from_str(&domains).unwrap_or_else(|e| panic!("{e}: {domains}"));
+    let answer = iommu_domains(&socket);
     let failed = answer.failed_calls();
     assert!(failed.is_empty(), "calls that failed: {failed:?}");
     let (status, _) = request(&socket, "PUT", "vmm.shutdown", None);

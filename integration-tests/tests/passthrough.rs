@@ -20,7 +20,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use integration_tests::api_vm::{request, ApiVm};
+use integration_tests::api_vm::{iommu_domains, request, ApiVm};
 use integration_tests::linux::{self, nested_retry, Console, BOOT_DEADLINE, USERSPACE};
 use integration_tests::{artifacts, run};
 
@@ -383,14 +383,11 @@ fn nvme_on_vpci_once() {
         ) {
             panic!("{e}\n{}", c.text());
         }
-        let (code, answer) = request(&socket, "GET", "iommu.domains", None);
-        assert_eq!(code, 200, "{answer}");
-        let now: api::IommuDomainsResponse =
-            serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+        let now = iommu_domains(&socket);
         assert!(
             now.domain_of(&id)
                 .is_some_and(api::DomainInfo::is_s1_paging),
-            "round {round}: {id} is not in a paging S1 domain: {answer}"
+            "round {round}: {id} is not in a paging S1 domain: {now:?}"
         );
         let failed = now.failed_calls();
         assert!(
@@ -409,10 +406,7 @@ fn nvme_on_vpci_once() {
     if let Err(e) = c.wait_for("PVMM-NVME-GONE 3", Duration::from_secs(60)) {
         panic!("{e}\n{}", c.text());
     }
-    let (code, answer) = request(&socket, "GET", "iommu.domains", None);
-    assert_eq!(code, 200, "{answer}");
-    let last: api::IommuDomainsResponse =
-        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    let last = iommu_domains(&socket);
     let failed = last.failed_calls();
     assert!(
         failed.is_empty(),
