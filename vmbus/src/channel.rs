@@ -6,9 +6,11 @@
 //! [`ChannelDevice::run`] with the channel's rings as a [`Channel`], on the
 //! signalling vCPU's thread. The device reads what the guest sent and
 //! answers at once (Linux's pci-hyperv polls for some answers with
-//! interrupts off, so answers never wait for another thread). The VMM runs
-//! a device the same way when the host has news for the guest (a device
-//! added or removed): [`crate::Server::run_channel`].
+//! interrupts off, so answers never wait for another thread). When the
+//! host has news for the guest (a device to eject), the VMM's thread has
+//! the device send it without serving the guest's packets
+//! ([`ChannelDevice::flush`], through [`crate::Server::flush_channel`]);
+//! [`crate::Server::run_channel`] runs a device in full.
 
 use crate::ring::{Packet, RingError};
 
@@ -48,6 +50,14 @@ pub trait ChannelDevice: Send {
     /// host has news): reads every packet there is, answers, sends what the
     /// host has to say.
     fn run(&mut self, channel: &mut dyn Channel) -> Result<(), ChannelFault>;
+
+    /// Sends only what the host has to say (answers that waited for room,
+    /// news), without reading the guest's packets: for a host thread that
+    /// must not serve the guest. By default a device has nothing of its own
+    /// to say between runs.
+    fn flush(&mut self, _channel: &mut dyn Channel) -> Result<(), ChannelFault> {
+        Ok(())
+    }
 
     /// The guest closed the channel, unloaded VMBus, or the rings failed.
     fn closed(&mut self) {}

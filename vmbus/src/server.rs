@@ -43,8 +43,9 @@
 //!   thread with the rings as a [`Channel`], and the host's packets
 //!   interrupt the guest as Linux expects for 5.x: the channel's relid as
 //!   an event flag of the connection's SINT in the target VP's event-flags
-//!   page ([`Synic::signal_event`]). The VMM runs a device with host news
-//!   through [`Server::run_channel`]. A device that fails on its rings
+//!   page ([`Synic::signal_event`]). The VMM has a device send host news
+//!   through [`Server::flush_channel`], which serves none of the guest's
+//!   packets on the VMM's thread. A device that fails on its rings
 //!   (a corrupt ring) is closed until the guest opens the channel again.
 //! - Offers come and go after the offer list: [`Server::add_offer`] sends
 //!   a new one at once, [`Server::rescind`] takes one back
@@ -1041,6 +1042,19 @@ impl<M: GuestMemory> Server<M> {
     /// that fails is closed and the channel's rings are dropped until the
     /// guest opens it again.
     pub fn run_channel(&self, relid: u32) -> Result<(), ChannelFault> {
+        self.drive(relid, Drive::Run)
+    }
+
+    /// Has channel `relid`'s device send what it has to say, if the channel
+    /// is open, without serving the guest's packets
+    /// ([`ChannelDevice::flush`]): for a host thread with news (an eject)
+    /// that must not do the guest's work. A failure is handled as in
+    /// [`Server::run_channel`].
+    pub fn flush_channel(&self, relid: u32) -> Result<(), ChannelFault> {
+        self.drive(relid, Drive::Flush)
+    }
+
+    fn drive(&self, relid: u32, how: Drive) -> Result<(), ChannelFault> {
         let (device, rings, target_vp, sint, epoch) = {
             let state = self.state();
             let (Some(connection), Some(open)) = (state.connection, state.open.get(&relid)) else {
@@ -1082,7 +1096,10 @@ impl<M: GuestMemory> Server<M> {
         if !current(&self.state()) {
             return Ok(());
         }
-        let result = dev.run(&mut channel);
+        let result = match how {
+            Drive::Run => dev.run(&mut channel),
+            Drive::Flush => dev.flush(&mut channel),
+        };
         if result.is_err() {
             dev.closed();
             let mut state = self.state();
@@ -1107,6 +1124,15 @@ impl<M: GuestMemory> Server<M> {
             .map(|_| ())
             .map_err(PostError::Reply)
     }
+}
+
+/// What [`Server::drive`] has a channel's device do.
+#[derive(Clone, Copy)]
+enum Drive {
+    /// Serve the guest's packets and send what the host has to say.
+    Run,
+    /// Only send what the host has to say.
+    Flush,
 }
 
 /// Locks a channel's device (a device that panicked keeps its state).
@@ -1473,6 +1499,10 @@ mod tests {
         to_host
             .write_packet(&*mem, crate::abi::VM_PKT_DATA_INBAND, 1, 0x77, b"ping!")
             .unwrap();
+        // A host thread's flush does not serve the guest's packet.
+        assert_eq!(s.flush_channel(1), Ok(()));
+        assert_eq!(echo.lock().unwrap().packets, 0);
+        assert!(to_guest.read_packet(&*mem).unwrap().is_none());
         let signal = |connection_id: u32, flag: u16| InputSignalEvent {
             connection_id: connection_id.into(),
             flag_number: flag.into(),

@@ -1039,7 +1039,7 @@ impl<F: VpciFunctions> Vpci<F> {
 
     /// Sends what waits: queued completions in order, then a due relations
     /// message, then EJECTs. A full ring keeps the rest for later.
-    fn flush(&self, channel: &mut dyn Channel) -> Result<(), ChannelFault> {
+    fn send_waiting(&self, channel: &mut dyn Channel) -> Result<(), ChannelFault> {
         let mut st = self.state();
         while let Some(m) = st.session.out.front() {
             match channel.send(VM_PKT_COMP, 0, m.transaction_id, &m.payload) {
@@ -1105,7 +1105,7 @@ impl<F: VpciFunctions> ChannelDevice for Vpci<F> {
     }
 
     fn run(&mut self, channel: &mut dyn Channel) -> Result<(), ChannelFault> {
-        self.flush(channel)?;
+        self.send_waiting(channel)?;
         for _ in 0..MAX_PACKETS_PER_RUN {
             if self.state().session.out.len() >= MAX_QUEUED {
                 break;
@@ -1116,9 +1116,14 @@ impl<F: VpciFunctions> ChannelDevice for Vpci<F> {
             if let Some(reply) = self.serve(&packet) {
                 self.state().session.out.push_back(reply);
             }
-            self.flush(channel)?;
+            self.send_waiting(channel)?;
         }
         Ok(())
+    }
+
+    /// The EJECTs and relations due, and completions that waited for room.
+    fn flush(&mut self, channel: &mut dyn Channel) -> Result<(), ChannelFault> {
+        self.send_waiting(channel)
     }
 
     fn closed(&mut self) {
@@ -2037,6 +2042,32 @@ mod tests {
         // Its interrupts went with it.
         assert_eq!(bus.vpci.interrupts(), 0);
         assert!(bus.tell(&delete(SLOT, r.int_desc)).is_empty());
+    }
+
+    #[test]
+    fn a_flush_sends_the_eject_and_leaves_the_guests_packets() {
+        let mut bus = Bus::new(1);
+        bus.probe();
+        // A request of the guest's waits in its ring.
+        bus.ch.incoming.push_back(packet(
+            VM_PKT_DATA_INBAND,
+            REQ,
+            7,
+            &version(PCI_PROTOCOL_VERSION_1_4),
+        ));
+        bus.vpci.eject(SLOT).unwrap();
+        ChannelDevice::flush(&mut bus.vpci, &mut bus.ch).unwrap();
+        let sent = std::mem::take(&mut bus.ch.sent);
+        assert_eq!(sent.len(), 1, "{sent:?}");
+        assert_eq!(
+            read::<DevIncoming>(&sent[0].payload).map(|m| m.message_type.get()),
+            Some(MessageType::EJECT.0)
+        );
+        // Unread: the next run (the guest's signal) serves it.
+        assert_eq!(bus.ch.incoming.len(), 1);
+        let answered = bus.run();
+        assert_eq!(answered.len(), 1);
+        assert_eq!(answered[0].tid, 7);
     }
 
     #[test]

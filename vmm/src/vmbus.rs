@@ -178,7 +178,9 @@ impl VmBus {
         if vpci.eject(vmbus::abi::vpci::WinSlot::new()).is_err() {
             return false;
         }
-        if let Err(e) = self.server.run_channel(relid) {
+        // Only the EJECT goes out here, on the caller's thread: the guest's
+        // packets wait for its own signal, served on its vCPU.
+        if let Err(e) = self.server.flush_channel(relid) {
             log::warn!("VMBus: vPCI bus of slot {slot}: {e}");
         }
         true
