@@ -19,6 +19,17 @@ pub fn iommu_domains(socket: &Path) -> api::IommuDomainsResponse {
     serde_json::from_str(&body).unwrap_or_else(|e| panic!("iommu.domains: {e}: {body}"))
 }
 
+/// `PUT vm.remove-device` of `id`, which must be answered 204; how long the
+/// answer took (a removal waits for the guest's eject, or for its timeout).
+pub fn remove_device(socket: &Path, id: &str) -> Duration {
+    let start = Instant::now();
+    let body = format!(r#"{{"id": "{id}"}}"#);
+    let (status, answer) = request(socket, "PUT", "vm.remove-device", Some(&body));
+    let took = start.elapsed();
+    assert_eq!(status, 204, "remove-device {id}: {answer}");
+    took
+}
+
 /// Sends one request to `/api/v1/<route>`; returns the status code and the
 /// body. Panics if the socket does not answer with a status line.
 pub fn request(socket: &Path, method: &str, route: &str, body: Option<&str>) -> (u16, String) {

@@ -22,7 +22,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use integration_tests::api_vm::{iommu_domains, request};
+use integration_tests::api_vm::{iommu_domains, remove_device, request};
 use integration_tests::linux::{
     self, fact, facts, nested_retry, Console, BOOT_DEADLINE, USERSPACE,
 };
@@ -766,11 +766,7 @@ fn acpi_hotplug_once() {
         }
         let added = c.seen.last().cloned().unwrap_or_default();
         assert!(added.contains("0x1234:0x0d7a"), "round {round}: {added}");
-        let start = Instant::now();
-        let body = format!(r#"{{"id": "{id}"}}"#);
-        let (status, answer) = request(&socket, "PUT", "vm.remove-device", Some(&body));
-        let took = start.elapsed();
-        assert_eq!(status, 204, "remove-device: {answer}");
+        let took = remove_device(&socket, &id);
         if let Err(e) = c.wait_for("PVMM-PCI remove", Duration::from_secs(30)) {
             fail(c, e);
         }
@@ -1121,11 +1117,7 @@ fn vpci_hotplug_once() {
                 .is_some_and(api::DomainInfo::is_s1_paging),
             "round {round}: {id} is not in a paging S1 domain: {answer:?}"
         );
-        let start = Instant::now();
-        let body = format!(r#"{{"id": "{id}"}}"#);
-        let (status, answer) = request(&socket, "PUT", "vm.remove-device", Some(&body));
-        let took = start.elapsed();
-        assert_eq!(status, 204, "remove-device: {answer}");
+        let took = remove_device(&socket, &id);
         vm = vm.wait_for("PVMM-PCI remove", Duration::from_secs(30));
         assert!(
             took < vmm::rest::EJECT_TIMEOUT,
@@ -1255,11 +1247,7 @@ fn vfio_in_the_guest_once() {
             failed.is_empty(),
             "round {round}: calls that failed: {failed:?}"
         );
-        let start = Instant::now();
-        let body = format!(r#"{{"id": "{id}"}}"#);
-        let (status, answer) = request(&socket, "PUT", "vm.remove-device", Some(&body));
-        let took = start.elapsed();
-        assert_eq!(status, 204, "remove-device: {answer}");
+        let took = remove_device(&socket, &id);
         // vfio-pci let go: Linux ejected the function by itself.
         assert!(
             took < vmm::rest::EJECT_TIMEOUT,
