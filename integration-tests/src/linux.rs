@@ -587,6 +587,13 @@ impl Console {
         (code, stderr, std::mem::take(&mut self.seen))
     }
 
+    /// Ends the VM (as [`Console::finish`], waiting 5 s) and panics with
+    /// `why`, pvmm's exit code and stderr, and the whole console.
+    pub fn fail(self, why: &str) -> ! {
+        let (code, stderr, lines) = self.finish(Duration::from_secs(5));
+        panic!("{why}\npvmm: {code:?}, {stderr}\n{}", lines.join("\n"))
+    }
+
     /// Asks pvmm to log every vCPU's state on stderr (SIGUSR2: registers,
     /// run state, pending events, local APIC) and gives it a second to.
     pub fn log_vcpu_states(&self) {

@@ -749,12 +749,8 @@ fn acpi_hotplug_once() {
         ],
     )
     .expect("pvmm starts");
-    let fail = |c: Console, e: String| -> ! {
-        let (code, stderr, lines) = c.finish(Duration::from_secs(5));
-        panic!("{e}\npvmm: {code:?}, {stderr}\n{}", lines.join("\n"))
-    };
     if let Err(e) = c.wait_for("PVMM-PCI-WATCH", BOOT_DEADLINE) {
-        fail(c, e);
+        c.fail(&e);
     }
     for round in 0..3 {
         let id = format!("hp{round}");
@@ -762,13 +758,13 @@ fn acpi_hotplug_once() {
         let (status, answer) = request(&socket, "PUT", "vm.add-device", Some(&body));
         assert_eq!(status, 200, "add-device: {answer}");
         if let Err(e) = c.wait_for("PVMM-PCI add", Duration::from_secs(60)) {
-            fail(c, e);
+            c.fail(&e);
         }
         let added = c.seen.last().cloned().unwrap_or_default();
         assert!(added.contains("0x1234:0x0d7a"), "round {round}: {added}");
         let took = remove_device(&socket, &id);
         if let Err(e) = c.wait_for("PVMM-PCI remove", Duration::from_secs(30)) {
-            fail(c, e);
+            c.fail(&e);
         }
         // pvmm forces a removal the guest ignores after its eject timeout;
         // Linux ejects at once.

@@ -346,7 +346,7 @@ fn nvme_on_vpci_once() {
     )
     .expect("pvmm starts");
     if let Err(e) = c.wait_for("PVMM-NVME-ROUND 0", BOOT_DEADLINE) {
-        panic!("{e}\n{}", c.text());
+        c.fail(&e);
     }
     // The flush figures are those of the controller given at boot.
     let (status, domains) = request(&socket, "GET", "iommu.domains", None);
@@ -364,7 +364,7 @@ fn nvme_on_vpci_once() {
             &format!("PVMM-NVME-GONE {}", round - 1),
             Duration::from_secs(60),
         ) {
-            panic!("{e}\n{}", c.text());
+            c.fail(&e);
         }
         let id = format!("nvme{round}");
         let body = format!(
@@ -377,7 +377,7 @@ fn nvme_on_vpci_once() {
             &format!("PVMM-NVME-ROUND {round}"),
             Duration::from_secs(180),
         ) {
-            panic!("{e}\n{}", c.text());
+            c.fail(&e);
         }
         let now = iommu_domains(&socket);
         assert!(
@@ -400,7 +400,7 @@ fn nvme_on_vpci_once() {
     );
     assert_eq!(code, 204, "{answer}");
     if let Err(e) = c.wait_for("PVMM-NVME-GONE 3", Duration::from_secs(60)) {
-        panic!("{e}\n{}", c.text());
+        c.fail(&e);
     }
     let last = iommu_domains(&socket);
     let failed = last.failed_calls();
@@ -507,7 +507,7 @@ fn nvme_hot_added_through_the_api_once() {
     )
     .expect("pvmm starts");
     if let Err(e) = c.wait_for(USERSPACE, BOOT_DEADLINE) {
-        panic!("{e}\n{}", c.text());
+        c.fail(&e);
     }
     let body = format!(
         r#"{{"path":{:?},"id":"nvme0"}}"#,
@@ -516,7 +516,7 @@ fn nvme_hot_added_through_the_api_once() {
     let (code, answer) = request(&socket, "PUT", "vm.add-device", Some(&body));
     assert_eq!(code, 200, "{answer}");
     if let Err(e) = c.wait_for("PVMM-END", Duration::from_secs(180)) {
-        panic!("{e}\n{}", c.text());
+        c.fail(&e);
     }
     let (code, answer) = request(
         &socket,
