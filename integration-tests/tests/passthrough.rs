@@ -392,13 +392,7 @@ fn nvme_on_vpci_once() {
         );
         println!("round {round}: {gone} ejected by Linux in {took:.2?}; {id} hot-added over vPCI, pattern written and read back");
     }
-    let (code, answer) = request(
-        &socket,
-        "PUT",
-        "vm.remove-device",
-        Some(r#"{"id":"nvme3"}"#),
-    );
-    assert_eq!(code, 204, "{answer}");
+    remove_device(&socket, "nvme3");
     if let Err(e) = c.wait_for("PVMM-NVME-GONE 3", Duration::from_secs(60)) {
         c.fail(&e);
     }
@@ -518,13 +512,7 @@ fn nvme_hot_added_through_the_api_once() {
     if let Err(e) = c.wait_for("PVMM-END", Duration::from_secs(180)) {
         c.fail(&e);
     }
-    let (code, answer) = request(
-        &socket,
-        "PUT",
-        "vm.remove-device",
-        Some(r#"{"id":"nvme0"}"#),
-    );
-    assert_eq!(code, 204, "{answer}");
+    remove_device(&socket, "nvme0");
     let (code, _) = request(&socket, "PUT", "vmm.shutdown", None);
     assert_eq!(code, 204);
     let (_, stderr, lines) = c.finish(Duration::from_secs(30));
